@@ -1,0 +1,316 @@
+//! The kernel data path: the embedded object, loading it, pinning its maps,
+//! attaching its programs with pinned links, adopting what a previous agent
+//! left pinned, and uninstalling.
+
+pub mod maps;
+pub mod pins;
+#[expect(unsafe_code, reason = "raw syscalls aya 0.14 does not wrap")]
+pub mod sys;
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+};
+use serde::Serialize;
+use trellis_common::{ALL_MAPS, PROG_CONNECT4};
+
+pub use self::pins::{BpffsError, PinLayout};
+
+/// The kernel programs, built by `build.rs` with BTF.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-ebpf.o"));
+
+/// The cgroup programs and the hooks they attach to, in attach order.
+const CGROUP_PROGRAMS: &[&str] = &[PROG_CONNECT4];
+
+/// What went wrong installing or removing the data path, with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    #[error("--cgroup-root {path}: not a cgroup v2 folder{hint}")]
+    NotCgroup2 { path: PathBuf, hint: String },
+    #[error("--cgroup-root {path}: {source}")]
+    CgroupRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "this agent was built without its kernel programs (TRELLIS_SKIP_EBPF_BUILD=1); \
+         run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    #[error("loading the kernel object: {source}{hint}")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+        hint: &'static str,
+    },
+    #[error("the kernel object has no program {name}: agent and object are out of step")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {source}{hint}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+        hint: &'static str,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("updating the pinned link {path} to the new program: {source}")]
+    LinkUpdate {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("removing {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+const PRIVILEGE_HINT: &str = "; the agent needs CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and \
+    CAP_PERFMON (run it as root, or grant those capabilities)";
+
+fn hint_for(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => PRIVILEGE_HINT,
+        _ => "",
+    }
+}
+
+/// How a program came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attachment {
+    /// This agent made the link.
+    Attached,
+    /// A previous agent's pinned link was kept, its program swapped for ours.
+    Adopted,
+}
+
+/// One attached program.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttachedProgram {
+    pub name: &'static str,
+    pub link: PathBuf,
+    pub attachment: Attachment,
+}
+
+/// The loaded, pinned and attached kernel programs of this agent.
+pub struct Datapath {
+    layout: PinLayout,
+    programs: Vec<AttachedProgram>,
+    // Holds program and map fds for the agent's lifetime. Dropping it closes
+    // them; the pinned links keep the programs attached.
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the embedded object, pins (or reuses the pinned) maps, and
+    /// attaches every cgroup program at `cgroup_root` through a pinned link,
+    /// adopting links a previous agent pinned.
+    pub fn install(cgroup_root: &Path, bpffs: &Path) -> Result<Self, BpfError> {
+        Self::install_object(OBJECT, cgroup_root, bpffs)
+    }
+
+    fn install_object(object: &[u8], cgroup_root: &Path, bpffs: &Path) -> Result<Self, BpfError> {
+        if object.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        check_cgroup_root(cgroup_root)?;
+        let layout = PinLayout::new(bpffs);
+        layout.ensure()?;
+
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS
+            .iter()
+            .map(|name| (*name, layout.map(name)))
+            .collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object).map_err(|source| {
+            let hint = match &source {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. }) => {
+                    hint_for(io_error)
+                }
+                _ => "",
+            };
+            BpfError::Load { source, hint }
+        })?;
+
+        let cgroup = File::open(cgroup_root).map_err(|source| BpfError::CgroupRoot {
+            path: cgroup_root.into(),
+            source,
+        })?;
+        let mut programs = Vec::new();
+        for &name in CGROUP_PROGRAMS {
+            programs.push(attach_cgroup_program(&mut ebpf, &layout, &cgroup, name)?);
+        }
+        Ok(Self {
+            layout,
+            programs,
+            ebpf,
+        })
+    }
+
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    pub fn programs(&self) -> &[AttachedProgram] {
+        &self.programs
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn program_error(name: &'static str, source: ProgramError) -> BpfError {
+    let hint = match &source {
+        ProgramError::LoadError { io_error, .. } => hint_for(io_error),
+        ProgramError::SyscallError(e) => hint_for(&e.io_error),
+        _ => "",
+    };
+    BpfError::Program { name, source, hint }
+}
+
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    layout: &PinLayout,
+    cgroup: &File,
+    name: &'static str,
+) -> Result<AttachedProgram, BpfError> {
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(|e| program_error(name, e))?;
+    program.load().map_err(|e| program_error(name, e))?;
+
+    let link_path = layout.link(name);
+    if link_path.exists() {
+        // A previous agent's link: keep it (no moment without the hook) and
+        // swap in our program.
+        let link = sys::obj_get(&link_path).map_err(|source| BpfError::Pin {
+            path: link_path.clone(),
+            source,
+        })?;
+        let prog_fd = program.fd().map_err(|e| program_error(name, e))?;
+        sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| BpfError::LinkUpdate {
+            path: link_path.clone(),
+            source,
+        })?;
+        return Ok(AttachedProgram {
+            name,
+            link: link_path,
+            attachment: Attachment::Adopted,
+        });
+    }
+
+    // A cgroup bpf_link is always multi-attach (the kernel refuses flags on
+    // it), so other cgroup programs, another CNI's, keep running beside ours.
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| program_error(name, e))?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(|e| program_error(name, e))?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| BpfError::Pin {
+            path: link_path.clone(),
+            source: io::Error::other(e),
+        })?;
+    link.pin(&link_path).map_err(|e| BpfError::Pin {
+        path: link_path.clone(),
+        source: io::Error::other(e),
+    })?;
+    Ok(AttachedProgram {
+        name,
+        link: link_path,
+        attachment: Attachment::Attached,
+    })
+}
+
+fn check_cgroup_root(path: &Path) -> Result<(), BpfError> {
+    match crate::cgroup::is_cgroup2(path) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            let hint = match crate::cgroup::cgroup2_mount() {
+                Ok(mount) => format!(" (cgroup2 is mounted at {})", mount.display()),
+                Err(e) => format!(" ({e})"),
+            };
+            Err(BpfError::NotCgroup2 {
+                path: path.into(),
+                hint,
+            })
+        }
+        Err(source) => Err(BpfError::CgroupRoot {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Removes every link and map pinned under `bpffs` (detaching the programs),
+/// then the folders. Returns what it removed. Safe to run twice.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let layout = PinLayout::new(bpffs);
+    let mut removed = Vec::new();
+    // Links first: the hooks go before the maps they read.
+    for dir in [layout.links_dir(), layout.maps_dir()] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(BpfError::Remove { path: dir, source }),
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(|source| BpfError::Remove {
+                    path: dir.clone(),
+                    source,
+                })?
+                .path();
+            std::fs::remove_file(&path).map_err(|source| BpfError::Remove {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+    }
+    for dir in [
+        layout.links_dir(),
+        layout.maps_dir(),
+        layout.root().to_path_buf(),
+    ] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Something else lives there (another tool's pins): leave it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            Err(source) => return Err(BpfError::Remove { path: dir, source }),
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,83 @@
+//! Where things are pinned under the agent's bpffs folder:
+//!
+//! ```text
+//! <bpffs>/maps/<map name>     every map, BTF, readable with `bpftool map dump pinned`
+//! <bpffs>/links/<program>     the bpf_link holding each program attached
+//! ```
+//!
+//! Links, not program attachments, hold the programs in place, so the kernel
+//! keeps enforcing while no agent runs; removing a link's pin detaches it.
+
+use std::path::{Path, PathBuf};
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin folder layout of one agent.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+}
+
+/// Why the bpffs folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BpffsError {
+    #[error(
+        "--bpffs {path}: not on a bpf file system (mount one with `mount -t bpf bpf /sys/fs/bpf`)"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("--bpffs {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl PinLayout {
+    /// Creates the folders, checking they are on bpffs.
+    pub fn ensure(&self) -> Result<(), BpffsError> {
+        for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| BpffsError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let magic = super::sys::fs_magic(&self.root).map_err(|source| BpffsError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        if magic != BPF_FS_MAGIC {
+            return Err(BpffsError::NotBpffs {
+                path: self.root.clone(),
+            });
+        }
+        Ok(())
+    }
+}

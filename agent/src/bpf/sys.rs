@@ -1,0 +1,97 @@
+//! The few raw syscalls aya 0.14 does not wrap: `statfs` magic, `BPF_OBJ_GET`
+//! and `BPF_LINK_UPDATE` (aya updates links only for TC).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// The `f_type` of the file system holding `path`.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c_path = c_path(path)?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: c_path is NUL-terminated and stat is large enough for the kernel's reply.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled the struct.
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type's width differs across libcs"
+    )]
+    Ok(i64::from(unsafe { stat.assume_init() }.f_type))
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Opens a pinned bpffs object (program, map or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = c_path(path)?;
+    let mut attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Atomically replaces the program behind a link: the hook never runs without
+/// a program while an upgraded agent swaps in its own.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {
+    // SAFETY: attr is a #[repr(C)] prefix of `union bpf_attr` for this command,
+    // zero-filled past its named fields, and lives across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as i32)
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}

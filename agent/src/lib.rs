@@ -1,0 +1,13 @@
+//! The Trellis node agent: loads and attaches the kernel programs, serves
+//! health, and (as later modules land) captures, secures and routes pod
+//! traffic. `main.rs` is only the CLI's edge; everything else lives here so the
+//! end-to-end tests drive the same code.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod bpf;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod run;
+pub mod telemetry;

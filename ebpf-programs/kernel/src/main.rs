@@ -1,0 +1,24 @@
+//! Trellis' kernel programs, one module per hook. Built for `bpfel-unknown-none`
+//! by `agent/build.rs`; the agent embeds the object and loads it with aya.
+//!
+//! Every entry point is thin: it calls a `try_*` function and turns its
+//! `Result` into the hook's return code.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod counters;
+mod maps;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach this; it exists only to
+    // satisfy no_std.
+    loop {}
+}
+
+/// GPL-compatible, so the kernel lets us call its GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,114 @@
+//! The `trellis` binary under test, running in a node.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{lab::Node, process::ChildGuard};
+
+/// The freshly built `trellis` binary. Built once per test process (a no-op
+/// when up to date), so a test never runs a stale agent.
+pub fn trellis_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(root)
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "trellis-agent",
+                "--bin",
+                "trellis",
+            ])
+            .status()
+            .expect("running cargo build for the trellis binary");
+        assert!(status.success(), "building the trellis binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("trellis")
+    })
+    .clone()
+}
+
+/// A running agent; killed when dropped (SIGKILL: what a crash looks like).
+pub struct Agent {
+    child: ChildGuard,
+    log: PathBuf,
+    node: Node,
+}
+
+impl Agent {
+    /// Starts `trellis agent` in `node`'s network namespace with the node's
+    /// cgroup root and bpffs folder, plus `extra` arguments.
+    pub fn start(node: &Node, extra: &[&str]) -> anyhow::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}-agent.log", node.netns));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = node.exec().command(trellis_bin())?;
+        cmd.arg("agent")
+            .args(["--node", &format!("node-{}", node.name)])
+            .arg("--cgroup-root")
+            .arg(&node.cgroup_root)
+            .arg("--bpffs")
+            .arg(&node.bpffs)
+            .args(["--log-level", "debug"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = ChildGuard::spawn(&mut cmd)?;
+        Ok(Self {
+            child,
+            log,
+            node: node.clone(),
+        })
+    }
+
+    /// Waits until `/healthz/ready` answers 200 from the node's own namespace.
+    pub fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let url = format!("http://{}:15021/healthz/ready", self.node.ip);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !self.child.running() {
+                bail!(
+                    "agent exited before it was ready; log:\n{}",
+                    self.log_text()
+                );
+            }
+            let out = self.node.exec().output(
+                "curl",
+                &["-fsS", "-m", "1", &url],
+                Duration::from_secs(3),
+            )?;
+            if out.status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "agent not ready within {limit:?}; log:\n{}",
+            self.log_text()
+        )
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.child
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+            .with_context(|| format!("agent log:\n{}", self.log_text()))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

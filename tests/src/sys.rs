@@ -1,0 +1,85 @@
+//! Host plumbing the harness needs: running commands, bpffs, cgroup2.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Runs `cmd`, failing with its output if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS...`
+pub fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// The bpffs root, mounted if it was not.
+pub fn bpffs_root() -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from("/sys/fs/bpf");
+    if trellis_agent::bpf::sys::fs_magic(&root)? != 0xcafe_4a11 {
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&root))
+            .context("mounting bpffs at /sys/fs/bpf")?;
+    }
+    Ok(root)
+}
+
+/// The cgroup2 mount, found from mountinfo (hybrid hosts have it elsewhere
+/// than /sys/fs/cgroup).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    Ok(trellis_agent::cgroup::cgroup2_mount()?)
+}
+
+/// Removes a cgroup folder tree, deepest first, after killing what is left in it.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let mut dirs = Vec::new();
+    collect_dirs(dir, &mut dirs);
+    for d in dirs.iter().rev() {
+        if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: plain kill(2) on a pid read from the cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    for d in dirs.iter().rev() {
+        // A killed process leaves its cgroup a moment later.
+        for _ in 0..50 {
+            if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}

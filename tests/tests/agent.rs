@@ -1,0 +1,180 @@
+//! The `trellis agent` binary: start, readiness, SIGTERM, restart, uninstall,
+//! and the errors a user sees.
+
+use std::time::Duration;
+
+use trellis_tests::{Agent, Lab, trellis_bin};
+
+fn cgroup_program_names(cgroup: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    progs
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn connect4_events(bpffs: &std::path::Path) -> u64 {
+    trellis_agent::bpf::maps::counters(bpffs)
+        .expect("read counters")
+        .iter()
+        .filter(|c| c.hook == "connect4")
+        .map(|c| c.events)
+        .sum()
+}
+
+#[test]
+fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
+    let mut lab =
+        Lab::new("agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let pod = lab.add_pod(&node, "a1").expect("pod");
+    // A connect from the pod to a closed port of its node: refused, but connect() ran.
+    let poke = || {
+        pod.exec()
+            .output(
+                "curl",
+                &["-s", "-m", "2", &format!("http://{}:9/", node.ip)],
+                Duration::from_secs(5),
+            )
+            .expect("curl")
+    };
+
+    let mut agent = Agent::start(&node, &[]).expect("start");
+    agent.wait_ready(Duration::from_secs(20)).expect("ready");
+    assert_eq!(cgroup_program_names(&node.cgroup_root), ["trl_connect4"]);
+    let log = agent.log_text();
+    assert!(log.contains("trellis agent ready"), "{log}");
+
+    poke();
+    assert_eq!(connect4_events(&node.bpffs), 1);
+
+    let status = agent.terminate().expect("exit on SIGTERM");
+    assert!(
+        status.success(),
+        "SIGTERM is a clean exit: {status}; log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        cgroup_program_names(&node.cgroup_root),
+        ["trl_connect4"],
+        "still attached after exit"
+    );
+    poke();
+    assert_eq!(
+        connect4_events(&node.bpffs),
+        2,
+        "the kernel keeps counting with no agent"
+    );
+
+    let mut second = Agent::start(&node, &[]).expect("restart");
+    second
+        .wait_ready(Duration::from_secs(20))
+        .expect("ready again");
+    assert!(
+        second.log_text().contains("Adopted"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(
+        cgroup_program_names(&node.cgroup_root),
+        ["trl_connect4"],
+        "adopted, not attached twice"
+    );
+    poke();
+    assert_eq!(
+        connect4_events(&node.bpffs),
+        3,
+        "the adopted map keeps its counts"
+    );
+
+    // `trellis maps` decodes the same pins.
+    let out = std::process::Command::new(trellis_bin())
+        .args(["maps", "-o", "json", "--bpffs"])
+        .arg(&node.bpffs)
+        .output()
+        .expect("trellis maps");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let events: u64 = doc["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .filter(|c| c["hook"] == "connect4")
+        .map(|c| c["events"].as_u64().expect("events"))
+        .sum();
+    assert_eq!(events, 3, "{doc}");
+
+    second.terminate().expect("exit");
+    let out = std::process::Command::new(trellis_bin())
+        .args(["agent", "--uninstall", "--cgroup-root"])
+        .arg(&node.cgroup_root)
+        .arg("--bpffs")
+        .arg(&node.bpffs)
+        .output()
+        .expect("uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        cgroup_program_names(&node.cgroup_root).is_empty(),
+        "detached"
+    );
+    assert!(!node.bpffs.exists(), "pins removed");
+}
+
+#[test]
+fn agent_says_what_to_fix_for_bad_paths() {
+    let mut lab = Lab::new("agent_says_what_to_fix_for_bad_paths").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let scratch = std::env::temp_dir().join(format!("{}-scratch", lab.name()));
+    std::fs::create_dir_all(&scratch).expect("scratch");
+
+    let run = |cgroup_root: &std::path::Path, bpffs: &std::path::Path| {
+        let mut cmd = node.exec().command(trellis_bin()).expect("cmd");
+        cmd.args(["agent", "--node", "node-a", "--cgroup-root"])
+            .arg(cgroup_root)
+            .arg("--bpffs")
+            .arg(bpffs);
+        let out = cmd.output().expect("run");
+        assert!(!out.status.success(), "must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let err = run(&scratch, &node.bpffs);
+    assert!(
+        err.contains("not a cgroup v2 folder") && err.contains("cgroup2 is mounted at"),
+        "{err}"
+    );
+
+    let err = run(&node.cgroup_root, &scratch.join("pins"));
+    assert!(
+        err.contains("not on a bpf file system") && err.contains("mount -t bpf"),
+        "{err}"
+    );
+
+    let err = run(&node.cgroup_root.join("missing"), &node.bpffs);
+    assert!(
+        err.contains("--cgroup-root") && err.contains("No such file"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+}

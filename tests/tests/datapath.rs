@@ -1,0 +1,290 @@
+//! The kernel programs, loaded through the agent's loader, on this kernel.
+
+use std::time::Duration;
+
+use trellis_agent::bpf::{self, Attachment, Datapath, maps::Counter};
+use trellis_tests::{Lab, Pod, process::ChildGuard};
+
+/// The counter a non-meshed pod's connect() adds to.
+fn connect4_not_meshed(counters: &[Counter]) -> u64 {
+    counters
+        .iter()
+        .filter(|c| c.hook == "connect4" && c.verdict == "pass" && c.reason == "not-meshed")
+        .map(|c| c.events)
+        .sum()
+}
+
+/// A real HTTP server in `pod` on 8080, answered once reachable from its node.
+fn http_server(lab_node: &trellis_tests::Node, pod: &Pod) -> ChildGuard {
+    let mut cmd = pod.exec().command("python3").expect("command");
+    cmd.args(["-m", "http.server", "8080", "--bind", "0.0.0.0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let server = ChildGuard::spawn(&mut cmd).expect("spawn server");
+    let url = format!("http://{}:8080/", pod.ip);
+    for _ in 0..100 {
+        let out = lab_node.exec().output(
+            "curl",
+            &["-fsS", "-m", "1", "-o", "/dev/null", &url],
+            Duration::from_secs(3),
+        );
+        if out.is_ok_and(|o| o.status.success()) {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("http server in {} never answered", pod.name);
+}
+
+fn curl_from(pod: &Pod, url: &str) -> std::process::Output {
+    pod.exec()
+        .output(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("curl")
+}
+
+#[test]
+fn connect4_counts_a_pod_connect_in_a_pinned_btf_map() {
+    let mut lab = Lab::new("connect4_counts_a_pod_connect_in_a_pinned_btf_map").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&node, "a1").expect("pod");
+    let server_pod = lab.add_pod(&node, "a2").expect("pod");
+    let _server = http_server(&node, &server_pod);
+
+    let datapath = Datapath::install(&node.cgroup_root, &node.bpffs).expect("install");
+    assert!(
+        datapath
+            .programs()
+            .iter()
+            .all(|p| p.attachment == Attachment::Attached)
+    );
+    assert_eq!(
+        connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read")),
+        0
+    );
+
+    // A real client inside the pod (netns + cgroup under the root) connects once.
+    let out = curl_from(&client, &format!("http://{}:8080/", server_pod.ip));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    let counted = connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read"));
+    assert_eq!(counted, 1, "one connect() from the pod, one event");
+
+    // The same connect from the node, outside the cgroup root, is not seen.
+    let out = node
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "3",
+                "-o",
+                "/dev/null",
+                &format!("http://{}:8080/", server_pod.ip),
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("curl");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read")),
+        1
+    );
+
+    // bpftool decodes the pinned map with the BTF field names.
+    let map = node.bpffs.join("maps").join(trellis_common::MAP_COUNTERS);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let entry = dump
+        .as_array()
+        .and_then(|entries| {
+            entries
+                .iter()
+                .find(|e| e["formatted"]["key"]["hook"] == trellis_common::hook::CONNECT4)
+        })
+        .unwrap_or_else(|| panic!("no connect4 entry with named fields in {dump}"));
+    let key = &entry["formatted"]["key"];
+    for field in ["hook", "verdict", "reason", "endpoint_id"] {
+        assert!(key.get(field).is_some(), "key lacks {field}: {key}");
+    }
+    let events: u64 = entry["formatted"]["values"]
+        .as_array()
+        .expect("per-CPU values")
+        .iter()
+        .map(|v| v["value"]["events"].as_u64().expect("events field"))
+        .sum();
+    assert_eq!(events, 1);
+}
+
+#[test]
+fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
+    let mut lab =
+        Lab::new("pinned_links_keep_enforcing_without_an_agent_and_are_adopted").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&node, "a1").expect("pod");
+    let server_pod = lab.add_pod(&node, "a2").expect("pod");
+    let _server = http_server(&node, &server_pod);
+    let url = format!("http://{}:8080/", server_pod.ip);
+
+    let first = Datapath::install(&node.cgroup_root, &node.bpffs).expect("install");
+    drop(first); // the agent is gone: only the pins hold the program
+
+    curl_from(&client, &url);
+    assert_eq!(
+        connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read")),
+        1,
+        "still counted with no agent"
+    );
+
+    let second = Datapath::install(&node.cgroup_root, &node.bpffs).expect("reinstall");
+    assert!(
+        second
+            .programs()
+            .iter()
+            .all(|p| p.attachment == Attachment::Adopted)
+    );
+    curl_from(&client, &url);
+    // Same map (adopted pin), one program (link updated, not a second attach).
+    assert_eq!(
+        connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read")),
+        2
+    );
+    let attached = bpftool_cgroup_programs(&node.cgroup_root);
+    assert_eq!(
+        attached.len(),
+        1,
+        "one connect4 program after adoption: {attached:?}"
+    );
+
+    drop(second);
+    let removed = bpf::uninstall(&node.bpffs).expect("uninstall");
+    assert!(!removed.is_empty());
+    assert!(
+        bpftool_cgroup_programs(&node.cgroup_root).is_empty(),
+        "uninstall detached everything"
+    );
+    assert!(!node.bpffs.exists(), "uninstall removed the pin folder");
+    curl_from(&client, &url);
+}
+
+/// The programs attached at `cgroup`, as bpftool lists them.
+fn bpftool_cgroup_programs(cgroup: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool JSON")
+}
+
+/// The kernel object's BTF and the shared crate agree on every map type's
+/// size and field offsets: a layout drift fails here, not in production.
+#[test]
+fn btf_of_the_object_matches_the_shared_types() {
+    use std::mem::{offset_of, size_of};
+
+    use trellis_common::{CounterKey, CounterValue, EndpointInfo, EndpointKey};
+
+    let object = std::env::temp_dir().join(format!("trellis-ebpf-{}.o", std::process::id()));
+    std::fs::write(&object, bpf::OBJECT).expect("write object");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "btf", "dump", "file"])
+        .arg(&object)
+        .output()
+        .expect("bpftool");
+    let _ = std::fs::remove_file(&object);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let btf: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let types = btf["types"].as_array().expect("types");
+
+    let check = |name: &str, size: usize, fields: &[(&str, usize)]| {
+        let ty = types
+            .iter()
+            .find(|t| t["kind"] == "STRUCT" && t["name"] == name)
+            .unwrap_or_else(|| panic!("no struct {name} in the object's BTF"));
+        assert_eq!(ty["size"].as_u64(), Some(size as u64), "{name} size");
+        let members = ty["members"].as_array().expect("members");
+        assert_eq!(
+            members.len(),
+            fields.len(),
+            "{name} field count: {members:?}"
+        );
+        for (field, offset) in fields {
+            let m = members
+                .iter()
+                .find(|m| m["name"] == *field)
+                .unwrap_or_else(|| panic!("{name} has no field {field} in BTF"));
+            assert_eq!(
+                m["bits_offset"].as_u64(),
+                Some(*offset as u64 * 8),
+                "{name}.{field} offset"
+            );
+        }
+    };
+    check(
+        "CounterKey",
+        size_of::<CounterKey>(),
+        &[
+            ("hook", offset_of!(CounterKey, hook)),
+            ("verdict", offset_of!(CounterKey, verdict)),
+            ("reason", offset_of!(CounterKey, reason)),
+            ("endpoint_id", offset_of!(CounterKey, endpoint_id)),
+        ],
+    );
+    check(
+        "CounterValue",
+        size_of::<CounterValue>(),
+        &[
+            ("events", offset_of!(CounterValue, events)),
+            ("bytes", offset_of!(CounterValue, bytes)),
+        ],
+    );
+    check(
+        "EndpointKey",
+        size_of::<EndpointKey>(),
+        &[("netns_cookie", offset_of!(EndpointKey, netns_cookie))],
+    );
+    check(
+        "EndpointInfo",
+        size_of::<EndpointInfo>(),
+        &[
+            ("endpoint_id", offset_of!(EndpointInfo, endpoint_id)),
+            ("identity", offset_of!(EndpointInfo, identity)),
+            ("flags", offset_of!(EndpointInfo, flags)),
+            ("ifindex", offset_of!(EndpointInfo, ifindex)),
+        ],
+    );
+}

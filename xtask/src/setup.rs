@@ -1,0 +1,156 @@
+//! `cargo xtask setup`: checks each piece first and installs only what is
+//! missing, with one line per installed piece. Every failure names the step.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// bpf-linker must link with the same LLVM major as nightly rustc emits (22).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_FEATURES: &str = "llvm-22,no-llvm-linking";
+
+/// Debian packages the build and the tests call, by the command that proves each.
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("nsenter", "util-linux"),
+    ("python3", "python3"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    nightly_rust_src().context("setup step `nightly rust-src`")?;
+    bpf_linker().context("setup step `bpf-linker`")?;
+    debian_tools().context("setup step `Debian packages`")?;
+    bpffs().context("setup step `bpffs`")?;
+    eprintln!("setup: ok");
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("running `rustc +nightly`: is rustup installed?")?;
+    if !out.status.success() {
+        bail!(
+            "no nightly toolchain ({}); install it with `rustup toolchain install nightly`",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let core = nightly_sysroot()?.join("lib/rustlib/src/rust/library/core");
+    if core.exists() {
+        return Ok(());
+    }
+    eprintln!("setup: installing rust-src for the nightly toolchain (for -Z build-std=core)");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("if rustup cannot download here, the kernel programs cannot be built in Rust on this machine")
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let installed = Command::new("bpf-linker")
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if installed
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's libLLVM (about a minute)"
+    );
+    let lib = nightly_sysroot()?.join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM-*.so in {}", lib.display()))?;
+    let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so");
+    let lib = lib.display();
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", BPF_LINKER_FEATURES])
+            .env(
+                "RUSTFLAGS",
+                format!("-L native={lib} -l dylib={llvm} -C link-arg=-Wl,-rpath,{lib}"),
+            ),
+    )
+}
+
+fn debian_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for package in &missing {
+        eprintln!("setup: installing Debian package {package}");
+    }
+    status(Command::new("apt-get").arg("update").arg("-qq"))
+        .context("apt-get update (are you root?)")?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install")
+}
+
+/// bpffs at /sys/fs/bpf, when running as root (the agent and tests pin there).
+fn bpffs() -> anyhow::Result<()> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))?;
+    if !is_root {
+        return Ok(());
+    }
+    let mounted = Command::new("mountpoint")
+        .args(["-q", "/sys/fs/bpf"])
+        .status()?
+        .success();
+    if !mounted {
+        eprintln!("setup: mounting bpffs at /sys/fs/bpf");
+        status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn on_path(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
