@@ -16,18 +16,27 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::{Program, ProgramError},
 };
 use serde::Serialize;
-use trellis_common::{ALL_MAPS, PROG_CONNECT4};
+use trellis_common::{ALL_MAPS, PROG_CONNECT4, PROG_GETPEERNAME4, PROG_SOCK_OPS};
 
 pub use self::pins::{BpffsError, PinLayout};
 
 /// The kernel programs, built by `build.rs` with BTF.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-ebpf.o"));
 
-/// The cgroup programs and the hooks they attach to, in attach order.
-const CGROUP_PROGRAMS: &[&str] = &[PROG_CONNECT4];
+/// The cgroup programs and their hooks, in attach order: sock_ops first, so
+/// no captured connection is established before its original destination
+/// can be indexed.
+const CGROUP_PROGRAMS: &[(&str, u32)] = &[
+    (PROG_SOCK_OPS, sys::attach_type::CGROUP_SOCK_OPS),
+    (
+        PROG_GETPEERNAME4,
+        sys::attach_type::CGROUP_INET4_GETPEERNAME,
+    ),
+    (PROG_CONNECT4, sys::attach_type::CGROUP_INET4_CONNECT),
+];
 
 /// What went wrong installing or removing the data path, with what to do.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +69,13 @@ pub enum BpfError {
         name: &'static str,
         #[source]
         source: ProgramError,
+        hint: &'static str,
+    },
+    #[error("attaching program {name} to the cgroup: {source}{hint}")]
+    Attach {
+        name: &'static str,
+        #[source]
+        source: io::Error,
         hint: &'static str,
     },
     #[error("pinning {path}: {source}")]
@@ -164,8 +180,14 @@ impl Datapath {
             source,
         })?;
         let mut programs = Vec::new();
-        for &name in CGROUP_PROGRAMS {
-            programs.push(attach_cgroup_program(&mut ebpf, &layout, &cgroup, name)?);
+        for &(name, attach_type) in CGROUP_PROGRAMS {
+            programs.push(attach_cgroup_program(
+                &mut ebpf,
+                &layout,
+                &cgroup,
+                name,
+                attach_type,
+            )?);
         }
         Ok(Self {
             layout,
@@ -201,55 +223,56 @@ fn attach_cgroup_program(
     layout: &PinLayout,
     cgroup: &File,
     name: &'static str,
+    attach_type: u32,
 ) -> Result<AttachedProgram, BpfError> {
-    let program: &mut CgroupSockAddr = ebpf
+    let err = |e| program_error(name, e);
+    let program = ebpf
         .program_mut(name)
-        .ok_or(BpfError::MissingProgram { name })?
-        .try_into()
-        .map_err(|e| program_error(name, e))?;
-    program.load().map_err(|e| program_error(name, e))?;
+        .ok_or(BpfError::MissingProgram { name })?;
+    match program {
+        Program::CgroupSockAddr(p) => p.load().map_err(err)?,
+        Program::SockOps(p) => p.load().map_err(err)?,
+        _ => return Err(BpfError::MissingProgram { name }),
+    }
+    let prog_fd = program.fd().map_err(err)?.as_fd();
 
     let link_path = layout.link(name);
     if link_path.exists() {
-        // A previous agent's link: keep it (no moment without the hook) and
-        // swap in our program.
-        let link = sys::obj_get(&link_path).map_err(|source| BpfError::Pin {
-            path: link_path.clone(),
-            source,
-        })?;
-        let prog_fd = program.fd().map_err(|e| program_error(name, e))?;
-        sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| BpfError::LinkUpdate {
-            path: link_path.clone(),
-            source,
-        })?;
+        adopt_link(&link_path, prog_fd)?;
         return Ok(AttachedProgram {
             name,
             link: link_path,
             attachment: Attachment::Adopted,
         });
     }
-
-    // A cgroup bpf_link is always multi-attach (the kernel refuses flags on
-    // it), so other cgroup programs, another CNI's, keep running beside ours.
-    let link_id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| program_error(name, e))?;
-    let link: FdLink = program
-        .take_link(link_id)
-        .map_err(|e| program_error(name, e))?
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| BpfError::Pin {
-            path: link_path.clone(),
-            source: io::Error::other(e),
-        })?;
-    link.pin(&link_path).map_err(|e| BpfError::Pin {
+    let link = sys::cgroup_link_create(prog_fd, cgroup.as_fd(), attach_type).map_err(|source| {
+        BpfError::Attach {
+            name,
+            hint: hint_for(&source),
+            source,
+        }
+    })?;
+    sys::obj_pin(link.as_fd(), &link_path).map_err(|source| BpfError::Pin {
         path: link_path.clone(),
-        source: io::Error::other(e),
+        source,
     })?;
     Ok(AttachedProgram {
         name,
         link: link_path,
         attachment: Attachment::Attached,
+    })
+}
+
+/// A previous agent's link: keep it (no moment without the hook) and swap in
+/// our program.
+fn adopt_link(link_path: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<(), BpfError> {
+    let link = sys::obj_get(link_path).map_err(|source| BpfError::Pin {
+        path: link_path.into(),
+        source,
+    })?;
+    sys::link_update(link.as_fd(), program).map_err(|source| BpfError::LinkUpdate {
+        path: link_path.into(),
+        source,
     })
 }
 

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use trellis_tests::{Agent, Lab, trellis_bin};
 
+/// Every cgroup program the agent attaches, sorted.
+const PROGRAMS: [&str; 3] = ["trl_connect4", "trl_getpeer4", "trl_sock_ops"];
+
 fn cgroup_program_names(cgroup: &std::path::Path) -> Vec<String> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", "cgroup", "show"])
@@ -20,10 +23,12 @@ fn cgroup_program_names(cgroup: &std::path::Path) -> Vec<String> {
         return Vec::new();
     }
     let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
-    progs
+    let mut names: Vec<String> = progs
         .iter()
         .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
 fn connect4_events(bpffs: &std::path::Path) -> u64 {
@@ -54,7 +59,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
 
     let mut agent = Agent::start(&node, &[]).expect("start");
     agent.wait_ready(Duration::from_secs(20)).expect("ready");
-    assert_eq!(cgroup_program_names(&node.cgroup_root), ["trl_connect4"]);
+    assert_eq!(cgroup_program_names(&node.cgroup_root), PROGRAMS);
     let log = agent.log_text();
     assert!(log.contains("trellis agent ready"), "{log}");
 
@@ -69,7 +74,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
     );
     assert_eq!(
         cgroup_program_names(&node.cgroup_root),
-        ["trl_connect4"],
+        PROGRAMS,
         "still attached after exit"
     );
     poke();
@@ -90,7 +95,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
     );
     assert_eq!(
         cgroup_program_names(&node.cgroup_root),
-        ["trl_connect4"],
+        PROGRAMS,
         "adopted, not attached twice"
     );
     poke();

@@ -165,7 +165,7 @@ fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
             .all(|p| p.attachment == Attachment::Adopted)
     );
     curl_from(&client, &url);
-    // Same map (adopted pin), one program (link updated, not a second attach).
+    // Same map (adopted pin), each program once (link updated, not a second attach).
     assert_eq!(
         connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read")),
         2
@@ -173,8 +173,8 @@ fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
     let attached = bpftool_cgroup_programs(&node.cgroup_root);
     assert_eq!(
         attached.len(),
-        1,
-        "one connect4 program after adoption: {attached:?}"
+        3,
+        "each program once after adoption: {attached:?}"
     );
 
     drop(second);

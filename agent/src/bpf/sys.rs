@@ -1,5 +1,6 @@
-//! The few raw syscalls aya 0.14 does not wrap: `statfs` magic, `BPF_OBJ_GET`
-//! and `BPF_LINK_UPDATE` (aya updates links only for TC).
+//! The few raw syscalls aya 0.14 does not wrap: `statfs` magic, `BPF_OBJ_GET`,
+//! `BPF_OBJ_PIN`, `BPF_LINK_CREATE` for cgroups (aya cannot pin a sock_ops
+//! link) and `BPF_LINK_UPDATE` (aya updates links only for TC).
 
 use std::{
     ffi::CString,
@@ -11,8 +12,21 @@ use std::{
     path::Path,
 };
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `enum bpf_attach_type` values of the cgroup hooks Trellis uses.
+pub mod attach_type {
+    pub const CGROUP_SOCK_OPS: u32 = 3;
+    pub const CGROUP_INET4_CONNECT: u32 = 10;
+    pub const CGROUP_INET6_CONNECT: u32 = 11;
+    pub const CGROUP_UDP4_SENDMSG: u32 = 14;
+    pub const CGROUP_UDP6_SENDMSG: u32 = 15;
+    pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
+    pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
+}
 
 /// The `f_type` of the file system holding `path`.
 pub fn fs_magic(path: &Path) -> io::Result<i64> {
@@ -50,6 +64,46 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins `fd` (program, map or link) at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = c_path(path)?;
+    let mut attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    // The per-link-type union; zero for cgroup links.
+    _rest: [u64; 4],
+}
+
+/// Attaches `program` to the cgroup `cgroup` with a new bpf_link. Cgroup
+/// links are always multi-attach: other programs on the hook keep running.
+pub fn cgroup_link_create(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: BPF_LINK_CREATE returned a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

@@ -8,11 +8,20 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// Every map the kernel object defines; the agent pins each one by this name
 /// under `<bpffs>/maps/`.
-pub const ALL_MAPS: &[&str] = &[MAP_COUNTERS, MAP_ENDPOINTS];
+pub const ALL_MAPS: &[&str] = &[
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_ENDPOINTS,
+    MAP_SERVICES,
+    MAP_IPCACHE,
+    MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_TUPLE,
+];
 
-/// Every program, with the hook it attaches to; links are pinned under
-/// `<bpffs>/links/<name>`.
+// Programs; each one's link is pinned under `<bpffs>/links/<name>`.
 pub const PROG_CONNECT4: &str = "trl_connect4";
+pub const PROG_GETPEERNAME4: &str = "trl_getpeer4";
+pub const PROG_SOCK_OPS: &str = "trl_sock_ops";
 
 // === counters ===
 
@@ -80,6 +89,12 @@ pub mod reason {
     pub const CAPTURED: u32 = 2;
     /// Not TCP (or not a protocol the hook handles).
     pub const OTHER_PROTOCOL: u32 = 3;
+    /// A mesh destination, but the agent has no capture address yet.
+    pub const NO_CAPTURE_ADDRESS: u32 = 4;
+    /// sock_ops indexed a captured connection's original destination.
+    pub const INDEXED: u32 = 5;
+    /// getpeername() answered with the original destination.
+    pub const ORIGINAL_PEER: u32 = 6;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -87,6 +102,9 @@ pub mod reason {
             NOT_MESH_DESTINATION => "not-mesh-destination",
             CAPTURED => "captured",
             OTHER_PROTOCOL => "other-protocol",
+            NO_CAPTURE_ADDRESS => "no-capture-address",
+            INDEXED => "indexed",
+            ORIGINAL_PEER => "original-peer",
             _ => "unknown",
         }
     }
@@ -151,6 +169,123 @@ pub struct EndpointInfo {
     pub ifindex: u32,
 }
 
+// === addresses ===
+
+/// An IP address and port as map keys and values carry them: the address in
+/// network byte order, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one
+/// key type serves both families; the port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpPort {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl IpPort {
+    /// From an IPv4 address in network byte order (as `bpf_sock_addr.user_ip4`
+    /// holds it in memory) and a host-order port.
+    #[inline(always)]
+    pub const fn v4(addr: [u8; 4], port: u16) -> Self {
+        Self {
+            addr: ipv4_mapped(addr),
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d`
+#[inline(always)]
+pub const fn ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+// === config ===
+
+/// One entry (index 0): settings the agent gives the kernel programs.
+pub const MAP_CONFIG: &str = "config";
+
+/// Bits of [`DatapathConfig::flags`].
+pub mod config_flags {
+    /// Captured connections are redirected to the agent (off: the hooks only count).
+    pub const CAPTURE: u32 = 1 << 0;
+}
+
+/// Value of [`MAP_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Where captured IPv4 connections go: the node's InternalIP, network order.
+    pub capture_ip4: [u8; 4],
+    /// The capture port (15001), host order; 0 while the agent has none.
+    pub capture_port: u16,
+    pub _pad: u16,
+    /// [`config_flags`] bits.
+    pub flags: u32,
+}
+
+// === services ===
+
+/// Service VIP:port → service, for every Service with a ClusterIP.
+pub const MAP_SERVICES: &str = "services";
+pub const SERVICES_MAX_ENTRIES: u32 = 16384;
+
+/// Value of [`MAP_SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// The agent's id for the service.
+    pub service_id: u32,
+    /// Reserved for per-service data-path flags.
+    pub flags: u32,
+}
+
+// === ipcache ===
+
+/// LPM trie: IP (or CIDR) → identity, for every pod in the cluster.
+pub const MAP_IPCACHE: &str = "ipcache";
+pub const IPCACHE_MAX_ENTRIES: u32 = 65536;
+
+/// Bits of [`IpInfo::flags`].
+pub mod ip_flags {
+    /// The address is a pod in the mesh: connections to it are captured.
+    pub const MESHED: u32 = 1 << 0;
+}
+
+/// Value of [`MAP_IPCACHE`]; its key is an LPM key over the 16-byte address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpInfo {
+    /// Numeric security identity.
+    pub identity: u32,
+    /// [`ip_flags`] bits.
+    pub flags: u32,
+}
+
+// === original destinations ===
+
+/// Socket cookie → original destination of a captured connect (LRU).
+pub const MAP_ORIG_BY_COOKIE: &str = "orig_by_cookie";
+/// The client's address:port → original destination, indexed by sock_ops on
+/// established, so the agent finds it from the accepted socket's peer (LRU).
+pub const MAP_ORIG_BY_TUPLE: &str = "orig_by_tuple";
+pub const ORIG_MAX_ENTRIES: u32 = 65536;
+
+/// Value of [`MAP_ORIG_BY_COOKIE`] and [`MAP_ORIG_BY_TUPLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// What the application asked for.
+    pub dst: IpPort,
+    /// The connecting endpoint.
+    pub endpoint_id: u32,
+    /// The service, when `dst` is a service VIP; 0 for a pod address.
+    pub service_id: u32,
+}
+
 // === layout checks: a change here is a change of LAYOUT_VERSION ===
 
 const _: () = {
@@ -160,6 +295,13 @@ const _: () = {
     assert!(size_of::<EndpointKey>() == 8);
     assert!(size_of::<EndpointInfo>() == 16);
     assert!(offset_of!(EndpointInfo, ifindex) == 12);
+    assert!(size_of::<IpPort>() == 20);
+    assert!(offset_of!(IpPort, port) == 16);
+    assert!(size_of::<DatapathConfig>() == 12);
+    assert!(size_of::<ServiceInfo>() == 8);
+    assert!(size_of::<IpInfo>() == 8);
+    assert!(size_of::<OrigDst>() == 28);
+    assert!(offset_of!(OrigDst, endpoint_id) == 20);
 };
 
 #[cfg(feature = "user")]
@@ -172,4 +314,9 @@ mod pod {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for IpPort {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for IpInfo {}
+    unsafe impl aya::Pod for OrigDst {}
 }

@@ -9,6 +9,7 @@
 mod connect;
 mod counters;
 mod maps;
+mod sock_ops;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,13 +2,17 @@
 //! Names, keys and values come from `trellis-common`, shared with the agent.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
     macros::btf_map,
 };
 use trellis_common::{
-    COUNTERS_MAX_ENTRIES, CounterKey, CounterValue, ENDPOINTS_MAX_ENTRIES, EndpointInfo,
-    EndpointKey,
+    COUNTERS_MAX_ENTRIES, CounterKey, CounterValue, DatapathConfig, ENDPOINTS_MAX_ENTRIES,
+    EndpointInfo, EndpointKey, IPCACHE_MAX_ENTRIES, IpInfo, IpPort, ORIG_MAX_ENTRIES, OrigDst,
+    SERVICES_MAX_ENTRIES, ServiceInfo,
 };
+
+#[btf_map(name = "config")]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map(name = "counters")]
 pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue, { COUNTERS_MAX_ENTRIES as usize }> =
@@ -17,3 +21,18 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue, { COUNTERS_MAX_ENTR
 #[btf_map(name = "endpoints")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_MAX_ENTRIES as usize }> =
     HashMap::new();
+
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<IpPort, ServiceInfo, { SERVICES_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "ipcache")]
+pub static IPCACHE: LpmTrie<[u8; 16], IpInfo, { IPCACHE_MAX_ENTRIES as usize }> = LpmTrie::new();
+
+#[btf_map(name = "orig_by_cookie")]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst, { ORIG_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "orig_by_tuple")]
+pub static ORIG_BY_TUPLE: LruHashMap<IpPort, OrigDst, { ORIG_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
