@@ -6,6 +6,7 @@ pub mod maps;
 pub mod pins;
 #[expect(unsafe_code, reason = "raw syscalls aya 0.14 does not wrap")]
 pub mod sys;
+pub mod tables;
 
 use std::{
     fs::File,

@@ -9,5 +9,10 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+#[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]
+pub mod netns;
+pub mod proxy;
 pub mod run;
+pub mod state;
+pub mod sync;
 pub mod telemetry;

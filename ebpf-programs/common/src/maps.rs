@@ -150,7 +150,7 @@ pub mod endpoint_flags {
 
 /// Key of [`MAP_ENDPOINTS`]: the pod's network namespace cookie (SO_NETNS_COOKIE).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointKey {
     pub netns_cookie: u64,
 }

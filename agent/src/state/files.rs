@@ -1,0 +1,286 @@
+//! The file source: a folder of YAML objects, polled for changes.
+//!
+//! A changed file is re-read; a file that is not valid YAML is retried on
+//! the next polls (a write in progress) and, once it stays broken past the
+//! debounce, reported while its previous objects keep serving. Each object is
+//! validated on its own: a rejected object keeps its last good version, the
+//! other objects of the file apply. A removed file's objects are deleted.
+//!
+//! Polling (every [`POLL`]) rather than inotify: it sees every change on any
+//! file system (ConfigMap mounts swap symlinks, which inotify watches lose),
+//! costs a `stat` per file, and keeps "maps reflect a change within 1 s".
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracing::{info, warn};
+
+use super::objects::{Object, ObjectKey, parse_file};
+
+/// How often the folder is checked.
+pub const POLL: Duration = Duration::from_millis(200);
+/// How long a file may stay invalid YAML before it is reported as broken.
+pub const DEBOUNCE: Duration = Duration::from_millis(600);
+
+#[derive(Debug, Default)]
+struct FileState {
+    fingerprint: Option<(SystemTime, u64)>,
+    objects: BTreeMap<ObjectKey, Object>,
+    /// Since when the file has been unreadable as YAML, and whether that was reported.
+    broken_since: Option<(Instant, bool)>,
+}
+
+/// Outcome counts of the folder's reloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReloadStats {
+    pub ok: u64,
+    pub failed: u64,
+}
+
+/// A watched folder of YAML objects.
+#[derive(Debug)]
+pub struct FileSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    stats: ReloadStats,
+    /// The first poll always yields the state, even an empty one.
+    loaded: bool,
+}
+
+impl FileSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            stats: ReloadStats::default(),
+            loaded: false,
+        }
+    }
+
+    pub fn stats(&self) -> ReloadStats {
+        self.stats
+    }
+
+    /// Looks for changes; returns every current object when something changed.
+    pub fn poll(&mut self) -> Option<Vec<Object>> {
+        let mut changed = !self.loaded;
+        let present = match yaml_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot list the config folder; keeping the last state");
+                return None;
+            }
+        };
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|f| !present.contains(f))
+            .cloned()
+            .collect();
+        for file in gone {
+            let state = self.files.remove(&file).unwrap_or_default();
+            info!(file = %file.display(), objects = state.objects.len(), "config file removed; deleting its objects");
+            changed = true;
+        }
+        for file in present {
+            changed |= self.check(&file);
+        }
+        self.loaded = true;
+        changed.then(|| self.objects())
+    }
+
+    fn objects(&self) -> Vec<Object> {
+        // Later files win when two define the same object.
+        let mut all = BTreeMap::new();
+        for state in self.files.values() {
+            for (key, object) in &state.objects {
+                all.insert(key.clone(), object.clone());
+            }
+        }
+        all.into_values().collect()
+    }
+
+    /// Re-reads `file` if it changed (or is still pending); true if its objects changed.
+    fn check(&mut self, file: &Path) -> bool {
+        let fingerprint = std::fs::metadata(file)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        let state = self.files.entry(file.to_path_buf()).or_default();
+        if state.fingerprint == fingerprint && state.broken_since.is_none() {
+            return false;
+        }
+        state.fingerprint = fingerprint;
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                warn!(file = %file.display(), error = %e, "cannot read config file; keeping its last objects");
+                return false;
+            }
+        };
+        let parsed = match parse_file(file, &text) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                let now = Instant::now();
+                let (since, reported) = state.broken_since.get_or_insert((now, false));
+                if !*reported && now.duration_since(*since) >= DEBOUNCE {
+                    *reported = true;
+                    self.stats.failed += 1;
+                    warn!(error = %err, "config file rejected; its last good objects keep serving");
+                }
+                return false;
+            }
+        };
+        state.broken_since = None;
+        let mut objects: BTreeMap<ObjectKey, Object> =
+            parsed.objects.into_iter().map(|o| (o.key(), o)).collect();
+        let rejected = parsed.rejected.len();
+        for (key, err) in parsed.rejected {
+            match key.and_then(|k| state.objects.get(&k).map(|o| (k, o.clone()))) {
+                Some((key, last_good)) => {
+                    warn!(error = %err, "object rejected; its last good version keeps serving");
+                    objects.insert(key, last_good);
+                }
+                None => warn!(error = %err, "object rejected"),
+            }
+        }
+        for what in parsed.ignored {
+            info!(file = %file.display(), "{what}");
+        }
+        if rejected == 0 {
+            self.stats.ok += 1
+        } else {
+            self.stats.failed += 1
+        }
+        let changed = objects != state.objects;
+        if changed {
+            info!(file = %file.display(), objects = objects.len(), rejected, "config file applied");
+        }
+        state.objects = objects;
+        changed
+    }
+}
+
+/// `*.yaml` and `*.yml` in `dir`, sorted; hidden files (editors' temporaries) skipped.
+fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            !name.starts_with('.')
+                && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("trellis-files-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            Self(dir)
+        }
+        fn write(&self, name: &str, text: &str) {
+            // A new length or mtime: tests write faster than mtime granularity.
+            std::fs::write(self.0.join(name), text).expect("write");
+            let f = std::fs::File::options()
+                .write(true)
+                .open(self.0.join(name))
+                .expect("open");
+            f.set_modified(SystemTime::now() + Duration::from_secs(rand_secs()))
+                .expect("mtime");
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn rand_secs() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(1);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+    fn names(objects: &[Object]) -> Vec<String> {
+        objects.iter().map(|o| o.key().to_string()).collect()
+    }
+    const NS_A: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    const NS_B: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 80}]}\n";
+    const SVC_BAD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 0}]}\n";
+
+    #[test]
+    fn add_change_remove() {
+        let dir = Dir::new("acr");
+        let mut src = FileSource::new(&dir.0);
+        assert_eq!(src.poll().map(|o| names(&o)), Some(vec![]));
+        dir.write("one.yaml", NS_A);
+        assert_eq!(
+            src.poll().map(|o| names(&o)),
+            Some(vec!["Namespace a".to_owned()])
+        );
+        assert_eq!(src.poll(), None, "nothing changed");
+        dir.write("one.yaml", &format!("{NS_A}---\n{NS_B}"));
+        assert_eq!(
+            names(&src.poll().expect("changed")),
+            ["Namespace a", "Namespace b"]
+        );
+        std::fs::remove_file(dir.0.join("one.yaml")).expect("rm");
+        assert_eq!(src.poll().map(|o| names(&o)), Some(vec![]));
+    }
+
+    #[test]
+    fn a_rejected_object_keeps_its_last_good_version() {
+        let dir = Dir::new("lastgood");
+        let mut src = FileSource::new(&dir.0);
+        dir.write("m.yaml", &format!("{SVC}---\n{NS_A}"));
+        src.poll().expect("first");
+        dir.write("m.yaml", &format!("{SVC_BAD}---\n{NS_A}---\n{NS_B}"));
+        let objects = src.poll().expect("namespace b added");
+        assert_eq!(
+            names(&objects),
+            ["Namespace a", "Namespace b", "Service a/s"]
+        );
+        let svc = objects
+            .iter()
+            .find(|o| o.key().kind == "Service")
+            .expect("svc");
+        assert_eq!(
+            svc,
+            &parse_file(Path::new("x"), SVC).expect("ok").objects[0],
+            "the old, valid port"
+        );
+        assert_eq!(src.stats().failed, 1);
+    }
+
+    #[test]
+    fn broken_yaml_is_retried_then_reported_and_the_old_objects_stay() {
+        let dir = Dir::new("broken");
+        let mut src = FileSource::new(&dir.0);
+        dir.write("m.yaml", NS_A);
+        src.poll().expect("first");
+        dir.write("m.yaml", "apiVersion: v1\nkind: [half-writ");
+        assert_eq!(src.poll(), None, "keeps serving namespace a");
+        assert_eq!(src.stats().failed, 0, "not reported inside the debounce");
+        std::thread::sleep(DEBOUNCE);
+        assert_eq!(src.poll(), None);
+        assert_eq!(src.stats().failed, 1, "reported once stale");
+        dir.write("m.yaml", &format!("{NS_A}---\n{NS_B}"));
+        assert_eq!(
+            names(&src.poll().expect("fixed")),
+            ["Namespace a", "Namespace b"]
+        );
+    }
+}

@@ -1,0 +1,521 @@
+//! The derived view the data path needs, computed from the objects of any
+//! source: this node, workloads (pods with addresses), services and their
+//! ready backends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::Serialize;
+
+use super::objects::{
+    MESH_LABEL, MTLS_LABEL, NETNS_ANNOTATION, Object, SERVICE_NAME_LABEL, parse_cidr,
+};
+
+/// This node, as its `Node` object describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Where pods reach the agent: the capture address is InternalIP:15001.
+    pub internal_ip: Option<IpAddr>,
+    pub pod_cidrs: Vec<(IpAddr, u8)>,
+}
+
+/// mTLS mode of a workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Permissive,
+    Strict,
+}
+
+/// A pod with an address, anywhere in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    /// Path of its network namespace (the `trellis.dev/netns` annotation).
+    pub netns: Option<PathBuf>,
+    /// In the mesh: its namespace is labelled in, and it did not opt out.
+    pub meshed: bool,
+    pub mtls: MtlsMode,
+    /// `Ready` condition (pods without conditions count as ready).
+    pub ready: bool,
+    /// Being deleted.
+    pub terminating: bool,
+    /// Container port names → numbers, for named target ports.
+    #[serde(skip)]
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+impl Workload {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service port as the data path sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+    /// The backends' port, resolved per backend for named ports.
+    #[serde(skip)]
+    target: Option<IntOrString>,
+}
+
+/// One backend of a service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// `namespace/name` of the pod behind it, when known.
+    pub workload: Option<String>,
+    pub ready: bool,
+    pub terminating: bool,
+}
+
+impl Backend {
+    /// Whether it may take new connections.
+    pub fn usable(&self) -> bool {
+        self.ready && !self.terminating
+    }
+}
+
+/// A Service with its virtual IPs and, per port, its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Backends by service port number.
+    pub backends: BTreeMap<u16, Vec<Backend>>,
+}
+
+impl ServiceView {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything derived from one set of objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub node: Option<NodeInfo>,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<ServiceView>,
+    /// Objects by kind, for status output.
+    pub counts: BTreeMap<&'static str, usize>,
+}
+
+impl Snapshot {
+    /// Builds the view for node `node_name` from all objects.
+    pub fn build(node_name: &str, objects: &[Object]) -> Self {
+        let mut nodes = Vec::new();
+        let mut namespaces = BTreeMap::new();
+        let mut pods = Vec::new();
+        let mut services = Vec::new();
+        let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut counts = BTreeMap::new();
+        for object in objects {
+            *counts.entry(object.key().kind).or_insert(0) += 1;
+            match object {
+                Object::Node(n) => nodes.push(n.as_ref()),
+                Object::Namespace(n) => {
+                    namespaces.insert(n.metadata.name.clone().unwrap_or_default(), n.as_ref());
+                }
+                Object::Pod(p) => pods.push(p.as_ref()),
+                Object::Service(s) => services.push(s.as_ref()),
+                Object::EndpointSlice(s) => {
+                    let ns = s.metadata.namespace.clone().unwrap_or_default();
+                    let svc = s
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        .cloned()
+                        .unwrap_or_default();
+                    slices.entry((ns, svc)).or_default().push(s.as_ref());
+                }
+            }
+        }
+        let node = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node_name))
+            .map(|n| node_info(n));
+        let workloads: Vec<Workload> = pods
+            .iter()
+            .filter_map(|p| workload(p, &namespaces))
+            .collect();
+        let services = services
+            .iter()
+            .map(|s| {
+                service_view(
+                    s,
+                    &workloads,
+                    slices.get(&(
+                        s.metadata.namespace.clone().unwrap_or_default(),
+                        s.metadata.name.clone().unwrap_or_default(),
+                    )),
+                )
+            })
+            .collect();
+        Self {
+            node,
+            workloads,
+            services,
+            counts,
+        }
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    /// The service and port behind a VIP:port.
+    pub fn service_for(&self, vip: SocketAddr) -> Option<(&ServiceView, &ServicePort)> {
+        self.services.iter().find_map(|s| {
+            if !s.vips.contains(&vip.ip()) {
+                return None;
+            }
+            s.ports
+                .iter()
+                .find(|p| p.port == vip.port())
+                .map(|p| (s, p))
+        })
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.ips.contains(&ip))
+    }
+}
+
+fn node_info(node: &Node) -> NodeInfo {
+    let internal_ip = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse().ok());
+    let spec = node.spec.as_ref();
+    let pod_cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| parse_cidr(c).ok())
+        .collect();
+    NodeInfo {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        internal_ip,
+        pod_cidrs,
+    }
+}
+
+fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Workload> {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|p| p.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    if ips.is_empty() {
+        return None; // not scheduled or not started: nothing to route to
+    }
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let ns_labels = namespaces
+        .get(&namespace)
+        .and_then(|n| n.metadata.labels.as_ref());
+    let meshed = ns_labels
+        .and_then(|l| l.get(MESH_LABEL))
+        .is_some_and(|v| v == "enabled")
+        && labels.get(MESH_LABEL).is_none_or(|v| v != "disabled");
+    let mtls = match labels
+        .get(MTLS_LABEL)
+        .or_else(|| ns_labels.and_then(|l| l.get(MTLS_LABEL)))
+    {
+        Some(v) if v == "strict" => MtlsMode::Strict,
+        _ => MtlsMode::Permissive,
+    };
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True");
+    let spec = pod.spec.as_ref();
+    let named_ports = spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+        .collect();
+    Some(Workload {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        netns: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NETNS_ANNOTATION))
+            .map(PathBuf::from),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        namespace,
+        labels,
+        ips,
+        meshed,
+        mtls,
+        ready,
+        named_ports,
+    })
+}
+
+fn service_view(
+    svc: &Service,
+    workloads: &[Workload],
+    slices: Option<&Vec<&EndpointSlice>>,
+) -> ServiceView {
+    let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+    let spec = svc.spec.clone().unwrap_or_default();
+    let vips: Vec<IpAddr> = spec
+        .cluster_ips
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.cluster_ip.clone())
+        .filter_map(|ip| ip.parse().ok())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ports: Vec<ServicePort> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u16::try_from(p.port).ok()?,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol.clone(),
+                target: p.target_port.clone(),
+            })
+        })
+        .collect();
+    let mut backends = BTreeMap::new();
+    for port in &ports {
+        let list = match slices {
+            Some(slices) => slice_backends(port, slices, workloads),
+            None => selector_backends(port, &namespace, spec.selector.as_ref(), workloads),
+        };
+        backends.insert(port.port, list);
+    }
+    ServiceView {
+        name: svc.metadata.name.clone().unwrap_or_default(),
+        namespace,
+        vips,
+        ports,
+        backends,
+    }
+}
+
+/// The backend port for a pod: a number, a container port name, or the service port.
+fn target_port(port: &ServicePort, workload: Option<&Workload>) -> Option<u16> {
+    match &port.target {
+        None => Some(port.port),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        Some(IntOrString::String(name)) => match name.parse::<u16>() {
+            Ok(n) => Some(n),
+            Err(_) => workload?.named_ports.get(name).copied(),
+        },
+    }
+}
+
+fn selector_backends(
+    port: &ServicePort,
+    namespace: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    workloads: &[Workload],
+) -> Vec<Backend> {
+    // A Service without a selector has only what its EndpointSlices say.
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    workloads
+        .iter()
+        .filter(|w| {
+            w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+        .flat_map(|w| {
+            let target = target_port(port, Some(w));
+            w.ips.iter().filter_map(move |ip| {
+                Some(Backend {
+                    addr: SocketAddr::new(*ip, target?),
+                    workload: Some(w.id()),
+                    ready: w.ready,
+                    terminating: w.terminating,
+                })
+            })
+        })
+        .collect()
+}
+
+fn slice_backends(
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    workloads: &[Workload],
+) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for slice in slices {
+        // The slice's port of the same name carries the resolved number.
+        let slice_port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.clone().unwrap_or_default() == port.name)
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        for ep in &slice.endpoints {
+            let conditions = ep.conditions.as_ref();
+            // Kubernetes: a nil `ready` means ready; `serving` covers terminating pods.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<IpAddr>() else {
+                    continue;
+                };
+                let workload = workloads.iter().find(|w| w.ips.contains(&ip));
+                let Some(target) = slice_port.or_else(|| target_port(port, workload)) else {
+                    continue;
+                };
+                out.push(Backend {
+                    addr: SocketAddr::new(ip, target),
+                    workload: workload.map(Workload::id),
+                    ready,
+                    terminating,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::state::objects::parse_file;
+
+    const MESH: &str = include_str!("testdata/mesh.yaml");
+
+    fn snapshot(extra: &str) -> Snapshot {
+        let text = format!("{MESH}\n---\n{extra}");
+        let parsed = parse_file(Path::new("mesh.yaml"), &text).expect("yaml");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        Snapshot::build("node-a", &parsed.objects)
+    }
+
+    fn addrs(backends: &[Backend]) -> Vec<String> {
+        backends
+            .iter()
+            .filter(|b| b.usable())
+            .map(|b| b.addr.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn node_and_membership() {
+        let s = snapshot("");
+        let node = s.node.as_ref().expect("node-a");
+        assert_eq!(node.internal_ip, Some("10.255.0.1".parse().expect("ip")));
+        let meshed: Vec<String> = s
+            .local_workloads("node-a")
+            .filter(|w| w.meshed)
+            .map(Workload::id)
+            .collect();
+        assert_eq!(meshed, ["shop/client", "shop/web-a2", "shop/web-a3"]);
+        let stranger = s
+            .workloads
+            .iter()
+            .find(|w| w.name == "stranger")
+            .expect("stranger");
+        assert!(!stranger.meshed, "its namespace is not in the mesh");
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_pod() {
+        let s = snapshot("");
+        let (svc, port) = s
+            .service_for("10.96.0.10:80".parse().expect("addr"))
+            .expect("web");
+        assert_eq!(svc.id(), "shop/web");
+        assert_eq!(
+            addrs(&svc.backends[&port.port]),
+            ["10.1.1.12:8080", "10.1.1.13:8080"]
+        );
+    }
+
+    #[test]
+    fn opt_out_unready_and_terminating() {
+        let s = snapshot(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-a4, namespace: shop, labels: {app: web, trellis.dev/mesh: disabled}, deletionTimestamp: '2026-01-01T00:00:00Z'}\n\
+             spec: {nodeName: node-a, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {podIP: 10.1.1.14}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web-a5, namespace: shop, labels: {app: web}}\n\
+             spec: {nodeName: node-a, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}\n\
+             status: {podIP: 10.1.1.15, conditions: [{type: Ready, status: 'False'}]}",
+        );
+        let a4 = s.workloads.iter().find(|w| w.name == "web-a4").expect("a4");
+        assert!(!a4.meshed && a4.terminating);
+        let (svc, _) = s
+            .service_for("10.96.0.10:80".parse().expect("addr"))
+            .expect("web");
+        assert_eq!(svc.backends[&80].len(), 4, "all listed");
+        assert_eq!(
+            addrs(&svc.backends[&80]),
+            ["10.1.1.12:8080", "10.1.1.13:8080"],
+            "only usable ones take connections"
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_override_selectors() {
+        let s = snapshot(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+             endpoints: [{addresses: [10.1.1.12], conditions: {ready: true}}, {addresses: [10.1.1.13], conditions: {ready: false, serving: true, terminating: true}}]",
+        );
+        let (svc, _) = s
+            .service_for("10.96.0.10:80".parse().expect("addr"))
+            .expect("web");
+        assert_eq!(addrs(&svc.backends[&80]), ["10.1.1.12:8080"]);
+        assert_eq!(
+            svc.backends[&80][0].workload.as_deref(),
+            Some("shop/web-a2")
+        );
+    }
+}

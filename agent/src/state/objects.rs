@@ -1,0 +1,521 @@
+//! Kubernetes objects from YAML: parsing with the real schemas (k8s-openapi),
+//! and validation of each object on its own, with file, object, field and reason.
+
+use std::{fmt, net::IpAddr, path::Path};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::Deserialize as _;
+
+/// The annotation that tells the agent where a pod's network namespace is.
+pub const NETNS_ANNOTATION: &str = "trellis.dev/netns";
+/// Namespace label `enabled` puts its pods in the mesh; Pod label `disabled` opts one out.
+pub const MESH_LABEL: &str = "trellis.dev/mesh";
+/// Namespace or Pod label: `strict` or `permissive` (default).
+pub const MTLS_LABEL: &str = "trellis.dev/mtls";
+/// EndpointSlice label naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One object the state model knows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Node(Box<Node>),
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+/// Identifies an object: kind, namespace (empty for cluster-scoped), name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        let (kind, meta) = match self {
+            Self::Node(o) => ("Node", &o.metadata),
+            Self::Namespace(o) => ("Namespace", &o.metadata),
+            Self::Pod(o) => ("Pod", &o.metadata),
+            Self::Service(o) => ("Service", &o.metadata),
+            Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+        };
+        ObjectKey {
+            kind,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// An object rejected, with where and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {object}: {field}: {reason}")]
+pub struct ObjectError {
+    pub file: String,
+    /// `Pod shop/web` when the object could be named, else `document N`.
+    pub object: String,
+    /// A dotted path such as `spec.ports[0].port`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// A whole file that could not be read as YAML (often a write in progress).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: not valid YAML: {reason}")]
+pub struct FileError {
+    pub file: String,
+    pub reason: String,
+}
+
+/// What one file holds: the objects that passed validation, the rejected
+/// ones (with their key when it could be read, so the last good version of
+/// that object can keep serving), and documents of kinds this agent ignores.
+#[derive(Debug, Default)]
+pub struct ParsedFile {
+    pub objects: Vec<Object>,
+    pub rejected: Vec<(Option<ObjectKey>, ObjectError)>,
+    pub ignored: Vec<String>,
+}
+
+/// Parses a multi-document YAML text.
+pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, FileError> {
+    let file_name = file.display().to_string();
+    let mut docs = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let value = serde_json::Value::deserialize(doc).map_err(|e| FileError {
+            file: file_name.clone(),
+            reason: e.to_string(),
+        })?;
+        docs.push(value);
+    }
+    let mut parsed = ParsedFile::default();
+    for (index, value) in docs.into_iter().enumerate() {
+        if value.is_null() {
+            continue; // an empty document (`---` at the end)
+        }
+        match parse_object(&file_name, index + 1, value) {
+            Ok(Some(object)) => parsed.objects.push(object),
+            Ok(None) => {}
+            Err((key, err)) if err.field == "kind" && err.reason.starts_with("ignored") => {
+                let _ = key;
+                parsed.ignored.push(err.reason);
+            }
+            Err((key, err)) => parsed.rejected.push((key, err)),
+        }
+    }
+    Ok(parsed)
+}
+
+type Rejection = (Option<ObjectKey>, ObjectError);
+
+#[expect(clippy::result_large_err, reason = "config parsing, off the data path")]
+fn parse_object(
+    file: &str,
+    index: usize,
+    value: serde_json::Value,
+) -> Result<Option<Object>, Rejection> {
+    let str_field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (str_field("apiVersion"), str_field("kind"));
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let doc_name = match &name {
+        Some(n) => format!("{kind} {n}"),
+        None => format!("document {index}"),
+    };
+    let reject = |key: Option<ObjectKey>, field: &str, reason: String| {
+        (
+            key,
+            ObjectError {
+                file: file.into(),
+                object: doc_name.clone(),
+                field: field.into(),
+                reason,
+            },
+        )
+    };
+    if kind.is_empty() || api_version.is_empty() {
+        return Err(reject(
+            None,
+            "kind",
+            "every object needs apiVersion and kind".into(),
+        ));
+    }
+    if name.as_deref().is_none_or(str::is_empty) {
+        return Err(reject(None, "metadata.name", "required".into()));
+    }
+
+    macro_rules! typed {
+        ($ty:ty, $variant:ident, $api:literal) => {{
+            if api_version != $api {
+                return Err(reject(
+                    None,
+                    "apiVersion",
+                    format!("{kind} is {} here, not {api_version}", $api),
+                ));
+            }
+            let object: $ty = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+                let field = e.path().to_string();
+                reject(None, &field, e.inner().to_string())
+            })?;
+            Object::$variant(Box::new(object))
+        }};
+    }
+    let mut object = match kind.as_str() {
+        "Node" => typed!(Node, Node, "v1"),
+        "Namespace" => typed!(Namespace, Namespace, "v1"),
+        "Pod" => typed!(Pod, Pod, "v1"),
+        "Service" => typed!(Service, Service, "v1"),
+        "EndpointSlice" => typed!(EndpointSlice, EndpointSlice, "discovery.k8s.io/v1"),
+        other => {
+            return Err(reject(
+                None,
+                "kind",
+                format!("ignored: {api_version} {other} is not handled by this agent yet"),
+            ));
+        }
+    };
+    default_namespace(&mut object);
+    let key = object.key();
+    let object_name = key.to_string();
+    validate(&object).map_err(|(field, reason)| {
+        (
+            Some(key.clone()),
+            ObjectError {
+                file: file.into(),
+                object: object_name,
+                field,
+                reason,
+            },
+        )
+    })?;
+    Ok(Some(object))
+}
+
+/// Namespaced objects without a namespace live in `default`, as kubectl applies them.
+fn default_namespace(object: &mut Object) {
+    let meta = match object {
+        Object::Pod(o) => &mut o.metadata,
+        Object::Service(o) => &mut o.metadata,
+        Object::EndpointSlice(o) => &mut o.metadata,
+        Object::Node(_) | Object::Namespace(_) => return,
+    };
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some("default".into());
+    }
+}
+
+type Invalid = (String, String);
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
+    (field.into(), reason.into())
+}
+
+fn parse_ip(field: &str, value: &str) -> Result<IpAddr, Invalid> {
+    value
+        .parse()
+        .map_err(|_| invalid(field, format!("{value:?} is not an IP address")))
+}
+
+fn check_port(field: &str, port: i32) -> Result<(), Invalid> {
+    if (1..=65535).contains(&port) {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{port} is not a port (1-65535)")))
+    }
+}
+
+/// Checks what the agent relies on, beyond what the schema already enforced.
+fn validate(object: &Object) -> Result<(), Invalid> {
+    match object {
+        Object::Node(node) => {
+            for (i, a) in node
+                .status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .enumerate()
+            {
+                if a.type_ == "InternalIP" {
+                    parse_ip(&format!("status.addresses[{i}].address"), &a.address)?;
+                }
+            }
+            if let Some(cidr) = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()) {
+                parse_cidr(cidr).map_err(|r| invalid("spec.podCIDR", r))?;
+            }
+        }
+        Object::Namespace(_) => {}
+        Object::Pod(pod) => {
+            let status = pod.status.as_ref();
+            if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
+                parse_ip("status.podIP", ip)?;
+            }
+            for (i, p) in status
+                .iter()
+                .flat_map(|s| s.pod_ips.iter().flatten())
+                .enumerate()
+            {
+                parse_ip(&format!("status.podIPs[{i}].ip"), &p.ip)?;
+            }
+            if let Some(path) = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(NETNS_ANNOTATION))
+                && !path.starts_with('/')
+            {
+                return Err(invalid(
+                    format!("metadata.annotations[{NETNS_ANNOTATION}]"),
+                    format!("{path:?} is not an absolute path"),
+                ));
+            }
+            for (c, container) in pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .enumerate()
+            {
+                for (p, port) in container.ports.iter().flatten().enumerate() {
+                    check_port(
+                        &format!("spec.containers[{c}].ports[{p}].containerPort"),
+                        port.container_port,
+                    )?;
+                }
+            }
+            for (label, field) in [
+                (MESH_LABEL, "metadata.labels"),
+                (MTLS_LABEL, "metadata.labels"),
+            ] {
+                validate_label(pod.metadata.labels.as_ref(), label, field)?;
+            }
+        }
+        Object::Service(svc) => {
+            let Some(spec) = &svc.spec else { return Ok(()) };
+            for (i, ip) in spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .enumerate()
+            {
+                if ip != "None" && !ip.is_empty() {
+                    parse_ip(&format!("spec.clusterIPs[{i}]"), ip)?;
+                }
+            }
+            for (i, port) in spec.ports.iter().flatten().enumerate() {
+                check_port(&format!("spec.ports[{i}].port"), port.port)?;
+                if let Some(IntOrString::Int(t)) = &port.target_port {
+                    check_port(&format!("spec.ports[{i}].targetPort"), *t)?;
+                }
+                if let Some(proto) = port.protocol.as_deref()
+                    && !["TCP", "UDP", "SCTP"].contains(&proto)
+                {
+                    return Err(invalid(
+                        format!("spec.ports[{i}].protocol"),
+                        format!("{proto:?} is not TCP, UDP or SCTP"),
+                    ));
+                }
+            }
+        }
+        Object::EndpointSlice(slice) => {
+            let labels = slice.metadata.labels.as_ref();
+            if labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).is_none() {
+                return Err(invalid(
+                    format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                    "required: names the slice's Service",
+                ));
+            }
+            for (e, ep) in slice.endpoints.iter().enumerate() {
+                for (a, addr) in ep.addresses.iter().enumerate() {
+                    parse_ip(&format!("endpoints[{e}].addresses[{a}]"), addr)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_label(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    label: &str,
+    field: &str,
+) -> Result<(), Invalid> {
+    let allowed: &[&str] = match label {
+        MESH_LABEL => &["enabled", "disabled"],
+        _ => &["strict", "permissive"],
+    };
+    match labels.and_then(|l| l.get(label)) {
+        Some(v) if !allowed.contains(&v.as_str()) => Err(invalid(
+            format!("{field}[{label}]"),
+            format!("{v:?} is not one of {allowed:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `10.1.1.0/24` → (address, prefix length).
+pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, len) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("{cidr:?} is not a CIDR"))?;
+    let ip: IpAddr = ip.parse().map_err(|_| format!("{cidr:?} is not a CIDR"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("{cidr:?} has no valid prefix length"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("{cidr:?}: prefix length over {max}"));
+    }
+    Ok((ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ParsedFile {
+        parse_file(Path::new("/cfg/mesh.yaml"), text).expect("yaml")
+    }
+
+    #[test]
+    fn parses_the_contract_objects() {
+        let parsed = parse(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDR: 10.1.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 10.255.0.1}]}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web, annotations: {trellis.dev/netns: /var/run/netns/x}}\n\
+             spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}\n\
+             status: {podIP: 10.1.1.12}\n---\n",
+        );
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let keys: Vec<String> = parsed.objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(keys, ["Node node-a", "Pod default/web"]);
+    }
+
+    #[test]
+    fn rejections_name_file_object_field_and_reason() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec: {ports: [{port: 70000}]}",
+                "spec.ports[0].port",
+                "70000 is not a port",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec: {ports: [{port: 80, protocol: QUIC}]}",
+                "spec.ports[0].protocol",
+                "not TCP, UDP or SCTP",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 10.1.1.300}",
+                "status.podIP",
+                "not an IP address",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {trellis.dev/netns: relative}}",
+                "metadata.annotations[trellis.dev/netns]",
+                "absolute",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {trellis.dev/mesh: maybe}}",
+                "metadata.labels[trellis.dev/mesh]",
+                "not one of",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, ports: [{containerPort: http}]}]}",
+                "spec.containers[0].ports[0].containerPort",
+                "invalid type",
+            ),
+            (
+                "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.1.1.0/40}",
+                "spec.podCIDR",
+                "prefix length",
+            ),
+            (
+                "apiVersion: v2\nkind: Pod\nmetadata: {name: p}",
+                "apiVersion",
+                "Pod is v1 here",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {}",
+                "metadata.name",
+                "required",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e}\naddressType: IPv4\nendpoints: []",
+                "metadata.labels[kubernetes.io/service-name]",
+                "required",
+            ),
+        ];
+        for (text, field, reason) in cases {
+            let parsed = parse(text);
+            assert!(parsed.objects.is_empty(), "{text}");
+            let (_, err) = parsed
+                .rejected
+                .first()
+                .unwrap_or_else(|| panic!("not rejected: {text}"));
+            assert_eq!(err.field, *field, "{err}");
+            assert!(err.reason.contains(reason), "{err}");
+            assert!(err.to_string().starts_with("/cfg/mesh.yaml: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_object_does_not_take_its_neighbours_down() {
+        let parsed = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 0}]}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        );
+        assert_eq!(parsed.objects.len(), 2);
+        let (key, err) = &parsed.rejected[0];
+        assert_eq!(
+            key.as_ref().map(ToString::to_string).as_deref(),
+            Some("Service a/s")
+        );
+        assert_eq!(err.object, "Service a/s");
+    }
+
+    #[test]
+    fn unknown_kinds_are_ignored_not_rejected() {
+        let parsed = parse("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n");
+        assert!(parsed.rejected.is_empty());
+        assert_eq!(parsed.ignored.len(), 1);
+    }
+
+    #[test]
+    fn broken_yaml_fails_the_whole_file() {
+        let err = parse_file(
+            Path::new("/cfg/x.yaml"),
+            "apiVersion: v1\nkind: [unclosed\n",
+        )
+        .expect_err("bad yaml");
+        assert!(
+            err.to_string().starts_with("/cfg/x.yaml: not valid YAML"),
+            "{err}"
+        );
+    }
+}

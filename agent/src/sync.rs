@@ -1,0 +1,267 @@
+//! Keeps the kernel maps in step with the state: the capture address, the
+//! node's endpoints (by netns cookie), the services' VIPs and the ipcache.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+};
+
+use serde::Serialize;
+use tracing::{debug, info, warn};
+use trellis_common::{
+    DatapathConfig, EndpointInfo, EndpointKey, IpInfo, IpPort, ServiceInfo, config_flags,
+    endpoint_flags, ip_flags, ipv4_mapped,
+};
+
+use crate::{
+    bpf::{BpfError, tables::Tables},
+    netns,
+    state::{Snapshot, model::MtlsMode},
+};
+
+/// Where pods' captured connections arrive, on the node's InternalIP.
+pub const CAPTURE_PORT: u16 = 15001;
+/// Identities below this are reserved (as Cilium reserves host, world, ...).
+const FIRST_IDENTITY: u32 = 256;
+
+/// A local pod as the kernel knows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LocalEndpoint {
+    pub workload: String,
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub meshed: bool,
+}
+
+/// The result of one sync, for logs and the status commands.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub capture: Option<String>,
+    pub endpoints: Vec<LocalEndpoint>,
+    pub services: usize,
+    pub ipcache: usize,
+}
+
+/// Turns snapshots into map contents.
+pub struct Syncer {
+    node: String,
+    capture: bool,
+    tables: Tables,
+    identities: BTreeMap<(String, BTreeMap<String, String>), u32>,
+    endpoint_ids: BTreeMap<String, u32>,
+    service_ids: BTreeMap<String, u32>,
+    /// netns path → (inode, cookie): a namespace recreated at the same path is a new inode.
+    cookies: HashMap<PathBuf, (u64, u64)>,
+}
+
+impl Syncer {
+    pub fn new(node: &str, tables: Tables, capture: bool) -> Self {
+        Self {
+            node: node.into(),
+            capture,
+            tables,
+            identities: BTreeMap::new(),
+            endpoint_ids: BTreeMap::new(),
+            service_ids: BTreeMap::new(),
+            cookies: HashMap::new(),
+        }
+    }
+
+    /// Numeric identity of a label set in a namespace, stable while the agent runs.
+    fn identity(&mut self, namespace: &str, labels: &BTreeMap<String, String>) -> u32 {
+        let next = FIRST_IDENTITY + self.identities.len() as u32;
+        *self
+            .identities
+            .entry((namespace.into(), labels.clone()))
+            .or_insert(next)
+    }
+
+    fn id(ids: &mut BTreeMap<String, u32>, name: &str) -> u32 {
+        let next = ids.len() as u32 + 1;
+        *ids.entry(name.into()).or_insert(next)
+    }
+
+    fn cookie(&mut self, path: &PathBuf) -> std::io::Result<u64> {
+        let inode = std::fs::metadata(path)?.ino();
+        if let Some((cached_inode, cookie)) = self.cookies.get(path)
+            && *cached_inode == inode
+        {
+            return Ok(*cookie);
+        }
+        let cookie = netns::netns_cookie(path)?;
+        self.cookies.insert(path.clone(), (inode, cookie));
+        Ok(cookie)
+    }
+
+    /// Writes the maps for `snap`.
+    pub fn apply(&mut self, snap: &Snapshot) -> Result<SyncReport, BpfError> {
+        let mut report = SyncReport::default();
+
+        // Capture address: the node's InternalIP (IPv4 for connect4).
+        let capture_ip4 = snap.node.as_ref().and_then(|n| match n.internal_ip {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        });
+        let config = match capture_ip4 {
+            Some(ip) => {
+                report.capture = Some(format!("{ip}:{CAPTURE_PORT}"));
+                DatapathConfig {
+                    capture_ip4: ip.octets(),
+                    capture_port: CAPTURE_PORT,
+                    flags: if self.capture {
+                        config_flags::CAPTURE
+                    } else {
+                        0
+                    },
+                    ..Default::default()
+                }
+            }
+            None => DatapathConfig::default(),
+        };
+        self.tables.set_config(config)?;
+
+        // Endpoints: every local pod whose netns we can open.
+        let mut endpoints = BTreeMap::new();
+        let local: Vec<_> = snap.local_workloads(&self.node).cloned().collect();
+        for w in &local {
+            let Some(path) = &w.netns else {
+                debug!(workload = %w.id(), "no netns annotation; not an endpoint on this node");
+                continue;
+            };
+            let cookie = match self.cookie(path) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(workload = %w.id(), netns = %path.display(), error = %e, "cannot open the pod's network namespace; skipping it");
+                    continue;
+                }
+            };
+            let ifindex = w.ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => netns::host_route_ifindex(*v4),
+                IpAddr::V6(_) => None,
+            });
+            let endpoint_id = Self::id(&mut self.endpoint_ids, &w.id());
+            let identity = self.identity(&w.namespace, &w.labels);
+            let mut flags = 0;
+            if w.meshed {
+                flags |= endpoint_flags::MESHED;
+            }
+            if w.mtls == MtlsMode::Strict {
+                flags |= endpoint_flags::STRICT;
+            }
+            endpoints.insert(
+                EndpointKey {
+                    netns_cookie: cookie,
+                },
+                EndpointInfo {
+                    endpoint_id,
+                    identity,
+                    flags,
+                    ifindex: ifindex.unwrap_or(0),
+                },
+            );
+            report.endpoints.push(LocalEndpoint {
+                workload: w.id(),
+                endpoint_id,
+                identity,
+                netns_cookie: cookie,
+                ifindex: ifindex.unwrap_or(0),
+                meshed: w.meshed,
+            });
+        }
+        let ep_stats = self.tables.sync_endpoints(&endpoints)?;
+
+        // Services: every TCP VIP:port.
+        let mut services = BTreeMap::new();
+        for svc in &snap.services {
+            let service_id = Self::id(&mut self.service_ids, &svc.id());
+            for vip in &svc.vips {
+                for port in svc.ports.iter().filter(|p| p.protocol == "TCP") {
+                    services.insert(
+                        ip_port(*vip, port.port),
+                        ServiceInfo {
+                            service_id,
+                            flags: 0,
+                        },
+                    );
+                }
+            }
+        }
+        report.services = services.len();
+        let svc_stats = self.tables.sync_services(&services)?;
+
+        // ipcache: every pod address in the cluster.
+        let mut ipcache = BTreeMap::new();
+        let workloads: Vec<_> = snap.workloads.clone();
+        for w in &workloads {
+            let identity = self.identity(&w.namespace, &w.labels);
+            let flags = if w.meshed { ip_flags::MESHED } else { 0 };
+            for ip in &w.ips {
+                ipcache.insert((128, ip16(*ip)), IpInfo { identity, flags });
+            }
+        }
+        report.ipcache = ipcache.len();
+        let ip_stats = self.tables.sync_ipcache(&ipcache)?;
+
+        if ep_stats.upserted
+            + ep_stats.removed
+            + svc_stats.upserted
+            + svc_stats.removed
+            + ip_stats.upserted
+            + ip_stats.removed
+            > 0
+        {
+            info!(
+                endpoints = endpoints.len(),
+                services = report.services,
+                ipcache = report.ipcache,
+                capture = ?report.capture,
+                "kernel maps updated"
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// A 16-byte map address: IPv4 as IPv4-mapped.
+pub fn ip16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn ip_port(ip: IpAddr, port: u16) -> IpPort {
+    IpPort {
+        addr: ip16(ip),
+        port,
+        _pad: 0,
+    }
+}
+
+/// The socket address an [`IpPort`] names.
+pub fn socket_addr(ip_port: &IpPort) -> std::net::SocketAddr {
+    let v6 = std::net::Ipv6Addr::from(ip_port.addr);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    std::net::SocketAddr::new(ip, ip_port.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_port_round_trips_both_families() {
+        for addr in ["10.96.0.10:80", "[fd00::10]:443"] {
+            let sa: std::net::SocketAddr = addr.parse().expect("addr");
+            assert_eq!(socket_addr(&ip_port(sa.ip(), sa.port())), sa);
+        }
+        assert_eq!(
+            ip16("10.1.2.3".parse().expect("ip"))[10..],
+            [0xff, 0xff, 10, 1, 2, 3]
+        );
+    }
+}
