@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Named conditions that must all hold before the node reports ready.
 #[derive(Clone, Debug, Default)]
@@ -30,8 +30,18 @@ impl Readiness {
         }
     }
 
+    /// Sets a condition; logs the readiness line when the node becomes
+    /// ready, and what is missing when it stops being ready.
     pub fn set(&self, name: &'static str, met: bool) {
-        self.lock().insert(name, met);
+        let mut conditions = self.lock();
+        let was_ready = conditions.values().all(|m| *m);
+        conditions.insert(name, met);
+        let ready = conditions.values().all(|m| *m);
+        if ready && !was_ready {
+            info!("trellis agent ready");
+        } else if was_ready && !ready {
+            warn!(condition = name, "trellis agent not ready");
+        }
     }
 
     /// The conditions not yet met; empty when ready.

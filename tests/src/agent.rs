@@ -52,9 +52,22 @@ impl Agent {
     /// Starts `trellis agent` in `node`'s network namespace with the node's
     /// cgroup root and bpffs folder, plus `extra` arguments.
     pub fn start(node: &Node, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(node, None, extra)
+    }
+
+    /// Like [`Agent::start`], with the agent's process in `cgroup` (for
+    /// example a folder under the node's cgroup root, where pods live).
+    pub fn start_in(node: &Node, cgroup: Option<PathBuf>, extra: &[&str]) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}-agent.log", node.netns));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = node.exec().command(trellis_bin())?;
+        let exec = match cgroup {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir)?;
+                crate::process::Exec::new(node.exec().netns_path(), Some(dir))
+            }
+            None => node.exec(),
+        };
+        let mut cmd = exec.command(trellis_bin())?;
         cmd.arg("agent")
             .args(["--node", &format!("node-{}", node.name)])
             .arg("--cgroup-root")
@@ -106,6 +119,12 @@ impl Agent {
         self.child
             .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
             .with_context(|| format!("agent log:\n{}", self.log_text()))
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        self.child
+            .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
     }
 
     pub fn log_text(&self) -> String {

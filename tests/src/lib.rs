@@ -14,7 +14,9 @@
 
 pub mod agent;
 pub mod lab;
+pub mod mesh;
 pub mod process;
+pub mod py;
 pub mod sys;
 
 pub use agent::{Agent, trellis_bin};

@@ -95,6 +95,57 @@ impl Exec {
     }
 }
 
+impl Exec {
+    /// Starts `python3 -c SCRIPT args...` in the background.
+    pub fn python(&self, script: &str, args: &[&str]) -> anyhow::Result<ChildGuard> {
+        let mut cmd = self.command("python3")?;
+        cmd.arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        ChildGuard::spawn(&mut cmd)
+    }
+
+    /// Runs `python3 -c SCRIPT args...` to completion; returns stdout.
+    pub fn python_output(
+        &self,
+        script: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<String> {
+        let mut all = vec!["-c", script];
+        all.extend_from_slice(args);
+        let out = self.output("python3", &all, limit)?;
+        if !out.status.success() {
+            bail!(
+                "python failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Waits until a TCP connect to `ip:port` from here succeeds.
+    pub fn wait_port(&self, ip: &str, port: u16, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        let probe = format!("exec 3<>/dev/tcp/{ip}/{port}");
+        while Instant::now() < deadline {
+            if self
+                .output("bash", &["-c", &probe], Duration::from_secs(3))?
+                .status
+                .success()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{ip}:{port} did not accept connections within {limit:?}")
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 #[derive(Debug)]
 pub struct ChildGuard {

@@ -1,0 +1,112 @@
+//! The lab described as Kubernetes objects, for the agent's config folder.
+
+use std::path::{Path, PathBuf};
+
+use crate::lab::{Node, Pod};
+
+/// `v1/Node` with the node's InternalIP and pod CIDR.
+pub fn node(node: &Node) -> String {
+    let (net, len) = node.pod_cidr;
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{}}}\nspec: {{podCIDR: {net}/{len}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
+        node.name, node.ip
+    )
+}
+
+/// `v1/Namespace`, in the mesh or not.
+pub fn namespace(name: &str, meshed: bool) -> String {
+    let mesh = if meshed {
+        ", trellis.dev/mesh: enabled"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{kubernetes.io/metadata.name: {name}{mesh}}}}}\n"
+    )
+}
+
+/// `v1/Pod` for a lab pod: labels as `k: v` pairs, container ports as (name, port).
+pub fn pod(
+    pod: &Pod,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    ports: &[(&str, u16)],
+    extra_status: &str,
+) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(n, p)| format!("{{name: {n}, containerPort: {p}}}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}, \
+         annotations: {{trellis.dev/netns: /run/netns/{netns}}}}}\n\
+         spec: {{nodeName: node-{node}, serviceAccountName: {name}, containers: [{{name: c, image: none, ports: [{ports}]}}]}}\n\
+         status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]{extra_status}}}\n",
+        name = pod.name,
+        labels = labels.join(", "),
+        netns = pod.netns,
+        node = pod.node,
+        ports = ports.join(", "),
+        ip = pod.ip,
+    )
+}
+
+/// `v1/Service` with one TCP port.
+pub fn service(
+    namespace: &str,
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: &str,
+    selector: &[(&str, &str)],
+) -> String {
+    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{{}}}, ports: [{{name: p{port}, port: {port}, targetPort: {target}}}]}}\n",
+        selector.join(", ")
+    )
+}
+
+/// Joins documents into one multi-document file.
+pub fn docs(docs: &[String]) -> String {
+    docs.join("---\n")
+}
+
+/// A config folder, removed on drop; files are replaced atomically (rename),
+/// as `kubectl`-style tools and ConfigMap mounts do.
+pub struct ConfigDir {
+    path: PathBuf,
+}
+
+impl ConfigDir {
+    pub fn new(lab: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{lab}-config"));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.path.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        Ok(std::fs::remove_file(self.path.join(name))?)
+    }
+}
+
+impl Drop for ConfigDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -1,0 +1,123 @@
+//! Small real clients and servers, run with `python3 -c` inside pods.
+
+/// HTTP server answering every GET with its name. Args: NAME PORT.
+pub const NAME_SERVER: &str = r#"
+import http.server, sys
+name = sys.argv[1].encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", str(len(name)))
+        self.end_headers()
+        self.wfile.write(name)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// Echo server. Args: PORT.
+pub const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(64)
+def serve(c):
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        c.sendall(b)
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Bulk server: reads until the client half-closes, answers the SHA-256 of
+/// what it got (64 hex bytes) then MIB MiB of a known pattern. Args: PORT MIB.
+pub const BULK_SERVER: &str = r#"
+import hashlib, socket, sys, threading
+n = int(sys.argv[2]) << 20
+down = hashlib.shake_256(b"trellis-down").digest(n)
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(16)
+def serve(c):
+    h = hashlib.sha256()
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        h.update(b)
+    c.sendall(h.hexdigest().encode()); c.sendall(down); c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Bulk client for [`BULK_SERVER`]: sends MIB MiB, half-closes, checks both
+/// directions byte-exact; prints OK or what differs. Args: HOST PORT MIB.
+pub const BULK_CLIENT: &str = r#"
+import hashlib, socket, sys
+n = int(sys.argv[3]) << 20
+up = hashlib.shake_256(b"trellis-up").digest(n)
+want_down = hashlib.sha256(hashlib.shake_256(b"trellis-down").digest(n)).hexdigest()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
+s.sendall(up)
+s.shutdown(socket.SHUT_WR)
+buf = bytearray()
+while True:
+    b = s.recv(1 << 20)
+    if not b:
+        break
+    buf += b
+got_up, down = buf[:64].decode(), bytes(buf[64:])
+if got_up == hashlib.sha256(up).hexdigest() and len(down) == n and hashlib.sha256(down).hexdigest() == want_down:
+    print("OK")
+else:
+    print("MISMATCH up_ok=%s down_len=%d" % (got_up == hashlib.sha256(up).hexdigest(), len(down)))
+"#;
+
+/// Prints `ip:port` of getpeername() after connecting. Args: HOST PORT.
+pub const PEER_NAME: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("%s:%d" % s.getpeername())
+"#;
+
+/// Load for SECONDS: new-connection GETs to http://HOST:PORT/ every 20 ms,
+/// and one long-lived echo connection to HOST:ECHO_PORT pinged every 100 ms.
+/// Prints JSON: bodies seen (with counts), errors, echo round trips and echo errors.
+/// Args: HOST PORT ECHO_HOST ECHO_PORT SECONDS.
+pub const LOAD: &str = r#"
+import http.client, json, socket, sys, time, threading
+host, port, ehost, eport, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+out = {"bodies": {}, "errors": [], "echo_ok": 0, "echo_errors": []}
+end = time.time() + secs
+def echo():
+    try:
+        s = socket.create_connection((ehost, eport), timeout=5)
+        i = 0
+        while time.time() < end:
+            msg = ("ping %d\n" % i).encode(); s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                b = s.recv(len(msg) - len(got))
+                if not b:
+                    raise IOError("echo connection closed")
+                got += b
+            if got != msg:
+                raise IOError("echo mismatch")
+            out["echo_ok"] += 1; i += 1; time.sleep(0.1)
+    except Exception as e:
+        out["echo_errors"].append(repr(e))
+t = threading.Thread(target=echo); t.start()
+while time.time() < end:
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=5); c.request("GET", "/")
+        body = c.getresponse().read().decode(); c.close()
+        out["bodies"][body] = out["bodies"].get(body, 0) + 1
+    except Exception as e:
+        out["errors"].append(repr(e))
+    time.sleep(0.02)
+t.join()
+print(json.dumps(out))
+"#;

@@ -1,0 +1,387 @@
+//! Sidecarless capture on a real kernel: pods' connections to a Service VIP
+//! are redirected by connect4 to the agent on 15001, which load-balances and
+//! splices them; getpeername shows the VIP; non-meshed pods are left alone.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use trellis_agent::bpf::maps::{Counter, counters};
+use trellis_tests::{
+    Agent, ChildGuard, Lab, Node, Pod,
+    mesh::{self, ConfigDir},
+    py,
+};
+
+const WEB_VIP: &str = "10.96.0.10";
+const BULK_VIP: &str = "10.96.0.30";
+const ECHO_VIP: &str = "10.96.0.40";
+
+/// node a; pods a1 (client), a2 and a3 (web; a2 also bulk and echo) in the
+/// meshed namespace `shop`; x1 in the unmeshed namespace `outside`.
+struct Mesh {
+    node: Node,
+    client: Pod,
+    web2: Pod,
+    web3: Pod,
+    outsider: Pod,
+    config: ConfigDir,
+    _servers: Vec<ChildGuard>,
+    agent: Option<Agent>,
+    // Last: dropped after the processes above.
+    _lab: Lab,
+}
+
+impl Mesh {
+    fn new(test: &str) -> Self {
+        let mut lab = Lab::new(test).expect("lab");
+        let node = lab.add_node("a").expect("node");
+        let client = lab.add_pod(&node, "a1").expect("pod");
+        let web2 = lab.add_pod(&node, "a2").expect("pod");
+        let web3 = lab.add_pod(&node, "a3").expect("pod");
+        let outsider = lab.add_pod(&node, "x1").expect("pod");
+        let config = ConfigDir::new(lab.name()).expect("config dir");
+        let servers = vec![
+            web2.exec()
+                .python(py::NAME_SERVER, &["web-a2", "8080"])
+                .expect("server"),
+            web2.exec()
+                .python(py::BULK_SERVER, &["9000", "100"])
+                .expect("server"),
+            web2.exec()
+                .python(py::ECHO_SERVER, &["7000"])
+                .expect("server"),
+            web3.exec()
+                .python(py::NAME_SERVER, &["web-a3", "8080"])
+                .expect("server"),
+        ];
+        for (pod, port) in [(&web2, 8080), (&web2, 9000), (&web2, 7000), (&web3, 8080)] {
+            node.exec()
+                .wait_port(&pod.ip.to_string(), port, Duration::from_secs(20))
+                .expect("server up");
+        }
+        let mesh = Self {
+            node,
+            client,
+            web2,
+            web3,
+            outsider,
+            config,
+            _servers: servers,
+            agent: None,
+            _lab: lab,
+        };
+        mesh.write_base();
+        mesh.write_pods("app: web", "");
+        mesh
+    }
+
+    fn write_base(&self) {
+        let base = mesh::docs(&[
+            mesh::node(&self.node),
+            mesh::namespace("shop", true),
+            mesh::namespace("outside", false),
+            mesh::service("shop", "web", WEB_VIP, 80, "http", &[("app", "web")]),
+            mesh::service("shop", "bulk", BULK_VIP, 9000, "9000", &[("role", "bulk")]),
+            mesh::service("shop", "echo", ECHO_VIP, 7000, "7000", &[("role", "bulk")]),
+        ]);
+        self.config.write("base.yaml", &base).expect("write");
+    }
+
+    /// Pods; `a3_label` is a3's `app` label line, `a3_status` extra status fields.
+    fn write_pods(&self, a3_label: &str, a3_status: &str) {
+        let (_, a3_app) = a3_label.split_once(": ").expect("k: v");
+        let pods = mesh::docs(&[
+            mesh::pod(&self.client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(
+                &self.web2,
+                "shop",
+                &[("app", "web"), ("role", "bulk")],
+                &[("http", 8080)],
+                "",
+            ),
+            mesh::pod(
+                &self.web3,
+                "shop",
+                &[("app", a3_app)],
+                &[("http", 8080)],
+                a3_status,
+            ),
+            mesh::pod(&self.outsider, "outside", &[("app", "stranger")], &[], ""),
+        ]);
+        self.config.write("pods.yaml", &pods).expect("write");
+    }
+
+    fn start_agent(&mut self, cgroup: Option<std::path::PathBuf>) {
+        let dir = self.config.path().to_str().expect("utf8").to_owned();
+        let mut agent =
+            Agent::start_in(&self.node, cgroup, &["--config-dir", &dir]).expect("agent");
+        agent.wait_ready(Duration::from_secs(20)).expect("ready");
+        self.agent = Some(agent);
+    }
+
+    fn get(&self, from: &Pod, url: &str) -> Result<String, String> {
+        let out = from
+            .exec()
+            .output("curl", &["-sS", "-m", "3", url], Duration::from_secs(10))
+            .expect("curl");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        counters(&self.node.bpffs).expect("counters")
+    }
+
+    fn log(&self) -> String {
+        self.agent.as_ref().map(Agent::log_text).unwrap_or_default()
+    }
+}
+
+fn events(counters: &[Counter], hook: &str, verdict: &str, reason: &str) -> u64 {
+    counters
+        .iter()
+        .filter(|c| c.hook == hook && c.verdict == verdict && c.reason == reason)
+        .map(|c| c.events)
+        .sum()
+}
+
+#[test]
+fn vip_is_captured_load_balanced_and_getpeername_shows_it() {
+    let mut m = Mesh::new("vip_is_captured_load_balanced_and_getpeername_shows_it");
+    m.start_agent(None);
+    let url = format!("http://{WEB_VIP}/");
+    let mut seen = BTreeMap::new();
+    for _ in 0..6 {
+        let body = m
+            .get(&m.client, &url)
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([("web-a2".into(), 3), ("web-a3".into(), 3)]),
+        "round robin over both"
+    );
+
+    let peer = m
+        .client
+        .exec()
+        .python_output(py::PEER_NAME, &[WEB_VIP, "80"], Duration::from_secs(10))
+        .expect("peer");
+    assert_eq!(
+        peer,
+        format!("{WEB_VIP}:80"),
+        "the app sees the VIP, not the agent"
+    );
+
+    let c = m.counters();
+    assert_eq!(events(&c, "connect4", "redirect", "captured"), 7, "{c:#?}");
+    assert_eq!(events(&c, "sock_ops", "pass", "indexed"), 7, "{c:#?}");
+    assert!(
+        events(&c, "getpeername4", "pass", "original-peer") >= 1,
+        "{c:#?}"
+    );
+}
+
+#[test]
+fn a_pod_outside_the_mesh_is_not_redirected() {
+    let mut m = Mesh::new("a_pod_outside_the_mesh_is_not_redirected");
+    m.start_agent(None);
+    let before = m.counters();
+    // No kube-proxy and no iptables here: unredirected, the VIP leads nowhere.
+    let err = m
+        .get(&m.outsider, &format!("http://{WEB_VIP}/"))
+        .expect_err("must not be served");
+    let after = m.counters();
+    assert_eq!(
+        events(&after, "connect4", "redirect", "captured"),
+        events(&before, "connect4", "redirect", "captured"),
+        "not captured ({err})"
+    );
+    assert_eq!(
+        events(&after, "connect4", "pass", "not-meshed"),
+        events(&before, "connect4", "pass", "not-meshed") + 1,
+        "seen by connect4 and let through untouched: {after:#?}"
+    );
+    // The same pod still reaches a pod IP directly, outside the mesh.
+    assert_eq!(
+        m.get(&m.outsider, &format!("http://{}:8080/", m.web2.ip))
+            .as_deref(),
+        Ok("web-a2")
+    );
+}
+
+#[test]
+fn bulk_transfers_are_byte_exact_both_ways_with_half_close() {
+    let mut m = Mesh::new("bulk_transfers_are_byte_exact_both_ways_with_half_close");
+    m.start_agent(None);
+    let out = m
+        .client
+        .exec()
+        .python_output(
+            py::BULK_CLIENT,
+            &[BULK_VIP, "9000", "100"],
+            Duration::from_secs(180),
+        )
+        .expect("bulk client");
+    assert_eq!(out, "OK", "100 MiB each way through the agent\n{}", m.log());
+    let c = m.counters();
+    assert_eq!(
+        events(&c, "connect4", "redirect", "captured"),
+        1,
+        "it went through the agent"
+    );
+}
+
+#[test]
+fn hot_reload_adds_a_backend_under_load_and_a_bad_file_keeps_the_old_state() {
+    let mut m =
+        Mesh::new("hot_reload_adds_a_backend_under_load_and_a_bad_file_keeps_the_old_state");
+    m.write_pods("app: web-later", "");
+    m.start_agent(None);
+    assert_eq!(
+        m.get(&m.client, &format!("http://{WEB_VIP}/")).as_deref(),
+        Ok("web-a2")
+    );
+
+    let mut cmd = m.client.exec().command("python3").expect("cmd");
+    cmd.args(["-c", py::LOAD, WEB_VIP, "80", ECHO_VIP, "7000", "5"])
+        .stdout(std::process::Stdio::piped());
+    let load = ChildGuard::spawn(&mut cmd).expect("load");
+    std::thread::sleep(Duration::from_secs(2));
+    m.write_pods("app: web", "");
+    let out = load
+        .wait_output(Duration::from_secs(30))
+        .expect("load output");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("load JSON");
+    assert_eq!(
+        report["errors"],
+        serde_json::json!([]),
+        "no request failed: {report}"
+    );
+    assert_eq!(
+        report["echo_errors"],
+        serde_json::json!([]),
+        "the long-lived connection survived: {report}"
+    );
+    assert!(report["echo_ok"].as_u64().unwrap_or(0) >= 20, "{report}");
+    assert!(
+        report["bodies"]["web-a3"].as_u64().unwrap_or(0) > 0,
+        "the new backend took connections: {report}"
+    );
+
+    // A bad file: the Service it breaks keeps its last good version.
+    m.config
+        .write("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 99999}]}\n")
+        .expect("write");
+    std::thread::sleep(Duration::from_secs(1));
+    let log = m.log();
+    assert!(
+        log.contains("broken.yaml")
+            && log.contains("spec.ports[0].port")
+            && log.contains("99999 is not a port"),
+        "{log}"
+    );
+    for _ in 0..4 {
+        let body = m
+            .get(&m.client, &format!("http://{WEB_VIP}/"))
+            .expect("still served");
+        assert!(body == "web-a2" || body == "web-a3", "{body}");
+    }
+}
+
+#[test]
+fn an_unready_backend_gets_no_new_connections_within_a_second() {
+    let mut m = Mesh::new("an_unready_backend_gets_no_new_connections_within_a_second");
+    m.start_agent(None);
+    m.write_pods("app: web", ", conditions: [{type: Ready, status: 'False'}]");
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..6 {
+        assert_eq!(
+            m.get(&m.client, &format!("http://{WEB_VIP}/")).as_deref(),
+            Ok("web-a2")
+        );
+    }
+    // Ready again: new connections reach it again.
+    m.write_pods("app: web", "");
+    std::thread::sleep(Duration::from_secs(1));
+    let bodies: Vec<String> = (0..4)
+        .map(|_| {
+            m.get(&m.client, &format!("http://{WEB_VIP}/"))
+                .expect("get")
+        })
+        .collect();
+    assert!(
+        bodies.iter().any(|b| b == "web-a3"),
+        "ready again: {bodies:?}"
+    );
+}
+
+#[test]
+fn the_agent_inside_the_cgroup_root_never_redirects_itself() {
+    let mut m = Mesh::new("the_agent_inside_the_cgroup_root_never_redirects_itself");
+    let cgroup = m.node.cgroup_root.join("trellis-agent");
+    m.start_agent(Some(cgroup));
+    for _ in 0..4 {
+        let body = m
+            .get(&m.client, &format!("http://{WEB_VIP}/"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+        assert!(body == "web-a2" || body == "web-a3");
+    }
+    let c = m.counters();
+    assert_eq!(
+        events(&c, "connect4", "redirect", "captured"),
+        4,
+        "only the client's connects: {c:#?}"
+    );
+    assert!(
+        c.iter().any(|x| x.hook == "connect4"
+            && x.reason == "not-meshed"
+            && x.endpoint_id == 0
+            && x.events >= 4),
+        "the agent's own upstream connects were seen and left alone: {c:#?}"
+    );
+}
+
+#[test]
+fn killing_the_agent_resets_its_connections_and_new_ones_fail_closed() {
+    let mut m = Mesh::new("killing_the_agent_resets_its_connections_and_new_ones_fail_closed");
+    m.start_agent(None);
+    // A long-lived connection through the agent.
+    let mut cmd = m.client.exec().command("python3").expect("cmd");
+    cmd.args(["-c", py::LOAD, WEB_VIP, "80", ECHO_VIP, "7000", "4"])
+        .stdout(std::process::Stdio::piped());
+    let load = ChildGuard::spawn(&mut cmd).expect("load");
+    std::thread::sleep(Duration::from_secs(1));
+    m.agent.as_mut().expect("agent").kill().expect("kill -9");
+    let out = load
+        .wait_output(Duration::from_secs(30))
+        .expect("load ends by itself");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let echo_errors = report["echo_errors"].to_string();
+    assert!(
+        echo_errors.contains("reset") || echo_errors.contains("closed"),
+        "the proxied connection ended promptly, not hung: {report}"
+    );
+    // Fail closed: the kernel still captures, and nothing listens on 15001.
+    let err = m
+        .get(&m.client, &format!("http://{WEB_VIP}/"))
+        .expect_err("no agent, no service");
+    assert!(
+        err.contains("Couldn't connect") || err.contains("refused"),
+        "{err}"
+    );
+    // Back with a new agent, which adopts the pins.
+    m.start_agent(None);
+    assert!(
+        m.get(&m.client, &format!("http://{WEB_VIP}/")).is_ok(),
+        "{}",
+        m.log()
+    );
+}
