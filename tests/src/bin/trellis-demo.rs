@@ -9,7 +9,14 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::Context as _;
-use trellis_tests::{Agent, ChildGuard, Lab, trellis_bin};
+use trellis_tests::{
+    Agent, Lab,
+    mesh::{self, ConfigDir},
+    py, trellis_bin,
+};
+
+/// The demo Service's virtual IP.
+const VIP: &str = "10.96.0.10";
 
 fn main() -> anyhow::Result<()> {
     let seconds = parse_seconds()?;
@@ -18,18 +25,28 @@ fn main() -> anyhow::Result<()> {
     let mut lab = Lab::new("demo")?;
     let node = lab.add_node("a")?;
     let client = lab.add_pod(&node, "a1")?;
-    let web = lab.add_pod(&node, "a2")?;
-    let site = std::env::temp_dir().join(format!("{}-www", lab.name()));
-    std::fs::create_dir_all(&site)?;
-    std::fs::write(site.join("index.html"), "hello from web (pod a2)\n")?;
-    let mut server = web.exec().command("python3")?;
-    server
-        .args(["-m", "http.server", "8080"])
-        .current_dir(&site);
-    server
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _server = ChildGuard::spawn(&mut server)?;
+    let web2 = lab.add_pod(&node, "a2")?;
+    let web3 = lab.add_pod(&node, "a3")?;
+    let _servers = [
+        web2.exec()
+            .python(py::NAME_SERVER, &["hello from web-a2\n", "8080"])?,
+        web3.exec()
+            .python(py::NAME_SERVER, &["hello from web-a3\n", "8080"])?,
+    ];
+    for pod in [&web2, &web3] {
+        node.exec()
+            .wait_port(&pod.ip.to_string(), 8080, Duration::from_secs(20))?;
+    }
+    let config = ConfigDir::new(lab.name())?;
+    let objects = mesh::docs(&[
+        mesh::node(&node),
+        mesh::namespace("shop", true),
+        mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+        mesh::pod(&web2, "shop", &[("app", "web")], &[("http", 8080)], ""),
+        mesh::pod(&web3, "shop", &[("app", "web")], &[("http", 8080)], ""),
+        mesh::service("shop", "web", VIP, 80, "http", &[("app", "web")]),
+    ]);
+    config.write("mesh.yaml", &objects)?;
 
     section("Topology (network namespaces, veth, cgroup v2; nothing in the root namespace)");
     println!(
@@ -37,10 +54,21 @@ fn main() -> anyhow::Result<()> {
         node.ip,
         node.cgroup_root.display()
     );
-    println!("pod a1   {}   (client)", client.ip);
-    println!("pod a2   {}   (web server on :8080)", web.ip);
+    println!(
+        "pod a1   {}   (client, namespace shop: in the mesh)",
+        client.ip
+    );
+    println!("pod a2   {}   (web, :8080)", web2.ip);
+    println!("pod a3   {}   (web, :8080)", web3.ip);
+    println!("service  shop/web  {VIP}:80 -> targetPort http (no kube-proxy, no iptables)");
+    section(&format!(
+        "Config folder {} (watched; edit it while the demo runs)",
+        config.path().display()
+    ));
+    print!("{objects}");
 
-    let mut agent = Agent::start(&node, &[])?;
+    let dir = config.path().to_str().context("utf8 path")?.to_owned();
+    let mut agent = Agent::start(&node, &["--config-dir", &dir])?;
     agent.wait_ready(Duration::from_secs(20))?;
     section("Agent ready: GET /healthz/ready from the node");
     print!(
@@ -60,17 +88,27 @@ fn main() -> anyhow::Result<()> {
             .arg(&node.cgroup_root))?
     );
 
-    section("Pod a1 calls pod a2 (curl inside the pod)");
-    wait_for_server(&node, &web.ip.to_string())?;
-    print!(
-        "{}",
-        client.exec().run(
-            "curl",
-            &["-sS", "-m", "3", &format!("http://{}:8080/", web.ip)]
-        )?
+    section(&format!(
+        "Pod a1 calls the Service VIP {VIP} four times (curl inside the pod)"
+    ));
+    for _ in 0..4 {
+        print!(
+            "{}",
+            client
+                .exec()
+                .run("curl", &["-sS", "-m", "3", &format!("http://{VIP}/")])?
+        );
+    }
+    println!(
+        "(connect4 rewrote each connect to {}:15001; the agent picked a backend, round robin)",
+        node.ip
     );
+    let peer = client
+        .exec()
+        .python_output(py::PEER_NAME, &[VIP, "80"], Duration::from_secs(10))?;
+    println!("getpeername() inside the pod says: {peer}");
 
-    section("What the kernel counted (trellis maps)");
+    section("What the kernel counted and holds (trellis maps)");
     print!(
         "{}",
         run(Command::new(trellis_bin())
@@ -79,8 +117,8 @@ fn main() -> anyhow::Result<()> {
             .arg(&node.bpffs))?
     );
 
-    section("The same pinned map through bpftool (BTF field names)");
-    let map = node.bpffs.join("maps/counters");
+    section("A pinned map through bpftool (BTF field names)");
+    let map = node.bpffs.join("maps/services");
     print!(
         "{}",
         run(Command::new("bpftool")
@@ -98,8 +136,8 @@ fn main() -> anyhow::Result<()> {
     wait_for_stop(&signals, seconds);
     let status = agent.terminate()?;
     println!("agent exited ({status}); removing the lab");
+    drop(config);
     drop(lab);
-    let _ = std::fs::remove_dir_all(&site);
     println!("done");
     Ok(())
 }
@@ -117,22 +155,6 @@ fn node_log(node: &trellis_tests::Node) -> String {
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     trellis_tests::sys::run(cmd)
-}
-
-fn wait_for_server(node: &trellis_tests::Node, ip: &str) -> anyhow::Result<()> {
-    let url = format!("http://{ip}:8080/");
-    for _ in 0..100 {
-        let out = node.exec().output(
-            "curl",
-            &["-fsS", "-m", "1", "-o", "/dev/null", &url],
-            Duration::from_secs(3),
-        )?;
-        if out.status.success() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("the web server in pod a2 did not start")
 }
 
 fn parse_seconds() -> anyhow::Result<Option<u64>> {
