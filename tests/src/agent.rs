@@ -12,10 +12,14 @@ use anyhow::{Context as _, bail};
 use crate::{lab::Node, process::ChildGuard};
 
 /// The freshly built `trellis` binary. Built once per test process (a no-op
-/// when up to date), so a test never runs a stale agent.
+/// when up to date), so a test never runs a stale agent. `TRELLIS_BIN` names
+/// another one (the bench uses the release build).
 pub fn trellis_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("TRELLIS_BIN") {
+            return PathBuf::from(bin);
+        }
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("workspace root");
@@ -68,13 +72,16 @@ impl Agent {
             None => node.exec(),
         };
         let mut cmd = exec.command(trellis_bin())?;
+        // Debug logs by default, for failing tests; `extra` may choose otherwise.
+        if !extra.contains(&"--log-level") {
+            cmd.env("TRELLIS_LOG_LEVEL", "debug");
+        }
         cmd.arg("agent")
             .args(["--node", &format!("node-{}", node.name)])
             .arg("--cgroup-root")
             .arg(&node.cgroup_root)
             .arg("--bpffs")
             .arg(&node.bpffs)
-            .args(["--log-level", "debug"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -19,6 +19,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nsenter", "util-linux"),
     ("python3", "python3"),
+    ("iperf3", "iperf3"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

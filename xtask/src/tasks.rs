@@ -102,6 +102,31 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
     )
 }
 
+pub fn bench() -> anyhow::Result<()> {
+    setup::run()?;
+    // Release builds: the agent's speed is what is measured.
+    step(
+        "build (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "trellis-agent",
+            "--package",
+            "trellis-tests",
+            "--bins",
+        ]),
+    )?;
+    let bin = workspace_root().join("target/release/trellis-bench");
+    let mut cmd = Command::new(&bin);
+    // The harness builds `trellis` for its agents; point it at the release one.
+    cmd.env(
+        "TRELLIS_BIN",
+        workspace_root().join("target/release/trellis"),
+    );
+    Err(cmd.exec()).with_context(|| format!("running {}", bin.display()))
+}
+
 pub fn demo(seconds: Option<u64>) -> anyhow::Result<()> {
     setup::run()?;
     step(
