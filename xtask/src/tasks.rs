@@ -103,48 +103,38 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
 }
 
 pub fn bench() -> anyhow::Result<()> {
-    setup::run()?;
     // Release builds: the agent's speed is what is measured.
-    step(
-        "build (release)",
-        cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "trellis-agent",
-            "--package",
-            "trellis-tests",
-            "--bins",
-        ]),
-    )?;
-    let bin = workspace_root().join("target/release/trellis-bench");
-    let mut cmd = Command::new(&bin);
-    // The harness builds `trellis` for its agents; point it at the release one.
-    cmd.env(
-        "TRELLIS_BIN",
-        workspace_root().join("target/release/trellis"),
-    );
-    Err(cmd.exec()).with_context(|| format!("running {}", bin.display()))
+    exec_harness_bin(true, "trellis-bench", &[])
 }
 
 pub fn demo(seconds: Option<u64>) -> anyhow::Result<()> {
+    let args = seconds
+        .map(|s| vec!["--seconds".to_owned(), s.to_string()])
+        .unwrap_or_default();
+    exec_harness_bin(false, "trellis-demo", &args)
+}
+
+/// Sets up, builds the agent and the harness's binaries, then replaces this
+/// process with `bin` (so Ctrl-C reaches it alone and it cleans up), its
+/// agents running the `trellis` of the same build.
+fn exec_harness_bin(release: bool, bin: &str, args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
-    step(
+    let profile = if release { "release" } else { "debug" };
+    let mut build = cargo();
+    build.args([
         "build",
-        cargo().args([
-            "build",
-            "--package",
-            "trellis-agent",
-            "--package",
-            "trellis-tests",
-            "--bins",
-        ]),
-    )?;
-    let bin = workspace_root().join("target/debug/trellis-demo");
-    let mut cmd = Command::new(&bin);
-    if let Some(s) = seconds {
-        cmd.args(["--seconds", &s.to_string()]);
+        "--package",
+        "trellis-agent",
+        "--package",
+        "trellis-tests",
+        "--bins",
+    ]);
+    if release {
+        build.arg("--release");
     }
-    // Replace this process, so Ctrl-C reaches the demo alone and it cleans up.
-    Err(cmd.exec()).with_context(|| format!("running {}", bin.display()))
+    step(&format!("build ({profile})"), &mut build)?;
+    let target = workspace_root().join("target").join(profile);
+    let mut cmd = Command::new(target.join(bin));
+    cmd.args(args).env("TRELLIS_BIN", target.join("trellis"));
+    Err(cmd.exec()).with_context(|| format!("running {bin}"))
 }
