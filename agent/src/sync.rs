@@ -126,8 +126,8 @@ impl Syncer {
 
         // Endpoints: every local pod whose netns we can open.
         let mut endpoints = BTreeMap::new();
-        let local: Vec<_> = snap.local_workloads(&self.node).cloned().collect();
-        for w in &local {
+        let node = self.node.clone();
+        for w in snap.local_workloads(&node) {
             let Some(path) = &w.netns else {
                 debug!(workload = %w.id(), "no netns annotation; not an endpoint on this node");
                 continue;
@@ -195,8 +195,7 @@ impl Syncer {
 
         // ipcache: every pod address in the cluster.
         let mut ipcache = BTreeMap::new();
-        let workloads: Vec<_> = snap.workloads.clone();
-        for w in &workloads {
+        for w in &snap.workloads {
             let identity = self.identity(&w.namespace, &w.labels);
             let flags = if w.meshed { ip_flags::MESHED } else { 0 };
             for ip in &w.ips {
