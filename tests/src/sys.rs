@@ -83,3 +83,20 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Names of the BPF programs attached at `cgroup`, sorted, as bpftool lists them.
+pub fn cgroup_program_names(cgroup: &Path) -> anyhow::Result<Vec<String>> {
+    let out = run(Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup))?;
+    if out.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let progs: Vec<serde_json::Value> = serde_json::from_str(&out).context("bpftool JSON")?;
+    let mut names: Vec<String> = progs
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}

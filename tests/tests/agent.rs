@@ -3,33 +3,10 @@
 
 use std::time::Duration;
 
-use trellis_tests::{Agent, Lab, trellis_bin};
+use trellis_tests::{Agent, Lab, sys::cgroup_program_names, trellis_bin};
 
 /// Every cgroup program the agent attaches, sorted.
 const PROGRAMS: [&str; 3] = ["trl_connect4", "trl_getpeer4", "trl_sock_ops"];
-
-fn cgroup_program_names(cgroup: &std::path::Path) -> Vec<String> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Vec::new();
-    }
-    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
-    let mut names: Vec<String> = progs
-        .iter()
-        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    names.sort();
-    names
-}
 
 fn connect4_events(bpffs: &std::path::Path) -> u64 {
     trellis_agent::bpf::maps::counters(bpffs)
@@ -59,7 +36,10 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
 
     let mut agent = Agent::start(&node, &[]).expect("start");
     agent.wait_ready(Duration::from_secs(20)).expect("ready");
-    assert_eq!(cgroup_program_names(&node.cgroup_root), PROGRAMS);
+    assert_eq!(
+        cgroup_program_names(&node.cgroup_root).expect("bpftool"),
+        PROGRAMS
+    );
     let log = agent.log_text();
     assert!(log.contains("trellis agent ready"), "{log}");
 
@@ -73,7 +53,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
         agent.log_text()
     );
     assert_eq!(
-        cgroup_program_names(&node.cgroup_root),
+        cgroup_program_names(&node.cgroup_root).expect("bpftool"),
         PROGRAMS,
         "still attached after exit"
     );
@@ -94,7 +74,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
         second.log_text()
     );
     assert_eq!(
-        cgroup_program_names(&node.cgroup_root),
+        cgroup_program_names(&node.cgroup_root).expect("bpftool"),
         PROGRAMS,
         "adopted, not attached twice"
     );
@@ -140,7 +120,9 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        cgroup_program_names(&node.cgroup_root).is_empty(),
+        cgroup_program_names(&node.cgroup_root)
+            .expect("bpftool")
+            .is_empty(),
         "detached"
     );
     assert!(!node.bpffs.exists(), "pins removed");

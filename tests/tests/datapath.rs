@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use trellis_agent::bpf::{self, Attachment, Datapath, maps::Counter};
-use trellis_tests::{Lab, Pod, process::ChildGuard};
+use trellis_tests::{Lab, Pod, process::ChildGuard, sys::cgroup_program_names};
 
 /// The counter a non-meshed pod's connect() adds to.
 fn connect4_not_meshed(counters: &[Counter]) -> u64 {
@@ -170,7 +170,7 @@ fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
         connect4_not_meshed(&bpf::maps::counters(&node.bpffs).expect("read")),
         2
     );
-    let attached = bpftool_cgroup_programs(&node.cgroup_root);
+    let attached = cgroup_program_names(&node.cgroup_root).expect("bpftool");
     assert_eq!(
         attached.len(),
         3,
@@ -181,29 +181,13 @@ fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
     let removed = bpf::uninstall(&node.bpffs).expect("uninstall");
     assert!(!removed.is_empty());
     assert!(
-        bpftool_cgroup_programs(&node.cgroup_root).is_empty(),
+        cgroup_program_names(&node.cgroup_root)
+            .expect("bpftool")
+            .is_empty(),
         "uninstall detached everything"
     );
     assert!(!node.bpffs.exists(), "uninstall removed the pin folder");
     curl_from(&client, &url);
-}
-
-/// The programs attached at `cgroup`, as bpftool lists them.
-fn bpftool_cgroup_programs(cgroup: &std::path::Path) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Vec::new();
-    }
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool JSON")
 }
 
 /// The kernel object's BTF and the shared crate agree on every map type's

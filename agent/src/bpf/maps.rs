@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, PerCpuHashMap};
 use serde::Serialize;
 use trellis_common::{
     CounterKey, CounterValue, EndpointInfo, EndpointKey, MAP_COUNTERS, MAP_ENDPOINTS, hook, reason,
@@ -36,19 +36,10 @@ impl Counter {
     }
 }
 
-fn open(layout: &PinLayout, name: &'static str) -> Result<Map, BpfError> {
-    let data =
-        MapData::from_pin(layout.map(name)).map_err(|source| BpfError::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| BpfError::Map { name, source })
-}
-
 /// The `counters` map, summed over CPUs, sorted by key.
 pub fn counters(bpffs: &Path) -> Result<Vec<Counter>, BpfError> {
     let name = MAP_COUNTERS;
-    let map = open(&PinLayout::new(bpffs), name)?;
-    let map: PerCpuHashMap<_, CounterKey, CounterValue> = map
-        .try_into()
-        .map_err(|source| BpfError::Map { name, source })?;
+    let map: PerCpuHashMap<_, CounterKey, CounterValue> = PinLayout::new(bpffs).open_map(name)?;
     let mut out = Vec::new();
     for entry in map.iter() {
         let (key, per_cpu) = entry.map_err(|source| BpfError::Map { name, source })?;
@@ -77,10 +68,7 @@ pub struct Endpoint {
 /// The `endpoints` map, sorted by endpoint id.
 pub fn endpoints(bpffs: &Path) -> Result<Vec<Endpoint>, BpfError> {
     let name = MAP_ENDPOINTS;
-    let map = open(&PinLayout::new(bpffs), name)?;
-    let map: HashMap<_, EndpointKey, EndpointInfo> = map
-        .try_into()
-        .map_err(|source| BpfError::Map { name, source })?;
+    let map: HashMap<_, EndpointKey, EndpointInfo> = PinLayout::new(bpffs).open_map(name)?;
     let mut out = Vec::new();
     for entry in map.iter() {
         let (key, info) = entry.map_err(|source| BpfError::Map { name, source })?;

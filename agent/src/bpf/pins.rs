@@ -10,6 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
+use aya::maps::{Map, MapData, MapError};
+
+use super::BpfError;
+
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -42,6 +46,20 @@ impl PinLayout {
 
     pub fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
+    }
+
+    /// Opens the pinned map `name` as the aya map type `T` (which checks the
+    /// map type and key/value sizes against `T`).
+    pub fn open_map<T: TryFrom<Map, Error = MapError>>(
+        &self,
+        name: &'static str,
+    ) -> Result<T, BpfError> {
+        let err = |source| BpfError::Map { name, source };
+        let data = MapData::from_pin(self.map(name)).map_err(err)?;
+        Map::from_map_data(data)
+            .map_err(err)?
+            .try_into()
+            .map_err(err)
     }
 }
 

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, path::Path};
 use aya::{
     Pod,
     maps::{
-        Array, HashMap, Map, MapData, MapError,
+        Array, HashMap, MapData,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -33,21 +33,6 @@ impl std::ops::AddAssign for SyncStats {
     }
 }
 
-fn open(layout: &PinLayout, name: &'static str) -> Result<Map, BpfError> {
-    let data =
-        MapData::from_pin(layout.map(name)).map_err(|source| BpfError::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| BpfError::Map { name, source })
-}
-
-fn typed<T: TryFrom<Map, Error = MapError>>(
-    layout: &PinLayout,
-    name: &'static str,
-) -> Result<T, BpfError> {
-    open(layout, name)?
-        .try_into()
-        .map_err(|source| BpfError::Map { name, source })
-}
-
 /// The agent-owned maps, opened from their pins.
 pub struct Tables {
     config: Array<MapData, DatapathConfig>,
@@ -60,10 +45,10 @@ impl Tables {
     pub fn open(bpffs: &Path) -> Result<Self, BpfError> {
         let layout = PinLayout::new(bpffs);
         Ok(Self {
-            config: typed(&layout, MAP_CONFIG)?,
-            endpoints: typed(&layout, MAP_ENDPOINTS)?,
-            services: typed(&layout, MAP_SERVICES)?,
-            ipcache: typed(&layout, MAP_IPCACHE)?,
+            config: layout.open_map(MAP_CONFIG)?,
+            endpoints: layout.open_map(MAP_ENDPOINTS)?,
+            services: layout.open_map(MAP_SERVICES)?,
+            ipcache: layout.open_map(MAP_IPCACHE)?,
         })
     }
 
@@ -153,7 +138,7 @@ pub struct OrigDstTable {
 impl OrigDstTable {
     pub fn open(bpffs: &Path) -> Result<Self, BpfError> {
         Ok(Self {
-            map: typed(&PinLayout::new(bpffs), MAP_ORIG_BY_TUPLE)?,
+            map: PinLayout::new(bpffs).open_map(MAP_ORIG_BY_TUPLE)?,
         })
     }
 
