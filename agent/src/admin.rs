@@ -1,6 +1,9 @@
 //! Health endpoints on 15021: `/healthz/ready` answers 200 only when every
 //! readiness condition holds, and otherwise 503 with the missing ones in JSON;
-//! `/healthz/live` answers 200 while the process serves at all.
+//! `/healthz/live` answers 200 while the process serves at all. The admin API
+//! on 127.0.0.1:15000 is in [`api`].
+
+pub mod api;
 
 use std::{
     collections::BTreeMap,
@@ -65,27 +68,36 @@ impl Readiness {
 
 /// Serves the health endpoints on `listener` until the task is dropped.
 pub async fn serve_health(listener: TcpListener, readiness: Readiness) {
+    serve(listener, "health", move |req| health(&req, &readiness)).await;
+}
+
+/// Serves HTTP/1.1 on `listener` with a synchronous handler until the task
+/// is dropped.
+pub async fn serve<F>(listener: TcpListener, what: &'static str, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "health listener accept failed");
+                warn!(listener = what, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let readiness = readiness.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(health(&req, &readiness)) }
+                let response = handler(req);
+                async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(%peer, error = %e, "health connection ended with an error");
+                debug!(listener = what, %peer, error = %e, "connection ended with an error");
             }
         });
     }
@@ -115,7 +127,7 @@ fn health(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+pub fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(

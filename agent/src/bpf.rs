@@ -4,6 +4,7 @@
 
 pub mod maps;
 pub mod pins;
+pub mod sockets;
 #[expect(unsafe_code, reason = "raw syscalls aya 0.14 does not wrap")]
 pub mod sys;
 pub mod tables;
@@ -20,14 +21,18 @@ use aya::{
     programs::{Program, ProgramError},
 };
 use serde::Serialize;
-use trellis_common::{ALL_MAPS, PROG_CONNECT4, PROG_GETPEERNAME4, PROG_SOCK_OPS};
+use trellis_common::{
+    ALL_MAPS, MAP_SOCKETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
+    PROG_SK_MSG, PROG_SOCK_OPS,
+};
 
 pub use self::pins::{BpffsError, PinLayout};
 
 /// The kernel programs, built by `build.rs` with BTF.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-ebpf.o"));
 
-/// The cgroup programs and their hooks, in attach order: sock_ops first, so
+/// The cgroup programs and their hooks, in attach order (after sk_msg, which
+/// hangs off the sockhash): sock_ops first, so
 /// no captured connection is established before its original destination
 /// can be indexed.
 const CGROUP_PROGRAMS: &[(&str, u32)] = &[
@@ -36,7 +41,12 @@ const CGROUP_PROGRAMS: &[(&str, u32)] = &[
         PROG_GETPEERNAME4,
         sys::attach_type::CGROUP_INET4_GETPEERNAME,
     ),
+    (
+        PROG_GETPEERNAME6,
+        sys::attach_type::CGROUP_INET6_GETPEERNAME,
+    ),
     (PROG_CONNECT4, sys::attach_type::CGROUP_INET4_CONNECT),
+    (PROG_CONNECT6, sys::attach_type::CGROUP_INET6_CONNECT),
 ];
 
 /// What went wrong installing or removing the data path, with what to do.
@@ -72,7 +82,7 @@ pub enum BpfError {
         source: ProgramError,
         hint: &'static str,
     },
-    #[error("attaching program {name} to the cgroup: {source}{hint}")]
+    #[error("attaching program {name}: {source}{hint}")]
     Attach {
         name: &'static str,
         #[source]
@@ -181,11 +191,25 @@ impl Datapath {
             source,
         })?;
         let mut programs = Vec::new();
+        // sk_msg before sock_ops: a socket added to the sockhash is handled
+        // from its first byte.
+        let sockets = layout.map(MAP_SOCKETS);
+        let sockets = sys::obj_get(&sockets).map_err(|source| BpfError::Pin {
+            path: sockets,
+            source,
+        })?;
+        programs.push(attach_program(
+            &mut ebpf,
+            &layout,
+            sockets.as_fd(),
+            PROG_SK_MSG,
+            sys::attach_type::SK_MSG_VERDICT,
+        )?);
         for &(name, attach_type) in CGROUP_PROGRAMS {
-            programs.push(attach_cgroup_program(
+            programs.push(attach_program(
                 &mut ebpf,
                 &layout,
-                &cgroup,
+                cgroup.as_fd(),
                 name,
                 attach_type,
             )?);
@@ -219,10 +243,12 @@ fn program_error(name: &'static str, source: ProgramError) -> BpfError {
     BpfError::Program { name, source, hint }
 }
 
-fn attach_cgroup_program(
+/// Attaches a program to `target` (a cgroup, or the sockhash for sk_msg)
+/// through a pinned link, or adopts the link a previous agent pinned.
+fn attach_program(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
-    cgroup: &File,
+    target: std::os::fd::BorrowedFd<'_>,
     name: &'static str,
     attach_type: u32,
 ) -> Result<AttachedProgram, BpfError> {
@@ -233,6 +259,7 @@ fn attach_cgroup_program(
     match program {
         Program::CgroupSockAddr(p) => p.load().map_err(err)?,
         Program::SockOps(p) => p.load().map_err(err)?,
+        Program::SkMsg(p) => p.load().map_err(err)?,
         _ => return Err(BpfError::MissingProgram { name }),
     }
     let prog_fd = program.fd().map_err(err)?.as_fd();
@@ -246,13 +273,12 @@ fn attach_cgroup_program(
             attachment: Attachment::Adopted,
         });
     }
-    let link = sys::cgroup_link_create(prog_fd, cgroup.as_fd(), attach_type).map_err(|source| {
-        BpfError::Attach {
+    let link =
+        sys::link_create(prog_fd, target, attach_type).map_err(|source| BpfError::Attach {
             name,
             hint: hint_for(&source),
             source,
-        }
-    })?;
+        })?;
     sys::obj_pin(link.as_fd(), &link_path).map_err(|source| BpfError::Pin {
         path: link_path.clone(),
         source,

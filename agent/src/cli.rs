@@ -17,6 +17,11 @@ pub mod env {
     pub const LOG_LEVEL: &str = "TRELLIS_LOG_LEVEL";
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
     pub const READINESS_ADDR: &str = "TRELLIS_READINESS_ADDR";
+    pub const ADMIN_ADDR: &str = "TRELLIS_ADMIN_ADDR";
+    pub const SK_MSG: &str = "TRELLIS_SK_MSG";
+    pub const SPLICE: &str = "TRELLIS_SPLICE";
+    pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
+    pub const IDLE_TIMEOUT: &str = "TRELLIS_IDLE_TIMEOUT";
 }
 
 /// Trellis: a sidecarless, eBPF-accelerated service mesh.
@@ -33,6 +38,22 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Decode the kernel maps pinned under an agent's bpffs folder.
     Maps(MapsArgs),
+    /// What a running agent sees: node, capture addresses, data path, counts.
+    Status(AdminArgs),
+    /// The workloads of a running agent's node: endpoints with netns cookie
+    /// and interface, and the services with their backends.
+    Workloads(AdminArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The agent's admin API (run the command in the node's network namespace).
+    #[arg(long, env = env::ADMIN_ADDR, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +93,29 @@ pub struct AgentArgs {
     /// Where `/healthz/ready` is served.
     #[arg(long, env = env::READINESS_ADDR, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+
+    /// Where the admin API (`trellis status`, `trellis workloads`) is served;
+    /// keep it on loopback.
+    #[arg(long, env = env::ADMIN_ADDR, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// sk_msg acceleration: data between local sockets (app ↔ agent, agent ↔
+    /// local pod) skips the TCP/IP stack. `false` for comparison.
+    #[arg(long, env = env::SK_MSG, default_value_t = true, action = clap::ArgAction::Set)]
+    pub sk_msg: bool,
+
+    /// Kernel splicing of opaque same-node connections (app ↔ backend through
+    /// the sockhash, the agent out of the byte path). Needs --sk-msg.
+    #[arg(long, env = env::SPLICE, default_value_t = true, action = clap::ArgAction::Set)]
+    pub splice: bool,
+
+    /// Give up connecting to a backend after this long (`500ms`, `5s`, `1m`).
+    #[arg(long, env = env::CONNECT_TIMEOUT, default_value = "5s")]
+    pub connect_timeout: String,
+
+    /// Close a proxied connection after this long without a byte either way.
+    #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]
+    pub idle_timeout: String,
 
     /// Detach and unpin everything a previous agent left under --bpffs and --cgroup-root, then exit.
     #[arg(long)]

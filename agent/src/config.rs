@@ -1,7 +1,7 @@
 //! The agent's effective settings: built from the command line and
 //! environment, validated in one place, and dumped by the admin API.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Serialize;
 
@@ -28,6 +28,57 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// `/healthz/ready` listener.
     pub readiness_addr: SocketAddr,
+    /// Admin API listener (loopback).
+    pub admin_addr: SocketAddr,
+    /// Kernel acceleration modes.
+    pub accel: Acceleration,
+    /// Give up connecting to a backend after this.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Close a proxied connection idle this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+/// Which kernel shortcuts the data path takes (each can be switched off for
+/// comparison).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Acceleration {
+    /// sk_msg redirection between local sockets.
+    pub sk_msg: bool,
+    /// Kernel splicing of opaque same-node connections (implies sk_msg).
+    pub splice: bool,
+}
+
+mod humantime_serde {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{d:?}"))
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` (a number and a unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| "needs a unit: ms, s, m or h".to_string())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| "starts with a whole number, as in 500ms or 5s".to_string())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 /// A setting that cannot work, with what to do about it.
@@ -95,6 +146,15 @@ impl AgentConfig {
                 reason: "no such folder (create one with `trellis ca init DIR`)".into(),
             });
         }
+        let duration = |flag: &'static str, text: &str| {
+            parse_duration(text).map_err(|reason| ConfigError::Invalid {
+                flag,
+                value: text.into(),
+                reason,
+            })
+        };
+        let connect_timeout = duration("connect-timeout", &args.connect_timeout)?;
+        let idle_timeout = duration("idle-timeout", &args.idle_timeout)?;
         Ok(Self {
             node,
             config_dir: args.config_dir.clone(),
@@ -105,6 +165,14 @@ impl AgentConfig {
             log_level: args.log_level.clone(),
             log_format: args.log_format,
             readiness_addr: args.readiness_addr,
+            admin_addr: args.admin_addr,
+            accel: Acceleration {
+                sk_msg: args.sk_msg,
+                // Splicing works through the sockhash: no sk_msg, no splice.
+                splice: args.splice && args.sk_msg,
+            },
+            connect_timeout,
+            idle_timeout,
         })
     }
 }
@@ -143,6 +211,34 @@ mod tests {
     }
 
     #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn acceleration_switches() {
+        let cfg = AgentConfig::from_args(&args(&["--node", "a"])).expect("valid");
+        assert_eq!(
+            cfg.accel,
+            Acceleration {
+                sk_msg: true,
+                splice: true
+            }
+        );
+        let cfg =
+            AgentConfig::from_args(&args(&["--node", "a", "--sk-msg", "false"])).expect("valid");
+        assert!(!cfg.accel.sk_msg && !cfg.accel.splice);
+        let cfg =
+            AgentConfig::from_args(&args(&["--node", "a", "--splice", "false"])).expect("valid");
+        assert!(cfg.accel.sk_msg && !cfg.accel.splice);
+    }
+
+    #[test]
     fn rejects_with_flag_and_reason() {
         for (extra, flag) in [
             (&["--node", "Node_A"][..], "--node"),
@@ -155,6 +251,14 @@ mod tests {
                 "--config-dir",
             ),
             (&["--node", "a", "--ca-dir", "/no/such/dir"][..], "--ca-dir"),
+            (
+                &["--node", "a", "--idle-timeout", "10 parsecs"][..],
+                "--idle-timeout",
+            ),
+            (
+                &["--node", "a", "--connect-timeout", "0s"][..],
+                "--connect-timeout",
+            ),
         ] {
             let err = AgentConfig::from_args(&args(extra))
                 .expect_err("invalid")

@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod inspect;
 #[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]
 pub mod netns;
 pub mod proxy;

@@ -4,9 +4,9 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use trellis_agent::{
     bpf,
-    cli::{AgentArgs, Cli, Command, MapsArgs, Output},
+    cli::{AdminArgs, AgentArgs, Cli, Command, MapsArgs, Output},
     config::AgentConfig,
-    run, telemetry,
+    inspect, run, telemetry,
 };
 
 fn main() -> std::process::ExitCode {
@@ -14,6 +14,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => agent(*args),
         Command::Maps(args) => maps(&args),
+        Command::Status(args) => admin_view(&args, "/status", inspect::render_status),
+        Command::Workloads(args) => admin_view(&args, "/workloads", inspect::render_workloads),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -44,45 +46,34 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn admin_view(
+    args: &AdminArgs,
+    path: &'static str,
+    render: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let doc = runtime.block_on(inspect::fetch(args.admin_addr, path))?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Output::Table => print!("{}", render(&doc)),
+    }
+    Ok(())
+}
+
 fn maps(args: &MapsArgs) -> anyhow::Result<()> {
     let bpffs = &args.bpffs;
-    let hint = || {
+    let doc = bpf::maps::dump(bpffs).with_context(|| {
         format!(
             "reading the maps pinned under {} (is this an agent's --bpffs?)",
             bpffs.display()
         )
-    };
-    let counters = bpf::maps::counters(bpffs).with_context(hint)?;
-    let endpoints = bpf::maps::endpoints(bpffs).with_context(hint)?;
+    })?;
     match args.output {
-        Output::Json => {
-            let doc = serde_json::json!({ "counters": counters, "endpoints": endpoints });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
-        }
-        Output::Table => {
-            println!("COUNTERS");
-            println!(
-                "{:<14} {:<9} {:<22} {:>8} {:>12} {:>12}",
-                "HOOK", "VERDICT", "REASON", "ENDPOINT", "EVENTS", "BYTES"
-            );
-            for c in &counters {
-                println!(
-                    "{:<14} {:<9} {:<22} {:>8} {:>12} {:>12}",
-                    c.hook, c.verdict, c.reason, c.endpoint_id, c.events, c.bytes
-                );
-            }
-            println!("\nENDPOINTS");
-            println!(
-                "{:>8} {:>20} {:>10} {:>6} {:>8}",
-                "ID", "NETNS COOKIE", "IDENTITY", "FLAGS", "IFINDEX"
-            );
-            for e in &endpoints {
-                println!(
-                    "{:>8} {:>20} {:>10} {:>#6x} {:>8}",
-                    e.endpoint_id, e.netns_cookie, e.identity, e.flags, e.ifindex
-                );
-            }
-        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Output::Table => print!("{}", inspect::render_maps(&doc)),
     }
     Ok(())
 }

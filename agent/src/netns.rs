@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
 };
@@ -54,11 +54,19 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
 }
 
 /// The index of the interface this network namespace routes `ip` through by
-/// a host route (`ip/32 dev X`, as CNIs install for local pods), from
-/// `/proc/self/net/route`; `None` when there is no such route.
-pub fn host_route_ifindex(ip: Ipv4Addr) -> Option<u32> {
-    let table = std::fs::read_to_string("/proc/self/net/route").ok()?;
-    let ifname = parse_host_route(&table, ip)?;
+/// a host route (`ip/32 dev X` or `ip/128 dev X`, as CNIs install for local
+/// pods), from `/proc/self/net/route` or `ipv6_route`; `None` when there is
+/// no such route.
+pub fn host_route_ifindex(ip: IpAddr) -> Option<u32> {
+    let ifname = match ip {
+        IpAddr::V4(v4) => {
+            parse_host_route(&std::fs::read_to_string("/proc/self/net/route").ok()?, v4)?
+        }
+        IpAddr::V6(v6) => parse_host_route6(
+            &std::fs::read_to_string("/proc/self/net/ipv6_route").ok()?,
+            v6,
+        )?,
+    };
     let c_name = std::ffi::CString::new(ifname).ok()?;
     // SAFETY: a NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
@@ -78,6 +86,17 @@ fn parse_host_route(table: &str, ip: Ipv4Addr) -> Option<String> {
     })
 }
 
+/// Finds the interface of the /128 route to `ip` in a `/proc/net/ipv6_route`
+/// text (destination as 32 hex digits, prefix length in hex, interface last).
+fn parse_host_route6(table: &str, ip: Ipv6Addr) -> Option<String> {
+    let want: String = ip.octets().iter().map(|b| format!("{b:02x}")).collect();
+    table.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (dest, len, iface) = (f.first()?, f.get(1)?, f.get(9)?);
+        (*dest == want && *len == "80").then(|| (*iface).to_owned())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +111,20 @@ mod tests {
             Some("vpod1")
         );
         assert_eq!(parse_host_route(table, Ipv4Addr::new(10, 1, 1, 13)), None);
+    }
+
+    #[test]
+    fn finds_the_host_route6() {
+        let table = "fd010001000000000000000000000000 40 00000000000000000000000000000000 00 fd000255000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n\
+                     fd01000100000000000000000000000c 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001    vpod1\n";
+        assert_eq!(
+            parse_host_route6(table, "fd01:1::c".parse().expect("ip")).as_deref(),
+            Some("vpod1")
+        );
+        assert_eq!(
+            parse_host_route6(table, "fd01:1::d".parse().expect("ip")),
+            None
+        );
     }
 
     #[test]

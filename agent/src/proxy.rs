@@ -1,4 +1,4 @@
-//! The agent's proxies. `outbound`: connections the kernel captured from
-//! local pods, on 15001.
+//! The agent's proxies: outbound capture on 15001, and the relay they share.
 
 pub mod outbound;
+pub mod relay;

@@ -6,7 +6,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -15,15 +15,19 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::{
-    admin::{self, Readiness},
+    admin::{
+        self, Readiness,
+        api::{AdminState, serve_admin},
+    },
     bpf::{
         self, BpfError, Datapath,
+        sockets::SocketMaps,
         tables::{OrigDstTable, Tables},
     },
     config::AgentConfig,
     proxy::outbound::{Outbound, OutboundConfig},
     state::{Snapshot, files::FileSource},
-    sync::{CAPTURE_PORT, Syncer},
+    sync::{CAPTURE_PORT, SyncReport, Syncer},
 };
 
 /// Readiness condition: every kernel program is attached.
@@ -52,6 +56,33 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
         .map_err(|source| AgentError::Bind { what, addr, source })
 }
 
+/// `[::]:port` for IPv6 only (the IPv4 listener takes IPv4); `None` when this
+/// network namespace has no IPv6.
+fn bind_v6_only(port: u16) -> Result<Option<TcpListener>, AgentError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let err = |source| AgentError::Bind {
+        what: "the IPv6 outbound capture listener",
+        addr,
+        source,
+    };
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    socket.set_only_v6(true).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    match socket.bind(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => return Ok(None),
+        Err(e) => return Err(err(e)),
+    }
+    socket.listen(1024).map_err(err)?;
+    TcpListener::from_std(socket.into()).map(Some).map_err(err)
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let span = info_span!("agent", node = %cfg.node);
@@ -66,6 +97,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE]);
         let health = tokio::spawn(admin::serve_health(bind("the readiness listener", cfg.readiness_addr).await?, readiness.clone()));
         let outbound_listener = bind("the outbound capture listener", SocketAddr::from(([0, 0, 0, 0], CAPTURE_PORT))).await?;
+        let outbound_listener6 = bind_v6_only(CAPTURE_PORT)?;
+        if outbound_listener6.is_none() {
+            warn!("no IPv6 in this network namespace: IPv6 connections are not captured");
+        }
 
         let datapath = Datapath::install(&cfg.cgroup_root, &cfg.bpffs)?;
         for program in datapath.programs() {
@@ -74,25 +109,48 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         readiness.set(READY_DATAPATH, true);
 
         let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let report = Arc::new(Mutex::new(SyncReport::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, true);
+        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, cfg.accel);
         let state_thread = {
-            let (cfg, readiness, stop) = (cfg.clone(), readiness.clone(), stop.clone());
+            let (cfg, readiness, stop, report) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone());
             let span = tracing::Span::current();
             std::thread::Builder::new()
                 .name("trellis-state".into())
-                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, &readiness, &stop)))
+                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, &report, &readiness, &stop)))
                 .expect("spawning the state thread")
         };
 
-        let outbound = Arc::new(Outbound::new(OutboundConfig::default(), OrigDstTable::open(&cfg.bpffs)?, state_rx));
-        let outbound_task = tokio::spawn(outbound.clone().serve(outbound_listener));
+        let outbound_config = OutboundConfig {
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            accel: cfg.accel,
+        };
+        info!(sk_msg = cfg.accel.sk_msg, splice = cfg.accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
+        let sockets = cfg.accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
+        let outbound = Arc::new(Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx));
+        let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];
+        let admin = tokio::spawn(serve_admin(
+            bind("the admin API", cfg.admin_addr).await?,
+            AdminState {
+                config: cfg.clone(),
+                readiness: readiness.clone(),
+                programs: datapath.programs().to_vec(),
+                snapshot: outbound.state(),
+                report,
+                outbound: outbound.clone(),
+            },
+        ));
+        if let Some(listener) = outbound_listener6 {
+            outbound_tasks.push(tokio::spawn(outbound.clone().serve(listener)));
+        }
 
         shutdown.await;
         info!("shutting down; pinned programs and maps stay attached and enforcing");
         stop.store(true, Ordering::Relaxed);
-        outbound_task.abort();
+        outbound_tasks.iter().for_each(tokio::task::JoinHandle::abort);
         health.abort();
+        admin.abort();
         let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
         drop(datapath);
         Ok(())
@@ -107,6 +165,7 @@ fn state_loop(
     cfg: &AgentConfig,
     mut syncer: Syncer,
     state_tx: &watch::Sender<Arc<Snapshot>>,
+    report_out: &Mutex<SyncReport>,
     readiness: &Readiness,
     stop: &AtomicBool,
 ) {
@@ -129,6 +188,7 @@ fn state_loop(
                     readiness.set(READY_STATE, found);
                     let _ = state_tx.send(snapshot);
                     tracing::debug!(endpoints = report.endpoints.len(), "state applied");
+                    *report_out.lock().unwrap_or_else(|e| e.into_inner()) = report;
                 }
                 Err(e) => {
                     // Keep the last good maps; retry on the next round.

@@ -17,6 +17,7 @@ use trellis_common::{
 
 use crate::{
     bpf::{BpfError, tables::Tables},
+    config::Acceleration,
     netns,
     state::{Snapshot, model::MtlsMode},
 };
@@ -40,7 +41,7 @@ pub struct LocalEndpoint {
 /// The result of one sync, for logs and the status commands.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SyncReport {
-    pub capture: Option<String>,
+    pub capture: Vec<String>,
     pub endpoints: Vec<LocalEndpoint>,
     pub services: usize,
     pub ipcache: usize,
@@ -49,7 +50,8 @@ pub struct SyncReport {
 /// Turns snapshots into map contents.
 pub struct Syncer {
     node: String,
-    capture: bool,
+    /// [`config_flags`] the agent runs with.
+    flags: u32,
     tables: Tables,
     identities: BTreeMap<(String, BTreeMap<String, String>), u32>,
     endpoint_ids: BTreeMap<String, u32>,
@@ -59,10 +61,17 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    pub fn new(node: &str, tables: Tables, capture: bool) -> Self {
+    pub fn new(node: &str, tables: Tables, accel: Acceleration) -> Self {
+        let mut flags = config_flags::CAPTURE;
+        if accel.sk_msg {
+            flags |= config_flags::SK_MSG;
+        }
+        if accel.splice {
+            flags |= config_flags::SPLICE;
+        }
         Self {
             node: node.into(),
-            capture,
+            flags,
             tables,
             identities: BTreeMap::new(),
             endpoint_ids: BTreeMap::new(),
@@ -101,27 +110,26 @@ impl Syncer {
     pub fn apply(&mut self, snap: &Snapshot) -> Result<SyncReport, BpfError> {
         let mut report = SyncReport::default();
 
-        // Capture address: the node's InternalIP (IPv4 for connect4).
-        let capture_ip4 = snap.node.as_ref().and_then(|n| match n.internal_ip {
-            Some(IpAddr::V4(ip)) => Some(ip),
-            _ => None,
+        // Capture addresses: the node's InternalIPs, one per family.
+        let (ip4, ip6) = snap.node.as_ref().map_or((None, None), |n| {
+            (n.internal_ip(false), n.internal_ip(true))
         });
-        let config = match capture_ip4 {
-            Some(ip) => {
-                report.capture = Some(format!("{ip}:{CAPTURE_PORT}"));
-                DatapathConfig {
-                    capture_ip4: ip.octets(),
-                    capture_port: CAPTURE_PORT,
-                    flags: if self.capture {
-                        config_flags::CAPTURE
-                    } else {
-                        0
-                    },
-                    ..Default::default()
-                }
-            }
-            None => DatapathConfig::default(),
-        };
+        let mut config = DatapathConfig::default();
+        if let Some(IpAddr::V4(ip)) = ip4 {
+            config.capture_ip4 = ip.octets();
+        }
+        if let Some(IpAddr::V6(ip)) = ip6 {
+            config.capture_ip6 = ip.octets();
+        }
+        for ip in ip4.iter().chain(&ip6) {
+            report
+                .capture
+                .push(std::net::SocketAddr::new(*ip, CAPTURE_PORT).to_string());
+        }
+        if !report.capture.is_empty() {
+            config.capture_port = CAPTURE_PORT;
+            config.flags = self.flags;
+        }
         self.tables.set_config(config)?;
 
         // Endpoints: every local pod whose netns we can open.
@@ -139,10 +147,7 @@ impl Syncer {
                     continue;
                 }
             };
-            let ifindex = w.ips.iter().find_map(|ip| match ip {
-                IpAddr::V4(v4) => netns::host_route_ifindex(*v4),
-                IpAddr::V6(_) => None,
-            });
+            let ifindex = w.ips.iter().find_map(|ip| netns::host_route_ifindex(*ip));
             let endpoint_id = Self::id(&mut self.endpoint_ids, &w.id());
             let identity = self.identity(&w.namespace, &w.labels);
             let mut flags = 0;

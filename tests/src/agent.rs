@@ -94,6 +94,28 @@ impl Agent {
         })
     }
 
+    /// Runs `trellis ARGS` in the node's network namespace (where the admin
+    /// API listens on loopback) and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .node
+            .exec()
+            .output(trellis_bin(), args, Duration::from_secs(20))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "trellis {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `trellis <command> -o json`, parsed.
+    pub fn cli_json(&self, command: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.cli(&[command, "-o", "json"])?)?)
+    }
+
     /// Waits until `/healthz/ready` answers 200 from the node's own namespace.
     pub fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
         let url = format!("http://{}:15021/healthz/ready", self.node.ip);

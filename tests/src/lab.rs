@@ -1,7 +1,7 @@
 //! Labs, nodes and pods.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -41,8 +41,12 @@ pub struct Node {
     pub netns: String,
     /// The node's address on the fabric (its InternalIP).
     pub ip: Ipv4Addr,
+    /// Its IPv6 InternalIP: fd00:255::<index>.
+    pub ip6: Ipv6Addr,
     /// The pods' /24: 10.1.<index>.0.
     pub pod_cidr: (Ipv4Addr, u8),
+    /// The pods' /64: fd01:<index>::.
+    pub pod_cidr6: (Ipv6Addr, u8),
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
 }
@@ -55,6 +59,8 @@ pub struct Pod {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address: fd01:<node index>::<10 + n>.
+    pub ip6: Ipv6Addr,
     /// The node-side end of the pod's veth.
     pub host_if: String,
     pub cgroup: PathBuf,
@@ -104,7 +110,12 @@ impl Lab {
             index,
             netns: netns.clone(),
             ip: Ipv4Addr::new(10, 255, 0, index),
+            ip6: Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, u16::from(index)),
             pod_cidr: (Ipv4Addr::new(10, 1, index, 0), 24),
+            pod_cidr6: (
+                Ipv6Addr::new(0xfd01, u16::from(index), 0, 0, 0, 0, 0, 0),
+                64,
+            ),
             cgroup_root: self.cgroup_root.join(format!("node-{name}")),
             bpffs: self.bpffs_root.join(format!("node-{name}")),
         };
@@ -135,9 +146,28 @@ impl Lab {
             "dev",
             "eth0",
         ])?;
+        // No duplicate address detection: addresses are usable at once.
+        node.exec().run(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.eth0.accept_dad=0",
+            ],
+        )?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/64", node.ip6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        node.exec()
-            .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         for other in &self.nodes {
             route_pods_via(&node, other)?;
             route_pods_via(other, &node)?;
@@ -159,11 +189,16 @@ impl Lab {
         );
         let netns = format!("{}-{name}", self.name);
         let host_if = self.ifname('v', name)?;
+        let (net6, _) = node.pod_cidr6;
+        let mut segments = net6.segments();
+        segments[7] = u16::from(host_octet);
+        let pod_ip6 = Ipv6Addr::from(segments);
         let pod = Pod {
             name: name.into(),
             node: node.name.clone(),
             netns: netns.clone(),
             ip: pod_ip,
+            ip6: pod_ip6,
             host_if: host_if.clone(),
             cgroup: node.cgroup_root.join(name),
         };
@@ -172,7 +207,31 @@ impl Lab {
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ])?;
         ip(&["link", "set", &host_if, "netns", &node.netns])?;
+        node.exec().run(
+            "sysctl",
+            &["-qw", &format!("net.ipv6.conf.{host_if}.accept_dad=0")],
+        )?;
         ip(&["-n", &node.netns, "link", "set", &host_if, "up"])?;
+        // IPv6 gateway: fe80::1 on every pod's host side.
+        ip(&[
+            "-n",
+            &node.netns,
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &node.netns,
+            "route",
+            "add",
+            &format!("{pod_ip6}/128"),
+            "dev",
+            &host_if,
+        ])?;
         // The pod's gateway: a link-local address on every pod's host side,
         // as Calico and Cilium do.
         ip(&[
@@ -194,7 +253,28 @@ impl Lab {
             &host_if,
         ])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        Exec::new(netns_path(&netns), None).run(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.eth0.accept_dad=0",
+            ],
+        )?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{pod_ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
         ip(&[
             "-n",
             &netns,
@@ -249,6 +329,17 @@ fn route_pods_via(from: &Node, to: &Node) -> anyhow::Result<()> {
         &format!("{net}/{len}"),
         "via",
         &to.ip.to_string(),
+    ])?;
+    let (net6, len6) = to.pod_cidr6;
+    ip(&[
+        "-n",
+        &from.netns,
+        "-6",
+        "route",
+        "add",
+        &format!("{net6}/{len6}"),
+        "via",
+        &to.ip6.to_string(),
     ])
     .map(drop)
 }

@@ -4,13 +4,15 @@ use std::path::{Path, PathBuf};
 
 use crate::lab::{Node, Pod};
 
-/// `v1/Node` with the node's InternalIP and pod CIDR.
+/// `v1/Node` with the node's InternalIPs and pod CIDRs (dual stack).
 pub fn node(node: &Node) -> String {
     let (net, len) = node.pod_cidr;
+    let (net6, len6) = node.pod_cidr6;
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{}}}\nspec: {{podCIDR: {net}/{len}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
-        node.name, node.ip
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{}}}\n\
+         spec: {{podCIDR: {net}/{len}, podCIDRs: [{net}/{len}, \"{net6}/{len6}\"]}}\n\
+         status: {{addresses: [{{type: InternalIP, address: {}}}, {{type: InternalIP, address: \"{}\"}}]}}\n",
+        node.name, node.ip, node.ip6
     )
 }
 
@@ -43,13 +45,14 @@ pub fn pod(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}, \
          annotations: {{trellis.dev/netns: /run/netns/{netns}}}}}\n\
          spec: {{nodeName: node-{node}, serviceAccountName: {name}, containers: [{{name: c, image: none, ports: [{ports}]}}]}}\n\
-         status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]{extra_status}}}\n",
+         status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: \"{ip6}\"}}]{extra_status}}}\n",
         name = pod.name,
         labels = labels.join(", "),
         netns = pod.netns,
         node = pod.node,
         ports = ports.join(", "),
         ip = pod.ip,
+        ip6 = pod.ip6,
     )
 }
 
@@ -67,6 +70,26 @@ pub fn service(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
          spec: {{clusterIP: {vip}, selector: {{{}}}, ports: [{{name: p{port}, port: {port}, targetPort: {target}}}]}}\n",
         selector.join(", ")
+    )
+}
+
+/// `v1/Service` with one VIP per family (`RequireDualStack`) and one TCP port.
+pub fn dual_stack_service(
+    namespace: &str,
+    name: &str,
+    vips: [&str; 2],
+    port: u16,
+    target: &str,
+    selector: &[(&str, &str)],
+) -> String {
+    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{clusterIP: \"{v4}\", clusterIPs: [\"{v4}\", \"{v6}\"], ipFamilies: [IPv4, IPv6], \
+         ipFamilyPolicy: RequireDualStack, selector: {{{sel}}}, ports: [{{name: p{port}, port: {port}, targetPort: {target}}}]}}\n",
+        v4 = vips[0],
+        v6 = vips[1],
+        sel = selector.join(", ")
     )
 }
 

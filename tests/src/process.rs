@@ -70,7 +70,12 @@ impl Exec {
     }
 
     /// Runs `program args...` to completion, with a time limit.
-    pub fn output(&self, program: &str, args: &[&str], limit: Duration) -> anyhow::Result<Output> {
+    pub fn output(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<Output> {
         let mut cmd = self.command(program)?;
         cmd.args(args)
             .stdin(Stdio::null())

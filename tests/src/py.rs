@@ -2,7 +2,7 @@
 
 /// HTTP server answering every GET with its name. Args: NAME PORT.
 pub const NAME_SERVER: &str = r#"
-import http.server, sys
+import http.server, socket, sys
 name = sys.argv[1].encode()
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -12,14 +12,15 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(name)
     def log_message(self, *a):
         pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), H).serve_forever()
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # dual stack: "::" takes IPv4 too
+S(("::", int(sys.argv[2])), H).serve_forever()
 "#;
 
 /// Echo server. Args: PORT.
 pub const ECHO_SERVER: &str = r#"
 import socket, sys, threading
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(64)
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
 def serve(c):
     while True:
         b = c.recv(65536)
@@ -38,8 +39,7 @@ pub const BULK_SERVER: &str = r#"
 import hashlib, socket, sys, threading
 n = int(sys.argv[2]) << 20
 down = hashlib.shake_256(b"trellis-down").digest(n)
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(16)
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=16)
 def serve(c):
     h = hashlib.sha256()
     while True:
@@ -80,7 +80,7 @@ else:
 pub const PEER_NAME: &str = r#"
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-print("%s:%d" % s.getpeername())
+print("%s:%d" % s.getpeername()[:2])
 "#;
 
 /// Load for SECONDS: new-connection GETs to http://HOST:PORT/ every 20 ms,
@@ -118,6 +118,43 @@ while time.time() < end:
     except Exception as e:
         out["errors"].append(repr(e))
     time.sleep(0.02)
+t.join()
+print(json.dumps(out))
+"#;
+
+/// Two echo connections for SECONDS: "busy" pings every 200 ms, "quiet"
+/// pings once and then only waits to see whether the proxy closes it.
+/// Prints JSON {busy_ok, busy_errors, quiet: "closed" | "open" | error}.
+/// Args: HOST PORT SECONDS.
+pub const IDLE_PAIR: &str = r#"
+import json, socket, sys, time, threading
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+out = {"busy_ok": 0, "busy_errors": [], "quiet": "open"}
+def ping(s, msg):
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        b = s.recv(len(msg) - len(got))
+        if not b:
+            raise IOError("closed")
+        got += b
+    if got != msg:
+        raise IOError("mismatch")
+def busy():
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        end = time.time() + secs
+        while time.time() < end:
+            ping(s, b"busy\n"); out["busy_ok"] += 1; time.sleep(0.2)
+    except Exception as e:
+        out["busy_errors"].append(repr(e))
+t = threading.Thread(target=busy); t.start()
+q = socket.create_connection((host, port), timeout=secs + 5)
+ping(q, b"quiet\n")
+try:
+    out["quiet"] = "closed" if q.recv(1) == b"" else "data"
+except Exception as e:
+    out["quiet"] = repr(e)
 t.join()
 print(json.dumps(out))
 "#;

@@ -6,7 +6,34 @@ use std::time::Duration;
 use trellis_tests::{Agent, Lab, sys::cgroup_program_names, trellis_bin};
 
 /// Every cgroup program the agent attaches, sorted.
-const PROGRAMS: [&str; 3] = ["trl_connect4", "trl_getpeer4", "trl_sock_ops"];
+const PROGRAMS: [&str; 5] = [
+    "trl_connect4",
+    "trl_connect6",
+    "trl_getpeer4",
+    "trl_getpeer6",
+    "trl_sock_ops",
+];
+
+/// The sk_msg program hangs off the sockhash, through its own pinned link
+/// (bpftool 7.1 names neither the sockmap link type nor its map: check the
+/// program behind the link).
+fn sk_msg_link_attached(bpffs: &std::path::Path) -> bool {
+    let bpftool = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let link = bpffs.join("links").join("trl_sk_msg");
+    let link = bpftool(&["link", "show", "pinned", link.to_str().expect("utf8")]);
+    let Some(prog) = link["prog_id"].as_u64() else {
+        return false;
+    };
+    let prog = bpftool(&["prog", "show", "id", &prog.to_string()]);
+    prog["type"] == "sk_msg" && prog["name"] == "trl_sk_msg"
+}
 
 fn connect4_events(bpffs: &std::path::Path) -> u64 {
     trellis_agent::bpf::maps::counters(bpffs)
@@ -40,6 +67,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
         cgroup_program_names(&node.cgroup_root).expect("bpftool"),
         PROGRAMS
     );
+    assert!(sk_msg_link_attached(&node.bpffs));
     let log = agent.log_text();
     assert!(log.contains("trellis agent ready"), "{log}");
 
@@ -57,6 +85,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
         PROGRAMS,
         "still attached after exit"
     );
+    assert!(sk_msg_link_attached(&node.bpffs), "sk_msg too");
     poke();
     assert_eq!(
         connect4_events(&node.bpffs),

@@ -14,6 +14,9 @@ use trellis_tests::{
 const WEB_VIP: &str = "10.96.0.10";
 const BULK_VIP: &str = "10.96.0.30";
 const ECHO_VIP: &str = "10.96.0.40";
+/// The dual-stack `web` Service: one VIP per family.
+const DUAL_VIP4: &str = "10.96.0.60";
+const DUAL_VIP6: &str = "fd00:96::60";
 
 /// node a; pods a1 (client), a2 and a3 (web; a2 also bulk and echo) in the
 /// meshed namespace `shop`; x1 in the unmeshed namespace `outside`.
@@ -82,6 +85,14 @@ impl Mesh {
             mesh::service("shop", "web", WEB_VIP, 80, "http", &[("app", "web")]),
             mesh::service("shop", "bulk", BULK_VIP, 9000, "9000", &[("role", "bulk")]),
             mesh::service("shop", "echo", ECHO_VIP, 7000, "7000", &[("role", "bulk")]),
+            mesh::dual_stack_service(
+                "shop",
+                "web-dual",
+                [DUAL_VIP4, DUAL_VIP6],
+                80,
+                "http",
+                &[("app", "web")],
+            ),
         ]);
         self.config.write("base.yaml", &base).expect("write");
     }
@@ -111,9 +122,14 @@ impl Mesh {
     }
 
     fn start_agent(&mut self, cgroup: Option<std::path::PathBuf>) {
+        self.start_agent_with(cgroup, &[]);
+    }
+
+    fn start_agent_with(&mut self, cgroup: Option<std::path::PathBuf>, extra: &[&str]) {
         let dir = self.config.path().to_str().expect("utf8").to_owned();
-        let mut agent =
-            Agent::start_in(&self.node, cgroup, &["--config-dir", &dir]).expect("agent");
+        let mut args = vec!["--config-dir", &dir];
+        args.extend_from_slice(extra);
+        let mut agent = Agent::start_in(&self.node, cgroup, &args).expect("agent");
         agent.wait_ready(Duration::from_secs(20)).expect("ready");
         self.agent = Some(agent);
     }
@@ -134,6 +150,10 @@ impl Mesh {
         }
     }
 
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent started")
+    }
+
     fn counters(&self) -> Vec<Counter> {
         counters(&self.node.bpffs).expect("counters")
     }
@@ -150,6 +170,16 @@ fn events(counters: &[Counter], hook: &str, verdict: &str, reason: &str) -> u64 
         .map(|c| c.events)
         .sum()
 }
+
+fn bytes(counters: &[Counter], hook: &str, verdict: &str, reason: &str) -> u64 {
+    counters
+        .iter()
+        .filter(|c| c.hook == hook && c.verdict == verdict && c.reason == reason)
+        .map(|c| c.bytes)
+        .sum()
+}
+
+const MIB: u64 = 1 << 20;
 
 #[test]
 fn vip_is_captured_load_balanced_and_getpeername_shows_it() {
@@ -217,10 +247,11 @@ fn a_pod_outside_the_mesh_is_not_redirected() {
     );
 }
 
-#[test]
-fn bulk_transfers_are_byte_exact_both_ways_with_half_close() {
-    let mut m = Mesh::new("bulk_transfers_are_byte_exact_both_ways_with_half_close");
-    m.start_agent(None);
+/// 100 MiB each way through the agent, then half-close, checked byte-exact,
+/// in one data-path mode; returns the kernel counters and the agent's status.
+fn bulk_through(mode: &str, extra: &[&str]) -> (Vec<Counter>, serde_json::Value) {
+    let mut m = Mesh::new(&format!("bulk_transfers_{mode}"));
+    m.start_agent_with(None, extra);
     let out = m
         .client
         .exec()
@@ -230,13 +261,316 @@ fn bulk_transfers_are_byte_exact_both_ways_with_half_close() {
             Duration::from_secs(180),
         )
         .expect("bulk client");
-    assert_eq!(out, "OK", "100 MiB each way through the agent\n{}", m.log());
+    assert_eq!(out, "OK", "{mode}: 100 MiB each way\n{}", m.log());
     let c = m.counters();
     assert_eq!(
         events(&c, "connect4", "redirect", "captured"),
         1,
-        "it went through the agent"
+        "{mode}: it went through the agent"
     );
+    // The connection's end is reported once the agent has seen both FINs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = m.agent().cli_json("status").expect("status");
+        if status["outbound"]["completed"] == 1 || std::time::Instant::now() > deadline {
+            return (c, status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn bulk_transfers_are_byte_exact_both_ways_with_half_close_in_userspace() {
+    let (c, status) = bulk_through("userspace", &["--sk-msg", "false"]);
+    assert_eq!(events(&c, "sk_msg", "redirect", "to-peer"), 0, "{c:#?}");
+    assert_eq!(
+        events(&c, "sock_ops", "pass", "sockhash-added"),
+        0,
+        "{c:#?}"
+    );
+    let o = &status["outbound"];
+    assert_eq!(
+        (o["accelerated"].as_u64(), o["spliced"].as_u64()),
+        (Some(0), Some(0)),
+        "{status}"
+    );
+    assert_eq!(o["bytes_sent"].as_u64(), Some(100 * MIB), "{status}");
+}
+
+#[test]
+fn bulk_transfers_are_byte_exact_both_ways_with_half_close_with_sk_msg() {
+    let (c, status) = bulk_through("sk_msg", &["--splice", "false"]);
+    // The client's and the backend's sockets, added by sock_ops.
+    assert_eq!(
+        events(&c, "sock_ops", "pass", "sockhash-added"),
+        2,
+        "{c:#?}"
+    );
+    // app -> agent -> backend and back: four socket-to-socket hops of 100 MiB,
+    // all but the bytes sent before the agent's sockets were in place.
+    let moved = bytes(&c, "sk_msg", "redirect", "to-peer");
+    assert!(moved >= 390 * MIB, "{} MiB by sk_msg: {c:#?}", moved / MIB);
+    assert_eq!(bytes(&c, "sk_msg", "redirect", "spliced"), 0, "{c:#?}");
+    let o = &status["outbound"];
+    assert_eq!(
+        (o["accelerated"].as_u64(), o["spliced"].as_u64()),
+        (Some(1), Some(0)),
+        "{status}"
+    );
+    assert_eq!(o["bytes_sent"].as_u64(), Some(100 * MIB), "{status}");
+}
+
+#[test]
+fn bulk_transfers_are_byte_exact_both_ways_with_half_close_spliced() {
+    let (c, status) = bulk_through("spliced", &[]);
+    // App <-> backend in the kernel, the agent out of the byte path: nearly
+    // every byte of both directions went by the splice.
+    let spliced = bytes(&c, "sk_msg", "redirect", "spliced");
+    assert!(
+        spliced >= 190 * MIB,
+        "{} MiB spliced: {c:#?}",
+        spliced / MIB
+    );
+    let o = &status["outbound"];
+    assert_eq!(
+        (o["accelerated"].as_u64(), o["spliced"].as_u64()),
+        (Some(1), Some(1)),
+        "{status}"
+    );
+    // The kernel's per-connection counts: what the app sent, though the agent
+    // relayed only the first bytes (and the backend's 64-byte digest reply).
+    assert_eq!(o["bytes_sent"].as_u64(), Some(100 * MIB), "{status}");
+    assert_eq!(
+        o["bytes_received"].as_u64(),
+        Some(100 * MIB + 64),
+        "{status}"
+    );
+}
+
+#[test]
+fn dual_stack_ipv6_and_ipv4_mapped_clients_reach_the_service() {
+    let mut m = Mesh::new("dual_stack_ipv6_and_ipv4_mapped_clients_reach_the_service");
+    m.start_agent(None);
+    let mut seen = BTreeMap::new();
+    for _ in 0..4 {
+        let body = m
+            .get(&m.client, &format!("http://[{DUAL_VIP6}]/"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([("web-a2".into(), 2), ("web-a3".into(), 2)]),
+        "an IPv6 client reaches both IPv6 backends"
+    );
+    // getpeername6 shows the IPv6 VIP.
+    let peer = m
+        .client
+        .exec()
+        .python_output(py::PEER_NAME, &[DUAL_VIP6, "80"], Duration::from_secs(10))
+        .expect("peer");
+    assert!(peer.starts_with(&format!("{DUAL_VIP6}:80")), "{peer}");
+    // An IPv6 socket dialling the IPv4 VIP as ::ffff:a.b.c.d goes through
+    // connect6 to the IPv4 capture address.
+    let mapped = format!("::ffff:{DUAL_VIP4}");
+    let peer = m
+        .client
+        .exec()
+        .python_output(py::PEER_NAME, &[&mapped, "80"], Duration::from_secs(10))
+        .expect("peer");
+    assert!(peer.starts_with(&format!("{mapped}:80")), "{peer}");
+    assert_eq!(
+        m.get(&m.client, &format!("http://[{mapped}]/"))
+            .map(|b| b.starts_with("web-a")),
+        Ok(true),
+        "{}",
+        m.log()
+    );
+    let c = m.counters();
+    assert_eq!(events(&c, "connect6", "redirect", "captured"), 7, "{c:#?}");
+    assert!(
+        events(&c, "getpeername6", "pass", "original-peer") >= 2,
+        "{c:#?}"
+    );
+    // The outsider's IPv6 connect is left alone, as its IPv4 one is.
+    assert!(
+        m.get(&m.outsider, &format!("http://[{DUAL_VIP6}]/"))
+            .is_err()
+    );
+    let c = m.counters();
+    assert_eq!(events(&c, "connect6", "redirect", "captured"), 7, "{c:#?}");
+    assert!(events(&c, "connect6", "pass", "not-meshed") >= 1, "{c:#?}");
+}
+
+#[test]
+fn idle_connections_close_and_spliced_busy_ones_stay() {
+    let mut m = Mesh::new("idle_connections_close_and_spliced_busy_ones_stay");
+    m.start_agent_with(None, &["--idle-timeout", "1s"]);
+    // Two echo connections: one pings every 200 ms for 4 s (spliced, so the
+    // agent itself sees none of those bytes), one goes quiet after a ping.
+    let out = m
+        .client
+        .exec()
+        .python_output(
+            py::IDLE_PAIR,
+            &[ECHO_VIP, "7000", "4"],
+            Duration::from_secs(30),
+        )
+        .expect("idle pair");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        report["busy_errors"],
+        serde_json::json!([]),
+        "{report}\n{}",
+        m.log()
+    );
+    assert!(report["busy_ok"].as_u64().unwrap_or(0) >= 15, "{report}");
+    assert_eq!(report["quiet"], "closed", "{report}");
+    let status = m.agent().cli_json("status").expect("status");
+    assert_eq!(status["outbound"]["idle_timeouts"], 1, "{status}");
+    assert!(m.log().contains("idle timeout"), "{}", m.log());
+}
+
+#[test]
+fn status_workloads_and_maps_show_what_the_agent_sees() {
+    let mut m = Mesh::new("status_workloads_and_maps_show_what_the_agent_sees");
+    m.start_agent(None);
+    m.get(&m.client, &format!("http://{WEB_VIP}/"))
+        .expect("get");
+    let agent = m.agent();
+
+    let status = agent.cli_json("status").expect("status");
+    assert_eq!(status["node"], "node-a");
+    assert_eq!(status["ready"], true);
+    assert_eq!(
+        status["capture"],
+        serde_json::json!([
+            format!("{}:15001", m.node.ip),
+            format!("[{}]:15001", m.node.ip6)
+        ])
+    );
+    assert_eq!(
+        status["acceleration"],
+        serde_json::json!({"sk_msg": true, "splice": true})
+    );
+    let programs: Vec<&str> = status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for p in [
+        "trl_sk_msg",
+        "trl_sock_ops",
+        "trl_connect4",
+        "trl_connect6",
+        "trl_getpeer4",
+        "trl_getpeer6",
+    ] {
+        assert!(programs.contains(&p), "{p} in {programs:?}");
+    }
+    let maps = status["maps"].as_array().expect("maps");
+    let services = maps
+        .iter()
+        .find(|x| x["name"] == "services")
+        .expect("services map");
+    // web, bulk, echo: one VIP each; web-dual: two.
+    assert_eq!(services["entries"], 5, "{services}");
+    assert_eq!(services["max_entries"], 16384);
+
+    let workloads = agent.cli_json("workloads").expect("workloads");
+    let kernel = trellis_agent::bpf::maps::endpoints(&m.node.bpffs).expect("endpoints");
+    let endpoints = workloads["endpoints"].as_array().expect("endpoints");
+    assert_eq!(endpoints.len(), 4, "{workloads}");
+    for pod in [&m.client, &m.web2, &m.web3, &m.outsider] {
+        let e = endpoints
+            .iter()
+            .find(|e| e["ips"][0] == pod.ip.to_string())
+            .unwrap_or_else(|| panic!("{} in {workloads}", pod.name));
+        assert_eq!(e["interface"], pod.host_if.as_str(), "{e}");
+        assert_eq!(e["ips"][1], pod.ip6.to_string(), "{e}");
+        let cookie = e["netns_cookie"].as_u64().expect("cookie");
+        assert!(
+            kernel.iter().any(|k| k.netns_cookie == cookie),
+            "{e} in {kernel:?}"
+        );
+    }
+    let web = workloads["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["name"] == "web")
+        .expect("web");
+    assert_eq!(
+        web["backends"]["80"].as_array().map(Vec::len),
+        Some(4),
+        "{web}"
+    );
+
+    // The text forms carry the same facts.
+    let text = agent.cli(&["workloads"]).expect("workloads text");
+    assert!(
+        text.contains("shop/a1") && text.contains(&m.client.host_if),
+        "{text}"
+    );
+    let text = agent.cli(&["status"]).expect("status text");
+    assert!(
+        text.contains("acceleration:  sk_msg on, splice on"),
+        "{text}"
+    );
+
+    // `trellis maps` decodes every map, the way bpftool shows them.
+    let bpffs = m.node.bpffs.to_str().expect("utf8");
+    let maps: serde_json::Value = serde_json::from_str(
+        &agent
+            .cli(&["maps", "--bpffs", bpffs, "-o", "json"])
+            .expect("maps"),
+    )
+    .expect("json");
+    assert!(
+        maps["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .any(|s| s["vip"] == format!("{WEB_VIP}:80")),
+        "{maps}"
+    );
+    assert!(
+        maps["ipcache"]
+            .as_array()
+            .expect("ipcache")
+            .iter()
+            .any(|s| s["prefix"] == format!("{}/32", m.client.ip)),
+        "{maps}"
+    );
+    assert!(
+        maps["ipcache"]
+            .as_array()
+            .expect("ipcache")
+            .iter()
+            .any(|s| s["prefix"] == format!("{}/128", m.client.ip6)),
+        "{maps}"
+    );
+    assert!(
+        maps["orig_by_tuple"]
+            .as_array()
+            .expect("orig")
+            .iter()
+            .any(|o| o["original_destination"] == format!("{WEB_VIP}:80")),
+        "{maps}"
+    );
+    let text = agent.cli(&["maps", "--bpffs", bpffs]).expect("maps text");
+    for section in [
+        "MAPS",
+        "COUNTERS",
+        "ENDPOINTS",
+        "SERVICES",
+        "IPCACHE",
+        "ORIGINAL DESTINATIONS",
+        "SOCKETS",
+    ] {
+        assert!(text.contains(section), "{section} in {text}");
+    }
 }
 
 #[test]

@@ -196,7 +196,10 @@ fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
 fn btf_of_the_object_matches_the_shared_types() {
     use std::mem::{offset_of, size_of};
 
-    use trellis_common::{CounterKey, CounterValue, EndpointInfo, EndpointKey};
+    use trellis_common::{
+        CounterKey, CounterValue, DatapathConfig, EndpointInfo, EndpointKey, IpPort, OrigDst,
+        SockKey, SockState,
+    };
 
     let object = std::env::temp_dir().join(format!("trellis-ebpf-{}.o", std::process::id()));
     std::fs::write(&object, bpf::OBJECT).expect("write object");
@@ -269,6 +272,54 @@ fn btf_of_the_object_matches_the_shared_types() {
             ("identity", offset_of!(EndpointInfo, identity)),
             ("flags", offset_of!(EndpointInfo, flags)),
             ("ifindex", offset_of!(EndpointInfo, ifindex)),
+        ],
+    );
+    check(
+        "IpPort",
+        size_of::<IpPort>(),
+        &[
+            ("addr", offset_of!(IpPort, addr)),
+            ("port", offset_of!(IpPort, port)),
+            ("_pad", offset_of!(IpPort, _pad)),
+        ],
+    );
+    check(
+        "DatapathConfig",
+        size_of::<DatapathConfig>(),
+        &[
+            ("capture_ip4", offset_of!(DatapathConfig, capture_ip4)),
+            ("capture_port", offset_of!(DatapathConfig, capture_port)),
+            ("_pad", offset_of!(DatapathConfig, _pad)),
+            ("flags", offset_of!(DatapathConfig, flags)),
+            ("capture_ip6", offset_of!(DatapathConfig, capture_ip6)),
+        ],
+    );
+    check(
+        "OrigDst",
+        size_of::<OrigDst>(),
+        &[
+            ("dst", offset_of!(OrigDst, dst)),
+            ("endpoint_id", offset_of!(OrigDst, endpoint_id)),
+            ("service_id", offset_of!(OrigDst, service_id)),
+        ],
+    );
+    check(
+        "SockKey",
+        size_of::<SockKey>(),
+        &[
+            ("local", offset_of!(SockKey, local)),
+            ("remote", offset_of!(SockKey, remote)),
+        ],
+    );
+    check(
+        "SockState",
+        size_of::<SockState>(),
+        &[
+            ("sent", offset_of!(SockState, sent)),
+            ("forwarded", offset_of!(SockState, forwarded)),
+            ("target", offset_of!(SockState, target)),
+            ("mode", offset_of!(SockState, mode)),
+            ("flags", offset_of!(SockState, flags)),
         ],
     );
 }

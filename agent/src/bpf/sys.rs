@@ -1,6 +1,8 @@
 //! The few raw syscalls aya 0.14 does not wrap: `statfs` magic, `BPF_OBJ_GET`,
-//! `BPF_OBJ_PIN`, `BPF_LINK_CREATE` for cgroups (aya cannot pin a sock_ops
-//! link) and `BPF_LINK_UPDATE` (aya updates links only for TC).
+//! `BPF_OBJ_PIN`, `BPF_LINK_CREATE` for cgroups and the sockhash (aya cannot
+//! pin a sock_ops or sk_msg link), `BPF_LINK_UPDATE` (aya updates links only
+//! for TC), and element access on maps shared across tasks (aya's map types
+//! want `&mut` for writes).
 
 use std::{
     ffi::CString,
@@ -17,9 +19,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-/// `enum bpf_attach_type` values of the cgroup hooks Trellis uses.
+/// `enum bpf_attach_type` values of the hooks Trellis uses.
 pub mod attach_type {
     pub const CGROUP_SOCK_OPS: u32 = 3;
+    pub const SK_MSG_VERDICT: u32 = 7;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
     pub const CGROUP_INET6_CONNECT: u32 = 11;
     pub const CGROUP_UDP4_SENDMSG: u32 = 14;
@@ -89,16 +92,17 @@ struct LinkCreateAttr {
     _rest: [u64; 4],
 }
 
-/// Attaches `program` to the cgroup `cgroup` with a new bpf_link. Cgroup
-/// links are always multi-attach: other programs on the hook keep running.
-pub fn cgroup_link_create(
+/// Attaches `program` to `target` (a cgroup, or a sockhash for sk_msg) with a
+/// new bpf_link. Cgroup links are always multi-attach: other programs on the
+/// hook keep running.
+pub fn link_create(
     program: BorrowedFd<'_>,
-    cgroup: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: program.as_raw_fd() as u32,
-        target_fd: cgroup.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
         attach_type,
         ..Default::default()
     };
@@ -125,6 +129,100 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// `BPF_MAP_UPDATE_ELEM` (for a sockhash, the value is the socket's file
+/// descriptor as a `u32`).
+pub fn map_update<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM`; `Ok(None)` when the key is absent.
+pub fn map_lookup<K: aya::Pod, V: aya::Pod + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    // `Pod`: the kernel may write any bit pattern into it.
+    let mut value = V::default();
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM`; a missing key is not an error.
+pub fn map_delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Number of keys in a map, by walking `BPF_MAP_GET_NEXT_KEY`.
+pub fn map_count(map: BorrowedFd<'_>, key_size: usize) -> io::Result<usize> {
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            // A null key asks for the first one.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            value: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                count += 1;
+                first = false;
+                std::mem::swap(&mut key, &mut next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {

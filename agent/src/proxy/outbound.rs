@@ -1,11 +1,17 @@
 //! Outbound: a captured connection arrives on 15001 from a local pod. Its
 //! original destination comes from the kernel (indexed by sock_ops under the
 //! client's address:port); a service VIP resolves to a ready backend, round
-//! robin; the agent connects and splices bytes both ways, half-close included.
+//! robin; the agent connects and relays bytes both ways, half-close included,
+//! with connect and idle timeouts.
+//!
+//! With sk_msg on, the agent adds its two sockets to the sockhash so data
+//! between them and the local pods skips the TCP/IP stack, and for opaque TCP
+//! to a backend on this node it splices the app's socket to the backend's in
+//! the kernel (see [`crate::proxy::relay`]).
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -15,28 +21,39 @@ use std::{
 
 use serde::Serialize;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
 use tracing::{Instrument as _, debug, info_span, warn};
+use trellis_common::SockKey;
 
+use super::relay::{self, Accelerated, RelayError};
 use crate::{
-    bpf::tables::OrigDstTable,
+    bpf::{sockets::SocketMaps, tables::OrigDstTable},
+    config::Acceleration,
     state::Snapshot,
     sync::{ip_port, socket_addr},
 };
 
-/// Limits of the outbound proxy.
+/// Limits and modes of the outbound proxy.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct OutboundConfig {
     /// Connecting to a backend gives up after this.
     pub connect_timeout: Duration,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    pub accel: Acceleration,
 }
 
 impl Default for OutboundConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            accel: Acceleration {
+                sk_msg: true,
+                splice: true,
+            },
         }
     }
 }
@@ -56,6 +73,8 @@ pub enum OutboundError {
     },
     #[error("connecting to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 /// Counters of the outbound proxy (exported as metrics by the observability work).
@@ -66,32 +85,62 @@ pub struct OutboundStats {
     pub no_original_destination: AtomicU64,
     pub no_backend: AtomicU64,
     pub connect_failed: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    /// Connections whose sockets went into the sockhash (sk_msg).
+    pub accelerated: AtomicU64,
+    /// Connections spliced app ↔ backend in the kernel.
+    pub spliced: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
 }
 
 /// The outbound proxy's shared state.
 pub struct Outbound {
+    node: String,
     config: OutboundConfig,
     orig: OrigDstTable,
+    sockets: Option<SocketMaps>,
     state: watch::Receiver<Arc<Snapshot>>,
     next: Mutex<HashMap<(String, u16), usize>>,
     pub stats: OutboundStats,
 }
 
+/// Where a captured connection goes.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    /// What the app asked for.
+    pub dst: SocketAddr,
+    /// The backend picked for it.
+    pub backend: SocketAddr,
+    /// The backend is a pod on this node.
+    pub local: bool,
+    /// The node's address of the backend's family: the source the agent
+    /// connects from (sock_ops recognises the agent's connections by it).
+    pub source: Option<IpAddr>,
+}
+
 impl Outbound {
     pub fn new(
+        node: &str,
         config: OutboundConfig,
         orig: OrigDstTable,
+        sockets: Option<SocketMaps>,
         state: watch::Receiver<Arc<Snapshot>>,
     ) -> Self {
         Self {
+            node: node.into(),
             config,
             orig,
+            sockets: sockets.filter(|_| config.accel.sk_msg),
             state,
             next: Mutex::new(HashMap::new()),
             stats: OutboundStats::default(),
         }
+    }
+
+    /// The state the proxy routes by.
+    pub fn state(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.state.clone()
     }
 
     /// Accepts captured connections until the task is dropped.
@@ -121,7 +170,7 @@ impl Outbound {
 
     /// Where the connection from `peer` goes: its original destination, or
     /// for a service VIP one of its ready backends.
-    pub fn resolve(&self, peer: SocketAddr) -> Result<(SocketAddr, SocketAddr), OutboundError> {
+    pub fn resolve(&self, peer: SocketAddr) -> Result<Route, OutboundError> {
         let orig = self
             .orig
             .get(&ip_port(peer.ip(), peer.port()))
@@ -132,10 +181,21 @@ impl Outbound {
                 OutboundError::NoOriginalDestination { peer }
             })?;
         let dst = socket_addr(&orig.dst);
-        if orig.service_id == 0 {
-            return Ok((dst, dst));
-        }
         let snapshot = self.state.borrow().clone();
+        let route = |backend: SocketAddr| Route {
+            dst,
+            backend,
+            local: snapshot
+                .workload_by_ip(backend.ip())
+                .is_some_and(|w| w.node == self.node),
+            source: snapshot
+                .node
+                .as_ref()
+                .and_then(|n| n.internal_ip(backend.is_ipv6())),
+        };
+        if orig.service_id == 0 {
+            return Ok(route(dst));
+        }
         let no_backend = |service: String| {
             self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
             OutboundError::NoBackend {
@@ -151,7 +211,8 @@ impl Outbound {
             .get(&port.port)
             .into_iter()
             .flatten()
-            .filter(|b| b.usable())
+            // A VIP's backends are of its family, as EndpointSlices are.
+            .filter(|b| b.usable() && b.addr.is_ipv6() == dst.is_ipv6())
             .map(|b| b.addr)
             .collect();
         if usable.is_empty() {
@@ -161,55 +222,196 @@ impl Outbound {
         let slot = next.entry((svc.id(), port.port)).or_insert(0);
         let backend = usable[*slot % usable.len()];
         *slot = slot.wrapping_add(1);
-        Ok((dst, backend))
+        Ok(route(backend))
     }
 
-    async fn handle(&self, mut inbound: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
-        let (dst, backend) = match self.resolve(peer) {
+    async fn connect(&self, route: &Route) -> Result<TcpStream, OutboundError> {
+        let addr = route.backend;
+        let timeout = self.config.connect_timeout;
+        let connect = async {
+            let socket = if addr.is_ipv6() {
+                TcpSocket::new_v6()
+            } else {
+                TcpSocket::new_v4()
+            }?;
+            if let Some(source) = route.source
+                && let Err(e) = socket.bind(SocketAddr::new(source, 0))
+            {
+                debug!(%source, error = %e, "cannot connect from the node address; letting the kernel pick");
+            }
+            socket.connect(addr).await
+        };
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(source)) => Err(OutboundError::Connect { addr, source }),
+            Err(_) => Err(OutboundError::ConnectTimeout {
+                addr,
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn handle(&self, inbound: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
+        // Into the sockhash before anything else: the app may be writing already.
+        let inbound_key = inbound.local_addr().ok().map(|local| sock_key(local, peer));
+        let inbound_accel = self
+            .sockets
+            .as_ref()
+            .zip(inbound_key)
+            .and_then(|(maps, key)| {
+                maps.add(&key, &inbound, None)
+                    .inspect_err(
+                        |e| debug!(error = %e, "cannot add the accepted socket to the sockhash"),
+                    )
+                    .ok()
+                    .map(|state| (key, state))
+            });
+
+        let route = match self.resolve(peer) {
             Ok(route) => route,
             Err(e) => {
                 // Reset rather than FIN: the client must not mistake this for an answer.
                 let _ = inbound.set_zero_linger();
+                self.forget(inbound_key, None);
                 return Err(e);
             }
         };
-        tracing::Span::current().record("dst", tracing::field::display(dst));
-        let timeout = self.config.connect_timeout;
-        let mut upstream = match tokio::time::timeout(timeout, TcpStream::connect(backend)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
+        tracing::Span::current().record("dst", tracing::field::display(route.dst));
+        let upstream = match self.connect(&route).await {
+            Ok(s) => s,
+            Err(e) => {
                 self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
                 let _ = inbound.set_zero_linger();
-                return Err(OutboundError::Connect {
-                    addr: backend,
-                    source,
-                });
-            }
-            Err(_) => {
-                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = inbound.set_zero_linger();
-                return Err(OutboundError::ConnectTimeout {
-                    addr: backend,
-                    after: timeout,
-                });
+                self.forget(inbound_key, None);
+                return Err(e);
             }
         };
         let _ = upstream.set_nodelay(true);
         let _ = inbound.set_nodelay(true);
-        debug!(%dst, %backend, "connected");
-        // copy_bidirectional forwards a FIN each way (half-close) and ends
-        // when both directions are done.
-        match tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await {
-            Ok((sent, received)) => {
-                self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+
+        let accel = match (&self.sockets, inbound_accel) {
+            (Some(maps), Some((inbound_key, inbound_state))) if route.local => {
+                self.stats.accelerated.fetch_add(1, Ordering::Relaxed);
+                self.accelerate_upstream(maps, inbound_key, inbound_state, &upstream)
+                    .await
+            }
+            (Some(_), Some((key, state))) => {
+                self.stats.accelerated.fetch_add(1, Ordering::Relaxed);
+                Some(Accelerated::inbound_only(key, state))
+            }
+            _ => None,
+        };
+        let upstream_key = accel.as_ref().and_then(|a| a.upstream.map(|(k, _)| k));
+        if accel.as_ref().is_some_and(Accelerated::spliced) {
+            self.stats.spliced.fetch_add(1, Ordering::Relaxed);
+        }
+        debug!(dst = %route.dst, backend = %route.backend, local = route.local,
+            mode = accel.as_ref().map_or("userspace", Accelerated::mode), "connected");
+
+        let result = relay::relay(
+            inbound,
+            upstream,
+            self.sockets.as_ref().zip(accel),
+            self.config.idle_timeout,
+        )
+        .await;
+        self.forget(inbound_key, upstream_key);
+        match result {
+            Ok(bytes) => {
+                self.stats
+                    .bytes_sent
+                    .fetch_add(bytes.sent, Ordering::Relaxed);
                 self.stats
                     .bytes_received
-                    .fetch_add(received, Ordering::Relaxed);
+                    .fetch_add(bytes.received, Ordering::Relaxed);
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                debug!(%dst, %backend, sent, received, "closed");
+                debug!(dst = %route.dst, backend = %route.backend, sent = bytes.sent,
+                    received = bytes.received, spliced = bytes.spliced, "closed");
+                Ok(())
             }
-            Err(e) => debug!(%dst, %backend, error = %e, "closed with an error"),
+            Err(e @ RelayError::Idle { .. }) => {
+                self.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+            Err(e) => {
+                debug!(dst = %route.dst, backend = %route.backend, error = %e, "closed with an error");
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// Adds the agent's socket to a local backend to the sockhash, once the
+    /// backend's socket is there (sock_ops adds it when the handshake
+    /// completes on its side), and asks for a splice when enabled.
+    async fn accelerate_upstream(
+        &self,
+        maps: &SocketMaps,
+        inbound_key: SockKey,
+        mut inbound_state: trellis_common::SockState,
+        upstream: &TcpStream,
+    ) -> Option<Accelerated> {
+        let inbound_only = Accelerated::inbound_only(inbound_key, inbound_state);
+        let (Ok(local), Ok(remote)) = (upstream.local_addr(), upstream.peer_addr()) else {
+            return Some(inbound_only);
+        };
+        let upstream_key = sock_key(local, remote);
+        let backend_key = upstream_key.reversed();
+        // The final ACK is on its way to the backend: this takes microseconds.
+        let mut present = false;
+        for attempt in 0..50u32 {
+            if maps.state(&backend_key).is_some() {
+                present = true;
+                break;
+            }
+            if attempt < 5 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        if !present {
+            debug!(%remote, "the backend's socket never reached the sockhash; relaying in userspace");
+            return Some(inbound_only);
+        }
+        let splice = self.config.accel.splice;
+        let app_key = inbound_key.reversed();
+        let upstream_state = match maps.add(&upstream_key, upstream, splice.then_some(app_key)) {
+            Ok(state) => state,
+            Err(e) => {
+                debug!(error = %e, "cannot add the upstream socket to the sockhash");
+                return Some(inbound_only);
+            }
+        };
+        if splice {
+            inbound_state.flags |= trellis_common::sock_flags::SPLICE;
+            inbound_state.target = backend_key;
+            if let Err(e) = maps.publish(&inbound_key, &inbound_state) {
+                debug!(error = %e, "cannot ask for the splice");
+                inbound_state.flags &= !trellis_common::sock_flags::SPLICE;
+            }
+        }
+        Some(Accelerated {
+            inbound: (inbound_key, inbound_state),
+            upstream: Some((upstream_key, upstream_state)),
+        })
+    }
+
+    fn forget(&self, inbound: Option<SockKey>, upstream: Option<SockKey>) {
+        if let Some(maps) = &self.sockets {
+            let keys: Vec<SockKey> = [inbound, upstream]
+                .into_iter()
+                .flatten()
+                .flat_map(|k| [k, k.reversed()])
+                .collect();
+            maps.remove(&keys);
+        }
+    }
+}
+
+/// A connection as the socket with these addresses sees it.
+pub fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
+    SockKey {
+        local: ip_port(local.ip(), local.port()),
+        remote: ip_port(remote.ip(), remote.port()),
     }
 }

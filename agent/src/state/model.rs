@@ -25,8 +25,9 @@ use super::objects::{
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodeInfo {
     pub name: String,
-    /// Where pods reach the agent: the capture address is InternalIP:15001.
-    pub internal_ip: Option<IpAddr>,
+    /// Where pods reach the agent: the capture address is InternalIP:15001
+    /// (one per family on a dual-stack node).
+    pub internal_ips: Vec<IpAddr>,
     pub pod_cidrs: Vec<(IpAddr, u8)>,
 }
 
@@ -207,13 +208,24 @@ impl Snapshot {
     }
 }
 
+impl NodeInfo {
+    /// The first InternalIP of the family: the capture address for it.
+    pub fn internal_ip(&self, v6: bool) -> Option<IpAddr> {
+        self.internal_ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv6() == v6)
+    }
+}
+
 fn node_info(node: &Node) -> NodeInfo {
-    let internal_ip = node
+    let internal_ips = node
         .status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())
-        .find(|a| a.type_ == "InternalIP")
-        .and_then(|a| a.address.parse().ok());
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
     let spec = node.spec.as_ref();
     let pod_cidrs = spec
         .and_then(|s| s.pod_cidrs.clone())
@@ -224,7 +236,7 @@ fn node_info(node: &Node) -> NodeInfo {
         .collect();
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
-        internal_ip,
+        internal_ips,
         pod_cidrs,
     }
 }
@@ -452,7 +464,10 @@ mod tests {
     fn node_and_membership() {
         let s = snapshot("");
         let node = s.node.as_ref().expect("node-a");
-        assert_eq!(node.internal_ip, Some("10.255.0.1".parse().expect("ip")));
+        assert_eq!(
+            node.internal_ip(false),
+            Some("10.255.0.1".parse().expect("ip"))
+        );
         let meshed: Vec<String> = s
             .local_workloads("node-a")
             .filter(|w| w.meshed)

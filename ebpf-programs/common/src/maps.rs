@@ -4,7 +4,7 @@ use core::mem::{offset_of, size_of};
 
 /// Bumped whenever a pinned map's key or value layout changes, so an agent
 /// never misreads a map pinned by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Every map the kernel object defines; the agent pins each one by this name
 /// under `<bpffs>/maps/`.
@@ -16,12 +16,18 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_IPCACHE,
     MAP_ORIG_BY_COOKIE,
     MAP_ORIG_BY_TUPLE,
+    MAP_SOCKETS,
+    MAP_SOCK_STATE,
 ];
 
 // Programs; each one's link is pinned under `<bpffs>/links/<name>`.
 pub const PROG_CONNECT4: &str = "trl_connect4";
+pub const PROG_CONNECT6: &str = "trl_connect6";
 pub const PROG_GETPEERNAME4: &str = "trl_getpeer4";
+pub const PROG_GETPEERNAME6: &str = "trl_getpeer6";
 pub const PROG_SOCK_OPS: &str = "trl_sock_ops";
+/// The sk_msg program, attached to [`MAP_SOCKETS`] (its link is pinned too).
+pub const PROG_SK_MSG: &str = "trl_sk_msg";
 
 // === counters ===
 
@@ -64,7 +70,8 @@ pub mod hook {
 pub mod verdict {
     /// Left the socket or packet as it was.
     pub const PASS: u32 = 0;
-    /// Rewrote the destination to the agent.
+    /// Rewrote the destination to the agent (connect), or moved the data
+    /// straight into another socket (sk_msg).
     pub const REDIRECT: u32 = 1;
     /// Refused (EPERM at connect, drop at TC).
     pub const DENY: u32 = 2;
@@ -95,6 +102,17 @@ pub mod reason {
     pub const INDEXED: u32 = 5;
     /// getpeername() answered with the original destination.
     pub const ORIGINAL_PEER: u32 = 6;
+    /// sock_ops put the socket into the sockhash.
+    pub const SOCKHASH_ADDED: u32 = 7;
+    /// sk_msg moved the data into the socket at the other end of the
+    /// connection (app ↔ agent, agent ↔ local pod), around the TCP/IP stack.
+    pub const TO_PEER: u32 = 8;
+    /// sk_msg moved the data into the socket the agent spliced this one to
+    /// (app ↔ backend), around the agent.
+    pub const SPLICED: u32 = 9;
+    /// sk_msg let the data take the TCP path: the socket at the other end is
+    /// not in the sockhash yet, or has earlier bytes still unread.
+    pub const CATCHING_UP: u32 = 10;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -105,6 +123,10 @@ pub mod reason {
             NO_CAPTURE_ADDRESS => "no-capture-address",
             INDEXED => "indexed",
             ORIGINAL_PEER => "original-peer",
+            SOCKHASH_ADDED => "sockhash-added",
+            TO_PEER => "to-peer",
+            SPLICED => "spliced",
+            CATCHING_UP => "catching-up",
             _ => "unknown",
         }
     }
@@ -193,6 +215,62 @@ impl IpPort {
             _pad: 0,
         }
     }
+
+    /// From an IPv6 address as the kernel's `__u32[4]` fields hold it (each
+    /// word in network byte order) and a host-order port.
+    #[inline(always)]
+    pub const fn v6_words(w: [u32; 4], port: u16) -> Self {
+        let (a, b, c, d) = (
+            w[0].to_ne_bytes(),
+            w[1].to_ne_bytes(),
+            w[2].to_ne_bytes(),
+            w[3].to_ne_bytes(),
+        );
+        Self {
+            addr: [
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+                d[2], d[3],
+            ],
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// The address as the kernel's `__u32[4]` fields hold it.
+    #[inline(always)]
+    pub const fn words(&self) -> [u32; 4] {
+        let a = self.addr;
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    }
+
+    /// The IPv4 address of an IPv4-mapped address, in network byte order
+    /// (as `user_ip4` holds it in memory).
+    #[inline(always)]
+    pub const fn ip4(&self) -> [u8; 4] {
+        [self.addr[12], self.addr[13], self.addr[14], self.addr[15]]
+    }
+
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        let a = self.addr;
+        a[0] == 0
+            && a[1] == 0
+            && a[2] == 0
+            && a[3] == 0
+            && a[4] == 0
+            && a[5] == 0
+            && a[6] == 0
+            && a[7] == 0
+            && a[8] == 0
+            && a[9] == 0
+            && a[10] == 0xff
+            && a[11] == 0xff
+    }
 }
 
 /// `::ffff:a.b.c.d`
@@ -212,6 +290,12 @@ pub const MAP_CONFIG: &str = "config";
 pub mod config_flags {
     /// Captured connections are redirected to the agent (off: the hooks only count).
     pub const CAPTURE: u32 = 1 << 0;
+    /// sock_ops adds the sockets of captured connections (and of the agent's
+    /// connections to local pods) to the sockhash, where sk_msg redirects them.
+    pub const SK_MSG: u32 = 1 << 1;
+    /// The agent splices opaque same-node connections in the kernel
+    /// (informational: the agent decides per connection).
+    pub const SPLICE: u32 = 1 << 2;
 }
 
 /// Value of [`MAP_CONFIG`].
@@ -225,6 +309,36 @@ pub struct DatapathConfig {
     pub _pad: u16,
     /// [`config_flags`] bits.
     pub flags: u32,
+    /// Where captured IPv6 connections go: the node's IPv6 InternalIP; all
+    /// zero when the node has none (IPv6 connects are then left alone).
+    pub capture_ip6: [u8; 16],
+}
+
+impl DatapathConfig {
+    /// The capture address for a destination: IPv4-mapped destinations go to
+    /// the IPv4 capture address, IPv6 ones to the IPv6 capture address.
+    #[inline(always)]
+    pub fn capture_for(&self, dst: &IpPort) -> Option<IpPort> {
+        if self.capture_port == 0 {
+            return None;
+        }
+        let addr = if dst.is_v4_mapped() {
+            if self.capture_ip4 == [0; 4] {
+                return None;
+            }
+            ipv4_mapped(self.capture_ip4)
+        } else {
+            if self.capture_ip6 == [0; 16] {
+                return None;
+            }
+            self.capture_ip6
+        };
+        Some(IpPort {
+            addr,
+            port: self.capture_port,
+            _pad: 0,
+        })
+    }
 }
 
 // === services ===
@@ -286,6 +400,86 @@ pub struct OrigDst {
     pub service_id: u32,
 }
 
+// === sockets (sk_msg) ===
+
+/// SOCKHASH of the sockets sk_msg acts on, keyed by [`SockKey`]: pod sockets
+/// of captured connections (added by sock_ops) and the agent's sockets facing
+/// them (added by the agent).
+pub const MAP_SOCKETS: &str = "sockets";
+/// [`SockKey`] → [`SockState`] for every socket in [`MAP_SOCKETS`] (LRU).
+pub const MAP_SOCK_STATE: &str = "sock_state";
+pub const SOCKETS_MAX_ENTRIES: u32 = 65536;
+
+/// A TCP connection as one of its two sockets sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockKey {
+    pub local: IpPort,
+    pub remote: IpPort,
+}
+
+impl SockKey {
+    /// The same connection seen from the other socket.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+        }
+    }
+}
+
+/// [`SockState::mode`] of a pod socket: where its data goes.
+pub mod sock_mode {
+    /// Through TCP to the agent, until the agent has read every byte sent so far.
+    pub const CATCHING_UP: u32 = 0;
+    /// Straight into the agent's socket (sk_msg, ingress).
+    pub const PEER: u32 = 1;
+    /// Straight into the socket the agent spliced it to, around the agent.
+    pub const SPLICED: u32 = 2;
+
+    pub const fn name(mode: u32) -> &'static str {
+        match mode {
+            CATCHING_UP => "catching-up",
+            PEER => "peer",
+            SPLICED => "spliced",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Bits of [`SockState::flags`].
+pub mod sock_flags {
+    /// The agent's socket (written by the agent only; pod sockets' entries
+    /// are written by the kernel only).
+    pub const AGENT: u32 = 1 << 0;
+    /// On an agent socket: send what the facing pod socket writes to
+    /// [`super::SockState::target`] instead, once the agent has caught up.
+    pub const SPLICE: u32 = 1 << 1;
+}
+
+/// Value of [`MAP_SOCK_STATE`].
+///
+/// Order is kept by counting: a pod socket's data moves from the TCP path to
+/// a redirect (or from the agent to a splice) only when the agent's socket
+/// facing it reports `forwarded` equal to the pod socket's `sent`, that is
+/// when no earlier byte is still queued anywhere on the old path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// Pod socket: bytes it has sent, by any path (the connection's byte count).
+    pub sent: u64,
+    /// Agent socket: bytes the agent has read from it and written onwards.
+    pub forwarded: u64,
+    /// Agent socket with [`sock_flags::SPLICE`]: where the facing pod
+    /// socket's data goes. Pod socket in [`sock_mode::SPLICED`]: its target.
+    pub target: SockKey,
+    /// Pod socket: one of [`sock_mode`].
+    pub mode: u32,
+    /// [`sock_flags`] bits.
+    pub flags: u32,
+}
+
 // === layout checks: a change here is a change of LAYOUT_VERSION ===
 
 const _: () = {
@@ -297,7 +491,12 @@ const _: () = {
     assert!(offset_of!(EndpointInfo, ifindex) == 12);
     assert!(size_of::<IpPort>() == 20);
     assert!(offset_of!(IpPort, port) == 16);
-    assert!(size_of::<DatapathConfig>() == 12);
+    assert!(size_of::<DatapathConfig>() == 28);
+    assert!(offset_of!(DatapathConfig, capture_ip6) == 12);
+    assert!(size_of::<SockKey>() == 40);
+    assert!(size_of::<SockState>() == 64);
+    assert!(offset_of!(SockState, target) == 16);
+    assert!(offset_of!(SockState, mode) == 56);
     assert!(size_of::<ServiceInfo>() == 8);
     assert!(size_of::<IpInfo>() == 8);
     assert!(size_of::<OrigDst>() == 28);
@@ -319,4 +518,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for IpInfo {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockState {}
 }

@@ -6,9 +6,24 @@
 #![no_std]
 #![no_main]
 
+/// Reads a context field with one load from the context pointer itself: the
+/// verifier refuses loads through a pointer derived from it, which the
+/// compiler would otherwise make when it reuses an address.
+macro_rules! ctx_field {
+    ($ctx:expr, $field:ident) => {
+        // SAFETY: the kernel hands us a valid context.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx).$field)) }
+    };
+    ($ctx:expr, $field:ident[$i:literal]) => {
+        // SAFETY: as above, one 4-byte word of an array field.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx).$field[$i])) }
+    };
+}
+
 mod connect;
 mod counters;
 mod maps;
+mod sk_msg;
 mod sock_ops;
 
 #[cfg(not(test))]

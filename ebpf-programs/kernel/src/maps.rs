@@ -2,13 +2,13 @@
 //! Names, keys and values come from `trellis-common`, shared with the agent.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
     macros::btf_map,
 };
 use trellis_common::{
     COUNTERS_MAX_ENTRIES, CounterKey, CounterValue, DatapathConfig, ENDPOINTS_MAX_ENTRIES,
     EndpointInfo, EndpointKey, IPCACHE_MAX_ENTRIES, IpInfo, IpPort, ORIG_MAX_ENTRIES, OrigDst,
-    SERVICES_MAX_ENTRIES, ServiceInfo,
+    SERVICES_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, ServiceInfo, SockKey, SockState,
 };
 
 #[btf_map(name = "config")]
@@ -35,4 +35,11 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst, { ORIG_MAX_ENTRIES as usize 
 
 #[btf_map(name = "orig_by_tuple")]
 pub static ORIG_BY_TUPLE: LruHashMap<IpPort, OrigDst, { ORIG_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "sockets")]
+pub static SOCKETS: SockHash<SockKey, { SOCKETS_MAX_ENTRIES as usize }> = SockHash::new();
+
+#[btf_map(name = "sock_state")]
+pub static SOCK_STATE: LruHashMap<SockKey, SockState, { SOCKETS_MAX_ENTRIES as usize }> =
     LruHashMap::new();

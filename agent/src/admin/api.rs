@@ -1,0 +1,162 @@
+//! The admin API on 127.0.0.1:15000: what the agent sees, as JSON, for
+//! `trellis status`, `trellis workloads` and `trellis maps`.
+//!
+//! - `/status`: node, readiness, capture addresses, acceleration, programs,
+//!   object counts, map occupancy, proxy counters.
+//! - `/workloads`: local endpoints (netns cookie, interface) and services
+//!   with their backends.
+//! - `/config`: the effective settings.
+//! - `/maps`: every pinned map, decoded.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+
+use super::{Readiness, reply};
+use crate::{
+    bpf::{self, AttachedProgram},
+    config::AgentConfig,
+    proxy::outbound::Outbound,
+    state::Snapshot,
+    sync::SyncReport,
+};
+
+/// What the admin API reads from.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: AgentConfig,
+    pub readiness: Readiness,
+    pub programs: Vec<AttachedProgram>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub report: Arc<Mutex<SyncReport>>,
+    pub outbound: Arc<Outbound>,
+}
+
+/// Serves the admin API until the task is dropped.
+pub async fn serve_admin(listener: TcpListener, state: AdminState) {
+    let state = Arc::new(state);
+    super::serve(listener, "admin", move |req| handle(&req, &state)).await;
+}
+
+fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    let body = match req.uri().path() {
+        "/status" => json(&status(state)),
+        "/workloads" => json(&workloads(state)),
+        "/config" => json(&state.config),
+        "/maps" => match maps(state) {
+            Ok(doc) => json(&doc),
+            Err(e) => {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                );
+            }
+        },
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /status, /workloads, /config or /maps\n".into(),
+            );
+        }
+    };
+    reply(StatusCode::OK, "application/json", body)
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")) + "\n"
+}
+
+fn report(state: &AdminState) -> SyncReport {
+    state
+        .report
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// `GET /status`.
+pub fn status(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.snapshot.borrow().clone();
+    let report = report(state);
+    let missing = state.readiness.missing();
+    let occupancy = bpf::maps::occupancy(&state.config.bpffs).unwrap_or_default();
+    serde_json::json!({
+        "node": state.config.node,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": missing.is_empty(),
+        "missing": missing,
+        "capture": report.capture,
+        "acceleration": state.config.accel,
+        "programs": state.programs,
+        "objects": snapshot.counts,
+        "workloads": snapshot.workloads.len(),
+        "local_endpoints": report.endpoints.len(),
+        "services": snapshot.services.len(),
+        "kernel": { "services": report.services, "ipcache": report.ipcache },
+        "maps": occupancy,
+        "outbound": state.outbound.stats,
+    })
+}
+
+/// `GET /workloads`.
+pub fn workloads(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.snapshot.borrow().clone();
+    let report = report(state);
+    let endpoints: Vec<serde_json::Value> = report
+        .endpoints
+        .iter()
+        .map(|e| {
+            let w = snapshot.workloads.iter().find(|w| w.id() == e.workload);
+            serde_json::json!({
+                "workload": e.workload,
+                "ips": w.map(|w| w.ips.clone()).unwrap_or_default(),
+                "service_account": w.map(|w| w.service_account.clone()),
+                "meshed": e.meshed,
+                "ready": w.is_some_and(|w| w.ready && !w.terminating),
+                "endpoint_id": e.endpoint_id,
+                "identity": e.identity,
+                "netns_cookie": e.netns_cookie,
+                "ifindex": e.ifindex,
+                "interface": ifname(e.ifindex),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": state.config.node,
+        "endpoints": endpoints,
+        "services": snapshot.services,
+    })
+}
+
+/// `GET /maps`: the same decoding as `trellis maps`.
+pub fn maps(state: &AdminState) -> Result<serde_json::Value, bpf::BpfError> {
+    bpf::maps::dump(&state.config.bpffs)
+}
+
+fn ifname(index: u32) -> Option<String> {
+    if index == 0 {
+        return None;
+    }
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    #[expect(unsafe_code, reason = "if_indextoname")]
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if ptr.is_null() {
+        return None;
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}

@@ -1,0 +1,309 @@
+//! The commands that inspect a running node (`trellis status`, `trellis
+//! workloads`): fetch the admin API's JSON and print it as tables or as is.
+
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(
+        "cannot reach the agent's admin API at {addr}: {source} (run this in the node's network namespace, where the agent runs; see --admin-addr)"
+    )]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin API {addr}{path}: {reason}")]
+    Http {
+        addr: SocketAddr,
+        path: &'static str,
+        reason: String,
+    },
+}
+
+/// GETs `path` from the admin API and parses the JSON.
+pub async fn fetch(addr: SocketAddr, path: &'static str) -> Result<Value, InspectError> {
+    let http = |reason: String| InspectError::Http { addr, path, reason };
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| InspectError::Connect {
+            addr,
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| InspectError::Connect { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| http(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| http(e.to_string()))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(http(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    serde_json::from_slice(&body).map_err(|e| http(format!("not JSON: {e}")))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// `trellis status` as text.
+pub fn render_status(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "node:          {}", s(&doc["node"]));
+    let _ = writeln!(out, "version:       {}", s(&doc["version"]));
+    let ready = if doc["ready"] == Value::Bool(true) {
+        "yes".to_string()
+    } else {
+        format!("no (waiting for: {})", s(&doc["missing"]))
+    };
+    let _ = writeln!(out, "ready:         {ready}");
+    let _ = writeln!(out, "capture:       {}", s(&doc["capture"]));
+    let accel = &doc["acceleration"];
+    let _ = writeln!(
+        out,
+        "acceleration:  sk_msg {}, splice {}",
+        on_off(&accel["sk_msg"]),
+        on_off(&accel["splice"])
+    );
+    let _ = writeln!(
+        out,
+        "state:         {} workloads ({} on this node), {} services",
+        s(&doc["workloads"]),
+        s(&doc["local_endpoints"]),
+        s(&doc["services"])
+    );
+    let o = &doc["outbound"];
+    let _ = writeln!(
+        out,
+        "outbound:      {} accepted, {} completed, {} accelerated, {} spliced, {} refused (no original destination), {} no backend, {} connect failures, {} idle timeouts",
+        s(&o["accepted"]),
+        s(&o["completed"]),
+        s(&o["accelerated"]),
+        s(&o["spliced"]),
+        s(&o["no_original_destination"]),
+        s(&o["no_backend"]),
+        s(&o["connect_failed"]),
+        s(&o["idle_timeouts"]),
+    );
+    let _ = writeln!(out, "\nPROGRAMS");
+    for p in doc["programs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<9} {}",
+            s(&p["name"]),
+            s(&p["attachment"]),
+            s(&p["link"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nMAPS\n  {:<16} {:<14} {:>9} {:>9}",
+        "NAME", "TYPE", "ENTRIES", "MAX"
+    );
+    for m in doc["maps"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<14} {:>9} {:>9}",
+            s(&m["name"]),
+            s(&m["type"]),
+            s(&m["entries"]),
+            s(&m["max_entries"])
+        );
+    }
+    out
+}
+
+fn on_off(v: &Value) -> &'static str {
+    if *v == Value::Bool(true) { "on" } else { "off" }
+}
+
+/// `trellis workloads` as text.
+pub fn render_workloads(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "ENDPOINTS on {}", s(&doc["node"]));
+    let _ = writeln!(
+        out,
+        "  {:<28} {:<30} {:<7} {:<6} {:>4} {:>8} {:>20} {:<16}",
+        "WORKLOAD", "IPS", "MESHED", "READY", "ID", "IDENTITY", "NETNS COOKIE", "INTERFACE"
+    );
+    for e in doc["endpoints"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<30} {:<7} {:<6} {:>4} {:>8} {:>20} {:<16}",
+            s(&e["workload"]),
+            s(&e["ips"]),
+            s(&e["meshed"]),
+            s(&e["ready"]),
+            s(&e["endpoint_id"]),
+            s(&e["identity"]),
+            s(&e["netns_cookie"]),
+            format!("{} ({})", s(&e["interface"]), s(&e["ifindex"])),
+        );
+    }
+    let _ = writeln!(out, "\nSERVICES");
+    for svc in doc["services"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {}/{}  {}",
+            s(&svc["namespace"]),
+            s(&svc["name"]),
+            s(&svc["vips"])
+        );
+        for (port, backends) in svc["backends"].as_object().into_iter().flatten() {
+            for b in backends.as_array().into_iter().flatten() {
+                let state = match (b["ready"].as_bool(), b["terminating"].as_bool()) {
+                    (_, Some(true)) => "terminating",
+                    (Some(true), _) => "ready",
+                    _ => "not ready",
+                };
+                let _ = writeln!(
+                    out,
+                    "    :{port:<6} -> {:<28} {:<28} {state}",
+                    s(&b["addr"]),
+                    s(&b["workload"])
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Prints rows of JSON objects as a table with the given columns.
+fn table(out: &mut String, title: &str, rows: &Value, columns: &[&str]) {
+    let rows: Vec<&Value> = rows.as_array().into_iter().flatten().collect();
+    let _ = writeln!(out, "{title} ({})", rows.len());
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| s(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |values: Vec<String>| {
+        values
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(
+        out,
+        "  {}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
+    for row in cells {
+        let _ = writeln!(out, "  {}", line(row).trim_end());
+    }
+    out.push('\n');
+}
+
+/// `trellis maps` as text: every pinned map, decoded field by field.
+pub fn render_maps(doc: &Value) -> String {
+    let mut out = String::new();
+    table(
+        &mut out,
+        "MAPS",
+        &doc["occupancy"],
+        &["name", "type", "entries", "max_entries"],
+    );
+    table(
+        &mut out,
+        "COUNTERS",
+        &doc["counters"],
+        &[
+            "hook",
+            "verdict",
+            "reason",
+            "endpoint_id",
+            "events",
+            "bytes",
+        ],
+    );
+    table(
+        &mut out,
+        "ENDPOINTS",
+        &doc["endpoints"],
+        &[
+            "endpoint_id",
+            "netns_cookie",
+            "identity",
+            "flags",
+            "ifindex",
+        ],
+    );
+    table(
+        &mut out,
+        "SERVICES",
+        &doc["services"],
+        &["vip", "service_id", "flags"],
+    );
+    table(
+        &mut out,
+        "IPCACHE",
+        &doc["ipcache"],
+        &["prefix", "identity", "flags"],
+    );
+    table(
+        &mut out,
+        "ORIGINAL DESTINATIONS",
+        &doc["orig_by_tuple"],
+        &[
+            "client",
+            "original_destination",
+            "endpoint_id",
+            "service_id",
+        ],
+    );
+    table(
+        &mut out,
+        "SOCKETS",
+        &doc["sockets"],
+        &[
+            "local",
+            "remote",
+            "owner",
+            "mode",
+            "sent",
+            "forwarded",
+            "splice_to",
+        ],
+    );
+    out
+}

@@ -1,0 +1,201 @@
+//! Relaying a proxied connection's bytes both ways, half-close included, with
+//! an idle timeout; and the agent's side of the kernel shortcuts.
+//!
+//! With sk_msg, the agent's sockets are in the sockhash and, after each
+//! write onwards, the agent publishes how many bytes it has forwarded from
+//! each; the kernel moves a pod socket onto a faster path only when that
+//! count equals what the pod socket has sent, so no byte overtakes another.
+//! Once a connection is spliced the agent sees no more data, only the FINs,
+//! which it still forwards; the kernel's per-socket `sent` counts then carry
+//! the byte counts and keep the idle timer honest.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use trellis_common::{SockKey, SockState, sock_flags, sock_mode};
+
+use crate::bpf::sockets::SocketMaps;
+
+const BUFFER: usize = 64 * 1024;
+
+/// The agent's sockets of a connection that are in the sockhash.
+#[derive(Clone, Copy, Debug)]
+pub struct Accelerated {
+    /// The accepted socket (facing the app).
+    pub inbound: (SockKey, SockState),
+    /// The socket to a local backend, when the backend's socket is in the
+    /// sockhash too.
+    pub upstream: Option<(SockKey, SockState)>,
+}
+
+impl Accelerated {
+    pub fn inbound_only(key: SockKey, state: SockState) -> Self {
+        Self {
+            inbound: (key, state),
+            upstream: None,
+        }
+    }
+
+    pub fn spliced(&self) -> bool {
+        self.inbound.1.flags & sock_flags::SPLICE != 0
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match (self.spliced(), self.upstream.is_some()) {
+            (true, _) => "splice",
+            (false, true) => "sk_msg",
+            (false, false) => "sk_msg (app side)",
+        }
+    }
+}
+
+/// Bytes of a finished connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bytes {
+    /// App → backend.
+    pub sent: u64,
+    /// Backend → app.
+    pub received: u64,
+    /// Of those, moved by the kernel splice without the agent.
+    pub spliced: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("no byte either way for {after:?}: closed (idle timeout)")]
+    Idle { after: Duration },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Relays until both directions have ended (or one fails, or the
+/// connection idles out).
+pub async fn relay(
+    mut inbound: TcpStream,
+    mut upstream: TcpStream,
+    accel: Option<(&SocketMaps, Accelerated)>,
+    idle_timeout: Duration,
+) -> Result<Bytes, RelayError> {
+    let activity = AtomicU64::new(0);
+    let tracker = |side: Option<(SockKey, SockState)>| {
+        accel.and_then(|(maps, _)| side.map(|(key, state)| Tracker { maps, key, state }))
+    };
+    let (up_tracker, down_tracker) = (
+        tracker(accel.map(|(_, a)| a.inbound)),
+        tracker(accel.and_then(|(_, a)| a.upstream)),
+    );
+    // The pod sockets facing the agent's: their `sent` is the kernel's count.
+    let pods = accel.map(|(maps, a)| {
+        (
+            maps,
+            a.inbound.0.reversed(),
+            a.upstream.map(|(k, _)| k.reversed()),
+        )
+    });
+    let kernel_sent = || -> (u64, u64) {
+        pods.map_or((0, 0), |(maps, app, backend)| {
+            let sent = |k: Option<SockKey>| k.and_then(|k| maps.state(&k)).map_or(0, |s| s.sent);
+            (sent(Some(app)), sent(backend))
+        })
+    };
+
+    let (inbound_read, inbound_write) = inbound.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let both = async {
+        tokio::try_join!(
+            pump(inbound_read, upstream_write, up_tracker, &activity),
+            pump(upstream_read, inbound_write, down_tracker, &activity),
+        )
+    };
+    tokio::pin!(both);
+
+    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut seen = 0;
+    let mut last_change = Instant::now();
+    let (up, down) = loop {
+        tokio::select! {
+            done = &mut both => break done?,
+            () = tokio::time::sleep(check_every) => {
+                let (a, b) = kernel_sent();
+                let total = activity.load(Ordering::Relaxed) + a + b;
+                if total != seen {
+                    seen = total;
+                    last_change = Instant::now();
+                } else if last_change.elapsed() >= idle_timeout {
+                    return Err(RelayError::Idle { after: idle_timeout });
+                }
+            }
+        }
+    };
+    let (app_sent, backend_sent) = kernel_sent();
+    let (sent, received) = (up.max(app_sent), down.max(backend_sent));
+    Ok(Bytes {
+        sent,
+        received,
+        spliced: (sent - up) + (received - down),
+    })
+}
+
+/// Publishes an agent socket's forwarded count until the pod socket facing
+/// it has moved to its final path.
+struct Tracker<'a> {
+    maps: &'a SocketMaps,
+    key: SockKey,
+    state: SockState,
+}
+
+impl Tracker<'_> {
+    /// Returns whether to keep tracking.
+    fn forwarded(&mut self, total: u64) -> bool {
+        self.state.forwarded = total;
+        if self.maps.publish(&self.key, &self.state).is_err() {
+            return false;
+        }
+        let want = if self.state.flags & sock_flags::SPLICE != 0 {
+            sock_mode::SPLICED
+        } else {
+            sock_mode::PEER
+        };
+        self.maps
+            .state(&self.key.reversed())
+            .is_some_and(|pod| pod.mode != want)
+    }
+}
+
+/// Copies one direction; at EOF forwards the FIN (half-close) and returns
+/// the bytes copied.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    mut tracker: Option<Tracker<'_>>,
+    activity: &AtomicU64,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        activity.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(t) = tracker.as_mut()
+            && !t.forwarded(total)
+        {
+            tracker = None;
+        }
+    }
+}
