@@ -14,6 +14,8 @@ pub mod inspect;
 pub mod netns;
 pub mod proxy;
 pub mod run;
+#[expect(unsafe_code, reason = "setsockopt")]
+pub mod sockopt;
 pub mod state;
 pub mod sync;
 pub mod telemetry;

@@ -19,6 +19,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::AsFd as _;
+
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
@@ -235,7 +237,8 @@ impl Outbound {
                 TcpSocket::new_v4()
             }?;
             if let Some(source) = route.source
-                && let Err(e) = socket.bind(SocketAddr::new(source, 0))
+                && let Err(e) = crate::sockopt::bind_address_no_port(socket.as_fd())
+                    .and_then(|()| socket.bind(SocketAddr::new(source, 0)))
             {
                 debug!(%source, error = %e, "cannot connect from the node address; letting the kernel pick");
             }
