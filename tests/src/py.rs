@@ -33,14 +33,22 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// Bulk server: reads until the client half-closes, answers the SHA-256 of
+/// Bulk server: greets with one byte `G` (the server speaks first, as in
+/// SMTP or MySQL), reads until the client half-closes, answers the SHA-256 of
 /// what it got (64 hex bytes) then MIB MiB of a known pattern. Args: PORT MIB.
+///
+/// The greeting makes the test deterministic about acceleration: the client
+/// streams only once the agent relays, so every socket is in the sockhash
+/// before its first byte. A sender that streams from its very first instant
+/// without ever pausing may keep that direction on TCP (docs/architecture.md,
+/// "No byte overtakes another").
 pub const BULK_SERVER: &str = r#"
 import hashlib, socket, sys, threading
 n = int(sys.argv[2]) << 20
 down = hashlib.shake_256(b"trellis-down").digest(n)
 srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=16)
 def serve(c):
+    c.sendall(b"G")
     h = hashlib.sha256()
     while True:
         b = c.recv(1 << 20)
@@ -53,7 +61,8 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// Bulk client for [`BULK_SERVER`]: sends MIB MiB, half-closes, checks both
+/// Bulk client for [`BULK_SERVER`]: waits for the greeting, sends MIB MiB,
+/// half-closes, checks both
 /// directions byte-exact; prints OK or what differs. Args: HOST PORT MIB.
 pub const BULK_CLIENT: &str = r#"
 import hashlib, socket, sys
@@ -61,6 +70,8 @@ n = int(sys.argv[3]) << 20
 up = hashlib.shake_256(b"trellis-up").digest(n)
 want_down = hashlib.sha256(hashlib.shake_256(b"trellis-down").digest(n)).hexdigest()
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
+if s.recv(1) != b"G":
+    print("MISMATCH no greeting"); sys.exit()
 s.sendall(up)
 s.shutdown(socket.SHUT_WR)
 buf = bytearray()
