@@ -12,7 +12,7 @@ pub mod tables;
 use std::{
     fs::File,
     io,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -23,7 +23,7 @@ use aya::{
 use serde::Serialize;
 use trellis_common::{
     ALL_MAPS, MAP_SOCKETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
-    PROG_SK_MSG, PROG_SOCK_OPS,
+    PROG_HBONE_IN, PROG_SK_MSG, PROG_SOCK_OPS,
 };
 
 pub use self::pins::{BpffsError, PinLayout};
@@ -201,7 +201,7 @@ impl Datapath {
         programs.push(attach_program(
             &mut ebpf,
             &layout,
-            sockets.as_fd(),
+            sockets.as_raw_fd() as u32,
             PROG_SK_MSG,
             sys::attach_type::SK_MSG_VERDICT,
         )?);
@@ -209,7 +209,7 @@ impl Datapath {
             programs.push(attach_program(
                 &mut ebpf,
                 &layout,
-                cgroup.as_fd(),
+                cgroup.as_raw_fd() as u32,
                 name,
                 attach_type,
             )?);
@@ -223,6 +223,20 @@ impl Datapath {
 
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+
+    /// Attaches HBONE steering (tcx ingress) to the node's uplink, `ifindex`
+    /// in the agent's network namespace.
+    pub fn attach_hbone_steering(&mut self, ifindex: u32) -> Result<AttachedProgram, BpfError> {
+        let program = attach_program(
+            &mut self.ebpf,
+            &self.layout,
+            ifindex,
+            PROG_HBONE_IN,
+            sys::attach_type::TCX_INGRESS,
+        )?;
+        self.programs.push(program.clone());
+        Ok(program)
     }
 
     pub fn programs(&self) -> &[AttachedProgram] {
@@ -243,12 +257,13 @@ fn program_error(name: &'static str, source: ProgramError) -> BpfError {
     BpfError::Program { name, source, hint }
 }
 
-/// Attaches a program to `target` (a cgroup, or the sockhash for sk_msg)
-/// through a pinned link, or adopts the link a previous agent pinned.
+/// Attaches a program to `target` (a cgroup or the sockhash by fd, an
+/// interface by ifindex) through a pinned link, or adopts the link a
+/// previous agent pinned.
 fn attach_program(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
-    target: std::os::fd::BorrowedFd<'_>,
+    target: u32,
     name: &'static str,
     attach_type: u32,
 ) -> Result<AttachedProgram, BpfError> {
@@ -260,6 +275,7 @@ fn attach_program(
         Program::CgroupSockAddr(p) => p.load().map_err(err)?,
         Program::SockOps(p) => p.load().map_err(err)?,
         Program::SkMsg(p) => p.load().map_err(err)?,
+        Program::SchedClassifier(p) => p.load().map_err(err)?,
         _ => return Err(BpfError::MissingProgram { name }),
     }
     let prog_fd = program.fd().map_err(err)?.as_fd();

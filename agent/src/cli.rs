@@ -22,6 +22,7 @@ pub mod env {
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
     pub const IDLE_TIMEOUT: &str = "TRELLIS_IDLE_TIMEOUT";
+    pub const CERT_LIFETIME: &str = "TRELLIS_CERT_LIFETIME";
 }
 
 /// Trellis: a sidecarless, eBPF-accelerated service mesh.
@@ -43,6 +44,24 @@ pub enum Command {
     /// The workloads of a running agent's node: endpoints with netns cookie
     /// and interface, and the services with their backends.
     Workloads(AdminArgs),
+    /// The certificates a running agent holds for its node's workloads:
+    /// identity, serial, validity, time to renewal, issuer chain.
+    Certs(AdminArgs),
+    /// The built-in CA's root.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Write a new root (`ca.crt`, and `ca.key` readable by its owner only)
+    /// into DIR, for `trellis agent --ca-dir DIR`. Never overwrites.
+    Init {
+        dir: PathBuf,
+        /// Trust domain named in the root's subject.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +100,11 @@ pub struct AgentArgs {
     /// SPIFFE trust domain of the workloads' identities.
     #[arg(long, env = env::TRUST_DOMAIN, default_value = "cluster.local")]
     pub trust_domain: String,
+
+    /// Lifetime of the workload certificates the built-in CA issues; each is
+    /// renewed at half life, with jitter (`24h`, `10m`, `5s`).
+    #[arg(long, env = env::CERT_LIFETIME, default_value = "24h")]
+    pub cert_lifetime: String,
 
     /// Log filter: a level (`info`, `debug`) or tracing directives.
     #[arg(long, env = env::LOG_LEVEL, default_value = "info")]

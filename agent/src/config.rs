@@ -38,6 +38,9 @@ pub struct AgentConfig {
     /// Close a proxied connection idle this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Lifetime of issued workload certificates.
+    #[serde(with = "humantime_serde")]
+    pub cert_lifetime: Duration,
 }
 
 /// Which kernel shortcuts the data path takes (each can be switched off for
@@ -155,6 +158,15 @@ impl AgentConfig {
         };
         let connect_timeout = duration("connect-timeout", &args.connect_timeout)?;
         let idle_timeout = duration("idle-timeout", &args.idle_timeout)?;
+        let cert_lifetime = duration("cert-lifetime", &args.cert_lifetime)?;
+        if cert_lifetime < Duration::from_secs(2) {
+            return Err(ConfigError::Invalid {
+                flag: "cert-lifetime",
+                value: args.cert_lifetime.clone(),
+                reason: "shorter than 2s: certificates would renew faster than handshakes finish"
+                    .into(),
+            });
+        }
         Ok(Self {
             node,
             config_dir: args.config_dir.clone(),
@@ -173,6 +185,7 @@ impl AgentConfig {
             },
             connect_timeout,
             idle_timeout,
+            cert_lifetime,
         })
     }
 }

@@ -144,6 +144,36 @@ fn on_off(v: &Value) -> &'static str {
     if *v == Value::Bool(true) { "on" } else { "off" }
 }
 
+/// `trellis certs` as text.
+pub fn render_certs(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "CA {}   lifetime {}s   trust bundle: {} root(s)",
+        s(&doc["ca"]),
+        s(&doc["lifetime_seconds"]),
+        s(&doc["trust_bundle_roots"])
+    );
+    let _ = writeln!(
+        out,
+        "  {:<52} {:<34} {:>11} {:>11} {:>9}  ISSUERS",
+        "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "RENEW IN"
+    );
+    for c in doc["certificates"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<52} {:<34} {:>11} {:>11} {:>8}s  {}",
+            s(&c["identity"]),
+            s(&c["serial"]),
+            s(&c["not_before"]),
+            s(&c["not_after"]),
+            s(&c["renew_in_seconds"]),
+            s(&c["issuers"]),
+        );
+    }
+    out
+}
+
 /// `trellis workloads` as text.
 pub fn render_workloads(doc: &Value) -> String {
     let mut out = String::new();

@@ -9,7 +9,10 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod hbone;
+pub mod identity;
 pub mod inspect;
+pub mod netlink;
 #[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]
 pub mod netns;
 pub mod proxy;
@@ -19,3 +22,4 @@ pub mod sockopt;
 pub mod state;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;

@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use trellis_agent::{
     bpf,
-    cli::{AdminArgs, AgentArgs, Cli, Command, MapsArgs, Output},
+    cli::{AdminArgs, AgentArgs, CaCommand, Cli, Command, MapsArgs, Output},
     config::AgentConfig,
     inspect, run, telemetry,
 };
@@ -16,6 +16,8 @@ fn main() -> std::process::ExitCode {
         Command::Maps(args) => maps(&args),
         Command::Status(args) => admin_view(&args, "/status", inspect::render_status),
         Command::Workloads(args) => admin_view(&args, "/workloads", inspect::render_workloads),
+        Command::Certs(args) => admin_view(&args, "/certs", inspect::render_certs),
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -60,6 +62,12 @@ fn admin_view(
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Table => print!("{}", render(&doc)),
     }
+    Ok(())
+}
+
+fn ca_init(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
+    let (cert, key) = trellis_agent::identity::ca::Ca::init(dir, trust_domain)?;
+    println!("wrote {} and {}", cert.display(), key.display());
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use std::{
 
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument as _, error, info, info_span, warn};
+use trellis_common::{HBONE_MARK, HBONE_PORT, HBONE_TABLE};
 
 use crate::{
     admin::{
@@ -25,6 +26,9 @@ use crate::{
         tables::{OrigDstTable, Tables},
     },
     config::AgentConfig,
+    hbone::{client::Pool, server::Inbound},
+    identity::{ca::Ca, manager::CertManager},
+    netlink,
     proxy::outbound::{Outbound, OutboundConfig},
     state::{Snapshot, files::FileSource},
     sync::{CAPTURE_PORT, SyncReport, Syncer},
@@ -34,11 +38,15 @@ use crate::{
 pub const READY_DATAPATH: &str = "datapath";
 /// Readiness condition: the state is loaded, this node is in it, and the maps reflect it.
 pub const READY_STATE: &str = "state";
+/// Readiness condition: HBONE steering is attached to the node's uplink.
+pub const READY_HBONE: &str = "hbone";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error("--ca-dir: {0}")]
+    Ca(#[from] crate::identity::ca::CaError),
     #[error(
         "binding {what} on {addr}: {source} (is another agent running in this network namespace?)"
     )]
@@ -83,6 +91,91 @@ fn bind_v6_only(port: u16) -> Result<Option<TcpListener>, AgentError> {
     TcpListener::from_std(socket.into()).map(Some).map_err(err)
 }
 
+/// The HBONE listener for one family: transparent, on the wildcard address,
+/// so it takes the connections `trl_hbone_in` assigns to it whatever pod IP
+/// they are addressed to. `None` when the family is missing here.
+fn bind_hbone(v6: bool) -> Result<Option<TcpListener>, AgentError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::AsFd as _;
+    let addr = if v6 {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HBONE_PORT))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))
+    };
+    let err = |source| AgentError::Bind {
+        what: "the HBONE listener",
+        addr,
+        source,
+    };
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = match Socket::new(domain, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) if v6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    if v6 {
+        socket.set_only_v6(true).map_err(err)?;
+    }
+    socket.set_reuse_address(true).map_err(err)?;
+    crate::sockopt::set_transparent(socket.as_fd(), v6).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    match socket.bind(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => return Ok(None),
+        Err(e) => return Err(err(e)),
+    }
+    socket.listen(1024).map_err(err)?;
+    TcpListener::from_std(socket.into()).map(Some).map_err(err)
+}
+
+/// The certificate authority: the mounted root, or one made now.
+fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError> {
+    let ca = match &cfg.ca_dir {
+        Some(dir) => Ca::load(dir)?,
+        None => {
+            warn!(
+                "no --ca-dir: using an in-memory root made now; other nodes cannot verify this one, so cross-node mTLS needs a shared --ca-dir"
+            );
+            Ca::in_memory(&cfg.trust_domain)?
+        }
+    };
+    info!(origin = ?ca.origin, lifetime = ?cfg.cert_lifetime, "certificate authority");
+    Ok(Arc::new(CertManager::new(ca, cfg.cert_lifetime)))
+}
+
+/// Waits for this node's InternalIPs, then attaches HBONE steering to the
+/// interface holding them and routes marked packets locally.
+async fn install_steering(
+    datapath: &mut Datapath,
+    mut state: watch::Receiver<Arc<Snapshot>>,
+) -> Result<(), String> {
+    let ips = loop {
+        let ips = state
+            .borrow()
+            .node
+            .as_ref()
+            .map(|n| n.internal_ips.clone())
+            .unwrap_or_default();
+        if !ips.is_empty() {
+            break ips;
+        }
+        state.changed().await.map_err(|e| e.to_string())?;
+    };
+    let (name, ifindex) = ips
+        .iter()
+        .find_map(|ip| netlink::interface_with(*ip))
+        .ok_or_else(|| format!("no interface here holds the node's InternalIPs {ips:?}"))?;
+    for ip in &ips {
+        netlink::ensure_mark_to_local(*ip, HBONE_MARK, HBONE_TABLE)
+            .map_err(|e| format!("routing HBONE packets locally ({ip}): {e}"))?;
+    }
+    let program = datapath
+        .attach_hbone_steering(ifindex)
+        .map_err(|e| e.to_string())?;
+    info!(interface = %name, link = %program.link.display(), attachment = ?program.attachment, "HBONE steering attached");
+    Ok(())
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let span = info_span!("agent", node = %cfg.node);
@@ -94,7 +187,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             trust_domain = %cfg.trust_domain,
             "starting"
         );
-        let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE]);
+        let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE, READY_HBONE]);
+        let certs = certificate_manager(&cfg)?;
+        let hbone_listeners = [bind_hbone(false)?, bind_hbone(true)?];
         let health = tokio::spawn(admin::serve_health(bind("the readiness listener", cfg.readiness_addr).await?, readiness.clone()));
         let outbound_listener = bind("the outbound capture listener", SocketAddr::from(([0, 0, 0, 0], CAPTURE_PORT))).await?;
         let outbound_listener6 = bind_v6_only(CAPTURE_PORT)?;
@@ -102,7 +197,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             warn!("no IPv6 in this network namespace: IPv6 connections are not captured");
         }
 
-        let datapath = Datapath::install(&cfg.cgroup_root, &cfg.bpffs)?;
+        let mut datapath = Datapath::install(&cfg.cgroup_root, &cfg.bpffs)?;
         for program in datapath.programs() {
             info!(program = program.name, link = %program.link.display(), attachment = ?program.attachment, "kernel program attached");
         }
@@ -128,7 +223,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         };
         info!(sk_msg = cfg.accel.sk_msg, splice = cfg.accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
         let sockets = cfg.accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
-        let outbound = Arc::new(Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx));
+        let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout));
+        let outbound = Arc::new(
+            Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone())
+                .with_hbone(pool.clone(), &cfg.trust_domain),
+        );
+        let inbound = Arc::new(Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout));
+        let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();
+        hbone_tasks.push(tokio::spawn(certs.clone().run_renewals()));
         let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];
         let admin = tokio::spawn(serve_admin(
             bind("the admin API", cfg.admin_addr).await?,
@@ -139,13 +241,31 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 snapshot: outbound.state(),
                 report,
                 outbound: outbound.clone(),
+                inbound: inbound.clone(),
+                pool: pool.clone(),
+                certs: certs.clone(),
             },
         ));
         if let Some(listener) = outbound_listener6 {
             outbound_tasks.push(tokio::spawn(outbound.clone().serve(listener)));
         }
 
-        shutdown.await;
+        tokio::pin!(shutdown);
+        if cfg.config_dir.is_none() {
+            // No state source, no node and no pods: nothing to steer.
+            readiness.set(READY_HBONE, true);
+        }
+        tokio::select! {
+            () = &mut shutdown => {}
+            result = install_steering(&mut datapath, state_rx.clone()) => {
+                match result {
+                    Ok(()) => readiness.set(READY_HBONE, true),
+                    Err(e) => error!(error = %e, "HBONE steering not installed: connections from other nodes cannot reach this node's pods"),
+                }
+                shutdown.await;
+            }
+        }
+        hbone_tasks.iter().for_each(tokio::task::JoinHandle::abort);
         info!("shutting down; pinned programs and maps stay attached and enforcing");
         stop.store(true, Ordering::Relaxed);
         outbound_tasks.iter().for_each(tokio::task::JoinHandle::abort);

@@ -202,7 +202,10 @@ impl Syncer {
         let mut ipcache = BTreeMap::new();
         for w in &snap.workloads {
             let identity = self.identity(&w.namespace, &w.labels);
-            let flags = if w.meshed { ip_flags::MESHED } else { 0 };
+            let mut flags = if w.meshed { ip_flags::MESHED } else { 0 };
+            if w.node == self.node {
+                flags |= ip_flags::LOCAL;
+            }
             for ip in &w.ips {
                 ipcache.insert((128, ip16(*ip)), IpInfo { identity, flags });
             }

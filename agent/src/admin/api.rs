@@ -5,6 +5,7 @@
 //!   object counts, map occupancy, proxy counters.
 //! - `/workloads`: local endpoints (netns cookie, interface) and services
 //!   with their backends.
+//! - `/certs`: the certificates held for local workloads (never a key).
 //! - `/config`: the effective settings.
 //! - `/maps`: every pinned map, decoded.
 
@@ -20,6 +21,8 @@ use super::{Readiness, reply};
 use crate::{
     bpf::{self, AttachedProgram},
     config::AgentConfig,
+    hbone::{client::Pool, server::Inbound},
+    identity::manager::CertManager,
     proxy::outbound::Outbound,
     state::Snapshot,
     sync::SyncReport,
@@ -34,6 +37,9 @@ pub struct AdminState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub report: Arc<Mutex<SyncReport>>,
     pub outbound: Arc<Outbound>,
+    pub inbound: Arc<Inbound>,
+    pub pool: Arc<Pool>,
+    pub certs: Arc<CertManager>,
 }
 
 /// Serves the admin API until the task is dropped.
@@ -54,6 +60,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         "/status" => json(&status(state)),
         "/workloads" => json(&workloads(state)),
         "/config" => json(&state.config),
+        "/certs" => json(&certs(state)),
         "/maps" => match maps(state) {
             Ok(doc) => json(&doc),
             Err(e) => {
@@ -68,7 +75,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             return reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /status, /workloads, /config or /maps\n".into(),
+                "not found: try /status, /workloads, /certs, /config or /maps\n".into(),
             );
         }
     };
@@ -108,6 +115,8 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "kernel": { "services": report.services, "ipcache": report.ipcache },
         "maps": occupancy,
         "outbound": state.outbound.stats,
+        "inbound": state.inbound.stats,
+        "hbone_pool": { "stats": state.pool.stats, "connections": state.pool.list() },
     })
 }
 
@@ -159,4 +168,27 @@ fn ifname(index: u32) -> Option<String> {
     }
     let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+/// `/certs`: what `trellis certs` shows. Certificates and roots only: the
+/// keys never leave the manager.
+fn certs(state: &AdminState) -> serde_json::Value {
+    let now = std::time::SystemTime::now();
+    let certs: Vec<serde_json::Value> = state
+        .certs
+        .list()
+        .into_iter()
+        .map(|info| {
+            let renew_in = info.renew_at.duration_since(now).map_or(0, |d| d.as_secs());
+            let mut v = serde_json::to_value(&info).unwrap_or_default();
+            v["renew_in_seconds"] = renew_in.into();
+            v
+        })
+        .collect();
+    serde_json::json!({
+        "ca": state.certs.ca().origin,
+        "lifetime_seconds": state.certs.lifetime().as_secs(),
+        "trust_bundle_roots": state.certs.bundle().roots().len(),
+        "certificates": certs,
+    })
 }

@@ -29,6 +29,7 @@ pub mod attach_type {
     pub const CGROUP_UDP6_SENDMSG: u32 = 15;
     pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
     pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
+    pub const TCX_INGRESS: u32 = 46;
 }
 
 /// The `f_type` of the file system holding `path`.
@@ -92,17 +93,13 @@ struct LinkCreateAttr {
     _rest: [u64; 4],
 }
 
-/// Attaches `program` to `target` (a cgroup, or a sockhash for sk_msg) with a
-/// new bpf_link. Cgroup links are always multi-attach: other programs on the
-/// hook keep running.
-pub fn link_create(
-    program: BorrowedFd<'_>,
-    target: BorrowedFd<'_>,
-    attach_type: u32,
-) -> io::Result<OwnedFd> {
+/// Attaches `program` to `target` with a new bpf_link: a cgroup or a
+/// sockhash (a file descriptor), or an interface (tcx: an ifindex). Cgroup
+/// and tcx links are multi-attach: other programs on the hook keep running.
+pub fn link_create(program: BorrowedFd<'_>, target: u32, attach_type: u32) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: program.as_raw_fd() as u32,
-        target_fd: target.as_raw_fd() as u32,
+        target_fd: target,
         attach_type,
         ..Default::default()
     };

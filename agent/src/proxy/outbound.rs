@@ -26,13 +26,15 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
-use tracing::{Instrument as _, debug, info_span, warn};
+use tracing::{debug, info_span, warn};
 use trellis_common::SockKey;
 
 use super::relay::{self, Accelerated, RelayError};
 use crate::{
     bpf::{sockets::SocketMaps, tables::OrigDstTable},
     config::Acceleration,
+    hbone::client::Pool,
+    identity::Identity,
     state::Snapshot,
     sync::{ip_port, socket_addr},
 };
@@ -77,6 +79,8 @@ pub enum OutboundError {
     ConnectTimeout { addr: SocketAddr, after: Duration },
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] crate::hbone::client::HboneError),
 }
 
 /// Counters of the outbound proxy (exported as metrics by the observability work).
@@ -94,6 +98,8 @@ pub struct OutboundStats {
     pub spliced: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Connections tunnelled through HBONE to another node.
+    pub tunnelled: AtomicU64,
 }
 
 /// The outbound proxy's shared state.
@@ -104,6 +110,8 @@ pub struct Outbound {
     sockets: Option<SocketMaps>,
     state: watch::Receiver<Arc<Snapshot>>,
     next: Mutex<HashMap<(String, u16), usize>>,
+    /// Tunnels to other nodes, with the trust domain identities live in.
+    hbone: Option<(Arc<Pool>, String)>,
     pub stats: OutboundStats,
 }
 
@@ -136,7 +144,76 @@ impl Outbound {
             sockets: sockets.filter(|_| config.accel.sk_msg),
             state,
             next: Mutex::new(HashMap::new()),
+            hbone: None,
             stats: OutboundStats::default(),
+        }
+    }
+
+    /// Tunnels connections to meshed pods on other nodes through HBONE.
+    #[must_use]
+    pub fn with_hbone(mut self, pool: Arc<Pool>, trust_domain: &str) -> Self {
+        self.hbone = Some((pool, trust_domain.into()));
+        self
+    }
+
+    /// The identities of a tunnel from the local pod at `client` to the
+    /// meshed pod at `backend` on another node; `None` when the connection
+    /// stays plain (same node, or a destination outside the mesh).
+    fn tunnel_identities(&self, client: IpAddr, backend: IpAddr) -> Option<(Identity, Identity)> {
+        let (_, td) = self.hbone.as_ref()?;
+        let snapshot = self.state.borrow().clone();
+        let dst = snapshot
+            .workload_by_ip(backend)
+            .filter(|w| w.meshed && w.node != self.node)?;
+        let src = snapshot
+            .workload_by_ip(client.to_canonical())
+            .filter(|w| w.node == self.node)?;
+        Some((
+            Identity::new(td, &src.namespace, &src.service_account),
+            Identity::new(td, &dst.namespace, &dst.service_account),
+        ))
+    }
+
+    async fn tunnel(
+        &self,
+        inbound: TcpStream,
+        peer: SocketAddr,
+        route: &Route,
+        (src, dst): (Identity, Identity),
+    ) -> Result<(), OutboundError> {
+        let (pool, _) = self.hbone.as_ref().expect("tunnel_identities checked it");
+        let (stream, _slot) = match pool
+            .open(&src, &dst, route.backend, route.source, peer)
+            .await
+        {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = inbound.set_zero_linger();
+                return Err(e.into());
+            }
+        };
+        let _ = inbound.set_nodelay(true);
+        self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+        debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
+        match relay::relay_streams(inbound, stream, self.config.idle_timeout).await {
+            Ok((sent, received)) => {
+                self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+                self.stats
+                    .bytes_received
+                    .fetch_add(received, Ordering::Relaxed);
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                debug!(dst = %route.dst, sent, received, "closed");
+                Ok(())
+            }
+            Err(e @ RelayError::Idle { .. }) => {
+                self.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+            Err(e) => {
+                debug!(dst = %route.dst, error = %e, "closed with an error");
+                Ok(())
+            }
         }
     }
 
@@ -147,27 +224,17 @@ impl Outbound {
 
     /// Accepts captured connections until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        let span = |peer| info_span!("outbound", src = %peer, dst = tracing::field::Empty);
+        super::accept_loop(listener, "outbound", span, |stream, peer| {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let this = self.clone();
-            let span = info_span!("outbound", src = %peer, dst = tracing::field::Empty);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = this.handle(stream, peer).await {
-                        warn!(error = %e, "connection closed");
-                    }
+            async move {
+                if let Err(e) = this.handle(stream, peer).await {
+                    warn!(error = %e, "connection closed");
                 }
-                .instrument(span),
-            );
-        }
+            }
+        })
+        .await;
     }
 
     /// Where the connection from `peer` goes: its original destination, or
@@ -280,6 +347,11 @@ impl Outbound {
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(route.dst));
+        if let Some(ids) = self.tunnel_identities(peer.ip(), route.backend.ip()) {
+            let result = self.tunnel(inbound, peer, &route, ids).await;
+            self.forget(inbound_key, None);
+            return result;
+        }
         let upstream = match self.connect(&route).await {
             Ok(s) => s,
             Err(e) => {

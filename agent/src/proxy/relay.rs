@@ -10,6 +10,7 @@
 //! the byte counts and keep the idle timer honest.
 
 use std::{
+    future::Future,
     io,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -114,17 +115,66 @@ pub async fn relay(
             pump(upstream_read, inbound_write, down_tracker, &activity),
         )
     };
-    tokio::pin!(both);
+    let (up, down) = until_idle(
+        both,
+        &activity,
+        || {
+            let (a, b) = kernel_sent();
+            a + b
+        },
+        idle_timeout,
+    )
+    .await?;
+    let (app_sent, backend_sent) = kernel_sent();
+    let (sent, received) = (up.max(app_sent), down.max(backend_sent));
+    Ok(Bytes {
+        sent,
+        received,
+        spliced: (sent - up) + (received - down),
+    })
+}
 
+/// Relays two byte streams both ways, half-close included, without kernel
+/// shortcuts (an HBONE stream and a socket); returns the bytes a → b, b → a.
+pub async fn relay_streams<A, B>(
+    a: A,
+    b: B,
+    idle_timeout: Duration,
+) -> Result<(u64, u64), RelayError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = AtomicU64::new(0);
+    let (a_read, a_write) = tokio::io::split(a);
+    let (b_read, b_write) = tokio::io::split(b);
+    let both = async {
+        tokio::try_join!(
+            pump(a_read, b_write, None, &activity),
+            pump(b_read, a_write, None, &activity),
+        )
+    };
+    until_idle(both, &activity, || 0, idle_timeout).await
+}
+
+/// Runs `both` to its end unless no byte moves for `idle_timeout`: neither
+/// through the agent (`activity`) nor around it (`elsewhere`, the kernel's
+/// counts for spliced connections).
+async fn until_idle(
+    both: impl Future<Output = io::Result<(u64, u64)>>,
+    activity: &AtomicU64,
+    elsewhere: impl Fn() -> u64,
+    idle_timeout: Duration,
+) -> Result<(u64, u64), RelayError> {
+    tokio::pin!(both);
     let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
     let mut seen = 0;
     let mut last_change = Instant::now();
-    let (up, down) = loop {
+    loop {
         tokio::select! {
-            done = &mut both => break done?,
+            done = &mut both => return Ok(done?),
             () = tokio::time::sleep(check_every) => {
-                let (a, b) = kernel_sent();
-                let total = activity.load(Ordering::Relaxed) + a + b;
+                let total = activity.load(Ordering::Relaxed) + elsewhere();
                 if total != seen {
                     seen = total;
                     last_change = Instant::now();
@@ -133,14 +183,7 @@ pub async fn relay(
                 }
             }
         }
-    };
-    let (app_sent, backend_sent) = kernel_sent();
-    let (sent, received) = (up.max(app_sent), down.max(backend_sent));
-    Ok(Bytes {
-        sent,
-        received,
-        spliced: (sent - up) + (received - down),
-    })
+    }
 }
 
 /// Publishes an agent socket's forwarded count until the pod socket facing

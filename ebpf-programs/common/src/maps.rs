@@ -28,6 +28,18 @@ pub const PROG_GETPEERNAME6: &str = "trl_getpeer6";
 pub const PROG_SOCK_OPS: &str = "trl_sock_ops";
 /// The sk_msg program, attached to [`MAP_SOCKETS`] (its link is pinned too).
 pub const PROG_SK_MSG: &str = "trl_sk_msg";
+/// TC ingress (tcx) on the node's uplink: steers HBONE (`<pod IP>:15008`)
+/// into the agent's transparent listener.
+pub const PROG_HBONE_IN: &str = "trl_hbone_in";
+
+/// The HBONE port, on every meshed pod's IP.
+pub const HBONE_PORT: u16 = 15008;
+/// `skb->mark` bit `trl_hbone_in` sets on steered packets; a policy rule
+/// sends marked packets to a table whose default route is local, so the
+/// kernel delivers them to the assigned socket instead of forwarding them.
+pub const HBONE_MARK: u32 = 0x0001_5008;
+/// The routing table of that rule (and its priority).
+pub const HBONE_TABLE: u32 = 15008;
 
 // === counters ===
 
@@ -113,6 +125,10 @@ pub mod reason {
     /// sk_msg let the data take the TCP path: the socket at the other end is
     /// not in the sockhash yet, or has earlier bytes still unread.
     pub const CATCHING_UP: u32 = 10;
+    /// TC steered an HBONE packet to the agent's socket.
+    pub const HBONE_STEERED: u32 = 11;
+    /// An HBONE packet for a local pod, but no agent socket to take it.
+    pub const HBONE_NO_LISTENER: u32 = 12;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -127,6 +143,8 @@ pub mod reason {
             TO_PEER => "to-peer",
             SPLICED => "spliced",
             CATCHING_UP => "catching-up",
+            HBONE_STEERED => "hbone-steered",
+            HBONE_NO_LISTENER => "hbone-no-listener",
             _ => "unknown",
         }
     }
@@ -367,6 +385,8 @@ pub const IPCACHE_MAX_ENTRIES: u32 = 65536;
 pub mod ip_flags {
     /// The address is a pod in the mesh: connections to it are captured.
     pub const MESHED: u32 = 1 << 0;
+    /// The pod runs on this node: HBONE to it is steered to this agent.
+    pub const LOCAL: u32 = 1 << 1;
 }
 
 /// Value of [`MAP_IPCACHE`]; its key is an LPM key over the 16-byte address.

@@ -22,6 +22,7 @@ macro_rules! ctx_field {
 
 mod connect;
 mod counters;
+mod hbone;
 mod maps;
 mod sk_msg;
 mod sock_ops;

@@ -1,0 +1,319 @@
+//! The HBONE client: tunnels to `<destination pod IP>:15008`, pooled per
+//! (source identity, destination identity, destination address) and
+//! multiplexed up to [`MAX_STREAMS`] streams each. A connection that fails
+//! is dropped from the pool and the stream retried once on a new one.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpSocket;
+use tracing::{Instrument as _, debug};
+
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
+use crate::{
+    hbone::stream::H2Stream,
+    identity::{Identity, manager::CertManager},
+    tls,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("no certificate for {identity}: {reason}")]
+    Certificate { identity: String, reason: String },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("TLS to {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 to {addr}: {source}")]
+    H2 {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{addr} answered {status} to CONNECT {target}")]
+    Refused {
+        addr: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: Identity,
+    dst: Identity,
+    addr: SocketAddr,
+}
+
+struct Pooled {
+    send: h2::client::SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    id: u64,
+}
+
+/// Holds a stream's slot in its connection until dropped.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One pooled connection, for `trellis status`.
+#[derive(Debug, Serialize)]
+pub struct PoolEntry {
+    pub src: String,
+    pub dst: String,
+    pub addr: SocketAddr,
+    pub streams: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PoolStats {
+    pub connections_opened: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+pub struct Pool {
+    certs: Arc<CertManager>,
+    connect_timeout: Duration,
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    next_id: AtomicU64,
+    pub stats: PoolStats,
+}
+
+impl Pool {
+    pub fn new(certs: Arc<CertManager>, connect_timeout: Duration) -> Self {
+        Self {
+            certs,
+            connect_timeout,
+            conns: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            stats: PoolStats::default(),
+        }
+    }
+
+    /// The pooled connections and their open streams.
+    pub fn list(&self) -> Vec<PoolEntry> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<PoolEntry> = conns
+            .iter()
+            .flat_map(|(k, v)| {
+                v.iter().map(|p| PoolEntry {
+                    src: k.src.to_string(),
+                    dst: k.dst.to_string(),
+                    addr: k.addr,
+                    streams: p.active.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.src, &a.dst, a.addr).cmp(&(&b.src, &b.dst, b.addr)));
+        out
+    }
+
+    /// Opens a CONNECT stream from workload `src` to `target` (a pod's
+    /// `IP:port`) running as `dst`, through `target`'s IP on 15008;
+    /// `source` is the node address to dial from, `client` the app's
+    /// address for the `forwarded` header.
+    pub async fn open(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+        client: SocketAddr,
+    ) -> Result<(H2Stream, StreamGuard), HboneError> {
+        let key = PoolKey {
+            src: src.clone(),
+            dst: dst.clone(),
+            addr: SocketAddr::new(target.ip(), trellis_common::HBONE_PORT),
+        };
+        let mut last = None;
+        for _ in 0..2 {
+            let (send, active, id) = match self.checkout(&key) {
+                Some(found) => found,
+                None => self.dial(&key, source).await?,
+            };
+            match self.request(send, target, client, &key).await {
+                Ok(stream) => {
+                    self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    return Ok((stream, StreamGuard(active)));
+                }
+                Err(e @ HboneError::Refused { .. }) => {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Err(e) => {
+                    // The connection is broken: forget it, try a fresh one.
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    self.evict(&key, id);
+                    last = Some(e);
+                }
+            }
+        }
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        Err(last.expect("two attempts failed"))
+    }
+
+    /// A pooled connection with a free stream slot, its slot taken.
+    fn checkout(
+        &self,
+        key: &PoolKey,
+    ) -> Option<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>, u64)> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        let p = list
+            .iter()
+            .find(|p| p.active.load(Ordering::Relaxed) < MAX_STREAMS as usize)?;
+        p.active.fetch_add(1, Ordering::Relaxed);
+        Some((p.send.clone(), p.active.clone(), p.id))
+    }
+
+    fn evict(&self, key: &PoolKey, id: u64) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|p| p.id != id);
+            if list.is_empty() {
+                conns.remove(key);
+            }
+        }
+    }
+
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        source: Option<IpAddr>,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>, u64), HboneError> {
+        let addr = key.addr;
+        let certificate = |reason: String| HboneError::Certificate {
+            identity: key.src.to_string(),
+            reason,
+        };
+        let svid = self
+            .certs
+            .get(&key.src)
+            .map_err(|e| certificate(e.to_string()))?;
+        let config = tls::client_config(&svid, key.dst.clone(), self.certs.bundle())
+            .map_err(|e| certificate(e.to_string()))?;
+        let io = |source| HboneError::Connect { addr, source };
+        let socket = if addr.is_ipv6() {
+            TcpSocket::new_v6()
+        } else {
+            TcpSocket::new_v4()
+        }
+        .map_err(io)?;
+        if let Some(source) = source.filter(|s| s.is_ipv6() == addr.is_ipv6()) {
+            use std::os::fd::AsFd as _;
+            let _ = crate::sockopt::bind_address_no_port(socket.as_fd())
+                .and_then(|()| socket.bind(SocketAddr::new(source, 0)));
+        }
+        let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(addr))
+            .await
+            .map_err(|_| HboneError::Timeout {
+                addr,
+                after: self.connect_timeout,
+            })?
+            .map_err(io)?;
+        let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout {
+            addr,
+            after: HANDSHAKE_TIMEOUT,
+        })?
+        .map_err(|source| HboneError::Tls { addr, source })?;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::H2 { addr, source })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        let active = Arc::new(AtomicUsize::new(1));
+        {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.entry(key.clone()).or_default().push(Pooled {
+                send: send.clone(),
+                active: active.clone(),
+                id,
+            });
+        }
+        debug!(%addr, src = %key.src, dst = %key.dst, "HBONE connection up");
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection.await {
+                    debug!(%addr, error = %e, "HBONE connection ended");
+                }
+            }
+            .in_current_span(),
+        );
+        Ok((send, active, id))
+    }
+
+    async fn request(
+        &self,
+        send: h2::client::SendRequest<Bytes>,
+        target: SocketAddr,
+        client: SocketAddr,
+        key: &PoolKey,
+    ) -> Result<H2Stream, HboneError> {
+        let addr = key.addr;
+        let h2err = |source| HboneError::H2 { addr, source };
+        let mut send = send.ready().await.map_err(h2err)?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for=\"{client}\""))
+            .header(
+                "baggage",
+                format!(
+                    "k8s.namespace.name={},k8s.serviceaccount.name={}",
+                    key.src.namespace, key.src.service_account
+                ),
+            )
+            .body(())
+            .expect("a CONNECT request from valid parts");
+        let (response, stream) = send.send_request(request, false).map_err(h2err)?;
+        let response = response.await.map_err(h2err)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                addr,
+                target,
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream::new(stream, response.into_body()))
+    }
+}

@@ -1,0 +1,241 @@
+//! The HBONE server on 15008. Its listener is transparent: `trl_hbone_in`
+//! hands it connections addressed to local pods' `IP:15008`, so the accepted
+//! socket's local address names the dialled workload, whose certificate the
+//! agent presents. The client's identity comes from its certificate alone.
+//! Each CONNECT stream gets 200 once the upstream connection is made, 400
+//! for a bad request or a destination other than the dialled pod, 503 when
+//! the upstream connect fails.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
+use crate::{
+    hbone::stream::H2Stream,
+    identity::{Identity, manager::CertManager},
+    proxy::relay,
+    state::Snapshot,
+    tls,
+};
+
+/// Counters of the HBONE server (exported as metrics by the observability work).
+#[derive(Debug, Default, Serialize)]
+pub struct InboundStats {
+    pub connections: AtomicU64,
+    /// Closed before HTTP/2: not a local meshed pod, TLS failed, no identity.
+    pub rejected: AtomicU64,
+    pub streams: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+pub struct Inbound {
+    node: String,
+    trust_domain: String,
+    certs: Arc<CertManager>,
+    state: watch::Receiver<Arc<Snapshot>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    pub stats: InboundStats,
+}
+
+/// Why a tunnel connection was closed before any stream.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("dialled {0}, which is not a meshed pod on this node")]
+    NotLocal(SocketAddr),
+    #[error("no certificate for {identity}: {reason}")]
+    Certificate { identity: String, reason: String },
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("TLS handshake timed out after {0:?}")]
+    TlsTimeout(Duration),
+    #[error("the client certificate carries no SPIFFE identity")]
+    NoPeerIdentity,
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
+impl Inbound {
+    pub fn new(
+        node: &str,
+        trust_domain: &str,
+        certs: Arc<CertManager>,
+        state: watch::Receiver<Arc<Snapshot>>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            trust_domain: trust_domain.into(),
+            certs,
+            state,
+            connect_timeout,
+            idle_timeout,
+            stats: InboundStats::default(),
+        }
+    }
+
+    /// Accepts tunnel connections until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let span = |peer| info_span!("inbound", %peer, dst = tracing::field::Empty, peer_id = tracing::field::Empty);
+        crate::proxy::accept_loop(listener, "HBONE", span, |stream, _| {
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.handle(stream).await {
+                    this.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "HBONE connection closed");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The identity of the local meshed pod at `addr`.
+    fn dialled(&self, addr: SocketAddr) -> Option<Identity> {
+        let snapshot = self.state.borrow().clone();
+        let w = snapshot
+            .workload_by_ip(addr.ip())
+            .filter(|w| w.node == self.node && w.meshed)?;
+        Some(Identity::new(
+            &self.trust_domain,
+            &w.namespace,
+            &w.service_account,
+        ))
+    }
+
+    async fn handle(self: &Arc<Self>, stream: TcpStream) -> Result<(), InboundError> {
+        let local = stream.local_addr().map_err(InboundError::Tls)?;
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+        tracing::Span::current().record("dst", tracing::field::display(local));
+        let identity = self.dialled(local).ok_or(InboundError::NotLocal(local))?;
+        let svid = self
+            .certs
+            .get(&identity)
+            .map_err(|e| InboundError::Certificate {
+                identity: identity.to_string(),
+                reason: e.to_string(),
+            })?;
+        let config = tls::server_config(&svid, self.certs.bundle()).map_err(|e| {
+            InboundError::Certificate {
+                identity: identity.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        let _ = stream.set_nodelay(true);
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+            .await
+            .map_err(|_| InboundError::TlsTimeout(HANDSHAKE_TIMEOUT))?
+            .map_err(InboundError::Tls)?;
+        let peer_id = tls::peer_identity(tls.get_ref().1).ok_or(InboundError::NoPeerIdentity)?;
+        tracing::Span::current().record("peer_id", tracing::field::display(&peer_id));
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        debug!("tunnel up");
+        while let Some(request) = conn.accept().await {
+            let (request, respond) = request?;
+            self.stats.streams.fetch_add(1, Ordering::Relaxed);
+            let this = self.clone();
+            let peer_id = peer_id.clone();
+            tokio::spawn(
+                async move { this.stream(request, respond, local, &peer_id).await }
+                    .instrument(tracing::Span::current()),
+            );
+        }
+        debug!("tunnel closed");
+        Ok(())
+    }
+
+    async fn stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        dialled: SocketAddr,
+        peer_id: &Identity,
+    ) {
+        let reply =
+            |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, end: bool| {
+                let response = Response::builder()
+                    .status(status)
+                    .body(())
+                    .expect("a status-only response");
+                respond.send_response(response, end)
+            };
+        let target = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let Some(target) = target.filter(|t| {
+            request.method() == Method::CONNECT && t.ip().to_canonical() == dialled.ip()
+        }) else {
+            self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            debug!(method = %request.method(), uri = %request.uri(), "bad HBONE request");
+            let _ = reply(&mut respond, StatusCode::BAD_REQUEST, true);
+            return;
+        };
+        let forwarded = request
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let upstream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await;
+        let upstream = match upstream {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(%target, error = %e, "upstream connect failed");
+                let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
+                return;
+            }
+            Err(_) => {
+                self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(%target, "upstream connect timed out");
+                let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let send = match reply(&mut respond, StatusCode::OK, false) {
+            Ok(send) => send,
+            Err(e) => {
+                debug!(error = %e, "the client went away");
+                return;
+            }
+        };
+        debug!(%target, %peer_id, %forwarded, "stream open");
+        let tunnel = H2Stream::new(send, request.into_body());
+        match relay::relay_streams(tunnel, upstream, self.idle_timeout).await {
+            Ok((inbound, outbound)) => {
+                self.stats.bytes_in.fetch_add(inbound, Ordering::Relaxed);
+                self.stats.bytes_out.fetch_add(outbound, Ordering::Relaxed);
+                debug!(%target, bytes_in = inbound, bytes_out = outbound, "stream closed");
+            }
+            Err(e) => debug!(%target, error = %e, "stream closed with an error"),
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The built-in CA: a root certificate and key from a mounted folder (a
+//! Kubernetes Secret in production; `trellis ca init` makes one for local use),
+//! or an in-memory root when none is given. It signs SVIDs for the workloads
+//! of this node only.
+
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData as _, SanType,
+    SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+
+use super::{
+    Identity,
+    svid::{Svid, SvidInfo},
+};
+
+pub const CA_CERT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+/// A root made by `trellis ca init` lives this long.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// What went wrong with the CA. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path} already exists: not overwriting a CA (remove it first to make a new root)")]
+    Exists { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("issuing a certificate for {identity}: {reason}")]
+    Issue { identity: String, reason: String },
+}
+
+/// Where the root came from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "dir")]
+pub enum CaOrigin {
+    /// `--ca-dir`.
+    Files(PathBuf),
+    /// Made at start: nodes cannot verify each other.
+    InMemory,
+}
+
+/// A signing root.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    root: CertificateDer<'static>,
+    subject: String,
+    pub origin: CaOrigin,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("subject", &self.subject)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+fn root_params(trust_domain: &str, now: SystemTime) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, "Trellis root CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(random_serial());
+    params
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // The OS RNG failing is not something to carry on from.
+    getrandom::fill(&mut bytes).expect("the OS random number generator");
+    bytes[0] &= 0x7f; // a positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+/// A uniformly random fraction in [0, 1).
+pub(crate) fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random number generator");
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn new_key() -> Result<KeyPair, String> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())
+}
+
+impl Ca {
+    /// Writes a new root (`ca.crt`, and `ca.key` readable by the owner only)
+    /// into `dir`, for `--ca-dir`. Refuses to overwrite.
+    pub fn init(dir: &Path, trust_domain: &str) -> Result<(PathBuf, PathBuf), CaError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CaError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        for path in [&cert_path, &key_path] {
+            if path.exists() {
+                return Err(CaError::Exists { path: path.clone() });
+            }
+        }
+        let invalid = |reason: String| CaError::Invalid {
+            path: dir.into(),
+            reason,
+        };
+        let key = new_key().map_err(invalid)?;
+        let cert = root_params(trust_domain, SystemTime::now())
+            .self_signed(&key)
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .map_err(io(&key_path))?;
+        file.write_all(key.serialize_pem().as_bytes())
+            .map_err(io(&key_path))?;
+        std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
+        Ok((cert_path, key_path))
+    }
+
+    /// Loads the root from `dir` (`ca.crt`, `ca.key`).
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path)
+                .map_err(|source| CaError::Io {
+                    path: path.clone(),
+                    source,
+                })
+                .map(|text| (path, text))
+        };
+        let (cert_path, cert_pem) = read(CA_CERT)?;
+        let (key_path, key_pem) = read(CA_KEY)?;
+        // Only the error's kind, never the text: it must not echo key bytes.
+        let key = KeyPair::from_pem(&key_pem).map_err(|_| CaError::Invalid {
+            path: key_path.clone(),
+            reason: "not a PEM private key rcgen can sign with (ECDSA P-256, Ed25519 or RSA)"
+                .into(),
+        })?;
+        let invalid_cert = |reason: String| CaError::Invalid {
+            path: cert_path.clone(),
+            reason,
+        };
+        let root = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| invalid_cert(format!("not a PEM certificate: {e}")))?;
+        let subject = subject_of(&root).map_err(invalid_cert)?;
+        if key.subject_public_key_info() != public_key_of(&root).map_err(invalid_cert)? {
+            return Err(CaError::Invalid {
+                path: key_path,
+                reason: format!(
+                    "does not belong to the certificate in {}",
+                    cert_path.display()
+                ),
+            });
+        }
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| invalid_cert(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            root,
+            subject,
+            origin: CaOrigin::Files(dir.into()),
+        })
+    }
+
+    /// A root made now, held in memory only.
+    pub fn in_memory(trust_domain: &str) -> Result<Self, CaError> {
+        let invalid = |reason: String| CaError::Invalid {
+            path: "<in-memory CA>".into(),
+            reason,
+        };
+        let key = new_key().map_err(invalid)?;
+        let params = root_params(trust_domain, SystemTime::now());
+        let root = params
+            .self_signed(&key)
+            .map_err(|e| invalid(e.to_string()))?
+            .der()
+            .clone();
+        let subject = subject_of(&root).map_err(invalid)?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            root,
+            subject,
+            origin: CaOrigin::InMemory,
+        })
+    }
+
+    /// The trust bundle this CA's SVIDs verify against.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.root.clone()]
+    }
+
+    /// Signs a new SVID for `identity`, valid from `now` for `lifetime`
+    /// (backdated a little against clock skew), renewed at half life with
+    /// ±10% jitter so a node's certificates do not all renew at once.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Svid, CaError> {
+        let fail = |reason: String| CaError::Issue {
+            identity: identity.to_string(),
+            reason,
+        };
+        // X.509 times have whole seconds.
+        let now = truncate_to_seconds(now);
+        let backdate = (lifetime / 10).min(Duration::from_secs(60));
+        let (not_before, not_after) = (now - backdate, now + lifetime);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| fail(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        let key = new_key().map_err(fail)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+        // Half life, ±10% of the lifetime.
+        let renew_after = lifetime.mul_f64(0.4 + 0.2 * random_fraction());
+        let info = SvidInfo {
+            identity: identity.to_string(),
+            serial: serial.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+            not_before,
+            not_after,
+            renew_at: now + renew_after,
+            issuers: vec![self.subject.clone()],
+        };
+        Ok(Svid::new(
+            identity.clone(),
+            vec![cert.der().clone()],
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+            info,
+        ))
+    }
+}
+
+fn truncate_to_seconds(t: SystemTime) -> SystemTime {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn parse<'a>(
+    cert: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, String> {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, c)| c)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))
+}
+
+/// The certificate's subject, as text.
+pub fn subject_of(cert: &CertificateDer<'_>) -> Result<String, String> {
+    Ok(parse(cert)?.subject().to_string())
+}
+
+fn public_key_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    Ok(parse(cert)?.public_key().raw.to_vec())
+}
