@@ -20,6 +20,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("python3", "python3"),
     ("iperf3", "iperf3"),
+    ("tcpdump", "tcpdump"),
+    ("openssl", "openssl"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
