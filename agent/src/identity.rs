@@ -29,6 +29,13 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The identity a workload runs as: its namespace and service account.
+    pub fn of(workload: &crate::state::Workload, trust_domain: &str) -> Self {
+        Self::new(trust_domain, &workload.namespace, &workload.service_account)
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

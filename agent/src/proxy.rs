@@ -3,10 +3,62 @@
 pub mod outbound;
 pub mod relay;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    time::Duration,
+};
 
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument as _, Span, warn};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{Instrument as _, Span, debug, warn};
+
+/// Why an upstream connection (to a backend, or to a peer node's 15008)
+/// could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {addr}: {source}")]
+    Failed {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+}
+
+/// Connects to `addr` from the node's address `source` (when it is of
+/// `addr`'s family), giving up after `timeout`. The source is bound without
+/// fixing the port (`IP_BIND_ADDRESS_NO_PORT`), so TIME_WAIT sockets never
+/// exhaust the port range; if it cannot be bound the kernel picks.
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let connect = async {
+        let socket = if addr.is_ipv6() {
+            TcpSocket::new_v6()
+        } else {
+            TcpSocket::new_v4()
+        }?;
+        if let Some(source) = source.filter(|s| s.is_ipv6() == addr.is_ipv6())
+            && let Err(e) = crate::sockopt::bind_address_no_port(socket.as_fd())
+                .and_then(|()| socket.bind(SocketAddr::new(source, 0)))
+        {
+            debug!(%source, error = %e, "cannot connect from the node address; letting the kernel pick");
+        }
+        socket.connect(addr).await
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => Err(ConnectError::Failed { addr, source }),
+        Err(_) => Err(ConnectError::Timeout {
+            addr,
+            after: timeout,
+        }),
+    }
+}
 
 /// Accepts connections until the task is dropped, each served by its own
 /// task in the span `span` makes for it. A failed accept (out of file

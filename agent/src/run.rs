@@ -64,49 +64,24 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
         .map_err(|source| AgentError::Bind { what, addr, source })
 }
 
-/// `[::]:port` for IPv6 only (the IPv4 listener takes IPv4); `None` when this
-/// network namespace has no IPv6.
-fn bind_v6_only(port: u16) -> Result<Option<TcpListener>, AgentError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-    let err = |source| AgentError::Bind {
-        what: "the IPv6 outbound capture listener",
-        addr,
-        source,
-    };
-    let socket = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
-        Ok(s) => s,
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(None),
-        Err(e) => return Err(err(e)),
-    };
-    socket.set_only_v6(true).map_err(err)?;
-    socket.set_reuse_address(true).map_err(err)?;
-    socket.set_nonblocking(true).map_err(err)?;
-    match socket.bind(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => return Ok(None),
-        Err(e) => return Err(err(e)),
-    }
-    socket.listen(1024).map_err(err)?;
-    TcpListener::from_std(socket.into()).map(Some).map_err(err)
-}
-
-/// The HBONE listener for one family: transparent, on the wildcard address,
-/// so it takes the connections `trl_hbone_in` assigns to it whatever pod IP
-/// they are addressed to. `None` when the family is missing here.
-fn bind_hbone(v6: bool) -> Result<Option<TcpListener>, AgentError> {
+/// A listener on the wildcard address of one family (IPv6 only for IPv6:
+/// the IPv4 listener takes IPv4); `None` when this network namespace has no
+/// IPv6. `transparent` listeners also take connections addressed to other
+/// IPs, those `trl_hbone_in` assigns to them.
+fn listen(
+    what: &'static str,
+    port: u16,
+    v6: bool,
+    transparent: bool,
+) -> Result<Option<TcpListener>, AgentError> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::AsFd as _;
     let addr = if v6 {
-        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HBONE_PORT))
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
     } else {
-        SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))
+        SocketAddr::from(([0, 0, 0, 0], port))
     };
-    let err = |source| AgentError::Bind {
-        what: "the HBONE listener",
-        addr,
-        source,
-    };
+    let err = |source| AgentError::Bind { what, addr, source };
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let socket = match Socket::new(domain, Type::STREAM, Some(Protocol::TCP)) {
         Ok(s) => s,
@@ -117,7 +92,9 @@ fn bind_hbone(v6: bool) -> Result<Option<TcpListener>, AgentError> {
         socket.set_only_v6(true).map_err(err)?;
     }
     socket.set_reuse_address(true).map_err(err)?;
-    crate::sockopt::set_transparent(socket.as_fd(), v6).map_err(err)?;
+    if transparent {
+        crate::sockopt::set_transparent(socket.as_fd(), v6).map_err(err)?;
+    }
     socket.set_nonblocking(true).map_err(err)?;
     match socket.bind(&addr.into()) {
         Ok(()) => {}
@@ -189,10 +166,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         );
         let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE, READY_HBONE]);
         let certs = certificate_manager(&cfg)?;
-        let hbone_listeners = [bind_hbone(false)?, bind_hbone(true)?];
+        let hbone_listeners = [listen("the HBONE listener", HBONE_PORT, false, true)?, listen("the HBONE listener", HBONE_PORT, true, true)?];
         let health = tokio::spawn(admin::serve_health(bind("the readiness listener", cfg.readiness_addr).await?, readiness.clone()));
         let outbound_listener = bind("the outbound capture listener", SocketAddr::from(([0, 0, 0, 0], CAPTURE_PORT))).await?;
-        let outbound_listener6 = bind_v6_only(CAPTURE_PORT)?;
+        let outbound_listener6 = listen("the IPv6 outbound capture listener", CAPTURE_PORT, true, false)?;
         if outbound_listener6.is_none() {
             warn!("no IPv6 in this network namespace: IPv6 connections are not captured");
         }

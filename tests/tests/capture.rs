@@ -150,6 +150,18 @@ impl Mesh {
         }
     }
 
+    /// `times` GETs of `url` from the client: how often each body came back.
+    fn tally(&self, url: &str, times: usize) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..times {
+            let body = self
+                .get(&self.client, url)
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+            *seen.entry(body).or_insert(0) += 1;
+        }
+        seen
+    }
+
     fn agent(&self) -> &Agent {
         self.agent.as_ref().expect("agent started")
     }
@@ -186,15 +198,8 @@ fn vip_is_captured_load_balanced_and_getpeername_shows_it() {
     let mut m = Mesh::new("vip_is_captured_load_balanced_and_getpeername_shows_it");
     m.start_agent(None);
     let url = format!("http://{WEB_VIP}/");
-    let mut seen = BTreeMap::new();
-    for _ in 0..6 {
-        let body = m
-            .get(&m.client, &url)
-            .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
-        *seen.entry(body).or_insert(0) += 1;
-    }
     assert_eq!(
-        seen,
+        m.tally(&url, 6),
         BTreeMap::from([("web-a2".into(), 3), ("web-a3".into(), 3)]),
         "round robin over both"
     );
@@ -354,15 +359,8 @@ fn bulk_transfers_are_byte_exact_both_ways_with_half_close_spliced() {
 fn dual_stack_ipv6_and_ipv4_mapped_clients_reach_the_service() {
     let mut m = Mesh::new("dual_stack_ipv6_and_ipv4_mapped_clients_reach_the_service");
     m.start_agent(None);
-    let mut seen = BTreeMap::new();
-    for _ in 0..4 {
-        let body = m
-            .get(&m.client, &format!("http://[{DUAL_VIP6}]/"))
-            .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
-        *seen.entry(body).or_insert(0) += 1;
-    }
     assert_eq!(
-        seen,
+        m.tally(&format!("http://[{DUAL_VIP6}]/"), 4),
         BTreeMap::from([("web-a2".into(), 2), ("web-a3".into(), 2)]),
         "an IPv6 client reaches both IPv6 backends"
     );

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use serde::Serialize;
-use tokio::net::TcpSocket;
 use tracing::{Instrument as _, debug};
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
@@ -31,14 +30,10 @@ use crate::{
 pub enum HboneError {
     #[error("no certificate for {identity}: {reason}")]
     Certificate { identity: String, reason: String },
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("connecting to {addr} timed out after {after:?}")]
-    Timeout { addr: SocketAddr, after: Duration },
+    #[error(transparent)]
+    Connect(#[from] crate::proxy::ConnectError),
+    #[error("TLS handshake with {addr} timed out after {after:?}")]
+    TlsTimeout { addr: SocketAddr, after: Duration },
     #[error("TLS to {addr}: {source}")]
     Tls {
         addr: SocketAddr,
@@ -218,25 +213,7 @@ impl Pool {
             .map_err(|e| certificate(e.to_string()))?;
         let config = tls::client_config(&svid, key.dst.clone(), self.certs.bundle())
             .map_err(|e| certificate(e.to_string()))?;
-        let io = |source| HboneError::Connect { addr, source };
-        let socket = if addr.is_ipv6() {
-            TcpSocket::new_v6()
-        } else {
-            TcpSocket::new_v4()
-        }
-        .map_err(io)?;
-        if let Some(source) = source.filter(|s| s.is_ipv6() == addr.is_ipv6()) {
-            use std::os::fd::AsFd as _;
-            let _ = crate::sockopt::bind_address_no_port(socket.as_fd())
-                .and_then(|()| socket.bind(SocketAddr::new(source, 0)));
-        }
-        let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(addr))
-            .await
-            .map_err(|_| HboneError::Timeout {
-                addr,
-                after: self.connect_timeout,
-            })?
-            .map_err(io)?;
+        let tcp = crate::proxy::connect_from(addr, source, self.connect_timeout).await?;
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(config);
         let tls = tokio::time::timeout(
@@ -244,7 +221,7 @@ impl Pool {
             connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
         )
         .await
-        .map_err(|_| HboneError::Timeout {
+        .map_err(|_| HboneError::TlsTimeout {
             addr,
             after: HANDSHAKE_TIMEOUT,
         })?

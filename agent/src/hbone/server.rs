@@ -115,11 +115,7 @@ impl Inbound {
         let w = snapshot
             .workload_by_ip(addr.ip())
             .filter(|w| w.node == self.node && w.meshed)?;
-        Some(Identity::new(
-            &self.trust_domain,
-            &w.namespace,
-            &w.service_account,
-        ))
+        Some(Identity::of(w, &self.trust_domain))
     }
 
     async fn handle(self: &Arc<Self>, stream: TcpStream) -> Result<(), InboundError> {

@@ -19,11 +19,9 @@ use std::{
     time::Duration,
 };
 
-use std::os::fd::AsFd as _;
-
 use serde::Serialize;
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tracing::{debug, info_span, warn};
@@ -69,14 +67,8 @@ pub enum OutboundError {
     NoOriginalDestination { peer: SocketAddr },
     #[error("service {service} has no ready backend for port {port}")]
     NoBackend { service: String, port: u16 },
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("connecting to {addr} timed out after {after:?}")]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error(transparent)]
+    Connect(#[from] super::ConnectError),
     #[error(transparent)]
     Relay(#[from] RelayError),
     #[error("HBONE: {0}")]
@@ -168,10 +160,7 @@ impl Outbound {
         let src = snapshot
             .workload_by_ip(client.to_canonical())
             .filter(|w| w.node == self.node)?;
-        Some((
-            Identity::new(td, &src.namespace, &src.service_account),
-            Identity::new(td, &dst.namespace, &dst.service_account),
-        ))
+        Some((Identity::of(src, td), Identity::of(dst, td)))
     }
 
     async fn tunnel(
@@ -295,30 +284,7 @@ impl Outbound {
     }
 
     async fn connect(&self, route: &Route) -> Result<TcpStream, OutboundError> {
-        let addr = route.backend;
-        let timeout = self.config.connect_timeout;
-        let connect = async {
-            let socket = if addr.is_ipv6() {
-                TcpSocket::new_v6()
-            } else {
-                TcpSocket::new_v4()
-            }?;
-            if let Some(source) = route.source
-                && let Err(e) = crate::sockopt::bind_address_no_port(socket.as_fd())
-                    .and_then(|()| socket.bind(SocketAddr::new(source, 0)))
-            {
-                debug!(%source, error = %e, "cannot connect from the node address; letting the kernel pick");
-            }
-            socket.connect(addr).await
-        };
-        match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(source)) => Err(OutboundError::Connect { addr, source }),
-            Err(_) => Err(OutboundError::ConnectTimeout {
-                addr,
-                after: timeout,
-            }),
-        }
+        Ok(super::connect_from(route.backend, route.source, self.config.connect_timeout).await?)
     }
 
     async fn handle(&self, inbound: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
