@@ -47,6 +47,9 @@ pub enum Command {
     /// The certificates a running agent holds for its node's workloads:
     /// identity, serial, validity, time to renewal, issuer chain.
     Certs(AdminArgs),
+    /// The authorization policies a running agent enforces, and which of
+    /// its node's workloads each one selects.
+    Policy(AdminArgs),
     /// The built-in CA's root.
     #[command(subcommand)]
     Ca(CaCommand),

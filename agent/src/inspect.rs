@@ -174,6 +174,47 @@ pub fn render_certs(doc: &Value) -> String {
     out
 }
 
+/// `trellis policy` as text.
+pub fn render_policies(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "AUTHORIZATION POLICIES seen by {}", s(&doc["node"]));
+    let _ = writeln!(
+        out,
+        "  {:<36} {:<6} {:>5}  {:<28} SELECTS ON THIS NODE",
+        "POLICY", "ACTION", "RULES", "SELECTOR"
+    );
+    for p in doc["authorization"].as_array().into_iter().flatten() {
+        let selector = match p["selector"].as_object() {
+            Some(labels) => labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", s(v)))
+                .collect::<Vec<_>>()
+                .join(","),
+            None => "(whole namespace)".into(),
+        };
+        let selects: Vec<String> = p["selects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<36} {:<6} {:>5}  {:<28} {}",
+            s(&p["policy"]),
+            s(&p["action"]),
+            s(&p["rules"]),
+            selector,
+            if selects.is_empty() {
+                "-".into()
+            } else {
+                selects.join(" ")
+            }
+        );
+    }
+    out
+}
+
 /// `trellis workloads` as text.
 pub fn render_workloads(doc: &Value) -> String {
     let mut out = String::new();

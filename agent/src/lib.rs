@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod netlink;
 #[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod run;
 #[expect(unsafe_code, reason = "setsockopt")]

@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => admin_view(&args, "/status", inspect::render_status),
         Command::Workloads(args) => admin_view(&args, "/workloads", inspect::render_workloads),
         Command::Certs(args) => admin_view(&args, "/certs", inspect::render_certs),
+        Command::Policy(args) => admin_view(&args, "/policies", inspect::render_policies),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),
     };
     match result {

@@ -202,8 +202,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let sockets = cfg.accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
         let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout));
         let outbound = Arc::new(
-            Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone())
-                .with_hbone(pool.clone(), &cfg.trust_domain),
+            Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
+                .with_hbone(pool.clone()),
         );
         let inbound = Arc::new(Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout));
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();

@@ -93,6 +93,14 @@ pub fn dual_stack_service(
     )
 }
 
+/// `trellis.dev/v1alpha1/AuthorizationPolicy` with `spec` in YAML flow style.
+pub fn authorization_policy(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+    )
+}
+
 /// Joins documents into one multi-document file.
 pub fn docs(docs: &[String]) -> String {
     docs.join("---\n")
@@ -129,6 +137,31 @@ impl ConfigDir {
 }
 
 impl Drop for ConfigDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// One root CA for every node of a lab (`trellis ca init`), as a mounted
+/// Secret would be; removed on drop.
+pub struct SharedCa {
+    path: PathBuf,
+}
+
+impl SharedCa {
+    pub fn new(lab: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{lab}-ca"));
+        let _ = std::fs::remove_dir_all(&path);
+        trellis_agent::identity::ca::Ca::init(&path, "cluster.local")?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for SharedCa {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }

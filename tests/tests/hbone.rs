@@ -31,10 +31,7 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
         .wait_port(&server.ip.to_string(), 7000, Duration::from_secs(20))
         .expect("server up");
 
-    // One root for both nodes, as a mounted Secret would be.
-    let ca_dir = std::env::temp_dir().join(format!("{}-ca", lab.name()));
-    let _ = std::fs::remove_dir_all(&ca_dir);
-    trellis_agent::identity::ca::Ca::init(&ca_dir, "cluster.local").expect("ca init");
+    let ca = mesh::SharedCa::new(lab.name()).expect("ca init");
     let config = ConfigDir::new(lab.name()).expect("config dir");
     config
         .write(
@@ -50,8 +47,7 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
         )
         .expect("config");
     let dir = config.path().to_str().expect("utf-8").to_owned();
-    let ca = ca_dir.to_str().expect("utf-8").to_owned();
-    let args = ["--config-dir", &dir, "--ca-dir", &ca];
+    let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
     let mut agent_a = Agent::start(&a, &args).expect("agent a");
     let mut agent_b = Agent::start(&b, &args).expect("agent b");
     agent_a
@@ -139,5 +135,4 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
     let certs_b = agent_b.cli_json("certs").expect("certs b");
     assert_eq!(ids(&certs_b), ["spiffe://cluster.local/ns/shop/sa/b1"]);
     let _ = std::fs::remove_file(&pcap);
-    let _ = std::fs::remove_dir_all(&ca_dir);
 }

@@ -61,6 +61,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         "/workloads" => json(&workloads(state)),
         "/config" => json(&state.config),
         "/certs" => json(&certs(state)),
+        "/policies" => json(&policies(state)),
         "/maps" => match maps(state) {
             Ok(doc) => json(&doc),
             Err(e) => {
@@ -75,7 +76,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             return reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /status, /workloads, /certs, /config or /maps\n".into(),
+                "not found: try /status, /workloads, /certs, /policies, /config or /maps\n".into(),
             );
         }
     };
@@ -118,6 +119,33 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "inbound": state.inbound.stats,
         "hbone_pool": { "stats": state.pool.stats, "connections": state.pool.list() },
     })
+}
+
+/// `GET /policies`: every authorization policy, with the local workloads it
+/// selects.
+pub fn policies(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.snapshot.borrow().clone();
+    let local: Vec<_> = snapshot.local_workloads(&state.config.node).collect();
+    let policies: Vec<serde_json::Value> = snapshot
+        .policies
+        .iter()
+        .map(|p| {
+            let selects: Vec<String> = local
+                .iter()
+                .filter(|w| p.applies_to(w))
+                .map(|w| w.id())
+                .collect();
+            serde_json::json!({
+                "policy": p.id(),
+                "action": p.action,
+                "selector": p.selector,
+                "rules": p.rules.len(),
+                "selects": selects,
+                "spec": p,
+            })
+        })
+        .collect();
+    serde_json::json!({ "node": state.config.node, "authorization": policies })
 }
 
 /// `GET /workloads`.

@@ -4,7 +4,7 @@
 //! agent presents. The client's identity comes from its certificate alone.
 //! Each CONNECT stream gets 200 once the upstream connection is made, 400
 //! for a bad request or a destination other than the dialled pod, 503 when
-//! the upstream connect fails.
+//! the upstream connect fails, 401 when an authorization policy denies it.
 
 use std::{
     net::SocketAddr,
@@ -22,12 +22,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{Instrument as _, debug, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
+    policy::authz::{self, Verdict},
     proxy::relay,
     state::Snapshot,
     tls,
@@ -42,6 +43,8 @@ pub struct InboundStats {
     pub streams: AtomicU64,
     pub bad_requests: AtomicU64,
     pub upstream_failed: AtomicU64,
+    /// Streams refused with 401 by an authorization policy.
+    pub denied: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
 }
@@ -193,6 +196,13 @@ impl Inbound {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST, true);
             return;
         };
+        let snapshot = self.state.borrow().clone();
+        if let Verdict::Deny { policy, reason } = authz::authorize(&snapshot, peer_id, target) {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            info!(src = %peer_id, dst = %target, %policy, reason, "connection denied by authorization policy");
+            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED, true);
+            return;
+        }
         let forwarded = request
             .headers()
             .get("forwarded")

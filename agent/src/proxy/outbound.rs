@@ -24,7 +24,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{debug, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 use trellis_common::SockKey;
 
 use super::relay::{self, Accelerated, RelayError};
@@ -33,6 +33,7 @@ use crate::{
     config::Acceleration,
     hbone::client::Pool,
     identity::Identity,
+    policy::authz::{self, Verdict},
     state::Snapshot,
     sync::{ip_port, socket_addr},
 };
@@ -71,6 +72,8 @@ pub enum OutboundError {
     Connect(#[from] super::ConnectError),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error("{backend}: denied by authorization policy {policy}")]
+    Denied { backend: SocketAddr, policy: String },
     #[error("HBONE: {0}")]
     Hbone(#[from] crate::hbone::client::HboneError),
 }
@@ -92,6 +95,8 @@ pub struct OutboundStats {
     pub bytes_received: AtomicU64,
     /// Connections tunnelled through HBONE to another node.
     pub tunnelled: AtomicU64,
+    /// Same-node connections refused by an authorization policy.
+    pub denied: AtomicU64,
 }
 
 /// The outbound proxy's shared state.
@@ -102,8 +107,10 @@ pub struct Outbound {
     sockets: Option<SocketMaps>,
     state: watch::Receiver<Arc<Snapshot>>,
     next: Mutex<HashMap<(String, u16), usize>>,
-    /// Tunnels to other nodes, with the trust domain identities live in.
-    hbone: Option<(Arc<Pool>, String)>,
+    /// The trust domain identities live in.
+    trust_domain: String,
+    /// Tunnels to other nodes.
+    hbone: Option<Arc<Pool>>,
     pub stats: OutboundStats,
 }
 
@@ -128,9 +135,11 @@ impl Outbound {
         orig: OrigDstTable,
         sockets: Option<SocketMaps>,
         state: watch::Receiver<Arc<Snapshot>>,
+        trust_domain: &str,
     ) -> Self {
         Self {
             node: node.into(),
+            trust_domain: trust_domain.into(),
             config,
             orig,
             sockets: sockets.filter(|_| config.accel.sk_msg),
@@ -143,8 +152,8 @@ impl Outbound {
 
     /// Tunnels connections to meshed pods on other nodes through HBONE.
     #[must_use]
-    pub fn with_hbone(mut self, pool: Arc<Pool>, trust_domain: &str) -> Self {
-        self.hbone = Some((pool, trust_domain.into()));
+    pub fn with_hbone(mut self, pool: Arc<Pool>) -> Self {
+        self.hbone = Some(pool);
         self
     }
 
@@ -152,7 +161,8 @@ impl Outbound {
     /// meshed pod at `backend` on another node; `None` when the connection
     /// stays plain (same node, or a destination outside the mesh).
     fn tunnel_identities(&self, client: IpAddr, backend: IpAddr) -> Option<(Identity, Identity)> {
-        let (_, td) = self.hbone.as_ref()?;
+        self.hbone.as_ref()?;
+        let td = &self.trust_domain;
         let snapshot = self.state.borrow().clone();
         let dst = snapshot
             .workload_by_ip(backend)
@@ -170,7 +180,7 @@ impl Outbound {
         route: &Route,
         (src, dst): (Identity, Identity),
     ) -> Result<(), OutboundError> {
-        let (pool, _) = self.hbone.as_ref().expect("tunnel_identities checked it");
+        let pool = self.hbone.as_ref().expect("tunnel_identities checked it");
         let (stream, _slot) = match pool
             .open(&src, &dst, route.backend, route.source, peer)
             .await
@@ -283,6 +293,31 @@ impl Outbound {
         Ok(route(backend))
     }
 
+    /// Same-node delivery: the destination's authorization policies apply
+    /// here, with the local client pod's identity (across nodes the
+    /// destination's agent decides, from the client certificate).
+    fn authorize(&self, peer: SocketAddr, route: &Route) -> Result<(), OutboundError> {
+        if !route.local {
+            return Ok(());
+        }
+        let snapshot = self.state.borrow().clone();
+        let Some(client) = snapshot.workload_by_ip(peer.ip().to_canonical()) else {
+            return Ok(());
+        };
+        let source = Identity::of(client, &self.trust_domain);
+        match authz::authorize(&snapshot, &source, route.backend) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { policy, reason } => {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                info!(src = %source, dst = %route.backend, %policy, reason, "connection denied by authorization policy");
+                Err(OutboundError::Denied {
+                    backend: route.backend,
+                    policy,
+                })
+            }
+        }
+    }
+
     async fn connect(&self, route: &Route) -> Result<TcpStream, OutboundError> {
         Ok(super::connect_from(route.backend, route.source, self.config.connect_timeout).await?)
     }
@@ -317,6 +352,11 @@ impl Outbound {
             let result = self.tunnel(inbound, peer, &route, ids).await;
             self.forget(inbound_key, None);
             return result;
+        }
+        if let Err(e) = self.authorize(peer, &route) {
+            let _ = inbound.set_zero_linger();
+            self.forget(inbound_key, None);
+            return Err(e);
         }
         let upstream = match self.connect(&route).await {
             Ok(s) => s,

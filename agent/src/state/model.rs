@@ -17,6 +17,8 @@ use k8s_openapi::{
 };
 use serde::Serialize;
 
+use crate::policy::authz::Policy;
+
 use super::objects::{
     MESH_LABEL, MTLS_LABEL, NETNS_ANNOTATION, Object, SERVICE_NAME_LABEL, parse_cidr,
 };
@@ -121,6 +123,8 @@ pub struct Snapshot {
     pub node: Option<NodeInfo>,
     pub workloads: Vec<Workload>,
     pub services: Vec<ServiceView>,
+    /// Authorization policies of every namespace.
+    pub policies: Vec<Policy>,
     /// Objects by kind, for status output.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -134,6 +138,7 @@ impl Snapshot {
         let mut services = Vec::new();
         let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
         let mut counts = BTreeMap::new();
+        let mut policies = Vec::new();
         for object in objects {
             *counts.entry(object.key().kind).or_insert(0) += 1;
             match object {
@@ -143,6 +148,7 @@ impl Snapshot {
                 }
                 Object::Pod(p) => pods.push(p.as_ref()),
                 Object::Service(s) => services.push(s.as_ref()),
+                Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 Object::EndpointSlice(s) => {
                     let ns = s.metadata.namespace.clone().unwrap_or_default();
                     let svc = s
@@ -181,6 +187,7 @@ impl Snapshot {
             node,
             workloads,
             services,
+            policies,
             counts,
         }
     }

@@ -12,6 +12,8 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
+use crate::policy::authz::AuthorizationPolicy;
+
 /// The annotation that tells the agent where a pod's network namespace is.
 pub const NETNS_ANNOTATION: &str = "trellis.dev/netns";
 /// Namespace label `enabled` puts its pods in the mesh; Pod label `disabled` opts one out.
@@ -29,6 +31,7 @@ pub enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped), name.
@@ -57,6 +60,7 @@ impl Object {
             Self::Pod(o) => ("Pod", &o.metadata),
             Self::Service(o) => ("Service", &o.metadata),
             Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            Self::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
         };
         ObjectKey {
             kind,
@@ -194,6 +198,11 @@ fn parse_object(
         "Pod" => typed!(Pod, Pod, "v1"),
         "Service" => typed!(Service, Service, "v1"),
         "EndpointSlice" => typed!(EndpointSlice, EndpointSlice, "discovery.k8s.io/v1"),
+        "AuthorizationPolicy" => typed!(
+            AuthorizationPolicy,
+            AuthorizationPolicy,
+            "trellis.dev/v1alpha1"
+        ),
         other => {
             return Err(reject(
                 None,
@@ -225,6 +234,7 @@ fn default_namespace(object: &mut Object) {
         Object::Pod(o) => &mut o.metadata,
         Object::Service(o) => &mut o.metadata,
         Object::EndpointSlice(o) => &mut o.metadata,
+        Object::AuthorizationPolicy(o) => &mut o.metadata,
         Object::Node(_) | Object::Namespace(_) => return,
     };
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
@@ -343,6 +353,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
                 }
             }
         }
+        Object::AuthorizationPolicy(policy) => {
+            crate::policy::authz::validate(&policy.spec)?;
+        }
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();
             if labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).is_none() {
@@ -458,6 +471,21 @@ mod tests {
                 "apiVersion: v2\nkind: Pod\nmetadata: {name: p}",
                 "apiVersion",
                 "Pod is v1 here",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {methods: [GET]}}]}]}",
+                "spec.rules[0].to[0].operation.methods",
+                "unknown field `methods`",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: AUDIT}",
+                "spec.action",
+                "unknown variant `AUDIT`",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {ports: ['0']}}]}]}",
+                "spec.rules[0].to[0].operation.ports[0]",
+                "not a port",
             ),
             (
                 "apiVersion: v1\nkind: Pod\nmetadata: {}",
