@@ -4,6 +4,7 @@
 
 pub mod maps;
 pub mod pins;
+pub mod pod_hooks;
 pub mod sockets;
 #[expect(unsafe_code, reason = "raw syscalls aya 0.14 does not wrap")]
 pub mod sys;
@@ -23,7 +24,7 @@ use aya::{
 use serde::Serialize;
 use trellis_common::{
     ALL_MAPS, MAP_SOCKETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
-    PROG_HBONE_IN, PROG_SK_MSG, PROG_SOCK_OPS,
+    PROG_HBONE_IN, PROG_POD_FROM, PROG_POD_TO, PROG_SK_MSG, PROG_SOCK_OPS,
 };
 
 pub use self::pins::{BpffsError, PinLayout};
@@ -237,6 +238,35 @@ impl Datapath {
         )?;
         self.programs.push(program.clone());
         Ok(program)
+    }
+
+    /// Loads the pod programs (STRICT mTLS, replies to source-preserving
+    /// sockets), for the state loop to attach to each local pod's interface.
+    pub fn pod_hooks(&mut self) -> Result<pod_hooks::PodHooks, BpfError> {
+        let mut fds = Vec::new();
+        for name in [PROG_POD_TO, PROG_POD_FROM] {
+            let err = |e| program_error(name, e);
+            let Some(Program::SchedClassifier(p)) = self.ebpf.program_mut(name) else {
+                return Err(BpfError::MissingProgram { name });
+            };
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
+            let fd = p
+                .fd()
+                .map_err(err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| BpfError::Attach {
+                    name,
+                    hint: "",
+                    source,
+                })?;
+            fds.push(fd);
+        }
+        let from = fds.pop().expect("two programs");
+        let to = fds.pop().expect("two programs");
+        Ok(pod_hooks::PodHooks::new(self.layout.clone(), to, from))
     }
 
     pub fn programs(&self) -> &[AttachedProgram] {

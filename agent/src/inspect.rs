@@ -221,16 +221,21 @@ pub fn render_workloads(doc: &Value) -> String {
     let _ = writeln!(out, "ENDPOINTS on {}", s(&doc["node"]));
     let _ = writeln!(
         out,
-        "  {:<28} {:<30} {:<7} {:<6} {:>4} {:>8} {:>20} {:<16}",
-        "WORKLOAD", "IPS", "MESHED", "READY", "ID", "IDENTITY", "NETNS COOKIE", "INTERFACE"
+        "  {:<28} {:<30} {:<7} {:<11} {:<6} {:>4} {:>8} {:>20} {:<16}",
+        "WORKLOAD", "IPS", "MESHED", "MTLS", "READY", "ID", "IDENTITY", "NETNS COOKIE", "INTERFACE"
     );
     for e in doc["endpoints"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "  {:<28} {:<30} {:<7} {:<6} {:>4} {:>8} {:>20} {:<16}",
+            "  {:<28} {:<30} {:<7} {:<11} {:<6} {:>4} {:>8} {:>20} {:<16}",
             s(&e["workload"]),
             s(&e["ips"]),
             s(&e["meshed"]),
+            format!(
+                "{}{}",
+                s(&e["mtls"]),
+                if e["tc_hooked"] == true { "" } else { "*" }
+            ),
             s(&e["ready"]),
             s(&e["endpoint_id"]),
             s(&e["identity"]),
@@ -238,6 +243,10 @@ pub fn render_workloads(doc: &Value) -> String {
             format!("{} ({})", s(&e["interface"]), s(&e["ifindex"])),
         );
     }
+    let _ = writeln!(
+        out,
+        "  (* no TC programs on its interface: STRICT not enforced there)"
+    );
     let _ = writeln!(out, "\nSERVICES");
     for svc in doc["services"].as_array().into_iter().flatten() {
         let _ = writeln!(

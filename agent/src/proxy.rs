@@ -27,13 +27,27 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr, after: Duration },
 }
 
-/// Connects to `addr` from the node's address `source` (when it is of
-/// `addr`'s family), giving up after `timeout`. The source is bound without
-/// fixing the port (`IP_BIND_ADDRESS_NO_PORT`), so TIME_WAIT sockets never
-/// exhaust the port range; if it cannot be bound the kernel picks.
+/// Where an upstream connection comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    /// The kernel picks.
+    Any,
+    /// The node's own address (ignored when not of the destination's family).
+    Node(IpAddr),
+    /// Another host's address, a remote client pod's, through a transparent
+    /// socket: the app sees its client's own address. TC steers the replies
+    /// back (`trl_pod_from`).
+    Client(IpAddr),
+}
+
+/// Connects to `addr` from `source`, giving up after `timeout`. The source
+/// is bound without fixing the port (`IP_BIND_ADDRESS_NO_PORT`), so
+/// TIME_WAIT sockets never exhaust the port range. A node address that
+/// cannot be bound is left to the kernel; a client address that cannot be
+/// bound is an error (the caller decides whether to fall back).
 pub async fn connect_from(
     addr: SocketAddr,
-    source: Option<IpAddr>,
+    source: Source,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let connect = async {
@@ -42,11 +56,21 @@ pub async fn connect_from(
         } else {
             TcpSocket::new_v4()
         }?;
-        if let Some(source) = source.filter(|s| s.is_ipv6() == addr.is_ipv6())
-            && let Err(e) = crate::sockopt::bind_address_no_port(socket.as_fd())
-                .and_then(|()| socket.bind(SocketAddr::new(source, 0)))
-        {
-            debug!(%source, error = %e, "cannot connect from the node address; letting the kernel pick");
+        match source {
+            Source::Any => {}
+            Source::Node(ip) if ip.is_ipv6() != addr.is_ipv6() => {}
+            Source::Node(ip) => {
+                if let Err(e) = crate::sockopt::bind_address_no_port(socket.as_fd())
+                    .and_then(|()| socket.bind(SocketAddr::new(ip, 0)))
+                {
+                    debug!(source = %ip, error = %e, "cannot connect from the node address; letting the kernel pick");
+                }
+            }
+            Source::Client(ip) => {
+                crate::sockopt::set_transparent(socket.as_fd(), addr.is_ipv6())?;
+                crate::sockopt::bind_address_no_port(socket.as_fd())?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+            }
         }
         socket.connect(addr).await
     };

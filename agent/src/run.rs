@@ -183,7 +183,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
         let report = Arc::new(Mutex::new(SyncReport::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, cfg.accel);
+        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, cfg.accel)
+            .with_pod_hooks(datapath.pod_hooks()?);
         let state_thread = {
             let (cfg, readiness, stop, report) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone());
             let span = tracing::Span::current();

@@ -16,7 +16,7 @@ use trellis_common::{
 };
 
 use crate::{
-    bpf::{BpfError, tables::Tables},
+    bpf::{BpfError, pod_hooks::PodHooks, tables::Tables},
     config::Acceleration,
     netns,
     state::{Snapshot, model::MtlsMode},
@@ -36,6 +36,9 @@ pub struct LocalEndpoint {
     pub netns_cookie: u64,
     pub ifindex: u32,
     pub meshed: bool,
+    pub mtls: MtlsMode,
+    /// The pod programs (STRICT, replies to the agent) are on its interface.
+    pub tc_hooked: bool,
 }
 
 /// The result of one sync, for logs and the status commands.
@@ -58,6 +61,7 @@ pub struct Syncer {
     service_ids: BTreeMap<String, u32>,
     /// netns path → (inode, cookie): a namespace recreated at the same path is a new inode.
     cookies: HashMap<PathBuf, (u64, u64)>,
+    pod_hooks: Option<PodHooks>,
 }
 
 impl Syncer {
@@ -77,7 +81,15 @@ impl Syncer {
             endpoint_ids: BTreeMap::new(),
             service_ids: BTreeMap::new(),
             cookies: HashMap::new(),
+            pod_hooks: None,
         }
+    }
+
+    /// Attaches the pod programs to each meshed local pod's interface.
+    #[must_use]
+    pub fn with_pod_hooks(mut self, hooks: PodHooks) -> Self {
+        self.pod_hooks = Some(hooks);
+        self
     }
 
     /// Numeric identity of a label set in a namespace, stable while the agent runs.
@@ -175,9 +187,25 @@ impl Syncer {
                 netns_cookie: cookie,
                 ifindex: ifindex.unwrap_or(0),
                 meshed: w.meshed,
+                mtls: w.mtls,
+                tc_hooked: false,
             });
         }
         let ep_stats = self.tables.sync_endpoints(&endpoints)?;
+        if let Some(hooks) = &mut self.pod_hooks {
+            let wanted = report
+                .endpoints
+                .iter()
+                .filter(|e| e.meshed && e.ifindex != 0)
+                .map(|e| e.ifindex)
+                .collect();
+            for (ifindex, e) in hooks.sync(&wanted) {
+                warn!(ifindex, error = %e, "cannot attach the pod programs; STRICT is not enforced there");
+            }
+            for e in &mut report.endpoints {
+                e.tc_hooked = hooks.attached().contains(&e.ifindex);
+            }
+        }
 
         // Services: every TCP VIP:port.
         let mut services = BTreeMap::new();
@@ -205,6 +233,9 @@ impl Syncer {
             let mut flags = if w.meshed { ip_flags::MESHED } else { 0 };
             if w.node == self.node {
                 flags |= ip_flags::LOCAL;
+                if w.meshed && w.mtls == MtlsMode::Strict {
+                    flags |= ip_flags::STRICT;
+                }
             }
             for ip in &w.ips {
                 ipcache.insert((128, ip16(*ip)), IpInfo { identity, flags });

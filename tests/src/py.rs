@@ -87,6 +87,18 @@ else:
     print("MISMATCH up_ok=%s down_len=%d" % (got_up == hashlib.sha256(up).hexdigest(), len(down)))
 "#;
 
+/// Answers each connection with the client's address as the server sees
+/// it (one line, IPv4 unmapped), then closes. Args: PORT.
+pub const WHOAMI_SERVER: &str = r#"
+import socket, sys
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
+while True:
+    c, peer = srv.accept()
+    ip = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
+    c.sendall(ip.encode() + b"\n")
+    c.close()
+"#;
+
 /// Prints `ip:port` of getpeername() after connecting. Args: HOST PORT.
 pub const PEER_NAME: &str = r#"
 import socket, sys

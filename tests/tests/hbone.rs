@@ -27,9 +27,15 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
         .exec()
         .python(py::ECHO_SERVER, &["7000"])
         .expect("echo server");
-    b.exec()
-        .wait_port(&server.ip.to_string(), 7000, Duration::from_secs(20))
-        .expect("server up");
+    let _whoami = server
+        .exec()
+        .python(py::WHOAMI_SERVER, &["7001"])
+        .expect("whoami server");
+    for port in [7000, 7001] {
+        b.exec()
+            .wait_port(&server.ip.to_string(), port, Duration::from_secs(20))
+            .expect("server up");
+    }
 
     let ca = mesh::SharedCa::new(lab.name()).expect("ca init");
     let config = ConfigDir::new(lab.name()).expect("config dir");
@@ -119,6 +125,40 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
     assert!(
         !ports.contains(".7000"),
         "no plaintext connection to the app port: {ports}"
+    );
+
+    // The app on b sees the client pod's own address, both families, as
+    // with ztunnel: b's agent connects from it and TC steers the replies.
+    for (server_ip, client_ip) in [
+        (server.ip.to_string(), client.ip.to_string()),
+        (server.ip6.to_string(), client.ip6.to_string()),
+    ] {
+        let script = format!(
+            "import socket\ns = socket.create_connection(('{server_ip}', 7001), timeout=10)\n\
+             print(s.makefile().readline().strip())\n"
+        );
+        let seen = client
+            .exec()
+            .python_output(&script, &[], Duration::from_secs(20))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "whoami over {server_ip}: {e}\n--- b\n{}",
+                    agent_b.log_text()
+                )
+            });
+        assert_eq!(seen, client_ip, "the server saw the client pod's address");
+    }
+    let status_b = agent_b.cli_json("status").expect("status b");
+    assert_eq!(status_b["inbound"]["source_preserved"], 3, "{status_b:#}");
+    let replies = counters(&b.bpffs)
+        .expect("counters")
+        .iter()
+        .filter(|c| c.hook == "tc_ingress" && c.reason == "reply-to-agent")
+        .map(|c| c.events)
+        .sum::<u64>();
+    assert!(
+        replies > 0,
+        "the pod's replies were steered to the agent's socket"
     );
 
     // Each node holds a certificate for its own workload only.

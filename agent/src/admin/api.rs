@@ -162,6 +162,8 @@ pub fn workloads(state: &AdminState) -> serde_json::Value {
                 "ips": w.map(|w| w.ips.clone()).unwrap_or_default(),
                 "service_account": w.map(|w| w.service_account.clone()),
                 "meshed": e.meshed,
+                "mtls": e.mtls,
+                "tc_hooked": e.tc_hooked,
                 "ready": w.is_some_and(|w| w.ready && !w.terminating),
                 "endpoint_id": e.endpoint_id,
                 "identity": e.identity,

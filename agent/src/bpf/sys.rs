@@ -30,6 +30,7 @@ pub mod attach_type {
     pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
     pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
     pub const TCX_INGRESS: u32 = 46;
+    pub const TCX_EGRESS: u32 = 47;
 }
 
 /// The `f_type` of the file system holding `path`.

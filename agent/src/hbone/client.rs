@@ -213,7 +213,12 @@ impl Pool {
             .map_err(|e| certificate(e.to_string()))?;
         let config = tls::client_config(&svid, key.dst.clone(), self.certs.bundle())
             .map_err(|e| certificate(e.to_string()))?;
-        let tcp = crate::proxy::connect_from(addr, source, self.connect_timeout).await?;
+        let tcp = crate::proxy::connect_from(
+            addr,
+            source.map_or(crate::proxy::Source::Any, crate::proxy::Source::Node),
+            self.connect_timeout,
+        )
+        .await?;
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(config);
         let tls = tokio::time::timeout(

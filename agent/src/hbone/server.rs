@@ -29,7 +29,7 @@ use crate::{
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
     policy::authz::{self, Verdict},
-    proxy::relay,
+    proxy::{Source, connect_from, relay},
     state::Snapshot,
     tls,
 };
@@ -43,6 +43,8 @@ pub struct InboundStats {
     pub streams: AtomicU64,
     pub bad_requests: AtomicU64,
     pub upstream_failed: AtomicU64,
+    /// Streams whose upstream connection kept the client pod's address.
+    pub source_preserved: AtomicU64,
     /// Streams refused with 401 by an authorization policy.
     pub denied: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -169,6 +171,31 @@ impl Inbound {
         Ok(())
     }
 
+    /// The address to connect to the pod from: the client pod's own, as
+    /// `forwarded` names it, when that address is a meshed pod on another
+    /// node running as the identity the certificate proves (a header alone
+    /// never chooses an address); else the node's.
+    fn upstream_source(&self, forwarded: &str, peer_id: &Identity, target: SocketAddr) -> Source {
+        let Some(client) = forwarded
+            .strip_prefix("for=\"")
+            .and_then(|f| f.strip_suffix('"'))
+            .and_then(|f| f.parse::<SocketAddr>().ok())
+        else {
+            return Source::Any;
+        };
+        let ip = client.ip().to_canonical();
+        let snapshot = self.state.borrow().clone();
+        let proven = snapshot.workload_by_ip(ip).is_some_and(|w| {
+            w.meshed && w.node != self.node && Identity::of(w, &self.trust_domain) == *peer_id
+        });
+        if proven && ip.is_ipv6() == target.is_ipv6() {
+            Source::Client(ip)
+        } else {
+            debug!(%client, %peer_id, "not the certificate's pod: connecting from the node's address");
+            Source::Any
+        }
+    }
+
     async fn stream(
         &self,
         request: Request<h2::RecvStream>,
@@ -209,18 +236,15 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let upstream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await;
-        let upstream = match upstream {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let source = self.upstream_source(&forwarded, peer_id, target);
+        if matches!(source, Source::Client(_)) {
+            self.stats.source_preserved.fetch_add(1, Ordering::Relaxed);
+        }
+        let upstream = match connect_from(target, source, self.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
                 self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(%target, error = %e, "upstream connect failed");
-                let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
-                return;
-            }
-            Err(_) => {
-                self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-                debug!(%target, "upstream connect timed out");
                 let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
                 return;
             }

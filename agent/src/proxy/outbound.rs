@@ -319,7 +319,12 @@ impl Outbound {
     }
 
     async fn connect(&self, route: &Route) -> Result<TcpStream, OutboundError> {
-        Ok(super::connect_from(route.backend, route.source, self.config.connect_timeout).await?)
+        Ok(super::connect_from(
+            route.backend,
+            route.source.map_or(super::Source::Any, super::Source::Node),
+            self.config.connect_timeout,
+        )
+        .await?)
     }
 
     async fn handle(&self, inbound: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {

@@ -31,6 +31,11 @@ pub const PROG_SK_MSG: &str = "trl_sk_msg";
 /// TC ingress (tcx) on the node's uplink: steers HBONE (`<pod IP>:15008`)
 /// into the agent's transparent listener.
 pub const PROG_HBONE_IN: &str = "trl_hbone_in";
+/// tcx egress on a local pod's host-side interface: STRICT mTLS.
+pub const PROG_POD_TO: &str = "trl_pod_to";
+/// tcx ingress on a local pod's host-side interface: replies to the agent's
+/// source-preserving sockets.
+pub const PROG_POD_FROM: &str = "trl_pod_from";
 
 /// The HBONE port, on every meshed pod's IP.
 pub const HBONE_PORT: u16 = 15008;
@@ -129,6 +134,14 @@ pub mod reason {
     pub const HBONE_STEERED: u32 = 11;
     /// An HBONE packet for a local pod, but no agent socket to take it.
     pub const HBONE_NO_LISTENER: u32 = 12;
+    /// A plaintext connection to a STRICT pod from outside the node's own
+    /// stack (another pod, another node): dropped.
+    pub const PLAINTEXT_IN_STRICT: u32 = 13;
+    /// A connection to a STRICT pod from the node's own stack (the agent,
+    /// kubelet's probes): let through.
+    pub const FROM_NODE: u32 = 14;
+    /// A pod's reply to the agent's source-preserving socket, steered to it.
+    pub const REPLY_TO_AGENT: u32 = 15;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -145,6 +158,9 @@ pub mod reason {
             CATCHING_UP => "catching-up",
             HBONE_STEERED => "hbone-steered",
             HBONE_NO_LISTENER => "hbone-no-listener",
+            PLAINTEXT_IN_STRICT => "plaintext-in-strict",
+            FROM_NODE => "from-node",
+            REPLY_TO_AGENT => "reply-to-agent",
             _ => "unknown",
         }
     }
@@ -387,6 +403,9 @@ pub mod ip_flags {
     pub const MESHED: u32 = 1 << 0;
     /// The pod runs on this node: HBONE to it is steered to this agent.
     pub const LOCAL: u32 = 1 << 1;
+    /// A local pod in STRICT mTLS mode: only the node's own stack (the agent,
+    /// kubelet) may open connections to it.
+    pub const STRICT: u32 = 1 << 2;
 }
 
 /// Value of [`MAP_IPCACHE`]; its key is an LPM key over the 16-byte address.

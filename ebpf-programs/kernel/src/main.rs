@@ -24,6 +24,8 @@ mod connect;
 mod counters;
 mod hbone;
 mod maps;
+mod packet;
+mod pod;
 mod sk_msg;
 mod sock_ops;
 

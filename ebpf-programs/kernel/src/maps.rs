@@ -43,3 +43,18 @@ pub static SOCKETS: SockHash<SockKey, { SOCKETS_MAX_ENTRIES as usize }> = SockHa
 #[btf_map(name = "sock_state")]
 pub static SOCK_STATE: LruHashMap<SockKey, SockState, { SOCKETS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// The ipcache flags of `addr` (a 16-byte address, IPv4 mapped); 0 when the
+/// address is not there.
+#[inline(always)]
+pub fn ip_flags_of(addr: [u8; 16]) -> u32 {
+    IPCACHE
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(128, addr))
+        .map_or(0, |info| info.flags)
+}
+
+/// Whether `addr` is in the ipcache with every bit of `want`.
+#[inline(always)]
+pub fn has_flags(addr: [u8; 16], want: u32) -> bool {
+    ip_flags_of(addr) & want == want
+}

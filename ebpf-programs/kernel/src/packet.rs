@@ -1,0 +1,138 @@
+//! TCP header fields of a packet at TC, as a socket-lookup tuple. Shared by
+//! the programs on the uplink (HBONE steering) and on the pods' interfaces.
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
+    helpers::bpf_skc_lookup_tcp,
+    programs::TcContext,
+};
+use trellis_common::ipv4_mapped;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// `bpf_sock_tuple`'s IPv4 half.
+#[repr(C)]
+pub struct Tuple4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// `bpf_sock_tuple`'s IPv6 half.
+#[repr(C)]
+pub struct Tuple6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// A TCP segment's addresses, ports and flags. The lookup tuple is one
+/// zeroed `Tuple6`-sized buffer holding a `Tuple4` at its start for IPv4 (as
+/// `bpf_sock_tuple`'s union does): one plain struct, fully initialised, so
+/// the compiler never copies half-written enum variants the verifier would
+/// refuse to read.
+pub struct Tcp {
+    tuple: Tuple6,
+    v6: bool,
+    /// Destination address, IPv4 in its mapped form (as the maps hold it).
+    pub daddr: [u8; 16],
+    /// Destination port, host order.
+    pub dport: u16,
+    pub flags: u8,
+}
+
+impl Tcp {
+    /// A new connection's first segment: SYN without ACK.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// The socket of this node's network namespace the segment belongs to
+    /// (the tuple read from the packet's side: the socket's local address is
+    /// the destination), established or listening; null when none. The caller
+    /// releases a non-null result with `bpf_sk_release`.
+    #[inline(always)]
+    pub fn lookup(&mut self, ctx: &TcContext) -> *mut bpf_sock {
+        let size = if self.v6 {
+            size_of::<Tuple6>()
+        } else {
+            size_of::<Tuple4>()
+        };
+        let tuple = (&raw mut self.tuple).cast::<bpf_sock_tuple>();
+        // SAFETY: the tuple lives on our stack and is at least `size` long.
+        unsafe {
+            bpf_skc_lookup_tcp(
+                ctx.skb.skb.cast(),
+                tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+        .cast()
+    }
+}
+
+/// Reads the TCP segment of an Ethernet frame; `None` for anything else.
+/// IPv6 extension headers are not walked: HBONE and pod TCP carry none.
+#[inline(always)]
+pub fn tcp(ctx: &TcContext) -> Result<Option<Tcp>, i64> {
+    let mut tcp = Tcp {
+        tuple: Tuple6 {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 0,
+            dport: 0,
+        },
+        v6: false,
+        daddr: [0; 16],
+        dport: 0,
+        flags: 0,
+    };
+    match u16::from_be(ctx.load::<u16>(12)?) {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN)?;
+            if ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP {
+                return Ok(None);
+            }
+            let l4 = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+            let t4 = Tuple4 {
+                saddr: ctx.load(ETH_HLEN + 12)?,
+                daddr: ctx.load(ETH_HLEN + 16)?,
+                sport: ctx.load(l4)?,
+                dport: ctx.load(l4 + 2)?,
+            };
+            tcp.daddr = ipv4_mapped(t4.daddr);
+            tcp.dport = u16::from_be(t4.dport);
+            tcp.flags = ctx.load(l4 + 13)?;
+            // SAFETY: a Tuple4 fits at the start of a Tuple6, both repr(C).
+            unsafe { (&raw mut tcp.tuple).cast::<Tuple4>().write(t4) };
+        }
+        ETH_P_IPV6 => {
+            if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP {
+                return Ok(None);
+            }
+            let l4 = ETH_HLEN + 40;
+            tcp.tuple = Tuple6 {
+                saddr: ctx.load(ETH_HLEN + 8)?,
+                daddr: ctx.load(ETH_HLEN + 24)?,
+                sport: ctx.load(l4)?,
+                dport: ctx.load(l4 + 2)?,
+            };
+            tcp.v6 = true;
+            tcp.daddr = tcp.tuple.daddr;
+            tcp.dport = u16::from_be(tcp.tuple.dport);
+            tcp.flags = ctx.load(l4 + 13)?;
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(tcp))
+}

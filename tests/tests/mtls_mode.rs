@@ -1,0 +1,151 @@
+//! STRICT and PERMISSIVE mTLS, enforced by `trl_pod_to` on the pods'
+//! interfaces: a strict pod takes new connections only from its node's own
+//! stack (its agent delivering HBONE, kubelet-style probes from the node);
+//! plaintext from a pod outside the mesh or from another node is dropped
+//! and counted as `plaintext-in-strict`. A permissive pod takes both.
+
+use std::time::Duration;
+
+use trellis_agent::bpf::maps::counters;
+use trellis_tests::{
+    Agent, Exec, Lab,
+    mesh::{self, ConfigDir},
+    py,
+};
+
+/// `GET /` to `ip:7000` from `from`: the server's name, or `DROPPED` when no
+/// connection could be made within two seconds.
+fn call(from: &Exec, ip: &str) -> String {
+    let script = format!(
+        "import socket\n\
+         try:\n    s = socket.create_connection(('{ip}', 7000), timeout=2)\n\
+         except (socket.timeout, TimeoutError):\n    print('DROPPED')\n    raise SystemExit\n\
+         s.settimeout(10)\ns.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\ngot = b''\n\
+         while True:\n    b = s.recv(4096)\n    if not b:\n        break\n    got += b\n\
+         print(got.split(b'\\r\\n\\r\\n', 1)[1].decode())\n"
+    );
+    from.python_output(&script, &[], Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("call to {ip}: {e}"))
+}
+
+#[test]
+fn strict_pods_drop_plaintext_from_outside_the_mesh_permissive_ones_take_it() {
+    let mut lab = Lab::new("mtls_mode").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let meshed_client = lab.add_pod(&a, "a1").expect("pod");
+    let outsider = lab.add_pod(&a, "a2").expect("pod");
+    let strict = lab.add_pod(&b, "b1").expect("pod");
+    let permissive = lab.add_pod(&b, "b2").expect("pod");
+    let neighbour = lab.add_pod(&b, "b3").expect("pod");
+    let _servers: Vec<_> = [&strict, &permissive]
+        .iter()
+        .map(|p| {
+            p.exec()
+                .python(py::NAME_SERVER, &[&p.name, "7000"])
+                .expect("server")
+        })
+        .collect();
+    for p in [&strict, &permissive] {
+        b.exec()
+            .wait_port(&p.ip.to_string(), 7000, Duration::from_secs(20))
+            .expect("server up");
+    }
+
+    let ca = mesh::SharedCa::new(lab.name()).expect("ca");
+    let config = ConfigDir::new(lab.name()).expect("config dir");
+    config
+        .write(
+            "mesh.yaml",
+            &mesh::docs(&[
+                mesh::node(&a),
+                mesh::node(&b),
+                mesh::namespace("shop", true),
+                mesh::namespace("outside", false),
+                mesh::pod(&meshed_client, "shop", &[], &[], ""),
+                mesh::pod(&outsider, "outside", &[], &[], ""),
+                mesh::pod(&strict, "shop", &[("trellis.dev/mtls", "strict")], &[], ""),
+                mesh::pod(&permissive, "shop", &[], &[], ""),
+                mesh::pod(&neighbour, "outside", &[], &[], ""),
+            ]),
+        )
+        .expect("config");
+    let dir = config.path().to_str().expect("utf-8").to_owned();
+    let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
+    let mut agent_a = Agent::start(&a, &args).expect("agent a");
+    let mut agent_b = Agent::start(&b, &args).expect("agent b");
+    agent_a
+        .wait_ready(Duration::from_secs(30))
+        .expect("a ready");
+    agent_b
+        .wait_ready(Duration::from_secs(30))
+        .expect("b ready");
+    let hooked = agent_b.cli_json("workloads").expect("workloads");
+    let (strict_ip, permissive_ip) = (strict.ip.to_string(), permissive.ip.to_string());
+
+    let table: &[(&str, Exec, &str, &str)] = &[
+        ("meshed pod, HBONE", meshed_client.exec(), &strict_ip, "b1"),
+        (
+            "meshed pod, HBONE",
+            meshed_client.exec(),
+            &permissive_ip,
+            "b2",
+        ),
+        (
+            "pod outside the mesh",
+            outsider.exec(),
+            &strict_ip,
+            "DROPPED",
+        ),
+        (
+            "pod outside the mesh",
+            outsider.exec(),
+            &permissive_ip,
+            "b2",
+        ),
+        ("node a's own namespace", a.exec(), &strict_ip, "DROPPED"),
+        ("node a's own namespace", a.exec(), &permissive_ip, "b2"),
+        ("unmeshed pod on b", neighbour.exec(), &strict_ip, "DROPPED"),
+        ("node b's probe", b.exec(), &strict_ip, "b1"),
+    ];
+    let mut wrong = Vec::new();
+    for (who, exec, ip, want) in table {
+        let got = call(exec, ip);
+        if got != *want {
+            wrong.push(format!("{who} → {ip}: got {got}, want {want}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{wrong:#?}\nworkloads on b: {hooked:#}\n--- b\n{}",
+        agent_b.log_text()
+    );
+
+    let tally = |reason: &str| {
+        counters(&b.bpffs)
+            .expect("counters")
+            .iter()
+            .filter(|c| c.hook == "tc_egress" && c.reason == reason)
+            .map(|c| c.events)
+            .sum::<u64>()
+    };
+    // Three refused connections, each SYN retried within its two seconds.
+    assert!(tally("plaintext-in-strict") >= 3, "drops are counted");
+    // The agent's connection for a1's call and the node's probe.
+    assert!(
+        tally("from-node") >= 2,
+        "the node's own connections are counted"
+    );
+    let endpoints = hooked["endpoints"].as_array().expect("endpoints").clone();
+    let strict_ep = endpoints
+        .iter()
+        .find(|e| e["workload"] == "shop/b1")
+        .expect("b1");
+    assert_eq!(strict_ep["mtls"], "strict", "{strict_ep:#}");
+    assert_eq!(strict_ep["tc_hooked"], true, "{strict_ep:#}");
+    let outside_ep = endpoints
+        .iter()
+        .find(|e| e["workload"] == "outside/b3")
+        .expect("b3");
+    assert_eq!(outside_ep["tc_hooked"], false, "only meshed pods get hooks");
+}
