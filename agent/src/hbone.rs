@@ -24,3 +24,24 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const MAX_STREAMS: u32 = 100;
 /// A TLS handshake that takes longer is abandoned.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Both ends ping an HBONE connection this often; a peer that has not
+/// answered within [`KEEPALIVE_TIMEOUT`] is gone (a dead node, a cut link),
+/// and the connection is closed rather than left to hang its streams.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, tunnels get a GOAWAY and this long to finish their streams.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pings the peer through `ping_pong` every [`KEEPALIVE_INTERVAL`];
+/// completes when a pong does not come back within [`KEEPALIVE_TIMEOUT`]
+/// (or the connection is gone). The caller then closes the connection.
+pub async fn keepalive(mut ping_pong: h2::PingPong) -> &'static str {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "the connection closed",
+            Err(_) => return "the peer did not answer a keepalive ping",
+        }
+    }
+}

@@ -243,7 +243,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 shutdown.await;
             }
         }
+        // Stop accepting tunnels, GOAWAY the open ones and let their streams end.
         hbone_tasks.iter().for_each(tokio::task::JoinHandle::abort);
+        pool.drain();
+        inbound.drain_for(crate::hbone::DRAIN_TIMEOUT).await;
         info!("shutting down; pinned programs and maps stay attached and enforcing");
         stop.store(true, Ordering::Relaxed);
         outbound_tasks.iter().for_each(tokio::task::JoinHandle::abort);

@@ -181,3 +181,146 @@ except Exception as e:
 t.join()
 print(json.dumps(out))
 "#;
+
+/// An independent HBONE client (Python's `h2` over `ssl`, no Trellis code),
+/// run from another node against `IP:15008`. Prints JSON with the outcome of
+/// each case. Args: POD_IP PORT CERT KEY CA_CERT OTHER_IP DENIED_CERT DENIED_KEY.
+pub const HBONE_PEER: &str = r#"
+import json, socket, ssl, sys, time
+import h2.config, h2.connection, h2.events, h2.exceptions, h2.settings
+ip, port, cert, key, ca, other_ip, denied_cert, denied_key = sys.argv[1:9]
+res = {}
+
+def tls(certf, keyf, alpn=True):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # SPIFFE: a URI SAN, no DNS name
+    ctx.load_verify_locations(ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(certf, keyf)
+    if alpn:
+        ctx.set_alpn_protocols(["h2"])
+    return ctx.wrap_socket(socket.create_connection((ip, 15008), timeout=10))
+
+def h2c(sock):
+    # h2 4.1 asks for :path even on CONNECT: send what RFC 9113 says unchecked.
+    cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8", validate_outbound_headers=False)
+    c = h2.connection.H2Connection(cfg)
+    c.initiate_connection()
+    sock.sendall(c.data_to_send())
+    return c
+
+def connect(sock, c, authority):
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", authority.encode())])
+    sock.sendall(c.data_to_send())
+    return sid
+
+def events(sock, c):
+    data = sock.recv(65536)
+    if not data:
+        return None
+    evs = c.receive_data(data)
+    sock.sendall(c.data_to_send())
+    return evs
+
+def status(sock, c, sid):
+    while True:
+        evs = events(sock, c)
+        if evs is None:
+            return "closed"
+        for ev in evs:
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                return dict(ev.headers)[":status"]
+
+def echo(sock, c, sid, payload):
+    c.send_data(sid, payload)
+    sock.sendall(c.data_to_send())
+    got = b""
+    while len(got) < len(payload):
+        for ev in events(sock, c) or []:
+            if isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                got += ev.data
+                c.acknowledge_received_data(ev.flow_controlled_length, sid)
+        sock.sendall(c.data_to_send())
+    return got.decode()
+
+def closed_without_answer(sock):
+    try:
+        data = sock.recv(4096)
+        return "closed" if not data else ("answered" if data.startswith(b"HTTP") else "closed")
+    except (ConnectionResetError, ssl.SSLError, OSError):
+        return "closed"
+
+# A valid certificate: CONNECT honoured, bytes echoed.
+s = tls(cert, key); c = h2c(s)
+sid = connect(s, c, "%s:%s" % (ip, port))
+res["valid"] = status(s, c, sid)
+res["echo"] = echo(s, c, sid, b"hello through hbone") if res["valid"] == "200" else ""
+# A destination that is not the dialled pod: 400.
+sid = connect(s, c, "%s:%s" % (other_ip, port))
+res["not_local"] = status(s, c, sid)
+s.close()
+# Denied by policy: 401.
+s = tls(denied_cert, denied_key); c = h2c(s)
+res["denied"] = status(s, c, connect(s, c, "%s:%s" % (ip, port)))
+s.close()
+# No ALPN: closed after the handshake.
+s = tls(cert, key, alpn=False)
+res["no_alpn"] = closed_without_answer(s)
+# Garbage and plaintext HTTP/1 instead of TLS: closed, no answer.
+for case, payload in [("garbage", bytes(range(256)) * 4), ("http1", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")]:
+    p = socket.create_connection((ip, 15008), timeout=10)
+    p.sendall(payload)
+    res[case] = closed_without_answer(p)
+    p.close()
+# 10,000 streams at once on one connection: the agent takes 100 at a time.
+s = tls(cert, key); c = h2c(s)
+opened = 0
+ok = refused = 0
+goaway = None
+try:
+    for i in range(10000):
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", ("%s:%s" % (ip, port)).encode())])
+        opened += 1
+        if i % 200 == 0:
+            s.sendall(c.data_to_send())
+    s.sendall(c.data_to_send())
+except h2.exceptions.TooManyStreamsError:
+    pass
+except OSError:
+    goaway = "closed while sending"  # the server gave up on this connection
+deadline = time.time() + 15
+s.settimeout(2)
+while time.time() < deadline and ok + refused < opened and goaway is None:
+    try:
+        evs = events(s, c)
+    except socket.timeout:
+        break
+    except OSError:
+        break
+    if evs is None:
+        break
+    for ev in evs:
+        if isinstance(ev, h2.events.ResponseReceived):
+            ok += 1
+        elif isinstance(ev, h2.events.StreamReset):
+            refused += 1
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            goaway = str(ev.error_code)
+res["flood"] = {"opened": opened, "ok": ok, "refused": refused, "goaway": goaway}
+s.close()
+# A client that stops reading: its stream stalls, nobody else's does.
+stall = tls(cert, key); sc = h2c(stall)
+sid = connect(stall, sc, "%s:%s" % (ip, port))
+res["staller"] = status(stall, sc, sid)
+sc.send_data(sid, b"x" * 60000)
+stall.sendall(sc.data_to_send())
+# ...never read again; meanwhile a fresh connection works.
+s = tls(cert, key); c = h2c(s)
+sid = connect(s, c, "%s:%s" % (ip, port))
+res["after"] = status(s, c, sid)
+res["after_echo"] = echo(s, c, sid, b"still fine") if res["after"] == "200" else ""
+s.close(); stall.close()
+print(json.dumps(res))
+"#;

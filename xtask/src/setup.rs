@@ -28,6 +28,7 @@ pub fn run() -> anyhow::Result<()> {
     nightly_rust_src().context("setup step `nightly rust-src`")?;
     bpf_linker().context("setup step `bpf-linker`")?;
     debian_tools().context("setup step `Debian packages`")?;
+    python_h2().context("setup step `Python h2`")?;
     bpffs().context("setup step `bpffs`")?;
     eprintln!("setup: ok");
     Ok(())
@@ -120,6 +121,54 @@ fn debian_tools() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("apt-get install")
+}
+
+/// The tests' independent HTTP/2 client (Python's `h2`, pure Python): from
+/// PyPI with pip, pinned; Debian's package when pip cannot install.
+const PYTHON_H2: &str = "h2==4.1.0";
+
+fn python_h2() -> anyhow::Result<()> {
+    let has_h2 = || {
+        Command::new("python3")
+            .args(["-c", "import h2"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_h2() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Python {PYTHON_H2}");
+    let pip = |extra: &[&str]| {
+        status(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(extra)
+                .arg(PYTHON_H2),
+        )
+    };
+    if pip(&[]).is_err() && pip(&["--break-system-packages"]).is_err() {
+        status(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "python3-h2",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("apt-get install python3-h2")?;
+    }
+    anyhow::ensure!(has_h2(), "python3 still cannot import h2");
+    Ok(())
 }
 
 /// bpffs at /sys/fs/bpf, when running as root (the agent and tests pin there).

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use serde::Serialize;
-use tracing::{Instrument as _, debug};
+use tracing::{Instrument as _, debug, warn};
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
@@ -187,6 +187,12 @@ impl Pool {
         Some((p.send.clone(), p.active.clone(), p.id))
     }
 
+    /// Shutdown: forget every pooled connection, so each closes (with
+    /// GOAWAY) as soon as its running streams end.
+    pub fn drain(&self) {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn evict(&self, key: &PoolKey, id: u64) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = conns.get_mut(key) {
@@ -231,7 +237,7 @@ impl Pool {
             after: HANDSHAKE_TIMEOUT,
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
-        let (send, connection) = h2::client::Builder::new()
+        let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -255,8 +261,16 @@ impl Pool {
         debug!(%addr, src = %key.src, dst = %key.dst, "HBONE connection up");
         tokio::spawn(
             async move {
-                if let Err(e) = connection.await {
-                    debug!(%addr, error = %e, "HBONE connection ended");
+                let keepalive = connection.ping_pong().map(super::keepalive);
+                tokio::select! {
+                    result = connection => if let Err(e) = result {
+                        debug!(%addr, error = %e, "HBONE connection ended");
+                    },
+                    // Dropping the connection fails its streams; the pool
+                    // evicts it at its next use.
+                    Some(reason) = async move { match keepalive { Some(k) => Some(k.await), None => None } } => {
+                        warn!(%addr, reason, "HBONE connection closed");
+                    }
                 }
             }
             .in_current_span(),

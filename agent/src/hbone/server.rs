@@ -38,6 +38,8 @@ use crate::{
 #[derive(Debug, Default, Serialize)]
 pub struct InboundStats {
     pub connections: AtomicU64,
+    /// Tunnel connections open now.
+    pub open: AtomicU64,
     /// Closed before HTTP/2: not a local meshed pod, TLS failed, no identity.
     pub rejected: AtomicU64,
     pub streams: AtomicU64,
@@ -49,6 +51,8 @@ pub struct InboundStats {
     pub denied: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Connections closed because the client stopped answering pings.
+    pub keepalive_timeouts: AtomicU64,
 }
 
 pub struct Inbound {
@@ -58,6 +62,8 @@ pub struct Inbound {
     state: watch::Receiver<Arc<Snapshot>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Set on shutdown: every tunnel sends GOAWAY and finishes its streams.
+    draining: watch::Sender<bool>,
     pub stats: InboundStats,
 }
 
@@ -76,6 +82,10 @@ pub enum InboundError {
     NoPeerIdentity,
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+    #[error("closed: {0}")]
+    Keepalive(&'static str),
+    #[error("the client did not negotiate ALPN h2")]
+    NoAlpn,
 }
 
 impl Inbound {
@@ -94,6 +104,7 @@ impl Inbound {
             state,
             connect_timeout,
             idle_timeout,
+            draining: watch::Sender::new(false),
             stats: InboundStats::default(),
         }
     }
@@ -103,15 +114,33 @@ impl Inbound {
         let span = |peer| info_span!("inbound", %peer, dst = tracing::field::Empty, peer_id = tracing::field::Empty);
         crate::proxy::accept_loop(listener, "HBONE", span, |stream, _| {
             self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            self.stats.open.fetch_add(1, Ordering::Relaxed);
             let this = self.clone();
             async move {
                 if let Err(e) = this.handle(stream).await {
                     this.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, "HBONE connection closed");
                 }
+                this.stats.open.fetch_sub(1, Ordering::Relaxed);
             }
         })
         .await;
+    }
+
+    /// Starts a graceful shutdown: each tunnel sends GOAWAY, takes no new
+    /// stream and closes once its running streams end.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Drains, then waits up to `limit` for the tunnels to close.
+    pub async fn drain_for(&self, limit: Duration) {
+        self.drain();
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.stats.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The identity of the local meshed pod at `addr`.
@@ -147,6 +176,10 @@ impl Inbound {
             .await
             .map_err(|_| InboundError::TlsTimeout(HANDSHAKE_TIMEOUT))?
             .map_err(InboundError::Tls)?;
+        // rustls lets a client that offers no ALPN through; HBONE is h2 only.
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(InboundError::NoAlpn);
+        }
         let peer_id = tls::peer_identity(tls.get_ref().1).ok_or(InboundError::NoPeerIdentity)?;
         tracing::Span::current().record("peer_id", tracing::field::display(&peer_id));
         let mut conn = h2::server::Builder::new()
@@ -157,15 +190,44 @@ impl Inbound {
             .handshake::<_, Bytes>(tls)
             .await?;
         debug!("tunnel up");
-        while let Some(request) = conn.accept().await {
-            let (request, respond) = request?;
-            self.stats.streams.fetch_add(1, Ordering::Relaxed);
-            let this = self.clone();
-            let peer_id = peer_id.clone();
-            tokio::spawn(
-                async move { this.stream(request, respond, local, &peer_id).await }
-                    .instrument(tracing::Span::current()),
-            );
+        let keepalive = conn.ping_pong().map(super::keepalive);
+        let keepalive = async move {
+            match keepalive {
+                Some(k) => k.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(keepalive);
+        let mut draining = self.draining.subscribe();
+        let mut drain_started = *draining.borrow();
+        if drain_started {
+            conn.graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                request = conn.accept() => {
+                    let Some(request) = request else { break };
+                    let (request, respond) = request?;
+                    self.stats.streams.fetch_add(1, Ordering::Relaxed);
+                    let this = self.clone();
+                    let peer_id = peer_id.clone();
+                    tokio::spawn(
+                        async move { this.stream(request, respond, local, &peer_id).await }
+                            .instrument(tracing::Span::current()),
+                    );
+                }
+                reason = &mut keepalive => {
+                    self.stats.keepalive_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(InboundError::Keepalive(reason));
+                }
+                changed = draining.changed(), if !drain_started => {
+                    if changed.is_ok() && *draining.borrow() {
+                        // GOAWAY: no new streams; running ones finish.
+                        drain_started = true;
+                        conn.graceful_shutdown();
+                    }
+                }
+            }
         }
         debug!("tunnel closed");
         Ok(())
