@@ -1,8 +1,14 @@
 //! The lab described as Kubernetes objects, for the agent's config folder.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use crate::lab::{Node, Pod};
+use crate::{
+    Agent,
+    lab::{Node, Pod},
+};
 
 /// `v1/Node` with the node's InternalIPs and pod CIDRs (dual stack).
 pub fn node(node: &Node) -> String {
@@ -164,5 +170,43 @@ impl SharedCa {
 impl Drop for SharedCa {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The set-up of every cross-node test: one shared root, the config folder
+/// holding `docs`, and an agent on each of `nodes`, started and ready (in
+/// the order of `nodes`). Agents stop before the folders go.
+pub struct Cluster {
+    pub agents: Vec<Agent>,
+    _config: ConfigDir,
+    ca: SharedCa,
+}
+
+impl Cluster {
+    pub fn start(lab: &str, nodes: &[&Node], docs: &[String]) -> anyhow::Result<Self> {
+        let ca = SharedCa::new(lab)?;
+        let config = ConfigDir::new(lab)?;
+        config.write("mesh.yaml", &self::docs(docs))?;
+        let dir = config
+            .path()
+            .to_str()
+            .expect("temp paths are UTF-8")
+            .to_owned();
+        let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
+        let mut agents = Vec::new();
+        for node in nodes {
+            let mut agent = Agent::start(node, &args)?;
+            agent.wait_ready(Duration::from_secs(30))?;
+            agents.push(agent);
+        }
+        Ok(Self {
+            agents,
+            _config: config,
+            ca,
+        })
+    }
+
+    pub fn ca(&self) -> &SharedCa {
+        &self.ca
     }
 }

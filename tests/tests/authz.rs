@@ -6,11 +6,7 @@
 
 use std::time::Duration;
 
-use trellis_tests::{
-    Agent, Lab, Pod,
-    mesh::{self, ConfigDir},
-    py,
-};
+use trellis_tests::{Lab, Pod, mesh, py};
 
 /// `GET /` to `ip:port`: the server's name, or `DENIED` when the mesh
 /// reset the connection without an answer (the reset may even beat
@@ -55,48 +51,39 @@ fn authorization_policies_allow_deny_and_scope_by_port() {
             .expect("server up");
     }
 
-    let ca = mesh::SharedCa::new(lab.name()).expect("ca");
-    let config = ConfigDir::new(lab.name()).expect("config dir");
-    config
-        .write(
-            "mesh.yaml",
-            &mesh::docs(&[
-                mesh::node(&a),
-                mesh::node(&b),
-                mesh::namespace("shop", true),
-                mesh::namespace("dev", true),
-                mesh::pod(&shop_client, "shop", &[], &[], ""),
-                mesh::pod(&dev_client, "dev", &[], &[], ""),
-                mesh::pod(&banned, "shop", &[], &[], ""),
-                mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
-                mesh::pod(&neighbour, "dev", &[], &[], ""),
-                // shop may call web on any port, dev only on 7001...
-                mesh::authorization_policy(
-                    "shop",
-                    "web-callers",
-                    "{selector: {matchLabels: {app: web}}, action: ALLOW, rules: [\
-                     {from: [{source: {namespaces: [shop]}}]}, \
-                     {from: [{source: {namespaces: [dev]}}], to: [{operation: {ports: ['7001']}}]}]}",
-                ),
-                // ...and a3's service account never, though it is in shop.
-                mesh::authorization_policy(
-                    "shop",
-                    "ban-a3",
-                    "{action: DENY, rules: [{from: [{source: {principals: ['*/sa/a3']}}]}]}",
-                ),
-            ]),
-        )
-        .expect("config");
-    let dir = config.path().to_str().expect("utf-8").to_owned();
-    let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
-    let mut agent_a = Agent::start(&a, &args).expect("agent a");
-    let mut agent_b = Agent::start(&b, &args).expect("agent b");
-    agent_a
-        .wait_ready(Duration::from_secs(30))
-        .expect("a ready");
-    agent_b
-        .wait_ready(Duration::from_secs(30))
-        .expect("b ready");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::namespace("dev", true),
+            mesh::pod(&shop_client, "shop", &[], &[], ""),
+            mesh::pod(&dev_client, "dev", &[], &[], ""),
+            mesh::pod(&banned, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::pod(&neighbour, "dev", &[], &[], ""),
+            // shop may call web on any port, dev only on 7001...
+            mesh::authorization_policy(
+                "shop",
+                "web-callers",
+                "{selector: {matchLabels: {app: web}}, action: ALLOW, rules: [\
+             {from: [{source: {namespaces: [shop]}}]}, \
+             {from: [{source: {namespaces: [dev]}}], to: [{operation: {ports: ['7001']}}]}]}",
+            ),
+            // ...and a3's service account never, though it is in shop.
+            mesh::authorization_policy(
+                "shop",
+                "ban-a3",
+                "{action: DENY, rules: [{from: [{source: {principals: ['*/sa/a3']}}]}]}",
+            ),
+        ],
+    )
+    .expect("agents");
+    let [agent_a, agent_b] = &cluster.agents[..] else {
+        unreachable!("two agents")
+    };
 
     let table: &[(&Pod, u16, &str)] = &[
         (&shop_client, 7000, "web7000"), // allowed by namespace

@@ -6,11 +6,7 @@
 use std::{process::Stdio, time::Duration};
 
 use trellis_agent::bpf::maps::counters;
-use trellis_tests::{
-    Agent, ChildGuard, Lab,
-    mesh::{self, ConfigDir},
-    py,
-};
+use trellis_tests::{ChildGuard, Lab, mesh, py};
 
 const VIP: &str = "10.96.0.80";
 /// Sent in the request and echoed back: must never appear on the wire.
@@ -37,31 +33,22 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
             .expect("server up");
     }
 
-    let ca = mesh::SharedCa::new(lab.name()).expect("ca init");
-    let config = ConfigDir::new(lab.name()).expect("config dir");
-    config
-        .write(
-            "mesh.yaml",
-            &mesh::docs(&[
-                mesh::node(&a),
-                mesh::node(&b),
-                mesh::namespace("shop", true),
-                mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
-                mesh::pod(&server, "shop", &[("app", "echo")], &[], ""),
-                mesh::service("shop", "echo", VIP, 7000, "7000", &[("app", "echo")]),
-            ]),
-        )
-        .expect("config");
-    let dir = config.path().to_str().expect("utf-8").to_owned();
-    let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
-    let mut agent_a = Agent::start(&a, &args).expect("agent a");
-    let mut agent_b = Agent::start(&b, &args).expect("agent b");
-    agent_a
-        .wait_ready(Duration::from_secs(30))
-        .expect("a ready");
-    agent_b
-        .wait_ready(Duration::from_secs(30))
-        .expect("b ready");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "echo")], &[], ""),
+            mesh::service("shop", "echo", VIP, 7000, "7000", &[("app", "echo")]),
+        ],
+    )
+    .expect("agents");
+    let [agent_a, agent_b] = &cluster.agents[..] else {
+        unreachable!("two agents")
+    };
 
     // Capture everything on b's uplink while the call runs.
     let pcap = std::env::temp_dir().join(format!("{}.pcap", lab.name()));

@@ -12,11 +12,7 @@ use std::{
 };
 
 use trellis_agent::identity::{Identity, ca::Ca};
-use trellis_tests::{
-    Agent, Lab, Node,
-    mesh::{self, ConfigDir},
-    py,
-};
+use trellis_tests::{Lab, Node, mesh, py};
 
 /// Writes `identity`'s certificate (PEM) and key (PEM) into `dir`, signed by
 /// `ca`, valid from `from` for `lifetime`.
@@ -89,36 +85,29 @@ fn independent_clients_bad_certificates_and_bad_input() {
         .wait_port(&server.ip.to_string(), 7000, Duration::from_secs(20))
         .expect("echo up");
 
-    let shared = mesh::SharedCa::new(lab.name()).expect("ca");
-    let config = ConfigDir::new(lab.name()).expect("config dir");
-    config
-        .write(
-            "mesh.yaml",
-            &mesh::docs(&[
-                mesh::node(&a),
-                mesh::node(&b),
-                mesh::namespace("shop", true),
-                mesh::pod(&elsewhere, "shop", &[], &[], ""),
-                mesh::pod(&server, "shop", &[], &[], ""),
-                mesh::authorization_policy(
-                    "shop",
-                    "no-intruder",
-                    "{action: DENY, rules: [{from: [{source: {principals: ['*/sa/intruder']}}]}]}",
-                ),
-            ]),
-        )
-        .expect("config");
-    let dir = config.path().to_str().expect("utf-8").to_owned();
-    let mut agent_b =
-        Agent::start(&b, &["--config-dir", &dir, "--ca-dir", shared.path()]).expect("agent b");
-    agent_b
-        .wait_ready(Duration::from_secs(30))
-        .expect("b ready");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&elsewhere, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[], &[], ""),
+            mesh::authorization_policy(
+                "shop",
+                "no-intruder",
+                "{action: DENY, rules: [{from: [{source: {principals: ['*/sa/intruder']}}]}]}",
+            ),
+        ],
+    )
+    .expect("agents");
+    let agent_b = &cluster.agents[0];
 
     let files = std::env::temp_dir().join(format!("{}-certs", lab.name()));
     let _ = std::fs::remove_dir_all(&files);
     std::fs::create_dir_all(&files).expect("cert dir");
-    let ca = Ca::load(Path::new(shared.path())).expect("load ca");
+    let ca = Ca::load(Path::new(cluster.ca().path())).expect("load ca");
     let now = SystemTime::now();
     let day = Duration::from_secs(86400);
     let (good, good_key) = issue(&a, &ca, &files, "good", "py-client", now, day);
@@ -134,7 +123,7 @@ fn independent_clients_bad_certificates_and_bad_input() {
     );
     let other = Ca::in_memory("cluster.local").expect("other ca");
     let (foreign, foreign_key) = issue(&a, &other, &files, "foreign", "py-client", now, day);
-    let ca_cert = Path::new(shared.path()).join("ca.crt");
+    let ca_cert = Path::new(cluster.ca().path()).join("ca.crt");
     let p = |p: &Path| p.to_str().expect("utf-8").to_owned();
     let target = format!("{}:15008", server.ip);
 

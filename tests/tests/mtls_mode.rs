@@ -7,11 +7,7 @@
 use std::time::Duration;
 
 use trellis_agent::bpf::maps::counters;
-use trellis_tests::{
-    Agent, Exec, Lab,
-    mesh::{self, ConfigDir},
-    py,
-};
+use trellis_tests::{Exec, Lab, mesh, py};
 
 /// `GET /` to `ip:7000` from `from`: the server's name, or `DROPPED` when no
 /// connection could be made within two seconds.
@@ -52,34 +48,25 @@ fn strict_pods_drop_plaintext_from_outside_the_mesh_permissive_ones_take_it() {
             .expect("server up");
     }
 
-    let ca = mesh::SharedCa::new(lab.name()).expect("ca");
-    let config = ConfigDir::new(lab.name()).expect("config dir");
-    config
-        .write(
-            "mesh.yaml",
-            &mesh::docs(&[
-                mesh::node(&a),
-                mesh::node(&b),
-                mesh::namespace("shop", true),
-                mesh::namespace("outside", false),
-                mesh::pod(&meshed_client, "shop", &[], &[], ""),
-                mesh::pod(&outsider, "outside", &[], &[], ""),
-                mesh::pod(&strict, "shop", &[("trellis.dev/mtls", "strict")], &[], ""),
-                mesh::pod(&permissive, "shop", &[], &[], ""),
-                mesh::pod(&neighbour, "outside", &[], &[], ""),
-            ]),
-        )
-        .expect("config");
-    let dir = config.path().to_str().expect("utf-8").to_owned();
-    let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
-    let mut agent_a = Agent::start(&a, &args).expect("agent a");
-    let mut agent_b = Agent::start(&b, &args).expect("agent b");
-    agent_a
-        .wait_ready(Duration::from_secs(30))
-        .expect("a ready");
-    agent_b
-        .wait_ready(Duration::from_secs(30))
-        .expect("b ready");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::namespace("outside", false),
+            mesh::pod(&meshed_client, "shop", &[], &[], ""),
+            mesh::pod(&outsider, "outside", &[], &[], ""),
+            mesh::pod(&strict, "shop", &[("trellis.dev/mtls", "strict")], &[], ""),
+            mesh::pod(&permissive, "shop", &[], &[], ""),
+            mesh::pod(&neighbour, "outside", &[], &[], ""),
+        ],
+    )
+    .expect("agents");
+    let [_agent_a, agent_b] = &cluster.agents[..] else {
+        unreachable!("two agents")
+    };
     let hooked = agent_b.cli_json("workloads").expect("workloads");
     let (strict_ip, permissive_ip) = (strict.ip.to_string(), permissive.ip.to_string());
 
