@@ -35,7 +35,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pings the peer through `ping_pong` every [`KEEPALIVE_INTERVAL`];
 /// completes when a pong does not come back within [`KEEPALIVE_TIMEOUT`]
 /// (or the connection is gone). The caller then closes the connection.
-pub async fn keepalive(mut ping_pong: h2::PingPong) -> &'static str {
+/// Without a handle (h2 gives it out once) it never completes.
+pub async fn keepalive(ping_pong: Option<h2::PingPong>) -> &'static str {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
     loop {
         tokio::time::sleep(KEEPALIVE_INTERVAL).await;
         match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {

@@ -15,25 +15,37 @@ use trellis_common::{PROG_POD_FROM, PROG_POD_TO};
 
 use super::{BpfError, PinLayout, hint_for, sys};
 
+/// One pod program: its name, where it attaches, the loaded program.
+struct Hook {
+    program: &'static str,
+    attach_type: u32,
+    fd: OwnedFd,
+}
+
 /// The loaded pod programs, and which interfaces have them.
 pub struct PodHooks {
     layout: PinLayout,
-    to: OwnedFd,
-    from: OwnedFd,
+    hooks: [Hook; 2],
     attached: BTreeSet<u32>,
 }
 
-const HOOKS: [(&str, u32); 2] = [
-    (PROG_POD_TO, sys::attach_type::TCX_EGRESS),
-    (PROG_POD_FROM, sys::attach_type::TCX_INGRESS),
-];
-
 impl PodHooks {
     pub(super) fn new(layout: PinLayout, to: OwnedFd, from: OwnedFd) -> Self {
+        let hooks = [
+            Hook {
+                program: PROG_POD_TO,
+                attach_type: sys::attach_type::TCX_EGRESS,
+                fd: to,
+            },
+            Hook {
+                program: PROG_POD_FROM,
+                attach_type: sys::attach_type::TCX_INGRESS,
+                fd: from,
+            },
+        ];
         Self {
             layout,
-            to,
-            from,
+            hooks,
             attached: BTreeSet::new(),
         }
     }
@@ -48,7 +60,8 @@ impl PodHooks {
     /// the others are hooked regardless.
     pub fn sync(&mut self, wanted: &BTreeSet<u32>) -> Vec<(u32, BpfError)> {
         let mut failed = Vec::new();
-        for &ifindex in wanted.difference(&self.attached.clone()) {
+        let new: Vec<u32> = wanted.difference(&self.attached).copied().collect();
+        for ifindex in new {
             match self.attach(ifindex) {
                 Ok(()) => {
                     self.attached.insert(ifindex);
@@ -76,23 +89,21 @@ impl PodHooks {
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let (program, ifindex) = name.split_once('@')?;
-                HOOKS.iter().any(|(p, _)| *p == program).then_some(())?;
+                self.hooks
+                    .iter()
+                    .any(|h| h.program == program)
+                    .then_some(())?;
                 Some((ifindex.parse().ok()?, e.path()))
             })
             .collect()
     }
 
     fn attach(&self, ifindex: u32) -> Result<(), BpfError> {
-        for (program, attach_type) in HOOKS {
-            let prog = if program == PROG_POD_TO {
-                &self.to
-            } else {
-                &self.from
-            };
-            let path = self.link_path(program, ifindex);
+        for hook in &self.hooks {
+            let path = self.link_path(hook.program, ifindex);
             if path.exists() {
                 let adopted = sys::obj_get(&path)
-                    .and_then(|link| sys::link_update(link.as_fd(), prog.as_fd()));
+                    .and_then(|link| sys::link_update(link.as_fd(), hook.fd.as_fd()));
                 match adopted {
                     Ok(()) => continue,
                     // The interface went and its link with it: start afresh.
@@ -102,9 +113,9 @@ impl PodHooks {
                     })?,
                 }
             }
-            let link = sys::link_create(prog.as_fd(), ifindex, attach_type).map_err(
+            let link = sys::link_create(hook.fd.as_fd(), ifindex, hook.attach_type).map_err(
                 |source: io::Error| BpfError::Attach {
-                    name: program_name(program),
+                    name: hook.program,
                     hint: hint_for(&source),
                     source,
                 },
@@ -117,13 +128,5 @@ impl PodHooks {
     /// Interfaces hooked now.
     pub fn attached(&self) -> &BTreeSet<u32> {
         &self.attached
-    }
-}
-
-fn program_name(program: &str) -> &'static str {
-    if program == PROG_POD_TO {
-        PROG_POD_TO
-    } else {
-        PROG_POD_FROM
     }
 }

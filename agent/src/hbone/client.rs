@@ -261,14 +261,14 @@ impl Pool {
         debug!(%addr, src = %key.src, dst = %key.dst, "HBONE connection up");
         tokio::spawn(
             async move {
-                let keepalive = connection.ping_pong().map(super::keepalive);
+                let keepalive = super::keepalive(connection.ping_pong());
                 tokio::select! {
                     result = connection => if let Err(e) = result {
                         debug!(%addr, error = %e, "HBONE connection ended");
                     },
                     // Dropping the connection fails its streams; the pool
                     // evicts it at its next use.
-                    Some(reason) = async move { match keepalive { Some(k) => Some(k.await), None => None } } => {
+                    reason = keepalive => {
                         warn!(%addr, reason, "HBONE connection closed");
                     }
                 }

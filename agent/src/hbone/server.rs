@@ -190,13 +190,7 @@ impl Inbound {
             .handshake::<_, Bytes>(tls)
             .await?;
         debug!("tunnel up");
-        let keepalive = conn.ping_pong().map(super::keepalive);
-        let keepalive = async move {
-            match keepalive {
-                Some(k) => k.await,
-                None => std::future::pending().await,
-            }
-        };
+        let keepalive = super::keepalive(conn.ping_pong());
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
         let mut drain_started = *draining.borrow();
@@ -237,7 +231,13 @@ impl Inbound {
     /// `forwarded` names it, when that address is a meshed pod on another
     /// node running as the identity the certificate proves (a header alone
     /// never chooses an address); else the node's.
-    fn upstream_source(&self, forwarded: &str, peer_id: &Identity, target: SocketAddr) -> Source {
+    fn upstream_source(
+        &self,
+        snapshot: &Snapshot,
+        forwarded: &str,
+        peer_id: &Identity,
+        target: SocketAddr,
+    ) -> Source {
         let Some(client) = forwarded
             .strip_prefix("for=\"")
             .and_then(|f| f.strip_suffix('"'))
@@ -246,7 +246,6 @@ impl Inbound {
             return Source::Any;
         };
         let ip = client.ip().to_canonical();
-        let snapshot = self.state.borrow().clone();
         let proven = snapshot.workload_by_ip(ip).is_some_and(|w| {
             w.meshed && w.node != self.node && Identity::of(w, &self.trust_domain) == *peer_id
         });
@@ -298,7 +297,7 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let source = self.upstream_source(&forwarded, peer_id, target);
+        let source = self.upstream_source(&snapshot, &forwarded, peer_id, target);
         if matches!(source, Source::Client(_)) {
             self.stats.source_preserved.fetch_add(1, Ordering::Relaxed);
         }

@@ -235,14 +235,18 @@ impl Policy {
             })
     }
 
-    fn matches(&self, check: &Check<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(check))
+    fn matches(&self, check: &Check<'_>, principal: &str) -> bool {
+        self.rules.iter().any(|rule| rule.matches(check, principal))
     }
 }
 
 impl CompiledRule {
-    fn matches(&self, check: &Check<'_>) -> bool {
-        let from = self.from.is_empty() || self.from.iter().any(|s| source_matches(s, check));
+    fn matches(&self, check: &Check<'_>, principal: &str) -> bool {
+        let from = self.from.is_empty()
+            || self
+                .from
+                .iter()
+                .any(|s| source_matches(s, principal, &check.source.namespace));
         let to = self.ports.is_empty()
             || self.ports.iter().any(|(ports, not_ports)| {
                 (ports.is_empty() || ports.contains(&check.port))
@@ -252,15 +256,10 @@ impl CompiledRule {
     }
 }
 
-fn source_matches(source: &Source, check: &Check<'_>) -> bool {
-    let principal = format!(
-        "{}/ns/{}/sa/{}",
-        check.source.trust_domain, check.source.namespace, check.source.service_account
-    );
-    let ns = check.source.namespace.as_str();
+fn source_matches(source: &Source, principal: &str, ns: &str) -> bool {
     let any = |patterns: &[String], value: &str| patterns.iter().any(|p| pattern_matches(p, value));
-    (source.principals.is_empty() || any(&source.principals, &principal))
-        && !any(&source.not_principals, &principal)
+    (source.principals.is_empty() || any(&source.principals, principal))
+        && !any(&source.not_principals, principal)
         && (source.namespaces.is_empty() || any(&source.namespaces, ns))
         && !any(&source.not_namespaces, ns)
 }
@@ -302,15 +301,20 @@ pub enum Verdict {
 
 /// Decides one connection against all policies.
 pub fn evaluate(policies: &[Policy], check: &Check<'_>) -> Verdict {
+    // Istio's form of the SPIFFE ID, made once for every rule to match.
+    let principal = format!(
+        "{}/ns/{}/sa/{}",
+        check.source.trust_domain, check.source.namespace, check.source.service_account
+    );
     let applying = || policies.iter().filter(|p| p.applies_to(check.destination));
-    if let Some(p) = applying().find(|p| p.action == Action::Deny && p.matches(check)) {
+    if let Some(p) = applying().find(|p| p.action == Action::Deny && p.matches(check, &principal)) {
         return Verdict::Deny {
             policy: p.id(),
             reason: "a DENY rule matched",
         };
     }
     let allow: Vec<&Policy> = applying().filter(|p| p.action == Action::Allow).collect();
-    if allow.is_empty() || allow.iter().any(|p| p.matches(check)) {
+    if allow.is_empty() || allow.iter().any(|p| p.matches(check, &principal)) {
         Verdict::Allow
     } else {
         Verdict::Deny {

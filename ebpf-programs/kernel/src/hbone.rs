@@ -6,8 +6,13 @@
 //! them to the pod. The agent then knows from the local address which
 //! workload was dialled. Everything else passes untouched.
 
-use aya_ebpf::{bindings::tcx_action_base::TCX_NEXT, macros::classifier, programs::TcContext};
-use trellis_common::{CounterKey, HBONE_PORT, hook, ip_flags, reason, verdict};
+use aya_ebpf::{
+    bindings::tcx_action_base::TCX_NEXT,
+    helpers::{bpf_sk_assign, bpf_sk_release},
+    macros::classifier,
+    programs::TcContext,
+};
+use trellis_common::{CounterKey, HBONE_MARK, HBONE_PORT, hook, ip_flags, reason, verdict};
 
 use crate::{
     counters::count,
@@ -45,9 +50,6 @@ pub fn trl_hbone_in(ctx: TcContext) -> i32 {
 /// marks the packet for local delivery. False when there is none.
 #[inline(always)]
 pub fn steer(ctx: &TcContext, tcp: &mut Tcp) -> bool {
-    use aya_ebpf::helpers::{bpf_sk_assign, bpf_sk_release};
-    use trellis_common::HBONE_MARK;
-
     let sk = tcp.lookup(ctx);
     if sk.is_null() {
         return false;
