@@ -528,38 +528,29 @@ fn status_workloads_and_maps_show_what_the_agent_sees() {
             .expect("maps"),
     )
     .expect("json");
-    assert!(
-        maps["services"]
+    // Some entry of map `table` has `field` = `want`.
+    let has = |table: &str, field: &str, want: String| {
+        maps[table]
             .as_array()
-            .expect("services")
+            .unwrap_or_else(|| panic!("{table} in {maps}"))
             .iter()
-            .any(|s| s["vip"] == format!("{WEB_VIP}:80")),
-        "{maps}"
-    );
-    assert!(
-        maps["ipcache"]
-            .as_array()
-            .expect("ipcache")
-            .iter()
-            .any(|s| s["prefix"] == format!("{}/32", m.client.ip)),
-        "{maps}"
-    );
-    assert!(
-        maps["ipcache"]
-            .as_array()
-            .expect("ipcache")
-            .iter()
-            .any(|s| s["prefix"] == format!("{}/128", m.client.ip6)),
-        "{maps}"
-    );
-    assert!(
-        maps["orig_by_tuple"]
-            .as_array()
-            .expect("orig")
-            .iter()
-            .any(|o| o["original_destination"] == format!("{WEB_VIP}:80")),
-        "{maps}"
-    );
+            .any(|entry| entry[field] == want)
+    };
+    for (table, field, want) in [
+        ("services", "vip", format!("{WEB_VIP}:80")),
+        ("ipcache", "prefix", format!("{}/32", m.client.ip)),
+        ("ipcache", "prefix", format!("{}/128", m.client.ip6)),
+        (
+            "orig_by_tuple",
+            "original_destination",
+            format!("{WEB_VIP}:80"),
+        ),
+    ] {
+        assert!(
+            has(table, field, want.clone()),
+            "{table}: no {field} {want}: {maps}"
+        );
+    }
     let text = agent.cli(&["maps", "--bpffs", bpffs]).expect("maps text");
     for section in [
         "MAPS",
