@@ -13,6 +13,7 @@ pub mod env {
     pub const CGROUP_ROOT: &str = "TRELLIS_CGROUP_ROOT";
     pub const BPFFS: &str = "TRELLIS_BPFFS";
     pub const CA_DIR: &str = "TRELLIS_CA_DIR";
+    pub const CERT_DIR: &str = "TRELLIS_CERT_DIR";
     pub const TRUST_DOMAIN: &str = "TRELLIS_TRUST_DOMAIN";
     pub const LOG_LEVEL: &str = "TRELLIS_LOG_LEVEL";
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
@@ -96,9 +97,16 @@ pub struct AgentArgs {
     #[arg(long, env = env::BPFFS)]
     pub bpffs: PathBuf,
 
-    /// Folder with `ca.crt` and `ca.key` (from `trellis ca init`) for the built-in CA.
-    #[arg(long, env = env::CA_DIR)]
+    /// Folder with `ca.crt` and `ca.key` (from `trellis ca init`), and
+    /// optionally `bundle.crt`, for the built-in CA; reloaded on change.
+    #[arg(long, env = env::CA_DIR, conflicts_with = "cert_dir")]
     pub ca_dir: Option<PathBuf>,
+
+    /// Folder of certificates an external issuer (cert-manager, SPIRE)
+    /// writes: `<namespace>/<service-account>/{tls.crt,tls.key,ca.crt}`;
+    /// reloaded on change. Instead of the built-in CA.
+    #[arg(long, env = env::CERT_DIR)]
+    pub cert_dir: Option<PathBuf>,
 
     /// SPIFFE trust domain of the workloads' identities.
     #[arg(long, env = env::TRUST_DOMAIN, default_value = "cluster.local")]

@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     /// Built-in CA folder; `None` makes an in-memory root at start.
     pub ca_dir: Option<PathBuf>,
+    /// Certificates from an external issuer, instead of the built-in CA.
+    pub cert_dir: Option<PathBuf>,
     /// SPIFFE trust domain.
     pub trust_domain: String,
     /// Log filter.
@@ -149,6 +151,15 @@ impl AgentConfig {
                 reason: "no such folder (create one with `trellis ca init DIR`)".into(),
             });
         }
+        if let Some(dir) = &args.cert_dir
+            && !dir.is_dir()
+        {
+            return Err(ConfigError::Invalid {
+                flag: "cert-dir",
+                value: dir.display().to_string(),
+                reason: "no such folder".into(),
+            });
+        }
         let duration = |flag: &'static str, text: &str| {
             parse_duration(text).map_err(|reason| ConfigError::Invalid {
                 flag,
@@ -173,6 +184,7 @@ impl AgentConfig {
             cgroup_root: args.cgroup_root.clone(),
             bpffs: args.bpffs.clone(),
             ca_dir: args.ca_dir.clone(),
+            cert_dir: args.cert_dir.clone(),
             trust_domain: args.trust_domain.clone(),
             log_level: args.log_level.clone(),
             log_format: args.log_format,

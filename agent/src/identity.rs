@@ -3,6 +3,7 @@
 //! per-node cache that issues them on demand and renews them ([`manager`]).
 
 pub mod ca;
+pub mod files;
 pub mod manager;
 pub mod svid;
 

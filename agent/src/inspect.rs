@@ -147,13 +147,27 @@ fn on_off(v: &Value) -> &'static str {
 /// `trellis certs` as text.
 pub fn render_certs(doc: &Value) -> String {
     let mut out = String::new();
+    let source = &doc["source"];
     let _ = writeln!(
         out,
-        "CA {}   lifetime {}s   trust bundle: {} root(s)",
-        s(&doc["ca"]),
+        "SOURCE {} {}   lifetime {}s   reloads {} (refused {})",
+        s(&source["kind"]),
+        s(&source["dir"]),
         s(&doc["lifetime_seconds"]),
+        s(&doc["reloads"]["reloads"]),
+        s(&doc["reloads"]["errors"]),
+    );
+    if let Some(error) = doc["reloads"]["last_error"].as_str() {
+        let _ = writeln!(out, "  last refused: {error}");
+    }
+    let _ = writeln!(
+        out,
+        "TRUST BUNDLE: {} root(s)",
         s(&doc["trust_bundle_roots"])
     );
+    for root in doc["trust_bundle"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  {}", s(root));
+    }
     let _ = writeln!(
         out,
         "  {:<52} {:<34} {:>11} {:>11} {:>9}  ISSUERS",

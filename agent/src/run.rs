@@ -105,19 +105,21 @@ fn listen(
     TcpListener::from_std(socket.into()).map(Some).map_err(err)
 }
 
-/// The certificate authority: the mounted root, or one made now.
+/// Where certificates come from: an external issuer's files, the mounted
+/// CA, or a root made now.
 fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError> {
-    let ca = match &cfg.ca_dir {
-        Some(dir) => Ca::load(dir)?,
-        None => {
+    let manager = match (&cfg.cert_dir, &cfg.ca_dir) {
+        (Some(dir), _) => CertManager::from_files(dir, &cfg.trust_domain),
+        (None, Some(dir)) => CertManager::from_ca_dir(dir, cfg.cert_lifetime)?,
+        (None, None) => {
             warn!(
-                "no --ca-dir: using an in-memory root made now; other nodes cannot verify this one, so cross-node mTLS needs a shared --ca-dir"
+                "no --ca-dir or --cert-dir: using an in-memory root made now; other nodes cannot verify this one, so cross-node mTLS needs a shared --ca-dir"
             );
-            Ca::in_memory(&cfg.trust_domain)?
+            CertManager::new(Ca::in_memory(&cfg.trust_domain)?, cfg.cert_lifetime)
         }
     };
-    info!(origin = ?ca.origin, lifetime = ?cfg.cert_lifetime, "certificate authority");
-    Ok(Arc::new(CertManager::new(ca, cfg.cert_lifetime)))
+    info!(source = ?manager.origin(), lifetime = ?cfg.cert_lifetime, roots = manager.bundle().roots().len(), "certificate source");
+    Ok(Arc::new(manager))
 }
 
 /// Waits for this node's InternalIPs, then attaches HBONE steering to the

@@ -48,6 +48,13 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
         .map_err(|e: crate::identity::IdentityError| e.to_string())
 }
 
+/// When a certificate expires.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }

@@ -173,6 +173,14 @@ impl Drop for SharedCa {
     }
 }
 
+/// Where the agents of a [`Cluster`] get certificates.
+pub enum Certs<'a> {
+    /// The built-in CA, from one shared `--ca-dir`.
+    SharedCa,
+    /// An external issuer's folder per node (`--cert-dir`), in node order.
+    Files(&'a [&'a Path]),
+}
+
 /// The set-up of every cross-node test: one shared root, the config folder
 /// holding `docs`, and an agent on each of `nodes`, started and ready (in
 /// the order of `nodes`). Agents stop before the folders go.
@@ -184,6 +192,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(lab: &str, nodes: &[&Node], docs: &[String]) -> anyhow::Result<Self> {
+        Self::start_with(lab, nodes, docs, Certs::SharedCa, &[])
+    }
+
+    /// [`Cluster::start`], choosing where certificates come from and adding
+    /// `extra` arguments to every agent.
+    pub fn start_with(
+        lab: &str,
+        nodes: &[&Node],
+        docs: &[String],
+        certs: Certs<'_>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let ca = SharedCa::new(lab)?;
         let config = ConfigDir::new(lab)?;
         config.write("mesh.yaml", &self::docs(docs))?;
@@ -192,9 +212,17 @@ impl Cluster {
             .to_str()
             .expect("temp paths are UTF-8")
             .to_owned();
-        let args = ["--config-dir", &dir, "--ca-dir", ca.path()];
         let mut agents = Vec::new();
-        for node in nodes {
+        for (i, node) in nodes.iter().enumerate() {
+            let (flag, certs_dir) = match &certs {
+                Certs::SharedCa => ("--ca-dir", ca.path()),
+                Certs::Files(dirs) => (
+                    "--cert-dir",
+                    dirs[i].to_str().expect("temp paths are UTF-8"),
+                ),
+            };
+            let mut args = vec!["--config-dir", &dir, flag, certs_dir];
+            args.extend_from_slice(extra);
             let mut agent = Agent::start(node, &args)?;
             agent.wait_ready(Duration::from_secs(30))?;
             agents.push(agent);

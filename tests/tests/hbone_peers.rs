@@ -160,7 +160,7 @@ fn independent_clients_bad_certificates_and_bad_input() {
         (
             "another CA",
             Some((foreign.as_path(), foreign_key.as_path())),
-            "alert certificate unknown",
+            "alert unknown ca",
         ),
         (
             "expired",

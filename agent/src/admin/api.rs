@@ -215,10 +215,17 @@ fn certs(state: &AdminState) -> serde_json::Value {
             v
         })
         .collect();
+    let roots = state.certs.bundle().roots();
+    let subjects: Vec<String> = roots
+        .iter()
+        .map(|r| crate::identity::ca::subject_of(r).unwrap_or_else(|e| e))
+        .collect();
     serde_json::json!({
-        "ca": state.certs.ca().origin,
+        "source": state.certs.origin(),
         "lifetime_seconds": state.certs.lifetime().as_secs(),
-        "trust_bundle_roots": state.certs.bundle().roots().len(),
+        "trust_bundle_roots": roots.len(),
+        "trust_bundle": subjects,
+        "reloads": state.certs.reload_stats(),
         "certificates": certs,
     })
 }

@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use tracing::{Instrument as _, debug, warn};
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
     hbone::stream::H2Stream,
-    identity::{Identity, manager::CertManager},
+    identity::{Identity, manager::CertManager, svid::Svid},
     tls,
 };
 
@@ -65,6 +65,11 @@ struct Pooled {
     send: h2::client::SendRequest<Bytes>,
     active: Arc<AtomicUsize>,
     id: u64,
+    /// The serial of the certificate it was made with: once the workload
+    /// has a new one, new streams go on a new connection.
+    serial: String,
+    /// When the first of the two certificates expires: no new streams after.
+    until: SystemTime,
 }
 
 /// Holds a stream's slot in its connection until dropped.
@@ -90,6 +95,9 @@ pub struct PoolStats {
     pub connections_opened: AtomicU64,
     pub streams_opened: AtomicU64,
     pub failures: AtomicU64,
+    /// Connections given no more streams because a certificate was renewed
+    /// or expires (their running streams finish on them).
+    pub retired: AtomicU64,
 }
 
 pub struct Pool {
@@ -146,11 +154,18 @@ impl Pool {
             dst: dst.clone(),
             addr: SocketAddr::new(target.ip(), trellis_common::HBONE_PORT),
         };
+        let svid = self
+            .certs
+            .get(&key.src)
+            .map_err(|e| HboneError::Certificate {
+                identity: key.src.to_string(),
+                reason: e.to_string(),
+            })?;
         let mut last = None;
         for _ in 0..2 {
-            let (send, active, id) = match self.checkout(&key) {
+            let (send, active, id) = match self.checkout(&key, &svid.info.serial) {
                 Some(found) => found,
-                None => self.dial(&key, source).await?,
+                None => self.dial(&key, source, &svid).await?,
             };
             match self.request(send, target, client, &key).await {
                 Ok(stream) => {
@@ -173,13 +188,26 @@ impl Pool {
         Err(last.expect("two attempts failed"))
     }
 
-    /// A pooled connection with a free stream slot, its slot taken.
+    /// A pooled connection made with the certificate `serial`, with a free
+    /// stream slot, its slot taken. Connections made with an older
+    /// certificate, or whose certificates are about to expire, leave the
+    /// pool.
     fn checkout(
         &self,
         key: &PoolKey,
+        serial: &str,
     ) -> Option<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>, u64)> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
+        let now = SystemTime::now();
+        let before = list.len();
+        list.retain(|p| p.serial == serial && now < p.until);
+        if list.len() != before {
+            self.stats
+                .retired
+                .fetch_add((before - list.len()) as u64, Ordering::Relaxed);
+            debug!(src = %key.src, dst = %key.dst, "renewed or expiring certificate: new streams go on a new connection");
+        }
         let p = list
             .iter()
             .find(|p| p.active.load(Ordering::Relaxed) < MAX_STREAMS as usize)?;
@@ -207,18 +235,16 @@ impl Pool {
         &self,
         key: &PoolKey,
         source: Option<IpAddr>,
+        svid: &Svid,
     ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>, u64), HboneError> {
         let addr = key.addr;
-        let certificate = |reason: String| HboneError::Certificate {
-            identity: key.src.to_string(),
-            reason,
-        };
-        let svid = self
-            .certs
-            .get(&key.src)
-            .map_err(|e| certificate(e.to_string()))?;
-        let config = tls::client_config(&svid, key.dst.clone(), self.certs.bundle())
-            .map_err(|e| certificate(e.to_string()))?;
+        let config =
+            tls::client_config(svid, key.dst.clone(), self.certs.bundle()).map_err(|e| {
+                HboneError::Certificate {
+                    identity: key.src.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
         let tcp = crate::proxy::connect_from(
             addr,
             source.map_or(crate::proxy::Source::Any, crate::proxy::Source::Node),
@@ -237,6 +263,13 @@ impl Pool {
             after: HANDSHAKE_TIMEOUT,
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
+        let peer_until = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tls::not_after);
+        let until = peer_until.map_or(svid.info.not_after, |t| t.min(svid.info.not_after));
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -256,6 +289,8 @@ impl Pool {
                 send: send.clone(),
                 active: active.clone(),
                 id,
+                serial: svid.info.serial.clone(),
+                until,
             });
         }
         debug!(%addr, src = %key.src, dst = %key.dst, "HBONE connection up");

@@ -7,9 +7,10 @@
 //! the upstream connect fails, 401 when an authorization policy denies it.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -64,6 +65,9 @@ pub struct Inbound {
     idle_timeout: Duration,
     /// Set on shutdown: every tunnel sends GOAWAY and finishes its streams.
     draining: watch::Sender<bool>,
+    /// One TLS config per local identity, rebuilt when its certificate is
+    /// (the bundle is read at every handshake, so it needs no rebuild).
+    configs: Mutex<HashMap<Identity, (String, Arc<rustls::ServerConfig>)>>,
     pub stats: InboundStats,
 }
 
@@ -105,6 +109,7 @@ impl Inbound {
             connect_timeout,
             idle_timeout,
             draining: watch::Sender::new(false),
+            configs: Mutex::default(),
             stats: InboundStats::default(),
         }
     }
@@ -143,6 +148,28 @@ impl Inbound {
         }
     }
 
+    /// The TLS config presenting `identity`'s current certificate.
+    fn server_config(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<rustls::ServerConfig>, InboundError> {
+        let fail = |reason: String| InboundError::Certificate {
+            identity: identity.to_string(),
+            reason,
+        };
+        let svid = self.certs.get(identity).map_err(|e| fail(e.to_string()))?;
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((serial, config)) = configs.get(identity)
+            && *serial == svid.info.serial
+        {
+            return Ok(config.clone());
+        }
+        let config =
+            tls::server_config(&svid, self.certs.bundle()).map_err(|e| fail(e.to_string()))?;
+        configs.insert(identity.clone(), (svid.info.serial.clone(), config.clone()));
+        Ok(config)
+    }
+
     /// The identity of the local meshed pod at `addr`.
     fn dialled(&self, addr: SocketAddr) -> Option<Identity> {
         let snapshot = self.state.borrow().clone();
@@ -157,19 +184,7 @@ impl Inbound {
         let local = SocketAddr::new(local.ip().to_canonical(), local.port());
         tracing::Span::current().record("dst", tracing::field::display(local));
         let identity = self.dialled(local).ok_or(InboundError::NotLocal(local))?;
-        let svid = self
-            .certs
-            .get(&identity)
-            .map_err(|e| InboundError::Certificate {
-                identity: identity.to_string(),
-                reason: e.to_string(),
-            })?;
-        let config = tls::server_config(&svid, self.certs.bundle()).map_err(|e| {
-            InboundError::Certificate {
-                identity: identity.to_string(),
-                reason: e.to_string(),
-            }
-        })?;
+        let config = self.server_config(&identity)?;
         let _ = stream.set_nodelay(true);
         let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)

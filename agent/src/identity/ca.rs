@@ -1,7 +1,12 @@
-//! The built-in CA: a root certificate and key from a mounted folder (a
+//! The built-in CA: a signing certificate and key from a mounted folder (a
 //! Kubernetes Secret in production; `trellis ca init` makes one for local use),
 //! or an in-memory root when none is given. It signs SVIDs for the workloads
 //! of this node only.
+//!
+//! The folder may also hold `bundle.crt`, the roots peers are verified
+//! against, when they are not just `ca.crt`: an intermediate signing CA, or
+//! a root rotation (first a bundle with the old and the new root on every
+//! node, then the new signing pair, then the new root alone).
 
 use std::{
     io::Write as _,
@@ -15,7 +20,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData as _, SanType,
     SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer, pem::PemObject as _};
 
 use super::{
     Identity,
@@ -24,6 +29,8 @@ use super::{
 
 pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
+/// Optional: the trust bundle, when it is not `ca.crt` alone.
+pub const CA_BUNDLE: &str = "bundle.crt";
 /// A root made by `trellis ca init` lives this long.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -54,10 +61,14 @@ pub enum CaOrigin {
     InMemory,
 }
 
-/// A signing root.
+/// A signing CA and the roots its certificates verify against.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
+    /// The signing certificate.
+    cert: CertificateDer<'static>,
+    /// Sent after the leaf when the signer is not itself a root.
+    intermediate: Option<CertificateDer<'static>>,
+    roots: Vec<CertificateDer<'static>>,
     subject: String,
     pub origin: CaOrigin,
 }
@@ -75,7 +86,13 @@ fn root_params(trust_domain: &str, now: SystemTime) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
-    dn.push(DnType::CommonName, "Trellis root CA");
+    // A short random tag tells roots apart in `trellis certs` and logs
+    // (a rotation has two roots of the same trust domain side by side).
+    let tag: String = random_serial().as_ref()[..3]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(DnType::CommonName, format!("Trellis root CA {tag}"));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -180,9 +197,45 @@ impl Ca {
         }
         let issuer =
             Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| invalid_cert(e.to_string()))?;
+        let bundle_path = dir.join(CA_BUNDLE);
+        let roots = match std::fs::read(&bundle_path) {
+            Ok(pem) => read_bundle(&pem).map_err(|reason| CaError::Invalid {
+                path: bundle_path.clone(),
+                reason,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![root.clone()],
+            Err(source) => {
+                return Err(CaError::Io {
+                    path: bundle_path,
+                    source,
+                });
+            }
+        };
+        let intermediate = if roots.contains(&root) {
+            None
+        } else {
+            // Not a root: the bundle must hold what signed it, or no peer
+            // could verify the certificates issued here.
+            let issuer_name = issuer_of(&root).map_err(invalid_cert)?;
+            let signed_by_bundle = roots
+                .iter()
+                .any(|r| subject_of(r).is_ok_and(|s| s == issuer_name));
+            if !signed_by_bundle {
+                return Err(CaError::Invalid {
+                    path: bundle_path,
+                    reason: format!(
+                        "holds neither {} nor its issuer ({issuer_name}): peers could not verify the certificates it signs",
+                        cert_path.display()
+                    ),
+                });
+            }
+            Some(root.clone())
+        };
         Ok(Self {
             issuer,
-            root,
+            cert: root,
+            intermediate,
+            roots,
             subject,
             origin: CaOrigin::Files(dir.into()),
         })
@@ -204,7 +257,9 @@ impl Ca {
         let subject = subject_of(&root).map_err(invalid)?;
         Ok(Self {
             issuer: Issuer::new(params, key),
-            root,
+            cert: root.clone(),
+            intermediate: None,
+            roots: vec![root],
             subject,
             origin: CaOrigin::InMemory,
         })
@@ -212,7 +267,12 @@ impl Ca {
 
     /// The trust bundle this CA's SVIDs verify against.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.root.clone()]
+        self.roots.clone()
+    }
+
+    /// The signing certificate: when it changes, issued SVIDs are replaced.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
     }
 
     /// Signs a new SVID for `identity`, valid from `now` for `lifetime`
@@ -267,10 +327,12 @@ impl Ca {
             renew_at: now + renew_after,
             issuers: vec![self.subject.clone()],
         };
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediate.clone());
         Ok(Svid::new(
             identity.clone(),
-            vec![cert.der().clone()],
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
             info,
         ))
     }
@@ -294,6 +356,24 @@ fn parse<'a>(
 /// The certificate's subject, as text.
 pub fn subject_of(cert: &CertificateDer<'_>) -> Result<String, String> {
     Ok(parse(cert)?.subject().to_string())
+}
+
+fn issuer_of(cert: &CertificateDer<'_>) -> Result<String, String> {
+    Ok(parse(cert)?.issuer().to_string())
+}
+
+/// Every certificate of a PEM trust bundle (at least one).
+pub fn read_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let roots = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if roots.is_empty() {
+        return Err("holds no certificate".into());
+    }
+    for root in &roots {
+        parse(root)?;
+    }
+    Ok(roots)
 }
 
 fn public_key_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {

@@ -2,7 +2,7 @@
 
 use std::{fmt, time::SystemTime};
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 
 use super::Identity;
@@ -13,7 +13,7 @@ use super::Identity;
 pub struct Svid {
     pub identity: Identity,
     pub chain: Vec<CertificateDer<'static>>,
-    key: PrivatePkcs8KeyDer<'static>,
+    key: PrivateKeyDer<'static>,
     pub info: SvidInfo,
 }
 
@@ -49,7 +49,7 @@ impl Svid {
     pub fn new(
         identity: Identity,
         chain: Vec<CertificateDer<'static>>,
-        key: PrivatePkcs8KeyDer<'static>,
+        key: PrivateKeyDer<'static>,
         info: SvidInfo,
     ) -> Self {
         Self {
@@ -62,7 +62,7 @@ impl Svid {
 
     /// The key, for a TLS config.
     pub fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(self.key.clone_key())
+        self.key.clone_key()
     }
 
     /// Valid at `now`.
