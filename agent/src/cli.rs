@@ -14,6 +14,7 @@ pub mod env {
     pub const BPFFS: &str = "TRELLIS_BPFFS";
     pub const CA_DIR: &str = "TRELLIS_CA_DIR";
     pub const CERT_DIR: &str = "TRELLIS_CERT_DIR";
+    pub const WORKER_THREADS: &str = "TRELLIS_WORKER_THREADS";
     pub const TRUST_DOMAIN: &str = "TRELLIS_TRUST_DOMAIN";
     pub const LOG_LEVEL: &str = "TRELLIS_LOG_LEVEL";
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
@@ -151,6 +152,13 @@ pub struct AgentArgs {
     /// Close a proxied connection after this long without a byte either way.
     #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]
     pub idle_timeout: String,
+
+    /// Threads running the proxy. One keeps every hop of a connection on
+    /// one core, which measured lowest in latency, CPU and memory on a
+    /// 2-core node (docs/architecture.md); more spread many busy
+    /// connections over more cores.
+    #[arg(long, env = env::WORKER_THREADS, default_value_t = 1)]
+    pub worker_threads: usize,
 
     /// Detach and unpin everything a previous agent left under --bpffs and --cgroup-root, then exit.
     #[arg(long)]

@@ -40,6 +40,8 @@ pub struct AgentConfig {
     /// Close a proxied connection idle this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
     /// Lifetime of issued workload certificates.
     #[serde(with = "humantime_serde")]
     pub cert_lifetime: Duration,
@@ -169,6 +171,13 @@ impl AgentConfig {
         };
         let connect_timeout = duration("connect-timeout", &args.connect_timeout)?;
         let idle_timeout = duration("idle-timeout", &args.idle_timeout)?;
+        if !(1..=64).contains(&args.worker_threads) {
+            return Err(ConfigError::Invalid {
+                flag: "worker-threads",
+                value: args.worker_threads.to_string(),
+                reason: "between 1 and 64".into(),
+            });
+        }
         let cert_lifetime = duration("cert-lifetime", &args.cert_lifetime)?;
         if cert_lifetime < Duration::from_secs(2) {
             return Err(ConfigError::Invalid {
@@ -197,6 +206,7 @@ impl AgentConfig {
             },
             connect_timeout,
             idle_timeout,
+            worker_threads: args.worker_threads,
             cert_lifetime,
         })
     }

@@ -41,6 +41,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let cfg = AgentConfig::from_args(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
         .enable_all()
         .thread_name("trellis-worker")
         .build()

@@ -105,6 +105,14 @@ fn listen(
     TcpListener::from_std(socket.into()).map(Some).map_err(err)
 }
 
+/// Loading the programs parsed the kernel's BTF (megabytes, freed by now):
+/// hands those pages back instead of keeping them in malloc's free lists.
+#[expect(unsafe_code, reason = "malloc_trim")]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Where certificates come from: an external issuer's files, the mounted
 /// CA, or a root made now.
 fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError> {
@@ -177,6 +185,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
 
         let mut datapath = Datapath::install(&cfg.cgroup_root, &cfg.bpffs)?;
+        release_free_memory();
         for program in datapath.programs() {
             info!(program = program.name, link = %program.link.display(), attachment = ?program.attachment, "kernel program attached");
         }

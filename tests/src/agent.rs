@@ -45,6 +45,14 @@ pub fn trellis_bin() -> PathBuf {
     .clone()
 }
 
+/// What a process has used, from /proc.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub rss: u64,
+    pub peak_rss: u64,
+}
+
 /// A running agent; killed when dropped (SIGKILL: what a crash looks like).
 pub struct Agent {
     child: ChildGuard,
@@ -154,6 +162,38 @@ impl Agent {
     pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
         self.child
             .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
+    }
+
+    /// CPU seconds (user + system) used so far, resident memory now and its
+    /// peak, in bytes, from /proc.
+    pub fn usage(&self) -> anyhow::Result<Usage> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th of the whole line.
+        let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = |key: &str| -> anyhow::Result<u64> {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .with_context(|| format!("{key} in /proc/{pid}/status"))?;
+            Ok(line
+                .split_whitespace()
+                .nth(1)
+                .context("a number")?
+                .parse::<u64>()?
+                * 1024)
+        };
+        Ok(Usage {
+            cpu_seconds: ticks as f64 / hz,
+            rss: kib("VmRSS:")?,
+            peak_rss: kib("VmHWM:")?,
+        })
     }
 
     pub fn log_text(&self) -> String {

@@ -34,8 +34,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Measure the data path against the direct path, side by side in one run.
-    Bench,
+    /// Measure the data path against the direct path, side by side in one run:
+    /// same node (each acceleration mode) and across nodes (HBONE mTLS).
+    Bench {
+        /// Only one topology: `same-node` or `cross-node`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Bring an agent up on a node made of namespaces and show what it does.
     Demo {
         /// Stop by itself after this many seconds instead of waiting for Ctrl-C.
@@ -50,6 +55,6 @@ fn main() -> anyhow::Result<()> {
         Task::Build => tasks::build(),
         Task::Test { unit_only, args } => tasks::test(unit_only, &args),
         Task::Demo { seconds } => tasks::demo(seconds),
-        Task::Bench => tasks::bench(),
+        Task::Bench { only } => tasks::bench(only.as_deref()),
     }
 }

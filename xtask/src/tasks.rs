@@ -102,9 +102,10 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
     )
 }
 
-pub fn bench() -> anyhow::Result<()> {
+pub fn bench(only: Option<&str>) -> anyhow::Result<()> {
     // Release builds: the agent's speed is what is measured.
-    exec_harness_bin(true, "trellis-bench", &[])
+    let args: Vec<String> = only.map(|o| vec![o.to_owned()]).unwrap_or_default();
+    exec_harness_bin(true, "trellis-bench", &args)
 }
 
 pub fn demo(seconds: Option<u64>) -> anyhow::Result<()> {
