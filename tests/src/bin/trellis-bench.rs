@@ -368,13 +368,11 @@ const RATE_SECS: f64 = 10.0;
 fn iperf(from: &trellis_tests::Pod, host: &str) -> anyhow::Result<f64> {
     let mut last = String::new();
     for _ in 0..3 {
-        let out = from
-            .exec()
-            .output(
-                "iperf3",
-                &["-c", host, "-p", &IPERF_PORT.to_string(), "-t", "5", "-J"],
-                Duration::from_secs(30),
-            )?;
+        let out = from.exec().output(
+            "iperf3",
+            &["-c", host, "-p", &IPERF_PORT.to_string(), "-t", "5", "-J"],
+            Duration::from_secs(30),
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         if let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() {
