@@ -140,11 +140,20 @@ impl Inbound {
 
     /// Drains, then waits up to `limit` for the tunnels to close.
     pub async fn drain_for(&self, limit: Duration) {
+        let open = || self.stats.open.load(Ordering::Relaxed);
+        if open() > 0 {
+            info!(open = open(), limit = ?limit, "draining HBONE tunnels: GOAWAY sent, running streams may finish");
+        }
         self.drain();
         let deadline = tokio::time::Instant::now() + limit;
-        while self.stats.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
-        {
+        while open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if open() > 0 {
+            warn!(
+                open = open(),
+                "drain time is up: closing the tunnels still open"
+            );
         }
     }
 
