@@ -23,4 +23,6 @@ pub mod sockopt;
 pub mod state;
 pub mod sync;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod tls;

@@ -383,17 +383,13 @@ fn public_key_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("trellis-ca-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
+    use crate::testing::TempDir;
 
     #[test]
     fn init_writes_a_root_that_loads_and_never_overwrites() {
         use std::os::unix::fs::PermissionsExt as _;
-        let dir = temp_dir("init");
+        let tmp = TempDir::new("ca-init");
+        let dir = tmp.path().to_path_buf();
         let (cert, key) = Ca::init(&dir, "cluster.local").unwrap();
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the key is readable by its owner only");
@@ -417,21 +413,21 @@ mod tests {
                 .unwrap()
                 .contains("BEGIN CERTIFICATE")
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_key_of_another_root_or_garbage_is_refused_without_echoing_it() {
-        let (a, b) = (temp_dir("a"), temp_dir("b"));
-        Ca::init(&a, "cluster.local").unwrap();
-        Ca::init(&b, "cluster.local").unwrap();
+        let (tmp_a, tmp_b) = (TempDir::new("ca-a"), TempDir::new("ca-b"));
+        let (a, b) = (tmp_a.path(), tmp_b.path());
+        Ca::init(a, "cluster.local").unwrap();
+        Ca::init(b, "cluster.local").unwrap();
         std::fs::copy(b.join(CA_KEY), a.join(CA_KEY)).unwrap();
-        let err = Ca::load(&a).unwrap_err().to_string();
+        let err = Ca::load(a).unwrap_err().to_string();
         assert!(err.contains("does not belong to the certificate"), "{err}");
         let key = std::fs::read_to_string(a.join(CA_KEY)).unwrap();
         let garbage = key.replace('A', "!");
         std::fs::write(a.join(CA_KEY), &garbage).unwrap();
-        let err = Ca::load(&a).unwrap_err().to_string();
+        let err = Ca::load(a).unwrap_err().to_string();
         assert!(err.contains("not a PEM private key"), "{err}");
         for line in key
             .lines()
@@ -440,7 +436,5 @@ mod tests {
         {
             assert!(!err.contains(line), "the error echoes key material");
         }
-        let _ = std::fs::remove_dir_all(&a);
-        let _ = std::fs::remove_dir_all(&b);
     }
 }

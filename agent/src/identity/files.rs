@@ -327,25 +327,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::identity::ca::Ca;
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("trellis-files-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::{identity::ca::Ca, testing::TempDir};
 
     /// Writes `identity`'s three files as an issuer would; returns the key PEM.
     fn write(dir: &Path, ca: &Ca, identity: &Identity, lifetime: Duration) -> String {
@@ -376,12 +358,12 @@ mod tests {
 
     #[test]
     fn loads_reloads_keeps_the_last_good_and_forgets_removed_folders() {
-        let dir = TempDir::new("reload");
+        let dir = TempDir::new("files-reload");
         let ca = Ca::in_memory("cluster.local").unwrap();
         let web = Identity::new("cluster.local", "shop", "web");
         let db = Identity::new("cluster.local", "shop", "db");
-        write(&dir.0, &ca, &web, Duration::from_secs(3600));
-        let mut files = FileSvids::new(&dir.0, "cluster.local");
+        write(dir.path(), &ca, &web, Duration::from_secs(3600));
+        let mut files = FileSvids::new(dir.path(), "cluster.local");
         let poll = files.poll();
         assert!(poll.changed && poll.errors.is_empty(), "{poll:?}");
         let first = files.get(&web).expect("loaded");
@@ -390,7 +372,7 @@ mod tests {
         assert!(!files.poll().changed, "nothing changed");
 
         // A new certificate from the issuer replaces the old one.
-        write(&dir.0, &ca, &web, Duration::from_secs(3600));
+        write(dir.path(), &ca, &web, Duration::from_secs(3600));
         assert!(files.poll().changed);
         let second = files.get(&web).unwrap();
         assert_ne!(first.info.serial, second.info.serial);
@@ -399,8 +381,8 @@ mod tests {
         // on the second poll that sees it, once.
         let folder = files.folder_of(&web);
         let other = Ca::in_memory("cluster.local").unwrap();
-        let stray = TempDir::new("stray");
-        let stray_key = write(&stray.0, &other, &web, Duration::from_secs(3600));
+        let stray = TempDir::new("files-stray");
+        let stray_key = write(stray.path(), &other, &web, Duration::from_secs(3600));
         std::fs::write(folder.join(KEY), &stray_key).unwrap();
         let p1 = files.poll();
         assert!(!p1.changed && p1.errors.is_empty(), "{p1:?}");
@@ -425,8 +407,8 @@ mod tests {
             let tmp = TempDir::new(case);
             match case {
                 "identity" => {
-                    write(&tmp.0, &ca, &db, Duration::from_secs(3600));
-                    let from = tmp.0.join("shop/db");
+                    write(tmp.path(), &ca, &db, Duration::from_secs(3600));
+                    let from = tmp.path().join("shop/db");
                     for name in [CERT, KEY, BUNDLE] {
                         std::fs::copy(from.join(name), folder.join(name)).unwrap();
                     }
@@ -438,14 +420,14 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{case}: {err}");
         }
-        write(&dir.0, &ca, &web, Duration::from_secs(2));
+        write(dir.path(), &ca, &web, Duration::from_secs(2));
         let err = load(&folder, &web, SystemTime::now() + Duration::from_secs(5))
             .unwrap_err()
             .to_string();
         assert!(err.contains("expired"), "{err}");
 
         // A folder that goes away takes its SVID with it.
-        std::fs::remove_dir_all(dir.0.join("shop")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("shop")).unwrap();
         assert!(files.poll().changed);
         assert!(files.get(&web).is_none());
     }

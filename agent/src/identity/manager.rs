@@ -428,6 +428,7 @@ fn ca_fingerprint(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     #[test]
     fn issues_on_demand_caches_and_renews_when_due() {
@@ -458,16 +459,13 @@ mod tests {
 
     #[test]
     fn a_watched_ca_folder_rotates_its_root_without_a_restart() {
-        let dir = std::env::temp_dir().join(format!("trellis-rotate-{}", std::process::id()));
-        let next = dir.with_extension("next");
-        for d in [&dir, &next] {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        Ca::init(&dir, "cluster.local").unwrap();
-        Ca::init(&next, "cluster.local").unwrap();
+        let (tmp, tmp_next) = (TempDir::new("rotate"), TempDir::new("rotate-next"));
+        let (dir, next) = (tmp.path(), tmp_next.path());
+        Ca::init(dir, "cluster.local").unwrap();
+        Ca::init(next, "cluster.local").unwrap();
         let read = |d: &Path, name: &str| std::fs::read_to_string(d.join(name)).unwrap();
-        let (old_root, new_root) = (read(&dir, CA_CERT), read(&next, CA_CERT));
-        let m = CertManager::from_ca_dir(&dir, Duration::from_secs(3600)).unwrap();
+        let (old_root, new_root) = (read(dir, CA_CERT), read(next, CA_CERT));
+        let m = CertManager::from_ca_dir(dir, Duration::from_secs(3600)).unwrap();
         let id = Identity::new("cluster.local", "shop", "web");
         let first = m.get(&id).unwrap();
         m.reload();
@@ -491,7 +489,7 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &m.get(&id).unwrap()));
 
         // 2. The new signing pair: every cached certificate is re-issued.
-        std::fs::write(dir.join(CA_KEY), read(&next, CA_KEY)).unwrap();
+        std::fs::write(dir.join(CA_KEY), read(next, CA_KEY)).unwrap();
         m.reload();
         let second = m.get(&id).unwrap();
         assert_ne!(first.info.serial, second.info.serial);
@@ -503,8 +501,5 @@ mod tests {
         m.reload();
         assert_eq!(m.bundle().roots().len(), 1);
         assert_eq!(m.reload_stats().reloads, 3);
-        for d in [&dir, &next] {
-            let _ = std::fs::remove_dir_all(d);
-        }
     }
 }

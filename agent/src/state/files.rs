@@ -182,30 +182,23 @@ fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
-    struct Dir(PathBuf);
+    struct Dir(TempDir);
     impl Dir {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("trellis-files-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("mkdir");
-            Self(dir)
+            Self(TempDir::new(&format!("state-{name}")))
         }
         fn write(&self, name: &str, text: &str) {
             // A new length or mtime: tests write faster than mtime granularity.
-            std::fs::write(self.0.join(name), text).expect("write");
+            let path = self.0.path().join(name);
+            std::fs::write(&path, text).expect("write");
             let f = std::fs::File::options()
                 .write(true)
-                .open(self.0.join(name))
+                .open(&path)
                 .expect("open");
             f.set_modified(SystemTime::now() + Duration::from_secs(rand_secs()))
                 .expect("mtime");
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
     fn rand_secs() -> u64 {
@@ -224,7 +217,7 @@ mod tests {
     #[test]
     fn add_change_remove() {
         let dir = Dir::new("acr");
-        let mut src = FileSource::new(&dir.0);
+        let mut src = FileSource::new(dir.0.path());
         assert_eq!(src.poll().map(|o| names(&o)), Some(vec![]));
         dir.write("one.yaml", NS_A);
         assert_eq!(
@@ -237,14 +230,14 @@ mod tests {
             names(&src.poll().expect("changed")),
             ["Namespace a", "Namespace b"]
         );
-        std::fs::remove_file(dir.0.join("one.yaml")).expect("rm");
+        std::fs::remove_file(dir.0.path().join("one.yaml")).expect("rm");
         assert_eq!(src.poll().map(|o| names(&o)), Some(vec![]));
     }
 
     #[test]
     fn a_rejected_object_keeps_its_last_good_version() {
         let dir = Dir::new("lastgood");
-        let mut src = FileSource::new(&dir.0);
+        let mut src = FileSource::new(dir.0.path());
         dir.write("m.yaml", &format!("{SVC}---\n{NS_A}"));
         src.poll().expect("first");
         dir.write("m.yaml", &format!("{SVC_BAD}---\n{NS_A}---\n{NS_B}"));
@@ -268,7 +261,7 @@ mod tests {
     #[test]
     fn broken_yaml_is_retried_then_reported_and_the_old_objects_stay() {
         let dir = Dir::new("broken");
-        let mut src = FileSource::new(&dir.0);
+        let mut src = FileSource::new(dir.0.path());
         dir.write("m.yaml", NS_A);
         src.poll().expect("first");
         dir.write("m.yaml", "apiVersion: v1\nkind: [half-writ");
