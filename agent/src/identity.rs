@@ -6,6 +6,7 @@ pub mod ca;
 pub mod files;
 pub mod manager;
 pub mod svid;
+pub mod watch;
 
 use std::{fmt, str::FromStr};
 

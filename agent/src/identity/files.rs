@@ -12,7 +12,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    hash::{DefaultHasher, Hash as _, Hasher as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -23,6 +22,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use super::{
     Identity,
     svid::{Svid, SvidInfo},
+    watch::{Failure, fingerprint},
 };
 
 pub const CERT: &str = "tls.crt";
@@ -44,13 +44,6 @@ struct Loaded {
     fingerprint: u64,
 }
 
-/// A folder that failed to load: its content's fingerprint, and whether the
-/// failure was reported yet.
-struct Failing {
-    fingerprint: u64,
-    reported: bool,
-}
-
 /// What a poll found.
 #[derive(Debug, Default)]
 pub struct Poll {
@@ -65,7 +58,8 @@ pub struct FileSvids {
     dir: PathBuf,
     trust_domain: String,
     loaded: HashMap<Identity, Loaded>,
-    failing: HashMap<PathBuf, Failing>,
+    /// Folders (and the folder itself) whose last load failed.
+    failing: HashMap<PathBuf, Failure>,
 }
 
 impl FileSvids {
@@ -121,7 +115,8 @@ impl FileSvids {
                     path: self.dir.clone(),
                     reason: e.to_string(),
                 };
-                if self.note_failure(&self.dir.clone(), 0) {
+                // Not readable has no content: the same "content" each time.
+                if self.failing.entry(self.dir.clone()).or_default().seen(0) {
                     poll.errors.push(err);
                 }
                 return poll;
@@ -132,7 +127,7 @@ impl FileSvids {
         for (namespace, service_account, folder) in folders {
             let identity = Identity::new(&self.trust_domain, &namespace, &service_account);
             present.insert(identity.clone());
-            let fingerprint = fingerprint(&folder);
+            let fingerprint = fingerprint(&folder, &[CERT, KEY, BUNDLE]);
             if self
                 .loaded
                 .get(&identity)
@@ -155,7 +150,7 @@ impl FileSvids {
                     poll.changed = true;
                 }
                 Err(e) => {
-                    if self.note_failure(&folder, fingerprint) {
+                    if self.failing.entry(folder).or_default().seen(fingerprint) {
                         poll.errors.push(e);
                     }
                 }
@@ -167,24 +162,6 @@ impl FileSvids {
         self.failing
             .retain(|path, _| path == &self.dir || path.exists());
         poll
-    }
-
-    /// Records a failed load; true when it is to be reported now (the same
-    /// content failed on the previous poll, and was not reported yet).
-    fn note_failure(&mut self, folder: &Path, fingerprint: u64) -> bool {
-        match self.failing.get_mut(folder) {
-            Some(f) if f.fingerprint == fingerprint => !std::mem::replace(&mut f.reported, true),
-            _ => {
-                self.failing.insert(
-                    folder.into(),
-                    Failing {
-                        fingerprint,
-                        reported: false,
-                    },
-                );
-                false
-            }
-        }
     }
 }
 
@@ -213,16 +190,6 @@ fn identity_folders(dir: &Path) -> std::io::Result<Vec<(String, String, PathBuf)
         }
     }
     Ok(out)
-}
-
-/// A hash of the folder's three files as they are now (missing ones too),
-/// to load only what changed.
-fn fingerprint(folder: &Path) -> u64 {
-    let mut h = DefaultHasher::new();
-    for name in [CERT, KEY, BUNDLE] {
-        std::fs::read(folder.join(name)).ok().hash(&mut h);
-    }
-    h.finish()
 }
 
 /// Loads and checks one identity's files.

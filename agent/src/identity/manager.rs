@@ -22,6 +22,7 @@ use super::{
     ca::{CA_BUNDLE, CA_CERT, CA_KEY, Ca, CaError},
     files::FileSvids,
     svid::{Svid, SvidInfo},
+    watch::{Failure, fingerprint},
 };
 
 /// The roots peers are verified against. Shared by every TLS config made
@@ -68,9 +69,7 @@ enum Source {
 struct WatchedCa {
     dir: PathBuf,
     fingerprint: u64,
-    /// Content that failed to load on the last poll: reported if it fails
-    /// again (a rotation writes several files one after the other).
-    failing: Option<(u64, bool)>,
+    failing: Failure,
 }
 
 /// Where certificates come from, for `trellis certs`.
@@ -143,8 +142,8 @@ impl CertManager {
                 cache: HashMap::new(),
                 dir: Some(WatchedCa {
                     dir: dir.into(),
-                    fingerprint: ca_fingerprint(dir),
-                    failing: None,
+                    fingerprint: fingerprint(dir, CA_FILES),
+                    failing: Failure::default(),
                 }),
             },
             lifetime,
@@ -155,19 +154,12 @@ impl CertManager {
     /// reloaded when they change. Folders that fail to load are logged.
     pub fn from_files(dir: &Path, trust_domain: &str) -> Self {
         let mut files = FileSvids::new(dir, trust_domain);
-        let poll = files.poll();
-        // The first poll reports nothing (errors wait for a second look);
-        // at start there is no last good version to wait for.
-        let poll2 = if poll.errors.is_empty() {
-            files.poll()
-        } else {
-            poll
-        };
+        files.poll();
+        // A first look reports no failure (it waits for a second look); at
+        // start there is no last good version to wait for: look again now.
+        let errors = files.poll().errors;
         let manager = Self::with_source(Source::Files(files), Duration::ZERO);
-        manager.note_errors(poll2.errors.iter().map(|e| e.to_string()));
-        if let Source::Files(files) = &*manager.lock() {
-            manager.bundle.replace(files.bundle());
-        }
+        manager.note_errors(errors.iter().map(ToString::to_string));
         manager
     }
 
@@ -297,23 +289,15 @@ impl CertManager {
                 cache,
                 ..
             } => {
-                let fingerprint = ca_fingerprint(&watched.dir);
+                let fingerprint = fingerprint(&watched.dir, CA_FILES);
                 if fingerprint == watched.fingerprint {
-                    watched.failing = None;
+                    watched.failing = Failure::default();
                     return;
                 }
                 let new = match Ca::load(&watched.dir) {
                     Ok(new) => new,
                     Err(e) => {
-                        let report = match &mut watched.failing {
-                            Some((fp, reported)) if *fp == fingerprint => {
-                                !std::mem::replace(reported, true)
-                            }
-                            _ => {
-                                watched.failing = Some((fingerprint, false));
-                                false
-                            }
-                        };
+                        let report = watched.failing.seen(fingerprint);
                         drop(source);
                         if report {
                             self.note_errors([e.to_string()]);
@@ -322,7 +306,7 @@ impl CertManager {
                     }
                 };
                 watched.fingerprint = fingerprint;
-                watched.failing = None;
+                watched.failing = Failure::default();
                 if new.roots() != ca.roots() {
                     info!(roots = new.roots().len(), "trust bundle changed");
                     self.bundle.replace(new.roots());
@@ -415,15 +399,8 @@ impl CertManager {
     }
 }
 
-/// A hash of the CA folder's files as they are now.
-fn ca_fingerprint(dir: &Path) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::hash::DefaultHasher::new();
-    for name in [CA_CERT, CA_KEY, CA_BUNDLE] {
-        std::fs::read(dir.join(name)).ok().hash(&mut h);
-    }
-    h.finish()
-}
+/// The watched files of a CA folder.
+const CA_FILES: &[&str] = &[CA_CERT, CA_KEY, CA_BUNDLE];
 
 #[cfg(test)]
 mod tests {
