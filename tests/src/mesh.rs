@@ -5,6 +5,8 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
+
 use crate::{
     Agent,
     lab::{Node, Pod},
@@ -112,6 +114,19 @@ pub fn docs(docs: &[String]) -> String {
     docs.join("---\n")
 }
 
+/// Replaces `path` at once, as an issuer or a mounted volume does: written
+/// beside it under a hidden name (which pollers skip), then renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a file name")?;
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// A config folder, removed on drop; files are replaced atomically (rename),
 /// as `kubectl`-style tools and ConfigMap mounts do.
 pub struct ConfigDir {
@@ -131,10 +146,7 @@ impl ConfigDir {
     }
 
     pub fn write(&self, name: &str, text: &str) -> anyhow::Result<()> {
-        let tmp = self.path.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.path.join(name))?;
-        Ok(())
+        write_atomic(&self.path.join(name), text.as_bytes())
     }
 
     pub fn remove(&self, name: &str) -> anyhow::Result<()> {

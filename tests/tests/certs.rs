@@ -165,10 +165,8 @@ fn logs(agents: &[Agent]) -> String {
         .collect()
 }
 
-fn write_atomic(path: &Path, text: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, path).expect("rename");
+fn write_atomic(path: &Path, bytes: &[u8]) {
+    mesh::write_atomic(path, bytes).expect("writing a certificate file");
 }
 
 #[test]

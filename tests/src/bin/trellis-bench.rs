@@ -86,12 +86,7 @@ fn rr_client(addr: &str, n: usize) -> anyhow::Result<()> {
             lat.push(t.elapsed().as_nanos() as u64); // the first tenth warms up
         }
     }
-    lat.sort_unstable();
-    println!(
-        "{} {}",
-        lat[lat.len() / 2] / 1000,
-        lat[lat.len() * 99 / 100] / 1000
-    );
+    print_percentiles(lat);
     Ok(())
 }
 
@@ -135,13 +130,58 @@ fn rate_client(addr: &str, rate: u32, conns: u32, secs: f64) -> anyhow::Result<(
     for t in threads {
         lat.extend(t.join().map_err(|_| anyhow::anyhow!("client thread"))??);
     }
+    print_percentiles(lat);
+    Ok(())
+}
+
+/// Prints p50 and p99 of latencies in nanoseconds, in microseconds: what
+/// [`percentiles`] reads back.
+fn print_percentiles(mut lat: Vec<u64>) {
     lat.sort_unstable();
     println!(
         "{} {}",
         lat[lat.len() / 2] / 1000,
         lat[lat.len() * 99 / 100] / 1000
     );
-    Ok(())
+}
+
+/// p50 and p99 in microseconds, from a client's output.
+fn percentiles(out: &str) -> anyhow::Result<(u64, u64)> {
+    let mut it = out.split_whitespace().map(str::parse::<u64>);
+    Ok((it.next().context("p50")??, it.next().context("p99")??))
+}
+
+/// New connections per second from `from` to `host` for 3 s.
+fn connections_per_second(me: &str, from: &trellis_tests::Pod, host: &str) -> anyhow::Result<f64> {
+    Ok(from
+        .exec()
+        .run(me, &["cps-client", &format!("{host}:{RR_PORT}"), "3"])?
+        .trim()
+        .parse()?)
+}
+
+/// Starts the request/response server and iperf3 in `pod` and waits until
+/// both accept connections.
+fn start_servers(
+    me: &str,
+    node: &trellis_tests::Node,
+    pod: &trellis_tests::Pod,
+) -> anyhow::Result<[trellis_tests::ChildGuard; 2]> {
+    let mut rr = pod.exec().command(me)?;
+    rr.arg("rr-server");
+    let rr = trellis_tests::ChildGuard::spawn(&mut rr)?;
+    let mut iperf = pod.exec().command("iperf3")?;
+    iperf
+        .args(["-s", "-p", &IPERF_PORT.to_string()])
+        .stdout(std::process::Stdio::null())
+        // It complains of the readiness probes' empty connections.
+        .stderr(std::process::Stdio::null());
+    let iperf = trellis_tests::ChildGuard::spawn(&mut iperf)?;
+    for port in [RR_PORT, IPERF_PORT] {
+        node.exec()
+            .wait_port(&pod.ip.to_string(), port, Duration::from_secs(20))?;
+    }
+    Ok([rr, iperf])
 }
 
 /// New connections (connect, one 1 KiB round trip, close) for `secs`; prints per second.
@@ -213,18 +253,7 @@ fn same_node() -> anyhow::Result<()> {
             ),
         ]),
     )?;
-    let mut rr = server.exec().command(&me)?;
-    rr.arg("rr-server");
-    let _rr = trellis_tests::ChildGuard::spawn(&mut rr)?;
-    let mut iperf = server.exec().command("iperf3")?;
-    iperf
-        .args(["-s", "-p", &IPERF_PORT.to_string()])
-        .stdout(std::process::Stdio::null());
-    let _iperf = trellis_tests::ChildGuard::spawn(&mut iperf)?;
-    for port in [RR_PORT, IPERF_PORT] {
-        node.exec()
-            .wait_port(&server.ip.to_string(), port, Duration::from_secs(20))?;
-    }
+    let _servers = start_servers(&me, &node, &server)?;
     let dir = config.path().to_str().context("utf8")?.to_owned();
     let mut agent: Option<(&[&str], Agent)> = None;
     let mut run_agent = |mode: &'static [&'static str]| -> anyhow::Result<()> {
@@ -244,24 +273,12 @@ fn same_node() -> anyhow::Result<()> {
 
     let measure =
         |name: &'static str, client: &trellis_tests::Pod, host: &str| -> anyhow::Result<Row> {
-            let iperf = client.exec().run(
-                "iperf3",
-                &["-c", host, "-p", &IPERF_PORT.to_string(), "-t", "5", "-J"],
-            )?;
-            let json: serde_json::Value = serde_json::from_str(&iperf)?;
-            let bps = json["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .context("iperf3 result")?;
+            let bps = iperf(client, host)?;
             let rr = client
                 .exec()
                 .run(&me, &["rr-client", &format!("{host}:{RR_PORT}"), "20000"])?;
-            let mut it = rr.split_whitespace().map(str::parse::<u64>);
-            let (p50, p99) = (it.next().context("p50")??, it.next().context("p99")??);
-            let cps: f64 = client
-                .exec()
-                .run(&me, &["cps-client", &format!("{host}:{RR_PORT}"), "3"])?
-                .trim()
-                .parse()?;
+            let (p50, p99) = percentiles(&rr)?;
+            let cps = connections_per_second(&me, client, host)?;
             Ok(Row {
                 name,
                 gbps: bps / 1e9,
@@ -415,23 +432,10 @@ fn cross_node() -> anyhow::Result<()> {
     ] {
         exec.run("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     }
-    let mut servers = Vec::new();
-    for pod in [&server, &plain_server] {
-        let mut rr = pod.exec().command(&me)?;
-        rr.arg("rr-server");
-        servers.push(trellis_tests::ChildGuard::spawn(&mut rr)?);
-        let mut iperf = pod.exec().command("iperf3")?;
-        iperf
-            .args(["-s", "-p", &IPERF_PORT.to_string()])
-            .stdout(std::process::Stdio::null())
-            // It complains of the readiness probes' empty connections.
-            .stderr(std::process::Stdio::null());
-        servers.push(trellis_tests::ChildGuard::spawn(&mut iperf)?);
-        for port in [RR_PORT, IPERF_PORT] {
-            b.exec()
-                .wait_port(&pod.ip.to_string(), port, Duration::from_secs(20))?;
-        }
-    }
+    let servers = [
+        start_servers(&me, &b, &server)?,
+        start_servers(&me, &b, &plain_server)?,
+    ];
     let cluster = mesh::Cluster::start_with(
         lab.name(),
         &[&a, &b],
@@ -471,13 +475,8 @@ fn cross_node() -> anyhow::Result<()> {
         for (i, agent) in agents.iter().enumerate() {
             vcpu[i] = (agent.usage()?.cpu_seconds - before[i].cpu_seconds) / elapsed;
         }
-        let mut it = rr.split_whitespace().map(str::parse::<u64>);
-        let (p50, p99) = (it.next().context("p50")??, it.next().context("p99")??);
-        let cps: f64 = from
-            .exec()
-            .run(&me, &["cps-client", &format!("{host}:{RR_PORT}"), "3"])?
-            .trim()
-            .parse()?;
+        let (p50, p99) = percentiles(&rr)?;
+        let cps = connections_per_second(&me, from, host)?;
         Ok(CrossRow {
             gbps: bps / 1e9,
             p50,
