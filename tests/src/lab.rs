@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    process::Exec,
+    process::{ChildGuard, Exec},
     sys::{self, ip},
 };
 
@@ -355,6 +355,16 @@ impl Pod {
     /// Runs processes in the pod: its cgroup, then its network namespace.
     pub fn exec(&self) -> Exec {
         Exec::new(netns_path(&self.netns), Some(self.cgroup.clone()))
+    }
+
+    /// Starts a Python server (`python3 -c SCRIPT args...`) in the pod and
+    /// waits until it accepts connections on the pod's address at `port`.
+    pub fn serve(&self, script: &str, args: &[&str], port: u16) -> anyhow::Result<ChildGuard> {
+        let server = self.exec().python(script, args)?;
+        self.exec()
+            .wait_port(&self.ip.to_string(), port, Duration::from_secs(20))
+            .with_context(|| format!("a server in pod {}", self.name))?;
+        Ok(server)
     }
 }
 

@@ -40,16 +40,14 @@ fn authorization_policies_allow_deny_and_scope_by_port() {
         .iter()
         .map(|port| {
             server
-                .exec()
-                .python(py::NAME_SERVER, &[&format!("web{port}"), &port.to_string()])
+                .serve(
+                    py::NAME_SERVER,
+                    &[&format!("web{port}"), &port.to_string()],
+                    *port,
+                )
                 .expect("server")
         })
         .collect();
-    for port in [7000, 7001] {
-        b.exec()
-            .wait_port(&server.ip.to_string(), port, Duration::from_secs(20))
-            .expect("server up");
-    }
 
     let cluster = mesh::Cluster::start(
         lab.name(),

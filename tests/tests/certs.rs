@@ -20,8 +20,8 @@ use trellis_tests::{
     py,
 };
 
-const NAME_PORT: &str = "8080";
-const ECHO_PORT: &str = "7000";
+const NAME_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 7000;
 
 /// Two nodes; pod a1 on a calls pod b1 on b, which serves its name on 8080
 /// and echoes on 7000.
@@ -43,23 +43,12 @@ impl Pair {
         let server = lab.add_pod(&b, "b1").expect("pod");
         let servers = [
             server
-                .exec()
-                .python(py::NAME_SERVER, &["b1", NAME_PORT])
+                .serve(py::NAME_SERVER, &["b1", &NAME_PORT.to_string()], NAME_PORT)
                 .expect("name server"),
             server
-                .exec()
-                .python(py::ECHO_SERVER, &[ECHO_PORT])
+                .serve(py::ECHO_SERVER, &[&ECHO_PORT.to_string()], ECHO_PORT)
                 .expect("echo server"),
         ];
-        for port in [NAME_PORT, ECHO_PORT] {
-            b.exec()
-                .wait_port(
-                    &server.ip.to_string(),
-                    port.parse().expect("port"),
-                    Duration::from_secs(20),
-                )
-                .expect("server up");
-        }
         Self {
             lab,
             a,
@@ -90,7 +79,13 @@ impl Pair {
             let out = exec
                 .python_output(
                     py::LOAD,
-                    &[&ip, NAME_PORT, &ip, ECHO_PORT, &secs],
+                    &[
+                        &ip,
+                        &NAME_PORT.to_string(),
+                        &ip,
+                        &ECHO_PORT.to_string(),
+                        &secs,
+                    ],
                     Duration::from_secs(secs.parse::<u64>().expect("secs") + 30),
                 )
                 .expect("load");

@@ -20,18 +20,11 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
     let client = lab.add_pod(&a, "a1").expect("pod");
     let server = lab.add_pod(&b, "b1").expect("pod");
     let _echo = server
-        .exec()
-        .python(py::ECHO_SERVER, &["7000"])
+        .serve(py::ECHO_SERVER, &["7000"], 7000)
         .expect("echo server");
     let _whoami = server
-        .exec()
-        .python(py::WHOAMI_SERVER, &["7001"])
+        .serve(py::WHOAMI_SERVER, &["7001"], 7001)
         .expect("whoami server");
-    for port in [7000, 7001] {
-        b.exec()
-            .wait_port(&server.ip.to_string(), port, Duration::from_secs(20))
-            .expect("server up");
-    }
 
     let cluster = mesh::Cluster::start(
         lab.name(),

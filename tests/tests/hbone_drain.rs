@@ -14,12 +14,8 @@ fn sigterm_sends_goaway_and_running_streams_finish_within_the_drain_time() {
     let client = lab.add_pod(&a, "a1").expect("pod");
     let server = lab.add_pod(&b, "b1").expect("pod");
     let _echo = server
-        .exec()
-        .python(py::ECHO_SERVER, &["7000"])
+        .serve(py::ECHO_SERVER, &["7000"], 7000)
         .expect("echo server");
-    b.exec()
-        .wait_port(&server.ip.to_string(), 7000, Duration::from_secs(20))
-        .expect("echo up");
     let mut cluster = mesh::Cluster::start(
         lab.name(),
         &[&a, &b],

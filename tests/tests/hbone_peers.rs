@@ -78,12 +78,8 @@ fn independent_clients_bad_certificates_and_bad_input() {
     let elsewhere = lab.add_pod(&a, "a1").expect("pod");
     let server = lab.add_pod(&b, "b1").expect("pod");
     let _echo = server
-        .exec()
-        .python(py::ECHO_SERVER, &["7000"])
+        .serve(py::ECHO_SERVER, &["7000"], 7000)
         .expect("echo");
-    b.exec()
-        .wait_port(&server.ip.to_string(), 7000, Duration::from_secs(20))
-        .expect("echo up");
 
     let cluster = mesh::Cluster::start(
         lab.name(),

@@ -37,16 +37,10 @@ fn strict_pods_drop_plaintext_from_outside_the_mesh_permissive_ones_take_it() {
     let _servers: Vec<_> = [&strict, &permissive]
         .iter()
         .map(|p| {
-            p.exec()
-                .python(py::NAME_SERVER, &[&p.name, "7000"])
+            p.serve(py::NAME_SERVER, &[&p.name, "7000"], 7000)
                 .expect("server")
         })
         .collect();
-    for p in [&strict, &permissive] {
-        b.exec()
-            .wait_port(&p.ip.to_string(), 7000, Duration::from_secs(20))
-            .expect("server up");
-    }
 
     let cluster = mesh::Cluster::start(
         lab.name(),
