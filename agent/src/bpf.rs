@@ -24,7 +24,8 @@ use aya::{
 use serde::Serialize;
 use trellis_common::{
     ALL_MAPS, MAP_SOCKETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
-    PROG_HBONE_IN, PROG_POD_FROM, PROG_POD_TO, PROG_SK_MSG, PROG_SOCK_OPS,
+    PROG_HBONE_IN, PROG_POD_FROM, PROG_POD_TO, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SK_MSG,
+    PROG_SOCK_OPS,
 };
 
 pub use self::pins::{BpffsError, PinLayout};
@@ -48,6 +49,8 @@ const CGROUP_PROGRAMS: &[(&str, u32)] = &[
     ),
     (PROG_CONNECT4, sys::attach_type::CGROUP_INET4_CONNECT),
     (PROG_CONNECT6, sys::attach_type::CGROUP_INET6_CONNECT),
+    (PROG_SENDMSG4, sys::attach_type::CGROUP_UDP4_SENDMSG),
+    (PROG_SENDMSG6, sys::attach_type::CGROUP_UDP6_SENDMSG),
 ];
 
 /// What went wrong installing or removing the data path, with what to do.

@@ -56,6 +56,9 @@ pub async fn connect_from(
         } else {
             TcpSocket::new_v4()
         }?;
+        // The pod programs let the agent's own connections through (it
+        // judged them): they know them by this mark, never by address.
+        crate::sockopt::set_mark(socket.as_fd(), trellis_common::AGENT_MARK)?;
         match source {
             Source::Any => {}
             Source::Node(ip) if ip.is_ipv6() != addr.is_ipv6() => {}

@@ -29,6 +29,7 @@ use crate::{
     hbone::{client::Pool, server::Inbound},
     identity::{ca::Ca, manager::CertManager},
     netlink,
+    policy::verdict::{PolicyMaps, Verdicts},
     proxy::outbound::{Outbound, OutboundConfig},
     state::{Snapshot, files::FileSource},
     sync::{CAPTURE_PORT, SyncReport, Syncer},
@@ -196,12 +197,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let stop = Arc::new(AtomicBool::new(false));
         let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, cfg.accel)
             .with_pod_hooks(datapath.pod_hooks()?);
+        let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?));
         let state_thread = {
-            let (cfg, readiness, stop, report) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone());
+            let (cfg, readiness, stop, report, verdicts) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone(), verdicts.clone());
             let span = tracing::Span::current();
             std::thread::Builder::new()
                 .name("trellis-state".into())
-                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, &report, &readiness, &stop)))
+                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, &report, &verdicts, &readiness, &stop)))
                 .expect("spawning the state thread")
         };
 
@@ -215,9 +217,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout));
         let outbound = Arc::new(
             Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
-                .with_hbone(pool.clone()),
+                .with_hbone(pool.clone())
+                .with_policy(verdicts.clone()),
         );
-        let inbound = Arc::new(Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout));
+        let inbound = Arc::new(
+            Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
+                .with_policy(verdicts.clone()),
+        );
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();
         hbone_tasks.push(tokio::spawn(certs.clone().run_renewals()));
         let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];
@@ -278,6 +284,7 @@ fn state_loop(
     mut syncer: Syncer,
     state_tx: &watch::Sender<Arc<Snapshot>>,
     report_out: &Mutex<SyncReport>,
+    verdicts: &Verdicts,
     readiness: &Readiness,
     stop: &AtomicBool,
 ) {
@@ -300,6 +307,7 @@ fn state_loop(
                     readiness.set(READY_STATE, found);
                     let _ = state_tx.send(snapshot);
                     tracing::debug!(endpoints = report.endpoints.len(), "state applied");
+                    verdicts.set_view(report.policy.clone());
                     *report_out.lock().unwrap_or_else(|e| e.into_inner()) = report;
                 }
                 Err(e) => {

@@ -25,6 +25,11 @@ pub fn set_transparent(socket: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
     }
 }
 
+/// `SO_MARK`: the pod programs know the agent's packets by it.
+pub fn set_mark(socket: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    set_int(socket, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
+}
+
 fn set_int(
     socket: BorrowedFd<'_>,
     level: libc::c_int,

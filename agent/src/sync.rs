@@ -1,31 +1,36 @@
 //! Keeps the kernel maps in step with the state: the capture address, the
-//! node's endpoints (by netns cookie), the services' VIPs and the ipcache.
+//! node's endpoints (by netns cookie and by interface), the services' VIPs,
+//! the ipcache (pods, nodes, policy CIDRs) and the compiled network policy.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
+    sync::Arc,
 };
 
 use serde::Serialize;
 use tracing::{debug, info, warn};
 use trellis_common::{
-    DatapathConfig, EndpointInfo, EndpointKey, IpInfo, IpPort, ServiceInfo, config_flags,
-    endpoint_flags, ip_flags, ipv4_mapped,
+    DatapathConfig, EndpointInfo, EndpointKey, IpInfo, IpPort, PodIface, ServiceInfo, config_flags,
+    endpoint_flags, identity, ip_flags, ipv4_mapped,
 };
 
 use crate::{
-    bpf::{BpfError, pod_hooks::PodHooks, tables::Tables},
+    bpf::{
+        BpfError,
+        pod_hooks::PodHooks,
+        tables::{Desired, Tables},
+    },
     config::Acceleration,
     netns,
+    policy::compiler::{self, Compiled, Endpoints, Identities},
     state::{Snapshot, model::MtlsMode},
 };
 
 /// Where pods' captured connections arrive, on the node's InternalIP.
 pub const CAPTURE_PORT: u16 = 15001;
-/// Identities below this are reserved (as Cilium reserves host, world, ...).
-const FIRST_IDENTITY: u32 = 256;
 
 /// A local pod as the kernel knows it.
 #[derive(Clone, Debug, Serialize)]
@@ -37,8 +42,21 @@ pub struct LocalEndpoint {
     pub ifindex: u32,
     pub meshed: bool,
     pub mtls: MtlsMode,
-    /// The pod programs (STRICT, replies to the agent) are on its interface.
+    /// The pod programs (policy, STRICT, replies to the agent) are on its interface.
     pub tc_hooked: bool,
+    /// Network policies isolate it for ingress / egress.
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+}
+
+/// The compiled policy of the last sync, for `trellis policy` and flows.
+#[derive(Debug, Default)]
+pub struct PolicyView {
+    pub identities: Identities,
+    pub compiled: Compiled,
+    /// Workload id → endpoint id.
+    pub endpoints: BTreeMap<String, u32>,
+    pub revision: u32,
 }
 
 /// The result of one sync, for logs and the status commands.
@@ -48,6 +66,10 @@ pub struct SyncReport {
     pub endpoints: Vec<LocalEndpoint>,
     pub services: usize,
     pub ipcache: usize,
+    pub policy_entries: usize,
+    pub policy_revision: u32,
+    #[serde(skip)]
+    pub policy: Arc<PolicyView>,
 }
 
 /// Turns snapshots into map contents.
@@ -56,7 +78,6 @@ pub struct Syncer {
     /// [`config_flags`] the agent runs with.
     flags: u32,
     tables: Tables,
-    identities: BTreeMap<(String, BTreeMap<String, String>), u32>,
     endpoint_ids: BTreeMap<String, u32>,
     service_ids: BTreeMap<String, u32>,
     /// netns path → (inode, cookie): a namespace recreated at the same path is a new inode.
@@ -77,7 +98,6 @@ impl Syncer {
             node: node.into(),
             flags,
             tables,
-            identities: BTreeMap::new(),
             endpoint_ids: BTreeMap::new(),
             service_ids: BTreeMap::new(),
             cookies: HashMap::new(),
@@ -85,20 +105,11 @@ impl Syncer {
         }
     }
 
-    /// Attaches the pod programs to each meshed local pod's interface.
+    /// Attaches the pod programs to each local pod's interface.
     #[must_use]
     pub fn with_pod_hooks(mut self, hooks: PodHooks) -> Self {
         self.pod_hooks = Some(hooks);
         self
-    }
-
-    /// Numeric identity of a label set in a namespace, stable while the agent runs.
-    fn identity(&mut self, namespace: &str, labels: &BTreeMap<String, String>) -> u32 {
-        let next = FIRST_IDENTITY + self.identities.len() as u32;
-        *self
-            .identities
-            .entry((namespace.into(), labels.clone()))
-            .or_insert(next)
     }
 
     fn id(ids: &mut BTreeMap<String, u32>, name: &str) -> u32 {
@@ -121,6 +132,8 @@ impl Syncer {
     /// Writes the maps for `snap`.
     pub fn apply(&mut self, snap: &Snapshot) -> Result<SyncReport, BpfError> {
         let mut report = SyncReport::default();
+        let mut desired = Desired::default();
+        let ids = Identities::build(snap);
 
         // Capture addresses: the node's InternalIPs, one per family.
         let (ip4, ip6) = snap.node.as_ref().map_or((None, None), |n| {
@@ -142,10 +155,11 @@ impl Syncer {
             config.capture_port = CAPTURE_PORT;
             config.flags = self.flags;
         }
+        let current = self.tables.config()?;
+        config.policy_revision = current.policy_revision;
         self.tables.set_config(config)?;
 
         // Endpoints: every local pod whose netns we can open.
-        let mut endpoints = BTreeMap::new();
         let node = self.node.clone();
         for w in snap.local_workloads(&node) {
             let Some(path) = &w.netns else {
@@ -161,7 +175,7 @@ impl Syncer {
             };
             let ifindex = w.ips.iter().find_map(|ip| netns::host_route_ifindex(*ip));
             let endpoint_id = Self::id(&mut self.endpoint_ids, &w.id());
-            let identity = self.identity(&w.namespace, &w.labels);
+            let identity = ids.of_workload(w);
             let mut flags = 0;
             if w.meshed {
                 flags |= endpoint_flags::MESHED;
@@ -169,7 +183,7 @@ impl Syncer {
             if w.mtls == MtlsMode::Strict {
                 flags |= endpoint_flags::STRICT;
             }
-            endpoints.insert(
+            desired.endpoints.insert(
                 EndpointKey {
                     netns_cookie: cookie,
                 },
@@ -180,6 +194,21 @@ impl Syncer {
                     ifindex: ifindex.unwrap_or(0),
                 },
             );
+            if let Some(ifindex) = ifindex {
+                let mut iface = PodIface {
+                    endpoint_id,
+                    identity,
+                    flags,
+                    ..PodIface::default()
+                };
+                for ip in &w.ips {
+                    match ip {
+                        IpAddr::V4(v4) => iface.ip4 = v4.octets(),
+                        IpAddr::V6(v6) => iface.ip6 = v6.octets(),
+                    }
+                }
+                desired.pod_ifaces.insert(ifindex, iface);
+            }
             report.endpoints.push(LocalEndpoint {
                 workload: w.id(),
                 endpoint_id,
@@ -189,31 +218,17 @@ impl Syncer {
                 meshed: w.meshed,
                 mtls: w.mtls,
                 tc_hooked: false,
+                ingress_isolated: false,
+                egress_isolated: false,
             });
-        }
-        let ep_stats = self.tables.sync_endpoints(&endpoints)?;
-        if let Some(hooks) = &mut self.pod_hooks {
-            let wanted = report
-                .endpoints
-                .iter()
-                .filter(|e| e.meshed && e.ifindex != 0)
-                .map(|e| e.ifindex)
-                .collect();
-            for (ifindex, e) in hooks.sync(&wanted) {
-                warn!(ifindex, error = %e, "cannot attach the pod programs; STRICT is not enforced there");
-            }
-            for e in &mut report.endpoints {
-                e.tc_hooked = hooks.attached().contains(&e.ifindex);
-            }
         }
 
         // Services: every TCP VIP:port.
-        let mut services = BTreeMap::new();
         for svc in &snap.services {
             let service_id = Self::id(&mut self.service_ids, &svc.id());
             for vip in &svc.vips {
                 for port in svc.ports.iter().filter(|p| p.protocol == "TCP") {
-                    services.insert(
+                    desired.services.insert(
                         ip_port(*vip, port.port),
                         ServiceInfo {
                             service_id,
@@ -223,13 +238,11 @@ impl Syncer {
                 }
             }
         }
-        report.services = services.len();
-        let svc_stats = self.tables.sync_services(&services)?;
+        report.services = desired.services.len();
 
-        // ipcache: every pod address in the cluster.
-        let mut ipcache = BTreeMap::new();
+        // ipcache: every pod and node address, every policy CIDR.
         for w in &snap.workloads {
-            let identity = self.identity(&w.namespace, &w.labels);
+            let identity = ids.of_workload(w);
             let mut flags = if w.meshed { ip_flags::MESHED } else { 0 };
             if w.node == self.node {
                 flags |= ip_flags::LOCAL;
@@ -238,28 +251,94 @@ impl Syncer {
                 }
             }
             for ip in &w.ips {
-                ipcache.insert((128, ip16(*ip)), IpInfo { identity, flags });
+                let cidr_identity = ids.cidr_identity_of(*ip);
+                desired.ipcache.insert(
+                    (128, ip16(*ip)),
+                    IpInfo {
+                        identity,
+                        flags,
+                        cidr_identity,
+                    },
+                );
             }
         }
-        report.ipcache = ipcache.len();
-        let ip_stats = self.tables.sync_ipcache(&ipcache)?;
+        for n in &snap.nodes {
+            let identity = if n.name == self.node {
+                identity::HOST
+            } else {
+                identity::REMOTE_NODE
+            };
+            for ip in &n.internal_ips {
+                desired.ipcache.entry((128, ip16(*ip))).or_insert(IpInfo {
+                    identity,
+                    flags: 0,
+                    cidr_identity: ids.cidr_identity_of(*ip),
+                });
+            }
+        }
+        for (cidr, id) in ids.cidrs() {
+            desired.ipcache.entry(cidr.map_prefix()).or_insert(IpInfo {
+                identity: id,
+                flags: 0,
+                cidr_identity: id,
+            });
+        }
+        report.ipcache = desired.ipcache.len();
 
-        if ep_stats.upserted
-            + ep_stats.removed
-            + svc_stats.upserted
-            + svc_stats.removed
-            + ip_stats.upserted
-            + ip_stats.removed
-            > 0
-        {
+        // Network policy of the local endpoints.
+        let local: BTreeMap<String, u32> = report
+            .endpoints
+            .iter()
+            .map(|e| (e.workload.clone(), e.endpoint_id))
+            .collect();
+        let compiled = compiler::compile(snap, &ids, &Endpoints(&local), &self.service_ids);
+        desired.policy = compiled.entries.clone();
+        report.policy_entries = desired.policy.len();
+        for e in &mut report.endpoints {
+            let (ingress, egress) = compiled
+                .isolation
+                .get(&e.endpoint_id)
+                .copied()
+                .unwrap_or_default();
+            e.ingress_isolated = ingress;
+            e.egress_isolated = egress;
+        }
+
+        let mut changes = self.tables.upsert(&desired)?;
+        if let Some(hooks) = &mut self.pod_hooks {
+            let wanted = desired.pod_ifaces.keys().copied().collect();
+            for (ifindex, e) in hooks.sync(&wanted) {
+                warn!(ifindex, error = %e, "cannot attach the pod programs; policy and STRICT are not enforced there");
+            }
+            for e in &mut report.endpoints {
+                e.tc_hooked = hooks.attached().contains(&e.ifindex);
+            }
+        }
+        self.tables.prune(&desired, &mut changes)?;
+        // Last: flows allowed under the old policy are judged again.
+        if changes.policy_inputs() {
+            config.policy_revision = config.policy_revision.wrapping_add(1);
+            self.tables.set_config(config)?;
+        }
+        report.policy_revision = config.policy_revision;
+
+        if changes.any() {
             info!(
-                endpoints = endpoints.len(),
+                endpoints = desired.endpoints.len(),
                 services = report.services,
                 ipcache = report.ipcache,
+                policy_entries = report.policy_entries,
+                policy_revision = report.policy_revision,
                 capture = ?report.capture,
                 "kernel maps updated"
             );
         }
+        report.policy = Arc::new(PolicyView {
+            identities: ids,
+            compiled,
+            endpoints: local,
+            revision: config.policy_revision,
+        });
         Ok(report)
     }
 }

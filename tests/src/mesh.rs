@@ -109,6 +109,14 @@ pub fn authorization_policy(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
+/// `networking.k8s.io/v1/NetworkPolicy` with `spec` in YAML flow style.
+pub fn network_policy(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+    )
+}
+
 /// Joins documents into one multi-document file.
 pub fn docs(docs: &[String]) -> String {
     docs.join("---\n")
@@ -198,7 +206,7 @@ pub enum Certs<'a> {
 /// the order of `nodes`). Agents stop before the folders go.
 pub struct Cluster {
     pub agents: Vec<Agent>,
-    _config: ConfigDir,
+    config: ConfigDir,
     ca: SharedCa,
 }
 
@@ -239,14 +247,15 @@ impl Cluster {
             agent.wait_ready(Duration::from_secs(30))?;
             agents.push(agent);
         }
-        Ok(Self {
-            agents,
-            _config: config,
-            ca,
-        })
+        Ok(Self { agents, config, ca })
     }
 
     pub fn ca(&self) -> &SharedCa {
         &self.ca
+    }
+
+    /// The config folder every agent reads.
+    pub fn config(&self) -> &ConfigDir {
+        &self.config
     }
 }

@@ -324,3 +324,86 @@ res["after_echo"] = echo(s, c, sid, b"still fine") if res["after"] == "200" else
 s.close(); stall.close()
 print(json.dumps(res))
 "#;
+
+/// The network-policy suite's server: answers its NAME on TCP 80 and 81
+/// (then closes) and on UDP 80 and 81 (to each datagram). Args: NAME.
+pub const NETPOL_SERVER: &str = r#"
+import socket, sys, threading
+name = sys.argv[1].encode()
+def tcp(port):
+    s = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128)
+    while True:
+        c, _ = s.accept()
+        try:
+            c.sendall(name)
+        except OSError:
+            pass
+        c.close()
+def udp(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    while True:
+        d, a = s.recvfrom(2048)
+        try:
+            s.sendto(name, a)
+        except OSError:
+            pass
+for p in (80, 81):
+    threading.Thread(target=tcp, args=(p,), daemon=True).start()
+    threading.Thread(target=udp, args=(p,), daemon=True).start()
+threading.Event().wait()
+"#;
+
+/// The network-policy suite's prober: probes every target at once and
+/// prints `LABEL OK|EPERM|FAIL` per target, sorted. OK means the named
+/// server answered; EPERM that connect() or sendto() was refused at once.
+/// Args: TIMEOUT_SECONDS then LABEL,IP,PORT,TCP|UDP,EXPECTED_NAME...
+pub const NETPOL_PROBE: &str = r#"
+import socket, sys, threading
+timeout = float(sys.argv[1])
+out = {}
+def tcp(label, ip, port, want):
+    try:
+        s = socket.create_connection((ip, port), timeout=timeout)
+        s.settimeout(timeout)
+        got = b""
+        while True:
+            b = s.recv(256)
+            if not b:
+                break
+            got += b
+        out[label] = "OK" if got == want else "FAIL"
+    except PermissionError:
+        out[label] = "EPERM"
+    except OSError:
+        out[label] = "FAIL"
+def udp(label, ip, port, want):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(timeout / 3)
+    try:
+        for _ in range(3):
+            s.sendto(b"?", (ip, port))
+            try:
+                d, _ = s.recvfrom(256)
+                out[label] = "OK" if d == want else "FAIL"
+                return
+            except socket.timeout:
+                pass
+        out[label] = "FAIL"
+    except PermissionError:
+        out[label] = "EPERM"
+    except OSError:
+        out[label] = "FAIL"
+threads = []
+for arg in sys.argv[2:]:
+    label, ip, port, proto, want = arg.split(",")
+    f = tcp if proto == "TCP" else udp
+    t = threading.Thread(target=f, args=(label, ip, int(port), want.encode()))
+    t.start()
+    threads.append(t)
+for t in threads:
+    t.join()
+for k in sorted(out):
+    print(k, out[k])
+"#;

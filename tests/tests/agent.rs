@@ -6,11 +6,13 @@ use std::time::Duration;
 use trellis_tests::{Agent, Lab, sys::cgroup_program_names, trellis_bin};
 
 /// Every cgroup program the agent attaches, sorted.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 7] = [
     "trl_connect4",
     "trl_connect6",
     "trl_getpeer4",
     "trl_getpeer6",
+    "trl_sendmsg4",
+    "trl_sendmsg6",
     "trl_sock_ops",
 ];
 

@@ -175,7 +175,7 @@ fn pinned_links_keep_enforcing_without_an_agent_and_are_adopted() {
     once.dedup();
     assert_eq!(
         (attached.len(), once.len()),
-        (5, 5),
+        (7, 7),
         "each cgroup program once after adoption: {attached:?}"
     );
 
@@ -199,8 +199,8 @@ fn btf_of_the_object_matches_the_shared_types() {
     use std::mem::{offset_of, size_of};
 
     use trellis_common::{
-        CounterKey, CounterValue, DatapathConfig, EndpointInfo, EndpointKey, IpPort, OrigDst,
-        SockKey, SockState,
+        CounterKey, CounterValue, CtKey, DatapathConfig, EndpointInfo, EndpointKey, IpInfo, IpPort,
+        OrigDst, PodIface, PolicyKey, SockKey, SockState,
     };
 
     let object = std::env::temp_dir().join(format!("trellis-ebpf-{}.o", std::process::id()));
@@ -294,6 +294,57 @@ fn btf_of_the_object_matches_the_shared_types() {
             ("_pad", offset_of!(DatapathConfig, _pad)),
             ("flags", offset_of!(DatapathConfig, flags)),
             ("capture_ip6", offset_of!(DatapathConfig, capture_ip6)),
+            (
+                "policy_revision",
+                offset_of!(DatapathConfig, policy_revision),
+            ),
+        ],
+    );
+    check(
+        "IpInfo",
+        size_of::<IpInfo>(),
+        &[
+            ("identity", offset_of!(IpInfo, identity)),
+            ("flags", offset_of!(IpInfo, flags)),
+            ("cidr_identity", offset_of!(IpInfo, cidr_identity)),
+        ],
+    );
+    check(
+        "PolicyKey",
+        size_of::<PolicyKey>(),
+        &[
+            ("direction", offset_of!(PolicyKey, direction)),
+            ("_pad", offset_of!(PolicyKey, _pad)),
+            ("endpoint_id", offset_of!(PolicyKey, endpoint_id)),
+            ("identity", offset_of!(PolicyKey, identity)),
+            ("protocol", offset_of!(PolicyKey, protocol)),
+            ("_pad2", offset_of!(PolicyKey, _pad2)),
+            ("port", offset_of!(PolicyKey, port)),
+        ],
+    );
+    check(
+        "PodIface",
+        size_of::<PodIface>(),
+        &[
+            ("endpoint_id", offset_of!(PodIface, endpoint_id)),
+            ("identity", offset_of!(PodIface, identity)),
+            ("flags", offset_of!(PodIface, flags)),
+            ("ip4", offset_of!(PodIface, ip4)),
+            ("ip6", offset_of!(PodIface, ip6)),
+        ],
+    );
+    check(
+        "CtKey",
+        size_of::<CtKey>(),
+        &[
+            ("saddr", offset_of!(CtKey, saddr)),
+            ("daddr", offset_of!(CtKey, daddr)),
+            ("sport", offset_of!(CtKey, sport)),
+            ("dport", offset_of!(CtKey, dport)),
+            ("protocol", offset_of!(CtKey, protocol)),
+            ("direction", offset_of!(CtKey, direction)),
+            ("_pad", offset_of!(CtKey, _pad)),
+            ("ifindex", offset_of!(CtKey, ifindex)),
         ],
     );
     check(

@@ -95,6 +95,17 @@ fn report(state: &AdminState) -> SyncReport {
         .clone()
 }
 
+/// A short hash of the network policies the agent applies: tests and
+/// operators compare it across nodes to know every agent caught up.
+fn policy_fingerprint(snapshot: &Snapshot) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&snapshot.network_policies)
+        .unwrap_or_default()
+        .hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
 /// `GET /status`.
 pub fn status(state: &AdminState) -> serde_json::Value {
     let snapshot = state.snapshot.borrow().clone();
@@ -114,6 +125,12 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "local_endpoints": report.endpoints.len(),
         "services": snapshot.services.len(),
         "kernel": { "services": report.services, "ipcache": report.ipcache },
+        "policy": {
+            "entries": report.policy_entries,
+            "revision": report.policy_revision,
+            "network_policies": snapshot.network_policies.len(),
+            "fingerprint": policy_fingerprint(&snapshot),
+        },
         "maps": occupancy,
         "outbound": state.outbound.stats,
         "inbound": state.inbound.stats,

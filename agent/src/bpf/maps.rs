@@ -7,8 +7,9 @@ use aya::maps::{HashMap, MapInfo, PerCpuHashMap, lpm_trie::LpmTrie};
 use serde::Serialize;
 use trellis_common::{
     ALL_MAPS, CounterKey, CounterValue, EndpointInfo, EndpointKey, IpInfo, IpPort, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_IPCACHE, MAP_ORIG_BY_TUPLE, MAP_SERVICES, MAP_SOCK_STATE, OrigDst,
-    ServiceInfo, SockKey, SockState, hook, reason, sock_mode, verdict,
+    MAP_ENDPOINTS, MAP_IPCACHE, MAP_ORIG_BY_TUPLE, MAP_POLICY, MAP_SERVICES, MAP_SOCK_STATE,
+    OrigDst, PolicyEntry, PolicyKey, ServiceInfo, SockKey, SockState, direction, hook, reason,
+    sock_mode, verdict,
 };
 
 use crate::sync::socket_addr;
@@ -121,6 +122,7 @@ pub struct IpCacheEntry {
     pub prefix: String,
     pub identity: u32,
     pub flags: u32,
+    pub cidr_identity: u32,
 }
 
 /// The `ipcache` LPM trie, sorted by prefix. IPv4 shows as a.b.c.d/len.
@@ -144,6 +146,55 @@ pub fn ipcache(bpffs: &Path) -> Result<Vec<IpCacheEntry>, BpfError> {
             prefix,
             identity: info.identity,
             flags: info.flags,
+            cidr_identity: info.cidr_identity,
+        })
+        .collect())
+}
+
+/// One entry of the `policy` LPM trie, decoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyMapEntry {
+    pub endpoint_id: u32,
+    pub direction: &'static str,
+    /// The peer identity; absent for an endpoint's not-isolated entry.
+    pub identity: Option<u32>,
+    /// Absent when the entry covers every protocol.
+    pub protocol: Option<u8>,
+    /// `80`, `8000-8015`; absent when the entry covers every port.
+    pub ports: Option<String>,
+    pub rule_id: u32,
+}
+
+/// The `policy` map, sorted by key.
+pub fn policy(bpffs: &Path) -> Result<Vec<PolicyMapEntry>, BpfError> {
+    let name = MAP_POLICY;
+    let map: LpmTrie<_, PolicyKey, PolicyEntry> = PinLayout::new(bpffs).open_map(name)?;
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        let (key, value) = entry.map_err(|source| BpfError::Map { name, source })?;
+        out.push(((key.data(), key.prefix_len()), value));
+    }
+    out.sort_by_key(|(k, _)| *k);
+    Ok(out
+        .into_iter()
+        .map(|((k, len), v)| {
+            let port_bits = len.saturating_sub(PolicyKey::PREFIX_PROTOCOL);
+            let first = u16::from_be_bytes(k.port);
+            let last = first | u16::MAX.checked_shr(port_bits).unwrap_or(0);
+            PolicyMapEntry {
+                endpoint_id: k.endpoint_id,
+                direction: direction::name(k.direction),
+                identity: (len > PolicyKey::PREFIX_ENDPOINT).then_some(k.identity),
+                protocol: (len > PolicyKey::PREFIX_IDENTITY).then_some(k.protocol),
+                ports: (len > PolicyKey::PREFIX_PROTOCOL).then(|| {
+                    if first == last {
+                        first.to_string()
+                    } else {
+                        format!("{first}-{last}")
+                    }
+                }),
+                rule_id: v.rule_id,
+            }
         })
         .collect())
 }
@@ -249,6 +300,9 @@ pub fn occupancy(bpffs: &Path) -> Result<Vec<Occupancy>, BpfError> {
                 .map_or_else(|_| "unknown".to_string(), |t| format!("{t:?}"));
             let entries = if kind == "Array" {
                 info.max_entries() as usize
+            } else if kind == "RingBuf" {
+                // A byte ring, not keyed entries.
+                0
             } else {
                 super::sys::map_count(std::os::fd::AsFd::as_fd(&fd), info.key_size() as usize)
                     .map_err(|source| BpfError::Pin { path, source })?
@@ -271,6 +325,7 @@ pub fn dump(bpffs: &Path) -> Result<serde_json::Value, BpfError> {
         "endpoints": endpoints(bpffs)?,
         "services": services(bpffs)?,
         "ipcache": ipcache(bpffs)?,
+        "policy": policy(bpffs)?,
         "orig_by_tuple": original_destinations(bpffs)?,
         "sockets": sockets(bpffs)?,
     }))

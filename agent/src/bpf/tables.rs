@@ -1,7 +1,10 @@
-//! Writers of the maps the agent owns: config, endpoints, services, ipcache.
-//! Each sync computes the difference with what the kernel holds and applies
-//! it in place — new and changed entries first, stale ones last — so there is
-//! no moment where a live entry is missing.
+//! Writers of the maps the agent owns: config, endpoints, pod interfaces,
+//! services, ipcache, policy. Each sync computes the difference with what
+//! the kernel holds and applies it in place, in two phases: every map's new
+//! and changed entries first ([`Tables::upsert`]), then every map's stale
+//! ones ([`Tables::prune`]), so there is no moment where a live entry is
+//! missing (a new pod's policy is there before the pod is, a policy's new
+//! rules before its old ones go).
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -14,7 +17,8 @@ use aya::{
 };
 use trellis_common::{
     DatapathConfig, EndpointInfo, EndpointKey, IpInfo, IpPort, MAP_CONFIG, MAP_ENDPOINTS,
-    MAP_IPCACHE, MAP_ORIG_BY_TUPLE, MAP_SERVICES, OrigDst, ServiceInfo,
+    MAP_IPCACHE, MAP_ORIG_BY_TUPLE, MAP_POD_IFACES, MAP_POLICY, MAP_SERVICES, OrigDst, PodIface,
+    PolicyEntry, PolicyKey, ServiceInfo,
 };
 
 use super::{BpfError, PinLayout};
@@ -37,8 +41,42 @@ impl std::ops::AddAssign for SyncStats {
 pub struct Tables {
     config: Array<MapData, DatapathConfig>,
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pod_ifaces: HashMap<MapData, u32, PodIface>,
     services: HashMap<MapData, IpPort, ServiceInfo>,
     ipcache: LpmTrie<MapData, [u8; 16], IpInfo>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+}
+
+/// What the maps should hold (besides config). LPM keys are
+/// (prefix length, data).
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    pub pod_ifaces: BTreeMap<u32, PodIface>,
+    pub services: BTreeMap<IpPort, ServiceInfo>,
+    pub ipcache: BTreeMap<(u32, [u8; 16]), IpInfo>,
+    pub policy: BTreeMap<(u32, PolicyKey), PolicyEntry>,
+}
+
+/// What one sync changed, per map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub endpoints: SyncStats,
+    pub pod_ifaces: SyncStats,
+    pub services: SyncStats,
+    pub ipcache: SyncStats,
+    pub policy: SyncStats,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
+
+    /// The ipcache or the policy changed: flows must be judged again.
+    pub fn policy_inputs(&self) -> bool {
+        self.ipcache != SyncStats::default() || self.policy != SyncStats::default()
+    }
 }
 
 impl Tables {
@@ -47,18 +85,23 @@ impl Tables {
         Ok(Self {
             config: layout.open_map(MAP_CONFIG)?,
             endpoints: layout.open_map(MAP_ENDPOINTS)?,
+            pod_ifaces: layout.open_map(MAP_POD_IFACES)?,
             services: layout.open_map(MAP_SERVICES)?,
             ipcache: layout.open_map(MAP_IPCACHE)?,
+            policy: layout.open_map(MAP_POLICY)?,
+        })
+    }
+
+    pub fn config(&self) -> Result<DatapathConfig, BpfError> {
+        self.config.get(&0, 0).map_err(|source| BpfError::Map {
+            name: MAP_CONFIG,
+            source,
         })
     }
 
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), BpfError> {
         let name = MAP_CONFIG;
-        let current = self
-            .config
-            .get(&0, 0)
-            .map_err(|source| BpfError::Map { name, source })?;
-        if current != config {
+        if self.config()? != config {
             self.config
                 .set(0, config, 0)
                 .map_err(|source| BpfError::Map { name, source })?;
@@ -66,48 +109,69 @@ impl Tables {
         Ok(())
     }
 
-    pub fn sync_endpoints(
-        &mut self,
-        desired: &BTreeMap<EndpointKey, EndpointInfo>,
-    ) -> Result<SyncStats, BpfError> {
-        sync_hash(&mut self.endpoints, MAP_ENDPOINTS, desired)
+    /// Writes every new or changed entry, in the order the kernel reads
+    /// them: identities and policy before the endpoints they protect.
+    pub fn upsert(&mut self, d: &Desired) -> Result<Changes, BpfError> {
+        Ok(Changes {
+            ipcache: upsert_lpm(&mut self.ipcache, MAP_IPCACHE, &d.ipcache)?,
+            policy: upsert_lpm(&mut self.policy, MAP_POLICY, &d.policy)?,
+            services: upsert_hash(&mut self.services, MAP_SERVICES, &d.services)?,
+            pod_ifaces: upsert_hash(&mut self.pod_ifaces, MAP_POD_IFACES, &d.pod_ifaces)?,
+            endpoints: upsert_hash(&mut self.endpoints, MAP_ENDPOINTS, &d.endpoints)?,
+        })
     }
 
-    pub fn sync_services(
-        &mut self,
-        desired: &BTreeMap<IpPort, ServiceInfo>,
-    ) -> Result<SyncStats, BpfError> {
-        sync_hash(&mut self.services, MAP_SERVICES, desired)
-    }
-
-    /// `desired`: (prefix length, address) → info.
-    pub fn sync_ipcache(
-        &mut self,
-        desired: &BTreeMap<(u32, [u8; 16]), IpInfo>,
-    ) -> Result<SyncStats, BpfError> {
-        let name = MAP_IPCACHE;
-        let err = |source| BpfError::Map { name, source };
-        let mut stats = SyncStats::default();
-        for (&(len, addr), info) in desired {
-            let key = Key::new(len, addr);
-            if self.ipcache.get(&key, 0).ok().as_ref() != Some(info) {
-                self.ipcache.insert(&key, info, 0).map_err(err)?;
-                stats.upserted += 1;
-            }
-        }
-        let current: Vec<Key<[u8; 16]>> =
-            self.ipcache.keys().collect::<Result<_, _>>().map_err(err)?;
-        for key in current {
-            if !desired.contains_key(&(key.prefix_len(), key.data())) {
-                self.ipcache.remove(&key).map_err(err)?;
-                stats.removed += 1;
-            }
-        }
-        Ok(stats)
+    /// Removes every entry `d` does not hold, endpoints before their policy.
+    pub fn prune(&mut self, d: &Desired, changes: &mut Changes) -> Result<(), BpfError> {
+        changes.endpoints.removed += prune_hash(&mut self.endpoints, MAP_ENDPOINTS, &d.endpoints)?;
+        changes.pod_ifaces.removed +=
+            prune_hash(&mut self.pod_ifaces, MAP_POD_IFACES, &d.pod_ifaces)?;
+        changes.services.removed += prune_hash(&mut self.services, MAP_SERVICES, &d.services)?;
+        changes.policy.removed += prune_lpm(&mut self.policy, MAP_POLICY, &d.policy)?;
+        changes.ipcache.removed += prune_lpm(&mut self.ipcache, MAP_IPCACHE, &d.ipcache)?;
+        Ok(())
     }
 }
 
-fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
+fn upsert_lpm<K: Pod + Ord, V: Pod + PartialEq>(
+    map: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    desired: &BTreeMap<(u32, K), V>,
+) -> Result<SyncStats, BpfError> {
+    let err = |source| BpfError::Map { name, source };
+    let mut stats = SyncStats::default();
+    let current: BTreeMap<(u32, K), V> = map
+        .iter()
+        .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    for (&(len, data), value) in desired {
+        if current.get(&(len, data)) != Some(value) {
+            map.insert(&Key::new(len, data), value, 0).map_err(err)?;
+            stats.upserted += 1;
+        }
+    }
+    Ok(stats)
+}
+
+fn prune_lpm<K: Pod + Ord, V: Pod>(
+    map: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    desired: &BTreeMap<(u32, K), V>,
+) -> Result<usize, BpfError> {
+    let err = |source| BpfError::Map { name, source };
+    let current: Vec<Key<K>> = map.keys().collect::<Result<_, _>>().map_err(err)?;
+    let mut removed = 0;
+    for key in current {
+        if !desired.contains_key(&(key.prefix_len(), key.data())) {
+            map.remove(&key).map_err(err)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     desired: &BTreeMap<K, V>,
@@ -120,14 +184,24 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
             stats.upserted += 1;
         }
     }
+    Ok(stats)
+}
+
+fn prune_hash<K: Pod + Ord, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    desired: &BTreeMap<K, V>,
+) -> Result<usize, BpfError> {
+    let err = |source| BpfError::Map { name, source };
     let current: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(err)?;
+    let mut removed = 0;
     for key in current {
         if !desired.contains_key(&key) {
             map.remove(&key).map_err(err)?;
-            stats.removed += 1;
+            removed += 1;
         }
     }
-    Ok(stats)
+    Ok(removed)
 }
 
 /// Looks up captured connections' original destinations, by client address.

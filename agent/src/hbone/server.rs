@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -24,12 +24,17 @@ use tokio::{
     sync::watch,
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
+use trellis_common::direction;
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
-    policy::authz::{self, Verdict},
+    policy::{
+        authz::{self, Verdict},
+        network::TCP,
+        verdict::Verdicts,
+    },
     proxy::{Source, connect_from, relay},
     state::Snapshot,
     tls,
@@ -50,6 +55,8 @@ pub struct InboundStats {
     pub source_preserved: AtomicU64,
     /// Streams refused with 401 by an authorization policy.
     pub denied: AtomicU64,
+    /// Streams refused with 401 by the destination's ingress network policy.
+    pub policy_denied: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Connections closed because the client stopped answering pings.
@@ -68,6 +75,8 @@ pub struct Inbound {
     /// One TLS config per local identity, rebuilt when its certificate is
     /// (the bundle is read at every handshake, so it needs no rebuild).
     configs: Mutex<HashMap<Identity, (String, Arc<rustls::ServerConfig>)>>,
+    /// Network policy verdicts.
+    policy: Option<Arc<Verdicts>>,
     pub stats: InboundStats,
 }
 
@@ -110,8 +119,16 @@ impl Inbound {
             idle_timeout,
             draining: watch::Sender::new(false),
             configs: Mutex::default(),
+            policy: None,
             stats: InboundStats::default(),
         }
+    }
+
+    /// Enforces the destination pods' ingress network policy.
+    #[must_use]
+    pub fn with_policy(mut self, verdicts: Arc<Verdicts>) -> Self {
+        self.policy = Some(verdicts);
+        self
     }
 
     /// Accepts tunnel connections until the task is dropped.
@@ -251,33 +268,56 @@ impl Inbound {
         Ok(())
     }
 
-    /// The address to connect to the pod from: the client pod's own, as
-    /// `forwarded` names it, when that address is a meshed pod on another
-    /// node running as the identity the certificate proves (a header alone
-    /// never chooses an address); else the node's.
-    fn upstream_source(
+    /// The client pod `forwarded` names, when that address is a meshed pod
+    /// on another node running as the identity the certificate proves (a
+    /// header alone never names a source).
+    fn proven_client(
         &self,
         snapshot: &Snapshot,
         forwarded: &str,
         peer_id: &Identity,
-        target: SocketAddr,
-    ) -> Source {
-        let Some(client) = forwarded
+    ) -> Option<IpAddr> {
+        let client = forwarded
             .strip_prefix("for=\"")
             .and_then(|f| f.strip_suffix('"'))
-            .and_then(|f| f.parse::<SocketAddr>().ok())
-        else {
-            return Source::Any;
-        };
+            .and_then(|f| f.parse::<SocketAddr>().ok())?;
         let ip = client.ip().to_canonical();
         let proven = snapshot.workload_by_ip(ip).is_some_and(|w| {
             w.meshed && w.node != self.node && Identity::of(w, &self.trust_domain) == *peer_id
         });
-        if proven && ip.is_ipv6() == target.is_ipv6() {
-            Source::Client(ip)
-        } else {
-            debug!(%client, %peer_id, "not the certificate's pod: connecting from the node's address");
-            Source::Any
+        if !proven {
+            debug!(%client, %peer_id, "forwarded names no pod of the certificate's identity");
+        }
+        proven.then_some(ip)
+    }
+
+    /// The destination's ingress network policy for a stream from
+    /// `client` (the proven source pod). Without a proven source an
+    /// isolated pod refuses: its policy names pods, and the stream cannot
+    /// say which one it comes from.
+    fn network_policy(
+        &self,
+        snapshot: &Snapshot,
+        client: Option<IpAddr>,
+        target: SocketAddr,
+    ) -> Result<(), String> {
+        let Some(verdicts) = &self.policy else {
+            return Ok(());
+        };
+        let Some(dst) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
+            return Ok(());
+        };
+        match client {
+            Some(ip) => {
+                let j = verdicts.judge(direction::INGRESS, &dst.id(), ip, TCP, target.port());
+                if j.allowed {
+                    Ok(())
+                } else {
+                    Err(j.reason.into())
+                }
+            }
+            None if verdicts.ingress_isolated(&dst.id()) => Err("unproven-source".into()),
+            None => Ok(()),
         }
     }
 
@@ -321,7 +361,19 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let source = self.upstream_source(&snapshot, &forwarded, peer_id, target);
+        let client = self.proven_client(&snapshot, &forwarded, peer_id);
+        if let Err(reason) = self.network_policy(&snapshot, client, target) {
+            self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
+            info!(src = %peer_id, %forwarded, dst = %target, reason, "stream refused: ingress network policy denies it");
+            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED, true);
+            return;
+        }
+        // Connect from the client pod's own address when it is proven and
+        // of the target's family; else from the node's.
+        let source = match client {
+            Some(ip) if ip.is_ipv6() == target.is_ipv6() => Source::Client(ip),
+            _ => Source::Any,
+        };
         if matches!(source, Source::Client(_)) {
             self.stats.source_preserved.fetch_add(1, Ordering::Relaxed);
         }

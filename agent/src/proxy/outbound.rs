@@ -25,7 +25,7 @@ use tokio::{
     sync::watch,
 };
 use tracing::{debug, info, info_span, warn};
-use trellis_common::SockKey;
+use trellis_common::{SockKey, direction};
 
 use super::relay::{self, Accelerated, RelayError};
 use crate::{
@@ -33,7 +33,11 @@ use crate::{
     config::Acceleration,
     hbone::client::Pool,
     identity::Identity,
-    policy::authz::{self, Verdict},
+    policy::{
+        authz::{self, Verdict},
+        network::TCP,
+        verdict::Verdicts,
+    },
     state::Snapshot,
     sync::{ip_port, socket_addr},
 };
@@ -74,6 +78,8 @@ pub enum OutboundError {
     Relay(#[from] RelayError),
     #[error("{backend}: denied by authorization policy {policy}")]
     Denied { backend: SocketAddr, policy: String },
+    #[error("{dst}: denied by network policy ({reason})")]
+    NetworkPolicy { dst: SocketAddr, reason: String },
     #[error("HBONE: {0}")]
     Hbone(#[from] crate::hbone::client::HboneError),
 }
@@ -97,6 +103,11 @@ pub struct OutboundStats {
     pub tunnelled: AtomicU64,
     /// Same-node connections refused by an authorization policy.
     pub denied: AtomicU64,
+    /// Same-node connections refused by the destination's ingress network
+    /// policy, or to a service none of whose backends egress policy allows.
+    pub policy_denied: AtomicU64,
+    /// Service backends left out of a pick because egress policy denies them.
+    pub policy_dropped_backends: AtomicU64,
 }
 
 /// The outbound proxy's shared state.
@@ -111,6 +122,8 @@ pub struct Outbound {
     trust_domain: String,
     /// Tunnels to other nodes.
     hbone: Option<Arc<Pool>>,
+    /// Network policy verdicts.
+    policy: Option<Arc<Verdicts>>,
     pub stats: OutboundStats,
 }
 
@@ -146,8 +159,17 @@ impl Outbound {
             state,
             next: Mutex::new(HashMap::new()),
             hbone: None,
+            policy: None,
             stats: OutboundStats::default(),
         }
+    }
+
+    /// Enforces network policy: egress on service backends, ingress on
+    /// same-node delivery.
+    #[must_use]
+    pub fn with_policy(mut self, verdicts: Arc<Verdicts>) -> Self {
+        self.policy = Some(verdicts);
+        self
     }
 
     /// Tunnels connections to meshed pods on other nodes through HBONE.
@@ -286,11 +308,79 @@ impl Outbound {
         if usable.is_empty() {
             return Err(no_backend(svc.id()));
         }
+        let usable = self.egress_allowed(&snapshot, peer, dst, usable)?;
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         let slot = next.entry((svc.id(), port.port)).or_insert(0);
         let backend = usable[*slot % usable.len()];
         *slot = slot.wrapping_add(1);
         Ok(route(backend))
+    }
+
+    /// The backends the client pod's egress policy allows; an error (the
+    /// connection is reset) when none is left.
+    fn egress_allowed(
+        &self,
+        snapshot: &Snapshot,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        backends: Vec<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, OutboundError> {
+        let (Some(verdicts), Some(client)) = (
+            &self.policy,
+            snapshot.workload_by_ip(peer.ip().to_canonical()),
+        ) else {
+            return Ok(backends);
+        };
+        let before = backends.len();
+        let allowed: Vec<SocketAddr> = backends
+            .into_iter()
+            .filter(|b| {
+                verdicts
+                    .judge(direction::EGRESS, &client.id(), b.ip(), TCP, b.port())
+                    .allowed
+            })
+            .collect();
+        let dropped = (before - allowed.len()) as u64;
+        self.stats
+            .policy_dropped_backends
+            .fetch_add(dropped, Ordering::Relaxed);
+        if allowed.is_empty() {
+            self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
+            info!(src = %client.id(), %dst, "connection reset: egress network policy denies every backend");
+            return Err(OutboundError::NetworkPolicy {
+                dst,
+                reason: "egress policy denies every backend".into(),
+            });
+        }
+        Ok(allowed)
+    }
+
+    /// Same-node delivery: the destination's ingress network policy, with
+    /// the client pod's address (TC already checked it is the pod's own).
+    fn ingress_allowed(&self, peer: SocketAddr, route: &Route) -> Result<(), OutboundError> {
+        let Some(verdicts) = &self.policy else {
+            return Ok(());
+        };
+        let snapshot = self.state.borrow().clone();
+        let Some(dst) = snapshot.workload_by_ip(route.backend.ip().to_canonical()) else {
+            return Ok(());
+        };
+        let j = verdicts.judge(
+            direction::INGRESS,
+            &dst.id(),
+            peer.ip(),
+            TCP,
+            route.backend.port(),
+        );
+        if j.allowed {
+            return Ok(());
+        }
+        self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
+        info!(src = %peer, dst = %route.backend, reason = j.reason, "connection reset: ingress network policy denies it");
+        Err(OutboundError::NetworkPolicy {
+            dst: route.backend,
+            reason: j.reason.into(),
+        })
     }
 
     /// Same-node delivery: the destination's authorization policies apply
@@ -300,6 +390,7 @@ impl Outbound {
         if !route.local {
             return Ok(());
         }
+        self.ingress_allowed(peer, route)?;
         let snapshot = self.state.borrow().clone();
         let Some(client) = snapshot.workload_by_ip(peer.ip().to_canonical()) else {
             return Ok(());

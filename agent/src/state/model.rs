@@ -17,7 +17,7 @@ use k8s_openapi::{
 };
 use serde::Serialize;
 
-use crate::policy::authz::Policy;
+use crate::policy::{authz::Policy, network::NetworkPolicy};
 
 use super::objects::{
     MESH_LABEL, MTLS_LABEL, NETNS_ANNOTATION, Object, SERVICE_NAME_LABEL, parse_cidr,
@@ -125,6 +125,12 @@ pub struct Snapshot {
     pub services: Vec<ServiceView>,
     /// Authorization policies of every namespace.
     pub policies: Vec<Policy>,
+    /// Kubernetes network policies of every namespace.
+    pub network_policies: Vec<NetworkPolicy>,
+    /// Namespace labels, by name (for namespace selectors).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every node of the cluster, this one included.
+    pub nodes: Vec<NodeInfo>,
     /// Objects by kind, for status output.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -139,6 +145,7 @@ impl Snapshot {
         let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
         let mut counts = BTreeMap::new();
         let mut policies = Vec::new();
+        let mut network_policies = Vec::new();
         for object in objects {
             *counts.entry(object.key().kind).or_insert(0) += 1;
             match object {
@@ -149,6 +156,10 @@ impl Snapshot {
                 Object::Pod(p) => pods.push(p.as_ref()),
                 Object::Service(s) => services.push(s.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
+                // Validated when parsed: an error here cannot happen.
+                Object::NetworkPolicy(p) => {
+                    network_policies.extend(NetworkPolicy::from_object(p).ok())
+                }
                 Object::EndpointSlice(s) => {
                     let ns = s.metadata.namespace.clone().unwrap_or_default();
                     let svc = s
@@ -183,11 +194,18 @@ impl Snapshot {
                 )
             })
             .collect();
+        let namespace_labels = namespaces
+            .iter()
+            .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
+            .collect();
         Self {
             node,
             workloads,
             services,
             policies,
+            network_policies,
+            namespaces: namespace_labels,
+            nodes: nodes.iter().map(|n| node_info(n)).collect(),
             counts,
         }
     }

@@ -7,6 +7,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -32,6 +33,7 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped), name.
@@ -61,6 +63,7 @@ impl Object {
             Self::Service(o) => ("Service", &o.metadata),
             Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Self::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Self::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
         };
         ObjectKey {
             kind,
@@ -198,6 +201,7 @@ fn parse_object(
         "Pod" => typed!(Pod, Pod, "v1"),
         "Service" => typed!(Service, Service, "v1"),
         "EndpointSlice" => typed!(EndpointSlice, EndpointSlice, "discovery.k8s.io/v1"),
+        "NetworkPolicy" => typed!(NetworkPolicy, NetworkPolicy, "networking.k8s.io/v1"),
         "AuthorizationPolicy" => typed!(
             AuthorizationPolicy,
             AuthorizationPolicy,
@@ -235,6 +239,7 @@ fn default_namespace(object: &mut Object) {
         Object::Service(o) => &mut o.metadata,
         Object::EndpointSlice(o) => &mut o.metadata,
         Object::AuthorizationPolicy(o) => &mut o.metadata,
+        Object::NetworkPolicy(o) => &mut o.metadata,
         Object::Node(_) | Object::Namespace(_) => return,
     };
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
@@ -355,6 +360,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         Object::AuthorizationPolicy(policy) => {
             crate::policy::authz::validate(&policy.spec)?;
+        }
+        Object::NetworkPolicy(policy) => {
+            crate::policy::network::NetworkPolicy::from_object(policy)?;
         }
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();

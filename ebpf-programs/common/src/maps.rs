@@ -4,7 +4,7 @@ use core::mem::{offset_of, size_of};
 
 /// Bumped whenever a pinned map's key or value layout changes, so an agent
 /// never misreads a map pinned by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Every map the kernel object defines; the agent pins each one by this name
 /// under `<bpffs>/maps/`.
@@ -18,6 +18,10 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_ORIG_BY_TUPLE,
     MAP_SOCKETS,
     MAP_SOCK_STATE,
+    MAP_POD_IFACES,
+    MAP_POLICY,
+    MAP_CONNTRACK,
+    MAP_FLOWS,
 ];
 
 // Programs; each one's link is pinned under `<bpffs>/links/<name>`.
@@ -25,15 +29,20 @@ pub const PROG_CONNECT4: &str = "trl_connect4";
 pub const PROG_CONNECT6: &str = "trl_connect6";
 pub const PROG_GETPEERNAME4: &str = "trl_getpeer4";
 pub const PROG_GETPEERNAME6: &str = "trl_getpeer6";
+/// Unconnected UDP sends: egress policy per datagram.
+pub const PROG_SENDMSG4: &str = "trl_sendmsg4";
+pub const PROG_SENDMSG6: &str = "trl_sendmsg6";
 pub const PROG_SOCK_OPS: &str = "trl_sock_ops";
 /// The sk_msg program, attached to [`MAP_SOCKETS`] (its link is pinned too).
 pub const PROG_SK_MSG: &str = "trl_sk_msg";
 /// TC ingress (tcx) on the node's uplink: steers HBONE (`<pod IP>:15008`)
 /// into the agent's transparent listener.
 pub const PROG_HBONE_IN: &str = "trl_hbone_in";
-/// tcx egress on a local pod's host-side interface: STRICT mTLS.
+/// tcx egress on a local pod's host-side interface (packets to the pod):
+/// ingress policy, STRICT mTLS.
 pub const PROG_POD_TO: &str = "trl_pod_to";
-/// tcx ingress on a local pod's host-side interface: replies to the agent's
+/// tcx ingress on a local pod's host-side interface (packets from the pod):
+/// source address check, egress policy, replies to the agent's
 /// source-preserving sockets.
 pub const PROG_POD_FROM: &str = "trl_pod_from";
 
@@ -45,6 +54,11 @@ pub const HBONE_PORT: u16 = 15008;
 pub const HBONE_MARK: u32 = 0x0001_5008;
 /// The routing table of that rule (and its priority).
 pub const HBONE_TABLE: u32 = 15008;
+/// `SO_MARK` bit on the agent's sockets towards local pods: TC knows the
+/// agent by it, never by address (every process of the node shares those).
+/// Pods cannot forge it: the kernel clears marks when a packet crosses into
+/// another network namespace, and the pod programs clear it too.
+pub const AGENT_MARK: u32 = 0x0800_0000;
 
 // === counters ===
 
@@ -142,6 +156,26 @@ pub mod reason {
     pub const FROM_NODE: u32 = 14;
     /// A pod's reply to the agent's source-preserving socket, steered to it.
     pub const REPLY_TO_AGENT: u32 = 15;
+    /// No network policy selects the endpoint in this direction: not isolated.
+    pub const NOT_ISOLATED: u32 = 16;
+    /// A network policy rule allows it.
+    pub const POLICY_ALLOWED: u32 = 17;
+    /// The endpoint is isolated and no rule allows it.
+    pub const POLICY_DENIED: u32 = 18;
+    /// A packet of a connection already allowed (connection tracking).
+    pub const ESTABLISHED: u32 = 19;
+    /// A reply within a connection allowed the other way.
+    pub const REPLY: u32 = 20;
+    /// From or to this node's own addresses: always allowed (Kubernetes).
+    pub const HOST: u32 = 21;
+    /// Sent by the agent, which judged the connection itself.
+    pub const FROM_AGENT: u32 = 22;
+    /// A packet from a pod whose source address is not the pod's own.
+    pub const SPOOFED_SOURCE: u32 = 23;
+    /// IPv6 neighbour discovery and ICMP errors: needed for the link and path to work.
+    pub const CONTROL: u32 = 24;
+    /// A pod connecting to its own address: loopback, never judged (Kubernetes).
+    pub const SELF: u32 = 25;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -161,6 +195,16 @@ pub mod reason {
             PLAINTEXT_IN_STRICT => "plaintext-in-strict",
             FROM_NODE => "from-node",
             REPLY_TO_AGENT => "reply-to-agent",
+            NOT_ISOLATED => "not-isolated",
+            POLICY_ALLOWED => "policy-allowed",
+            POLICY_DENIED => "policy-denied",
+            ESTABLISHED => "established",
+            REPLY => "reply",
+            HOST => "host",
+            FROM_AGENT => "from-agent",
+            SPOOFED_SOURCE => "spoofed-source",
+            CONTROL => "control",
+            SELF => "self",
             _ => "unknown",
         }
     }
@@ -307,6 +351,21 @@ impl IpPort {
     }
 }
 
+/// Whether two 16-byte addresses are equal, word by word (BPF has no memcmp).
+#[inline(always)]
+pub const fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+            != u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+        {
+            return false;
+        }
+        i += 4;
+    }
+    true
+}
+
 /// `::ffff:a.b.c.d`
 #[inline(always)]
 pub const fn ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
@@ -346,6 +405,9 @@ pub struct DatapathConfig {
     /// Where captured IPv6 connections go: the node's IPv6 InternalIP; all
     /// zero when the node has none (IPv6 connects are then left alone).
     pub capture_ip6: [u8; 16],
+    /// Bumped on every policy change: conntrack entries judged at an older
+    /// revision are judged again.
+    pub policy_revision: u32,
 }
 
 impl DatapathConfig {
@@ -412,10 +474,298 @@ pub mod ip_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpInfo {
-    /// Numeric security identity.
+    /// Numeric security identity: a pod's (labels + namespace), a node's
+    /// ([`identity::HOST`], [`identity::REMOTE_NODE`]) or a CIDR's.
     pub identity: u32,
     /// [`ip_flags`] bits.
     pub flags: u32,
+    /// For a pod or node address: the identity of the most specific policy
+    /// CIDR holding it (0 when none), so `ipBlock` rules match in-cluster
+    /// addresses too. For a CIDR entry, its own identity again.
+    pub cidr_identity: u32,
+}
+
+/// Numeric security identities: reserved ones, and the ranges the agent
+/// allocates from.
+pub mod identity {
+    /// In a policy key: any peer. In an event: not known.
+    pub const ANY: u32 = 0;
+    /// This node's own addresses (the node's stack, host-network pods).
+    pub const HOST: u32 = 1;
+    /// Any address the ipcache does not hold.
+    pub const WORLD: u32 = 2;
+    /// Another node's addresses.
+    pub const REMOTE_NODE: u32 = 6;
+    /// Pod identities (labels + namespace) are in `FIRST_POD..CIDR_BASE`.
+    pub const FIRST_POD: u32 = 256;
+    /// CIDR identities have this bit set.
+    pub const CIDR_BASE: u32 = 1 << 24;
+    /// Service VIPs, in egress policy keys only: [`service`].
+    pub const SERVICE_BASE: u32 = 1 << 25;
+
+    /// The policy identity of a service VIP: its egress entry exists when
+    /// the endpoint may reach at least one of the service's backends.
+    #[inline(always)]
+    pub const fn service(service_id: u32) -> u32 {
+        SERVICE_BASE | service_id
+    }
+
+    pub const fn reserved_name(id: u32) -> Option<&'static str> {
+        match id {
+            ANY => Some("any"),
+            HOST => Some("host"),
+            WORLD => Some("world"),
+            REMOTE_NODE => Some("remote-node"),
+            _ => None,
+        }
+    }
+}
+
+// === pod interfaces ===
+
+/// Local pods by the ifindex of their host-side interface, for the TC programs.
+pub const MAP_POD_IFACES: &str = "pod_ifaces";
+
+/// Value of [`MAP_POD_IFACES`] (key: the host-side ifindex, u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodIface {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    /// [`endpoint_flags`] bits.
+    pub flags: u32,
+    /// The pod's IPv4 address (network order), all zero when it has none.
+    pub ip4: [u8; 4],
+    /// The pod's IPv6 address, all zero when it has none.
+    pub ip6: [u8; 16],
+}
+
+// === policy ===
+
+/// LPM trie of the compiled network policies of the node's endpoints: an
+/// entry allows traffic; no entry (for an endpoint with any) denies it.
+pub const MAP_POLICY: &str = "policy";
+pub const POLICY_MAX_ENTRIES: u32 = 262_144;
+
+/// [`PolicyKey::direction`].
+pub mod direction {
+    /// To the endpoint (its ingress policy).
+    pub const INGRESS: u8 = 1;
+    /// From the endpoint (its egress policy).
+    pub const EGRESS: u8 = 2;
+
+    pub const fn name(d: u8) -> &'static str {
+        match d {
+            INGRESS => "ingress",
+            EGRESS => "egress",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Key of [`MAP_POLICY`], matched longest prefix first, field by field in
+/// this order. An entry ending after `endpoint_id` (prefix 64) is the
+/// not-isolated entry of an endpoint and direction; after `identity` (96),
+/// every protocol and port of that peer; after `protocol` (112), every port;
+/// and a port range is a few prefixes of `port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// [`direction`].
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub endpoint_id: u32,
+    /// The peer's identity; [`identity::ANY`] for rules that allow every peer.
+    pub identity: u32,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP).
+    pub protocol: u8,
+    pub _pad2: u8,
+    /// The endpoint's port (ingress) or the peer's port (egress), big-endian
+    /// bytes so that a range is a prefix.
+    pub port: [u8; 2],
+}
+
+impl PolicyKey {
+    /// Bits of the prefix up to and including each field.
+    pub const PREFIX_ENDPOINT: u32 = 64;
+    pub const PREFIX_IDENTITY: u32 = 96;
+    pub const PREFIX_PROTOCOL: u32 = 112;
+    pub const PREFIX_FULL: u32 = 128;
+
+    #[inline(always)]
+    pub const fn new(
+        direction: u8,
+        endpoint_id: u32,
+        identity: u32,
+        protocol: u8,
+        port: u16,
+    ) -> Self {
+        Self {
+            direction,
+            _pad: [0; 3],
+            endpoint_id,
+            identity,
+            protocol,
+            _pad2: 0,
+            port: port.to_be_bytes(),
+        }
+    }
+}
+
+/// Value of [`MAP_POLICY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEntry {
+    /// The rule that allows it: an index into the agent's rule table
+    /// (`trellis policy` prints them); [`RULE_NOT_ISOLATED`] for the
+    /// not-isolated entry.
+    pub rule_id: u32,
+    /// Reserved.
+    pub flags: u32,
+}
+
+/// [`PolicyEntry::rule_id`] of an endpoint no policy isolates.
+pub const RULE_NOT_ISOLATED: u32 = 0;
+
+/// A policy decision: allowed or not, why ([`reason`]), by which rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: u32,
+    pub rule_id: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    pub const fn allow(reason: u32) -> Self {
+        Self {
+            allowed: true,
+            reason,
+            rule_id: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn deny(reason: u32) -> Self {
+        Self {
+            allowed: false,
+            reason,
+            rule_id: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn verdict(&self) -> u32 {
+        if self.allowed {
+            verdict::PASS
+        } else {
+            verdict::DENY
+        }
+    }
+}
+
+/// The policy verdict for a peer with `identity` (and `cidr_identity`, the
+/// identity of the most specific policy CIDR holding its address; 0 for
+/// none), given `lookup`: the endpoint's entry for a peer identity (the
+/// policy map's longest match for the direction, protocol and port). The
+/// one rule the kernel programs and the agent both apply: the node itself
+/// always passes (Kubernetes); then the peer's own identity, its CIDR's,
+/// and any peer.
+#[inline(always)]
+pub fn judge(
+    identity: u32,
+    cidr_identity: u32,
+    mut lookup: impl FnMut(u32) -> Option<u32>,
+) -> Decision {
+    if identity == identity::HOST {
+        return Decision::allow(reason::HOST);
+    }
+    let mut rule = lookup(identity);
+    if rule.is_none() && cidr_identity != 0 && cidr_identity != identity {
+        rule = lookup(cidr_identity);
+    }
+    if rule.is_none() && identity != identity::ANY {
+        rule = lookup(identity::ANY);
+    }
+    match rule {
+        Some(RULE_NOT_ISOLATED) => Decision::allow(reason::NOT_ISOLATED),
+        Some(rule_id) => Decision {
+            allowed: true,
+            reason: reason::POLICY_ALLOWED,
+            rule_id,
+        },
+        None => Decision::deny(reason::POLICY_DENIED),
+    }
+}
+
+// === connection tracking ===
+
+/// LRU hash of the flows the pod programs allowed, so replies pass and
+/// established flows skip the policy lookup.
+pub const MAP_CONNTRACK: &str = "conntrack";
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// Key of [`MAP_CONNTRACK`]: a flow as the endpoint's interface saw its
+/// first packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host order; ICMP echo: the identifier as `sport`, 0 as `dport`.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// [`direction`] of the flow for the endpoint.
+    pub direction: u8,
+    pub _pad: u16,
+    /// Host-side ifindex of the endpoint's interface.
+    pub ifindex: u32,
+}
+
+/// Value of [`MAP_CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` at the first packet.
+    pub created_ns: u64,
+    /// [`DatapathConfig::policy_revision`] the flow was last judged at: a
+    /// newer one judges it again (a policy change reaches running flows).
+    pub revision: u32,
+    /// The rule that allowed it.
+    pub rule_id: u32,
+}
+
+// === flow events ===
+
+/// Ring buffer of [`FlowEvent`]s: new flows and denials.
+pub const MAP_FLOWS: &str = "flows";
+pub const FLOWS_BYTES: u32 = 1 << 20;
+
+/// One flow event, as the kernel writes it to [`MAP_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns`.
+    pub time_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// [`direction`] for the endpoint.
+    pub direction: u8,
+    /// [`hook`] that decided, as u16.
+    pub hook: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub endpoint_id: u32,
+    /// [`verdict`].
+    pub verdict: u32,
+    /// [`reason`].
+    pub reason: u32,
+    /// The rule that allowed it (see [`PolicyEntry::rule_id`]); 0 otherwise.
+    pub rule_id: u32,
 }
 
 // === original destinations ===
@@ -530,14 +880,25 @@ const _: () = {
     assert!(offset_of!(EndpointInfo, ifindex) == 12);
     assert!(size_of::<IpPort>() == 20);
     assert!(offset_of!(IpPort, port) == 16);
-    assert!(size_of::<DatapathConfig>() == 28);
+    assert!(size_of::<DatapathConfig>() == 32);
     assert!(offset_of!(DatapathConfig, capture_ip6) == 12);
     assert!(size_of::<SockKey>() == 40);
     assert!(size_of::<SockState>() == 64);
     assert!(offset_of!(SockState, target) == 16);
     assert!(offset_of!(SockState, mode) == 56);
     assert!(size_of::<ServiceInfo>() == 8);
-    assert!(size_of::<IpInfo>() == 8);
+    assert!(size_of::<IpInfo>() == 12);
+    assert!(size_of::<PodIface>() == 32);
+    assert!(size_of::<PolicyKey>() == 16);
+    assert!(offset_of!(PolicyKey, endpoint_id) * 8 + 32 == PolicyKey::PREFIX_ENDPOINT as usize);
+    assert!(offset_of!(PolicyKey, identity) * 8 + 32 == PolicyKey::PREFIX_IDENTITY as usize);
+    assert!(offset_of!(PolicyKey, port) * 8 == PolicyKey::PREFIX_PROTOCOL as usize);
+    assert!(size_of::<PolicyEntry>() == 8);
+    assert!(size_of::<CtKey>() == 44);
+    assert!(offset_of!(CtKey, ifindex) == 40);
+    assert!(size_of::<CtEntry>() == 16);
+    assert!(size_of::<FlowEvent>() == 72);
+    assert!(offset_of!(FlowEvent, src_identity) == 48);
     assert!(size_of::<OrigDst>() == 28);
     assert!(offset_of!(OrigDst, endpoint_id) == 20);
 };
@@ -559,4 +920,10 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for PodIface {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FlowEvent {}
 }

@@ -1,6 +1,11 @@
-//! `cgroup/connect4`, `cgroup/connect6` and `cgroup/getpeername4/6`.
+//! `cgroup/connect4`, `cgroup/connect6`, `cgroup/sendmsg4/6` and
+//! `cgroup/getpeername4/6`.
 //!
-//! connect sees every `connect()` under the agent's cgroup root. A TCP
+//! connect sees every `connect()` under the agent's cgroup root. First the
+//! endpoint's egress policy: a denied TCP or UDP connect fails with EPERM
+//! at once (for a service VIP, only when no backend is allowed: the agent
+//! leaves out the denied ones). sendmsg does the same for each unconnected
+//! UDP datagram. Then capture: a TCP
 //! connect from a meshed pod to a mesh destination (a service VIP:port, or a
 //! meshed pod's address) is rewritten to the agent's capture address, and the
 //! original destination saved by socket cookie; everything else goes on
@@ -17,18 +22,23 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use trellis_common::{
-    CounterKey, EndpointInfo, EndpointKey, IpPort, OrigDst, config_flags, endpoint_flags, hook,
-    ip_flags, reason, verdict,
+    CounterKey, EndpointInfo, EndpointKey, IpPort, OrigDst, config_flags, direction,
+    endpoint_flags, hook, identity, ip_flags, ipv4_mapped, reason, same_addr, verdict,
 };
 
 use crate::{
+    conntrack,
     counters::count,
-    maps::{CONFIG, ENDPOINTS, IPCACHE, ORIG_BY_COOKIE, SERVICES},
+    maps::{CONFIG, ENDPOINTS, IPCACHE, ORIG_BY_COOKIE, POD_IFACES, SERVICES},
+    policy::{self, FlowInfo, Peer},
 };
 
 /// Return code that lets the syscall go on.
 const ALLOW: i32 = 1;
+/// Return code that fails it with EPERM.
+const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 #[cgroup_sock_addr(connect4)]
 pub fn trl_connect4(ctx: SockAddrContext) -> i32 {
@@ -85,16 +95,100 @@ fn decide<const V6: bool>(verdict: u32, reason: u32, endpoint_id: u32) -> Result
     Ok(ALLOW)
 }
 
+/// The endpoint the socket's network namespace belongs to.
 #[inline(always)]
-fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
+fn endpoint(ctx: &SockAddrContext) -> Option<EndpointInfo> {
     // SAFETY: the helper only reads the context the kernel gave us.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let endpoint: Option<EndpointInfo> =
-        unsafe { ENDPOINTS.get(EndpointKey { netns_cookie }) }.copied();
+    unsafe { ENDPOINTS.get(EndpointKey { netns_cookie }) }.copied()
+}
+
+/// The endpoint's own address of `dst`'s family (all zero when none).
+#[inline(always)]
+fn own_address_for(endpoint: &EndpointInfo, dst: &IpPort) -> [u8; 16] {
+    // SAFETY: copied out at once.
+    match (unsafe { POD_IFACES.get(endpoint.ifindex) }).copied() {
+        Some(pod) if dst.is_v4_mapped() && pod.ip4 != [0; 4] => ipv4_mapped(pod.ip4),
+        Some(pod) if !dst.is_v4_mapped() => pod.ip6,
+        _ => [0; 16],
+    }
+}
+
+/// Whether `dst` is the endpoint's own address.
+#[inline(always)]
+fn own_address(endpoint: &EndpointInfo, dst: &IpPort) -> bool {
+    let own = own_address_for(endpoint, dst);
+    own != [0; 16] && same_addr(&dst.addr, &own)
+}
+
+/// The endpoint's egress verdict for `dst` (a service VIP when
+/// `service_id` is not 0), counted and recorded as a flow event when
+/// `always_record` or denied. True when allowed.
+#[inline(always)]
+fn egress_allowed(
+    hook: u32,
+    endpoint: &EndpointInfo,
+    dst: &IpPort,
+    service_id: u32,
+    protocol: u32,
+    always_record: bool,
+) -> bool {
+    let peer = if service_id != 0 {
+        Peer {
+            identity: identity::service(service_id),
+            cidr_identity: 0,
+        }
+    } else {
+        policy::peer(dst.addr)
+    };
+    let decision = policy::judge(
+        direction::EGRESS,
+        endpoint.endpoint_id,
+        peer,
+        protocol as u8,
+        dst.port,
+    );
+    if always_record || !decision.allowed {
+        let info = FlowInfo {
+            hook,
+            direction: direction::EGRESS,
+            endpoint_id: endpoint.endpoint_id,
+            saddr: [0; 16],
+            daddr: dst.addr,
+            sport: 0,
+            dport: dst.port,
+            protocol: protocol as u8,
+            src_identity: endpoint.identity,
+            dst_identity: peer.identity,
+        };
+        policy::record(&info, &decision, 0);
+    }
+    decision.allowed
+}
+
+#[inline(always)]
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let endpoint = endpoint(ctx);
     // SAFETY: the kernel hands us a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
     let endpoint_id = endpoint.map_or(0, |e| e.endpoint_id);
+    let hook = if V6 { hook::CONNECT6 } else { hook::CONNECT4 };
+    let dst = destination::<V6>(sa);
+    // SAFETY: copied out at once.
+    let service_id = unsafe { SERVICES.get(dst) }.map_or(0, |s| s.service_id);
+    if let Some(endpoint) = &endpoint
+        && own_address(endpoint, &dst)
+    {
+        // Loopback inside the pod: neither judged nor captured.
+        return decide::<V6>(verdict::PASS, reason::SELF, endpoint_id);
+    }
+    if let Some(endpoint) = &endpoint
+        && (sa.protocol == IPPROTO_TCP || sa.protocol == IPPROTO_UDP)
+        && !egress_allowed(hook, endpoint, &dst, service_id, sa.protocol, true)
+    {
+        return Err(REFUSE);
+    }
     if sa.protocol != IPPROTO_TCP {
         // Connected UDP (DNS lookups, for one) comes through here too.
         return decide::<V6>(verdict::PASS, reason::OTHER_PROTOCOL, endpoint_id);
@@ -104,9 +198,6 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     let endpoint_id = endpoint.endpoint_id;
 
-    let dst = destination::<V6>(sa);
-    // SAFETY: copied out at once.
-    let service_id = unsafe { SERVICES.get(dst) }.map_or(0, |s| s.service_id);
     let mesh_pod = service_id == 0
         && IPCACHE
             .get(&Key::new(128, dst.addr))
@@ -137,6 +228,61 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
     set_destination::<V6>(sa, &capture);
     decide::<V6>(verdict::REDIRECT, reason::CAPTURED, endpoint_id)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn trl_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn trl_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg::<true>(&ctx)
+}
+
+/// An unconnected UDP datagram: the endpoint's egress policy, per datagram
+/// (only denials are recorded: allowed flows show at TC).
+#[inline(always)]
+fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let Some(endpoint) = endpoint(ctx) else {
+        return ALLOW;
+    };
+    // SAFETY: the kernel hands us a valid bpf_sock_addr.
+    let sa = unsafe { &*ctx.sock_addr };
+    let dst = destination::<V6>(sa);
+    let hook = if V6 { hook::SENDMSG6 } else { hook::SENDMSG4 };
+    if own_address(&endpoint, &dst) || is_reply(&endpoint, sa, &dst) {
+        return ALLOW;
+    }
+    if egress_allowed(hook, &endpoint, &dst, 0, IPPROTO_UDP, false) {
+        ALLOW
+    } else {
+        REFUSE
+    }
+}
+
+/// A UDP server's answer: `dst` sent to this socket's port first, and the
+/// pod's ingress policy let it in (a conntrack entry): replies always pass.
+#[inline(always)]
+fn is_reply(endpoint: &EndpointInfo, sa: &bpf_sock_addr, dst: &IpPort) -> bool {
+    // SAFETY: the kernel fills `sk` for sendmsg hooks.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a valid socket pointer from the context; bpf_sock's src_port
+    // is in host order.
+    let local_port = unsafe { (*sk).src_port } as u16;
+    let own = own_address_for(endpoint, dst);
+    own != [0; 16]
+        && conntrack::answers_ingress(
+            &dst.addr,
+            dst.port,
+            &own,
+            local_port,
+            IPPROTO_UDP as u8,
+            endpoint.ifindex,
+        )
 }
 
 #[cgroup_sock_addr(getpeername4)]

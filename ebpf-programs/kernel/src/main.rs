@@ -21,11 +21,13 @@ macro_rules! ctx_field {
 }
 
 mod connect;
+mod conntrack;
 mod counters;
 mod hbone;
 mod maps;
 mod packet;
 mod pod;
+mod policy;
 mod sk_msg;
 mod sock_ops;
 

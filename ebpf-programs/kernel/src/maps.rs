@@ -2,13 +2,15 @@
 //! Names, keys and values come from `trellis-common`, shared with the agent.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SockHash},
     macros::btf_map,
 };
 use trellis_common::{
-    COUNTERS_MAX_ENTRIES, CounterKey, CounterValue, DatapathConfig, ENDPOINTS_MAX_ENTRIES,
-    EndpointInfo, EndpointKey, IPCACHE_MAX_ENTRIES, IpInfo, IpPort, ORIG_MAX_ENTRIES, OrigDst,
-    SERVICES_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, ServiceInfo, SockKey, SockState,
+    CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, CounterKey, CounterValue, CtEntry, CtKey,
+    DatapathConfig, ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey, FLOWS_BYTES, FlowEvent,
+    IPCACHE_MAX_ENTRIES, IpInfo, IpPort, ORIG_MAX_ENTRIES, OrigDst, POLICY_MAX_ENTRIES, PodIface,
+    PolicyEntry, PolicyKey, SERVICES_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, ServiceInfo, SockKey,
+    SockState,
 };
 
 #[btf_map(name = "config")]
@@ -43,6 +45,20 @@ pub static SOCKETS: SockHash<SockKey, { SOCKETS_MAX_ENTRIES as usize }> = SockHa
 #[btf_map(name = "sock_state")]
 pub static SOCK_STATE: LruHashMap<SockKey, SockState, { SOCKETS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+#[btf_map(name = "pod_ifaces")]
+pub static POD_IFACES: HashMap<u32, PodIface, { ENDPOINTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map(name = "policy")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyEntry, { POLICY_MAX_ENTRIES as usize }> =
+    LpmTrie::new();
+
+#[btf_map(name = "conntrack")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "flows")]
+pub static FLOWS: RingBuf<FlowEvent, { FLOWS_BYTES as usize }> = RingBuf::new();
 
 /// The ipcache flags of `addr` (a 16-byte address, IPv4 mapped); 0 when the
 /// address is not there.

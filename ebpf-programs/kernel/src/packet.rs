@@ -33,7 +33,7 @@ pub struct Tuple6 {
     dport: u16,
 }
 
-/// A TCP segment's addresses, ports and flags. The lookup tuple is one
+/// A TCP segment's addresses and ports. The lookup tuple is one
 /// zeroed `Tuple6`-sized buffer holding a `Tuple4` at its start for IPv4 (as
 /// `bpf_sock_tuple`'s union does): one plain struct, fully initialised, so
 /// the compiler never copies half-written enum variants the verifier would
@@ -45,16 +45,9 @@ pub struct Tcp {
     pub daddr: [u8; 16],
     /// Destination port, host order.
     pub dport: u16,
-    pub flags: u8,
 }
 
 impl Tcp {
-    /// A new connection's first segment: SYN without ACK.
-    #[inline(always)]
-    pub fn is_syn(&self) -> bool {
-        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    }
-
     /// The socket of this node's network namespace the segment belongs to
     /// (the tuple read from the packet's side: the socket's local address is
     /// the destination), established or listening; null when none. The caller
@@ -95,7 +88,6 @@ pub fn tcp(ctx: &TcContext) -> Result<Option<Tcp>, i64> {
         v6: false,
         daddr: [0; 16],
         dport: 0,
-        flags: 0,
     };
     match u16::from_be(ctx.load::<u16>(12)?) {
         ETH_P_IP => {
@@ -112,7 +104,6 @@ pub fn tcp(ctx: &TcContext) -> Result<Option<Tcp>, i64> {
             };
             tcp.daddr = ipv4_mapped(t4.daddr);
             tcp.dport = u16::from_be(t4.dport);
-            tcp.flags = ctx.load(l4 + 13)?;
             // SAFETY: a Tuple4 fits at the start of a Tuple6, both repr(C).
             unsafe { (&raw mut tcp.tuple).cast::<Tuple4>().write(t4) };
         }
@@ -130,9 +121,120 @@ pub fn tcp(ctx: &TcContext) -> Result<Option<Tcp>, i64> {
             tcp.v6 = true;
             tcp.daddr = tcp.tuple.daddr;
             tcp.dport = u16::from_be(tcp.tuple.dport);
-            tcp.flags = ctx.load(l4 + 13)?;
         }
         _ => return Ok(None),
     }
     Ok(Some(tcp))
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+
+/// Any IP packet's addresses, protocol and ports, as the policy programs
+/// judge it. ICMP echo carries its identifier as both ports, so a request
+/// and its reply are one flow.
+pub struct Flow {
+    /// IPv4 in its mapped form, as the maps hold it.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host order; 0 for protocols without ports.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// TCP flags; 0 for other protocols.
+    pub tcp_flags: u8,
+    /// IPv6 neighbour discovery or an ICMP error: needed for the link and
+    /// the path to work, and unable to open a connection.
+    pub control: bool,
+    pub v6: bool,
+}
+
+impl Flow {
+    /// A new TCP connection's first segment: SYN without ACK.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.protocol == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+/// Reads an Ethernet frame's IP header and, for TCP, UDP, SCTP and ICMP,
+/// its ports; `None` for anything that is not IP (ARP passes untouched).
+/// IPv6 extension headers are not walked: their first header is the
+/// protocol then (judged without ports); non-first IPv4 fragments too.
+#[inline(always)]
+pub fn flow(ctx: &TcContext) -> Result<Option<Flow>, i64> {
+    let mut flow = Flow {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        protocol: 0,
+        tcp_flags: 0,
+        control: false,
+        v6: false,
+    };
+    let l4 = match u16::from_be(ctx.load::<u16>(12)?) {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN)?;
+            flow.protocol = ctx.load(ETH_HLEN + 9)?;
+            flow.saddr = ipv4_mapped(ctx.load(ETH_HLEN + 12)?);
+            flow.daddr = ipv4_mapped(ctx.load(ETH_HLEN + 16)?);
+            // Fragment offset (13 bits) non-zero: no L4 header here.
+            if u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?) & 0x1fff != 0 {
+                return Ok(Some(flow));
+            }
+            ETH_HLEN + usize::from(vihl & 0x0f) * 4
+        }
+        ETH_P_IPV6 => {
+            flow.v6 = true;
+            flow.protocol = ctx.load(ETH_HLEN + 6)?;
+            flow.saddr = ctx.load(ETH_HLEN + 8)?;
+            flow.daddr = ctx.load(ETH_HLEN + 24)?;
+            ETH_HLEN + 40
+        }
+        _ => return Ok(None),
+    };
+    match flow.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            flow.sport = u16::from_be(ctx.load(l4)?);
+            flow.dport = u16::from_be(ctx.load(l4 + 2)?);
+            if flow.protocol == IPPROTO_TCP {
+                flow.tcp_flags = ctx.load(l4 + 13)?;
+            }
+        }
+        IPPROTO_ICMP => {
+            let ty: u8 = ctx.load(l4)?;
+            match ty {
+                // Echo reply, echo request: the identifier is the flow.
+                0 | 8 => {
+                    let id = u16::from_be(ctx.load(l4 + 4)?);
+                    flow.sport = id;
+                    flow.dport = id;
+                }
+                // Unreachable, time exceeded, parameter problem.
+                3 | 11 | 12 => flow.control = true,
+                _ => {}
+            }
+        }
+        IPPROTO_ICMPV6 => {
+            let ty: u8 = ctx.load(l4)?;
+            match ty {
+                // Unreachable, too big, time exceeded, parameter problem,
+                // and neighbour discovery (router/neighbour solicitation
+                // and advertisement, redirect).
+                1..=4 | 133..=137 => flow.control = true,
+                // Echo request, echo reply.
+                128 | 129 => {
+                    let id = u16::from_be(ctx.load(l4 + 4)?);
+                    flow.sport = id;
+                    flow.dport = id;
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(flow))
 }

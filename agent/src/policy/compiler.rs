@@ -1,0 +1,623 @@
+//! Network policies compiled into what the kernel matches: numeric
+//! identities (one per namespace + label set, as Cilium allocates them, and
+//! one per policy CIDR), and per local endpoint and direction the LPM
+//! entries `(peer identity, protocol, port prefix) → rule` that allow
+//! traffic. An endpoint no policy isolates gets one short entry that allows
+//! everything in that direction.
+//!
+//! `ipBlock` peers become CIDR identities: every prefix named by any policy
+//! (`cidr` and `except` alike) gets one, and the ipcache holds them, so the
+//! longest match gives an address the identity of the most specific one.
+//! A rule's block then allows the identities of the prefixes inside its
+//! `cidr` and outside its `except`s. Pod and node addresses keep their own
+//! identity and also carry their most specific prefix's (`cidr_identity`),
+//! so a block matches in-cluster addresses as well.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::Serialize;
+use trellis_common::{PolicyEntry, PolicyKey, RULE_NOT_ISOLATED, direction, identity};
+
+use super::network::{Cidr, NetworkPolicy, Peer, Ports, Rule};
+use crate::state::{Snapshot, Workload};
+
+/// A rule of a policy, as flow events and `trellis policy` name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    pub direction: &'static str,
+    /// Index of the rule in the policy's `ingress` or `egress` list.
+    pub index: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}[{}]", self.policy, self.direction, self.index)
+    }
+}
+
+/// What an identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum IdentityOf {
+    Pods {
+        namespace: String,
+        labels: BTreeMap<String, String>,
+    },
+    Cidr(Cidr),
+}
+
+/// Identities of namespace + label sets and of policy CIDRs, by hashing,
+/// so every agent (and every restart) gives the same set the same number.
+#[derive(Clone, Debug, Default)]
+pub struct Identities {
+    by_id: BTreeMap<u32, IdentityOf>,
+    pods: BTreeMap<(String, BTreeMap<String, String>), u32>,
+    cidrs: BTreeMap<Cidr, u32>,
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Identities {
+    /// Allocates identities for every pod label set of `snap` and every
+    /// CIDR its policies name. Sets are taken in sorted order, so a hash
+    /// collision (rare: 24 bits) resolves the same way everywhere.
+    pub fn build(snap: &Snapshot) -> Self {
+        let mut ids = Self::default();
+        let sets: BTreeSet<(String, BTreeMap<String, String>)> = snap
+            .workloads
+            .iter()
+            .map(|w| (w.namespace.clone(), w.labels.clone()))
+            .collect();
+        for (ns, labels) in sets {
+            let mut parts: Vec<&[u8]> = vec![ns.as_bytes()];
+            for (k, v) in &labels {
+                parts.push(k.as_bytes());
+                parts.push(v.as_bytes());
+            }
+            let span = identity::CIDR_BASE - identity::FIRST_POD;
+            let start = (fnv1a(&parts) % u64::from(span)) as u32;
+            let id = ids.free(identity::FIRST_POD, span, start);
+            ids.by_id.insert(
+                id,
+                IdentityOf::Pods {
+                    namespace: ns.clone(),
+                    labels: labels.clone(),
+                },
+            );
+            ids.pods.insert((ns, labels), id);
+        }
+        let cidrs: BTreeSet<Cidr> = snap
+            .network_policies
+            .iter()
+            .flat_map(policy_cidrs)
+            .collect();
+        for c in cidrs {
+            let text = c.to_string();
+            let span = identity::SERVICE_BASE - identity::CIDR_BASE;
+            let start = (fnv1a(&[text.as_bytes()]) % u64::from(span)) as u32;
+            let id = ids.free(identity::CIDR_BASE, span, start);
+            ids.by_id.insert(id, IdentityOf::Cidr(c));
+            ids.cidrs.insert(c, id);
+        }
+        ids
+    }
+
+    /// The first free id from `base + start`, probing within the span.
+    fn free(&self, base: u32, span: u32, start: u32) -> u32 {
+        (0..span)
+            .map(|i| base + (start + i) % span)
+            .find(|id| !self.by_id.contains_key(id))
+            .expect("fewer identities than the span holds")
+    }
+
+    pub fn of_pod(&self, namespace: &str, labels: &BTreeMap<String, String>) -> u32 {
+        self.pods
+            .get(&(namespace.to_owned(), labels.clone()))
+            .copied()
+            .unwrap_or(identity::WORLD)
+    }
+
+    pub fn of_workload(&self, w: &Workload) -> u32 {
+        self.of_pod(&w.namespace, &w.labels)
+    }
+
+    /// Every policy CIDR with its identity.
+    pub fn cidrs(&self) -> impl Iterator<Item = (&Cidr, u32)> {
+        self.cidrs.iter().map(|(c, id)| (c, *id))
+    }
+
+    /// The identity of the most specific policy CIDR holding `ip`; 0 when none.
+    pub fn cidr_identity_of(&self, ip: IpAddr) -> u32 {
+        self.cidrs
+            .iter()
+            .filter(|(c, _)| c.contains_ip(ip))
+            .max_by_key(|(c, _)| c.map_prefix().0)
+            .map_or(0, |(_, id)| *id)
+    }
+
+    pub fn describe(&self, id: u32) -> Option<&IdentityOf> {
+        self.by_id.get(&id)
+    }
+
+    pub fn all(&self) -> &BTreeMap<u32, IdentityOf> {
+        &self.by_id
+    }
+}
+
+fn policy_cidrs(p: &NetworkPolicy) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for rule in p.ingress.iter().chain(p.egress.iter()).flatten() {
+        for peer in rule.peers.iter().flatten() {
+            if let Peer::Block { cidr, except } = peer {
+                out.push(*cidr);
+                out.extend(except.iter().copied());
+            }
+        }
+    }
+    out
+}
+
+/// The LPM form of a policy key: prefix length and key, bits past the
+/// prefix cleared (the kernel ignores them; clearing makes keys unique).
+pub type LpmKey = (u32, PolicyKey);
+
+fn lpm(prefix: u32, direction: u8, endpoint_id: u32, id: u32, protocol: u8, port: u16) -> LpmKey {
+    let mut key = PolicyKey::new(direction, endpoint_id, id, protocol, port);
+    if prefix <= PolicyKey::PREFIX_ENDPOINT {
+        key.identity = 0;
+    }
+    if prefix <= PolicyKey::PREFIX_IDENTITY {
+        key.protocol = 0;
+    }
+    let port_bits = prefix.saturating_sub(PolicyKey::PREFIX_PROTOCOL);
+    let mask = u16::MAX.checked_shl(16 - port_bits).unwrap_or(0);
+    key.port = (port & mask).to_be_bytes();
+    (prefix, key)
+}
+
+/// `lo..=hi` as the fewest aligned blocks: (first port, prefix bits of 16).
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    while lo <= hi {
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            lo & lo.wrapping_neg()
+        };
+        while lo + size - 1 > hi {
+            size /= 2;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+/// The compiled policy of the node's endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    /// The policy map's desired content.
+    pub entries: BTreeMap<LpmKey, PolicyEntry>,
+    /// Rule `n` is `rules[n - 1]`.
+    pub rules: Vec<RuleRef>,
+    /// Endpoint id → (isolated for ingress, for egress).
+    pub isolation: BTreeMap<u32, (bool, bool)>,
+}
+
+impl Compiled {
+    pub fn rule(&self, rule_id: u32) -> Option<&RuleRef> {
+        (rule_id as usize)
+            .checked_sub(1)
+            .and_then(|i| self.rules.get(i))
+    }
+
+    /// The rule the entries give `(direction, endpoint, identity, protocol,
+    /// port)`, longest prefix first, as the kernel's lookup does.
+    pub fn lookup(
+        &self,
+        dir: u8,
+        endpoint_id: u32,
+        id: u32,
+        protocol: u8,
+        port: u16,
+    ) -> Option<u32> {
+        (PolicyKey::PREFIX_PROTOCOL..=PolicyKey::PREFIX_FULL)
+            .rev()
+            .chain([PolicyKey::PREFIX_IDENTITY, PolicyKey::PREFIX_ENDPOINT])
+            .find_map(|prefix| {
+                self.entries
+                    .get(&lpm(prefix, dir, endpoint_id, id, protocol, port))
+                    .map(|e| e.rule_id)
+            })
+    }
+}
+
+/// The local endpoints the entries are for: workload id → endpoint id.
+pub struct Endpoints<'a>(pub &'a BTreeMap<String, u32>);
+
+struct Builder<'a> {
+    snap: &'a Snapshot,
+    ids: &'a Identities,
+    out: Compiled,
+    rule_ids: BTreeMap<(String, &'static str, usize), u32>,
+}
+
+/// A rule's peers: identities, with the pods behind each (for named ports
+/// of egress rules); `None` pods for CIDRs and any-peer.
+type PeerSet<'a> = Vec<(u32, Vec<&'a Workload>)>;
+
+impl<'a> Builder<'a> {
+    fn rule_id(&mut self, policy: &NetworkPolicy, direction: &'static str, index: usize) -> u32 {
+        let key = (policy.id(), direction, index);
+        if let Some(id) = self.rule_ids.get(&key) {
+            return *id;
+        }
+        self.out.rules.push(RuleRef {
+            policy: key.0.clone(),
+            direction,
+            index,
+        });
+        let id = self.out.rules.len() as u32;
+        self.rule_ids.insert(key, id);
+        id
+    }
+
+    fn insert(&mut self, key: LpmKey, rule_id: u32) {
+        // The first rule to allow a key names it; the union is the same.
+        self.out
+            .entries
+            .entry(key)
+            .or_insert(PolicyEntry { rule_id, flags: 0 });
+    }
+
+    fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        self.snap.namespaces.get(ns).cloned().unwrap_or_default()
+    }
+
+    fn peers(&self, policy: &NetworkPolicy, rule: &Rule) -> PeerSet<'a> {
+        let Some(peers) = &rule.peers else {
+            return vec![(identity::ANY, self.snap.workloads.iter().collect())];
+        };
+        let mut by_id: BTreeMap<u32, Vec<&'a Workload>> = BTreeMap::new();
+        for peer in peers {
+            match peer {
+                Peer::Pods { namespaces, pods } => {
+                    for w in &self.snap.workloads {
+                        let ns_ok = match namespaces {
+                            None => w.namespace == policy.namespace,
+                            Some(sel) => sel.matches(&self.namespace_labels(&w.namespace)),
+                        };
+                        if ns_ok && pods.as_ref().is_none_or(|s| s.matches(&w.labels)) {
+                            by_id.entry(self.ids.of_workload(w)).or_default().push(w);
+                        }
+                    }
+                }
+                Peer::Block { cidr, except } => {
+                    for (c, id) in self.ids.cidrs() {
+                        if cidr.contains(c) && !except.iter().any(|e| e.contains(c)) {
+                            by_id.entry(id).or_default();
+                        }
+                    }
+                }
+            }
+        }
+        by_id.into_iter().collect()
+    }
+
+    fn rule(
+        &mut self,
+        dir: u8,
+        ep: u32,
+        w: &Workload,
+        policy: &NetworkPolicy,
+        rule: &Rule,
+        rule_id: u32,
+    ) {
+        for (id, pods) in self.peers(policy, rule) {
+            let Some(ports) = &rule.ports else {
+                self.insert(lpm(PolicyKey::PREFIX_IDENTITY, dir, ep, id, 0, 0), rule_id);
+                continue;
+            };
+            for port in ports {
+                let p = port.protocol;
+                match &port.ports {
+                    Ports::All => {
+                        self.insert(lpm(PolicyKey::PREFIX_PROTOCOL, dir, ep, id, p, 0), rule_id);
+                    }
+                    Ports::Range(lo, hi) => {
+                        for (first, bits) in port_blocks(*lo, *hi) {
+                            let prefix = PolicyKey::PREFIX_PROTOCOL + bits;
+                            self.insert(lpm(prefix, dir, ep, id, p, first), rule_id);
+                        }
+                    }
+                    Ports::Named(name) => {
+                        // Ingress: the endpoint's own port of that name;
+                        // egress: each peer pod's.
+                        let numbers: BTreeSet<u16> = if dir == direction::INGRESS {
+                            w.named_ports.get(name).copied().into_iter().collect()
+                        } else {
+                            pods.iter()
+                                .filter_map(|pw| pw.named_ports.get(name).copied())
+                                .collect()
+                        };
+                        for n in numbers {
+                            self.insert(lpm(PolicyKey::PREFIX_FULL, dir, ep, id, p, n), rule_id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Compiles the policies of `snap` for the local endpoints `endpoints`.
+/// `service_ids` gives each service (`namespace/name`) its data-path id,
+/// for the egress entries of service VIPs.
+pub fn compile(
+    snap: &Snapshot,
+    ids: &Identities,
+    endpoints: &Endpoints<'_>,
+    service_ids: &BTreeMap<String, u32>,
+) -> Compiled {
+    let mut b = Builder {
+        snap,
+        ids,
+        out: Compiled::default(),
+        rule_ids: BTreeMap::new(),
+    };
+    for w in &snap.workloads {
+        let Some(&ep) = endpoints.0.get(&w.id()) else {
+            continue;
+        };
+        let mut isolated = (false, false);
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            let mut any = false;
+            for policy in snap
+                .network_policies
+                .iter()
+                .filter(|p| p.selects(&w.namespace, &w.labels))
+            {
+                let (rules, name) = if dir == direction::INGRESS {
+                    (&policy.ingress, "ingress")
+                } else {
+                    (&policy.egress, "egress")
+                };
+                let Some(rules) = rules else { continue };
+                any = true;
+                for (index, rule) in rules.iter().enumerate() {
+                    let rule_id = b.rule_id(policy, name, index);
+                    b.rule(dir, ep, w, policy, rule, rule_id);
+                }
+            }
+            if !any {
+                b.insert(
+                    lpm(PolicyKey::PREFIX_ENDPOINT, dir, ep, 0, 0, 0),
+                    RULE_NOT_ISOLATED,
+                );
+            }
+            if dir == direction::INGRESS {
+                isolated.0 = any;
+            } else {
+                isolated.1 = any;
+            }
+        }
+        b.out.isolation.insert(ep, isolated);
+        if isolated.1 {
+            services(&mut b, ep, service_ids);
+        }
+    }
+    b.out
+}
+
+/// Egress entries for service VIPs: a VIP port is allowed when at least one
+/// of its backends is (the agent drops the denied ones when it picks).
+fn services(b: &mut Builder<'_>, ep: u32, service_ids: &BTreeMap<String, u32>) {
+    for svc in &b.snap.services {
+        let Some(&service_id) = service_ids.get(&svc.id()) else {
+            continue;
+        };
+        for port in &svc.ports {
+            let protocol = match port.protocol.as_str() {
+                "UDP" => super::network::UDP,
+                "SCTP" => super::network::SCTP,
+                _ => super::network::TCP,
+            };
+            let allowed = svc
+                .backends
+                .get(&port.port)
+                .into_iter()
+                .flatten()
+                .find_map(|backend| {
+                    let ip = backend.addr.ip();
+                    let (id, cidr_id) = match b.snap.workload_by_ip(ip) {
+                        Some(w) => (b.ids.of_workload(w), b.ids.cidr_identity_of(ip)),
+                        None => {
+                            let c = b.ids.cidr_identity_of(ip);
+                            (if c == 0 { identity::WORLD } else { c }, c)
+                        }
+                    };
+                    [id, cidr_id, identity::ANY].into_iter().find_map(|i| {
+                        b.out
+                            .lookup(direction::EGRESS, ep, i, protocol, backend.addr.port())
+                    })
+                });
+            if let Some(rule_id) = allowed {
+                b.insert(
+                    lpm(
+                        PolicyKey::PREFIX_FULL,
+                        direction::EGRESS,
+                        ep,
+                        identity::service(service_id),
+                        protocol,
+                        port.port,
+                    ),
+                    rule_id,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::objects::parse_file;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let parsed = parse_file(std::path::Path::new("t.yaml"), yaml).expect("yaml");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        Snapshot::build("n1", &parsed.objects)
+    }
+
+    fn pod(ns: &str, name: &str, ip: &str, labels: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: n1, containers: [{{name: c, ports: [{{name: serve-80, containerPort: 80}}]}}]}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        )
+    }
+
+    const WORLD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: x}}\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata: {name: y, labels: {ns: y}}\n---\n";
+
+    struct Case {
+        snap: Snapshot,
+        ids: Identities,
+        compiled: Compiled,
+        eps: BTreeMap<String, u32>,
+    }
+
+    impl Case {
+        fn new(policies: &str) -> Self {
+            let yaml = format!(
+                "{WORLD}{}{}{}{policies}",
+                pod("x", "a", "10.0.0.1", "pod: a"),
+                pod("x", "b", "10.0.0.2", "pod: b"),
+                pod("y", "a", "10.0.1.1", "pod: a"),
+            );
+            let snap = snapshot(&yaml);
+            let ids = Identities::build(&snap);
+            let eps: BTreeMap<String, u32> =
+                [("x/a".to_string(), 1), ("x/b".into(), 2), ("y/a".into(), 3)].into();
+            let compiled = compile(&snap, &ids, &Endpoints(&eps), &BTreeMap::new());
+            Self {
+                snap,
+                ids,
+                compiled,
+                eps,
+            }
+        }
+
+        /// Whether `from` (a pod id or an IP) may reach pod `to` on TCP `port`.
+        fn allowed(&self, from: &str, to: &str, port: u16) -> bool {
+            let ip: IpAddr = match self.snap.workloads.iter().find(|w| w.id() == from) {
+                Some(w) => w.ips[0],
+                None => from.parse().expect("ip"),
+            };
+            let (id, cidr) = match self.snap.workload_by_ip(ip) {
+                Some(w) => (self.ids.of_workload(w), self.ids.cidr_identity_of(ip)),
+                None => {
+                    let c = self.ids.cidr_identity_of(ip);
+                    (if c == 0 { identity::WORLD } else { c }, c)
+                }
+            };
+            let ep = self.eps[to];
+            trellis_common::judge(id, cidr, |i| {
+                self.compiled.lookup(direction::INGRESS, ep, i, 6, port)
+            })
+            .allowed
+        }
+    }
+
+    fn netpol(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec: {spec}\n"
+        )
+    }
+
+    #[test]
+    fn port_ranges_become_aligned_prefixes() {
+        assert_eq!(port_blocks(80, 80), vec![(80, 16)]);
+        assert_eq!(port_blocks(80, 81), vec![(80, 15)]);
+        assert_eq!(port_blocks(81, 84), vec![(81, 16), (82, 15), (84, 16)]);
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+        for (lo, hi) in [(1, 1000), (1024, 65535), (7, 9), (32000, 32768)] {
+            let covered: u32 = port_blocks(lo, hi).iter().map(|(_, b)| 1 << (16 - b)).sum();
+            assert_eq!(covered, u32::from(hi - lo) + 1);
+        }
+    }
+
+    #[test]
+    fn unselected_pods_are_not_isolated() {
+        let c = Case::new(&netpol(
+            "{podSelector: {matchLabels: {pod: a}}, ingress: []}",
+        ));
+        assert!(!c.allowed("x/b", "x/a", 80), "default deny for x/a");
+        assert!(c.allowed("x/a", "x/b", 80), "x/b is not selected");
+        assert!(c.allowed("x/a", "y/a", 80), "other namespace untouched");
+        assert_eq!(c.compiled.isolation[&1], (true, false));
+        assert_eq!(c.compiled.isolation[&2], (false, false));
+    }
+
+    #[test]
+    fn selectors_ports_and_blocks() {
+        let c = Case::new(&netpol(
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [\
+             {from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: a}}}], ports: [{port: serve-80}]}, \
+             {from: [{ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}}], ports: [{port: 8000, endPort: 8010}]}]}",
+        ));
+        assert!(c.allowed("y/a", "x/a", 80));
+        assert!(!c.allowed("y/a", "x/a", 81));
+        assert!(!c.allowed("x/b", "x/a", 80));
+        assert!(c.allowed("192.168.2.3", "x/a", 8005));
+        assert!(!c.allowed("192.168.2.3", "x/a", 8011));
+        assert!(!c.allowed("192.168.1.3", "x/a", 8005), "except");
+        assert!(!c.allowed("10.9.9.9", "x/a", 8005), "world");
+        let rule = c.compiled.lookup(
+            direction::INGRESS,
+            1,
+            c.ids.of_pod("y", &[("pod".into(), "a".into())].into()),
+            6,
+            80,
+        );
+        assert_eq!(
+            c.compiled.rule(rule.unwrap()).unwrap().to_string(),
+            "x/p ingress[0]"
+        );
+    }
+
+    #[test]
+    fn ip_blocks_match_pod_addresses_too() {
+        let c = Case::new(&netpol(
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.2/32]}}]}]}",
+        ));
+        assert!(!c.allowed("x/b", "x/a", 80), "x/b is the except");
+        assert!(!c.allowed("y/a", "x/a", 80), "10.0.1.1 is outside");
+        assert!(c.allowed("10.0.0.77", "x/a", 80));
+    }
+
+    #[test]
+    fn identities_are_stable_across_builds() {
+        let a = Case::new("");
+        let b = Case::new("");
+        assert_eq!(a.ids.all(), b.ids.all());
+        assert!(a.ids.all().keys().all(|id| *id >= identity::FIRST_POD));
+    }
+}

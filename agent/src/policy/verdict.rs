@@ -1,0 +1,152 @@
+//! Network policy verdicts in the agent, read from the same pinned maps the
+//! kernel programs use (ipcache and policy) with the same rule
+//! ([`trellis_common::judge`]): for the connections the agent delivers to
+//! local pods (same-node captured ones and HBONE streams), for the backends
+//! of a service VIP, and for `trellis policy explain`.
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, lpm_trie::Key, lpm_trie::LpmTrie};
+use serde::Serialize;
+use trellis_common::{
+    Decision, IpInfo, MAP_IPCACHE, MAP_POLICY, PolicyEntry, PolicyKey, direction, identity, reason,
+};
+
+use crate::{
+    bpf::{BpfError, PinLayout},
+    sync::{PolicyView, ip16},
+};
+
+/// The pinned ipcache and policy maps.
+pub struct PolicyMaps {
+    ipcache: LpmTrie<MapData, [u8; 16], IpInfo>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+}
+
+impl PolicyMaps {
+    pub fn open(bpffs: &Path) -> Result<Self, BpfError> {
+        let layout = PinLayout::new(bpffs);
+        Ok(Self {
+            ipcache: layout.open_map(MAP_IPCACHE)?,
+            policy: layout.open_map(MAP_POLICY)?,
+        })
+    }
+
+    /// The identities of `ip`, as the kernel finds them.
+    pub fn peer(&self, ip: IpAddr) -> (u32, u32) {
+        match self.ipcache.get(&Key::new(128, ip16(ip.to_canonical())), 0) {
+            Ok(info) => (info.identity, info.cidr_identity),
+            Err(_) => (identity::WORLD, 0),
+        }
+    }
+
+    pub fn judge(
+        &self,
+        dir: u8,
+        endpoint_id: u32,
+        peer: (u32, u32),
+        protocol: u8,
+        port: u16,
+    ) -> Decision {
+        trellis_common::judge(peer.0, peer.1, |id| {
+            let key = PolicyKey::new(dir, endpoint_id, id, protocol, port);
+            self.policy
+                .get(&Key::new(PolicyKey::PREFIX_FULL, key), 0)
+                .ok()
+                .map(|e| e.rule_id)
+        })
+    }
+}
+
+/// One verdict, explained.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Judgement {
+    pub allowed: bool,
+    pub direction: &'static str,
+    /// The endpoint whose policy decided; `None` when the pod is not a
+    /// local endpoint (nothing to enforce here).
+    pub endpoint: Option<String>,
+    pub peer: String,
+    pub peer_identity: u32,
+    /// The identity of the most specific policy CIDR holding the peer's
+    /// address, when any.
+    pub peer_cidr_identity: u32,
+    pub protocol: u8,
+    pub port: u16,
+    pub reason: &'static str,
+    /// `namespace/name ingress[i]` of the rule that allowed it.
+    pub rule: Option<String>,
+}
+
+/// Verdicts for the agent's proxies: the maps, and the compiled view of
+/// the last sync (endpoint ids and rule names).
+pub struct Verdicts {
+    maps: PolicyMaps,
+    view: Mutex<Arc<PolicyView>>,
+}
+
+impl Verdicts {
+    pub fn new(maps: PolicyMaps) -> Self {
+        Self {
+            maps,
+            view: Mutex::default(),
+        }
+    }
+
+    pub fn set_view(&self, view: Arc<PolicyView>) {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    pub fn view(&self) -> Arc<PolicyView> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The policy of local pod `workload` (`namespace/name`) for traffic
+    /// with `peer` in `dir`; `port` is the pod's for ingress, the peer's
+    /// for egress.
+    pub fn judge(
+        &self,
+        dir: u8,
+        workload: &str,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Judgement {
+        let view = self.view();
+        let ids = self.maps.peer(peer);
+        let mut out = Judgement {
+            allowed: true,
+            direction: direction::name(dir),
+            endpoint: None,
+            peer: peer.to_canonical().to_string(),
+            peer_identity: ids.0,
+            peer_cidr_identity: ids.1,
+            protocol,
+            port,
+            reason: "not-an-endpoint",
+            rule: None,
+        };
+        let Some(&endpoint_id) = view.endpoints.get(workload) else {
+            return out;
+        };
+        let d = self.maps.judge(dir, endpoint_id, ids, protocol, port);
+        out.endpoint = Some(workload.to_owned());
+        out.allowed = d.allowed;
+        out.reason = reason::name(d.reason);
+        out.rule = view.compiled.rule(d.rule_id).map(ToString::to_string);
+        out
+    }
+
+    /// Whether local pod `workload` is isolated for ingress.
+    pub fn ingress_isolated(&self, workload: &str) -> bool {
+        let view = self.view();
+        view.endpoints
+            .get(workload)
+            .and_then(|ep| view.compiled.isolation.get(ep))
+            .is_some_and(|(ingress, _)| *ingress)
+    }
+}
