@@ -240,13 +240,7 @@ fn server_name(p: P) -> String {
 /// `E` refused with EPERM.
 fn matrix(got: &BTreeMap<(P, P, u16, Proto), String>, probes: &[(u16, Proto)]) -> String {
     let mut text = String::new();
-    let dsts: Vec<P> = {
-        let mut d: Vec<P> = got.keys().map(|k| k.1).collect();
-        d.dedup();
-        d.sort();
-        d.dedup();
-        d
-    };
+    let dsts: std::collections::BTreeSet<P> = got.keys().map(|k| k.1).collect();
     for (port, proto) in probes {
         text += &format!("{port}/{proto:?}   ");
         for d in &dsts {

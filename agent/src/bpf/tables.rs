@@ -30,13 +30,6 @@ pub struct SyncStats {
     pub removed: usize,
 }
 
-impl std::ops::AddAssign for SyncStats {
-    fn add_assign(&mut self, o: Self) {
-        self.upserted += o.upserted;
-        self.removed += o.removed;
-    }
-}
-
 /// The agent-owned maps, opened from their pins.
 pub struct Tables {
     config: Array<MapData, DatapathConfig>,

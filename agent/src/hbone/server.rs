@@ -24,7 +24,6 @@ use tokio::{
     sync::watch,
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
-use trellis_common::direction;
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
@@ -32,7 +31,6 @@ use crate::{
     identity::{Identity, manager::CertManager},
     policy::{
         authz::{self, Verdict},
-        network::TCP,
         verdict::Verdicts,
     },
     proxy::{Source, connect_from, relay},
@@ -291,36 +289,6 @@ impl Inbound {
         proven.then_some(ip)
     }
 
-    /// The destination's ingress network policy for a stream from
-    /// `client` (the proven source pod). Without a proven source an
-    /// isolated pod refuses: its policy names pods, and the stream cannot
-    /// say which one it comes from.
-    fn network_policy(
-        &self,
-        snapshot: &Snapshot,
-        client: Option<IpAddr>,
-        target: SocketAddr,
-    ) -> Result<(), String> {
-        let Some(verdicts) = &self.policy else {
-            return Ok(());
-        };
-        let Some(dst) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
-            return Ok(());
-        };
-        match client {
-            Some(ip) => {
-                let j = verdicts.judge(direction::INGRESS, &dst.id(), ip, TCP, target.port());
-                if j.allowed {
-                    Ok(())
-                } else {
-                    Err(j.reason.into())
-                }
-            }
-            None if verdicts.ingress_isolated(&dst.id()) => Err("unproven-source".into()),
-            None => Ok(()),
-        }
-    }
-
     async fn stream(
         &self,
         request: Request<h2::RecvStream>,
@@ -362,7 +330,11 @@ impl Inbound {
             .unwrap_or("")
             .to_owned();
         let client = self.proven_client(&snapshot, &forwarded, peer_id);
-        if let Err(reason) = self.network_policy(&snapshot, client, target) {
+        if let Some(Err(reason)) = self
+            .policy
+            .as_ref()
+            .map(|v| v.delivery(&snapshot, client, target))
+        {
             self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
             info!(src = %peer_id, %forwarded, dst = %target, reason, "stream refused: ingress network policy denies it");
             let _ = reply(&mut respond, StatusCode::UNAUTHORIZED, true);

@@ -142,6 +142,18 @@ impl Identities {
         self.cidrs.iter().map(|(c, id)| (c, *id))
     }
 
+    /// The identities the ipcache gives `ip` (its own, its most specific
+    /// policy CIDR's): a pod's, else that CIDR's, else world. For the
+    /// addresses in `snap` (node addresses are not looked at).
+    pub fn of_ip(&self, snap: &Snapshot, ip: IpAddr) -> (u32, u32) {
+        let cidr = self.cidr_identity_of(ip);
+        match snap.workload_by_ip(ip) {
+            Some(w) => (self.of_workload(w), cidr),
+            None if cidr != 0 => (cidr, cidr),
+            None => (identity::WORLD, 0),
+        }
+    }
+
     /// The identity of the most specific policy CIDR holding `ip`; 0 when none.
     pub fn cidr_identity_of(&self, ip: IpAddr) -> u32 {
         self.cidrs
@@ -445,18 +457,12 @@ fn services(b: &mut Builder<'_>, ep: u32, service_ids: &BTreeMap<String, u32>) {
                 .into_iter()
                 .flatten()
                 .find_map(|backend| {
-                    let ip = backend.addr.ip();
-                    let (id, cidr_id) = match b.snap.workload_by_ip(ip) {
-                        Some(w) => (b.ids.of_workload(w), b.ids.cidr_identity_of(ip)),
-                        None => {
-                            let c = b.ids.cidr_identity_of(ip);
-                            (if c == 0 { identity::WORLD } else { c }, c)
-                        }
-                    };
-                    [id, cidr_id, identity::ANY].into_iter().find_map(|i| {
-                        b.out
-                            .lookup(direction::EGRESS, ep, i, protocol, backend.addr.port())
-                    })
+                    let (id, cidr_id) = b.ids.of_ip(b.snap, backend.addr.ip());
+                    let port = backend.addr.port();
+                    let d = trellis_common::judge(id, cidr_id, |i| {
+                        b.out.lookup(direction::EGRESS, ep, i, protocol, port)
+                    });
+                    d.allowed.then_some(d.rule_id)
                 });
             if let Some(rule_id) = allowed {
                 b.insert(
@@ -531,13 +537,7 @@ mod tests {
                 Some(w) => w.ips[0],
                 None => from.parse().expect("ip"),
             };
-            let (id, cidr) = match self.snap.workload_by_ip(ip) {
-                Some(w) => (self.ids.of_workload(w), self.ids.cidr_identity_of(ip)),
-                None => {
-                    let c = self.ids.cidr_identity_of(ip);
-                    (if c == 0 { identity::WORLD } else { c }, c)
-                }
-            };
+            let (id, cidr) = self.ids.of_ip(&self.snap, ip);
             let ep = self.eps[to];
             trellis_common::judge(id, cidr, |i| {
                 self.compiled.lookup(direction::INGRESS, ep, i, 6, port)

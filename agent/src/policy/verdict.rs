@@ -5,7 +5,7 @@
 //! of a service VIP, and for `trellis policy explain`.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -16,8 +16,10 @@ use trellis_common::{
     Decision, IpInfo, MAP_IPCACHE, MAP_POLICY, PolicyEntry, PolicyKey, direction, identity, reason,
 };
 
+use super::network::TCP;
 use crate::{
     bpf::{BpfError, PinLayout},
+    state::Snapshot,
     sync::{PolicyView, ip16},
 };
 
@@ -141,8 +143,33 @@ impl Verdicts {
         out
     }
 
+    /// The destination's ingress policy for a TCP connection the agent
+    /// delivers to `target` from `client`: the reason when it is denied.
+    /// `client` is `None` for a source the agent could not prove: a pod
+    /// isolated for ingress refuses it (its policy names pods, and the
+    /// connection cannot say which one it comes from). A `target` that is
+    /// no pod of the state has no policy here.
+    pub fn delivery(
+        &self,
+        snapshot: &Snapshot,
+        client: Option<IpAddr>,
+        target: SocketAddr,
+    ) -> Result<(), &'static str> {
+        let Some(dst) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
+            return Ok(());
+        };
+        match client {
+            Some(ip) => {
+                let j = self.judge(direction::INGRESS, &dst.id(), ip, TCP, target.port());
+                if j.allowed { Ok(()) } else { Err(j.reason) }
+            }
+            None if self.ingress_isolated(&dst.id()) => Err("unproven-source"),
+            None => Ok(()),
+        }
+    }
+
     /// Whether local pod `workload` is isolated for ingress.
-    pub fn ingress_isolated(&self, workload: &str) -> bool {
+    fn ingress_isolated(&self, workload: &str) -> bool {
         let view = self.view();
         view.endpoints
             .get(workload)

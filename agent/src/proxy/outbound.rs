@@ -357,29 +357,23 @@ impl Outbound {
 
     /// Same-node delivery: the destination's ingress network policy, with
     /// the client pod's address (TC already checked it is the pod's own).
-    fn ingress_allowed(&self, peer: SocketAddr, route: &Route) -> Result<(), OutboundError> {
+    fn ingress_allowed(
+        &self,
+        snapshot: &Snapshot,
+        peer: SocketAddr,
+        route: &Route,
+    ) -> Result<(), OutboundError> {
         let Some(verdicts) = &self.policy else {
             return Ok(());
         };
-        let snapshot = self.state.borrow().clone();
-        let Some(dst) = snapshot.workload_by_ip(route.backend.ip().to_canonical()) else {
+        let Err(reason) = verdicts.delivery(snapshot, Some(peer.ip()), route.backend) else {
             return Ok(());
         };
-        let j = verdicts.judge(
-            direction::INGRESS,
-            &dst.id(),
-            peer.ip(),
-            TCP,
-            route.backend.port(),
-        );
-        if j.allowed {
-            return Ok(());
-        }
         self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
-        info!(src = %peer, dst = %route.backend, reason = j.reason, "connection reset: ingress network policy denies it");
+        info!(src = %peer, dst = %route.backend, reason, "connection reset: ingress network policy denies it");
         Err(OutboundError::NetworkPolicy {
             dst: route.backend,
-            reason: j.reason.into(),
+            reason: reason.into(),
         })
     }
 
@@ -390,8 +384,8 @@ impl Outbound {
         if !route.local {
             return Ok(());
         }
-        self.ingress_allowed(peer, route)?;
         let snapshot = self.state.borrow().clone();
+        self.ingress_allowed(&snapshot, peer, route)?;
         let Some(client) = snapshot.workload_by_ip(peer.ip().to_canonical()) else {
             return Ok(());
         };

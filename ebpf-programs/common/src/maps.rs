@@ -151,9 +151,6 @@ pub mod reason {
     /// A plaintext connection to a STRICT pod from outside the node's own
     /// stack (another pod, another node): dropped.
     pub const PLAINTEXT_IN_STRICT: u32 = 13;
-    /// A connection to a STRICT pod from the node's own stack (the agent,
-    /// kubelet's probes): let through.
-    pub const FROM_NODE: u32 = 14;
     /// A pod's reply to the agent's source-preserving socket, steered to it.
     pub const REPLY_TO_AGENT: u32 = 15;
     /// No network policy selects the endpoint in this direction: not isolated.
@@ -193,7 +190,6 @@ pub mod reason {
             HBONE_STEERED => "hbone-steered",
             HBONE_NO_LISTENER => "hbone-no-listener",
             PLAINTEXT_IN_STRICT => "plaintext-in-strict",
-            FROM_NODE => "from-node",
             REPLY_TO_AGENT => "reply-to-agent",
             NOT_ISOLATED => "not-isolated",
             POLICY_ALLOWED => "policy-allowed",
@@ -335,20 +331,25 @@ impl IpPort {
 
     #[inline(always)]
     pub const fn is_v4_mapped(&self) -> bool {
-        let a = self.addr;
-        a[0] == 0
-            && a[1] == 0
-            && a[2] == 0
-            && a[3] == 0
-            && a[4] == 0
-            && a[5] == 0
-            && a[6] == 0
-            && a[7] == 0
-            && a[8] == 0
-            && a[9] == 0
-            && a[10] == 0xff
-            && a[11] == 0xff
+        is_v4_mapped(&self.addr)
     }
+}
+
+/// Whether a 16-byte map address is IPv4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub const fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 /// Whether two 16-byte addresses are equal, word by word (BPF has no memcmp).
@@ -538,6 +539,25 @@ pub struct PodIface {
     pub ip4: [u8; 4],
     /// The pod's IPv6 address, all zero when it has none.
     pub ip6: [u8; 16],
+}
+
+impl PodIface {
+    /// The pod's own address of a family (IPv4 mapped); `None` when it has
+    /// none of that family.
+    #[inline(always)]
+    pub fn address(&self, v6: bool) -> Option<[u8; 16]> {
+        if v6 {
+            (self.ip6 != [0; 16]).then_some(self.ip6)
+        } else {
+            (self.ip4 != [0; 4]).then(|| ipv4_mapped(self.ip4))
+        }
+    }
+
+    /// Whether `addr`, of family `v6`, is the pod's own address.
+    #[inline(always)]
+    pub fn is_own(&self, addr: &[u8; 16], v6: bool) -> bool {
+        self.address(v6).is_some_and(|own| same_addr(&own, addr))
+    }
 }
 
 // === policy ===

@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use trellis_common::{
-    CounterKey, EndpointInfo, EndpointKey, IpPort, OrigDst, config_flags, direction,
-    endpoint_flags, hook, identity, ip_flags, ipv4_mapped, reason, same_addr, verdict,
+    CounterKey, EndpointInfo, EndpointKey, IpPort, OrigDst, PodIface, config_flags, direction,
+    endpoint_flags, hook, identity, ip_flags, reason, verdict,
 };
 
 use crate::{
@@ -104,22 +104,17 @@ fn endpoint(ctx: &SockAddrContext) -> Option<EndpointInfo> {
     unsafe { ENDPOINTS.get(EndpointKey { netns_cookie }) }.copied()
 }
 
-/// The endpoint's own address of `dst`'s family (all zero when none).
+/// The endpoint's interface entry (its addresses).
 #[inline(always)]
-fn own_address_for(endpoint: &EndpointInfo, dst: &IpPort) -> [u8; 16] {
+fn pod_iface(endpoint: &EndpointInfo) -> Option<PodIface> {
     // SAFETY: copied out at once.
-    match (unsafe { POD_IFACES.get(endpoint.ifindex) }).copied() {
-        Some(pod) if dst.is_v4_mapped() && pod.ip4 != [0; 4] => ipv4_mapped(pod.ip4),
-        Some(pod) if !dst.is_v4_mapped() => pod.ip6,
-        _ => [0; 16],
-    }
+    unsafe { POD_IFACES.get(endpoint.ifindex) }.copied()
 }
 
 /// Whether `dst` is the endpoint's own address.
 #[inline(always)]
 fn own_address(endpoint: &EndpointInfo, dst: &IpPort) -> bool {
-    let own = own_address_for(endpoint, dst);
-    own != [0; 16] && same_addr(&dst.addr, &own)
+    pod_iface(endpoint).is_some_and(|pod| pod.is_own(&dst.addr, !dst.is_v4_mapped()))
 }
 
 /// The endpoint's egress verdict for `dst` (a service VIP when
@@ -273,16 +268,18 @@ fn is_reply(endpoint: &EndpointInfo, sa: &bpf_sock_addr, dst: &IpPort) -> bool {
     // SAFETY: a valid socket pointer from the context; bpf_sock's src_port
     // is in host order.
     let local_port = unsafe { (*sk).src_port } as u16;
-    let own = own_address_for(endpoint, dst);
-    own != [0; 16]
-        && conntrack::answers_ingress(
-            &dst.addr,
-            dst.port,
-            &own,
-            local_port,
-            IPPROTO_UDP as u8,
-            endpoint.ifindex,
-        )
+    pod_iface(endpoint)
+        .and_then(|pod| pod.address(!dst.is_v4_mapped()))
+        .is_some_and(|own| {
+            conntrack::answers_ingress(
+                &dst.addr,
+                dst.port,
+                &own,
+                local_port,
+                IPPROTO_UDP as u8,
+                endpoint.ifindex,
+            )
+        })
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -27,8 +27,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use trellis_common::{
-    AGENT_MARK, CounterKey, PodIface, direction, endpoint_flags, hook, ip_flags, ipv4_mapped,
-    reason, same_addr, verdict,
+    AGENT_MARK, CounterKey, PodIface, direction, endpoint_flags, hook, ip_flags, reason, verdict,
 };
 
 use crate::{
@@ -218,15 +217,6 @@ fn try_pod_to(ctx: &TcContext) -> Result<i32, i64> {
 }
 
 #[inline(always)]
-fn own_address(pod: &PodIface, flow: &Flow) -> bool {
-    if flow.v6 {
-        pod.ip6 != [0; 16] && same_addr(&flow.saddr, &pod.ip6)
-    } else {
-        pod.ip4 != [0; 4] && same_addr(&flow.saddr, &ipv4_mapped(pod.ip4))
-    }
-}
-
-#[inline(always)]
 fn try_pod_from(ctx: &TcContext) -> Result<i32, i64> {
     let ifindex = ifindex(ctx);
     // SAFETY: copied out at once.
@@ -244,7 +234,7 @@ fn try_pod_from(ctx: &TcContext) -> Result<i32, i64> {
         count_pass(hook::TC_INGRESS, reason::CONTROL, pod.endpoint_id, ctx);
         return Ok(TCX_NEXT);
     }
-    if !own_address(&pod, &flow) {
+    if !pod.is_own(&flow.saddr, flow.v6) {
         let mut info = info(hook::TC_INGRESS, direction::EGRESS, &pod, &flow);
         info.src_identity = pod.identity;
         policy::record(
