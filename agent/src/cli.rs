@@ -49,9 +49,14 @@ pub enum Command {
     /// The certificates a running agent holds for its node's workloads:
     /// identity, serial, validity, time to renewal, issuer chain.
     Certs(AdminArgs),
-    /// The authorization policies a running agent enforces, and which of
-    /// its node's workloads each one selects.
-    Policy(AdminArgs),
+    /// Policies: without arguments, the authorization and network policies
+    /// a running agent enforces and what each selects on its node; with a
+    /// pod, that pod's compiled network policy; `explain` says which rule
+    /// allows or denies one connection, from the maps the kernel uses.
+    Policy(PolicyArgs),
+    /// Flow events, Hubble-like: every verdict of the kernel's policy
+    /// points and of the agent, with pods, identities and the rule.
+    Flows(FlowsArgs),
     /// The built-in CA's root.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -78,6 +83,68 @@ pub struct AdminArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Output,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    pub explain: Option<PolicyCommand>,
+
+    /// A pod on the agent's node (`namespace/name`, or `name` in `default`):
+    /// show its compiled network policy.
+    pub pod: Option<String>,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Which rule allows or denies SRC connecting to DST on PORT: DST's
+    /// ingress policy when DST is on this node, SRC's egress policy when
+    /// SRC is. SRC and DST are pods (`namespace/name`) or IP addresses.
+    Explain {
+        src: String,
+        dst: String,
+        port: u16,
+        /// TCP, UDP or SCTP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Keep printing new flows as they come.
+    #[arg(short, long)]
+    pub follow: bool,
+
+    /// Only flows from or to this pod (`namespace/name`, or a name in any namespace).
+    #[arg(long)]
+    pub pod: Option<String>,
+
+    /// Only flows from or to pods of this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+
+    /// Only `allowed` or only `denied` flows.
+    #[arg(long, value_parser = ["allowed", "denied"])]
+    pub verdict: Option<String>,
+
+    /// Print only the last N of the flows kept (before following).
+    #[arg(long)]
+    pub last: Option<usize>,
+
+    /// Start at this sequence number (each flow's `seq`): resume where an
+    /// earlier run stopped.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Debug, Args)]

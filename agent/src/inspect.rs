@@ -21,14 +21,18 @@ pub enum InspectError {
     #[error("admin API {addr}{path}: {reason}")]
     Http {
         addr: SocketAddr,
-        path: &'static str,
+        path: String,
         reason: String,
     },
 }
 
 /// GETs `path` from the admin API and parses the JSON.
-pub async fn fetch(addr: SocketAddr, path: &'static str) -> Result<Value, InspectError> {
-    let http = |reason: String| InspectError::Http { addr, path, reason };
+pub async fn fetch(addr: SocketAddr, path: &str) -> Result<Value, InspectError> {
+    let http = |reason: String| InspectError::Http {
+        addr,
+        path: path.to_owned(),
+        reason,
+    };
     let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| InspectError::Connect {
@@ -226,7 +230,154 @@ pub fn render_policies(doc: &Value) -> String {
             }
         );
     }
+    if let Some(network) = doc["network"].as_array() {
+        let _ = writeln!(out, "\nNETWORK POLICIES");
+        let _ = writeln!(
+            out,
+            "  {:<36} {:<16} {:>7} {:>6}  SELECTS ON THIS NODE",
+            "POLICY", "TYPES", "INGRESS", "EGRESS"
+        );
+        for p in network {
+            let selects = s(&p["selects"]);
+            let _ = writeln!(
+                out,
+                "  {:<36} {:<16} {:>7} {:>6}  {}",
+                s(&p["policy"]),
+                s(&p["types"]),
+                s(&p["ingress_rules"]),
+                s(&p["egress_rules"]),
+                if selects.is_empty() {
+                    "-".into()
+                } else {
+                    selects.replace(',', " ")
+                }
+            );
+        }
+    }
     out
+}
+
+/// `trellis policy POD` as text.
+pub fn render_pod_policy(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "POD {}  on {}  endpoint {}  identity {} ({})",
+        s(&doc["pod"]),
+        s(&doc["node"]),
+        s(&doc["endpoint_id"]),
+        s(&doc["identity"]),
+        s(&doc["identity_is"])
+    );
+    for dir in ["ingress", "egress"] {
+        let d = &doc[dir];
+        let _ = writeln!(out, "\n{}", dir.to_uppercase());
+        if d["isolated"] != true {
+            let _ = writeln!(out, "  not isolated: every peer allowed");
+            continue;
+        }
+        let _ = writeln!(out, "  isolated by: {}", s(&d["policies"]));
+        let allows: Vec<&Value> = d["allows"].as_array().into_iter().flatten().collect();
+        if allows.is_empty() {
+            let _ = writeln!(out, "  nothing allowed (deny all)");
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "  {:>10}  {:<44} {:<6} {:<12} RULE",
+            "IDENTITY", "PEER", "PROTO", "PORTS"
+        );
+        for a in allows {
+            let _ = writeln!(
+                out,
+                "  {:>10}  {:<44} {:<6} {:<12} {}",
+                s(&a["peer_identity"]),
+                s(&a["peer"]),
+                s(&a["protocol"]),
+                s(&a["ports"]),
+                s(&a["rule"])
+            );
+        }
+    }
+    out
+}
+
+/// `trellis policy explain` as text.
+pub fn render_explain(doc: &Value) -> String {
+    let mut out = String::new();
+    let verdict = if doc["allowed"] == true {
+        "ALLOWED"
+    } else {
+        "DENIED"
+    };
+    let _ = writeln!(
+        out,
+        "{} ({}) -> {} ({}) {}/{}: {verdict}",
+        s(&doc["source"]["name"]),
+        s(&doc["source"]["ip"]),
+        s(&doc["destination"]["name"]),
+        s(&doc["destination"]["ip"]),
+        s(&doc["protocol"]),
+        s(&doc["port"]),
+    );
+    for step in doc["steps"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<8} of {:<24} {:<8} {}",
+            s(&step["direction"]),
+            s(&step["endpoint"]),
+            if step["allowed"] == true {
+                "allowed"
+            } else {
+                "denied"
+            },
+            s(&step["why"])
+        );
+    }
+    for note in doc["judged_elsewhere"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  (the {})", s(note));
+    }
+    out
+}
+
+/// One flow of `trellis flows`, Hubble-like.
+pub fn render_flow(f: &Value) -> String {
+    let side = |v: &Value| {
+        let who = match v["pod"].as_str() {
+            Some(pod) => pod.to_owned(),
+            None => v["identity_name"]
+                .as_str()
+                .map_or_else(|| s(&v["ip"]), |n| format!("{} ({n})", s(&v["ip"]))),
+        };
+        if v["port"] == 0 {
+            who
+        } else {
+            format!("{who}:{}", s(&v["port"]))
+        }
+    };
+    let verdict = if f["verdict"] == "allowed" {
+        "ALLOWED"
+    } else {
+        "DENIED "
+    };
+    let hook = match f["via"].as_str() {
+        Some(via) => format!("agent/{via}"),
+        None => s(&f["hook"]),
+    };
+    let rule = f["policy"]
+        .as_str()
+        .map_or(String::new(), |r| format!(" by {r}"));
+    format!(
+        "{} {:<8} {:<28} -> {:<28} {:<4} {verdict} {} {} ({}){rule}",
+        s(&f["time"]),
+        s(&f["node"]),
+        side(&f["source"]),
+        side(&f["destination"]),
+        s(&f["protocol"]),
+        s(&f["direction"]),
+        s(&f["reason"]),
+        hook,
+    )
 }
 
 /// `trellis workloads` as text.

@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod flows;
 pub mod hbone;
 pub mod identity;
 pub mod inspect;

@@ -4,7 +4,10 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use trellis_agent::{
     bpf,
-    cli::{AdminArgs, AgentArgs, CaCommand, Cli, Command, MapsArgs, Output},
+    cli::{
+        AdminArgs, AgentArgs, CaCommand, Cli, Command, FlowsArgs, MapsArgs, Output, PolicyArgs,
+        PolicyCommand,
+    },
     config::AgentConfig,
     inspect, run, telemetry,
 };
@@ -17,7 +20,8 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => admin_view(&args, "/status", inspect::render_status),
         Command::Workloads(args) => admin_view(&args, "/workloads", inspect::render_workloads),
         Command::Certs(args) => admin_view(&args, "/certs", inspect::render_certs),
-        Command::Policy(args) => admin_view(&args, "/policies", inspect::render_policies),
+        Command::Policy(args) => policy(&args),
+        Command::Flows(args) => flows(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),
     };
     match result {
@@ -50,21 +54,117 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn admin_view(
-    args: &AdminArgs,
-    path: &'static str,
-    render: fn(&serde_json::Value) -> String,
-) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    let doc = runtime.block_on(inspect::fetch(args.admin_addr, path))?;
+        .context("starting the async runtime")
+}
+
+fn admin_view(
+    args: &AdminArgs,
+    path: &str,
+    render: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    let doc = client_runtime()?.block_on(inspect::fetch(args.admin_addr, path))?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Table => print!("{}", render(&doc)),
     }
     Ok(())
+}
+
+fn policy(args: &PolicyArgs) -> anyhow::Result<()> {
+    use trellis_agent::admin::query::escape;
+    match (&args.explain, &args.pod) {
+        (
+            Some(PolicyCommand::Explain {
+                src,
+                dst,
+                port,
+                protocol,
+                admin,
+            }),
+            _,
+        ) => {
+            let path = format!(
+                "/policy/explain?src={}&dst={}&port={port}&protocol={}",
+                escape(src),
+                escape(dst),
+                escape(protocol)
+            );
+            admin_view(admin, &path, inspect::render_explain)
+        }
+        (None, Some(pod)) => admin_view(
+            &args.admin,
+            &format!("/policy/pod?name={}", escape(pod)),
+            inspect::render_pod_policy,
+        ),
+        (None, None) => admin_view(&args.admin, "/policies", inspect::render_policies),
+    }
+}
+
+/// `trellis flows`: the flows kept, then (with --follow) new ones as they
+/// come, polling with the sequence number of the last answer.
+fn flows(args: &FlowsArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let filter = trellis_agent::flows::Filter {
+        pod: args.pod.clone(),
+        namespace: args.namespace.clone(),
+        verdict: args.verdict.clone(),
+    };
+    let runtime = client_runtime()?;
+    #[derive(serde::Deserialize)]
+    struct Page {
+        flows: Vec<serde_json::Value>,
+        next: u64,
+        missed: u64,
+    }
+    let fetch = |since: u64| -> anyhow::Result<Page> {
+        let path = format!("/flows?{}", filter.to_query(since));
+        let doc = runtime.block_on(inspect::fetch(args.admin.admin_addr, &path))?;
+        serde_json::from_value(doc).context("reading /flows")
+    };
+    let print = |flows: &[serde_json::Value]| -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        for f in flows {
+            match args.admin.output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string(f)?)?,
+                Output::Table => writeln!(out, "{}", inspect::render_flow(f))?,
+            }
+        }
+        out.flush()?;
+        Ok(())
+    };
+    // What the log holds now, page by page.
+    let mut kept = Vec::new();
+    let mut next = args.since;
+    loop {
+        let page = fetch(next)?;
+        let more = page.flows.len() >= trellis_agent::flows::MAX_PAGE;
+        next = page.next;
+        kept.extend(page.flows);
+        if !more {
+            break;
+        }
+    }
+    let skip = args.last.map_or(0, |n| kept.len().saturating_sub(n));
+    print(&kept[skip..])?;
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let page = fetch(next)?;
+        if page.missed > 0 {
+            eprintln!(
+                "trellis: {} flows were dropped from the agent's log before they could be read",
+                page.missed
+            );
+        }
+        next = page.next;
+        print(&page.flows)?;
+    }
 }
 
 fn ca_init(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {

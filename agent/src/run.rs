@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument as _, error, info, info_span, warn};
-use trellis_common::{HBONE_MARK, HBONE_PORT, HBONE_TABLE};
+use trellis_common::{HBONE_MARK, HBONE_PORT, HBONE_TABLE, MAP_FLOWS};
 
 use crate::{
     admin::{
@@ -21,11 +21,12 @@ use crate::{
         api::{AdminState, serve_admin},
     },
     bpf::{
-        self, BpfError, Datapath,
+        self, BpfError, Datapath, PinLayout,
         sockets::SocketMaps,
         tables::{OrigDstTable, Tables},
     },
     config::AgentConfig,
+    flows::{self, FlowLog, Namer},
     hbone::{client::Pool, server::Inbound},
     identity::{ca::Ca, manager::CertManager},
     netlink,
@@ -197,7 +198,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let stop = Arc::new(AtomicBool::new(false));
         let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, cfg.accel)
             .with_pod_hooks(datapath.pod_hooks()?);
-        let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?));
+        let flows = Arc::new(FlowLog::new(&cfg.node, flows::CAPACITY));
+        let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?).with_flows(flows.clone()));
         let state_thread = {
             let (cfg, readiness, stop, report, verdicts) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone(), verdicts.clone());
             let span = tracing::Span::current();
@@ -227,6 +229,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();
         hbone_tasks.push(tokio::spawn(certs.clone().run_renewals()));
         let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];
+        let namer = Namer { state: state_rx.clone(), verdicts: verdicts.clone() };
+        let flow_reader = tokio::spawn(flows::read_kernel(PinLayout::new(&cfg.bpffs).open_map(MAP_FLOWS)?, namer, flows.clone()));
         let admin = tokio::spawn(serve_admin(
             bind("the admin API", cfg.admin_addr).await?,
             AdminState {
@@ -239,6 +243,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 inbound: inbound.clone(),
                 pool: pool.clone(),
                 certs: certs.clone(),
+                flows,
+                verdicts: verdicts.clone(),
             },
         ));
         if let Some(listener) = outbound_listener6 {
@@ -269,6 +275,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         outbound_tasks.iter().for_each(tokio::task::JoinHandle::abort);
         health.abort();
         admin.abort();
+        flow_reader.abort();
         let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
         drop(datapath);
         Ok(())

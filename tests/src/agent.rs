@@ -119,6 +119,23 @@ impl Agent {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// `trellis maps -o json` of the agent's bpffs folder, parsed.
+    pub fn maps_json(&self) -> anyhow::Result<serde_json::Value> {
+        let bpffs = self.node.bpffs.to_str().context("bpffs path")?;
+        Ok(serde_json::from_str(
+            &self.cli(&["maps", "--bpffs", bpffs, "-o", "json"])?,
+        )?)
+    }
+
+    /// `trellis flows -o json --since SEQ`: the flows the agent kept from
+    /// `since` on, one JSON object each.
+    pub fn flows_since(&self, since: u64) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = self.cli(&["flows", "-o", "json", "--since", &since.to_string()])?;
+        out.lines()
+            .map(|l| serde_json::from_str(l).map_err(Into::into))
+            .collect()
+    }
+
     /// `trellis <command> -o json`, parsed.
     pub fn cli_json(&self, command: &str) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.cli(&[command, "-o", "json"])?)?)

@@ -100,3 +100,31 @@ pub fn cgroup_program_names(cgroup: &Path) -> anyhow::Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// Runs `f` on a thread of its own inside the network namespace at
+/// `netns` (setns changes only the calling thread).
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let ns = std::fs::File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: setns on a descriptor we opened; this thread ends after `f`.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread in {} panicked", netns.display()))?
+    })
+}
+
+/// The index of interface `name` in the network namespace at `netns`.
+pub fn ifindex_in(netns: &Path, name: &str) -> anyhow::Result<u32> {
+    let c_name = std::ffi::CString::new(name)?;
+    // SAFETY: a NUL-terminated name.
+    let index = in_netns(netns, || unsafe { libc::if_nametoindex(c_name.as_ptr()) })?;
+    anyhow::ensure!(index != 0, "no interface {name} in {}", netns.display());
+    Ok(index)
+}

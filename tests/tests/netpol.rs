@@ -9,6 +9,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -193,9 +194,138 @@ impl World {
         out
     }
 
+    /// Per agent: where its flow log is, and its kernel counters of
+    /// denials and of lost flow events.
+    fn marks(&self) -> Vec<Mark> {
+        self.cluster
+            .agents
+            .iter()
+            .map(|a| {
+                let next = a
+                    .flows_since(0)
+                    .expect("flows")
+                    .last()
+                    .map_or(1, |f| f["seq"].as_u64().expect("seq") + 1);
+                let (denied, lost) = counted(&a.maps_json().expect("maps"));
+                Mark { next, denied, lost }
+            })
+            .collect()
+    }
+
+    /// The flow events since `marks` must tell what the probes found: a
+    /// denied flow for exactly the pairs denied, an allowed one for every
+    /// pair allowed, and as many kernel denials as the kernel counted.
+    fn check_flows(
+        &self,
+        case: &Case,
+        got: &BTreeMap<(P, P, u16, Proto), String>,
+        marks: &[Mark],
+    ) -> Option<String> {
+        type Seen = std::collections::BTreeSet<(String, String, u16, String)>;
+        let (mut denied, mut allowed) = (Seen::new(), Seen::new());
+        let mut problems = Vec::new();
+        let mut kernel_denials = 0;
+        for (agent, mark) in self.cluster.agents.iter().zip(marks) {
+            // The ring buffer is read asynchronously: wait (bounded) until
+            // the log holds every denial the counters have.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let (flows, counters) = loop {
+                let counters = counted(&agent.maps_json().expect("maps"));
+                let flows = agent.flows_since(mark.next).expect("flows");
+                let kernel_denied = flows
+                    .iter()
+                    .filter(|f| f["verdict"] == "denied" && f["hook"] != "agent")
+                    .count() as u64;
+                if kernel_denied == counters.0 - mark.denied || Instant::now() > deadline {
+                    break (flows, counters);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let kernel_denied = flows
+                .iter()
+                .filter(|f| f["verdict"] == "denied" && f["hook"] != "agent")
+                .count() as u64;
+            kernel_denials += kernel_denied;
+            if kernel_denied != counters.0 - mark.denied {
+                problems.push(format!(
+                    "an agent logged {kernel_denied} kernel denials, its counters say {}",
+                    counters.0 - mark.denied
+                ));
+            }
+            if counters.1 != mark.lost {
+                problems.push(format!("{} flow events lost", counters.1 - mark.lost));
+            }
+            if flows
+                .first()
+                .is_some_and(|f| f["seq"].as_u64() != Some(mark.next))
+            {
+                problems.push("the flow log dropped flows of this case".into());
+            }
+            for f in &flows {
+                let key = (
+                    f["source"]["ip"].as_str().unwrap_or("-").to_owned(),
+                    f["destination"]["ip"].as_str().unwrap_or("-").to_owned(),
+                    f["destination"]["port"].as_u64().unwrap_or(0) as u16,
+                    f["protocol"].as_str().unwrap_or("-").to_owned(),
+                );
+                if f["verdict"] == "denied" {
+                    denied.insert(key);
+                } else {
+                    allowed.insert(key);
+                }
+            }
+        }
+        for (&(src, dst, port, proto), result) in got {
+            if src == dst {
+                continue;
+            }
+            let key = (
+                self.pod_ip(src),
+                self.pod_ip(dst),
+                port,
+                if proto == Tcp { "TCP" } else { "UDP" }.to_owned(),
+            );
+            let pair = format!("{} → {} {port}/{proto:?}", src.id(), dst.id());
+            match (result == "OK", denied.remove(&key)) {
+                (true, true) => {
+                    problems.push(format!("{pair} got through, but a flow says denied"))
+                }
+                (false, false) => problems.push(format!(
+                    "{pair} was refused ({result}), no flow says denied"
+                )),
+                (true, false) if !allowed.contains(&key) => {
+                    problems.push(format!("{pair} got through, no flow says allowed"));
+                }
+                _ => {}
+            }
+        }
+        for (s, d, port, proto) in denied {
+            problems.push(format!(
+                "denied flow {s} → {d} {port}/{proto} matches no refused probe"
+            ));
+        }
+        if problems.is_empty() {
+            eprintln!(
+                "case {}: flows agree ({} pairs seen allowed, {} refused, {kernel_denials} kernel denials counted and logged)",
+                case.name,
+                allowed.len(),
+                got.iter()
+                    .filter(|((s, d, ..), r)| s != d && *r != "OK")
+                    .count()
+            );
+            return None;
+        }
+        Some(format!(
+            "case {}: flows and counters disagree with the probes:\n  {}",
+            case.name,
+            problems.join("\n  ")
+        ))
+    }
+
     /// Runs a case; the mismatch report when the matrix is not as expected.
     fn check(&self, case: &Case) -> Option<String> {
         self.apply(&case.policies);
+        let marks = self.marks();
         let got = self.probe(case.probes, case.node_target);
         let mut wrong = Vec::new();
         for (&(src, dst, port, proto), result) in &got {
@@ -219,7 +349,7 @@ impl World {
         }
         if wrong.is_empty() {
             eprintln!("case {}: {} probes as expected", case.name, got.len());
-            return None;
+            return self.check_flows(case, &got, &marks);
         }
         Some(format!(
             "case {}: {} of {} probes wrong:\n  {}\n{}",
@@ -230,6 +360,29 @@ impl World {
             matrix(&got, case.probes)
         ))
     }
+}
+
+/// Where an agent's flow log and counters stood before a case.
+struct Mark {
+    /// The sequence number of its next flow.
+    next: u64,
+    /// Its kernel's denials, and flow events lost, so far.
+    denied: u64,
+    lost: u64,
+}
+
+/// (denials, lost flow events) in `trellis maps` counters.
+fn counted(maps: &serde_json::Value) -> (u64, u64) {
+    let mut out = (0, 0);
+    for c in maps["counters"].as_array().into_iter().flatten() {
+        let events = c["events"].as_u64().unwrap_or(0);
+        if c["reason"] == "flow-event-lost" {
+            out.1 += events;
+        } else if c["verdict"] == "deny" {
+            out.0 += events;
+        }
+    }
+    out
 }
 
 fn server_name(p: P) -> String {
@@ -750,5 +903,279 @@ fn network_policy_reachability_matrix() {
         failures.len(),
         cases.len(),
         failures.join("\n")
+    );
+}
+
+/// A frame of `protocol` from `src` to `dst` carrying `l4` (the IPv4
+/// header's checksum right; the L4 one unchecked by TC programs).
+fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let total = (20 + l4.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend(total.to_be_bytes());
+    ip.extend([0, 0, 0x40, 0, 64, protocol, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    ip[10..12].copy_from_slice(&(!((folded & 0xffff) + (folded >> 16)) as u16).to_be_bytes());
+    frame.extend(ip);
+    frame.extend(l4);
+    frame
+}
+
+/// An SCTP packet with an INIT chunk (what opens an association).
+fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend([0; 8]); // verification tag 0 (INIT), checksum
+    p.extend([1, 0, 0, 20]); // INIT, flags, length
+    p.extend([0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    p
+}
+
+/// A TCP SYN, or a UDP datagram.
+fn l4(protocol: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    if protocol == 6 {
+        p.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        p.extend([0, 9, 0, 0, b'?']);
+    }
+    p
+}
+
+/// This kernel has no SCTP sockets, so SCTP policy is checked the way the
+/// issue asks: packets run through the very programs attached to a pod's
+/// interface with BPF_PROG_TEST_RUN, with the conntrack, counters and flow
+/// events they write. The same test checks `trellis policy POD` and
+/// `trellis policy explain` against those verdicts.
+#[test]
+fn sctp_policy_at_tc_with_prog_test_run() {
+    use std::os::fd::AsFd as _;
+    use trellis_agent::bpf::sys;
+    use trellis_common::{PROG_POD_FROM, PROG_POD_TO};
+    const PASS: i32 = -1; // TCX_NEXT
+    const DROP: i32 = 2; // TC_ACT_SHOT
+    const SCTP: u8 = 132;
+
+    let mut lab = Lab::new("netpol-sctp").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let a = lab.add_pod(&node, "sa").expect("pod");
+    let b = lab.add_pod(&node, "sb").expect("pod");
+    let docs = vec![
+        mesh::node(&node),
+        mesh::namespace("s", false),
+        mesh::pod(&a, "s", &[("pod", "a")], &[], ""),
+        mesh::pod(&b, "s", &[("pod", "b")], &[], ""),
+        np(
+            "s",
+            "sctp",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress, Egress], \
+             ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{protocol: SCTP, port: 80}]}], \
+             egress: [{to: [{podSelector: {matchLabels: {pod: b}}}], ports: [{protocol: SCTP, port: 90, endPort: 91}]}]}",
+        ),
+    ];
+    let cluster = mesh::Cluster::start(lab.name(), &[&node], &docs).expect("agent");
+    let agent = &cluster.agents[0];
+    let netns = node.exec().netns_path().to_owned();
+    let ifindex = trellis_tests::sys::ifindex_in(&netns, &a.host_if).expect("ifindex");
+    let program = |name: &str| {
+        let link = sys::obj_get(&node.bpffs.join("links").join(format!("{name}@{ifindex}")))
+            .expect("pinned pod link");
+        sys::link_program(link.as_fd()).expect("its program")
+    };
+    let (to_pod, from_pod) = (program(PROG_POD_TO), program(PROG_POD_FROM));
+    let before = counted(&agent.maps_json().expect("maps"));
+    let run = |prog: &std::os::fd::OwnedFd, frame: Vec<u8>| {
+        trellis_tests::sys::in_netns(&netns, || {
+            sys::prog_test_run_skb(prog.as_fd(), &frame, ifindex)
+        })
+        .expect("netns")
+        .expect("BPF_PROG_TEST_RUN")
+    };
+    let (ip_a, ip_b) = (a.ip, b.ip);
+    let spoofed: Ipv4Addr = "10.9.9.9".parse().expect("ip");
+    let cases: Vec<(&str, &std::os::fd::OwnedFd, Vec<u8>, i32)> = vec![
+        (
+            "SCTP b → a:80 (allowed)",
+            &to_pod,
+            ipv4_frame(ip_b, ip_a, SCTP, &sctp_init(5000, 80)),
+            PASS,
+        ),
+        (
+            "SCTP b → a:81",
+            &to_pod,
+            ipv4_frame(ip_b, ip_a, SCTP, &sctp_init(5001, 81)),
+            DROP,
+        ),
+        (
+            "TCP b → a:80",
+            &to_pod,
+            ipv4_frame(ip_b, ip_a, 6, &l4(6, 5002, 80)),
+            DROP,
+        ),
+        (
+            "SCTP reply a:80 → b",
+            &from_pod,
+            ipv4_frame(ip_a, ip_b, SCTP, &sctp_init(80, 5000)),
+            PASS,
+        ),
+        (
+            "SCTP a → b:90 (allowed)",
+            &from_pod,
+            ipv4_frame(ip_a, ip_b, SCTP, &sctp_init(6000, 90)),
+            PASS,
+        ),
+        (
+            "SCTP a → b:91 (allowed)",
+            &from_pod,
+            ipv4_frame(ip_a, ip_b, SCTP, &sctp_init(6001, 91)),
+            PASS,
+        ),
+        (
+            "SCTP a → b:92",
+            &from_pod,
+            ipv4_frame(ip_a, ip_b, SCTP, &sctp_init(6002, 92)),
+            DROP,
+        ),
+        (
+            "UDP a → b:90",
+            &from_pod,
+            ipv4_frame(ip_a, ip_b, 17, &l4(17, 6003, 90)),
+            DROP,
+        ),
+        (
+            "SCTP from a spoofed source",
+            &from_pod,
+            ipv4_frame(spoofed, ip_b, SCTP, &sctp_init(6004, 90)),
+            DROP,
+        ),
+    ];
+    let drops = cases.iter().filter(|c| c.3 == DROP).count() as u64;
+    let wrong: Vec<String> = cases
+        .into_iter()
+        .filter_map(|(name, prog, frame, want)| {
+            let got = run(prog, frame);
+            (got != want).then(|| format!("{name}: want {want}, got {got}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "verdicts:\n  {}", wrong.join("\n  "));
+
+    // Counters and flow events say the same.
+    let after = counted(&agent.maps_json().expect("maps"));
+    assert_eq!(after.0 - before.0, drops, "kernel denials counted");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sctp = loop {
+        let flows: Vec<serde_json::Value> = agent
+            .flows_since(0)
+            .expect("flows")
+            .into_iter()
+            .filter(|f| f["protocol"] == "SCTP")
+            .collect();
+        if flows.len() >= 5 || Instant::now() > deadline {
+            break flows;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let summary: Vec<String> = sctp
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {}:{} {} {}",
+                f["verdict"].as_str().unwrap_or("?"),
+                f["destination"]["ip"].as_str().unwrap_or("?"),
+                f["destination"]["port"],
+                f["reason"].as_str().unwrap_or("?"),
+                f["policy"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            format!("allowed {ip_a}:80 policy-allowed s/sctp ingress[0]"),
+            format!("denied {ip_a}:81 policy-denied -"),
+            format!("allowed {ip_b}:90 policy-allowed s/sctp egress[0]"),
+            format!("allowed {ip_b}:91 policy-allowed s/sctp egress[0]"),
+            format!("denied {ip_b}:92 policy-denied -"),
+            format!("denied {ip_b}:90 spoofed-source -"),
+        ],
+        "SCTP flow events"
+    );
+    let pods: Vec<_> = sctp
+        .iter()
+        .take(2)
+        .map(|f| (f["source"]["pod"].clone(), f["destination"]["pod"].clone()))
+        .collect();
+    assert!(
+        pods.iter().all(|(s, d)| s == "s/sb" && d == "s/sa"),
+        "{pods:?}"
+    );
+
+    // `trellis policy s/sa` shows the entries the kernel matched.
+    let policy: serde_json::Value = serde_json::from_str(
+        &agent
+            .cli(&["policy", "s/sa", "-o", "json"])
+            .expect("trellis policy POD"),
+    )
+    .expect("json");
+    assert_eq!(policy["ingress"]["isolated"], true, "{policy:#}");
+    assert_eq!(policy["ingress"]["policies"], serde_json::json!(["s/sctp"]));
+    let allows = &policy["ingress"]["allows"];
+    assert_eq!(allows.as_array().map(Vec::len), Some(1), "{policy:#}");
+    assert_eq!(allows[0]["protocol"], "SCTP");
+    assert_eq!(allows[0]["ports"], "80");
+    assert_eq!(allows[0]["rule"], "s/sctp ingress[0]");
+    assert_eq!(
+        policy["egress"]["allows"][0]["ports"], "90-91",
+        "{policy:#}"
+    );
+    let text = agent.cli(&["policy", "s/sa"]).expect("table");
+    assert!(text.contains("s/sctp ingress[0]"), "{text}");
+
+    // `trellis policy explain` gives the same verdicts, with the rule.
+    let explain = |args: &[&str]| -> serde_json::Value {
+        let mut full = vec!["policy", "explain"];
+        full.extend_from_slice(args);
+        full.extend(["-o", "json"]);
+        serde_json::from_str(&agent.cli(&full).expect("explain")).expect("json")
+    };
+    let allowed = explain(&["s/sb", "s/sa", "80", "--protocol", "SCTP"]);
+    assert_eq!(allowed["allowed"], true, "{allowed:#}");
+    let steps = allowed["steps"].as_array().expect("steps");
+    assert_eq!(
+        steps.len(),
+        2,
+        "egress of s/sb and ingress of s/sa: {allowed:#}"
+    );
+    assert_eq!(steps[0]["reason"], "not-isolated");
+    assert_eq!(steps[1]["rule"], "s/sctp ingress[0]");
+    let denied = explain(&["s/sb", "s/sa", "81", "--protocol", "SCTP"]);
+    assert_eq!(denied["allowed"], false, "{denied:#}");
+    let why = denied["steps"][1]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("isolated for ingress by s/sctp"), "{why}");
+    let tcp = explain(&["s/sb", &ip_a.to_string(), "80"]);
+    assert_eq!(tcp["allowed"], false, "TCP is not SCTP: {tcp:#}");
+    let text = agent
+        .cli(&[
+            "policy",
+            "explain",
+            "s/sa",
+            "s/sb",
+            "91",
+            "--protocol",
+            "sctp",
+        ])
+        .expect("explain table");
+    assert!(
+        text.contains("ALLOWED") && text.contains("s/sctp egress[0]"),
+        "{text}"
     );
 }

@@ -8,8 +8,16 @@
 //! - `/certs`: the certificates held for local workloads (never a key).
 //! - `/config`: the effective settings.
 //! - `/maps`: every pinned map, decoded.
+//! - `/policies`: authorization and network policies, and what they select.
+//! - `/policy/pod?name=ns/pod`: a local pod's compiled network policy.
+//! - `/policy/explain?src=&dst=&port=&protocol=`: one connection's verdicts.
+//! - `/flows?since=N&pod=&namespace=&verdict=&limit=`: the latest flow
+//!   events (see [`crate::flows`]).
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -17,12 +25,17 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use super::{Readiness, reply};
+use super::{Readiness, query, reply};
 use crate::{
     bpf::{self, AttachedProgram},
     config::AgentConfig,
+    flows::{Filter, FlowLog},
     hbone::{client::Pool, server::Inbound},
     identity::manager::CertManager,
+    policy::{
+        explain::{self, ExplainError},
+        verdict::Verdicts,
+    },
     proxy::outbound::Outbound,
     state::Snapshot,
     sync::SyncReport,
@@ -40,6 +53,8 @@ pub struct AdminState {
     pub inbound: Arc<Inbound>,
     pub pool: Arc<Pool>,
     pub certs: Arc<CertManager>,
+    pub flows: Arc<FlowLog>,
+    pub verdicts: Arc<Verdicts>,
 }
 
 /// Serves the admin API until the task is dropped.
@@ -62,6 +77,39 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         "/config" => json(&state.config),
         "/certs" => json(&certs(state)),
         "/policies" => json(&policies(state)),
+        "/policy/pod" => {
+            let q: BTreeMap<String, String> =
+                query::pairs(req.uri().query().unwrap_or("")).collect();
+            let snapshot = state.snapshot.borrow().clone();
+            let name = q.get("name").map_or("", String::as_str);
+            match explain::pod_policy(
+                &state.config.bpffs,
+                &snapshot,
+                &state.verdicts.view(),
+                &state.config.node,
+                name,
+            ) {
+                Ok(doc) => json(&doc),
+                Err(e) => {
+                    let (status, text) = explain_error(&e);
+                    return reply(status, "text/plain", text);
+                }
+            }
+        }
+        "/policy/explain" => match explain_query(state, req.uri().query().unwrap_or("")) {
+            Ok(doc) => json(&doc),
+            Err((status, text)) => return reply(status, "text/plain", text),
+        },
+        "/flows" => match Filter::parse_query(req.uri().query().unwrap_or("")) {
+            Ok((filter, since, limit)) => json(&state.flows.page(&filter, since, limit)),
+            Err(e) => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("/flows: {e}\n"),
+                );
+            }
+        },
         "/maps" => match maps(state) {
             Ok(doc) => json(&doc),
             Err(e) => {
@@ -76,11 +124,56 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             return reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /status, /workloads, /certs, /policies, /config or /maps\n".into(),
+                "not found: try /status, /workloads, /certs, /policies, /flows, /config or /maps\n"
+                    .into(),
             );
         }
     };
     reply(StatusCode::OK, "application/json", body)
+}
+
+/// An error of the policy views as a status and text.
+type Refusal = (StatusCode, String);
+
+fn explain_error(e: &ExplainError) -> Refusal {
+    let status = match e {
+        ExplainError::Map(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ExplainError::Protocol(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::NOT_FOUND,
+    };
+    (status, format!("{e}\n"))
+}
+
+/// `/policy/explain?src=&dst=&port=&protocol=`.
+fn explain_query(state: &AdminState, query_string: &str) -> Result<serde_json::Value, Refusal> {
+    let q: BTreeMap<String, String> = query::pairs(query_string).collect();
+    let bad = |text: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("/policy/explain: {text}\n"),
+        )
+    };
+    let field = |key: &str| {
+        q.get(key)
+            .cloned()
+            .ok_or_else(|| bad(format!("{key}= is required")))
+    };
+    let (src, dst, port) = (field("src")?, field("dst")?, field("port")?);
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad(format!("port={port}: not a port number")))?;
+    let protocol = q.get("protocol").map_or("TCP", String::as_str);
+    let snapshot = state.snapshot.borrow().clone();
+    explain::explain(
+        &state.verdicts,
+        &snapshot,
+        &state.config.node,
+        &src,
+        &dst,
+        port,
+        protocol,
+    )
+    .map_err(|e| explain_error(&e))
 }
 
 fn json<T: Serialize>(value: &T) -> String {
@@ -162,7 +255,32 @@ pub fn policies(state: &AdminState) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "node": state.config.node, "authorization": policies })
+    let network: Vec<serde_json::Value> = snapshot
+        .network_policies
+        .iter()
+        .map(|p| {
+            let selects: Vec<String> = local
+                .iter()
+                .filter(|w| p.selects(&w.namespace, &w.labels))
+                .map(|w| w.id())
+                .collect();
+            let mut types = Vec::new();
+            if p.ingress.is_some() {
+                types.push("Ingress");
+            }
+            if p.egress.is_some() {
+                types.push("Egress");
+            }
+            serde_json::json!({
+                "policy": p.id(),
+                "types": types,
+                "ingress_rules": p.ingress.as_ref().map_or(0, Vec::len),
+                "egress_rules": p.egress.as_ref().map_or(0, Vec::len),
+                "selects": selects,
+            })
+        })
+        .collect();
+    serde_json::json!({ "node": state.config.node, "authorization": policies, "network": network })
 }
 
 /// `GET /workloads`.

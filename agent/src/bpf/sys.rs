@@ -2,7 +2,9 @@
 //! `BPF_OBJ_PIN`, `BPF_LINK_CREATE` for cgroups and the sockhash (aya cannot
 //! pin a sock_ops or sk_msg link), `BPF_LINK_UPDATE` (aya updates links only
 //! for TC), and element access on maps shared across tasks (aya's map types
-//! want `&mut` for writes).
+//! want `&mut` for writes); and `BPF_PROG_TEST_RUN` on the program behind
+//! a pinned link, which the end-to-end tests use for packets no socket on
+//! this kernel can send (SCTP).
 
 use std::{
     ffi::CString,
@@ -221,6 +223,90 @@ pub fn map_count(map: BorrowedFd<'_>, key_size: usize) -> io::Result<usize> {
             Err(e) => return Err(e),
         }
     }
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The program a link runs (a pinned link from [`obj_get`]).
+pub fn link_program(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // The head of `struct bpf_link_info`: type, id, prog_id.
+    let mut info = [0u32; 4];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let mut attr = GetFdByIdAttr {
+        id: info[2],
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Offset of `ifindex` in `struct __sk_buff`.
+const SKB_IFINDEX: usize = 40;
+
+/// Runs a TC program once on `packet` (from its Ethernet header) as if it
+/// went through interface `ifindex` of the calling thread's network
+/// namespace; the program's return code.
+pub fn prog_test_run_skb(program: BorrowedFd<'_>, packet: &[u8], ifindex: u32) -> io::Result<i32> {
+    // `struct __sk_buff` up to and including `ifindex`; the kernel reads
+    // the rest as zero.
+    let mut ctx = [0u8; SKB_IFINDEX + 4];
+    ctx[SKB_IFINDEX..].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval as i32)
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {

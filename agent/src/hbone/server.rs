@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -274,7 +274,7 @@ impl Inbound {
         snapshot: &Snapshot,
         forwarded: &str,
         peer_id: &Identity,
-    ) -> Option<IpAddr> {
+    ) -> Option<SocketAddr> {
         let client = forwarded
             .strip_prefix("for=\"")
             .and_then(|f| f.strip_suffix('"'))
@@ -286,7 +286,7 @@ impl Inbound {
         if !proven {
             debug!(%client, %peer_id, "forwarded names no pod of the certificate's identity");
         }
-        proven.then_some(ip)
+        proven.then_some(SocketAddr::new(ip, client.port()))
     }
 
     async fn stream(
@@ -333,7 +333,7 @@ impl Inbound {
         if let Some(Err(reason)) = self
             .policy
             .as_ref()
-            .map(|v| v.delivery(&snapshot, client, target))
+            .map(|v| v.delivery(&snapshot, "hbone-inbound", client, target))
         {
             self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
             info!(src = %peer_id, %forwarded, dst = %target, reason, "stream refused: ingress network policy denies it");
@@ -343,7 +343,7 @@ impl Inbound {
         // Connect from the client pod's own address when it is proven and
         // of the target's family; else from the node's.
         let source = match client {
-            Some(ip) if ip.is_ipv6() == target.is_ipv6() => Source::Client(ip),
+            Some(c) if c.is_ipv6() == target.is_ipv6() => Source::Client(c.ip()),
             _ => Source::Any,
         };
         if matches!(source, Source::Client(_)) {

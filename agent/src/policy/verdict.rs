@@ -19,6 +19,7 @@ use trellis_common::{
 use super::network::TCP;
 use crate::{
     bpf::{BpfError, PinLayout},
+    flows::{AgentVerdict, FlowLog},
     state::Snapshot,
     sync::{PolicyView, ip16},
 };
@@ -89,6 +90,7 @@ pub struct Judgement {
 pub struct Verdicts {
     maps: PolicyMaps,
     view: Mutex<Arc<PolicyView>>,
+    flows: Option<Arc<FlowLog>>,
 }
 
 impl Verdicts {
@@ -96,7 +98,64 @@ impl Verdicts {
         Self {
             maps,
             view: Mutex::default(),
+            flows: None,
         }
+    }
+
+    /// Records the verdicts the agent makes for its connections in `flows`.
+    pub fn with_flows(mut self, flows: Arc<FlowLog>) -> Self {
+        self.flows = Some(flows);
+        self
+    }
+
+    /// Records one of the agent's verdicts as a flow.
+    pub fn record(
+        &self,
+        snapshot: &Snapshot,
+        via: &'static str,
+        source: Option<SocketAddr>,
+        destination: SocketAddr,
+        j: &Judgement,
+    ) {
+        let (Some(flows), Some(endpoint)) = (&self.flows, &j.endpoint) else {
+            return;
+        };
+        let view = self.view();
+        let own = view
+            .identities
+            .of_ip(
+                snapshot,
+                if j.direction == "ingress" {
+                    destination.ip()
+                } else {
+                    source.map_or(destination.ip(), |s| s.ip())
+                },
+            )
+            .0;
+        let (source_identity, destination_identity) = if j.direction == "ingress" {
+            (j.peer_identity, own)
+        } else {
+            (own, j.peer_identity)
+        };
+        flows.agent(
+            snapshot,
+            AgentVerdict {
+                via,
+                direction: if j.direction == "ingress" {
+                    direction::INGRESS
+                } else {
+                    direction::EGRESS
+                },
+                endpoint,
+                source,
+                destination,
+                allowed: j.allowed,
+                reason: j.reason,
+                rule: j.rule.clone(),
+                source_identity,
+                destination_identity,
+            },
+        );
     }
 
     pub fn set_view(&self, view: Arc<PolicyView>) {
@@ -149,21 +208,45 @@ impl Verdicts {
     /// isolated for ingress refuses it (its policy names pods, and the
     /// connection cannot say which one it comes from). A `target` that is
     /// no pod of the state has no policy here.
+    /// Every verdict is recorded as a flow (`via` says which path).
     pub fn delivery(
         &self,
         snapshot: &Snapshot,
-        client: Option<IpAddr>,
+        via: &'static str,
+        client: Option<SocketAddr>,
         target: SocketAddr,
     ) -> Result<(), &'static str> {
         let Some(dst) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
             return Ok(());
         };
         match client {
-            Some(ip) => {
-                let j = self.judge(direction::INGRESS, &dst.id(), ip, TCP, target.port());
+            Some(client) => {
+                let j = self.judge(
+                    direction::INGRESS,
+                    &dst.id(),
+                    client.ip(),
+                    TCP,
+                    target.port(),
+                );
+                self.record(snapshot, via, Some(client), target, &j);
                 if j.allowed { Ok(()) } else { Err(j.reason) }
             }
-            None if self.ingress_isolated(&dst.id()) => Err("unproven-source"),
+            None if self.ingress_isolated(&dst.id()) => {
+                let j = Judgement {
+                    allowed: false,
+                    direction: "ingress",
+                    endpoint: Some(dst.id()),
+                    peer: "-".into(),
+                    peer_identity: identity::ANY,
+                    peer_cidr_identity: 0,
+                    protocol: TCP,
+                    port: target.port(),
+                    reason: "unproven-source",
+                    rule: None,
+                };
+                self.record(snapshot, via, None, target, &j);
+                Err(j.reason)
+            }
             None => Ok(()),
         }
     }

@@ -335,9 +335,11 @@ impl Outbound {
         let allowed: Vec<SocketAddr> = backends
             .into_iter()
             .filter(|b| {
-                verdicts
-                    .judge(direction::EGRESS, &client.id(), b.ip(), TCP, b.port())
-                    .allowed
+                let j = verdicts.judge(direction::EGRESS, &client.id(), b.ip(), TCP, b.port());
+                if !j.allowed {
+                    verdicts.record(snapshot, "service-backend", Some(peer), *b, &j);
+                }
+                j.allowed
             })
             .collect();
         let dropped = (before - allowed.len()) as u64;
@@ -366,7 +368,8 @@ impl Outbound {
         let Some(verdicts) = &self.policy else {
             return Ok(());
         };
-        let Err(reason) = verdicts.delivery(snapshot, Some(peer.ip()), route.backend) else {
+        let Err(reason) = verdicts.delivery(snapshot, "same-node", Some(peer), route.backend)
+        else {
             return Ok(());
         };
         self.stats.policy_denied.fetch_add(1, Ordering::Relaxed);

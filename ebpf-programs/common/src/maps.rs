@@ -173,6 +173,9 @@ pub mod reason {
     pub const CONTROL: u32 = 24;
     /// A pod connecting to its own address: loopback, never judged (Kubernetes).
     pub const SELF: u32 = 25;
+    /// Not a decision: a flow event the ring buffer had no room for (the
+    /// decision itself is counted under its own reason as well).
+    pub const FLOW_EVENT_LOST: u32 = 26;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -201,6 +204,7 @@ pub mod reason {
             SPOOFED_SOURCE => "spoofed-source",
             CONTROL => "control",
             SELF => "self",
+            FLOW_EVENT_LOST => "flow-event-lost",
             _ => "unknown",
         }
     }

@@ -22,7 +22,8 @@
 //! lookup until the policy revision changes.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT},
+    bindings::{TC_ACT_SHOT, bpf_sock, tcx_action_base::TCX_NEXT},
+    helpers::bpf_sk_fullsock,
     macros::classifier,
     programs::TcContext,
 };
@@ -147,6 +148,18 @@ fn enforce(
     }
 }
 
+/// Whether `sk` (not null) is a socket of this node's stack. A request or
+/// time-wait socket is; a full socket with protocol 0 is not: that is the
+/// stand-in BPF_PROG_TEST_RUN attaches, whose packet is judged as one from
+/// the wire (the tests run SCTP, which has no sockets here, that way).
+#[inline(always)]
+fn node_socket(sk: *mut bpf_sock) -> bool {
+    // SAFETY: `sk` came from the context and is not null.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    // SAFETY: checked for null; the verifier allows reading `protocol`.
+    full.is_null() || unsafe { (*full).protocol } != 0
+}
+
 #[inline(always)]
 fn try_pod_to(ctx: &TcContext) -> Result<i32, i64> {
     let ifindex = ifindex(ctx);
@@ -158,12 +171,8 @@ fn try_pod_to(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(TCX_NEXT);
     };
     // SAFETY: reading fields of the context the kernel hands us.
-    let (local, mark) = unsafe {
-        (
-            !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null(),
-            (*ctx.skb.skb).mark,
-        )
-    };
+    let (sk, mark) = unsafe { ((*ctx.skb.skb).__bindgen_anon_2.sk, (*ctx.skb.skb).mark) };
+    let local = !sk.is_null() && node_socket(sk);
     let from_agent = local && mark & AGENT_MARK != 0;
     if mark & AGENT_MARK != 0 {
         ctx.set_mark(mark & !AGENT_MARK);

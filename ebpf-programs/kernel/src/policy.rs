@@ -5,7 +5,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 pub use trellis_common::Decision;
-use trellis_common::{CounterKey, FlowEvent, PolicyKey, identity};
+use trellis_common::{CounterKey, FlowEvent, PolicyKey, identity, reason};
 
 use crate::{
     counters::count,
@@ -73,7 +73,8 @@ pub struct FlowInfo {
 }
 
 /// Counts a decision and writes its flow event (dropped, not waited for,
-/// when the ring is full: the counters still have it).
+/// when the ring is full: the counters still have the decision, and a
+/// `flow-event-lost` counter the loss).
 #[inline(always)]
 pub fn record(info: &FlowInfo, decision: &Decision, bytes: u64) {
     count(
@@ -102,5 +103,15 @@ pub fn record(info: &FlowInfo, decision: &Decision, bytes: u64) {
         reason: decision.reason,
         rule_id: decision.rule_id,
     };
-    let _ = FLOWS.output(event, 0);
+    if FLOWS.output(event, 0).is_err() {
+        count(
+            CounterKey {
+                hook: info.hook,
+                verdict: decision.verdict(),
+                reason: reason::FLOW_EVENT_LOST,
+                endpoint_id: info.endpoint_id,
+            },
+            0,
+        );
+    }
 }
