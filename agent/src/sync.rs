@@ -21,7 +21,7 @@ use crate::{
     bpf::{
         BpfError,
         pod_hooks::PodHooks,
-        tables::{Desired, Tables},
+        tables::{Changes, Desired, Tables},
     },
     config::Acceleration,
     netns,
@@ -68,6 +68,10 @@ pub struct SyncReport {
     pub ipcache: usize,
     pub policy_entries: usize,
     pub policy_revision: u32,
+    /// What this sync wrote, and how long it took from the snapshot to the
+    /// last map write (identities, compiling, every map).
+    pub changes: Changes,
+    pub apply_seconds: f64,
     #[serde(skip)]
     pub policy: Arc<PolicyView>,
 }
@@ -131,6 +135,7 @@ impl Syncer {
 
     /// Writes the maps for `snap`.
     pub fn apply(&mut self, snap: &Snapshot) -> Result<SyncReport, BpfError> {
+        let started = std::time::Instant::now();
         let mut report = SyncReport::default();
         let mut desired = Desired::default();
         let ids = Identities::build(snap);
@@ -321,6 +326,8 @@ impl Syncer {
             self.tables.set_config(config)?;
         }
         report.policy_revision = config.policy_revision;
+        report.changes = changes;
+        report.apply_seconds = started.elapsed().as_secs_f64();
 
         if changes.any() {
             info!(
@@ -329,6 +336,9 @@ impl Syncer {
                 ipcache = report.ipcache,
                 policy_entries = report.policy_entries,
                 policy_revision = report.policy_revision,
+                policy_written = changes.policy.upserted,
+                policy_removed = changes.policy.removed,
+                seconds = report.apply_seconds,
                 capture = ?report.capture,
                 "kernel maps updated"
             );

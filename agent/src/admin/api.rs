@@ -224,6 +224,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "network_policies": snapshot.network_policies.len(),
             "fingerprint": policy_fingerprint(&snapshot),
         },
+        "last_sync": { "seconds": report.apply_seconds, "changes": report.changes },
         "maps": occupancy,
         "outbound": state.outbound.stats,
         "inbound": state.inbound.stats,

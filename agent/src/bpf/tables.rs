@@ -24,7 +24,7 @@ use trellis_common::{
 use super::{BpfError, PinLayout};
 
 /// What one sync changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SyncStats {
     pub upserted: usize,
     pub removed: usize,
@@ -52,7 +52,7 @@ pub struct Desired {
 }
 
 /// What one sync changed, per map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Changes {
     pub endpoints: SyncStats,
     pub pod_ifaces: SyncStats,

@@ -14,14 +14,14 @@
 //! so a block matches in-cluster addresses as well.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
 use serde::Serialize;
 use trellis_common::{PolicyEntry, PolicyKey, RULE_NOT_ISOLATED, direction, identity};
 
-use super::network::{Cidr, NetworkPolicy, Peer, Ports, Rule};
+use super::network::{Cidr, NetworkPolicy, Peer, Ports, Rule, mask16};
 use crate::state::{Snapshot, Workload};
 
 /// A rule of a policy, as flow events and `trellis policy` name it.
@@ -58,6 +58,9 @@ pub struct Identities {
     by_id: BTreeMap<u32, IdentityOf>,
     pods: BTreeMap<(String, BTreeMap<String, String>), u32>,
     cidrs: BTreeMap<Cidr, u32>,
+    /// The CIDRs by prefix length in the maps' 16-byte form, longest
+    /// first: a longest-prefix match is one hash lookup per length.
+    cidr_index: Vec<(u32, HashMap<[u8; 16], u32>)>,
 }
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
@@ -115,6 +118,15 @@ impl Identities {
             ids.by_id.insert(id, IdentityOf::Cidr(c));
             ids.cidrs.insert(c, id);
         }
+        let mut index: BTreeMap<std::cmp::Reverse<u32>, HashMap<[u8; 16], u32>> = BTreeMap::new();
+        for (c, id) in &ids.cidrs {
+            let (len, net) = c.map_prefix();
+            index
+                .entry(std::cmp::Reverse(len))
+                .or_default()
+                .insert(net, *id);
+        }
+        ids.cidr_index = index.into_iter().map(|(len, nets)| (len.0, nets)).collect();
         ids
     }
 
@@ -156,11 +168,14 @@ impl Identities {
 
     /// The identity of the most specific policy CIDR holding `ip`; 0 when none.
     pub fn cidr_identity_of(&self, ip: IpAddr) -> u32 {
-        self.cidrs
+        let addr = match ip.to_canonical() {
+            IpAddr::V4(v4) => trellis_common::ipv4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        self.cidr_index
             .iter()
-            .filter(|(c, _)| c.contains_ip(ip))
-            .max_by_key(|(c, _)| c.map_prefix().0)
-            .map_or(0, |(_, id)| *id)
+            .find_map(|(len, nets)| nets.get(&mask16(addr, *len)).copied())
+            .unwrap_or(0)
     }
 
     pub fn describe(&self, id: u32) -> Option<&IdentityOf> {
@@ -611,6 +626,29 @@ mod tests {
         assert!(!c.allowed("x/b", "x/a", 80), "x/b is the except");
         assert!(!c.allowed("y/a", "x/a", 80), "10.0.1.1 is outside");
         assert!(c.allowed("10.0.0.77", "x/a", 80));
+    }
+
+    #[test]
+    fn the_most_specific_cidr_names_an_address() {
+        let c = Case::new(&netpol(
+            "{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/24]}}, \
+             {ipBlock: {cidr: \"fd00::/16\"}}, {ipBlock: {cidr: 0.0.0.0/0}}]}]}",
+        ));
+        let id = |text: &str| {
+            let cidr = super::super::network::cidr(text).expect("cidr");
+            c.ids
+                .cidrs()
+                .find(|(x, _)| **x == cidr)
+                .expect("a policy CIDR")
+                .1
+        };
+        let of = |ip: &str| c.ids.cidr_identity_of(ip.parse().expect("ip"));
+        assert_eq!(of("10.0.0.9"), id("10.0.0.0/24"));
+        assert_eq!(of("10.200.0.9"), id("10.0.0.0/8"));
+        assert_eq!(of("192.0.2.1"), id("0.0.0.0/0"));
+        assert_eq!(of("fd00:1::1"), id("fd00::/16"));
+        assert_eq!(of("fe80::1"), 0, "no IPv6 prefix holds it");
+        assert_eq!(mask16([0xff; 16], 99)[12..], [0xe0, 0, 0, 0]);
     }
 
     #[test]

@@ -132,6 +132,17 @@ fn max_len(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
 
+/// `addr` with the bits past the first `bits` cleared.
+pub fn mask16(mut addr: [u8; 16], bits: u32) -> [u8; 16] {
+    let bits = bits.min(128) as usize;
+    let (bytes, rest) = (bits / 8, bits % 8);
+    if bytes < 16 {
+        addr[bytes] &= 0xffu8.checked_shl(8 - rest as u32).unwrap_or(0);
+        addr[bytes + 1..].fill(0);
+    }
+    addr
+}
+
 fn prefix_eq(a: &[u8; 16], b: &[u8; 16], bits: u32) -> bool {
     let bits = bits as usize;
     let (bytes, rest) = (bits / 8, bits % 8);
