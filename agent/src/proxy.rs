@@ -111,3 +111,32 @@ pub async fn accept_loop<F, Fut>(
         }
     }
 }
+
+/// Runs `relay` to its end, unless `revoked` completes first (the network
+/// policy no longer allows the connection): then the relayed sockets, of
+/// which `resets` are duplicates, are closed with a reset, and the reason
+/// is returned.
+pub async fn until_revoked<F: Future>(
+    relay: F,
+    revoked: impl Future<Output = &'static str>,
+    resets: Vec<std::os::fd::OwnedFd>,
+) -> Result<F::Output, &'static str> {
+    let outcome = tokio::select! {
+        out = relay => Ok(out),
+        reason = revoked => {
+            for fd in &resets {
+                let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+            }
+            Err(reason)
+        }
+    };
+    // The relay's own descriptors are gone now; closing these last sends
+    // the reset.
+    drop(resets);
+    outcome
+}
+
+/// A duplicate of `socket`'s descriptor, for [`until_revoked`].
+pub fn dup(socket: &impl std::os::fd::AsFd) -> Option<std::os::fd::OwnedFd> {
+    socket.as_fd().try_clone_to_owned().ok()
+}

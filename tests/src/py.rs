@@ -407,3 +407,33 @@ for t in threads:
 for k in sorted(out):
     print(k, out[k])
 "#;
+
+/// A long conversation: one byte out, its echo back, every 20 ms, on one
+/// connection; writes `COUNT STATE` to PATH as it goes (`flowing`, then
+/// `stalled` after a second without an answer, `closed`, or `error:ERRNO`).
+/// Args: IP PORT PATH.
+pub const STREAM_CLIENT: &str = r#"
+import os, socket, sys, time
+ip, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+n = 0
+def put(state):
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{n} {state}")
+    os.replace(path + ".tmp", path)
+s = socket.create_connection((ip, port), timeout=5)
+s.settimeout(1.0)
+while True:
+    try:
+        s.sendall(b"x")
+        if not s.recv(1):
+            put("closed")
+            break
+        n += 1
+        put("flowing")
+        time.sleep(0.02)
+    except socket.timeout:
+        put("stalled")
+    except OSError as e:
+        put(f"error:{e.errno}")
+        break
+"#;

@@ -1179,3 +1179,242 @@ fn sctp_policy_at_tc_with_prog_test_run() {
         "{text}"
     );
 }
+
+/// One long conversation of [`py::STREAM_CLIENT`].
+struct Stream {
+    name: &'static str,
+    path: std::path::PathBuf,
+    _client: ChildGuard,
+}
+
+impl Stream {
+    fn start(name: &'static str, from: &Pod, to: &Pod, lab: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{lab}-{name}.stream"));
+        let _ = std::fs::remove_file(&path);
+        let client = from
+            .exec()
+            .python(
+                py::STREAM_CLIENT,
+                &[&to.ip.to_string(), "7000", path.to_str().expect("utf8")],
+            )
+            .expect("stream client");
+        Self {
+            name,
+            path,
+            _client: client,
+        }
+    }
+
+    /// (exchanges so far, state).
+    fn read(&self) -> (u64, String) {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let (n, state) = text.split_once(' ').unwrap_or(("0", "starting"));
+        (n.parse().unwrap_or(0), state.to_owned())
+    }
+
+    /// Waits (bounded) until it has made `more` exchanges past `from`
+    /// while flowing; the state it ended in otherwise.
+    fn progresses(&self, from: u64, more: u64) -> Result<u64, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (n, state) = self.read();
+            if state != "flowing" && state != "starting" {
+                return Err(format!("{}: {state} after {n} exchanges", self.name));
+            }
+            if n >= from + more {
+                return Ok(n);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{}: only {n} exchanges ({state})", self.name));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until it stops: the state it stopped in.
+    fn stops(&self) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let (_, state) = self.read();
+            if state != "flowing" && state != "starting" {
+                return Some(state);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// Policies change while connections are open: changes that keep a
+/// connection allowed never interrupt it (meshed across nodes, meshed on
+/// one node, plain across nodes), and a change that denies it stops it:
+/// the kernel drops the plain one's next packets, the agents reset the
+/// meshed ones they relay (`policy-revoked` in flows and counters).
+#[test]
+fn policy_changes_while_traffic_flows() {
+    let mut lab = Lab::new("netpol-live").expect("lab");
+    let na = lab.add_node("a").expect("node");
+    let nb = lab.add_node("b").expect("node");
+    let pods: Vec<(&str, &str, Pod)> = [
+        ("m", "ma", &na),
+        ("m", "mb", &nb),
+        ("m", "mc", &na),
+        ("p", "pa", &na),
+        ("p", "pb", &nb),
+    ]
+    .into_iter()
+    .map(|(ns, name, node)| (ns, name, lab.add_pod(node, name).expect("pod")))
+    .collect();
+    let mut docs = vec![
+        mesh::node(&na),
+        mesh::node(&nb),
+        mesh::namespace("m", true),
+        mesh::namespace("p", false),
+    ];
+    let mut servers = Vec::new();
+    for (ns, name, pod) in &pods {
+        docs.push(mesh::pod(
+            pod,
+            ns,
+            &[("pod", name), ("role", "any")],
+            &[],
+            "",
+        ));
+        servers.push(
+            pod.serve(py::ECHO_SERVER, &["7000"], 7000)
+                .expect("echo server"),
+        );
+    }
+    let pod = |name: &str| &pods.iter().find(|p| p.1 == name).expect("pod").2;
+    let cluster = mesh::Cluster::start(lab.name(), &[&na, &nb], &docs).expect("agents");
+    let streams = [
+        Stream::start("meshed ma → mb (HBONE)", pod("ma"), pod("mb"), lab.name()),
+        Stream::start(
+            "meshed ma → mc (same node)",
+            pod("ma"),
+            pod("mc"),
+            lab.name(),
+        ),
+        Stream::start("plain pa → pb", pod("pa"), pod("pb"), lab.name()),
+    ];
+    let mut counts: Vec<u64> = streams
+        .iter()
+        .map(|s| s.progresses(0, 10).expect("flows before any policy"))
+        .collect();
+    let fingerprint = |i: usize| {
+        cluster.agents[i].cli_json("status").expect("status")["policy"]["fingerprint"].clone()
+    };
+    let apply = |policies: &[String]| {
+        let before = (fingerprint(0), fingerprint(1));
+        cluster
+            .config()
+            .write("netpol.yaml", &mesh::docs(policies))
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while fingerprint(0) == before.0 || fingerprint(1) == before.1 {
+            assert!(Instant::now() < deadline, "policies not applied");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Changes that keep every conversation allowed, one after another.
+    let keeping = [
+        vec![
+            np("m", "deny", "{podSelector: {}, ingress: []}"),
+            np(
+                "m",
+                "same-ns",
+                "{podSelector: {}, ingress: [{from: [{podSelector: {}}]}]}",
+            ),
+        ],
+        vec![
+            np(
+                "m",
+                "same-ns",
+                "{podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {role: any}}}], ports: [{port: 7000}]}]}",
+            ),
+            np(
+                "p",
+                "egress",
+                "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}], ports: [{port: 7000}]}]}",
+            ),
+            np(
+                "p",
+                "ingress",
+                "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: p}}}]}]}",
+            ),
+        ],
+        vec![
+            np(
+                "m",
+                "egress",
+                "{podSelector: {matchLabels: {pod: ma}}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}], ports: [{port: 7000, endPort: 7001}]}]}",
+            ),
+            np(
+                "p",
+                "ingress",
+                "{podSelector: {}, ingress: [{ports: [{port: 7000}]}]}",
+            ),
+        ],
+    ];
+    for policies in &keeping {
+        apply(policies);
+        for (s, n) in streams.iter().zip(&mut counts) {
+            *n = s
+                .progresses(*n, 10)
+                .unwrap_or_else(|e| panic!("interrupted by a change that allows it: {e}"));
+        }
+    }
+    // Now deny every conversation at its destination.
+    apply(&[
+        np(
+            "m",
+            "deny",
+            "{podSelector: {matchLabels: {pod: mb}}, ingress: []}",
+        ),
+        np(
+            "m",
+            "deny-mc",
+            "{podSelector: {matchLabels: {pod: mc}}, ingress: [{from: [{podSelector: {matchLabels: {pod: mb}}}]}]}",
+        ),
+        np("p", "deny", "{podSelector: {}, ingress: []}"),
+    ]);
+    let ends: Vec<Option<String>> = streams.iter().map(Stream::stops).collect();
+    assert!(
+        ends[0]
+            .as_deref()
+            .is_some_and(|s| s.starts_with("error") || s == "closed"),
+        "{}: {:?}",
+        streams[0].name,
+        ends[0]
+    );
+    assert!(
+        ends[1]
+            .as_deref()
+            .is_some_and(|s| s.starts_with("error") || s == "closed"),
+        "{}: {:?}",
+        streams[1].name,
+        ends[1]
+    );
+    assert_eq!(ends[2].as_deref(), Some("stalled"), "{}", streams[2].name);
+    // The agents say why: node b's for the HBONE stream, node a's for the
+    // same-node one.
+    let revoked = |i: usize, via: &str, dst: &Pod| {
+        let flows = cluster.agents[i].flows_since(0).expect("flows");
+        flows.iter().any(|f| {
+            f["reason"] == "policy-revoked"
+                && f["via"] == via
+                && f["destination"]["ip"] == dst.ip.to_string().as_str()
+        })
+    };
+    assert!(
+        revoked(1, "hbone-inbound", pod("mb")),
+        "node b's flows name the revoked HBONE stream"
+    );
+    assert!(
+        revoked(0, "same-node", pod("mc")),
+        "node a's flows name the revoked same-node connection"
+    );
+    let inbound = &cluster.agents[1].cli_json("status").expect("status")["inbound"];
+    assert!(inbound["policy_revoked"].as_u64() >= Some(1), "{inbound}");
+    drop(servers);
+}

@@ -24,6 +24,7 @@ use tokio::{
     sync::watch,
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
+use trellis_common::direction;
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
@@ -31,7 +32,7 @@ use crate::{
     identity::{Identity, manager::CertManager},
     policy::{
         authz::{self, Verdict},
-        verdict::Verdicts,
+        verdict::{Standing, Verdicts},
     },
     proxy::{Source, connect_from, relay},
     state::Snapshot,
@@ -55,6 +56,8 @@ pub struct InboundStats {
     pub denied: AtomicU64,
     /// Streams refused with 401 by the destination's ingress network policy.
     pub policy_denied: AtomicU64,
+    /// Open streams reset because a policy change denies them now.
+    pub policy_revoked: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Connections closed because the client stopped answering pings.
@@ -359,6 +362,7 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
+        let resets: Vec<_> = crate::proxy::dup(&upstream).into_iter().collect();
         let send = match reply(&mut respond, StatusCode::OK, false) {
             Ok(send) => send,
             Err(e) => {
@@ -368,7 +372,39 @@ impl Inbound {
         };
         debug!(%target, %peer_id, %forwarded, "stream open");
         let tunnel = H2Stream::new(send, request.into_body());
-        match relay::relay_streams(tunnel, upstream, self.idle_timeout).await {
+        // The destination's ingress verdict must keep holding while the
+        // stream is open (the kernel sees only the agent's socket).
+        let standing = snapshot
+            .workload_by_ip(target.ip().to_canonical())
+            .map(|w| Standing {
+                via: "hbone-inbound",
+                direction: direction::INGRESS,
+                workload: w.id(),
+                source: client,
+                destination: target,
+            });
+        let relayed = relay::relay_streams(tunnel, upstream, self.idle_timeout);
+        let outcome = match (&self.policy, standing) {
+            (Some(verdicts), Some(standing)) => {
+                let standing = [standing];
+                crate::proxy::until_revoked(
+                    relayed,
+                    verdicts.revoked(&self.state, &standing),
+                    resets,
+                )
+                .await
+            }
+            _ => Ok(relayed.await),
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(reason) => {
+                self.stats.policy_revoked.fetch_add(1, Ordering::Relaxed);
+                info!(src = %peer_id, %forwarded, dst = %target, reason, "open stream reset: the network policy no longer allows it");
+                return;
+            }
+        };
+        match result {
             Ok((inbound, outbound)) => {
                 self.stats.bytes_in.fetch_add(inbound, Ordering::Relaxed);
                 self.stats.bytes_out.fetch_add(outbound, Ordering::Relaxed);

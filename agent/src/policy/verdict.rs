@@ -12,6 +12,7 @@ use std::{
 
 use aya::maps::{MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 use serde::Serialize;
+use tokio::sync::watch;
 use trellis_common::{
     Decision, IpInfo, MAP_IPCACHE, MAP_POLICY, PolicyEntry, PolicyKey, direction, identity, reason,
 };
@@ -91,6 +92,20 @@ pub struct Verdicts {
     maps: PolicyMaps,
     view: Mutex<Arc<PolicyView>>,
     flows: Option<Arc<FlowLog>>,
+    /// Bumped on every new view: open connections are judged again.
+    views: watch::Sender<u64>,
+}
+
+/// A verdict an open connection must keep: local pod `workload`'s policy
+/// in `direction` for the connection from `source` to `destination`
+/// (`source` is `None` when the agent could not prove it).
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub via: &'static str,
+    pub direction: u8,
+    pub workload: String,
+    pub source: Option<SocketAddr>,
+    pub destination: SocketAddr,
 }
 
 impl Verdicts {
@@ -99,6 +114,7 @@ impl Verdicts {
             maps,
             view: Mutex::default(),
             flows: None,
+            views: watch::Sender::new(0),
         }
     }
 
@@ -160,6 +176,58 @@ impl Verdicts {
 
     pub fn set_view(&self, view: Arc<PolicyView>) {
         *self.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+        self.views.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Completes, with the reason, when the policy stops allowing one of
+    /// `standing` (judged again on every new view, as the kernel judges
+    /// established flows again when the policy revision moves); never
+    /// while they stay allowed. The denial is recorded as a flow.
+    pub async fn revoked(
+        &self,
+        state: &watch::Receiver<Arc<Snapshot>>,
+        standing: &[Standing],
+    ) -> &'static str {
+        let mut views = self.views.subscribe();
+        loop {
+            if views.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            for s in standing {
+                let j = match s.source {
+                    Some(source) => {
+                        let (peer, port) = if s.direction == direction::INGRESS {
+                            (source.ip(), s.destination.port())
+                        } else {
+                            (s.destination.ip(), s.destination.port())
+                        };
+                        self.judge(s.direction, &s.workload, peer, TCP, port)
+                    }
+                    None if self.ingress_isolated(&s.workload) => Judgement {
+                        allowed: false,
+                        direction: "ingress",
+                        endpoint: Some(s.workload.clone()),
+                        peer: "-".into(),
+                        peer_identity: identity::ANY,
+                        peer_cidr_identity: 0,
+                        protocol: TCP,
+                        port: s.destination.port(),
+                        reason: "unproven-source",
+                        rule: None,
+                    },
+                    None => continue,
+                };
+                if !j.allowed {
+                    let j = Judgement {
+                        reason: "policy-revoked",
+                        ..j
+                    };
+                    let snapshot = state.borrow().clone();
+                    self.record(&snapshot, s.via, s.source, s.destination, &j);
+                    return j.reason;
+                }
+            }
+        }
     }
 
     pub fn view(&self) -> Arc<PolicyView> {

@@ -12,6 +12,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -36,7 +37,7 @@ use crate::{
     policy::{
         authz::{self, Verdict},
         network::TCP,
-        verdict::Verdicts,
+        verdict::{Standing, Verdicts},
     },
     state::Snapshot,
     sync::{ip_port, socket_addr},
@@ -106,6 +107,8 @@ pub struct OutboundStats {
     /// Same-node connections refused by the destination's ingress network
     /// policy, or to a service none of whose backends egress policy allows.
     pub policy_denied: AtomicU64,
+    /// Open connections closed because a policy change denies them now.
+    pub policy_revoked: AtomicU64,
     /// Service backends left out of a pick because egress policy denies them.
     pub policy_dropped_backends: AtomicU64,
 }
@@ -217,7 +220,10 @@ impl Outbound {
         let _ = inbound.set_nodelay(true);
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
-        match relay::relay_streams(inbound, stream, self.config.idle_timeout).await {
+        let standing = self.standing(peer, route.backend, "hbone-outbound", false);
+        let resets = resets(&standing, &inbound, &inbound);
+        let relayed = relay::relay_streams(inbound, stream, self.config.idle_timeout);
+        match self.unless_revoked(relayed, &standing, resets).await? {
             Ok((sent, received)) => {
                 self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
                 self.stats
@@ -236,6 +242,63 @@ impl Outbound {
                 Ok(())
             }
         }
+    }
+
+    /// The verdicts an open connection from `peer` to `backend` must keep:
+    /// the client pod's egress policy, and on the same node the
+    /// destination pod's ingress policy.
+    fn standing(
+        &self,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        via: &'static str,
+        same_node: bool,
+    ) -> Vec<Standing> {
+        if self.policy.is_none() {
+            return Vec::new();
+        }
+        let snapshot = self.state.borrow().clone();
+        let mut out = Vec::new();
+        let mut add = |direction, ip: IpAddr| {
+            if let Some(w) = snapshot.workload_by_ip(ip.to_canonical()) {
+                out.push(Standing {
+                    via,
+                    direction,
+                    workload: w.id(),
+                    source: Some(peer),
+                    destination: backend,
+                });
+            }
+        };
+        add(direction::EGRESS, peer.ip());
+        if same_node {
+            add(direction::INGRESS, backend.ip());
+        }
+        out
+    }
+
+    /// Awaits `relay`, unless a policy change denies the connection first:
+    /// then it is reset, counted and logged.
+    async fn unless_revoked<T>(
+        &self,
+        relay: impl Future<Output = T>,
+        standing: &[Standing],
+        resets: Vec<OwnedFd>,
+    ) -> Result<T, OutboundError> {
+        let Some(verdicts) = self.policy.as_ref().filter(|_| !standing.is_empty()) else {
+            return Ok(relay.await);
+        };
+        super::until_revoked(relay, verdicts.revoked(&self.state, standing), resets)
+            .await
+            .map_err(|reason| {
+                self.stats.policy_revoked.fetch_add(1, Ordering::Relaxed);
+                let dst = standing[0].destination;
+                info!(%dst, reason, "open connection reset: the network policy no longer allows it");
+                OutboundError::NetworkPolicy {
+                    dst,
+                    reason: reason.into(),
+                }
+            })
     }
 
     /// The state the proxy routes by.
@@ -482,14 +545,17 @@ impl Outbound {
         debug!(dst = %route.dst, backend = %route.backend, local = route.local,
             mode = accel.as_ref().map_or("userspace", Accelerated::mode), "connected");
 
-        let result = relay::relay(
+        let standing = self.standing(peer, route.backend, "same-node", true);
+        let resets = resets(&standing, &inbound, &upstream);
+        let relayed = relay::relay(
             inbound,
             upstream,
             self.sockets.as_ref().zip(accel),
             self.config.idle_timeout,
-        )
-        .await;
+        );
+        let result = self.unless_revoked(relayed, &standing, resets).await;
         self.forget(inbound_key, upstream_key);
+        let result = result?;
         match result {
             Ok(bytes) => {
                 self.stats
@@ -588,4 +654,16 @@ pub fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
         local: ip_port(local.ip(), local.port()),
         remote: ip_port(remote.ip(), remote.port()),
     }
+}
+
+/// Duplicates of the relayed sockets, to reset them if the policy revokes
+/// the connection; none when no verdict stands on it.
+fn resets(standing: &[Standing], a: &impl AsFd, b: &impl AsFd) -> Vec<OwnedFd> {
+    if standing.is_empty() {
+        return Vec::new();
+    }
+    [super::dup(a), super::dup(b)]
+        .into_iter()
+        .flatten()
+        .collect()
 }
