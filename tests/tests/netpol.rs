@@ -927,6 +927,18 @@ fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> 
     frame
 }
 
+/// An MLDv2 report from a link-local address, behind a hop-by-hop header
+/// (as every pod's stack sends when its interface comes up).
+fn mld_report() -> Vec<u8> {
+    let mut frame = vec![0x33, 0x33, 0, 0, 0, 0x16, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    frame.extend([0x60, 0, 0, 0, 0, 16, 0, 1]); // payload 16 bytes, next: hop-by-hop
+    frame.extend([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    frame.extend([0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16]);
+    frame.extend([58, 0, 5, 2, 0, 0, 1, 0]); // next: ICMPv6; router alert
+    frame.extend([143, 0, 0, 0, 0, 0, 0, 0]); // MLDv2 report, no records
+    frame
+}
+
 /// An SCTP packet with an INIT chunk (what opens an association).
 fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
@@ -1056,6 +1068,12 @@ fn sctp_policy_at_tc_with_prog_test_run() {
             &from_pod,
             ipv4_frame(spoofed, ip_b, SCTP, &sctp_init(6004, 90)),
             DROP,
+        ),
+        (
+            "MLD report from a's link-local address",
+            &from_pod,
+            mld_report(),
+            PASS,
         ),
     ];
     let drops = cases.iter().filter(|c| c.3 == DROP).count() as u64;

@@ -161,8 +161,14 @@ impl Flow {
 
 /// Reads an Ethernet frame's IP header and, for TCP, UDP, SCTP and ICMP,
 /// its ports; `None` for anything that is not IP (ARP passes untouched).
-/// IPv6 extension headers are not walked: their first header is the
-/// protocol then (judged without ports); non-first IPv4 fragments too.
+/// Up to [`MAX_IPV6_EXTENSIONS`] IPv6 extension headers are walked; past
+/// them, or in a non-first fragment, the protocol is judged without ports.
+const MAX_IPV6_EXTENSIONS: usize = 4;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+
 #[inline(always)]
 pub fn flow(ctx: &TcContext) -> Result<Option<Flow>, i64> {
     let mut flow = Flow {
@@ -192,7 +198,28 @@ pub fn flow(ctx: &TcContext) -> Result<Option<Flow>, i64> {
             flow.protocol = ctx.load(ETH_HLEN + 6)?;
             flow.saddr = ctx.load(ETH_HLEN + 8)?;
             flow.daddr = ctx.load(ETH_HLEN + 24)?;
-            ETH_HLEN + 40
+            let mut l4 = ETH_HLEN + 40;
+            // Walk a few extension headers (MLD reports come after a
+            // hop-by-hop header) to the upper-layer protocol.
+            for _ in 0..MAX_IPV6_EXTENSIONS {
+                match flow.protocol {
+                    IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                        let len: u8 = ctx.load(l4 + 1)?;
+                        flow.protocol = ctx.load(l4)?;
+                        l4 += (usize::from(len) + 1) * 8;
+                    }
+                    IPV6_FRAGMENT => {
+                        flow.protocol = ctx.load(l4)?;
+                        // Not the first fragment: no L4 header here.
+                        if u16::from_be(ctx.load::<u16>(l4 + 2)?) & 0xfff8 != 0 {
+                            return Ok(Some(flow));
+                        }
+                        l4 += 8;
+                    }
+                    _ => break,
+                }
+            }
+            l4
         }
         _ => return Ok(None),
     };
@@ -222,9 +249,10 @@ pub fn flow(ctx: &TcContext) -> Result<Option<Flow>, i64> {
             let ty: u8 = ctx.load(l4)?;
             match ty {
                 // Unreachable, too big, time exceeded, parameter problem,
-                // and neighbour discovery (router/neighbour solicitation
-                // and advertisement, redirect).
-                1..=4 | 133..=137 => flow.control = true,
+                // multicast listener query/report/done (v1, v2), and
+                // neighbour discovery (router/neighbour solicitation and
+                // advertisement, redirect).
+                1..=4 | 130..=132 | 143 | 133..=137 => flow.control = true,
                 // Echo request, echo reply.
                 128 | 129 => {
                     let id = u16::from_be(ctx.load(l4 + 4)?);
