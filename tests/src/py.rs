@@ -357,12 +357,16 @@ threading.Event().wait()
 
 /// The network-policy suite's prober: probes every target at once and
 /// prints `LABEL OK|EPERM|FAIL` per target, sorted. OK means the named
-/// server answered; EPERM that connect() or sendto() was refused at once.
-/// Args: TIMEOUT_SECONDS then LABEL,IP,PORT,TCP|UDP,EXPECTED_NAME...
+/// server answered (for ICMP: an echo reply came back to a raw socket's
+/// request); EPERM that connect() or sendto() was refused at once. IPv4
+/// or IPv6 by the address. Args: TIMEOUT_SECONDS then
+/// LABEL,IP,PORT,TCP|UDP|ICMP,EXPECTED_NAME...
 pub const NETPOL_PROBE: &str = r#"
-import socket, sys, threading
+import os, socket, struct, sys, threading, time, zlib
 timeout = float(sys.argv[1])
 out = {}
+def family(ip):
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 def tcp(label, ip, port, want):
     try:
         s = socket.create_connection((ip, port), timeout=timeout)
@@ -379,7 +383,7 @@ def tcp(label, ip, port, want):
     except OSError:
         out[label] = "FAIL"
 def udp(label, ip, port, want):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(ip), socket.SOCK_DGRAM)
     s.settimeout(timeout / 3)
     try:
         for _ in range(3):
@@ -395,10 +399,43 @@ def udp(label, ip, port, want):
         out[label] = "EPERM"
     except OSError:
         out[label] = "FAIL"
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s & 0xffff) + (s >> 16)
+    return ~(s + (s >> 16)) & 0xffff
+# A raw socket's echo request: no connect(), no sendmsg hook on its way.
+def icmp(label, ip, port, want):
+    v6 = ":" in ip
+    ident = (zlib.crc32(label.encode()) + os.getpid()) & 0xffff
+    try:
+        s = socket.socket(family(ip), socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+        msg = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"trellis"
+        if not v6:
+            msg = msg[:2] + struct.pack("!H", checksum(msg)) + msg[4:]
+        s.sendto(msg, (ip, 0))
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                d = s.recv(2048)
+            except socket.timeout:
+                break
+            if not v6:
+                d = d[(d[0] & 0x0f) * 4:]
+            if len(d) >= 8 and d[0] == (129 if v6 else 0) and struct.unpack("!H", d[4:6])[0] == ident:
+                out[label] = "OK"
+                return
+        out[label] = "FAIL"
+    except PermissionError:
+        out[label] = "EPERM"
+    except OSError:
+        out[label] = "FAIL"
 threads = []
 for arg in sys.argv[2:]:
     label, ip, port, proto, want = arg.split(",")
-    f = tcp if proto == "TCP" else udp
+    f = {"TCP": tcp, "UDP": udp, "ICMP": icmp}[proto]
     t = threading.Thread(target=f, args=(label, ip, int(port), want.encode()))
     t.start()
     threads.append(t)

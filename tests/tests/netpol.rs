@@ -24,9 +24,37 @@ const PROBE_TIMEOUT: &str = "1.5";
 enum Proto {
     Tcp,
     Udp,
+    Tcp6,
+    Udp6,
+    /// Echo from a raw socket.
+    Icmp,
+    Icmp6,
 }
 
-use Proto::{Tcp, Udp};
+use Proto::{Icmp, Icmp6, Tcp, Tcp6, Udp, Udp6};
+
+impl Proto {
+    fn v6(self) -> bool {
+        matches!(self, Tcp6 | Udp6 | Icmp6)
+    }
+
+    /// What the prober calls it.
+    fn probe_name(self) -> &'static str {
+        match self {
+            Tcp | Tcp6 => "TCP",
+            Udp | Udp6 => "UDP",
+            Icmp | Icmp6 => "ICMP",
+        }
+    }
+
+    /// What flow events call it.
+    fn flow_name(self) -> &'static str {
+        match self {
+            Icmp6 => "ICMPv6",
+            other => other.probe_name(),
+        }
+    }
+}
 
 /// A pod of the matrix, or (`ns` "node") node b's own address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,6 +98,7 @@ struct Case {
 const TCP80: &[(u16, Proto)] = &[(80, Tcp)];
 const ALL: &[(u16, Proto)] = &[(80, Tcp), (81, Tcp), (80, Udp), (81, Udp)];
 const TCP_BOTH: &[(u16, Proto)] = &[(80, Tcp), (81, Tcp)];
+const V6_AND_ICMP: &[(u16, Proto)] = &[(80, Tcp6), (80, Udp6), (0, Icmp), (0, Icmp6)];
 
 struct World {
     pods: Vec<(P, Pod)>,
@@ -82,13 +111,28 @@ struct World {
 
 impl World {
     fn pod_ip(&self, p: P) -> String {
+        self.addr(p, Tcp)
+    }
+
+    /// The pod's (or node b's) address of the protocol's family.
+    fn addr(&self, p: P, proto: Proto) -> String {
         if p.ns == "node" {
-            return self.node_b.ip.to_string();
+            return if proto.v6() {
+                self.node_b.ip6.to_string()
+            } else {
+                self.node_b.ip.to_string()
+            };
         }
         self.pods
             .iter()
             .find(|(q, _)| *q == p)
-            .map(|(_, pod)| pod.ip.to_string())
+            .map(|(_, pod)| {
+                if proto.v6() {
+                    pod.ip6.to_string()
+                } else {
+                    pod.ip.to_string()
+                }
+            })
             .expect("a matrix pod")
     }
 
@@ -154,10 +198,10 @@ impl World {
             for dst in &targets {
                 for (i, (port, proto)) in probes.iter().enumerate() {
                     let label = format!("{}-{}-{i}", dst.ns, dst.name);
-                    let proto_name = if *proto == Tcp { "TCP" } else { "UDP" };
                     args.push(format!(
-                        "{label},{},{port},{proto_name},{}",
-                        self.pod_ip(*dst),
+                        "{label},{},{port},{},{}",
+                        self.addr(*dst, *proto),
+                        proto.probe_name(),
                         server_name(*dst)
                     ));
                     labels.insert(label, (*dst, *port, *proto));
@@ -262,11 +306,18 @@ impl World {
                 problems.push("the flow log dropped flows of this case".into());
             }
             for f in &flows {
+                let protocol = f["protocol"].as_str().unwrap_or("-").to_owned();
+                // An echo's "port" is its identifier; probes name ICMP port 0.
+                let port = if protocol.starts_with("ICMP") {
+                    0
+                } else {
+                    f["destination"]["port"].as_u64().unwrap_or(0) as u16
+                };
                 let key = (
                     f["source"]["ip"].as_str().unwrap_or("-").to_owned(),
                     f["destination"]["ip"].as_str().unwrap_or("-").to_owned(),
-                    f["destination"]["port"].as_u64().unwrap_or(0) as u16,
-                    f["protocol"].as_str().unwrap_or("-").to_owned(),
+                    port,
+                    protocol,
                 );
                 if f["verdict"] == "denied" {
                     denied.insert(key);
@@ -280,10 +331,10 @@ impl World {
                 continue;
             }
             let key = (
-                self.pod_ip(src),
-                self.pod_ip(dst),
+                self.addr(src, proto),
+                self.addr(dst, proto),
                 port,
-                if proto == Tcp { "TCP" } else { "UDP" }.to_owned(),
+                proto.flow_name().to_owned(),
             );
             let pair = format!("{} → {} {port}/{proto:?}", src.id(), dst.id());
             match (result == "OK", denied.remove(&key)) {
@@ -813,6 +864,41 @@ fn cases(world: &World) -> Vec<Case> {
             probes: ALL,
             node_target: false,
             expect: Box::new(|_, d, _, proto| want(d.ns != "x" || proto == Udp)),
+        },
+        Case {
+            name: "IPv6 and raw ICMP: default deny ingress in x",
+            policies: vec![np("x", "deny", "{podSelector: {}, policyTypes: [Ingress]}")],
+            probes: V6_AND_ICMP,
+            node_target: false,
+            expect: Box::new(|_, d, _, _| want(d.ns != "x")),
+        },
+        Case {
+            name: "IPv6 and raw ICMP: x/b takes TCP 80 only, from namespace z",
+            policies: vec![np(
+                "x",
+                "b-from-z",
+                "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: z}}}], ports: [{port: 80, protocol: TCP}]}]}",
+            )],
+            probes: V6_AND_ICMP,
+            node_target: false,
+            expect: Box::new(|s, d, _, proto| {
+                want(!(d.ns == "x" && d.name == "b") || (s.ns == "z" && proto == Tcp6))
+            }),
+        },
+        Case {
+            name: "IPv6 and raw ICMP: egress of z only TCP 80 (UDP refused at sendto, ICMP dropped)",
+            policies: vec![np(
+                "z",
+                "tcp-out",
+                "{podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: 80, protocol: TCP}]}]}",
+            )],
+            probes: V6_AND_ICMP,
+            node_target: false,
+            expect: Box::new(|s, _, _, proto| match (s.ns, proto) {
+                ("z", Udp6) => Want::Eperm,
+                ("z", Icmp | Icmp6) => Want::Deny,
+                _ => Want::Allow,
+            }),
         },
         Case {
             name: "policies deleted: everything reachable again",

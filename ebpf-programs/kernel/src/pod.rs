@@ -95,7 +95,7 @@ enum Outcome {
 }
 
 /// Policy for a packet that is not control: replies and established flows
-/// pass; anything else is judged, and an allowed flow recorded.
+/// pass; anything else is judged and recorded.
 #[inline(always)]
 fn enforce(
     ctx: &TcContext,
@@ -136,11 +136,10 @@ fn enforce(
     if decision.allowed {
         conntrack::allow(flow, dir, ifindex, revision, decision.rule_id);
     }
-    if matches!(state, State::New) || !decision.allowed {
-        policy::record(&info, &decision, u64::from(ctx.len()));
-    } else {
-        count_pass(hook, decision.reason, pod.endpoint_id, ctx);
-    }
+    // Every lookup is a decision and an event: a new flow, or one judged
+    // again after a policy change (its 5-tuple may also be a new flow that
+    // reuses an old one's ports).
+    policy::record(&info, &decision, u64::from(ctx.len()));
     if decision.allowed {
         Outcome::Pass
     } else {
