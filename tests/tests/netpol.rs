@@ -1091,6 +1091,27 @@ fn sctp_policy_at_tc_with_prog_test_run() {
     };
     let (to_pod, from_pod) = (program(PROG_POD_TO), program(PROG_POD_FROM));
     let before = counted(&agent.maps_json().expect("maps"));
+    // A follower, started before the packets: it must print the denials
+    // with s/sb as a side as they come, and nothing else.
+    let followed = std::env::temp_dir().join(format!("{}-follow.jsonl", lab.name()));
+    let mut follow = node
+        .exec()
+        .command(trellis_tests::trellis_bin())
+        .expect("command");
+    follow
+        .args([
+            "flows",
+            "--follow",
+            "--pod",
+            "s/sb",
+            "--verdict",
+            "denied",
+            "-o",
+            "json",
+        ])
+        .stdout(std::fs::File::create(&followed).expect("follow output"))
+        .stderr(Stdio::null());
+    let _follower = ChildGuard::spawn(&mut follow).expect("trellis flows --follow");
     let run = |prog: &std::os::fd::OwnedFd, frame: Vec<u8>| {
         trellis_tests::sys::in_netns(&netns, || {
             sys::prog_test_run_skb(prog.as_fd(), &frame, ifindex)
@@ -1171,6 +1192,43 @@ fn sctp_policy_at_tc_with_prog_test_run() {
         })
         .collect();
     assert!(wrong.is_empty(), "verdicts:\n  {}", wrong.join("\n  "));
+
+    // The follower printed, live, the denials with s/sb as a side (the
+    // spoofed packet's destination included).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&followed).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON flow per line"))
+            .collect();
+        if lines.len() >= 5 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let seen: Vec<String> = lines
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {}:{}",
+                f["protocol"].as_str().unwrap_or("?"),
+                f["destination"]["pod"].as_str().unwrap_or("?"),
+                f["destination"]["port"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "SCTP s/sa:81",
+            "TCP s/sa:80",
+            "SCTP s/sb:92",
+            "UDP s/sb:90",
+            "SCTP s/sb:90"
+        ],
+        "what `trellis flows --follow --pod s/sb --verdict denied` printed"
+    );
 
     // Counters and flow events say the same.
     let after = counted(&agent.maps_json().expect("maps"));
