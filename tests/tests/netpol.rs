@@ -1281,6 +1281,43 @@ fn sctp_policy_at_tc_with_prog_test_run() {
         "{pods:?}"
     );
 
+    // bpftool prints the policy map with its fields named: s/sa's SCTP 80
+    // entry is there, port in network order.
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(node.bpffs.join("maps").join(trellis_common::MAP_POLICY))
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let sctp_entry = dump
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["formatted"])
+        .find(|e| e["key"]["data"]["protocol"] == 132 && e["key"]["data"]["direction"] == 1)
+        .unwrap_or_else(|| panic!("no named SCTP ingress entry in {dump}"));
+    assert_eq!(sctp_entry["key"]["prefix_len"], 128, "{sctp_entry}");
+    assert_eq!(
+        sctp_entry["key"]["data"]["port"],
+        serde_json::json!([0, 80]),
+        "{sctp_entry}"
+    );
+    for field in ["endpoint_id", "identity"] {
+        assert!(
+            sctp_entry["key"]["data"][field].is_u64(),
+            "{field}: {sctp_entry}"
+        );
+    }
+    assert!(
+        sctp_entry["value"]["rule_id"].as_u64() >= Some(1),
+        "{sctp_entry}"
+    );
+
     // `trellis policy s/sa` shows the entries the kernel matched.
     let policy: serde_json::Value = serde_json::from_str(
         &agent
