@@ -3,7 +3,7 @@
 //! ready backends.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
@@ -133,6 +133,10 @@ pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     /// Objects by kind, for status output.
     pub counts: BTreeMap<&'static str, usize>,
+    /// Index of `workloads` by address (the first workload holding it), for
+    /// the lookups every proxied connection makes.
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, usize>,
 }
 
 impl Snapshot {
@@ -198,6 +202,12 @@ impl Snapshot {
             .iter()
             .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
             .collect();
+        let mut by_ip = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            for ip in &w.ips {
+                by_ip.entry(*ip).or_insert(i);
+            }
+        }
         Self {
             node,
             workloads,
@@ -207,6 +217,7 @@ impl Snapshot {
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
             counts,
+            by_ip,
         }
     }
 
@@ -229,7 +240,7 @@ impl Snapshot {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.ips.contains(&ip))
+        self.by_ip.get(&ip).and_then(|i| self.workloads.get(*i))
     }
 }
 
@@ -483,6 +494,19 @@ mod tests {
             .filter(|b| b.usable())
             .map(|b| b.addr.to_string())
             .collect()
+    }
+
+    #[test]
+    fn workloads_by_address() {
+        let snap = snapshot("");
+        for w in &snap.workloads {
+            for ip in &w.ips {
+                let found = snap.workload_by_ip(*ip).expect("indexed");
+                assert!(found.ips.contains(ip), "{ip} → {}", found.id());
+            }
+        }
+        assert!(snap.workload_by_ip("192.0.2.99".parse().unwrap()).is_none());
+        assert!(!snap.workloads.is_empty());
     }
 
     #[test]
