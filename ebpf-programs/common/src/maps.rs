@@ -762,9 +762,12 @@ pub struct CtEntry {
 
 // === flow events ===
 
-/// Ring buffer of [`FlowEvent`]s: new flows and denials.
+/// Ring buffer of [`FlowEvent`]s: new flows and denials. The agent drains
+/// it at every wake-up, so it only has to hold a burst (3,000-odd events);
+/// its pages are resident in the agent twice over (the ring is mapped
+/// twice), so it is no bigger.
 pub const MAP_FLOWS: &str = "flows";
-pub const FLOWS_BYTES: u32 = 1 << 20;
+pub const FLOWS_BYTES: u32 = 1 << 18;
 
 /// One flow event, as the kernel writes it to [`MAP_FLOWS`].
 #[repr(C)]
