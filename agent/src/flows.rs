@@ -50,8 +50,9 @@ pub struct Side {
 pub struct Flow {
     /// Position in this agent's log; `/flows?since=` takes the next one.
     pub seq: u64,
-    /// RFC 3339, nanoseconds.
-    pub time: String,
+    /// RFC 3339, nanoseconds (formatted only when the flow is read).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
     pub node: String,
     /// `allowed` or `denied`.
     pub verdict: &'static str,
@@ -71,12 +72,6 @@ pub struct Flow {
     pub destination: Side,
     /// `namespace/name ingress[i]` of the rule that allowed it.
     pub policy: Option<String>,
-}
-
-impl Flow {
-    pub fn allowed(&self) -> bool {
-        self.verdict == "allowed"
-    }
 }
 
 /// What `trellis flows` asks for: flows whose source or destination pod
@@ -248,10 +243,34 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let text = time::OffsetDateTime::from(*t)
         .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    s.serialize_str(&text)
+}
+
+fn verdict_name(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "denied" }
+}
+
+impl Side {
+    /// `ip` (absent when the hook did not see it) and its pod, from the state.
+    fn named(snapshot: &Snapshot, ip: Option<IpAddr>, port: u16, id: u32) -> Self {
+        let ip = ip.map(|ip| ip.to_canonical());
+        let workload = ip.and_then(|ip| snapshot.workload_by_ip(ip));
+        let identity_name = identity::reserved_name(id)
+            .filter(|_| id != identity::ANY)
+            .or_else(|| (id & identity::SERVICE_BASE != 0).then_some("service"));
+        Self {
+            ip,
+            port,
+            pod: workload.map(crate::state::Workload::id),
+            namespace: workload.map(|w| w.namespace.clone()),
+            identity: id,
+            identity_name,
+        }
+    }
 }
 
 /// Names the flows' addresses and rules from the state and the compiled
@@ -263,21 +282,6 @@ pub struct Namer {
 }
 
 impl Namer {
-    fn side(&self, snapshot: &Snapshot, ip: Option<IpAddr>, port: u16, id: u32) -> Side {
-        let workload = ip.and_then(|ip| snapshot.workload_by_ip(ip.to_canonical()));
-        let identity_name = identity::reserved_name(id)
-            .filter(|_| id != identity::ANY)
-            .or_else(|| (id & identity::SERVICE_BASE != 0).then_some("service"));
-        Side {
-            ip: ip.map(|ip| ip.to_canonical()),
-            port,
-            pod: workload.map(crate::state::Workload::id),
-            namespace: workload.map(|w| w.namespace.clone()),
-            identity: id,
-            identity_name,
-        }
-    }
-
     /// A kernel flow event, named.
     pub fn kernel(&self, event: &FlowEvent, now: (SystemTime, u64)) -> Flow {
         let snapshot = self.state.borrow().clone();
@@ -293,27 +297,26 @@ impl Namer {
             // connect/sendmsg see no source address yet: it is the pod's.
             saddr = endpoint
                 .as_deref()
-                .and_then(|e| snapshot.workloads.iter().find(|w| w.id() == e))
+                .and_then(|e| snapshot.workload(e))
                 .and_then(|w| {
                     let v4 = addr(event.daddr).is_some_and(|d| d.to_canonical().is_ipv4());
                     w.ips.iter().find(|ip| ip.is_ipv4() == v4).copied()
                 });
         }
         let age = Duration::from_nanos(now.1.saturating_sub(event.time_ns));
-        let allowed = event.verdict != trellis_common::verdict::DENY;
         Flow {
             seq: 0,
-            time: rfc3339(now.0.checked_sub(age).unwrap_or(now.0)),
+            time: now.0.checked_sub(age).unwrap_or(now.0),
             node: String::new(),
-            verdict: if allowed { "allowed" } else { "denied" },
+            verdict: verdict_name(event.verdict != trellis_common::verdict::DENY),
             reason: reason::name(event.reason),
             hook: hook::name(u32::from(event.hook)),
             via: None,
             direction: direction::name(event.direction),
             endpoint,
             protocol: protocol_name(event.protocol),
-            source: self.side(&snapshot, saddr, event.sport, event.src_identity),
-            destination: self.side(
+            source: Side::named(&snapshot, saddr, event.sport, event.src_identity),
+            destination: Side::named(
                 &snapshot,
                 addr(event.daddr),
                 event.dport,
@@ -342,22 +345,18 @@ impl FlowLog {
     /// Records one of the agent's own TCP verdicts.
     pub fn agent(&self, snapshot: &Snapshot, v: AgentVerdict<'_>) {
         let side = |addr: Option<SocketAddr>, id: u32| {
-            let ip = addr.map(|a| a.ip().to_canonical());
-            let w = ip.and_then(|ip| snapshot.workload_by_ip(ip));
-            Side {
-                ip,
-                port: addr.map_or(0, |a| a.port()),
-                pod: w.map(crate::state::Workload::id),
-                namespace: w.map(|w| w.namespace.clone()),
-                identity: id,
-                identity_name: identity::reserved_name(id).filter(|_| id != identity::ANY),
-            }
+            Side::named(
+                snapshot,
+                addr.map(|a| a.ip()),
+                addr.map_or(0, |a| a.port()),
+                id,
+            )
         };
         self.push(Flow {
             seq: 0,
-            time: rfc3339(SystemTime::now()),
+            time: SystemTime::now(),
             node: String::new(),
-            verdict: if v.allowed { "allowed" } else { "denied" },
+            verdict: verdict_name(v.allowed),
             reason: v.reason,
             hook: "agent",
             via: Some(v.via),
@@ -434,9 +433,9 @@ mod tests {
         };
         Flow {
             seq: 0,
-            time: String::new(),
+            time: SystemTime::UNIX_EPOCH,
             node: String::new(),
-            verdict: if allowed { "allowed" } else { "denied" },
+            verdict: verdict_name(allowed),
             reason: "policy-denied",
             hook: "tc_egress",
             via: None,

@@ -136,7 +136,11 @@ pub async fn until_revoked<F: Future>(
     outcome
 }
 
-/// A duplicate of `socket`'s descriptor, for [`until_revoked`].
-pub fn dup(socket: &impl std::os::fd::AsFd) -> Option<std::os::fd::OwnedFd> {
-    socket.as_fd().try_clone_to_owned().ok()
+/// Duplicates of the sockets' descriptors, for [`until_revoked`] (one
+/// that cannot be duplicated is left out: it closes without a reset).
+pub fn duplicates(sockets: &[std::os::fd::BorrowedFd<'_>]) -> Vec<std::os::fd::OwnedFd> {
+    sockets
+        .iter()
+        .filter_map(|fd| fd.try_clone_to_owned().ok())
+        .collect()
 }

@@ -292,7 +292,7 @@ pub fn workloads(state: &AdminState) -> serde_json::Value {
         .endpoints
         .iter()
         .map(|e| {
-            let w = snapshot.workloads.iter().find(|w| w.id() == e.workload);
+            let w = snapshot.workload(&e.workload);
             serde_json::json!({
                 "workload": e.workload,
                 "ips": w.map(|w| w.ips.clone()).unwrap_or_default(),

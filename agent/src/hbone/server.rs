@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -362,7 +363,6 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
-        let resets: Vec<_> = crate::proxy::dup(&upstream).into_iter().collect();
         let send = match reply(&mut respond, StatusCode::OK, false) {
             Ok(send) => send,
             Err(e) => {
@@ -383,9 +383,14 @@ impl Inbound {
                 source: client,
                 destination: target,
             });
+        let watched = self.policy.as_ref().zip(standing);
+        let resets = match watched {
+            Some(_) => crate::proxy::duplicates(&[upstream.as_fd()]),
+            None => Vec::new(),
+        };
         let relayed = relay::relay_streams(tunnel, upstream, self.idle_timeout);
-        let outcome = match (&self.policy, standing) {
-            (Some(verdicts), Some(standing)) => {
+        let outcome = match watched {
+            Some((verdicts, standing)) => {
                 let standing = [standing];
                 crate::proxy::until_revoked(
                     relayed,
@@ -394,7 +399,7 @@ impl Inbound {
                 )
                 .await
             }
-            _ => Ok(relayed.await),
+            None => Ok(relayed.await),
         };
         let result = match outcome {
             Ok(result) => result,

@@ -421,12 +421,10 @@ pub fn compile(
                 .iter()
                 .filter(|p| p.selects(&w.namespace, &w.labels))
             {
-                let (rules, name) = if dir == direction::INGRESS {
-                    (&policy.ingress, "ingress")
-                } else {
-                    (&policy.egress, "egress")
+                let Some(rules) = policy.rules(dir) else {
+                    continue;
                 };
-                let Some(rules) = rules else { continue };
+                let name = direction::name(dir);
                 any = true;
                 for (index, rule) in rules.iter().enumerate() {
                     let rule_id = b.rule_id(policy, name, index);
@@ -548,7 +546,7 @@ mod tests {
 
         /// Whether `from` (a pod id or an IP) may reach pod `to` on TCP `port`.
         fn allowed(&self, from: &str, to: &str, port: u16) -> bool {
-            let ip: IpAddr = match self.snap.workloads.iter().find(|w| w.id() == from) {
+            let ip: IpAddr = match self.snap.workload(from) {
                 Some(w) => w.ips[0],
                 None => from.parse().expect("ip"),
             };

@@ -50,7 +50,7 @@ fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Option<&'a Workload> {
     } else {
         format!("default/{name}")
     };
-    snapshot.workloads.iter().find(|w| w.id() == id)
+    snapshot.workload(&id)
 }
 
 /// An identity, in words.
@@ -76,14 +76,7 @@ fn selecting(snapshot: &Snapshot, w: &Workload, dir: u8) -> Vec<String> {
     snapshot
         .network_policies
         .iter()
-        .filter(|p| p.selects(&w.namespace, &w.labels))
-        .filter(|p| {
-            if dir == direction::INGRESS {
-                p.ingress.is_some()
-            } else {
-                p.egress.is_some()
-            }
-        })
+        .filter(|p| p.selects(&w.namespace, &w.labels) && p.rules(dir).is_some())
         .map(super::network::NetworkPolicy::id)
         .collect()
 }

@@ -104,21 +104,12 @@ impl Cidr {
         }
     }
 
-    pub fn contains_ip(&self, ip: IpAddr) -> bool {
-        let (len, net) = self.map_prefix();
-        let (_, addr) = Cidr {
-            addr: ip,
-            len: max_len(ip),
-        }
-        .map_prefix();
-        prefix_eq(&net, &addr, len)
-    }
-
     /// Whether `other` lies within this one (equal included).
     pub fn contains(&self, other: &Cidr) -> bool {
         let (len, net) = self.map_prefix();
         let (olen, onet) = other.map_prefix();
-        olen >= len && prefix_eq(&net, &onet, len)
+        // `net` has its host bits clear (see [`cidr`]).
+        olen >= len && mask16(onet, len) == net
     }
 }
 
@@ -126,10 +117,6 @@ impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }
-}
-
-fn max_len(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
 }
 
 /// `addr` with the bits past the first `bits` cleared.
@@ -141,12 +128,6 @@ pub fn mask16(mut addr: [u8; 16], bits: u32) -> [u8; 16] {
         addr[bytes + 1..].fill(0);
     }
     addr
-}
-
-fn prefix_eq(a: &[u8; 16], b: &[u8; 16], bits: u32) -> bool {
-    let bits = bits as usize;
-    let (bytes, rest) = (bits / 8, bits % 8);
-    a[..bytes] == b[..bytes] && (rest == 0 || (a[bytes] ^ b[bytes]) & (0xffu8 << (8 - rest)) == 0)
 }
 
 /// Parses `10.0.0.0/8`, clearing host bits as Kubernetes accepts them.
@@ -279,6 +260,16 @@ impl NetworkPolicy {
             ingress: types.contains("Ingress").then_some(ingress),
             egress: types.contains("Egress").then_some(egress),
         })
+    }
+
+    /// The rules for `dir` ([`trellis_common::direction`]); `None` when the
+    /// policy does not isolate in that direction.
+    pub fn rules(&self, dir: u8) -> Option<&[Rule]> {
+        if dir == trellis_common::direction::INGRESS {
+            self.ingress.as_deref()
+        } else {
+            self.egress.as_deref()
+        }
     }
 
     /// Whether the policy selects `labels` in `namespace`.
@@ -520,13 +511,11 @@ mod tests {
         let c = cidr("10.0.0.0/8").unwrap();
         assert!(c.contains(&cidr("10.1.0.0/16").unwrap()));
         assert!(!c.contains(&cidr("11.0.0.0/16").unwrap()));
-        assert!(c.contains_ip("10.9.9.9".parse().unwrap()));
-        assert!(!c.contains_ip("fd00::1".parse().unwrap()));
-        assert!(
-            cidr("0.0.0.0/0")
-                .unwrap()
-                .contains_ip("1.2.3.4".parse().unwrap())
-        );
+        let host =
+            |ip: &str| cidr(&format!("{ip}/{}", if ip.contains(':') { 128 } else { 32 })).unwrap();
+        assert!(c.contains(&host("10.9.9.9")));
+        assert!(!c.contains(&host("fd00::1")));
+        assert!(cidr("0.0.0.0/0").unwrap().contains(&host("1.2.3.4")));
         let err = policy(
             "spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]}",
         )

@@ -136,19 +136,15 @@ impl Verdicts {
         let (Some(flows), Some(endpoint)) = (&self.flows, &j.endpoint) else {
             return;
         };
-        let view = self.view();
-        let own = view
-            .identities
-            .of_ip(
-                snapshot,
-                if j.direction == "ingress" {
-                    destination.ip()
-                } else {
-                    source.map_or(destination.ip(), |s| s.ip())
-                },
-            )
-            .0;
-        let (source_identity, destination_identity) = if j.direction == "ingress" {
+        // The endpoint is the destination for its ingress policy, the
+        // source for its egress policy.
+        let ingress = j.direction == direction::name(direction::INGRESS);
+        let own_ip = match source {
+            Some(s) if !ingress => s.ip(),
+            _ => destination.ip(),
+        };
+        let own = self.view().identities.of_ip(snapshot, own_ip).0;
+        let (source_identity, destination_identity) = if ingress {
             (j.peer_identity, own)
         } else {
             (own, j.peer_identity)
@@ -157,7 +153,7 @@ impl Verdicts {
             snapshot,
             AgentVerdict {
                 via,
-                direction: if j.direction == "ingress" {
+                direction: if ingress {
                     direction::INGRESS
                 } else {
                     direction::EGRESS
@@ -194,28 +190,8 @@ impl Verdicts {
                 return std::future::pending().await;
             }
             for s in standing {
-                let j = match s.source {
-                    Some(source) => {
-                        let (peer, port) = if s.direction == direction::INGRESS {
-                            (source.ip(), s.destination.port())
-                        } else {
-                            (s.destination.ip(), s.destination.port())
-                        };
-                        self.judge(s.direction, &s.workload, peer, TCP, port)
-                    }
-                    None if self.ingress_isolated(&s.workload) => Judgement {
-                        allowed: false,
-                        direction: "ingress",
-                        endpoint: Some(s.workload.clone()),
-                        peer: "-".into(),
-                        peer_identity: identity::ANY,
-                        peer_cidr_identity: 0,
-                        protocol: TCP,
-                        port: s.destination.port(),
-                        reason: "unproven-source",
-                        rule: None,
-                    },
-                    None => continue,
+                let Some(j) = self.verdict_of(s) else {
+                    continue;
                 };
                 if !j.allowed {
                     let j = Judgement {
@@ -287,35 +263,46 @@ impl Verdicts {
         let Some(dst) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
             return Ok(());
         };
-        match client {
-            Some(client) => {
-                let j = self.judge(
-                    direction::INGRESS,
-                    &dst.id(),
-                    client.ip(),
-                    TCP,
-                    target.port(),
-                );
-                self.record(snapshot, via, Some(client), target, &j);
-                if j.allowed { Ok(()) } else { Err(j.reason) }
-            }
-            None if self.ingress_isolated(&dst.id()) => {
-                let j = Judgement {
-                    allowed: false,
-                    direction: "ingress",
-                    endpoint: Some(dst.id()),
-                    peer: "-".into(),
-                    peer_identity: identity::ANY,
-                    peer_cidr_identity: 0,
-                    protocol: TCP,
-                    port: target.port(),
-                    reason: "unproven-source",
-                    rule: None,
+        let standing = Standing {
+            via,
+            direction: direction::INGRESS,
+            workload: dst.id(),
+            source: client,
+            destination: target,
+        };
+        let Some(j) = self.verdict_of(&standing) else {
+            return Ok(());
+        };
+        self.record(snapshot, via, client, target, &j);
+        if j.allowed { Ok(()) } else { Err(j.reason) }
+    }
+
+    /// The verdict `s` has now; `None` when nothing is to be judged (an
+    /// unproven source, to a pod not isolated for ingress).
+    fn verdict_of(&self, s: &Standing) -> Option<Judgement> {
+        let port = s.destination.port();
+        match s.source {
+            Some(source) => {
+                let peer = if s.direction == direction::INGRESS {
+                    source.ip()
+                } else {
+                    s.destination.ip()
                 };
-                self.record(snapshot, via, None, target, &j);
-                Err(j.reason)
+                Some(self.judge(s.direction, &s.workload, peer, TCP, port))
             }
-            None => Ok(()),
+            None if self.ingress_isolated(&s.workload) => Some(Judgement {
+                allowed: false,
+                direction: direction::name(direction::INGRESS),
+                endpoint: Some(s.workload.clone()),
+                peer: "-".into(),
+                peer_identity: identity::ANY,
+                peer_cidr_identity: 0,
+                protocol: TCP,
+                port,
+                reason: "unproven-source",
+                rule: None,
+            }),
+            None => None,
         }
     }
 

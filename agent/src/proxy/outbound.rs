@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -221,7 +221,7 @@ impl Outbound {
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
-        let resets = resets(&standing, &inbound, &inbound);
+        let resets = resets(&standing, &[inbound.as_fd()]);
         let relayed = relay::relay_streams(inbound, stream, self.config.idle_timeout);
         match self.unless_revoked(relayed, &standing, resets).await? {
             Ok((sent, received)) => {
@@ -546,7 +546,7 @@ impl Outbound {
             mode = accel.as_ref().map_or("userspace", Accelerated::mode), "connected");
 
         let standing = self.standing(peer, route.backend, "same-node", true);
-        let resets = resets(&standing, &inbound, &upstream);
+        let resets = resets(&standing, &[inbound.as_fd(), upstream.as_fd()]);
         let relayed = relay::relay(
             inbound,
             upstream,
@@ -658,12 +658,9 @@ pub fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
 
 /// Duplicates of the relayed sockets, to reset them if the policy revokes
 /// the connection; none when no verdict stands on it.
-fn resets(standing: &[Standing], a: &impl AsFd, b: &impl AsFd) -> Vec<OwnedFd> {
+fn resets(standing: &[Standing], sockets: &[BorrowedFd<'_>]) -> Vec<OwnedFd> {
     if standing.is_empty() {
         return Vec::new();
     }
-    [super::dup(a), super::dup(b)]
-        .into_iter()
-        .flatten()
-        .collect()
+    super::duplicates(sockets)
 }

@@ -239,6 +239,11 @@ impl Snapshot {
         })
     }
 
+    /// The workload `namespace/name`.
+    pub fn workload(&self, id: &str) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.id() == id)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         self.by_ip.get(&ip).and_then(|i| self.workloads.get(*i))
     }
