@@ -258,4 +258,34 @@ impl Cluster {
     pub fn config(&self) -> &ConfigDir {
         &self.config
     }
+
+    /// Writes `policies` as `netpol.yaml` (removes it when there are none)
+    /// and waits until every agent has applied them: the network policy
+    /// fingerprint in its `/status` moved.
+    pub fn apply_network_policies(&self, policies: &[String]) -> anyhow::Result<()> {
+        let fingerprints = || -> anyhow::Result<Vec<serde_json::Value>> {
+            self.agents
+                .iter()
+                .map(|a| Ok(a.cli_json("status")?["policy"]["fingerprint"].clone()))
+                .collect()
+        };
+        let before = fingerprints()?;
+        if policies.is_empty() {
+            let _ = self.config.remove("netpol.yaml");
+        } else {
+            self.config.write("netpol.yaml", &docs(policies))?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = fingerprints()?;
+            if now.iter().zip(&before).all(|(n, b)| n != b) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "agents did not apply the policies: {before:?} → {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -368,37 +368,26 @@ out = {}
 def family(ip):
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 def tcp(label, ip, port, want):
-    try:
-        s = socket.create_connection((ip, port), timeout=timeout)
-        s.settimeout(timeout)
-        got = b""
-        while True:
-            b = s.recv(256)
-            if not b:
-                break
-            got += b
-        out[label] = "OK" if got == want else "FAIL"
-    except PermissionError:
-        out[label] = "EPERM"
-    except OSError:
-        out[label] = "FAIL"
+    s = socket.create_connection((ip, port), timeout=timeout)
+    s.settimeout(timeout)
+    got = b""
+    while True:
+        b = s.recv(256)
+        if not b:
+            break
+        got += b
+    return "OK" if got == want else "FAIL"
 def udp(label, ip, port, want):
     s = socket.socket(family(ip), socket.SOCK_DGRAM)
     s.settimeout(timeout / 3)
-    try:
-        for _ in range(3):
-            s.sendto(b"?", (ip, port))
-            try:
-                d, _ = s.recvfrom(256)
-                out[label] = "OK" if d == want else "FAIL"
-                return
-            except socket.timeout:
-                pass
-        out[label] = "FAIL"
-    except PermissionError:
-        out[label] = "EPERM"
-    except OSError:
-        out[label] = "FAIL"
+    for _ in range(3):
+        s.sendto(b"?", (ip, port))
+        try:
+            d, _ = s.recvfrom(256)
+            return "OK" if d == want else "FAIL"
+        except socket.timeout:
+            pass
+    return "FAIL"
 def checksum(b):
     if len(b) % 2:
         b += b"\0"
@@ -409,25 +398,27 @@ def checksum(b):
 def icmp(label, ip, port, want):
     v6 = ":" in ip
     ident = (zlib.crc32(label.encode()) + os.getpid()) & 0xffff
-    try:
-        s = socket.socket(family(ip), socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
-        msg = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"trellis"
+    s = socket.socket(family(ip), socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    msg = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"trellis"
+    if not v6:
+        msg = msg[:2] + struct.pack("!H", checksum(msg)) + msg[4:]
+    s.sendto(msg, (ip, 0))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            d = s.recv(2048)
+        except socket.timeout:
+            break
         if not v6:
-            msg = msg[:2] + struct.pack("!H", checksum(msg)) + msg[4:]
-        s.sendto(msg, (ip, 0))
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            s.settimeout(max(0.01, end - time.monotonic()))
-            try:
-                d = s.recv(2048)
-            except socket.timeout:
-                break
-            if not v6:
-                d = d[(d[0] & 0x0f) * 4:]
-            if len(d) >= 8 and d[0] == (129 if v6 else 0) and struct.unpack("!H", d[4:6])[0] == ident:
-                out[label] = "OK"
-                return
-        out[label] = "FAIL"
+            d = d[(d[0] & 0x0f) * 4:]
+        if len(d) >= 8 and d[0] == (129 if v6 else 0) and struct.unpack("!H", d[4:6])[0] == ident:
+            return "OK"
+    return "FAIL"
+# EPERM: refused at once by connect() or sendto(); any other error: FAIL.
+def probe(f, label, ip, port, want):
+    try:
+        out[label] = f(label, ip, port, want)
     except PermissionError:
         out[label] = "EPERM"
     except OSError:
@@ -436,7 +427,7 @@ threads = []
 for arg in sys.argv[2:]:
     label, ip, port, proto, want = arg.split(",")
     f = {"TCP": tcp, "UDP": udp, "ICMP": icmp}[proto]
-    t = threading.Thread(target=f, args=(label, ip, int(port), want.encode()))
+    t = threading.Thread(target=probe, args=(f, label, ip, int(port), want.encode()))
     t.start()
     threads.append(t)
 for t in threads:

@@ -84,17 +84,33 @@ pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// `bpftool -j ARGS...`, parsed; `null` when it prints nothing.
+pub fn bpftool_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> anyhow::Result<serde_json::Value> {
+    let out = run(Command::new("bpftool").arg("-j").args(args))?;
+    if out.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(&out).context("bpftool JSON")
+}
+
+/// `bpftool map dump pinned MAP`: every entry, with BTF field names under
+/// `formatted`.
+pub fn bpftool_map_dump(map: &Path) -> anyhow::Result<serde_json::Value> {
+    bpftool_json(&[
+        Path::new("map"),
+        Path::new("dump"),
+        Path::new("pinned"),
+        map,
+    ])
+}
+
 /// Names of the BPF programs attached at `cgroup`, sorted, as bpftool lists them.
 pub fn cgroup_program_names(cgroup: &Path) -> anyhow::Result<Vec<String>> {
-    let out = run(Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup))?;
-    if out.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let progs: Vec<serde_json::Value> = serde_json::from_str(&out).context("bpftool JSON")?;
+    let progs = bpftool_json(&[Path::new("cgroup"), Path::new("show"), cgroup])?;
     let mut names: Vec<String> = progs
-        .iter()
+        .as_array()
+        .into_iter()
+        .flatten()
         .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
         .collect();
     names.sort();

@@ -105,17 +105,7 @@ fn connect4_counts_a_pod_connect_in_a_pinned_btf_map() {
 
     // bpftool decodes the pinned map with the BTF field names.
     let map = node.bpffs.join("maps").join(trellis_common::MAP_COUNTERS);
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&map)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let dump = trellis_tests::sys::bpftool_map_dump(&map).expect("bpftool map dump");
     let entry = dump
         .as_array()
         .and_then(|entries| {
@@ -205,18 +195,14 @@ fn btf_of_the_object_matches_the_shared_types() {
 
     let object = std::env::temp_dir().join(format!("trellis-ebpf-{}.o", std::process::id()));
     std::fs::write(&object, bpf::OBJECT).expect("write object");
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "btf", "dump", "file"])
-        .arg(&object)
-        .output()
-        .expect("bpftool");
+    let btf = trellis_tests::sys::bpftool_json(&[
+        std::path::Path::new("btf"),
+        std::path::Path::new("dump"),
+        std::path::Path::new("file"),
+        &object,
+    ]);
     let _ = std::fs::remove_file(&object);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let btf: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let btf = btf.expect("bpftool btf dump");
     let types = btf["types"].as_array().expect("types");
 
     let check = |name: &str, size: usize, fields: &[(&str, usize)]| {

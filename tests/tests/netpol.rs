@@ -136,46 +136,15 @@ impl World {
             .expect("a matrix pod")
     }
 
-    fn fingerprints(&self) -> Vec<String> {
-        self.cluster
-            .agents
-            .iter()
-            .map(|a| {
-                a.cli_json("status").expect("status")["policy"]["fingerprint"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
-    }
-
     /// Writes the policies and waits until every agent applies them.
     fn apply(&self, policies: &[String]) {
         if *self.applied.borrow() == policies {
             return;
         }
         *self.applied.borrow_mut() = policies.to_vec();
-        let before = self.fingerprints();
-        if policies.is_empty() {
-            let _ = self.cluster.config().remove("netpol.yaml");
-        } else {
-            self.cluster
-                .config()
-                .write("netpol.yaml", &mesh::docs(policies))
-                .expect("write policies");
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let now = self.fingerprints();
-            if now.iter().zip(&before).all(|(n, b)| n != b) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agents did not apply the policies: {before:?} → {now:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.cluster
+            .apply_network_policies(policies)
+            .expect("policies applied");
     }
 
     /// Probes every (source, target, port) at once; the outcome of each.
@@ -1283,17 +1252,10 @@ fn sctp_policy_at_tc_with_prog_test_run() {
 
     // bpftool prints the policy map with its fields named: s/sa's SCTP 80
     // entry is there, port in network order.
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(node.bpffs.join("maps").join(trellis_common::MAP_POLICY))
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let dump = trellis_tests::sys::bpftool_map_dump(
+        &node.bpffs.join("maps").join(trellis_common::MAP_POLICY),
+    )
+    .expect("bpftool map dump");
     let sctp_entry = dump
         .as_array()
         .into_iter()
@@ -1500,20 +1462,10 @@ fn policy_changes_while_traffic_flows() {
         .iter()
         .map(|s| s.progresses(0, 10).expect("flows before any policy"))
         .collect();
-    let fingerprint = |i: usize| {
-        cluster.agents[i].cli_json("status").expect("status")["policy"]["fingerprint"].clone()
-    };
     let apply = |policies: &[String]| {
-        let before = (fingerprint(0), fingerprint(1));
         cluster
-            .config()
-            .write("netpol.yaml", &mesh::docs(policies))
-            .expect("write");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while fingerprint(0) == before.0 || fingerprint(1) == before.1 {
-            assert!(Instant::now() < deadline, "policies not applied");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .apply_network_policies(policies)
+            .expect("policies applied");
     };
     // Changes that keep every conversation allowed, one after another.
     let keeping = [
