@@ -2,6 +2,7 @@
 //! attaching its programs with pinned links, adopting what a previous agent
 //! left pinned, and uninstalling.
 
+pub mod btf;
 pub mod maps;
 pub mod pins;
 pub mod pod_hooks;
@@ -22,8 +23,10 @@ use aya::{
     programs::{Program, ProgramError},
 };
 use serde::Serialize;
+use tracing::warn;
 use trellis_common::{
-    ALL_MAPS, MAP_SOCKETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
+    ALL_MAPS, GLOBAL_SOCK_RMEM_ALLOC, GLOBAL_TCP_SND_UNA, GLOBAL_TCP_WRITE_SEQ, LAYOUT_VERSION,
+    MAP_LAYOUT, MAP_SOCKETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
     PROG_HBONE_IN, PROG_POD_FROM, PROG_POD_TO, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SK_MSG,
     PROG_SOCK_OPS,
 };
@@ -79,6 +82,8 @@ pub enum BpfError {
     },
     #[error("the kernel object has no program {name}: agent and object are out of step")]
     MissingProgram { name: &'static str },
+    #[error("the kernel object has no map {name}: agent and object are out of step")]
+    MissingMap { name: &'static str },
     #[error("program {name}: {source}{hint}")]
     Program {
         name: &'static str,
@@ -150,6 +155,8 @@ pub struct AttachedProgram {
 /// The loaded, pinned and attached kernel programs of this agent.
 pub struct Datapath {
     layout: PinLayout,
+    /// Whether the programs know where the socket fields sk_msg needs are.
+    socket_offsets: bool,
     programs: Vec<AttachedProgram>,
     // Holds program and map fds for the agent's lifetime. Dropping it closes
     // them; the pinned links keep the programs attached.
@@ -171,8 +178,25 @@ impl Datapath {
         check_cgroup_root(cgroup_root)?;
         let layout = PinLayout::new(bpffs);
         layout.ensure()?;
+        if let Some(pinned) = layout.pinned_layout().filter(|&v| v != LAYOUT_VERSION) {
+            warn!(
+                pinned,
+                current = LAYOUT_VERSION,
+                "the pinned maps have another layout: making them anew"
+            );
+            layout.forget_maps()?;
+        }
 
+        let offsets = btf::socket_offsets(Path::new(btf::VMLINUX))
+            .inspect_err(|e| warn!(error = %e, "sk_msg turned off: the kernel's socket fields cannot be located"))
+            .ok();
         let mut loader = EbpfLoader::new();
+        if let Some(offsets) = &offsets {
+            loader
+                .override_global(GLOBAL_SOCK_RMEM_ALLOC, &offsets.sock_rmem_alloc, true)
+                .override_global(GLOBAL_TCP_WRITE_SEQ, &offsets.tcp_write_seq, true)
+                .override_global(GLOBAL_TCP_SND_UNA, &offsets.tcp_snd_una, true);
+        }
         let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS
             .iter()
             .map(|name| (*name, layout.map(name)))
@@ -189,6 +213,17 @@ impl Datapath {
             };
             BpfError::Load { source, hint }
         })?;
+
+        // Recorded once the maps are there: pinned maps of this layout.
+        let map = ebpf
+            .map_mut(MAP_LAYOUT)
+            .ok_or(BpfError::MissingMap { name: MAP_LAYOUT })?;
+        aya::maps::Array::<_, u32>::try_from(map)
+            .and_then(|mut map| map.set(0, LAYOUT_VERSION, 0))
+            .map_err(|source| BpfError::Map {
+                name: MAP_LAYOUT,
+                source,
+            })?;
 
         let cgroup = File::open(cgroup_root).map_err(|source| BpfError::CgroupRoot {
             path: cgroup_root.into(),
@@ -220,9 +255,16 @@ impl Datapath {
         }
         Ok(Self {
             layout,
+            socket_offsets: offsets.is_some(),
             programs,
             ebpf,
         })
+    }
+
+    /// Whether sk_msg can work: without the kernel's socket field offsets
+    /// it redirects nothing.
+    pub fn sk_msg_usable(&self) -> bool {
+        self.socket_offsets
     }
 
     pub fn layout(&self) -> &PinLayout {

@@ -548,6 +548,7 @@ pub fn render_maps(doc: &Value) -> String {
             "sent",
             "forwarded",
             "splice_to",
+            "backlogged",
         ],
     );
     out

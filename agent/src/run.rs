@@ -188,6 +188,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
         let mut datapath = Datapath::install(&cfg.cgroup_root, &cfg.bpffs)?;
         release_free_memory();
+        let mut accel = cfg.accel;
+        if !datapath.sk_msg_usable() {
+            accel.sk_msg = false;
+            accel.splice = false;
+        }
         for program in datapath.programs() {
             info!(program = program.name, link = %program.link.display(), attachment = ?program.attachment, "kernel program attached");
         }
@@ -196,7 +201,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
         let report = Arc::new(Mutex::new(SyncReport::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, cfg.accel)
+        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, accel)
             .with_pod_hooks(datapath.pod_hooks()?);
         let flows = Arc::new(FlowLog::new(&cfg.node, flows::CAPACITY));
         let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?).with_flows(flows.clone()));
@@ -212,10 +217,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let outbound_config = OutboundConfig {
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
-            accel: cfg.accel,
+            accel,
         };
-        info!(sk_msg = cfg.accel.sk_msg, splice = cfg.accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
-        let sockets = cfg.accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
+        info!(sk_msg = accel.sk_msg, splice = accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
+        let sockets = accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
         let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout));
         let outbound = Arc::new(
             Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)

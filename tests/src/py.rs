@@ -42,20 +42,29 @@ while True:
 /// before its first byte. A sender that streams from its very first instant
 /// without ever pausing may keep that direction on TCP (docs/architecture.md,
 /// "No byte overtakes another").
+///
+/// Args: PORT MIB [DIR]: with DIR, each connection reads nothing until the
+/// file DIR/read exists (a reader that has stopped), and closes only once
+/// DIR/done exists (so what it sent stays on an open connection).
 pub const BULK_SERVER: &str = r#"
-import hashlib, socket, sys, threading
+import hashlib, os, socket, sys, threading, time
 n = int(sys.argv[2]) << 20
 down = hashlib.shake_256(b"trellis-down").digest(n)
 srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=16)
 def serve(c):
     c.sendall(b"G")
+    while len(sys.argv) > 3 and not os.path.exists(os.path.join(sys.argv[3], "read")):
+        time.sleep(0.05)
     h = hashlib.sha256()
     while True:
         b = c.recv(1 << 20)
         if not b:
             break
         h.update(b)
-    c.sendall(h.hexdigest().encode()); c.sendall(down); c.close()
+    c.sendall(h.hexdigest().encode()); c.sendall(down)
+    while len(sys.argv) > 3 and not os.path.exists(os.path.join(sys.argv[3], "done")):
+        time.sleep(0.05)
+    c.close()
 while True:
     c, _ = srv.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
@@ -74,6 +83,41 @@ if s.recv(1) != b"G":
     print("MISMATCH no greeting"); sys.exit()
 s.sendall(up)
 s.shutdown(socket.SHUT_WR)
+buf = bytearray()
+while True:
+    b = s.recv(1 << 20)
+    if not b:
+        break
+    buf += b
+got_up, down = buf[:64].decode(), bytes(buf[64:])
+if got_up == hashlib.sha256(up).hexdigest() and len(down) == n and hashlib.sha256(down).hexdigest() == want_down:
+    print("OK")
+else:
+    print("MISMATCH up_ok=%s down_len=%d" % (got_up == hashlib.sha256(up).hexdigest(), len(down)))
+"#;
+
+/// A client of [`BULK_SERVER`] whose reader or writer the test holds back.
+/// Args: HOST PORT MIB DIR MODE. After the greeting it touches DIR/ready
+/// and waits for DIR/go. `up`: then sends MIB MiB, half-closes, reads the
+/// answer. `down`: half-closes at once (sending nothing) and reads the
+/// MIB MiB only after DIR/go, so they queue at its socket meanwhile. Prints
+/// OK when what came back is byte-exact, else what differs.
+pub const STALL_CLIENT: &str = r#"
+import hashlib, os, socket, sys, time
+host, port, n, d, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20, sys.argv[4], sys.argv[5]
+up = hashlib.shake_256(b"trellis-up").digest(n) if mode == "up" else b""
+want_down = hashlib.sha256(hashlib.shake_256(b"trellis-down").digest(n)).hexdigest()
+s = socket.create_connection((host, port), timeout=120)
+if s.recv(1) != b"G":
+    print("MISMATCH no greeting"); sys.exit()
+if mode == "down":
+    s.shutdown(socket.SHUT_WR)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.05)
+if mode == "up":
+    s.sendall(up)
+    s.shutdown(socket.SHUT_WR)
 buf = bytearray()
 while True:
     b = s.recv(1 << 20)

@@ -359,6 +359,57 @@ fn btf_of_the_object_matches_the_shared_types() {
             ("target", offset_of!(SockState, target)),
             ("mode", offset_of!(SockState, mode)),
             ("flags", offset_of!(SockState, flags)),
+            ("sk", offset_of!(SockState, sk)),
+            ("redirected", offset_of!(SockState, redirected)),
+            ("spliced", offset_of!(SockState, spliced)),
+            ("tcp_sent", offset_of!(SockState, tcp_sent)),
+            ("tcp_seq", offset_of!(SockState, tcp_seq)),
+            ("_pad", offset_of!(SockState, _pad)),
         ],
     );
+}
+
+/// Maps pinned by an agent of another map layout are made anew instead of
+/// being misread, and the sk_msg link that hung off the old sockhash with
+/// them; maps of the same layout are adopted.
+#[test]
+fn maps_of_another_layout_are_made_anew() {
+    use aya::maps::{Array, MapData, MapInfo};
+    use trellis_common::{LAYOUT_VERSION, MAP_LAYOUT, MAP_SOCK_STATE, PROG_SK_MSG};
+
+    let mut lab = Lab::new("maps_of_another_layout_are_made_anew").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let layout = bpf::PinLayout::new(&node.bpffs);
+    let map_id = || {
+        MapInfo::from_pin(layout.map(MAP_SOCK_STATE))
+            .expect("pinned")
+            .id()
+    };
+    let sk_msg = |d: &Datapath| {
+        d.programs()
+            .iter()
+            .find(|p| p.name == PROG_SK_MSG)
+            .expect("sk_msg attached")
+            .attachment
+    };
+
+    drop(Datapath::install(&node.cgroup_root, &node.bpffs).expect("install"));
+    assert_eq!(layout.pinned_layout(), Some(LAYOUT_VERSION));
+    let first = map_id();
+
+    let same = Datapath::install(&node.cgroup_root, &node.bpffs).expect("same layout");
+    assert_eq!(map_id(), first, "same layout: the pinned maps are adopted");
+    assert_eq!(sk_msg(&same), Attachment::Adopted);
+    drop(same);
+
+    // As an agent of the previous layout would have left them.
+    let mut recorded: Array<MapData, u32> = layout.open_map(MAP_LAYOUT).expect("layout map");
+    recorded.set(0, LAYOUT_VERSION - 1, 0).expect("set");
+    drop(recorded);
+    let other = Datapath::install(&node.cgroup_root, &node.bpffs).expect("other layout");
+    assert_ne!(map_id(), first, "another layout: the maps are made anew");
+    assert_eq!(layout.pinned_layout(), Some(LAYOUT_VERSION));
+    assert_eq!(sk_msg(&other), Attachment::Attached, "on the new sockhash");
+    drop(other);
+    bpf::uninstall(&node.bpffs).expect("uninstall");
 }

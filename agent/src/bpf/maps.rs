@@ -240,6 +240,9 @@ pub struct SocketEntry {
     pub sent: u64,
     pub forwarded: u64,
     pub splice_to: Option<String>,
+    /// A pod socket that fell too far behind in reading what was redirected
+    /// into it: the agent's socket facing it sends through TCP.
+    pub backlogged: bool,
 }
 
 /// The `sock_state` map, sorted by local address.
@@ -269,6 +272,7 @@ pub fn sockets(bpffs: &Path) -> Result<Vec<SocketEntry>, BpfError> {
             splice_to: (s.flags & trellis_common::sock_flags::SPLICE != 0
                 || s.mode == sock_mode::SPLICED)
                 .then(|| socket_addr(&s.target.local).to_string()),
+            backlogged: s.flags & trellis_common::sock_flags::BACKLOGGED != 0,
         })
         .collect())
 }

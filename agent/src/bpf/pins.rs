@@ -80,6 +80,37 @@ pub enum BpffsError {
 
 impl PinLayout {
     /// Creates the folders, checking they are on bpffs.
+    /// The layout of the maps pinned here: `None` when nothing is pinned,
+    /// `Some(0)` for maps pinned before the layout was recorded.
+    pub fn pinned_layout(&self) -> Option<u32> {
+        let any = std::fs::read_dir(self.maps_dir()).ok()?.next().is_some();
+        if !any {
+            return None;
+        }
+        let version = self
+            .open_map::<aya::maps::Array<MapData, u32>>(trellis_common::MAP_LAYOUT)
+            .ok()
+            .and_then(|map| map.get(&0, 0).ok());
+        Some(version.unwrap_or(0))
+    }
+
+    /// Unpins every map, and the sk_msg link (it hangs off the old
+    /// sockhash): the maps of another layout, made anew by the next load.
+    /// Programs still using them keep them until they are replaced.
+    pub fn forget_maps(&self) -> Result<(), BpffsError> {
+        let io = |path: PathBuf| move |source| BpffsError::Io { path, source };
+        let dir = self.maps_dir();
+        for entry in std::fs::read_dir(&dir).map_err(io(dir.clone()))? {
+            let path = entry.map_err(io(dir.clone()))?.path();
+            std::fs::remove_file(&path).map_err(io(path.clone()))?;
+        }
+        let sk_msg = self.link(trellis_common::PROG_SK_MSG);
+        match std::fs::remove_file(&sk_msg) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(sk_msg)(e)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn ensure(&self) -> Result<(), BpffsError> {
         for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
             std::fs::create_dir_all(&dir).map_err(|source| BpffsError::Io {

@@ -388,7 +388,7 @@ impl Inbound {
             Some(_) => crate::proxy::duplicates(&[upstream.as_fd()]),
             None => Vec::new(),
         };
-        let relayed = relay::relay_streams(tunnel, upstream, self.idle_timeout);
+        let relayed = relay::relay_streams(tunnel, upstream, None, self.idle_timeout);
         let outcome = match watched {
             Some((verdicts, standing)) => {
                 let standing = [standing];

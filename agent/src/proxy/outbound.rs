@@ -26,7 +26,7 @@ use tokio::{
     sync::watch,
 };
 use tracing::{debug, info, info_span, warn};
-use trellis_common::{SockKey, direction};
+use trellis_common::{SockKey, SockState, direction};
 
 use super::relay::{self, Accelerated, RelayError};
 use crate::{
@@ -204,6 +204,7 @@ impl Outbound {
         peer: SocketAddr,
         route: &Route,
         (src, dst): (Identity, Identity),
+        accel: Option<(SockKey, SockState)>,
     ) -> Result<(), OutboundError> {
         let pool = self.hbone.as_ref().expect("tunnel_identities checked it");
         let (stream, _slot) = match pool
@@ -222,7 +223,8 @@ impl Outbound {
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
         let resets = resets(&standing, &[inbound.as_fd()]);
-        let relayed = relay::relay_streams(inbound, stream, self.config.idle_timeout);
+        let accel = self.sockets.as_ref().zip(accel);
+        let relayed = relay::relay_streams(inbound, stream, accel, self.config.idle_timeout);
         match self.unless_revoked(relayed, &standing, resets).await? {
             Ok((sent, received)) => {
                 self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
@@ -505,7 +507,7 @@ impl Outbound {
         };
         tracing::Span::current().record("dst", tracing::field::display(route.dst));
         if let Some(ids) = self.tunnel_identities(peer.ip(), route.backend.ip()) {
-            let result = self.tunnel(inbound, peer, &route, ids).await;
+            let result = self.tunnel(inbound, peer, &route, ids, inbound_accel).await;
             self.forget(inbound_key, None);
             return result;
         }

@@ -6,8 +6,8 @@
 //! each; the kernel moves a pod socket onto a faster path only when that
 //! count equals what the pod socket has sent, so no byte overtakes another.
 //! Once a connection is spliced the agent sees no more data, only the FINs,
-//! which it still forwards; the kernel's per-socket `sent` counts then carry
-//! the byte counts and keep the idle timer honest.
+//! which it still forwards; the kernel's per-socket `spliced` counts then
+//! carry the byte counts and keep the idle timer honest.
 
 use std::{
     future::Future,
@@ -20,7 +20,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
-use trellis_common::{SockKey, SockState, sock_flags, sock_mode};
+use trellis_common::{SK_MSG_FORWARDED_EVERY, SockKey, SockState, sock_flags, sock_mode};
 
 use crate::bpf::sockets::SocketMaps;
 
@@ -86,13 +86,14 @@ pub async fn relay(
 ) -> Result<Bytes, RelayError> {
     let activity = AtomicU64::new(0);
     let tracker = |side: Option<(SockKey, SockState)>| {
-        accel.and_then(|(maps, _)| side.map(|(key, state)| Tracker { maps, key, state }))
+        accel.and_then(|(maps, _)| side.map(|side| Tracker::new(maps, side)))
     };
     let (up_tracker, down_tracker) = (
         tracker(accel.map(|(_, a)| a.inbound)),
         tracker(accel.and_then(|(_, a)| a.upstream)),
     );
-    // The pod sockets facing the agent's: their `sent` is the kernel's count.
+    // The pod sockets facing the agent's: what the kernel spliced of theirs,
+    // which the agent never sees.
     let pods = accel.map(|(maps, a)| {
         (
             maps,
@@ -100,10 +101,11 @@ pub async fn relay(
             a.upstream.map(|(k, _)| k.reversed()),
         )
     });
-    let kernel_sent = || -> (u64, u64) {
+    let kernel_spliced = || -> (u64, u64) {
         pods.map_or((0, 0), |(maps, app, backend)| {
-            let sent = |k: Option<SockKey>| k.and_then(|k| maps.state(&k)).map_or(0, |s| s.sent);
-            (sent(Some(app)), sent(backend))
+            let spliced =
+                |k: Option<SockKey>| k.and_then(|k| maps.state(&k)).map_or(0, |s| s.spliced);
+            (spliced(Some(app)), spliced(backend))
         })
     };
 
@@ -119,26 +121,27 @@ pub async fn relay(
         both,
         &activity,
         || {
-            let (a, b) = kernel_sent();
+            let (a, b) = kernel_spliced();
             a + b
         },
         idle_timeout,
     )
     .await?;
-    let (app_sent, backend_sent) = kernel_sent();
-    let (sent, received) = (up.max(app_sent), down.max(backend_sent));
+    let (app_spliced, backend_spliced) = kernel_spliced();
     Ok(Bytes {
-        sent,
-        received,
-        spliced: (sent - up) + (received - down),
+        sent: up + app_spliced,
+        received: down + backend_spliced,
+        spliced: app_spliced + backend_spliced,
     })
 }
 
-/// Relays two byte streams both ways, half-close included, without kernel
-/// shortcuts (an HBONE stream and a socket); returns the bytes a → b, b → a.
+/// Relays two byte streams both ways, half-close included (an HBONE stream
+/// and a socket); returns the bytes a → b, b → a. `a_accel`: `a`'s socket is
+/// in the sockhash, facing a pod socket that writes into it directly.
 pub async fn relay_streams<A, B>(
     a: A,
     b: B,
+    a_accel: Option<(&SocketMaps, (SockKey, SockState))>,
     idle_timeout: Duration,
 ) -> Result<(u64, u64), RelayError>
 where
@@ -150,7 +153,12 @@ where
     let (b_read, b_write) = tokio::io::split(b);
     let both = async {
         tokio::try_join!(
-            pump(a_read, b_write, None, &activity),
+            pump(
+                a_read,
+                b_write,
+                a_accel.map(|(maps, side)| Tracker::new(maps, side)),
+                &activity
+            ),
             pump(b_read, a_write, None, &activity),
         )
     };
@@ -186,29 +194,51 @@ async fn until_idle(
     }
 }
 
-/// Publishes an agent socket's forwarded count until the pod socket facing
-/// it has moved to its final path.
+/// Publishes an agent socket's forwarded count: after every write while the
+/// pod socket facing it is not on its final path (the kernel switches it on
+/// an exact count), then every [`SK_MSG_FORWARDED_EVERY`] bytes, the
+/// kernel's measure of how far behind the agent is. A pod that runs too far
+/// ahead goes back to TCP until the agent catches up, which the periodic
+/// check notices.
 struct Tracker<'a> {
     maps: &'a SocketMaps,
     key: SockKey,
     state: SockState,
+    settled: bool,
 }
 
-impl Tracker<'_> {
+impl<'a> Tracker<'a> {
+    fn new(maps: &'a SocketMaps, (key, state): (SockKey, SockState)) -> Self {
+        Self {
+            maps,
+            key,
+            state,
+            settled: false,
+        }
+    }
+
     /// Returns whether to keep tracking.
     fn forwarded(&mut self, total: u64) -> bool {
+        if self.settled && total - self.state.forwarded < SK_MSG_FORWARDED_EVERY {
+            return true;
+        }
         self.state.forwarded = total;
         if self.maps.publish(&self.key, &self.state).is_err() {
             return false;
         }
-        let want = if self.state.flags & sock_flags::SPLICE != 0 {
-            sock_mode::SPLICED
-        } else {
-            sock_mode::PEER
+        let Some(pod) = self.maps.state(&self.key.reversed()) else {
+            return false;
         };
-        self.maps
-            .state(&self.key.reversed())
-            .is_some_and(|pod| pod.mode != want)
+        // Spliced when it can be; when the target fell behind, the agent
+        // relays it for good.
+        self.settled = pod.mode == sock_mode::SPLICED
+            || (pod.mode == sock_mode::PEER
+                && (self.state.flags & sock_flags::SPLICE == 0
+                    || self
+                        .maps
+                        .state(&self.state.target)
+                        .is_none_or(|t| t.flags & sock_flags::BACKLOGGED != 0)));
+        true
     }
 }
 

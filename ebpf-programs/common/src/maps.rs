@@ -3,12 +3,18 @@
 use core::mem::{offset_of, size_of};
 
 /// Bumped whenever a pinned map's key or value layout changes, so an agent
-/// never misreads a map pinned by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 3;
+/// never misreads a map pinned by an incompatible version: it is kept in
+/// [`MAP_LAYOUT`], and an agent that finds another one there (or none)
+/// makes its maps anew.
+pub const LAYOUT_VERSION: u32 = 4;
+
+/// One `u32`: the [`LAYOUT_VERSION`] of the maps pinned beside it.
+pub const MAP_LAYOUT: &str = "layout";
 
 /// Every map the kernel object defines; the agent pins each one by this name
 /// under `<bpffs>/maps/`.
 pub const ALL_MAPS: &[&str] = &[
+    MAP_LAYOUT,
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_ENDPOINTS,
@@ -176,6 +182,10 @@ pub mod reason {
     /// Not a decision: a flow event the ring buffer had no room for (the
     /// decision itself is counted under its own reason as well).
     pub const FLOW_EVENT_LOST: u32 = 26;
+    /// sk_msg: the socket the bytes were for held more unread bytes than
+    /// [`super::SK_MSG_BACKLOG_MAX`]; they take TCP, whose windows hold the
+    /// sender back.
+    pub const BACKLOGGED: u32 = 27;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -205,6 +215,7 @@ pub mod reason {
             CONTROL => "control",
             SELF => "self",
             FLOW_EVENT_LOST => "flow-event-lost",
+            BACKLOGGED => "backlogged",
             _ => "unknown",
         }
     }
@@ -872,14 +883,39 @@ pub mod sock_flags {
     /// On an agent socket: send what the facing pod socket writes to
     /// [`super::SockState::target`] instead, once the agent has caught up.
     pub const SPLICE: u32 = 1 << 1;
+    /// On a pod socket: it fell more than [`super::SK_MSG_BACKLOG_MAX`] bytes
+    /// behind in reading what was redirected into it; the agent's socket
+    /// facing it sends through TCP until it has caught up (kernel-written).
+    pub const BACKLOGGED: u32 = 1 << 2;
 }
+
+/// The most unread bytes sk_msg queues on a socket. A redirect skips the
+/// TCP windows that hold a fast sender back (the kernel charges the queued
+/// bytes to the node, not to a buffer limit), so without a bound a reader
+/// that stalls (a slow app, a throttled agent) lets its writer fill the
+/// node's TCP memory until every socket's send fails with ENOMEM. Past it,
+/// the writer's bytes take TCP until it is safe to return: into the agent's
+/// socket until the agent has forwarded every byte (as at the start), into a
+/// pod socket until it has read every byte and none of the agent's is still
+/// on the way (a spliced pod goes through the agent meanwhile). About four
+/// times what a bulk transfer queues at full speed.
+pub const SK_MSG_BACKLOG_MAX: u32 = 8 << 20;
+
+/// How often, in bytes, the agent publishes its `forwarded` count once the
+/// pod socket facing it is on its final path: sk_msg reads the unread bytes
+/// of an agent socket as the pod socket's `sent` minus that count.
+pub const SK_MSG_FORWARDED_EVERY: u64 = 1 << 20;
 
 /// Value of [`MAP_SOCK_STATE`].
 ///
 /// Order is kept by counting: a pod socket's data moves from the TCP path to
 /// a redirect (or from the agent to a splice) only when the agent's socket
 /// facing it reports `forwarded` equal to the pod socket's `sent`, that is
-/// when no earlier byte is still queued anywhere on the old path.
+/// when no earlier byte is still queued anywhere on the old path. `sent` is
+/// therefore built from counts that cannot miss a byte: what sk_msg
+/// redirected, plus how far the socket's TCP write sequence has moved (the
+/// kernel skips the program for some sends after one through TCP fails with
+/// EAGAIN, so counting per program run would fall short).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {
@@ -894,7 +930,31 @@ pub struct SockState {
     pub mode: u32,
     /// [`sock_flags`] bits.
     pub flags: u32,
+    /// Pod socket: the kernel's address of the socket, taken by sock_ops,
+    /// through which sk_msg reads its TCP write sequence and how much of it
+    /// is unread (a redirect program cannot look a socket up by key).
+    /// Kernel-written; the agent never shows it.
+    pub sk: u64,
+    /// Pod socket: bytes sk_msg redirected.
+    pub redirected: u64,
+    /// Pod socket: of those, the bytes spliced around the agent (the rest
+    /// went into the agent's socket, and the agent counts what it relays).
+    pub spliced: u64,
+    /// Pod socket: bytes written through TCP, up to `tcp_seq`.
+    pub tcp_sent: u64,
+    /// Pod socket: its TCP write sequence when last looked at.
+    pub tcp_seq: u32,
+    pub _pad: u32,
 }
+
+/// Where the kernel programs find two fields of the running kernel's
+/// structures, which Rust programs cannot relocate themselves: set by the
+/// agent at load from the kernel's BTF ([`OFFSET_UNKNOWN`] when it could not,
+/// and then sk_msg redirects nothing).
+pub const GLOBAL_SOCK_RMEM_ALLOC: &str = "SOCK_RMEM_ALLOC_OFFSET";
+pub const GLOBAL_TCP_WRITE_SEQ: &str = "TCP_WRITE_SEQ_OFFSET";
+pub const GLOBAL_TCP_SND_UNA: &str = "TCP_SND_UNA_OFFSET";
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 // === layout checks: a change here is a change of LAYOUT_VERSION ===
 
@@ -910,7 +970,9 @@ const _: () = {
     assert!(size_of::<DatapathConfig>() == 32);
     assert!(offset_of!(DatapathConfig, capture_ip6) == 12);
     assert!(size_of::<SockKey>() == 40);
-    assert!(size_of::<SockState>() == 64);
+    assert!(size_of::<SockState>() == 104);
+    assert!(offset_of!(SockState, sk) == 64);
+    assert!(offset_of!(SockState, tcp_seq) == 96);
     assert!(offset_of!(SockState, target) == 16);
     assert!(offset_of!(SockState, mode) == 56);
     assert!(size_of::<ServiceInfo>() == 8);

@@ -29,6 +29,7 @@ mod packet;
 mod pod;
 mod policy;
 mod sk_msg;
+mod sock;
 mod sock_ops;
 
 #[cfg(not(test))]

@@ -13,6 +13,10 @@ use trellis_common::{
     SockState,
 };
 
+/// Read by no program: the agent's record of the layout of these maps.
+#[btf_map(name = "layout")]
+pub static LAYOUT: Array<u32, 1> = Array::new();
+
 #[btf_map(name = "config")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 

@@ -131,11 +131,19 @@ fn on_passive_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn add_socket(ctx: &SockOpsContext, key: SockKey, endpoint_id: u32) {
+    let ops = ctx.ops;
+    let sk = ctx_field!(ops, __bindgen_anon_2);
+    // SAFETY: the union has one member, the context's socket pointer.
+    let sk = unsafe { sk.sk } as u64;
+    // Counting TCP bytes starts here: nothing has been written yet, so the
+    // write sequence is the next one to send.
+    let state = SockState {
+        sk,
+        tcp_seq: ctx_field!(ops, snd_nxt),
+        ..SockState::default()
+    };
     // State first: sk_msg ignores a socket without one.
-    if SOCK_STATE
-        .insert(key, SockState::default(), BPF_ANY)
-        .is_err()
-    {
+    if SOCK_STATE.insert(key, state, BPF_ANY).is_err() {
         return;
     }
     // SAFETY: the kernel hands us a valid bpf_sock_ops for this socket.
