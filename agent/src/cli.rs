@@ -24,6 +24,8 @@ pub mod env {
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
     pub const IDLE_TIMEOUT: &str = "TRELLIS_IDLE_TIMEOUT";
+    pub const HBONE_KEEPALIVE_INTERVAL: &str = "TRELLIS_HBONE_KEEPALIVE_INTERVAL";
+    pub const HBONE_KEEPALIVE_TIMEOUT: &str = "TRELLIS_HBONE_KEEPALIVE_TIMEOUT";
     pub const CERT_LIFETIME: &str = "TRELLIS_CERT_LIFETIME";
 }
 
@@ -219,6 +221,14 @@ pub struct AgentArgs {
     /// Close a proxied connection after this long without a byte either way.
     #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]
     pub idle_timeout: String,
+
+    /// Ping each HBONE connection this often (both ends do)...
+    #[arg(long, env = env::HBONE_KEEPALIVE_INTERVAL, default_value = "30s")]
+    pub hbone_keepalive_interval: String,
+
+    /// ...and close it when a ping is not answered within this.
+    #[arg(long, env = env::HBONE_KEEPALIVE_TIMEOUT, default_value = "10s")]
+    pub hbone_keepalive_timeout: String,
 
     /// Threads running the proxy. One keeps every hop of a connection on
     /// one core, which measured lowest in latency, CPU and memory on a

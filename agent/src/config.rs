@@ -40,6 +40,8 @@ pub struct AgentConfig {
     /// Close a proxied connection idle this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Pings on HBONE connections.
+    pub hbone_keepalive: crate::hbone::Keepalive,
     /// Threads of the async runtime.
     pub worker_threads: usize,
     /// Lifetime of issued workload certificates.
@@ -57,7 +59,7 @@ pub struct Acceleration {
     pub splice: bool,
 }
 
-mod humantime_serde {
+pub(crate) mod humantime_serde {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -171,6 +173,30 @@ impl AgentConfig {
         };
         let connect_timeout = duration("connect-timeout", &args.connect_timeout)?;
         let idle_timeout = duration("idle-timeout", &args.idle_timeout)?;
+        let hbone_keepalive = crate::hbone::Keepalive {
+            interval: duration("hbone-keepalive-interval", &args.hbone_keepalive_interval)?,
+            timeout: duration("hbone-keepalive-timeout", &args.hbone_keepalive_timeout)?,
+        };
+        for (flag, value, text) in [
+            (
+                "hbone-keepalive-interval",
+                hbone_keepalive.interval,
+                &args.hbone_keepalive_interval,
+            ),
+            (
+                "hbone-keepalive-timeout",
+                hbone_keepalive.timeout,
+                &args.hbone_keepalive_timeout,
+            ),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    value: text.clone(),
+                    reason: "shorter than 100ms: pings would crowd out the streams".into(),
+                });
+            }
+        }
         if !(1..=64).contains(&args.worker_threads) {
             return Err(ConfigError::Invalid {
                 flag: "worker-threads",
@@ -206,6 +232,7 @@ impl AgentConfig {
             },
             connect_timeout,
             idle_timeout,
+            hbone_keepalive,
             worker_threads: args.worker_threads,
             cert_lifetime,
         })
@@ -243,6 +270,7 @@ mod tests {
         let cfg = AgentConfig::from_args(&args(&["--node", "node-a"])).expect("valid");
         assert_eq!(cfg.node, "node-a");
         assert_eq!(cfg.trust_domain, "cluster.local");
+        assert_eq!(cfg.hbone_keepalive, crate::hbone::Keepalive::default());
     }
 
     #[test]
@@ -293,6 +321,14 @@ mod tests {
             (
                 &["--node", "a", "--connect-timeout", "0s"][..],
                 "--connect-timeout",
+            ),
+            (
+                &["--node", "a", "--hbone-keepalive-interval", "50ms"][..],
+                "--hbone-keepalive-interval",
+            ),
+            (
+                &["--node", "a", "--hbone-keepalive-timeout", "soon"][..],
+                "--hbone-keepalive-timeout",
             ),
         ] {
             let err = AgentConfig::from_args(&args(extra))

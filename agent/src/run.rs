@@ -221,7 +221,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         };
         info!(sk_msg = accel.sk_msg, splice = accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
         let sockets = accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
-        let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout));
+        let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout).with_keepalive(cfg.hbone_keepalive));
         let outbound = Arc::new(
             Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
                 .with_hbone(pool.clone())
@@ -229,6 +229,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         );
         let inbound = Arc::new(
             Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
+                .with_keepalive(cfg.hbone_keepalive)
                 .with_policy(verdicts.clone()),
         );
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();

@@ -232,7 +232,7 @@ print(json.dumps(out))
 pub const HBONE_PEER: &str = r#"
 import json, socket, ssl, sys, time
 import h2.config, h2.connection, h2.events, h2.exceptions, h2.settings
-ip, port, cert, key, ca, other_ip, denied_cert, denied_key = sys.argv[1:9]
+ip, port, cert, key, ca, other_ip, denied_cert, denied_key = sys.argv[1:9]  # [silent seconds]
 res = {}
 
 def tls(certf, keyf, alpn=True):
@@ -366,6 +366,37 @@ sid = connect(s, c, "%s:%s" % (ip, port))
 res["after"] = status(s, c, sid)
 res["after_echo"] = echo(s, c, sid, b"still fine") if res["after"] == "200" else ""
 s.close(); stall.close()
+# With a keepalive of a second or so (argv 9: how long to stay silent): a
+# client that never answers the agent's pings is closed; one that answers
+# keeps its connection.
+if len(sys.argv) > 9:
+    silent = float(sys.argv[9])
+    q = tls(cert, key); qc = h2c(q)
+    sid = connect(q, qc, "%s:%s" % (ip, port))
+    res["silent_open"] = status(q, qc, sid)
+    time.sleep(silent)  # reads nothing: the pings wait, unanswered
+    q.settimeout(5)
+    try:
+        while q.recv(65536):
+            pass
+        res["silent"] = "closed"
+    except socket.timeout:
+        res["silent"] = "open"
+    except (ConnectionResetError, ssl.SSLError, OSError):
+        res["silent"] = "closed"
+    s = tls(cert, key); c = h2c(s)
+    sid = connect(s, c, "%s:%s" % (ip, port))
+    res["answering"] = status(s, c, sid)
+    s.settimeout(0.3)
+    deadline = time.time() + silent
+    while time.time() < deadline:
+        try:
+            events(s, c)  # h2 answers each PING as it reads it
+        except socket.timeout:
+            pass
+    s.settimeout(10)
+    res["answering_echo"] = echo(s, c, sid, b"still here")
+    s.close()
 print(json.dumps(res))
 "#;
 

@@ -3,8 +3,8 @@
 //! expired one (all refused); Python's `h2` over `ssl` with a valid one
 //! (CONNECT honoured, 400 for a destination that is not the dialled pod, 401
 //! when policy denies), and bad input: garbage, plaintext HTTP/1, no ALPN,
-//! 10,000 streams at once, a client that stops reading. The agent stays up
-//! and the next client is served.
+//! 10,000 streams at once, a client that stops reading, one that never
+//! answers a keepalive ping. The agent stays up and the next client is served.
 
 use std::{
     path::{Path, PathBuf},
@@ -81,7 +81,7 @@ fn independent_clients_bad_certificates_and_bad_input() {
         .serve(py::ECHO_SERVER, &["7000"], 7000)
         .expect("echo");
 
-    let cluster = mesh::Cluster::start(
+    let cluster = mesh::Cluster::start_with(
         lab.name(),
         &[&b],
         &[
@@ -95,6 +95,14 @@ fn independent_clients_bad_certificates_and_bad_input() {
                 "no-intruder",
                 "{action: DENY, rules: [{from: [{source: {principals: ['*/sa/intruder']}}]}]}",
             ),
+        ],
+        mesh::Certs::SharedCa,
+        // Short enough to see a silent client closed within the test.
+        &[
+            "--hbone-keepalive-interval",
+            "3s",
+            "--hbone-keepalive-timeout",
+            "2s",
         ],
     )
     .expect("agents");
@@ -181,8 +189,9 @@ fn independent_clients_bad_certificates_and_bad_input() {
                 &elsewhere.ip.to_string(),
                 &p(&denied),
                 &p(&denied_key),
+                "7",
             ],
-            Duration::from_secs(90),
+            Duration::from_secs(120),
         )
         .unwrap_or_else(|e| panic!("python h2 client: {e}\n--- b\n{}", agent_b.log_text()));
     let res: serde_json::Value = serde_json::from_str(&out).expect("json");
@@ -205,6 +214,12 @@ fn independent_clients_bad_certificates_and_bad_input() {
     assert_eq!(res["staller"], "200", "{res:#}");
     assert_eq!(res["after"], "200", "{res:#}");
     assert_eq!(res["after_echo"], "still fine", "{res:#}");
+    // Pings every 3 s, 2 s to answer: the silent client is gone within 5 s,
+    // the one that answers is still there after 7.
+    assert_eq!(res["silent_open"], "200", "{res:#}");
+    assert_eq!(res["silent"], "closed", "{res:#}");
+    assert_eq!(res["answering"], "200", "{res:#}");
+    assert_eq!(res["answering_echo"], "still here", "{res:#}");
 
     // Still up, and the refusals are logged with their reason.
     let status = agent_b.cli_json("status").expect("status b");
@@ -213,11 +228,19 @@ fn independent_clients_bad_certificates_and_bad_input() {
         "{status:#}"
     );
     assert_eq!(status["inbound"]["denied"], 1, "{status:#}");
+    assert!(
+        status["inbound"]["keepalive_timeouts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{status:#}"
+    );
     let log = agent_b.log_text();
     for reason in [
         "did not negotiate ALPN h2",
         "TLS handshake",
         "ENHANCE_YOUR_CALM",
+        "the peer did not answer a keepalive ping",
     ] {
         assert!(log.contains(reason), "log names {reason:?}:\n{log}");
     }

@@ -103,6 +103,7 @@ pub struct PoolStats {
 pub struct Pool {
     certs: Arc<CertManager>,
     connect_timeout: Duration,
+    keepalive: super::Keepalive,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     next_id: AtomicU64,
     pub stats: PoolStats,
@@ -113,10 +114,17 @@ impl Pool {
         Self {
             certs,
             connect_timeout,
+            keepalive: super::Keepalive::default(),
             conns: Mutex::default(),
             next_id: AtomicU64::new(1),
             stats: PoolStats::default(),
         }
+    }
+
+    #[must_use]
+    pub fn with_keepalive(mut self, keepalive: super::Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
     }
 
     /// The pooled connections and their open streams.
@@ -294,9 +302,10 @@ impl Pool {
             });
         }
         debug!(%addr, src = %key.src, dst = %key.dst, "HBONE connection up");
+        let every = self.keepalive;
         tokio::spawn(
             async move {
-                let keepalive = super::keepalive(connection.ping_pong());
+                let keepalive = super::keepalive(connection.ping_pong(), every);
                 tokio::select! {
                     result = connection => if let Err(e) = result {
                         debug!(%addr, error = %e, "HBONE connection ended");

@@ -72,6 +72,7 @@ pub struct Inbound {
     state: watch::Receiver<Arc<Snapshot>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    keepalive: super::Keepalive,
     /// Set on shutdown: every tunnel sends GOAWAY and finishes its streams.
     draining: watch::Sender<bool>,
     /// One TLS config per local identity, rebuilt when its certificate is
@@ -119,11 +120,18 @@ impl Inbound {
             state,
             connect_timeout,
             idle_timeout,
+            keepalive: super::Keepalive::default(),
             draining: watch::Sender::new(false),
             configs: Mutex::default(),
             policy: None,
             stats: InboundStats::default(),
         }
+    }
+
+    #[must_use]
+    pub fn with_keepalive(mut self, keepalive: super::Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
     }
 
     /// Enforces the destination pods' ingress network policy.
@@ -233,7 +241,7 @@ impl Inbound {
             .handshake::<_, Bytes>(tls)
             .await?;
         debug!("tunnel up");
-        let keepalive = super::keepalive(conn.ping_pong());
+        let keepalive = super::keepalive(conn.ping_pong(), self.keepalive);
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
         let mut drain_started = *draining.borrow();

@@ -144,7 +144,7 @@ fn try_sk_msg(ctx: &SkMsgContext) {
         // The agent adds its socket only once the pod socket facing it is in
         // the sockhash, before writing a byte: nothing of its own is in flight.
         let own = ctx_field!(ctx.msg, __bindgen_anon_3);
-        // SAFETY: the union has one member, the context's socket pointer.
+        // SAFETY: the union holds the context's socket pointer.
         let own = unsafe { own.sk };
         if !pod_can_take(&peer, Some(own)) {
             counted(verdict::PASS, reason::BACKLOGGED, size);

@@ -133,7 +133,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
 fn add_socket(ctx: &SockOpsContext, key: SockKey, endpoint_id: u32) {
     let ops = ctx.ops;
     let sk = ctx_field!(ops, __bindgen_anon_2);
-    // SAFETY: the union has one member, the context's socket pointer.
+    // SAFETY: the union holds the context's socket pointer.
     let sk = unsafe { sk.sk } as u64;
     // Counting TCP bytes starts here: nothing has been written yet, so the
     // write sequence is the next one to send.
