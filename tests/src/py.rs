@@ -71,40 +71,16 @@ while True:
 "#;
 
 /// Bulk client for [`BULK_SERVER`]: waits for the greeting, sends MIB MiB,
-/// half-closes, checks both
-/// directions byte-exact; prints OK or what differs. Args: HOST PORT MIB.
+/// half-closes, checks both directions byte-exact; prints OK or what
+/// differs. Args: HOST PORT MIB [DIR MODE], DIR and MODE for a test that
+/// holds the client back: after the greeting it touches DIR/ready and waits
+/// for DIR/go. MODE `up`: then sends as above. `down`: half-closes at once,
+/// sending nothing, and reads the MIB MiB only after DIR/go, so they queue
+/// at its socket meanwhile.
 pub const BULK_CLIENT: &str = r#"
-import hashlib, socket, sys
-n = int(sys.argv[3]) << 20
-up = hashlib.shake_256(b"trellis-up").digest(n)
-want_down = hashlib.sha256(hashlib.shake_256(b"trellis-down").digest(n)).hexdigest()
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
-if s.recv(1) != b"G":
-    print("MISMATCH no greeting"); sys.exit()
-s.sendall(up)
-s.shutdown(socket.SHUT_WR)
-buf = bytearray()
-while True:
-    b = s.recv(1 << 20)
-    if not b:
-        break
-    buf += b
-got_up, down = buf[:64].decode(), bytes(buf[64:])
-if got_up == hashlib.sha256(up).hexdigest() and len(down) == n and hashlib.sha256(down).hexdigest() == want_down:
-    print("OK")
-else:
-    print("MISMATCH up_ok=%s down_len=%d" % (got_up == hashlib.sha256(up).hexdigest(), len(down)))
-"#;
-
-/// A client of [`BULK_SERVER`] whose reader or writer the test holds back.
-/// Args: HOST PORT MIB DIR MODE. After the greeting it touches DIR/ready
-/// and waits for DIR/go. `up`: then sends MIB MiB, half-closes, reads the
-/// answer. `down`: half-closes at once (sending nothing) and reads the
-/// MIB MiB only after DIR/go, so they queue at its socket meanwhile. Prints
-/// OK when what came back is byte-exact, else what differs.
-pub const STALL_CLIENT: &str = r#"
 import hashlib, os, socket, sys, time
-host, port, n, d, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20, sys.argv[4], sys.argv[5]
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
+d, mode = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 5 else (None, "up")
 up = hashlib.shake_256(b"trellis-up").digest(n) if mode == "up" else b""
 want_down = hashlib.sha256(hashlib.shake_256(b"trellis-down").digest(n)).hexdigest()
 s = socket.create_connection((host, port), timeout=120)
@@ -112,9 +88,10 @@ if s.recv(1) != b"G":
     print("MISMATCH no greeting"); sys.exit()
 if mode == "down":
     s.shutdown(socket.SHUT_WR)
-open(os.path.join(d, "ready"), "w").close()
-while not os.path.exists(os.path.join(d, "go")):
-    time.sleep(0.05)
+if d:
+    open(os.path.join(d, "ready"), "w").close()
+    while not os.path.exists(os.path.join(d, "go")):
+        time.sleep(0.05)
 if mode == "up":
     s.sendall(up)
     s.shutdown(socket.SHUT_WR)
