@@ -33,6 +33,32 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
+/// N connections to [`ECHO_SERVER`] made at the same instant (a barrier),
+/// each echoing one line, all held open until every one has. Prints how
+/// many echoed. Args: HOST PORT N.
+pub const PARALLEL_ECHO: &str = r#"
+import socket, sys, threading
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+start, done = threading.Barrier(n), threading.Barrier(n)
+ok = []
+def one(i):
+    start.wait()
+    s = socket.create_connection((host, port), timeout=20)
+    m = b"line %d\n" % i
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        got += s.recv(4096)
+    if got == m:
+        ok.append(i)
+    done.wait()
+    s.close()
+threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(ok))
+"#;
+
 /// Bulk server: greets with one byte `G` (the server speaks first, as in
 /// SMTP or MySQL), reads until the client half-closes, answers the SHA-256 of
 /// what it got (64 hex bytes) then MIB MiB of a known pattern. Args: PORT MIB.

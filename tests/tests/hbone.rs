@@ -156,3 +156,50 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
     assert_eq!(ids(&certs_b), ["spiffe://cluster.local/ns/shop/sa/b1"]);
     let _ = std::fs::remove_file(&pcap);
 }
+
+/// Connections that start together to a pod on another node share one
+/// tunnel: the first dials, the others wait for it and open their streams on
+/// it, instead of a TLS handshake each.
+#[test]
+fn connections_that_start_together_share_one_tunnel() {
+    let mut lab = Lab::new("hbone_single_flight").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let _echo = server
+        .serve(py::ECHO_SERVER, &["7000"], 7000)
+        .expect("echo server");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[], &[], ""),
+        ],
+    )
+    .expect("agents");
+    let agent_a = &cluster.agents[0];
+
+    let out = client
+        .exec()
+        .python_output(
+            py::PARALLEL_ECHO,
+            &[&server.ip.to_string(), "7000", "30"],
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("parallel echo: {e}\n{}", agent_a.log_text()));
+    assert_eq!(out, "30", "every connection echoed");
+    let status = agent_a.cli_json("status").expect("status");
+    let pool = &status["hbone_pool"]["stats"];
+    assert_eq!(status["outbound"]["tunnelled"], 30, "{status:#}");
+    assert_eq!(pool["connections_opened"], 1, "one tunnel: {pool:#}");
+    assert_eq!(pool["streams_opened"], 30, "{pool:#}");
+    assert!(
+        pool["dials_shared"].as_u64().unwrap_or(0) >= 1,
+        "some waited for the first dial: {pool:#}"
+    );
+}

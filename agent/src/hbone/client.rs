@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -46,6 +46,8 @@ pub enum HboneError {
         #[source]
         source: h2::Error,
     },
+    #[error("the tunnel to {addr} this connection waited for failed: {reason}")]
+    SharedDial { addr: SocketAddr, reason: String },
     #[error("{addr} answered {status} to CONNECT {target}")]
     Refused {
         addr: SocketAddr,
@@ -72,6 +74,12 @@ struct Pooled {
     until: SystemTime,
 }
 
+/// A dial that failed, for those that waited on it.
+struct Failed {
+    at: Instant,
+    reason: String,
+}
+
 /// Holds a stream's slot in its connection until dropped.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
@@ -93,6 +101,8 @@ pub struct PoolEntry {
 #[derive(Debug, Default, Serialize)]
 pub struct PoolStats {
     pub connections_opened: AtomicU64,
+    /// Opens that waited for another's dial and used its connection.
+    pub dials_shared: AtomicU64,
     pub streams_opened: AtomicU64,
     pub failures: AtomicU64,
     /// Connections given no more streams because a certificate was renewed
@@ -105,6 +115,11 @@ pub struct Pool {
     connect_timeout: Duration,
     keepalive: super::Keepalive,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// One dial at a time per key: connections that start together wait for
+    /// the first one's tunnel and share it, instead of a handshake each. The
+    /// gate keeps the last failed dial, so those waiting fail with it at once
+    /// rather than each trying (and timing out) in turn.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Failed>>>>>,
     next_id: AtomicU64,
     pub stats: PoolStats,
 }
@@ -116,6 +131,7 @@ impl Pool {
             connect_timeout,
             keepalive: super::Keepalive::default(),
             conns: Mutex::default(),
+            dialing: Mutex::default(),
             next_id: AtomicU64::new(1),
             stats: PoolStats::default(),
         }
@@ -173,7 +189,7 @@ impl Pool {
         for _ in 0..2 {
             let (send, active, id) = match self.checkout(&key, &svid.info.serial) {
                 Some(found) => found,
-                None => self.dial(&key, source, &svid).await?,
+                None => self.dial_once(&key, source, &svid).await?,
             };
             match self.request(send, target, client, &key).await {
                 Ok(stream) => {
@@ -237,6 +253,52 @@ impl Pool {
                 conns.remove(key);
             }
         }
+    }
+
+    /// A slot on a new connection, unless another open for the same key is
+    /// dialing already: then, once it is done, a slot on its connection.
+    async fn dial_once(
+        &self,
+        key: &PoolKey,
+        source: Option<IpAddr>,
+        svid: &Svid,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>, u64), HboneError> {
+        let gate = {
+            let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            dialing.entry(key.clone()).or_default().clone()
+        };
+        let waited_from = Instant::now();
+        let result = {
+            let mut last_failed = gate.lock().await;
+            match self.checkout(key, &svid.info.serial) {
+                Some(found) => {
+                    self.stats.dials_shared.fetch_add(1, Ordering::Relaxed);
+                    Ok(found)
+                }
+                None => match last_failed.as_ref().filter(|f| f.at >= waited_from) {
+                    Some(failed) => Err(HboneError::SharedDial {
+                        addr: key.addr,
+                        reason: failed.reason.clone(),
+                    }),
+                    None => {
+                        let dialed = self.dial(key, source, svid).await;
+                        if let Err(e) = &dialed {
+                            *last_failed = Some(Failed {
+                                at: Instant::now(),
+                                reason: e.to_string(),
+                            });
+                        }
+                        dialed
+                    }
+                },
+            }
+        };
+        let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+        // The last one out (the map's and this reference left) removes it.
+        if Arc::strong_count(&gate) == 2 {
+            dialing.remove(key);
+        }
+        result
     }
 
     async fn dial(
