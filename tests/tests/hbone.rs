@@ -1,7 +1,8 @@
 //! mTLS between nodes: a pod on node a calls a Service backed by a pod on
 //! node b; the agents carry it through HBONE (HTTP/2 CONNECT over mTLS to
 //! the pod's IP:15008, steered into b's agent by TC). A capture on node b's
-//! uplink shows TLS on 15008 only, never the payload.
+//! uplink shows TLS on 15008 only, never the payload. Connections that
+//! start together share one tunnel.
 
 use std::{process::Stdio, time::Duration};
 
@@ -18,6 +19,8 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
     let a = lab.add_node("a").expect("node");
     let b = lab.add_node("b").expect("node");
     let client = lab.add_pod(&a, "a1").expect("pod");
+    // Another identity on node a: a pool key of its own.
+    let crowd = lab.add_pod(&a, "a2").expect("pod");
     let server = lab.add_pod(&b, "b1").expect("pod");
     let _echo = server
         .serve(py::ECHO_SERVER, &["7000"], 7000)
@@ -34,6 +37,7 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
             mesh::node(&b),
             mesh::namespace("shop", true),
             mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&crowd, "shop", &[("app", "crowd")], &[], ""),
             mesh::pod(&server, "shop", &[("app", "echo")], &[], ""),
             mesh::service("shop", "echo", VIP, 7000, "7000", &[("app", "echo")]),
         ],
@@ -154,37 +158,15 @@ fn cross_node_calls_go_through_hbone_mtls_and_no_plaintext_crosses_the_link() {
     assert_eq!(ids(&certs_a), ["spiffe://cluster.local/ns/shop/sa/a1"]);
     let certs_b = agent_b.cli_json("certs").expect("certs b");
     assert_eq!(ids(&certs_b), ["spiffe://cluster.local/ns/shop/sa/b1"]);
-    let _ = std::fs::remove_file(&pcap);
-}
 
-/// Connections that start together to a pod on another node share one
-/// tunnel: the first dials, the others wait for it and open their streams on
-/// it, instead of a TLS handshake each.
-#[test]
-fn connections_that_start_together_share_one_tunnel() {
-    let mut lab = Lab::new("hbone_single_flight").expect("lab");
-    let a = lab.add_node("a").expect("node");
-    let b = lab.add_node("b").expect("node");
-    let client = lab.add_pod(&a, "a1").expect("pod");
-    let server = lab.add_pod(&b, "b1").expect("pod");
-    let _echo = server
-        .serve(py::ECHO_SERVER, &["7000"], 7000)
-        .expect("echo server");
-    let cluster = mesh::Cluster::start(
-        lab.name(),
-        &[&a, &b],
-        &[
-            mesh::node(&a),
-            mesh::node(&b),
-            mesh::namespace("shop", true),
-            mesh::pod(&client, "shop", &[], &[], ""),
-            mesh::pod(&server, "shop", &[], &[], ""),
-        ],
-    )
-    .expect("agents");
-    let agent_a = &cluster.agents[0];
-
-    let out = client
+    // Connections that start together share one tunnel: the first dials,
+    // the others wait for it and open their streams on it, instead of a TLS
+    // handshake each.
+    let pool = |doc: &serde_json::Value, field: &str| {
+        doc["hbone_pool"]["stats"][field].as_u64().unwrap_or(0)
+    };
+    let before = agent_a.cli_json("status").expect("status a");
+    let out = crowd
         .exec()
         .python_output(
             py::PARALLEL_ECHO,
@@ -193,13 +175,14 @@ fn connections_that_start_together_share_one_tunnel() {
         )
         .unwrap_or_else(|e| panic!("parallel echo: {e}\n{}", agent_a.log_text()));
     assert_eq!(out, "30", "every connection echoed");
-    let status = agent_a.cli_json("status").expect("status");
-    let pool = &status["hbone_pool"]["stats"];
-    assert_eq!(status["outbound"]["tunnelled"], 30, "{status:#}");
-    assert_eq!(pool["connections_opened"], 1, "one tunnel: {pool:#}");
-    assert_eq!(pool["streams_opened"], 30, "{pool:#}");
-    assert!(
-        pool["dials_shared"].as_u64().unwrap_or(0) >= 1,
-        "some waited for the first dial: {pool:#}"
+    let after = agent_a.cli_json("status").expect("status a");
+    let opened = pool(&after, "connections_opened") - pool(&before, "connections_opened");
+    assert_eq!(opened, 1, "one tunnel for 30 connections: {after:#}");
+    assert_eq!(
+        pool(&after, "streams_opened") - pool(&before, "streams_opened"),
+        30,
+        "{after:#}"
     );
+    assert!(pool(&after, "dials_shared") >= 1, "{after:#}");
+    let _ = std::fs::remove_file(&pcap);
 }
