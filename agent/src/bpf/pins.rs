@@ -79,7 +79,6 @@ pub enum BpffsError {
 }
 
 impl PinLayout {
-    /// Creates the folders, checking they are on bpffs.
     /// The layout of the maps pinned here: `None` when nothing is pinned,
     /// `Some(0)` for maps pinned before the layout was recorded.
     pub fn pinned_layout(&self) -> Option<u32> {
@@ -111,6 +110,7 @@ impl PinLayout {
         }
     }
 
+    /// Creates the folders, checking they are on bpffs.
     pub fn ensure(&self) -> Result<(), BpffsError> {
         for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
             std::fs::create_dir_all(&dir).map_err(|source| BpffsError::Io {
