@@ -144,3 +144,11 @@ pub fn ifindex_in(netns: &Path, name: &str) -> anyhow::Result<u32> {
     anyhow::ensure!(index != 0, "no interface {name} in {}", netns.display());
     Ok(index)
 }
+
+/// Moves the calling thread to `SCHED_IDLE`: it runs only when no other task
+/// wants its CPU.
+pub fn sched_idle() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread (pid 0) with a valid param.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+}
