@@ -23,6 +23,7 @@ pub mod env {
     pub const SK_MSG: &str = "TRELLIS_SK_MSG";
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
+    pub const PROTOCOL_DETECT_TIMEOUT: &str = "TRELLIS_PROTOCOL_DETECT_TIMEOUT";
     pub const IDLE_TIMEOUT: &str = "TRELLIS_IDLE_TIMEOUT";
     pub const HBONE_KEEPALIVE_INTERVAL: &str = "TRELLIS_HBONE_KEEPALIVE_INTERVAL";
     pub const HBONE_KEEPALIVE_TIMEOUT: &str = "TRELLIS_HBONE_KEEPALIVE_TIMEOUT";
@@ -217,6 +218,12 @@ pub struct AgentArgs {
     /// Give up connecting to a backend after this long (`500ms`, `5s`, `1m`).
     #[arg(long, env = env::CONNECT_TIMEOUT, default_value = "5s")]
     pub connect_timeout: String,
+
+    /// Sniff a Service connection's protocol this long at most: a client
+    /// silent for longer is taken for a server-first protocol and relayed
+    /// as opaque TCP. Ports with an `appProtocol` skip sniffing.
+    #[arg(long, env = env::PROTOCOL_DETECT_TIMEOUT, default_value = "100ms")]
+    pub protocol_detect_timeout: String,
 
     /// Close a proxied connection after this long without a byte either way.
     #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]

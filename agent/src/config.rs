@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// Close a proxied connection idle this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Sniffing a Service connection's protocol gives up after this.
+    #[serde(with = "humantime_serde")]
+    pub protocol_detect_timeout: Duration,
     /// Pings on HBONE connections.
     pub hbone_keepalive: crate::hbone::Keepalive,
     /// Threads of the async runtime.
@@ -173,6 +176,15 @@ impl AgentConfig {
         };
         let connect_timeout = duration("connect-timeout", &args.connect_timeout)?;
         let idle_timeout = duration("idle-timeout", &args.idle_timeout)?;
+        let protocol_detect_timeout =
+            duration("protocol-detect-timeout", &args.protocol_detect_timeout)?;
+        if protocol_detect_timeout > Duration::from_secs(10) {
+            return Err(ConfigError::Invalid {
+                flag: "protocol-detect-timeout",
+                value: args.protocol_detect_timeout.clone(),
+                reason: "longer than 10s: server-first protocols would stall that long".into(),
+            });
+        }
         let hbone_keepalive = crate::hbone::Keepalive {
             interval: duration("hbone-keepalive-interval", &args.hbone_keepalive_interval)?,
             timeout: duration("hbone-keepalive-timeout", &args.hbone_keepalive_timeout)?,
@@ -232,6 +244,7 @@ impl AgentConfig {
             },
             connect_timeout,
             idle_timeout,
+            protocol_detect_timeout,
             hbone_keepalive,
             worker_threads: args.worker_threads,
             cert_lifetime,

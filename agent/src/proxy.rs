@@ -1,5 +1,7 @@
 //! The agent's proxies: outbound capture on 15001, and the relay they share.
 
+pub mod detect;
+pub mod http;
 pub mod outbound;
 pub mod relay;
 

@@ -215,6 +215,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         };
 
         let outbound_config = OutboundConfig {
+            detect_timeout: cfg.protocol_detect_timeout,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
             accel,

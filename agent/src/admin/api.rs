@@ -227,6 +227,8 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "last_sync": { "seconds": report.apply_seconds, "changes": report.changes },
         "maps": occupancy,
         "outbound": state.outbound.stats,
+        "http": state.outbound.http_stats(),
+        "routes": snapshot.routes.status,
         "inbound": state.inbound.stats,
         "hbone_pool": { "stats": state.pool.stats, "connections": state.pool.list() },
     })

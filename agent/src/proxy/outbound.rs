@@ -28,7 +28,11 @@ use tokio::{
 use tracing::{debug, info, info_span, warn};
 use trellis_common::{SockKey, SockState, direction};
 
-use super::relay::{self, Accelerated, RelayError};
+use super::{
+    detect::{self, Protocol},
+    http::{Call, HttpProxy, HttpStats},
+    relay::{self, Accelerated, RelayError},
+};
 use crate::{
     bpf::{sockets::SocketMaps, tables::OrigDstTable},
     config::Acceleration,
@@ -43,9 +47,16 @@ use crate::{
     sync::{ip_port, socket_addr},
 };
 
+/// How long a client of a Service port declared HTTP may take to send its
+/// first bytes before the connection is relayed as opaque TCP.
+const DECLARED_HTTP_WAIT: Duration = Duration::from_secs(10);
+
 /// Limits and modes of the outbound proxy.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct OutboundConfig {
+    /// Sniffing a Service connection's protocol gives up after this (a
+    /// server-first protocol: the connection is opaque TCP).
+    pub detect_timeout: Duration,
     /// Connecting to a backend gives up after this.
     pub connect_timeout: Duration,
     /// A connection with no byte either way for this long is closed.
@@ -56,6 +67,7 @@ pub struct OutboundConfig {
 impl Default for OutboundConfig {
     fn default() -> Self {
         Self {
+            detect_timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
             accel: Acceleration {
@@ -127,6 +139,8 @@ pub struct Outbound {
     hbone: Option<Arc<Pool>>,
     /// Network policy verdicts.
     policy: Option<Arc<Verdicts>>,
+    /// The L7 path, made at its first use (after `with_hbone`).
+    http: std::sync::OnceLock<Arc<HttpProxy>>,
     pub stats: OutboundStats,
 }
 
@@ -163,6 +177,7 @@ impl Outbound {
             next: Mutex::new(HashMap::new()),
             hbone: None,
             policy: None,
+            http: std::sync::OnceLock::new(),
             stats: OutboundStats::default(),
         }
     }
@@ -301,6 +316,52 @@ impl Outbound {
                     reason: reason.into(),
                 }
             })
+    }
+
+    /// The L7 path.
+    fn http(&self) -> &Arc<HttpProxy> {
+        self.http.get_or_init(|| {
+            Arc::new(HttpProxy::new(
+                &self.node,
+                &self.trust_domain,
+                self.state.clone(),
+                self.hbone.clone(),
+                self.config.connect_timeout,
+            ))
+        })
+    }
+
+    /// Counters of the L7 path.
+    pub fn http_stats(&self) -> &HttpStats {
+        &self.http().stats
+    }
+
+    /// A call to a Service port from a local pod, which the L7 path may
+    /// take: the call, whether `appProtocol` declares HTTP (`Some(true)`) or
+    /// opaque TCP, and whether routes apply to this client.
+    fn l7_candidate(&self, peer: SocketAddr) -> Option<(Call, Option<bool>, bool)> {
+        let orig = self.orig.get(&ip_port(peer.ip(), peer.port()))?;
+        if orig.service_id == 0 {
+            return None;
+        }
+        let dst = socket_addr(&orig.dst);
+        let snapshot = self.state.borrow().clone();
+        let (svc, port) = snapshot.service_for(dst)?;
+        let client = snapshot.workload_by_ip(peer.ip().to_canonical())?;
+        let routed = snapshot
+            .routes
+            .port(&svc.id(), port.port)
+            .and_then(|p| p.for_client(&client.namespace))
+            .is_some();
+        let call = Call {
+            client: peer,
+            client_namespace: client.namespace.clone(),
+            client_identity: (client.node == self.node)
+                .then(|| Identity::of(client, &self.trust_domain)),
+            service: svc.id(),
+            port: port.port,
+        };
+        Some((call, detect::declared(port.app_protocol.as_deref()), routed))
     }
 
     /// The state the proxy routes by.
@@ -495,6 +556,33 @@ impl Outbound {
                     .ok()
                     .map(|state| (key, state))
             });
+
+        if let Some((call, declared, routed)) = self.l7_candidate(peer)
+            && declared != Some(false)
+        {
+            // Declared HTTP waits for a slow client; sniffing gives up soon,
+            // for servers that speak first.
+            let wait = if declared == Some(true) {
+                DECLARED_HTTP_WAIT
+            } else {
+                self.config.detect_timeout
+            };
+            let protocol = detect::detect(&inbound, wait).await;
+            // HTTP/2 always (per-request balancing of its multiplexed
+            // streams); HTTP/1.1 when routes apply, else the L4 path keeps
+            // its kernel shortcuts.
+            if protocol == Protocol::Http2 || (protocol == Protocol::Http1 && routed) {
+                tracing::Span::current().record("dst", tracing::field::display(&call.service));
+                debug!(protocol = protocol.name(), service = %call.service, "serving as HTTP");
+                let served = self.http().clone().serve(inbound, call, protocol).await;
+                self.forget(inbound_key, None);
+                if let Err(e) = served {
+                    debug!(error = %e, "HTTP connection ended with an error");
+                }
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
 
         let route = match self.resolve(peer) {
             Ok(route) => route,

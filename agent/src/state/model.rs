@@ -17,7 +17,10 @@ use k8s_openapi::{
 };
 use serde::Serialize;
 
-use crate::policy::{authz::Policy, network::NetworkPolicy};
+use crate::{
+    policy::{authz::Policy, network::NetworkPolicy},
+    routes::RouteTable,
+};
 
 use super::objects::{
     MESH_LABEL, MTLS_LABEL, NETNS_ANNOTATION, Object, SERVICE_NAME_LABEL, parse_cidr,
@@ -131,6 +134,8 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Every node of the cluster, this one included.
     pub nodes: Vec<NodeInfo>,
+    /// HTTP routes by Service port, and their status.
+    pub routes: RouteTable,
     /// Objects by kind, for status output.
     pub counts: BTreeMap<&'static str, usize>,
     /// Index of `workloads` by address (the first workload holding it), for
@@ -150,6 +155,7 @@ impl Snapshot {
         let mut counts = BTreeMap::new();
         let mut policies = Vec::new();
         let mut network_policies = Vec::new();
+        let mut http_routes = Vec::new();
         for object in objects {
             *counts.entry(object.key().kind).or_insert(0) += 1;
             match object {
@@ -159,6 +165,7 @@ impl Snapshot {
                 }
                 Object::Pod(p) => pods.push(p.as_ref()),
                 Object::Service(s) => services.push(s.as_ref()),
+                Object::HttpRoute(r) => http_routes.push(r.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 // Validated when parsed: an error here cannot happen.
                 Object::NetworkPolicy(p) => {
@@ -185,7 +192,7 @@ impl Snapshot {
             .iter()
             .filter_map(|p| workload(p, &namespaces))
             .collect();
-        let services = services
+        let services: Vec<ServiceView> = services
             .iter()
             .map(|s| {
                 service_view(
@@ -198,6 +205,7 @@ impl Snapshot {
                 )
             })
             .collect();
+        let routes = RouteTable::build(&http_routes, &services);
         let namespace_labels = namespaces
             .iter()
             .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
@@ -216,6 +224,7 @@ impl Snapshot {
             network_policies,
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
+            routes,
             counts,
             by_ip,
         }
@@ -237,6 +246,13 @@ impl Snapshot {
                 .find(|p| p.port == vip.port())
                 .map(|p| (s, p))
         })
+    }
+
+    /// The Service `namespace/name`.
+    pub fn service(&self, id: &str) -> Option<&ServiceView> {
+        self.services
+            .iter()
+            .find(|s| id.split_once('/') == Some((s.namespace.as_str(), s.name.as_str())))
     }
 
     /// The workload `namespace/name`.

@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-use crate::policy::authz::AuthorizationPolicy;
+use crate::{policy::authz::AuthorizationPolicy, routes::http_route::HttpRoute};
 
 /// The annotation that tells the agent where a pod's network namespace is.
 pub const NETNS_ANNOTATION: &str = "trellis.dev/netns";
@@ -34,6 +34,7 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     NetworkPolicy(Box<NetworkPolicy>),
+    HttpRoute(Box<HttpRoute>),
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped), name.
@@ -64,6 +65,7 @@ impl Object {
             Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Self::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Self::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
+            Self::HttpRoute(o) => ("HTTPRoute", &o.metadata),
         };
         ObjectKey {
             kind,
@@ -207,6 +209,7 @@ fn parse_object(
             AuthorizationPolicy,
             "trellis.dev/v1alpha1"
         ),
+        "HTTPRoute" => typed!(HttpRoute, HttpRoute, "gateway.networking.k8s.io/v1"),
         other => {
             return Err(reject(
                 None,
@@ -240,6 +243,7 @@ fn default_namespace(object: &mut Object) {
         Object::EndpointSlice(o) => &mut o.metadata,
         Object::AuthorizationPolicy(o) => &mut o.metadata,
         Object::NetworkPolicy(o) => &mut o.metadata,
+        Object::HttpRoute(o) => &mut o.metadata,
         Object::Node(_) | Object::Namespace(_) => return,
     };
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
@@ -364,6 +368,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         Object::NetworkPolicy(policy) => {
             crate::policy::network::NetworkPolicy::from_object(policy)?;
         }
+        Object::HttpRoute(route) => crate::routes::http_route::validate(route)?,
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();
             if labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).is_none() {

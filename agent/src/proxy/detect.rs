@@ -1,0 +1,189 @@
+//! Protocol detection on a captured connection: HTTP/1.x (a request line),
+//! HTTP/2 with prior knowledge (the client preface), or anything else (TLS
+//! from the app included), which stays opaque TCP. The Service port's
+//! `appProtocol` overrides sniffing; a client that says nothing within the
+//! detection timeout is taken for a server-first protocol and relayed as
+//! opaque TCP, so the server can speak first.
+//!
+//! Sniffing peeks (`MSG_PEEK`): the bytes stay in the socket, and the opaque
+//! path relays them as if nothing had looked.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1.1",
+            Self::Http2 => "http/2",
+            Self::Opaque => "tcp",
+        }
+    }
+}
+
+/// What a Service port's `appProtocol` declares: `Some(true)` for HTTP (the
+/// version is still read from the first bytes), `Some(false)` for opaque TCP,
+/// `None` when sniffing decides.
+pub fn declared(app_protocol: Option<&str>) -> Option<bool> {
+    match app_protocol? {
+        "http" | "http2" | "grpc" | "kubernetes.io/h2c" | "h2c" => Some(true),
+        "tcp" | "https" | "tls" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(false),
+        _ => None,
+    }
+}
+
+/// The HTTP/2 client connection preface (RFC 9113, 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Methods a request line may start with (RFC 9110 and WebDAV's common ones).
+const METHODS: &[&[u8]] = &[
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+    b"REPORT",
+];
+
+/// The protocol the first bytes show; `None` while they could still be
+/// either.
+pub fn classify(bytes: &[u8]) -> Option<Protocol> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let n = bytes.len().min(PREFACE.len());
+    if bytes[..n] == PREFACE[..n] {
+        return (n == PREFACE.len()).then_some(Protocol::Http2);
+    }
+    // A method token and a space. A longer method could still follow its
+    // prefix (`POST` / `PROPFIND`), hence the wait for the space.
+    let mut undecided = false;
+    for method in METHODS {
+        let n = bytes.len().min(method.len() + 1);
+        let mut want = method.to_vec();
+        want.push(b' ');
+        if bytes[..n] == want[..n] {
+            if n == want.len() {
+                return Some(Protocol::Http1);
+            }
+            undecided = true;
+        }
+    }
+    (!undecided).then_some(Protocol::Opaque)
+}
+
+/// Peeks at the connection until its first bytes decide, the client closes,
+/// or `timeout` passes (opaque: the server may be the one to speak first).
+pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; PREFACE.len()];
+    let mut seen = 0;
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        match peeked {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Protocol::Opaque,
+            Ok(Ok(n)) => {
+                if let Some(p) = classify(&buf[..n]) {
+                    return p;
+                }
+                if n == seen {
+                    // Nothing new since the last look: peek returns at once
+                    // while bytes wait, so pause before looking again.
+                    if tokio::time::timeout_at(
+                        deadline,
+                        tokio::time::sleep(Duration::from_millis(1)),
+                    )
+                    .await
+                    .is_err()
+                    {
+                        return Protocol::Opaque;
+                    }
+                }
+                seen = n;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_and_prefaces() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST /x"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PROPFIND / HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(classify(PREFACE), Some(Protocol::Http2));
+        // Too short to tell.
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"PO"), None);
+        assert_eq!(classify(b"PRI * HTTP/2"), None);
+        // Not HTTP.
+        assert_eq!(
+            classify(&[0x16, 0x03, 0x01, 0x02, 0x00]),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GETX / HTTP/1.1"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn app_protocol_overrides() {
+        assert_eq!(declared(Some("http")), Some(true));
+        assert_eq!(declared(Some("grpc")), Some(true));
+        assert_eq!(declared(Some("kubernetes.io/h2c")), Some(true));
+        assert_eq!(declared(Some("tcp")), Some(false));
+        assert_eq!(declared(Some("mysql")), None);
+        assert_eq!(declared(None), None);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_opaque_after_the_timeout_and_bytes_stay() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            s
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        assert_eq!(
+            detect(&server, Duration::from_millis(50)).await,
+            Protocol::Opaque
+        );
+        let _client = client.await.unwrap();
+        // Split writes decide once the method's space arrives, and the
+        // bytes are still there to read.
+        let mut late = server;
+        assert_eq!(detect(&late, Duration::from_secs(5)).await, Protocol::Http1);
+        let mut first = [0u8; 3];
+        late.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET");
+    }
+}

@@ -1,0 +1,8 @@
+//! L7 routing: the Gateway API's `HTTPRoute` as a mesh uses it (GAMMA), read
+//! from the config objects and compiled into a per-Service-port table the
+//! HTTP proxy consults on every request.
+
+pub mod http_route;
+pub mod table;
+
+pub use table::{Entry, PortRoutes, RequestView, RouteTable, Rule, route};

@@ -1,0 +1,134 @@
+//! L7 routing with real clients and servers: `HTTPRoute`s attached to a
+//! Service (GAMMA) pick the backend of each request on one connection: by
+//! header, by path, by weight (90/10), with a consumer route in the client's
+//! namespace replacing the producer route for it, and a request no rule
+//! matches answered 404 by the agent with `x-trellis-reason: no-route`. One
+//! backend is on the client's node, the other across nodes (HBONE).
+
+use std::time::Duration;
+
+use trellis_tests::{Lab, Pod, mesh, py};
+
+const VIP: &str = "10.96.0.10";
+
+/// `curl` from `client` with `args`, its output (failures included).
+fn curl(client: &Pod, args: &[&str]) -> String {
+    let mut all = vec!["-s", "-m", "20"];
+    all.extend_from_slice(args);
+    let out = client
+        .exec()
+        .output("curl", &all, Duration::from_secs(60))
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn http_route(namespace: &str, name: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{parentRefs: [{{group: '', kind: Service, name: web, namespace: shop, port: 80}}], rules: {rules}}}\n"
+    )
+}
+
+#[test]
+fn http_routes_pick_the_backend_of_each_request() {
+    let mut lab = Lab::new("l7_routes").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let consumer = lab.add_pod(&a, "a2").expect("pod");
+    let v1 = lab.add_pod(&a, "a3").expect("pod");
+    let v2 = lab.add_pod(&b, "b1").expect("pod");
+    let dev_web = lab.add_pod(&b, "b2").expect("pod");
+    let _servers = [
+        dev_web
+            .serve(py::NAME_SERVER, &["web-dev", "8080"], 8080)
+            .expect("server"),
+        v1.serve(py::NAME_SERVER, &["web-v1", "8080"], 8080)
+            .expect("server"),
+        v2.serve(py::NAME_SERVER, &["web-v2", "8080"], 8080)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::namespace("dev", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&consumer, "dev", &[], &[], ""),
+            mesh::pod(&v1, "shop", &[("app", "web"), ("version", "v1")], &[], ""),
+            mesh::pod(&v2, "shop", &[("app", "web"), ("version", "v2")], &[], ""),
+            mesh::pod(&dev_web, "dev", &[("app", "web-dev")], &[], ""),
+            mesh::service("dev", "web-dev", "10.96.0.13", 80, "8080", &[("app", "web-dev")]),
+            mesh::service("shop", "web", VIP, 80, "8080", &[("app", "web")]),
+            mesh::service("shop", "web-v1", "10.96.0.11", 80, "8080", &[("version", "v1")]),
+            mesh::service("shop", "web-v2", "10.96.0.12", 80, "8080", &[("version", "v2")]),
+            // The producer route: every client of web.
+            http_route(
+                "shop",
+                "web",
+                "[{matches: [{headers: [{name: x-version, value: v2}]}], \
+                   filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-routed, value: by-header}]}}], \
+                   backendRefs: [{name: web-v2, port: 80}]}, \
+                  {matches: [{path: {type: PathPrefix, value: /canary}}], \
+                   backendRefs: [{name: web-v1, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]}, \
+                  {matches: [{path: {type: Exact, value: /only-v1}}], backendRefs: [{name: web-v1, port: 80}]}]",
+            ),
+            // A consumer route: clients in dev only, sent to dev's own copy.
+            http_route("dev", "web-for-dev", "[{backendRefs: [{name: web-dev, port: 80}]}]"),
+        ],
+    )
+    .expect("mesh");
+    let url = |path: &str| format!("http://{VIP}{path}");
+
+    // By header, with the response header filter.
+    let out = curl(&client, &["-i", "-H", "x-version: v2", &url("/")]);
+    assert!(out.ends_with("web-v2"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-routed: by-header"),
+        "{out}"
+    );
+    // By exact path.
+    assert_eq!(curl(&client, &[&url("/only-v1")]), "web-v1");
+    // No rule matches: the agent answers.
+    let out = curl(&client, &["-i", &url("/elsewhere")]);
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("x-trellis-reason: no-route"), "{out}");
+
+    // 90/10 over 2,000 requests on one keep-alive connection. v2's count is
+    // Binomial(2000, 0.1): mean 200, sd 13.4; the bound is 5 sd either side
+    // (a false failure once in ~1.7 million runs).
+    let urls: Vec<String> = (0..2000).map(|_| url("/canary")).collect();
+    let mut args = vec!["-w", "\\n"];
+    args.extend(urls.iter().map(String::as_str));
+    let out = curl(&client, &args);
+    let v2_count = out.lines().filter(|l| *l == "web-v2").count();
+    let v1_count = out.lines().filter(|l| *l == "web-v1").count();
+    assert_eq!(
+        v1_count + v2_count,
+        2000,
+        "every request answered: {v1_count} + {v2_count}"
+    );
+    assert!((133..=267).contains(&v2_count), "v2 got {v2_count} of 2000");
+
+    // The consumer route replaces the producer route for dev's clients: no
+    // 404 for them, and everything to web-dev (across nodes, through HBONE).
+    assert_eq!(curl(&consumer, &[&url("/elsewhere")]), "web-dev");
+
+    // The routes were accepted, and the agent counted its own answers.
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert!(status["http"]["no_route"].as_u64() >= Some(1), "{status}");
+    let routes = &status["routes"];
+    assert!(
+        routes.as_array().is_some_and(|r| r.len() == 2
+            && r.iter().all(|r| r["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["status"] == true))),
+        "{routes}"
+    );
+}
