@@ -81,6 +81,24 @@ pub fn service(
     )
 }
 
+/// `v1/Service` with one TCP port that declares its `appProtocol`.
+pub fn service_with_protocol(
+    namespace: &str,
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: &str,
+    app_protocol: &str,
+    selector: &[(&str, &str)],
+) -> String {
+    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{{}}}, ports: [{{name: p{port}, port: {port}, targetPort: {target}, appProtocol: {app_protocol}}}]}}\n",
+        selector.join(", ")
+    )
+}
+
 /// `v1/Service` with one VIP per family (`RequireDualStack`) and one TCP port.
 pub fn dual_stack_service(
     namespace: &str,

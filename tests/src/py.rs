@@ -543,3 +543,90 @@ while True:
         put(f"error:{e.errno}")
         break
 "#;
+
+/// gRPC server (grpcio, generic handlers on raw bytes, so no generated code)
+/// for service `trellis.test.Echo`: `Say` (unary; a request `fail:CODE:MSG`
+/// aborts with that status), `Count` (server streaming: N messages),
+/// `Sum` (client streaming: the count and total length), `Chat` (bidi: each
+/// message echoed). Every answer names the server, and sets trailing
+/// metadata `x-served-by`. Args: NAME PORT.
+pub const GRPC_SERVER: &str = r#"
+import grpc, sys
+from concurrent import futures
+name = sys.argv[1]
+def tail(ctx):
+    ctx.set_trailing_metadata((("x-served-by", name),))
+def say(req, ctx):
+    tail(ctx)
+    if req.startswith(b"fail:"):
+        _, code, msg = req.decode().split(":", 2)
+        ctx.abort(grpc.StatusCode[code], msg)
+    return name.encode() + b" " + req
+def count(req, ctx):
+    tail(ctx)
+    for i in range(int(req)):
+        yield b"%s %d" % (name.encode(), i)
+def sum_(reqs, ctx):
+    tail(ctx)
+    n = total = 0
+    for r in reqs:
+        n += 1
+        total += len(r)
+    return b"%s %d %d" % (name.encode(), n, total)
+def chat(reqs, ctx):
+    tail(ctx)
+    for r in reqs:
+        yield name.encode() + b" " + r
+h = grpc.method_handlers_generic_handler("trellis.test.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(say),
+    "Count": grpc.unary_stream_rpc_method_handler(count),
+    "Sum": grpc.stream_unary_rpc_method_handler(sum_),
+    "Chat": grpc.stream_stream_rpc_method_handler(chat),
+})
+s = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port("[::]:%s" % sys.argv[2])
+s.start()
+s.wait_for_termination()
+"#;
+
+/// gRPC client for [`GRPC_SERVER`]: every kind of call, ROUNDS times each
+/// on one channel (plus an unrecorded call a round), and a failing call. Prints JSON: per kind the list of
+/// results (`[server, ok, detail]`), and the failing call's code, message
+/// and trailers. Args: TARGET ROUNDS.
+pub const GRPC_CLIENT: &str = r#"
+import grpc, json, sys
+target, rounds = sys.argv[1], int(sys.argv[2])
+ch = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+grpc.channel_ready_future(ch).result(timeout=20)
+m = lambda k, f: f("/trellis.test.Echo/" + k)
+say = m("Say", ch.unary_unary)
+count = m("Count", ch.unary_stream)
+sum_ = m("Sum", ch.stream_unary)
+chat = m("Chat", ch.stream_stream)
+out = {"say": [], "count": [], "sum": [], "chat": []}
+def server_of(trailers):
+    return dict(trailers or ()).get("x-served-by", "?")
+for i in range(rounds):
+    resp, call = say.with_call(b"hello %d" % i, timeout=10)
+    who = server_of(call.trailing_metadata())
+    out["say"].append([who, resp == b"%s hello %d" % (who.encode(), i), resp.decode()])
+    it = count(b"5", timeout=10)
+    msgs = [x.decode() for x in it]
+    who = server_of(it.trailing_metadata())
+    out["count"].append([who, msgs == ["%s %d" % (who, j) for j in range(5)], msgs])
+    resp, call = sum_.with_call(iter([b"a" * k for k in range(1, 11)]), timeout=10)
+    who = server_of(call.trailing_metadata())
+    out["sum"].append([who, resp == b"%s 10 55" % who.encode(), resp.decode()])
+    it = chat(iter([b"m%d" % k for k in range(20)]), timeout=10)
+    msgs = [x.decode() for x in it]
+    who = server_of(it.trailing_metadata())
+    out["chat"].append([who, msgs == ["%s m%d" % (who, k) for k in range(20)], len(msgs)])
+    say(b"tick", timeout=10)  # five calls a round, so round robin shifts
+try:
+    say(b"fail:NOT_FOUND:no such thing", timeout=10)
+    out["fail"] = ["OK"]
+except grpc.RpcError as e:
+    out["fail"] = [e.code().name, e.details(), server_of(e.trailing_metadata())]
+print(json.dumps(out))
+"#;

@@ -22,13 +22,16 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
     ("openssl", "openssl"),
+    ("nghttp", "nghttp2-client"),
+    ("h2load", "nghttp2-client"),
+    ("nghttpd", "nghttp2-server"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src().context("setup step `nightly rust-src`")?;
     bpf_linker().context("setup step `bpf-linker`")?;
     debian_tools().context("setup step `Debian packages`")?;
-    python_h2().context("setup step `Python h2`")?;
+    python_packages().context("setup step `Python packages`")?;
     bpffs().context("setup step `bpffs`")?;
     eprintln!("setup: ok");
     Ok(())
@@ -101,7 +104,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn debian_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_TOOLS
+    let missing: std::collections::BTreeSet<&str> = DEBIAN_TOOLS
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, package)| *package)
@@ -123,22 +126,33 @@ fn debian_tools() -> anyhow::Result<()> {
     .context("apt-get install")
 }
 
-/// The tests' independent HTTP/2 client (Python's `h2`, pure Python): from
-/// PyPI with pip, pinned; Debian's package when pip cannot install.
-const PYTHON_H2: &str = "h2==4.1.0";
+/// The tests' independent clients and servers from PyPI, pinned: `h2` (an
+/// HTTP/2 client, pure Python) and `grpcio` (gRPC client and server). pip
+/// first; Debian's package when pip cannot install.
+const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
+    ("h2", "h2==4.1.0", "python3-h2"),
+    ("grpc", "grpcio==1.85.1", "python3-grpcio"),
+];
 
-fn python_h2() -> anyhow::Result<()> {
-    let has_h2 = || {
+fn python_packages() -> anyhow::Result<()> {
+    for (module, pin, debian) in PYTHON_PACKAGES {
+        python_package(module, pin, debian)?;
+    }
+    Ok(())
+}
+
+fn python_package(module: &str, pin: &str, debian: &str) -> anyhow::Result<()> {
+    let importable = || {
         Command::new("python3")
-            .args(["-c", "import h2"])
+            .args(["-c", &format!("import {module}")])
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
-    if has_h2() {
+    if importable() {
         return Ok(());
     }
-    eprintln!("setup: installing Python {PYTHON_H2}");
+    eprintln!("setup: installing Python {pin}");
     let pip = |extra: &[&str]| {
         status(
             Command::new("python3")
@@ -150,24 +164,18 @@ fn python_h2() -> anyhow::Result<()> {
                     "--disable-pip-version-check",
                 ])
                 .args(extra)
-                .arg(PYTHON_H2),
+                .arg(pin),
         )
     };
     if pip(&[]).is_err() && pip(&["--break-system-packages"]).is_err() {
         status(
             Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "python3-h2",
-                ])
+                .args(["install", "-y", "-qq", "--no-install-recommends", debian])
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
-        .context("apt-get install python3-h2")?;
+        .with_context(|| format!("apt-get install {debian}"))?;
     }
-    anyhow::ensure!(has_h2(), "python3 still cannot import h2");
+    anyhow::ensure!(importable(), "python3 still cannot import {module}");
     Ok(())
 }
 

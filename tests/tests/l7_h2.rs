@@ -1,0 +1,192 @@
+//! HTTP/2 and gRPC through the L7 path, with real clients and servers:
+//! grpcio's client and server (unary, server, client and bidirectional
+//! streaming, trailers, a non-OK status with its message), curl with HTTP/2
+//! prior knowledge, nghttp and h2load against nghttpd. Each Service has one backend
+//! on the client's node and one across nodes, and requests on one client
+//! connection are balanced per request, so both paths carry every kind.
+
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use trellis_tests::{Lab, Pod, mesh, py};
+
+const GRPC_VIP: &str = "10.96.0.30";
+const H2_VIP: &str = "10.96.0.31";
+
+/// A folder nghttpd serves, removed with the test.
+struct Docroot(PathBuf);
+
+impl Docroot {
+    fn new(lab: &str, pod: &Pod) -> Self {
+        let dir = std::env::temp_dir().join(format!("{lab}-{}-www", pod.name));
+        std::fs::create_dir_all(&dir).expect("docroot");
+        std::fs::write(dir.join("name"), &pod.name).expect("name file");
+        std::fs::write(dir.join("big"), vec![b'x'; 1 << 20]).expect("big file");
+        Self(dir)
+    }
+}
+
+impl Drop for Docroot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn http2_and_grpc_keep_streams_trailers_and_status() {
+    let mut lab = Lab::new("l7_h2").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let grpc_local = lab.add_pod(&a, "a2").expect("pod");
+    let h2_local = lab.add_pod(&a, "a3").expect("pod");
+    let grpc_remote = lab.add_pod(&b, "b1").expect("pod");
+    let h2_remote = lab.add_pod(&b, "b2").expect("pod");
+    let roots = [
+        Docroot::new(lab.name(), &h2_local),
+        Docroot::new(lab.name(), &h2_remote),
+    ];
+    let nghttpd = |pod: &Pod, root: &Docroot| {
+        let guard = trellis_tests::ChildGuard::spawn(
+            pod.exec()
+                .command("nghttpd")
+                .expect("nghttpd")
+                .args(["--no-tls", "-d"])
+                .arg(&root.0)
+                .arg("8080"),
+        )
+        .expect("nghttpd starts");
+        pod.exec()
+            .wait_port(&pod.ip.to_string(), 8080, Duration::from_secs(20))
+            .expect("nghttpd listens");
+        guard
+    };
+    let _servers = [
+        grpc_local
+            .serve(py::GRPC_SERVER, &["local", "50051"], 50051)
+            .expect("grpc server"),
+        grpc_remote
+            .serve(py::GRPC_SERVER, &["remote", "50051"], 50051)
+            .expect("grpc server"),
+        nghttpd(&h2_local, &roots[0]),
+        nghttpd(&h2_remote, &roots[1]),
+    ];
+    let _cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&grpc_local, "shop", &[("app", "grpc")], &[], ""),
+            mesh::pod(&grpc_remote, "shop", &[("app", "grpc")], &[], ""),
+            mesh::pod(&h2_local, "shop", &[("app", "h2")], &[], ""),
+            mesh::pod(&h2_remote, "shop", &[("app", "h2")], &[], ""),
+            // gRPC declared, so no sniffing; the h2 Service is sniffed.
+            mesh::service_with_protocol(
+                "shop",
+                "grpc",
+                GRPC_VIP,
+                50051,
+                "50051",
+                "grpc",
+                &[("app", "grpc")],
+            ),
+            mesh::service("shop", "h2", H2_VIP, 80, "8080", &[("app", "h2")]),
+        ],
+    )
+    .expect("mesh");
+
+    // gRPC: every kind of call, four rounds on one channel.
+    let out = client
+        .exec()
+        .python_output(
+            py::GRPC_CLIENT,
+            &[&format!("{GRPC_VIP}:50051"), "4"],
+            Duration::from_secs(90),
+        )
+        .expect("grpc client");
+    let out: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    for kind in ["say", "count", "sum", "chat"] {
+        let calls = out[kind].as_array().expect(kind);
+        assert_eq!(calls.len(), 4, "{kind}: {out}");
+        assert!(
+            calls.iter().all(|c| c[1] == true),
+            "{kind}: every answer intact: {out}"
+        );
+        let servers: BTreeSet<&str> = calls.iter().filter_map(|c| c[0].as_str()).collect();
+        assert_eq!(
+            servers,
+            BTreeSet::from(["local", "remote"]),
+            "{kind}: balanced per request over both nodes: {out}"
+        );
+    }
+    // A non-OK status keeps its code, message and trailers.
+    assert_eq!(out["fail"][0], "NOT_FOUND", "{out}");
+    assert_eq!(out["fail"][1], "no such thing", "{out}");
+    assert!(
+        out["fail"][2] == "local" || out["fail"][2] == "remote",
+        "{out}"
+    );
+
+    // curl with HTTP/2 prior knowledge: HTTP/2 end to end.
+    let url = format!("http://{H2_VIP}/name");
+    let out = client
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "20",
+                "--http2-prior-knowledge",
+                "-w",
+                " %{http_version}",
+                &url,
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("curl");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out == "a3 2" || out == "b2 2", "{out}");
+
+    // nghttp: six concurrent streams on one connection, balanced per
+    // request over both backends (the bodies, two bytes each, concatenated).
+    let urls: Vec<String> = (0..6).map(|i| format!("{url}?{i}")).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let out = client
+        .exec()
+        .output("nghttp", &args, Duration::from_secs(60))
+        .expect("nghttp");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let names: Vec<&str> = (0..out.len() / 2).map(|i| &out[2 * i..2 * i + 2]).collect();
+    assert_eq!(names.len(), 6, "{out}");
+    assert!(names.iter().all(|n| *n == "a3" || *n == "b2"), "{out}");
+    assert!(names.contains(&"a3") && names.contains(&"b2"), "{out}");
+
+    // h2load: many streams on few connections, a 1 MiB body among them.
+    let out = client
+        .exec()
+        .output(
+            "h2load",
+            &[
+                "-n",
+                "400",
+                "-c",
+                "2",
+                "-m",
+                "16",
+                &format!("http://{H2_VIP}/name"),
+                &format!("http://{H2_VIP}/big"),
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("h2load");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("400 succeeded, 0 failed, 0 errored"),
+        "h2load: {text}"
+    );
+    assert!(text.contains("status codes: 400 2xx"), "h2load: {text}");
+    drop(roots);
+}
