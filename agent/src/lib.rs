@@ -18,6 +18,7 @@ pub mod netlink;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod resilience;
 pub mod routes;
 pub mod run;
 #[expect(unsafe_code, reason = "setsockopt")]

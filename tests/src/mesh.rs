@@ -127,6 +127,16 @@ pub fn authorization_policy(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
+/// `trellis.dev/v1alpha1/TrafficPolicy` for Service `service`, with the
+/// rest of `spec` in YAML flow style (without braces).
+pub fn traffic_policy(namespace: &str, service: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\n\
+         metadata: {{name: {service}, namespace: {namespace}}}\n\
+         spec: {{targetRefs: [{{kind: Service, name: {service}}}], {spec}}}\n"
+    )
+}
+
 /// `networking.k8s.io/v1/NetworkPolicy` with `spec` in YAML flow style.
 pub fn network_policy(namespace: &str, name: &str, spec: &str) -> String {
     format!(

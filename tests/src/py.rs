@@ -630,3 +630,105 @@ except grpc.RpcError as e:
     out["fail"] = [e.code().name, e.details(), server_of(e.trailing_metadata())]
 print(json.dumps(out))
 "#;
+
+/// HTTP server whose answers a test steers by path, counting the requests
+/// it serves (not `/count`, `/control/*` or `/healthz`):
+/// `/fail-first/N/KEY` 503 for the first N requests with that KEY, then 200;
+/// `/slow-first/MS/KEY` the first request with KEY waits MS ms; `/status/C`
+/// answers C; `/slow/MS` waits MS ms; `/control/bad` and `/control/good`
+/// make every other request 500 or not; `/count` gives the count. Bodies:
+/// `NAME attempt N` (N per KEY) or `NAME`. Args: NAME PORT.
+pub const STEERED_SERVER: &str = r#"
+import http.server, socket, sys, threading, time
+name = sys.argv[1]
+lock = threading.Lock()
+state = {"count": 0, "bad": False, "keys": {}}
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self, code, body):
+        body = body.encode()
+        self.send_response(code)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if parts[0] == "count":
+            return self.answer(200, str(state["count"]))
+        if parts[0] == "healthz":
+            return self.answer(200, "ok")
+        if parts[0] == "control":
+            state["bad"] = parts[1] == "bad"
+            return self.answer(200, "ok")
+        with lock:
+            state["count"] += 1
+            n = 0
+            if len(parts) == 3:
+                n = state["keys"][parts[2]] = state["keys"].get(parts[2], 0) + 1
+        if state["bad"]:
+            return self.answer(500, name)
+        if parts[0] == "fail-first" and n <= int(parts[1]):
+            return self.answer(503, "%s attempt %d" % (name, n))
+        if parts[0] == "slow-first" and n == 1:
+            time.sleep(int(parts[1]) / 1000)
+        if parts[0] == "slow":
+            time.sleep(int(parts[1]) / 1000)
+        if parts[0] == "status":
+            return self.answer(int(parts[1]), name)
+        self.answer(200, "%s attempt %d" % (name, n) if n else name)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+S(("::", int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// HTTP load: THREADS threads (started together) each sending EACH GETs to
+/// URL on one keep-alive connection, with HEADERS (JSON object). Prints
+/// JSON: counts by status, by body, by `x-trellis-reason`, the
+/// `retry-after` values seen, `set-cookie` values, and how many requests
+/// took at least SLOW_MS. Args: URL THREADS EACH HEADERS SLOW_MS.
+pub const HTTP_LOAD: &str = r#"
+import http.client, json, sys, threading, time, urllib.parse
+url, threads, each = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+headers, slow_ms = json.loads(sys.argv[4]), int(sys.argv[5])
+u = urllib.parse.urlsplit(url)
+path = u.path + ("?" + u.query if u.query else "")
+out = {"status": {}, "body": {}, "reason": {}, "retry_after": [], "cookies": [], "slow": 0, "errors": 0}
+lock = threading.Lock()
+start = threading.Barrier(threads)
+def bump(d, k):
+    d[k] = d.get(k, 0) + 1
+def one():
+    start.wait()
+    c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=20)
+    for _ in range(each):
+        t = time.monotonic()
+        try:
+            c.request("GET", path, headers=headers)
+            r = c.getresponse()
+            body = r.read().decode(errors="replace").strip()
+        except Exception:
+            with lock:
+                out["errors"] += 1
+            c.close()
+            c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=20)
+            continue
+        ms = (time.monotonic() - t) * 1000
+        with lock:
+            bump(out["status"], str(r.status))
+            bump(out["body"], body if r.status == 200 else "%d %s" % (r.status, body.split(":")[0]))
+            if r.getheader("x-trellis-reason"):
+                bump(out["reason"], r.getheader("x-trellis-reason"))
+            if r.getheader("retry-after"):
+                out["retry_after"].append(r.getheader("retry-after"))
+            if r.getheader("set-cookie"):
+                out["cookies"].append(r.getheader("set-cookie"))
+            if ms >= slow_ms:
+                out["slow"] += 1
+ts = [threading.Thread(target=one) for _ in range(threads)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps(out))
+"#;

@@ -229,6 +229,8 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "outbound": state.outbound.stats,
         "http": state.outbound.http_stats(),
         "routes": snapshot.routes.status,
+        "trafficPolicies": snapshot.traffic,
+        "endpoints": state.outbound.http_endpoints(),
         "inbound": state.inbound.stats,
         "hbone_pool": { "stats": state.pool.stats, "connections": state.pool.list() },
     })

@@ -35,6 +35,11 @@ use tokio::{
 use tracing::{Instrument as _, debug};
 
 use super::detect::Protocol;
+use crate::resilience::{
+    self, Endpoint, Outcome, ServiceState,
+    balance::{chance, random_below},
+    retry::{self, Attempt, Replay},
+};
 use crate::{
     hbone::client::Pool,
     identity::Identity,
@@ -59,6 +64,8 @@ pub struct Call {
     /// The Service called (`namespace/name`) and its port.
     pub service: String,
     pub port: u16,
+    /// Whether the VIP called is IPv6: backends are of its family.
+    pub ipv6: bool,
 }
 
 /// Requests the agent answered itself, by reason, and forwarded ones.
@@ -73,6 +80,14 @@ pub struct HttpStats {
     pub upstream_reset: AtomicU64,
     pub timeout: AtomicU64,
     pub denied: AtomicU64,
+    pub circuit_open: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub fault_injected: AtomicU64,
+    /// Attempts after the first, and retries the budget refused.
+    pub retries: AtomicU64,
+    pub retry_budget_exhausted: AtomicU64,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: AtomicU64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +107,9 @@ enum Reason {
     UpstreamReset,
     Timeout,
     Denied,
+    CircuitOpen,
+    RateLimited,
+    FaultInjected,
 }
 
 impl Reason {
@@ -104,6 +122,9 @@ impl Reason {
             Self::UpstreamReset => "upstream-reset",
             Self::Timeout => "timeout",
             Self::Denied => "denied",
+            Self::CircuitOpen => "circuit-open",
+            Self::RateLimited => "rate-limited",
+            Self::FaultInjected => "fault-injected",
         }
     }
 
@@ -117,6 +138,8 @@ impl Reason {
             Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Denied => StatusCode::FORBIDDEN,
+            Self::CircuitOpen | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -127,6 +150,7 @@ impl Reason {
             Self::BackendNotFound => 13, // INTERNAL
             Self::Timeout => 4,          // DEADLINE_EXCEEDED
             Self::Denied => 7,           // PERMISSION_DENIED
+            Self::RateLimited => 8,      // RESOURCE_EXHAUSTED
             _ => 14,                     // UNAVAILABLE
         }
     }
@@ -144,7 +168,10 @@ pub struct HttpProxy {
     connect_timeout: Duration,
     h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
-    next: Mutex<HashMap<(String, u16), usize>>,
+    /// Per Service: its policy's run-time state.
+    services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    /// Active health checks running, by Service and endpoint.
+    checks: Mutex<HashMap<(String, SocketAddr), tokio::task::AbortHandle>>,
     pub stats: HttpStats,
 }
 
@@ -164,7 +191,8 @@ impl HttpProxy {
             connect_timeout,
             h1: Mutex::default(),
             h2: Mutex::default(),
-            next: Mutex::default(),
+            services: Mutex::default(),
+            checks: Mutex::default(),
             stats: HttpStats::default(),
         }
     }
@@ -247,45 +275,350 @@ impl HttpProxy {
                 }
             },
         };
-        let Some(backend) = self.pick_endpoint(&snapshot, &service, port) else {
+        let svc = self.service_state(&snapshot, &service);
+        let policy = svc.policy.clone();
+        if let Some(identity) = &call.client_identity {
+            *svc.prober.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
+        }
+
+        // Local rate limit, then injected faults, then the breaker.
+        let source = call
+            .client_identity
+            .as_ref()
+            .map_or_else(|| call.client.ip().to_string(), |i| i.to_string());
+        if let Err(wait) = svc.take_token(&source) {
+            let mut resp = answer(Reason::RateLimited, format!("{service} allows no more now"));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+            );
+            return resp;
+        }
+        if let Some(fault) = &policy.fault {
+            if let Some((delay, share)) = fault.delay
+                && chance(share)
+            {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((status, grpc_status, share)) = fault.abort
+                && chance(share)
+            {
+                let mut resp = answer(Reason::FaultInjected, format!("by {}", policy.policy));
+                if grpc {
+                    resp.headers_mut()
+                        .insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
+                } else {
+                    *resp.status_mut() =
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                }
+                return resp;
+            }
+        }
+        let in_flight = Gauge::service(&svc.gauges, |g| &g.requests);
+        if let Some(max) = policy.limits.max_requests
+            && in_flight.value > u64::from(max)
+        {
+            return answer(
+                Reason::CircuitOpen,
+                format!("{service} has {max} requests in flight"),
+            );
+        }
+
+        let candidates = ready_endpoints(&snapshot, &service, port, call.ipv6);
+        if candidates.is_empty() {
             return answer(
                 Reason::NoHealthyUpstream,
                 format!("{service}:{port} has no ready endpoint"),
             );
-        };
-        if let Err(policy) = self.authorize(&snapshot, call, backend) {
-            return answer(Reason::Denied, format!("denied by {policy}"));
         }
+        let hash = resilience::hash_key(&policy, req.headers(), call.client.ip());
 
-        let mut req = req.map(|b| b.boxed());
+        // The request, kept so that it can be sent again.
+        let (mut parts, body) = req.into_parts();
         if let Some(rule) = &rule {
-            rule.request_headers.apply(req.headers_mut());
+            rule.request_headers.apply(&mut parts.headers);
         }
+        let replay = if hyper::body::Body::is_end_stream(&body) {
+            Replay::empty()
+        } else {
+            Replay::default()
+        };
+        let head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        );
+        let mut next = Some(Request::from_parts(parts, replay.tee(body).boxed()));
+
         let timeout = rule
             .as_ref()
             .and_then(|r| match (r.request_timeout, r.backend_timeout) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             });
-        let forwarded = self.forward(req, call, backend);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, forwarded).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return answer(Reason::Timeout, format!("no response within {t:?}"));
-                }
-            },
-            None => forwarded.await,
-        };
-        match result {
-            Ok(mut resp) => {
-                if let Some(rule) = &rule {
-                    rule.response_headers.apply(resp.headers_mut());
-                }
-                resp
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut tried = Vec::new();
+        let mut retry_permit = None;
+        loop {
+            let Some(req) = next.take() else { break };
+            let Some((backend, endpoint)) =
+                svc.pick(&candidates, &tried, hash.as_ref().map(|h| h.key()))
+            else {
+                return answer(Reason::NoHealthyUpstream, format!("{service}:{port}"));
+            };
+            tried.push(backend);
+            if let Err(policy) = self.authorize(&snapshot, call, backend) {
+                return answer(Reason::Denied, format!("denied by {policy}"));
             }
-            Err((reason, detail)) => answer(reason, format!("{backend}: {detail}")),
+            let active = Gauge::enter(Counter::Endpoint(endpoint.clone()));
+            let attempt = self.forward(req, call, backend, &svc);
+            let limit = match (policy.retry.per_try_timeout, deadline) {
+                (Some(t), Some(d)) => Some((tokio::time::Instant::now() + t).min(d)),
+                (Some(t), None) => Some(tokio::time::Instant::now() + t),
+                (None, d) => d,
+            };
+            let result = match limit {
+                Some(at) => tokio::time::timeout_at(at, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err((Reason::Timeout, "no response in time".into()))),
+                None => attempt.await,
+            };
+            let kind = match &result {
+                Ok(resp) => Attempt::Response(resp.status().as_u16(), grpc_status(resp.headers())),
+                Err((Reason::UpstreamConnectFailed, _)) => Attempt::ConnectFailure,
+                Err((Reason::UpstreamReset, _)) => Attempt::Reset,
+                Err((Reason::Timeout, _)) => Attempt::Timeout,
+                Err(_) => Attempt::Reset,
+            };
+            let outcome = match kind {
+                Attempt::Response(status, _) => Outcome::of_status(status),
+                _ => Outcome::GatewayError,
+            };
+            let circuit = matches!(result, Err((Reason::CircuitOpen, _)));
+            if !circuit && svc.record(&endpoint, outcome, candidates.len()) {
+                self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%backend, service, "ejected by outlier detection");
+            }
+            let done = circuit
+                || tried.len() > policy.retry.attempts as usize
+                || !retry::retriable(&policy.retry, kind)
+                || deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if !done {
+                drop(retry_permit.take());
+                match retry::admit(&policy.retry, policy.limits.max_retries, &svc.gauges) {
+                    None => {
+                        self.stats
+                            .retry_budget_exhausted
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(permit) => {
+                        if let Some(body) = replay.body() {
+                            let (method, uri, version, headers) = head.clone();
+                            let mut again =
+                                Request::new(body.map_err(|never| match never {}).boxed());
+                            *again.method_mut() = method;
+                            *again.uri_mut() = uri;
+                            *again.version_mut() = version;
+                            *again.headers_mut() = headers;
+                            next = Some(again);
+                            retry_permit = Some(permit);
+                            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                            debug!(%backend, attempt = tried.len(), ?kind, "retrying");
+                            tokio::time::sleep(retry::backoff(&policy.retry, tried.len() as u32))
+                                .await;
+                            continue;
+                        }
+                    }
+                }
+            }
+            return match result {
+                Ok(mut resp) => {
+                    if let Some(rule) = &rule {
+                        rule.response_headers.apply(resp.headers_mut());
+                    }
+                    if let Some(resilience::HashInput::NewCookie(_, cookie)) = &hash
+                        && let Ok(v) = HeaderValue::from_str(cookie)
+                    {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                    // In flight until the response body ends.
+                    resp.map(|b| {
+                        Guarded {
+                            inner: b,
+                            _gauges: (in_flight, active),
+                        }
+                        .boxed()
+                    })
+                }
+                Err((reason, detail)) => answer(reason, format!("{backend}: {detail}")),
+            };
         }
+        answer(Reason::NoHealthyUpstream, format!("{service}:{port}"))
+    }
+
+    /// The run-time state of `service` under its current policy (a new one
+    /// when the policy changed).
+    fn service_state(&self, snapshot: &Snapshot, service: &str) -> Arc<ServiceState> {
+        let policy = snapshot
+            .traffic
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_POLICY.clone());
+        let mut map = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(service) {
+            Some(s) if Arc::ptr_eq(&s.policy, &policy) || *s.policy == *policy => s.clone(),
+            _ => {
+                let state = Arc::new(ServiceState::new(policy));
+                map.insert(service.to_owned(), state.clone());
+                state
+            }
+        }
+    }
+
+    /// Keeps one health-check task per endpoint of every Service whose
+    /// policy asks for checks, as the state changes.
+    pub async fn run_health_checks(self: Arc<Self>) {
+        let mut state = self.state.clone();
+        loop {
+            let snapshot = state.borrow_and_update().clone();
+            self.reconcile_checks(&snapshot);
+            if state.changed().await.is_err() {
+                break;
+            }
+        }
+        for (_, task) in self
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            task.abort();
+        }
+    }
+
+    fn reconcile_checks(self: &Arc<Self>, snapshot: &Snapshot) {
+        let mut wanted = HashMap::new();
+        for (service, policy) in &snapshot.traffic {
+            let Some(check) = &policy.health else {
+                continue;
+            };
+            let Some(view) = snapshot.service(service) else {
+                continue;
+            };
+            let svc = self.service_state(snapshot, service);
+            let endpoints: Vec<SocketAddr> =
+                view.backends.values().flatten().map(|b| b.addr).collect();
+            svc.retain(&endpoints);
+            for addr in endpoints {
+                wanted.insert((service.clone(), addr), (svc.clone(), check.clone()));
+            }
+        }
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks.retain(|key, task| {
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(svc, _)| !task.is_finished() && self.current(&key.0, svc));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, (svc, check)) in wanted {
+            if checks.contains_key(&key) {
+                continue;
+            }
+            let (service, addr) = key.clone();
+            let this = self.clone();
+            let prober = svc.clone();
+            let path = check.http_path.clone();
+            let task = tokio::spawn(resilience::health::run(
+                svc,
+                service,
+                addr,
+                check,
+                move || {
+                    let this = this.clone();
+                    let prober = prober.clone();
+                    let path = path.clone();
+                    async move { this.probe(&prober, addr, path.as_deref()).await }
+                },
+            ));
+            checks.insert(key, task.abort_handle());
+        }
+    }
+
+    /// Whether `svc` is still the state of `service` (its policy unchanged).
+    fn current(&self, service: &str, svc: &Arc<ServiceState>) -> bool {
+        self.services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .is_some_and(|s| Arc::ptr_eq(s, svc))
+    }
+
+    /// One health check: an HTTP GET of `path` (2xx passes) or a connect,
+    /// through the path requests take (HBONE for meshed pods elsewhere, with
+    /// the identity of the Service's last local caller).
+    async fn probe(
+        &self,
+        svc: &ServiceState,
+        backend: SocketAddr,
+        path: Option<&str>,
+    ) -> Result<(), String> {
+        let snapshot = self.state.borrow().clone();
+        let identity = svc.prober.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let node_ip = snapshot
+            .node
+            .as_ref()
+            .and_then(|n| n.internal_ip(backend.is_ipv6()))
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let call = Call {
+            client: SocketAddr::new(node_ip, 0),
+            client_namespace: String::new(),
+            client_identity: identity,
+            service: String::new(),
+            port: 0,
+            ipv6: backend.is_ipv6(),
+        };
+        let dst = self.tunnel(&snapshot, &call, backend);
+        let (io, _guard) = self
+            .connect(backend, dst, &call)
+            .await
+            .map_err(|(_, e)| e)?;
+        let Some(path) = path else { return Ok(()) };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, backend.to_string())
+            .header(header::USER_AGENT, "trellis-health-check")
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string());
+        conn.abort();
+        let status = resp?.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("GET {path}: {status}"))
+        }
+    }
+
+    /// Services' endpoint records, for the admin API.
+    pub fn endpoints(&self) -> std::collections::BTreeMap<String, Vec<resilience::EndpointStatus>> {
+        self.services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.endpoint_status()))
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
     }
 
     fn count(&self, reason: Reason) {
@@ -297,28 +630,11 @@ impl HttpProxy {
             Reason::UpstreamReset => &self.stats.upstream_reset,
             Reason::Timeout => &self.stats.timeout,
             Reason::Denied => &self.stats.denied,
+            Reason::CircuitOpen => &self.stats.circuit_open,
+            Reason::RateLimited => &self.stats.rate_limited,
+            Reason::FaultInjected => &self.stats.fault_injected,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A ready endpoint of the Service port, round robin.
-    fn pick_endpoint(&self, snapshot: &Snapshot, service: &str, port: u16) -> Option<SocketAddr> {
-        let svc = snapshot.service(service)?;
-        let usable: Vec<SocketAddr> = svc
-            .backends
-            .get(&port)?
-            .iter()
-            .filter(|b| b.usable())
-            .map(|b| b.addr)
-            .collect();
-        if usable.is_empty() {
-            return None;
-        }
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = next.entry((service.to_owned(), port)).or_insert(0);
-        let pick = usable[*slot % usable.len()];
-        *slot = slot.wrapping_add(1);
-        Some(pick)
     }
 
     /// Same-node delivery: the destination's authorization policies apply
@@ -357,6 +673,7 @@ impl HttpProxy {
         mut req: Request<Body>,
         call: &Call,
         backend: SocketAddr,
+        svc: &ServiceState,
     ) -> Result<Response<Body>, (Reason, String)> {
         let snapshot = self.state.borrow().clone();
         let dst = self.tunnel(&snapshot, call, backend);
@@ -386,7 +703,7 @@ impl HttpProxy {
             {
                 *req.uri_mut() = uri;
             }
-            let mut sender = self.h2_sender(&key, dst, call).await?;
+            let mut sender = self.h2_sender(&key, dst, call, svc).await?;
             let resp = sender
                 .send_request(req)
                 .await
@@ -408,7 +725,7 @@ impl HttpProxy {
             if let Ok(uri) = pq.parse() {
                 *req.uri_mut() = uri;
             }
-            let mut sender = self.h1_sender(&key, dst, call).await?;
+            let mut sender = self.h1_sender(&key, dst, call, svc).await?;
             let resp = sender
                 .send_request(req)
                 .await
@@ -429,6 +746,7 @@ impl HttpProxy {
         key: &UpstreamKey,
         dst: Option<Identity>,
         call: &Call,
+        svc: &ServiceState,
     ) -> Result<hyper::client::conn::http1::SendRequest<Body>, (Reason, String)> {
         {
             let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
@@ -439,13 +757,13 @@ impl HttpProxy {
                 }
             }
         }
-        let (io, guard) = self.connect(key.backend, dst, call).await?;
+        let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         tokio::spawn(
             async move {
-                let _guard = guard;
+                let _guards = (guard, counted);
                 if let Err(e) = conn.await {
                     debug!(error = %e, "upstream HTTP/1.1 connection ended");
                 }
@@ -460,6 +778,7 @@ impl HttpProxy {
         key: &UpstreamKey,
         dst: Option<Identity>,
         call: &Call,
+        svc: &ServiceState,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, (Reason, String)> {
         if let Some(s) = self
             .h2
@@ -470,14 +789,14 @@ impl HttpProxy {
         {
             return Ok(s.clone());
         }
-        let (io, guard) = self.connect(key.backend, dst, call).await?;
+        let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         tokio::spawn(
             async move {
-                let _guard = guard;
+                let _guards = (guard, counted);
                 if let Err(e) = conn.await {
                     debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
@@ -489,6 +808,43 @@ impl HttpProxy {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.clone(), sender.clone());
         Ok(sender)
+    }
+
+    /// A new upstream connection within the circuit breaker's limits:
+    /// connections open to the Service (`maxConnections`) and requests
+    /// waiting for one (`maxPendingRequests`); counted while it lives.
+    async fn connect_counted(
+        &self,
+        backend: SocketAddr,
+        dst: Option<Identity>,
+        call: &Call,
+        svc: &ServiceState,
+    ) -> Result<
+        (
+            Pin<Box<dyn Io>>,
+            Option<crate::hbone::client::StreamGuard>,
+            Gauge,
+        ),
+        (Reason, String),
+    > {
+        let limits = &svc.policy.limits;
+        let connections = Gauge::service(&svc.gauges, |g| &g.connections);
+        if let Some(max) = limits.max_connections
+            && connections.value > u64::from(max)
+        {
+            return Err((Reason::CircuitOpen, format!("{max} connections open")));
+        }
+        let pending = Gauge::service(&svc.gauges, |g| &g.pending);
+        if let Some(max) = limits.max_pending_requests
+            && pending.value > u64::from(max)
+        {
+            return Err((
+                Reason::CircuitOpen,
+                format!("{max} requests wait for a connection"),
+            ));
+        }
+        let (io, guard) = self.connect(backend, dst, call).await?;
+        Ok((io, guard, connections))
     }
 
     /// An upstream connection: an HBONE stream to a meshed pod on another
@@ -522,6 +878,103 @@ impl HttpProxy {
         .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         let _ = stream.set_nodelay(true);
         Ok((Box::pin(stream), None))
+    }
+}
+
+/// The policy of Services without a `TrafficPolicy`: round robin, no
+/// retries, no limits.
+static DEFAULT_POLICY: std::sync::LazyLock<Arc<resilience::Resilience>> =
+    std::sync::LazyLock::new(Arc::default);
+
+/// A Service port's ready endpoints of one family (a VIP's backends are of
+/// its family, as EndpointSlices are).
+fn ready_endpoints(snapshot: &Snapshot, service: &str, port: u16, ipv6: bool) -> Vec<SocketAddr> {
+    snapshot
+        .service(service)
+        .and_then(|svc| svc.backends.get(&port))
+        .map(|b| {
+            b.iter()
+                .filter(|b| b.usable() && b.addr.is_ipv6() == ipv6)
+                .map(|b| b.addr)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `grpc-status` in response headers (a trailers-only gRPC answer).
+fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// One count in a gauge, taken back when dropped.
+struct Gauge {
+    counter: Counter,
+    /// The count with this one in it.
+    value: u64,
+}
+
+enum Counter {
+    /// An endpoint's requests in flight.
+    Endpoint(Arc<Endpoint>),
+    /// One of a Service's gauges.
+    Service(
+        Arc<resilience::Gauges>,
+        fn(&resilience::Gauges) -> &AtomicU64,
+    ),
+}
+
+impl Counter {
+    fn get(&self) -> &AtomicU64 {
+        match self {
+            Self::Endpoint(e) => &e.active,
+            Self::Service(g, pick) => pick(g),
+        }
+    }
+}
+
+impl Gauge {
+    fn enter(counter: Counter) -> Self {
+        let value = counter.get().fetch_add(1, Ordering::Relaxed) + 1;
+        Self { counter, value }
+    }
+
+    fn service(
+        gauges: &Arc<resilience::Gauges>,
+        pick: fn(&resilience::Gauges) -> &AtomicU64,
+    ) -> Self {
+        Self::enter(Counter::Service(gauges.clone(), pick))
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.counter.get().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body holding gauges until it ends.
+struct Guarded<B> {
+    inner: B,
+    _gauges: (Gauge, Gauge),
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -601,27 +1054,6 @@ fn pick_weighted(backends: &[routes::table::WeightedBackend]) -> &routes::table:
         n -= u64::from(b.weight);
     }
     &backends[0]
-}
-
-/// A uniform number below `n`, from a per-thread xorshift seeded by the OS.
-fn random_below(n: u64) -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let mut seed = [0u8; 8];
-            let _ = getrandom::fill(&mut seed);
-            u64::from_ne_bytes(seed) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        // Multiply-shift: unbiased enough for weights (n ≤ 2^32 · rules).
-        ((u128::from(x) * u128::from(n)) >> 64) as u64
-    })
 }
 
 #[cfg(test)]

@@ -336,6 +336,14 @@ impl Outbound {
         &self.http().stats
     }
 
+    /// The L7 path's endpoint records (requests in flight, health,
+    /// ejections), by Service.
+    pub fn http_endpoints(
+        &self,
+    ) -> std::collections::BTreeMap<String, Vec<crate::resilience::EndpointStatus>> {
+        self.http().endpoints()
+    }
+
     /// A call to a Service port from a local pod, which the L7 path may
     /// take: the call, whether `appProtocol` declares HTTP (`Some(true)`) or
     /// opaque TCP, and whether routes apply to this client.
@@ -348,11 +356,13 @@ impl Outbound {
         let snapshot = self.state.borrow().clone();
         let (svc, port) = snapshot.service_for(dst)?;
         let client = snapshot.workload_by_ip(peer.ip().to_canonical())?;
+        // Routes for this client, or a traffic policy on the Service.
         let routed = snapshot
             .routes
             .port(&svc.id(), port.port)
             .and_then(|p| p.for_client(&client.namespace))
-            .is_some();
+            .is_some()
+            || snapshot.traffic.contains_key(&svc.id());
         let call = Call {
             client: peer,
             client_namespace: client.namespace.clone(),
@@ -360,6 +370,7 @@ impl Outbound {
                 .then(|| Identity::of(client, &self.trust_domain)),
             service: svc.id(),
             port: port.port,
+            ipv6: dst.is_ipv6(),
         };
         Some((call, detect::declared(port.app_protocol.as_deref()), routed))
     }
@@ -371,6 +382,10 @@ impl Outbound {
 
     /// Accepts captured connections until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        // Health checks run from the start, so a dead backend is out before
+        // the first request could pick it; they end with this task.
+        let checks = tokio::spawn(self.http().clone().run_health_checks());
+        let _checks = AbortOnDrop(checks.abort_handle());
         let span = |peer| info_span!("outbound", src = %peer, dst = tracing::field::Empty);
         super::accept_loop(listener, "outbound", span, |stream, peer| {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -753,4 +768,13 @@ fn resets(standing: &[Standing], sockets: &[BorrowedFd<'_>]) -> Vec<OwnedFd> {
         return Vec::new();
     }
     super::duplicates(sockets)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

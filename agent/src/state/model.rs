@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 use crate::{
     policy::{authz::Policy, network::NetworkPolicy},
+    resilience::{Resilience, TrafficPolicy},
     routes::RouteTable,
 };
 
@@ -136,12 +138,41 @@ pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     /// HTTP routes by Service port, and their status.
     pub routes: RouteTable,
+    /// Traffic policies by `namespace/name` of the Service they target.
+    pub traffic: BTreeMap<String, Arc<Resilience>>,
     /// Objects by kind, for status output.
     pub counts: BTreeMap<&'static str, usize>,
     /// Index of `workloads` by address (the first workload holding it), for
     /// the lookups every proxied connection makes.
     #[serde(skip)]
     by_ip: HashMap<IpAddr, usize>,
+}
+
+/// Compiles traffic policies per target Service. Two policies on one
+/// Service: the older one applies (then the first by name), as the Gateway
+/// API settles policy conflicts.
+fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resilience>> {
+    policies.sort_by_key(|p| {
+        (
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            p.metadata.name.clone(),
+        )
+    });
+    let mut out = BTreeMap::new();
+    for p in policies.iter() {
+        let ns = p.metadata.namespace.clone().unwrap_or_default();
+        // Validated when parsed: compiling cannot fail here.
+        let Ok(mut compiled) = Resilience::compile(&p.spec) else {
+            continue;
+        };
+        compiled.policy = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
+        let compiled = Arc::new(compiled);
+        for t in &p.spec.target_refs {
+            out.entry(format!("{ns}/{}", t.name))
+                .or_insert_with(|| compiled.clone());
+        }
+    }
+    out
 }
 
 impl Snapshot {
@@ -156,6 +187,7 @@ impl Snapshot {
         let mut policies = Vec::new();
         let mut network_policies = Vec::new();
         let mut http_routes = Vec::new();
+        let mut traffic_policies = Vec::new();
         for object in objects {
             *counts.entry(object.key().kind).or_insert(0) += 1;
             match object {
@@ -166,6 +198,7 @@ impl Snapshot {
                 Object::Pod(p) => pods.push(p.as_ref()),
                 Object::Service(s) => services.push(s.as_ref()),
                 Object::HttpRoute(r) => http_routes.push(r.as_ref()),
+                Object::TrafficPolicy(p) => traffic_policies.push(p.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 // Validated when parsed: an error here cannot happen.
                 Object::NetworkPolicy(p) => {
@@ -206,6 +239,7 @@ impl Snapshot {
             })
             .collect();
         let routes = RouteTable::build(&http_routes, &services);
+        let traffic = traffic_table(&mut traffic_policies);
         let namespace_labels = namespaces
             .iter()
             .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
@@ -225,6 +259,7 @@ impl Snapshot {
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
             routes,
+            traffic,
             counts,
             by_ip,
         }

@@ -13,7 +13,9 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-use crate::{policy::authz::AuthorizationPolicy, routes::http_route::HttpRoute};
+use crate::{
+    policy::authz::AuthorizationPolicy, resilience::TrafficPolicy, routes::http_route::HttpRoute,
+};
 
 /// The annotation that tells the agent where a pod's network namespace is.
 pub const NETNS_ANNOTATION: &str = "trellis.dev/netns";
@@ -35,6 +37,7 @@ pub enum Object {
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     NetworkPolicy(Box<NetworkPolicy>),
     HttpRoute(Box<HttpRoute>),
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped), name.
@@ -66,6 +69,7 @@ impl Object {
             Self::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Self::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
             Self::HttpRoute(o) => ("HTTPRoute", &o.metadata),
+            Self::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
         };
         ObjectKey {
             kind,
@@ -210,6 +214,7 @@ fn parse_object(
             "trellis.dev/v1alpha1"
         ),
         "HTTPRoute" => typed!(HttpRoute, HttpRoute, "gateway.networking.k8s.io/v1"),
+        "TrafficPolicy" => typed!(TrafficPolicy, TrafficPolicy, "trellis.dev/v1alpha1"),
         other => {
             return Err(reject(
                 None,
@@ -244,6 +249,7 @@ fn default_namespace(object: &mut Object) {
         Object::AuthorizationPolicy(o) => &mut o.metadata,
         Object::NetworkPolicy(o) => &mut o.metadata,
         Object::HttpRoute(o) => &mut o.metadata,
+        Object::TrafficPolicy(o) => &mut o.metadata,
         Object::Node(_) | Object::Namespace(_) => return,
     };
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
@@ -369,6 +375,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
             crate::policy::network::NetworkPolicy::from_object(policy)?;
         }
         Object::HttpRoute(route) => crate::routes::http_route::validate(route)?,
+        Object::TrafficPolicy(policy) => crate::resilience::policy::validate(policy)?,
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();
             if labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).is_none() {

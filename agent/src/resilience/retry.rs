@@ -1,0 +1,318 @@
+//! Retries: which results may be retried, the backoff between attempts, the
+//! budget that keeps retries from amplifying an outage, and a request body
+//! that can be sent again (recorded as the first attempt streams it, up to a
+//! limit, so streaming calls are not held back waiting for their end).
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::{Gauges, balance::random_below, policy::Retry};
+
+/// Request bodies larger than this are not kept for a retry (as Envoy's
+/// per-request buffer limit).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// What an attempt produced, as retry conditions see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// A response with this status, and a `grpc-status` in its headers (a
+    /// trailers-only gRPC response).
+    Response(u16, Option<u8>),
+    ConnectFailure,
+    Reset,
+    /// The per-try timeout.
+    Timeout,
+}
+
+/// Whether `policy` retries `attempt`.
+pub fn retriable(policy: &Retry, attempt: Attempt) -> bool {
+    match attempt {
+        Attempt::ConnectFailure => policy.on_connect_failure || policy.on_gateway_error,
+        Attempt::Reset => policy.on_reset || policy.on_5xx,
+        Attempt::Timeout => policy.on_gateway_error || policy.on_5xx,
+        Attempt::Response(status, grpc) => {
+            (policy.on_5xx && (500..=599).contains(&status))
+                || (policy.on_gateway_error && (502..=504).contains(&status))
+                || policy.statuses.contains(&status)
+                || grpc.is_some_and(|g| policy.grpc_codes.contains(&g))
+        }
+    }
+}
+
+/// The wait before retry `n` (1-based): full jitter over an exponential
+/// ceiling, `base × 2^(n-1)` capped at `max`.
+pub fn backoff(policy: &Retry, n: u32) -> Duration {
+    let ceiling = policy
+        .base_interval
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(policy.max_interval);
+    let micros = ceiling.as_micros() as u64;
+    Duration::from_micros(random_below(micros + 1))
+}
+
+/// A retry in flight, counted against the budget until dropped.
+pub struct RetryPermit(Arc<Gauges>);
+
+impl Drop for RetryPermit {
+    fn drop(&mut self) {
+        self.0
+            .retries
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Admits a retry when retries in flight stay within the budget (a share of
+/// requests in flight, at least `min_retry_concurrency`) and the circuit
+/// breaker's `max_retries`.
+pub fn admit(
+    policy: &Retry,
+    max_retries: Option<u32>,
+    gauges: &Arc<Gauges>,
+) -> Option<RetryPermit> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let requests = gauges.requests.load(Relaxed);
+    let budget = (requests * u64::from(policy.budget_ppm) / 1_000_000)
+        .max(u64::from(policy.min_retry_concurrency));
+    let cap = max_retries.map_or(budget, |m| budget.min(u64::from(m)));
+    let mut current = gauges.retries.load(Relaxed);
+    loop {
+        if current >= cap {
+            return None;
+        }
+        match gauges
+            .retries
+            .compare_exchange(current, current + 1, Relaxed, Relaxed)
+        {
+            Ok(_) => return Some(RetryPermit(gauges.clone())),
+            Err(now) => current = now,
+        }
+    }
+}
+
+/// What the first attempt's body has streamed so far.
+#[derive(Debug, Default)]
+struct Recording {
+    data: Vec<Bytes>,
+    size: usize,
+    trailers: Option<HeaderMap>,
+    done: bool,
+    overflow: bool,
+}
+
+/// A shared record of a request body, for replays.
+#[derive(Clone, Debug, Default)]
+pub struct Replay(Arc<Mutex<Recording>>);
+
+impl Replay {
+    /// A record already complete: the request has no body.
+    pub fn empty() -> Self {
+        let r = Self::default();
+        r.lock().done = true;
+        r
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The body again, when the whole of it was seen and kept.
+    pub fn body(&self) -> Option<ReplayBody> {
+        let r = self.lock();
+        (r.done && !r.overflow).then(|| ReplayBody {
+            data: r.data.clone().into(),
+            trailers: r.trailers.clone(),
+        })
+    }
+
+    /// Wraps the original body so that what it streams is recorded.
+    pub fn tee<B>(&self, inner: B) -> Tee<B> {
+        Tee {
+            inner,
+            record: self.clone(),
+        }
+    }
+}
+
+/// The original body, recording as it streams.
+pub struct Tee<B> {
+    inner: B,
+    record: Replay,
+}
+
+impl<B> Body for Tee<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut r = self.record.lock();
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    r.size += data.len();
+                    if r.size > REPLAY_LIMIT {
+                        r.overflow = true;
+                        r.data.clear();
+                    } else if !r.overflow {
+                        r.data.push(data.clone());
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    r.trailers = Some(t.clone());
+                }
+            }
+            Poll::Ready(None) => r.done = true,
+            Poll::Ready(Some(Err(_))) => r.overflow = true,
+            Poll::Pending => {}
+        }
+        drop(r);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A recorded body, sent again.
+pub struct ReplayBody {
+    data: std::collections::VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let n: usize = self.data.iter().map(Bytes::len).sum();
+        if self.trailers.is_none() {
+            SizeHint::with_exact(n as u64)
+        } else {
+            let mut h = SizeHint::new();
+            h.set_lower(n as u64);
+            h
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt as _, Full};
+
+    use super::*;
+
+    fn policy() -> Retry {
+        Retry {
+            attempts: 2,
+            ..Retry::default()
+        }
+    }
+
+    #[test]
+    fn default_conditions_are_connect_failure_reset_and_gateway_errors() {
+        let p = policy();
+        assert!(retriable(&p, Attempt::ConnectFailure));
+        assert!(retriable(&p, Attempt::Reset));
+        assert!(retriable(&p, Attempt::Response(503, None)));
+        assert!(!retriable(&p, Attempt::Response(500, None)));
+        assert!(!retriable(&p, Attempt::Response(200, Some(14))));
+        let p = Retry {
+            on_5xx: true,
+            grpc_codes: vec![14],
+            statuses: vec![409],
+            ..policy()
+        };
+        assert!(retriable(&p, Attempt::Response(500, None)));
+        assert!(retriable(&p, Attempt::Response(409, None)));
+        assert!(retriable(&p, Attempt::Response(200, Some(14))));
+        assert!(!retriable(&p, Attempt::Response(200, Some(5))));
+    }
+
+    #[test]
+    fn backoff_stays_under_its_exponential_ceiling() {
+        let p = policy();
+        for n in 1..8 {
+            let ceiling = (p.base_interval * (1 << (n - 1))).min(p.max_interval);
+            for _ in 0..100 {
+                assert!(backoff(&p, n) <= ceiling);
+            }
+        }
+    }
+
+    #[test]
+    fn the_budget_is_a_share_of_requests_in_flight() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = Retry {
+            budget_ppm: 200_000,
+            min_retry_concurrency: 1,
+            ..policy()
+        };
+        let gauges = Arc::new(Gauges::default());
+        gauges.requests.store(20, Relaxed);
+        let permits: Vec<_> = (0..10).filter_map(|_| admit(&p, None, &gauges)).collect();
+        assert_eq!(permits.len(), 4, "20 % of 20");
+        drop(permits);
+        assert_eq!(gauges.retries.load(Relaxed), 0);
+        gauges.requests.store(1, Relaxed);
+        let permits: Vec<_> = (0..10).filter_map(|_| admit(&p, None, &gauges)).collect();
+        assert_eq!(permits.len(), 1, "the minimum");
+        drop(permits);
+        gauges.requests.store(100, Relaxed);
+        let permits: Vec<_> = (0..10)
+            .filter_map(|_| admit(&p, Some(3), &gauges))
+            .collect();
+        assert_eq!(permits.len(), 3, "maxRetries caps the budget");
+    }
+
+    #[tokio::test]
+    async fn a_recorded_body_replays_and_a_large_one_does_not() {
+        let replay = Replay::default();
+        let body = replay.tee(Full::new(Bytes::from_static(b"hello")));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        let again = replay.body().expect("complete and small");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "hello");
+
+        let replay = Replay::default();
+        let big = Bytes::from(vec![0u8; REPLAY_LIMIT + 1]);
+        let body = replay.tee(Full::new(big));
+        body.collect().await.unwrap();
+        assert!(replay.body().is_none());
+
+        let replay = Replay::default();
+        let _unread = replay.tee(Full::new(Bytes::from_static(b"x")));
+        assert!(replay.body().is_none(), "not seen to its end");
+        assert!(Replay::empty().body().is_some());
+    }
+}
