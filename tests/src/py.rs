@@ -732,3 +732,61 @@ ts = [threading.Thread(target=one) for _ in range(threads)]
 [t.join() for t in ts]
 print(json.dumps(out))
 "#;
+
+/// HTTP/1.1 server that upgrades a request with `Upgrade: echo` (101), then
+/// echoes raw bytes, as a WebSocket server would carry frames. Args: PORT.
+pub const UPGRADE_SERVER: &str = r#"
+import socket, sys, threading
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
+def serve(c):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        b = c.recv(4096)
+        if not b:
+            return
+        head += b
+    head, rest = head.split(b"\r\n\r\n", 1)
+    if b"upgrade: echo" not in head.lower():
+        c.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        return
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+    if rest:
+        c.sendall(rest)
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        c.sendall(b)
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks HOST:PORT to upgrade to `echo`, then sends lines and reads their
+/// echoes on the upgraded connection. Prints the status line, then `echoed
+/// N`. Args: HOST PORT.
+pub const UPGRADE_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    b = s.recv(4096)
+    if not b:
+        break
+    head += b
+print(head.split(b"\r\n")[0].decode())
+ok = 0
+for i in range(50):
+    m = b"frame %d\n" % i
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        b = s.recv(4096)
+        if not b:
+            break
+        got += b
+    ok += got == m
+print("echoed", ok)
+"#;

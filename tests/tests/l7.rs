@@ -4,6 +4,7 @@
 //! namespace replacing the producer route for it, and a request no rule
 //! matches answered 404 by the agent with `x-trellis-reason: no-route`. One
 //! backend is on the client's node, the other across nodes (HBONE).
+//! An HTTP/1.1 upgrade (as WebSocket's) passes through the L7 path.
 
 use std::time::Duration;
 
@@ -40,7 +41,11 @@ fn http_routes_pick_the_backend_of_each_request() {
     let v1 = lab.add_pod(&a, "a3").expect("pod");
     let v2 = lab.add_pod(&b, "b1").expect("pod");
     let dev_web = lab.add_pod(&b, "b2").expect("pod");
+    let upgrader = lab.add_pod(&b, "b3").expect("pod");
     let _servers = [
+        upgrader
+            .serve(py::UPGRADE_SERVER, &["8080"], 8080)
+            .expect("server"),
         dev_web
             .serve(py::NAME_SERVER, &["web-dev", "8080"], 8080)
             .expect("server"),
@@ -62,6 +67,10 @@ fn http_routes_pick_the_backend_of_each_request() {
             mesh::pod(&v1, "shop", &[("app", "web"), ("version", "v1")], &[], ""),
             mesh::pod(&v2, "shop", &[("app", "web"), ("version", "v2")], &[], ""),
             mesh::pod(&dev_web, "dev", &[("app", "web-dev")], &[], ""),
+            mesh::pod(&upgrader, "shop", &[("app", "echo")], &[], ""),
+            // A policy puts HTTP/1.1 calls to it on the L7 path.
+            mesh::service("shop", "echo", "10.96.0.14", 80, "8080", &[("app", "echo")]),
+            mesh::traffic_policy("shop", "echo", "loadBalancer: {type: Random}"),
             mesh::service("dev", "web-dev", "10.96.0.13", 80, "8080", &[("app", "web-dev")]),
             mesh::service("shop", "web", VIP, 80, "8080", &[("app", "web")]),
             mesh::service("shop", "web-v1", "10.96.0.11", 80, "8080", &[("version", "v1")]),
@@ -117,6 +126,18 @@ fn http_routes_pick_the_backend_of_each_request() {
     // The consumer route replaces the producer route for dev's clients: no
     // 404 for them, and everything to web-dev (across nodes, through HBONE).
     assert_eq!(curl(&consumer, &[&url("/elsewhere")]), "web-dev");
+
+    // An upgrade (as WebSocket's) on the L7 path, across nodes: 101, then
+    // raw bytes both ways.
+    let out = client
+        .exec()
+        .python_output(
+            py::UPGRADE_CLIENT,
+            &["10.96.0.14", "80"],
+            Duration::from_secs(30),
+        )
+        .expect("upgrade client");
+    assert_eq!(out, "HTTP/1.1 101 Switching Protocols\nechoed 50", "{out}");
 
     // The routes were accepted, and the agent counted its own answers.
     let status = cluster.agents[0].cli_json("status").expect("status");

@@ -223,6 +223,7 @@ impl HttpProxy {
                 hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
                     .serve_connection(io, service)
+                    .with_upgrades()
                     .await
             }
         }
@@ -682,7 +683,21 @@ impl HttpProxy {
             src: dst.as_ref().and(call.client_identity.clone()),
         };
         let h2 = req.version() == Version::HTTP_2;
+        let upgrade = (!h2)
+            .then(|| upgrade_protocol(req.headers()))
+            .flatten()
+            .and_then(|p| {
+                Some((
+                    p,
+                    req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()?,
+                ))
+            });
         strip_hop_by_hop(req.headers_mut());
+        if let Some((protocol, client)) = upgrade {
+            return self
+                .upgrade(req, protocol, client, key, dst, call, svc)
+                .await;
+        }
         if h2 {
             // hyper's HTTP/2 client wants the scheme and authority.
             let authority = req
@@ -739,6 +754,69 @@ impl HttpProxy {
             }
             Ok(resp.map(|b| b.boxed()))
         }
+    }
+
+    /// An HTTP/1.1 upgrade (WebSocket, h2c): the request goes on a
+    /// connection of its own; after a 101 the two upgraded connections are
+    /// spliced, bytes both ways, until either side closes.
+    #[allow(clippy::too_many_arguments)]
+    async fn upgrade(
+        &self,
+        mut req: Request<Body>,
+        protocol: HeaderValue,
+        client: hyper::upgrade::OnUpgrade,
+        key: UpstreamKey,
+        dst: Option<Identity>,
+        call: &Call,
+        svc: &ServiceState,
+    ) -> Result<Response<Body>, (Reason, String)> {
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, protocol);
+        *req.version_mut() = Version::HTTP_11;
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        if let Ok(uri) = pq.parse() {
+            *req.uri_mut() = uri;
+        }
+        let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
+        tokio::spawn(
+            async move {
+                let _guards = (guard, counted);
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(error = %e, "upgraded upstream connection ended");
+                }
+            }
+            .in_current_span(),
+        );
+        let mut resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| (Reason::UpstreamReset, e.to_string()))?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(
+                async move {
+                    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+                        debug!("an upgrade did not complete");
+                        return;
+                    };
+                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                        Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+                        Err(e) => debug!(error = %e, "upgraded connection ended"),
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        Ok(resp.map(|b| b.boxed()))
     }
 
     async fn h1_sender(
@@ -1016,6 +1094,20 @@ fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> {
     resp.headers_mut()
         .insert("x-trellis-reason", HeaderValue::from_static(reason.text()));
     resp.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
+/// upgrade` with an `Upgrade` header).
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 /// Connection-level headers are the hop's, not the request's (RFC 9110 7.6.1).
