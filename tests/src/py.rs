@@ -790,3 +790,49 @@ for i in range(50):
     ok += got == m
 print("echoed", ok)
 "#;
+
+/// Bad HTTP/1.1 clients against HOST:PORT, each on its own connection:
+/// a good request, its answer, then a malformed request line; a slowloris
+/// sending a header byte a second. Prints one line each: the status codes
+/// seen, and for the slowloris `closed after N s` or `open`. Args: HOST PORT.
+pub const BAD_HTTP_CLIENT: &str = r#"
+import re, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def conn():
+    return socket.create_connection((host, port), timeout=30)
+def statuses(s):
+    data = b""
+    s.settimeout(5)
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+    except socket.timeout:
+        pass
+    return re.findall(rb"HTTP/1.1 (\d\d\d)", data)
+s = conn()
+s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\n\r\n")
+first = s.recv(65536)
+s.sendall(b"GARBAGE\x01 LINE\r\n\r\n")
+print("malformed", b" ".join(re.findall(rb"HTTP/1.1 (\d\d\d)", first) + statuses(s)).decode())
+s = conn()
+s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\nx-slow: ")
+start = time.monotonic()
+s.settimeout(1)
+state = "open"
+while time.monotonic() - start < 25:
+    try:
+        s.sendall(b"a")
+        b = s.recv(4096)
+        if not b or b.startswith(b"HTTP/1.1 408"):
+            state = "closed after %d s" % (time.monotonic() - start)
+            break
+    except socket.timeout:
+        continue
+    except OSError:
+        state = "closed after %d s" % (time.monotonic() - start)
+        break
+print("slowloris", state)
+"#;

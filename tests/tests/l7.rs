@@ -4,7 +4,8 @@
 //! namespace replacing the producer route for it, and a request no rule
 //! matches answered 404 by the agent with `x-trellis-reason: no-route`. One
 //! backend is on the client's node, the other across nodes (HBONE).
-//! An HTTP/1.1 upgrade (as WebSocket's) passes through the L7 path.
+//! An HTTP/1.1 upgrade (as WebSocket's) passes through the L7 path; bad
+//! clients (malformed, slowloris) get their documented answers.
 
 use std::time::Duration;
 
@@ -138,6 +139,18 @@ fn http_routes_pick_the_backend_of_each_request() {
         )
         .expect("upgrade client");
     assert_eq!(out, "HTTP/1.1 101 Switching Protocols\nechoed 50", "{out}");
+
+    // Bad clients get their documented answers (400 for a malformed
+    // request after a good one on a keep-alive connection, the connection
+    // closed after 10 s of a slowloris), and the agent keeps serving.
+    let out = client
+        .exec()
+        .python_output(py::BAD_HTTP_CLIENT, &[VIP, "80"], Duration::from_secs(60))
+        .expect("bad client");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "malformed 200 400", "{out}");
+    assert!(lines[1].starts_with("slowloris closed after"), "{out}");
+    assert_eq!(curl(&client, &[&url("/only-v1")]), "web-v1");
 
     // The routes were accepted, and the agent counted its own answers.
     let status = cluster.agents[0].cli_json("status").expect("status");

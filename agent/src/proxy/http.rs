@@ -50,6 +50,15 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// The request line and headers of a request from a client, at most
+/// (Envoy's default is 60 KiB): beyond, HTTP/1.1 gets 431 and HTTP/2 a
+/// stream reset.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// A client must send a request's headers within this (slowloris): the
+/// connection is closed otherwise.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Upstream HTTP/1.1 connections kept idle per backend.
 const IDLE_PER_BACKEND: usize = 64;
 
@@ -206,7 +215,7 @@ impl HttpProxy {
     ) -> Result<(), hyper::Error> {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(LingeringClose(Some(stream)));
         let this = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
@@ -216,12 +225,16 @@ impl HttpProxy {
         match protocol {
             Protocol::Http2 => {
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
                     .serve_connection(io, service)
                     .await
             }
             _ => {
                 hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(io, service)
                     .with_upgrades()
                     .await
@@ -435,6 +448,13 @@ impl HttpProxy {
             }
             return match result {
                 Ok(mut resp) => {
+                    // The client's version, whatever the backend spoke: an
+                    // HTTP/1.0 backend must not end a keep-alive client
+                    // connection.
+                    if head.2 != Version::HTTP_2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        *resp.version_mut() = Version::HTTP_11;
+                    }
                     if let Some(rule) = &rule {
                         rule.response_headers.apply(resp.headers_mut());
                     }
@@ -1094,6 +1114,79 @@ fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> {
     resp.headers_mut()
         .insert("x-trellis-reason", HeaderValue::from_static(reason.text()));
     resp.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+/// A client connection that, when dropped, is shut for writing and drained
+/// for a moment before it closes: closing with unread input would send a
+/// reset, and the reset can destroy an error answer (431, 400) the client
+/// has not read yet (nginx's lingering close).
+struct LingeringClose(Option<TcpStream>);
+
+/// How long a closing client connection is drained.
+const LINGER: Duration = Duration::from_secs(2);
+
+impl Drop for LingeringClose {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.0.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 16 * 1024];
+            let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        });
+    }
+}
+
+impl AsyncRead for LingeringClose {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(s) => Pin::new(s).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for LingeringClose {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.0.as_mut() {
+            Some(s) => Pin::new(s).poll_write(cx, buf),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(s) => Pin::new(s).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
