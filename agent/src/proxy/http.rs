@@ -806,14 +806,10 @@ impl HttpProxy {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
-        tokio::spawn(
-            async move {
-                let _guards = (guard, counted);
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(error = %e, "upgraded upstream connection ended");
-                }
-            }
-            .in_current_span(),
+        drive(
+            conn.with_upgrades(),
+            (guard, counted),
+            "upgraded upstream connection",
         );
         let mut resp = sender
             .send_request(req)
@@ -859,15 +855,7 @@ impl HttpProxy {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
-        tokio::spawn(
-            async move {
-                let _guards = (guard, counted);
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "upstream HTTP/1.1 connection ended");
-                }
-            }
-            .in_current_span(),
-        );
+        drive(conn, (guard, counted), "upstream HTTP/1.1 connection");
         Ok(sender)
     }
 
@@ -892,15 +880,7 @@ impl HttpProxy {
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
-        tokio::spawn(
-            async move {
-                let _guards = (guard, counted);
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            }
-            .in_current_span(),
-        );
+        drive(conn, (guard, counted), "upstream HTTP/2 connection");
         self.h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -977,6 +957,25 @@ impl HttpProxy {
         let _ = stream.set_nodelay(true);
         Ok((Box::pin(stream), None))
     }
+}
+
+/// Runs an upstream connection's task, holding `guards` (its HBONE stream,
+/// its place in the circuit breaker's count) until it ends.
+fn drive<F, E, G>(conn: F, guards: G, what: &'static str)
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+    G: Send + 'static,
+{
+    tokio::spawn(
+        async move {
+            let _guards = guards;
+            if let Err(e) = conn.await {
+                debug!(error = %e, "{what} ended");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// The policy of Services without a `TrafficPolicy`: round robin, no
