@@ -200,13 +200,18 @@ impl ServiceState {
         out
     }
 
-    /// Takes a token for a request from `source`; `Err(retry after)` when
-    /// the bucket is empty.
-    pub fn take_token(&self, source: &str) -> Result<(), Duration> {
+    /// Takes a token for a request from `source` (asked only for a limit
+    /// per source); `Err(retry after)` when the bucket is empty.
+    pub fn take_token(&self, source: impl FnOnce() -> String) -> Result<(), Duration> {
         let Some(limit) = &self.policy.rate_limit else {
             return Ok(());
         };
-        let key = if limit.per_source { source } else { "" };
+        let source = if limit.per_source {
+            source()
+        } else {
+            String::new()
+        };
+        let key = source.as_str();
         let rate = f64::from(limit.tokens_per_fill) / limit.fill_interval.as_secs_f64();
         let burst = f64::from(limit.burst);
         let now = Instant::now();
@@ -241,8 +246,13 @@ impl ServiceState {
         key: Option<u64>,
     ) -> Option<(SocketAddr, Arc<Endpoint>)> {
         let now = Instant::now();
-        let records: Vec<(SocketAddr, Arc<Endpoint>)> =
-            candidates.iter().map(|a| (*a, self.endpoint(*a))).collect();
+        let records: Vec<(SocketAddr, Arc<Endpoint>)> = {
+            let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            candidates
+                .iter()
+                .map(|a| (*a, map.entry(*a).or_default().clone()))
+                .collect()
+        };
         let mut usable: Vec<&(SocketAddr, Arc<Endpoint>)> =
             records.iter().filter(|(_, e)| e.usable(now)).collect();
         if usable.is_empty() {
@@ -371,10 +381,7 @@ pub fn hash_key(
             match (found, ttl) {
                 (Some(v), _) => Some(HashInput::Key(balance::hash(v.as_bytes()))),
                 (None, Some(ttl)) => {
-                    let value = format!(
-                        "{:016x}",
-                        balance::random_below(u64::MAX) ^ balance::random_below(u64::MAX) << 1
-                    );
+                    let value = format!("{:016x}", balance::random_below(u64::MAX));
                     let cookie = format!(
                         "{name}={value}; Max-Age={}; Path=/; HttpOnly",
                         ttl.as_secs().max(1)

@@ -291,16 +291,19 @@ impl HttpProxy {
         };
         let svc = self.service_state(&snapshot, &service);
         let policy = svc.policy.clone();
-        if let Some(identity) = &call.client_identity {
+        if policy.health.is_some()
+            && let Some(identity) = &call.client_identity
+        {
             *svc.prober.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
         }
 
         // Local rate limit, then injected faults, then the breaker.
-        let source = call
-            .client_identity
-            .as_ref()
-            .map_or_else(|| call.client.ip().to_string(), |i| i.to_string());
-        if let Err(wait) = svc.take_token(&source) {
+        let source = || {
+            call.client_identity
+                .as_ref()
+                .map_or_else(|| call.client.ip().to_string(), |i| i.to_string())
+        };
+        if let Err(wait) = svc.take_token(source) {
             let mut resp = answer(Reason::RateLimited, format!("{service} allows no more now"));
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -338,7 +341,10 @@ impl HttpProxy {
             );
         }
 
-        let candidates = ready_endpoints(&snapshot, &service, port, call.ipv6);
+        let candidates = snapshot
+            .service(&service)
+            .map(|svc| svc.ready_backends(port, call.ipv6))
+            .unwrap_or_default();
         if candidates.is_empty() {
             return answer(
                 Reason::NoHealthyUpstream,
@@ -347,23 +353,29 @@ impl HttpProxy {
         }
         let hash = resilience::hash_key(&policy, req.headers(), call.client.ip());
 
-        // The request, kept so that it can be sent again.
+        // The request, and when retries are possible a copy of it (its body
+        // recorded as it streams) to send again.
         let (mut parts, body) = req.into_parts();
         if let Some(rule) = &rule {
             rule.request_headers.apply(&mut parts.headers);
         }
-        let replay = if hyper::body::Body::is_end_stream(&body) {
-            Replay::empty()
+        let version = parts.version;
+        let (mut next, again) = if policy.retry.attempts == 0 {
+            (Some(Request::from_parts(parts, body.boxed())), None)
         } else {
-            Replay::default()
+            let replay = if hyper::body::Body::is_end_stream(&body) {
+                Replay::empty()
+            } else {
+                Replay::default()
+            };
+            let head = (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            );
+            let first = Request::from_parts(parts, replay.tee(body).boxed());
+            (Some(first), Some((head, replay)))
         };
-        let head = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.version,
-            parts.headers.clone(),
-        );
-        let mut next = Some(Request::from_parts(parts, replay.tee(body).boxed()));
 
         let timeout = rule
             .as_ref()
@@ -427,15 +439,17 @@ impl HttpProxy {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                     Some(permit) => {
-                        if let Some(body) = replay.body() {
-                            let (method, uri, version, headers) = head.clone();
-                            let mut again =
+                        if let Some(((method, uri, headers), body)) = again
+                            .as_ref()
+                            .and_then(|(head, replay)| Some((head.clone(), replay.body()?)))
+                        {
+                            let mut req =
                                 Request::new(body.map_err(|never| match never {}).boxed());
-                            *again.method_mut() = method;
-                            *again.uri_mut() = uri;
-                            *again.version_mut() = version;
-                            *again.headers_mut() = headers;
-                            next = Some(again);
+                            *req.method_mut() = method;
+                            *req.uri_mut() = uri;
+                            *req.version_mut() = version;
+                            *req.headers_mut() = headers;
+                            next = Some(req);
                             retry_permit = Some(permit);
                             self.stats.retries.fetch_add(1, Ordering::Relaxed);
                             debug!(%backend, attempt = tried.len(), ?kind, "retrying");
@@ -451,7 +465,8 @@ impl HttpProxy {
                     // The client's version, whatever the backend spoke: an
                     // HTTP/1.0 backend must not end a keep-alive client
                     // connection.
-                    if head.2 != Version::HTTP_2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                    if version != Version::HTTP_2
+                        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                     {
                         *resp.version_mut() = Version::HTTP_11;
                     }
@@ -713,11 +728,6 @@ impl HttpProxy {
                 ))
             });
         strip_hop_by_hop(req.headers_mut());
-        if let Some((protocol, client)) = upgrade {
-            return self
-                .upgrade(req, protocol, client, key, dst, call, svc)
-                .await;
-        }
         if h2 {
             // hyper's HTTP/2 client wants the scheme and authority.
             let authority = req
@@ -745,6 +755,7 @@ impl HttpProxy {
                 .map_err(|e| (Reason::UpstreamReset, e.to_string()))?;
             Ok(resp.map(|b| b.boxed()))
         } else {
+            // HTTP/1.1 upstream: origin-form target, the authority in Host.
             if req.headers().get(header::HOST).is_none()
                 && let Some(a) = req.uri().authority()
                 && let Ok(v) = HeaderValue::from_str(a.as_str())
@@ -759,6 +770,11 @@ impl HttpProxy {
                 .to_owned();
             if let Ok(uri) = pq.parse() {
                 *req.uri_mut() = uri;
+            }
+            if let Some((protocol, client)) = upgrade {
+                return self
+                    .upgrade(req, protocol, client, key, dst, call, svc)
+                    .await;
             }
             let mut sender = self.h1_sender(&key, dst, call, svc).await?;
             let resp = sender
@@ -776,8 +792,8 @@ impl HttpProxy {
         }
     }
 
-    /// An HTTP/1.1 upgrade (WebSocket, h2c): the request goes on a
-    /// connection of its own; after a 101 the two upgraded connections are
+    /// An HTTP/1.1 upgrade (WebSocket, h2c) of a request already in
+    /// HTTP/1.1 form: it goes on a connection of its own; after a 101 the two upgraded connections are
     /// spliced, bytes both ways, until either side closes.
     #[allow(clippy::too_many_arguments)]
     async fn upgrade(
@@ -793,15 +809,6 @@ impl HttpProxy {
         req.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         req.headers_mut().insert(header::UPGRADE, protocol);
-        *req.version_mut() = Version::HTTP_11;
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        if let Ok(uri) = pq.parse() {
-            *req.uri_mut() = uri;
-        }
         let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
@@ -982,21 +989,6 @@ where
 /// retries, no limits.
 static DEFAULT_POLICY: std::sync::LazyLock<Arc<resilience::Resilience>> =
     std::sync::LazyLock::new(Arc::default);
-
-/// A Service port's ready endpoints of one family (a VIP's backends are of
-/// its family, as EndpointSlices are).
-fn ready_endpoints(snapshot: &Snapshot, service: &str, port: u16, ipv6: bool) -> Vec<SocketAddr> {
-    snapshot
-        .service(service)
-        .and_then(|svc| svc.backends.get(&port))
-        .map(|b| {
-            b.iter()
-                .filter(|b| b.usable() && b.addr.is_ipv6() == ipv6)
-                .map(|b| b.addr)
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// `grpc-status` in response headers (a trailers-only gRPC answer).
 fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
@@ -1188,15 +1180,21 @@ impl AsyncWrite for LingeringClose {
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
-/// upgrade` with an `Upgrade` header).
-fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
-    let asked = headers
+/// The options of the `Connection` headers, trimmed, empty ones left out.
+fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
+/// upgrade` with an `Upgrade` header).
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let asked = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
     asked
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
@@ -1204,13 +1202,8 @@ fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
 
 /// Connection-level headers are the hop's, not the request's (RFC 9110 7.6.1).
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
+    let named: Vec<String> = connection_tokens(headers)
+        .map(str::to_ascii_lowercase)
         .collect();
     for name in named {
         headers.remove(name.as_str());

@@ -437,15 +437,7 @@ impl Outbound {
         let (svc, port) = snapshot
             .service_for(dst)
             .ok_or_else(|| no_backend(dst.to_string()))?;
-        let usable: Vec<SocketAddr> = svc
-            .backends
-            .get(&port.port)
-            .into_iter()
-            .flatten()
-            // A VIP's backends are of its family, as EndpointSlices are.
-            .filter(|b| b.usable() && b.addr.is_ipv6() == dst.is_ipv6())
-            .map(|b| b.addr)
-            .collect();
+        let usable = svc.ready_backends(port.port, dst.is_ipv6());
         if usable.is_empty() {
             return Err(no_backend(svc.id()));
         }

@@ -120,6 +120,18 @@ impl ServiceView {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The usable backends of a port for a VIP of one family (a VIP's
+    /// backends are of its family, as EndpointSlices are).
+    pub fn ready_backends(&self, port: u16, ipv6: bool) -> Vec<SocketAddr> {
+        self.backends
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .filter(|b| b.usable() && b.addr.is_ipv6() == ipv6)
+            .map(|b| b.addr)
+            .collect()
+    }
 }
 
 /// Everything derived from one set of objects.
