@@ -79,14 +79,14 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     // prefix (`POST` / `PROPFIND`), hence the wait for the space.
     let mut undecided = false;
     for method in METHODS {
-        let n = bytes.len().min(method.len() + 1);
-        let mut want = method.to_vec();
-        want.push(b' ');
-        if bytes[..n] == want[..n] {
-            if n == want.len() {
-                return Some(Protocol::Http1);
-            }
-            undecided = true;
+        let n = bytes.len().min(method.len());
+        if bytes[..n] != method[..n] {
+            continue;
+        }
+        match bytes.get(method.len()) {
+            Some(b' ') => return Some(Protocol::Http1),
+            Some(_) => {}
+            None => undecided = true,
         }
     }
     (!undecided).then_some(Protocol::Opaque)

@@ -139,7 +139,8 @@ pub struct Outbound {
     hbone: Option<Arc<Pool>>,
     /// Network policy verdicts.
     policy: Option<Arc<Verdicts>>,
-    /// The L7 path, made at its first use (after `with_hbone`).
+    /// The L7 path, made at its first use (`serve` makes it at once, for
+    /// health checks; after `with_hbone`).
     http: std::sync::OnceLock<Arc<HttpProxy>>,
     pub stats: OutboundStats,
 }
