@@ -466,26 +466,32 @@ fn cross_node() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let idle: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
 
+    // Round trips at the fixed rate: p50, p99 and each agent's vCPU.
+    let round_trips =
+        |from: &trellis_tests::Pod, host: &str| -> anyhow::Result<(u64, u64, [f64; 2])> {
+            let before: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
+            let t = Instant::now();
+            let out = from.exec().run(
+                &me,
+                &[
+                    "rate-client",
+                    &format!("{host}:{RR_PORT}"),
+                    &RATE.to_string(),
+                    &RATE_CONNS.to_string(),
+                    &RATE_SECS.to_string(),
+                ],
+            )?;
+            let elapsed = t.elapsed().as_secs_f64();
+            let mut vcpu = [0.0; 2];
+            for (i, agent) in agents.iter().enumerate() {
+                vcpu[i] = (agent.usage()?.cpu_seconds - before[i].cpu_seconds) / elapsed;
+            }
+            let (p50, p99) = percentiles(&out)?;
+            Ok((p50, p99, vcpu))
+        };
     let measure = |from: &trellis_tests::Pod, host: &str| -> anyhow::Result<CrossRow> {
         let bps = iperf(from, host)?;
-        let before: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
-        let t = Instant::now();
-        let rr = from.exec().run(
-            &me,
-            &[
-                "rate-client",
-                &format!("{host}:{RR_PORT}"),
-                &RATE.to_string(),
-                &RATE_CONNS.to_string(),
-                &RATE_SECS.to_string(),
-            ],
-        )?;
-        let elapsed = t.elapsed().as_secs_f64();
-        let mut vcpu = [0.0; 2];
-        for (i, agent) in agents.iter().enumerate() {
-            vcpu[i] = (agent.usage()?.cpu_seconds - before[i].cpu_seconds) / elapsed;
-        }
-        let (p50, p99) = percentiles(&rr)?;
+        let (p50, p99, vcpu) = round_trips(from, host)?;
         let cps = connections_per_second(&me, from, host)?;
         Ok(CrossRow {
             gbps: bps / 1e9,
@@ -521,30 +527,9 @@ fn cross_node() -> anyhow::Result<()> {
     // against two direct) pays it; this row shows the agents' own cost.
     let busy = {
         let _spinners = Spinners::start(2);
-        let rr = |from: &trellis_tests::Pod, host: &str| -> anyhow::Result<(u64, u64, [f64; 2])> {
-            let before: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
-            let t = Instant::now();
-            let out = from.exec().run(
-                &me,
-                &[
-                    "rate-client",
-                    &format!("{host}:{RR_PORT}"),
-                    &RATE.to_string(),
-                    &RATE_CONNS.to_string(),
-                    &RATE_SECS.to_string(),
-                ],
-            )?;
-            let elapsed = t.elapsed().as_secs_f64();
-            let mut vcpu = [0.0; 2];
-            for (i, agent) in agents.iter().enumerate() {
-                vcpu[i] = (agent.usage()?.cpu_seconds - before[i].cpu_seconds) / elapsed;
-            }
-            let (p50, p99) = percentiles(&out)?;
-            Ok((p50, p99, vcpu))
-        };
         [
-            rr(&plain_client, &plain_server.ip.to_string())?,
-            rr(&client, &server.ip.to_string())?,
+            round_trips(&plain_client, &plain_server.ip.to_string())?,
+            round_trips(&client, &server.ip.to_string())?,
         ]
     };
     let peak: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
