@@ -2,6 +2,7 @@
 
 pub mod detect;
 pub mod http;
+pub mod http_authz;
 pub mod outbound;
 pub mod relay;
 

@@ -836,3 +836,35 @@ while time.monotonic() - start < 25:
         break
 print("slowloris", state)
 "#;
+
+/// gRPC calls to [`GRPC_SERVER`]'s Say (unary) and Count (server streaming)
+/// on one channel; prints JSON: per method `[code, details]`. Args: TARGET.
+pub const GRPC_PROBE: &str = r#"
+import grpc, json, sys
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+grpc.channel_ready_future(ch).result(timeout=20)
+out = {}
+for name, kind in [("Say", ch.unary_unary), ("Count", ch.unary_stream), ("Say2", ch.unary_unary)]:
+    call = kind("/trellis.test.Echo/" + name.rstrip("2"))
+    try:
+        r = call(b"3", timeout=10)
+        if name == "Count":
+            r = list(r)
+        out[name] = ["OK", ""]
+    except grpc.RpcError as e:
+        out[name] = [e.code().name, e.details()]
+print(json.dumps(out))
+"#;
+
+/// One line through an echo server, or `DENIED` when the connection is
+/// reset or closed without it. Args: HOST PORT.
+pub const ECHO_PROBE: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.sendall(b"not http at all\n")
+    got = s.recv(100)
+    print(got.decode().strip() or "DENIED")
+except (ConnectionResetError, BrokenPipeError):
+    print("DENIED")
+"#;

@@ -5,6 +5,8 @@
 //! Each CONNECT stream gets 200 once the upstream connection is made, 400
 //! for a bad request or a destination other than the dialled pod, 503 when
 //! the upstream connect fails, 401 when an authorization policy denies it.
+//! When the destination's policy has HTTP conditions, the stream is served
+//! as HTTP and each request is authorized (`proxy::http_authz`).
 
 use std::{
     collections::HashMap,
@@ -28,14 +30,21 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use trellis_common::direction;
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
+
+/// A stream's work: its bytes in and out, or why it ended.
+type Served<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(u64, u64), String>> + Send + 'a>>;
+
+/// How long a stream that L7 authorization rules apply to may stay silent
+/// before it is taken for a server-first protocol (opaque TCP).
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
 use crate::{
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
     policy::{
-        authz::{self, Verdict},
+        authz::{self, Layer, Verdict},
         verdict::{Standing, Verdicts},
     },
-    proxy::{Source, connect_from, relay},
+    proxy::{Source, connect_from, detect, http_authz, relay},
     state::Snapshot,
     tls,
 };
@@ -59,6 +68,12 @@ pub struct InboundStats {
     pub policy_denied: AtomicU64,
     /// Open streams reset because a policy change denies them now.
     pub policy_revoked: AtomicU64,
+    /// Streams served as HTTP so that L7 authorization rules apply to each
+    /// request, requests those rules denied (403 / `PERMISSION_DENIED`), and
+    /// streams reset because they were not HTTP and L4 rules alone deny them.
+    pub http_inspected: AtomicU64,
+    pub requests_denied: AtomicU64,
+    pub opaque_denied: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Connections closed because the client stopped answering pings.
@@ -302,7 +317,7 @@ impl Inbound {
     }
 
     async fn stream(
-        &self,
+        self: &Arc<Self>,
         request: Request<h2::RecvStream>,
         mut respond: h2::server::SendResponse<Bytes>,
         dialled: SocketAddr,
@@ -329,12 +344,16 @@ impl Inbound {
             return;
         };
         let snapshot = self.state.borrow().clone();
-        if let Verdict::Deny { policy, reason } = authz::authorize(&snapshot, peer_id, target) {
-            self.stats.denied.fetch_add(1, Ordering::Relaxed);
-            info!(src = %peer_id, dst = %target, %policy, reason, "connection denied by authorization policy");
-            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED, true);
-            return;
-        }
+        let inspect = match authz::authorize(&snapshot, peer_id, target, Layer::Connection) {
+            Verdict::Allow => false,
+            Verdict::Inspect => true,
+            Verdict::Deny { policy, reason } => {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                info!(src = %peer_id, dst = %target, %policy, reason, "connection denied by authorization policy");
+                let _ = reply(&mut respond, StatusCode::UNAUTHORIZED, true);
+                return;
+            }
+        };
         let forwarded = request
             .headers()
             .get("forwarded")
@@ -378,8 +397,26 @@ impl Inbound {
                 return;
             }
         };
-        debug!(%target, %peer_id, %forwarded, "stream open");
-        let tunnel = H2Stream::new(send, request.into_body());
+        debug!(%target, %peer_id, %forwarded, inspect, "stream open");
+        let mut tunnel = H2Stream::new(send, request.into_body());
+        // L7 rules decide: the stream is read as HTTP, else judged as
+        // opaque TCP.
+        let protocol = if inspect {
+            let (protocol, seen) = detect::detect_read(&mut tunnel, SNIFF_TIMEOUT).await;
+            tunnel.unread(seen.into());
+            if protocol == detect::Protocol::Opaque
+                && let Verdict::Deny { policy, reason } =
+                    authz::authorize(&snapshot, peer_id, target, Layer::Opaque)
+            {
+                self.stats.opaque_denied.fetch_add(1, Ordering::Relaxed);
+                info!(src = %peer_id, dst = %target, %policy, reason, "stream reset: denied by authorization policy");
+                tunnel.reset();
+                return;
+            }
+            Some(protocol).filter(|p| *p != detect::Protocol::Opaque)
+        } else {
+            None
+        };
         // The destination's ingress verdict must keep holding while the
         // stream is open (the kernel sees only the agent's socket).
         let standing = snapshot
@@ -396,18 +433,38 @@ impl Inbound {
             Some(_) => crate::proxy::duplicates(&[upstream.as_fd()]),
             None => Vec::new(),
         };
-        let relayed = relay::relay_streams(tunnel, upstream, None, self.idle_timeout);
+        let served: Served<'_> = match protocol {
+            Some(protocol) => {
+                self.stats.http_inspected.fetch_add(1, Ordering::Relaxed);
+                let this = self.clone();
+                let judge =
+                    http_authz::judge(self.state.clone(), peer_id.clone(), target, move || {
+                        this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
+                    });
+                Box::pin(async move {
+                    http_authz::serve(tunnel, protocol, upstream, judge)
+                        .await
+                        .map(|()| (0, 0))
+                        .map_err(|e| e.to_string())
+                })
+            }
+            None => Box::pin(async move {
+                relay::relay_streams(tunnel, upstream, None, self.idle_timeout)
+                    .await
+                    .map_err(|e| e.to_string())
+            }),
+        };
         let outcome = match watched {
             Some((verdicts, standing)) => {
                 let standing = [standing];
                 crate::proxy::until_revoked(
-                    relayed,
+                    served,
                     verdicts.revoked(&self.state, &standing),
                     resets,
                 )
                 .await
             }
-            None => Ok(relayed.await),
+            None => Ok(served.await),
         };
         let result = match outcome {
             Ok(result) => result,

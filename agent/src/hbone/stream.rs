@@ -29,6 +29,22 @@ impl H2Stream {
             recv_done: false,
         }
     }
+
+    /// Ends the stream with RST_STREAM (CANCEL): the client sees the
+    /// connection reset, not a clean end.
+    pub fn reset(&mut self) {
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+
+    /// Puts bytes already read back in front of the stream (after a
+    /// protocol was sniffed from them).
+    pub fn unread(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            let mut joined = bytes::BytesMut::from(&bytes[..]);
+            joined.extend_from_slice(&self.pending);
+            self.pending = joined.freeze();
+        }
+    }
 }
 
 pub fn h2_to_io(e: h2::Error) -> io::Error {

@@ -1,12 +1,20 @@
 //! `AuthorizationPolicy` (`trellis.dev/v1alpha1`, schema in
-//! `deploy/crds/authorizationpolicy.yaml`), L4: rules by source principal,
-//! source namespace and destination port, as Istio writes them.
+//! `deploy/crds/authorizationpolicy.yaml`): rules by source principal,
+//! source namespace and destination port (L4), and by HTTP path, method,
+//! gRPC method and request headers (L7), as Istio writes them.
 //!
 //! A policy applies to the pods of its namespace that its `selector` matches
 //! (all of them without one). Semantics, in order: a matching `DENY` rule
 //! denies; else, when ALLOW policies apply to the workload, one of their
 //! rules must match; with no policy the connection is allowed. Identity is
 //! the peer certificate's (HBONE) or the local client pod's, never a header.
+//!
+//! L7 conditions are decided per request by the destination's agent. When a
+//! connection's verdict hangs on them, [`evaluate`] says
+//! [`Verdict::Inspect`]: the agent reads the connection as HTTP and asks
+//! again for each request. A connection that turns out not to be HTTP is
+//! judged as ztunnel judges one: an ALLOW rule with L7 conditions does not
+//! match it, a DENY rule with L7 conditions matches it on its L4 part alone.
 
 use std::collections::BTreeMap;
 
@@ -64,6 +72,21 @@ pub struct Rule {
     pub from: Vec<From>,
     #[serde(default)]
     pub to: Vec<To>,
+    /// Every condition must hold.
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+/// Istio's `when`: `key` is `request.headers[<name>]`; the header must have
+/// one of `values` and none of `notValues` (an absent header has none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -102,6 +125,29 @@ pub struct Operation {
     pub ports: Vec<PortValue>,
     #[serde(default)]
     pub not_ports: Vec<PortValue>,
+    /// HTTP request paths (no query), patterns as for principals.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+    /// HTTP methods, as `GET` or `*`.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    /// gRPC calls (requests with a `application/grpc` content type).
+    #[serde(default)]
+    pub grpc_methods: Vec<GrpcMethod>,
+}
+
+/// A gRPC service (`package.Service`) and one of its methods, or all of
+/// them when `method` is absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethod {
+    pub service: String,
+    #[serde(default)]
+    pub method: Option<String>,
 }
 
 /// Istio writes ports as strings; a number is accepted too.
@@ -145,19 +191,70 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
         }
         for (t, to) in rule.to.iter().enumerate() {
             let op = &to.operation;
+            let field =
+                |name: &str, i: usize| format!("spec.rules[{r}].to[{t}].operation.{name}[{i}]");
             for (name, list) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
                 for (i, port) in list.iter().enumerate() {
                     if port.port().is_none() {
-                        return Err((
-                            format!("spec.rules[{r}].to[{t}].operation.{name}[{i}]"),
-                            format!("{port:?} is not a port (1-65535)"),
-                        ));
+                        return Err((field(name, i), format!("{port:?} is not a port (1-65535)")));
                     }
+                }
+            }
+            for (name, list) in [
+                ("paths", &op.paths),
+                ("notPaths", &op.not_paths),
+                ("methods", &op.methods),
+                ("notMethods", &op.not_methods),
+            ] {
+                for (i, pattern) in list.iter().enumerate() {
+                    check_pattern(pattern).map_err(|reason| (field(name, i), reason))?;
+                }
+            }
+            for (i, g) in op.grpc_methods.iter().enumerate() {
+                let bad = |part: &str, value: &str| {
+                    (value.is_empty() || value.contains(['/', '*', ' '])).then(|| {
+                        (
+                            format!("{}.{part}", field("grpcMethods", i)),
+                            format!("{value:?}: a gRPC {part} name, without `/`, `*` or spaces"),
+                        )
+                    })
+                };
+                if let Some(e) = bad("service", &g.service)
+                    .or_else(|| g.method.as_deref().and_then(|m| bad("method", m)))
+                {
+                    return Err(e);
+                }
+            }
+        }
+        for (c, cond) in rule.when.iter().enumerate() {
+            let field = format!("spec.rules[{r}].when[{c}]");
+            header_key(&cond.key).ok_or_else(|| {
+                (
+                    format!("{field}.key"),
+                    format!(
+                        "{:?}: the supported key is request.headers[<name>]",
+                        cond.key
+                    ),
+                )
+            })?;
+            if cond.values.is_empty() && cond.not_values.is_empty() {
+                return Err((field, "give values, notValues or both".into()));
+            }
+            for (name, list) in [("values", &cond.values), ("notValues", &cond.not_values)] {
+                for (i, pattern) in list.iter().enumerate() {
+                    check_pattern(pattern)
+                        .map_err(|reason| (format!("{field}.{name}[{i}]"), reason))?;
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The header name of a `request.headers[<name>]` key, lower-cased.
+fn header_key(key: &str) -> Option<http::HeaderName> {
+    let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
+    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).ok()
 }
 
 fn check_pattern(pattern: &str) -> Result<(), String> {
@@ -189,13 +286,51 @@ pub struct Policy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CompiledRule {
     pub from: Vec<Source>,
-    pub ports: Vec<(Vec<u16>, Vec<u16>)>,
+    pub to: Vec<CompiledOperation>,
+    pub when: Vec<HeaderCondition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CompiledOperation {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    /// `/service/method` or `/service/*` path patterns.
+    pub grpc: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HeaderCondition {
+    #[serde(serialize_with = "header_name")]
+    pub name: http::HeaderName,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+fn header_name<S: serde::Serializer>(name: &http::HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(name.as_str())
 }
 
 impl Policy {
     /// Compiles a validated object.
     pub fn compile(object: &AuthorizationPolicy) -> Self {
         let ports = |list: &[PortValue]| list.iter().filter_map(PortValue::port).collect();
+        let operation = |op: &Operation| CompiledOperation {
+            ports: ports(&op.ports),
+            not_ports: ports(&op.not_ports),
+            paths: op.paths.clone(),
+            not_paths: op.not_paths.clone(),
+            methods: op.methods.clone(),
+            not_methods: op.not_methods.clone(),
+            grpc: op
+                .grpc_methods
+                .iter()
+                .map(|g| format!("/{}/{}", g.service, g.method.as_deref().unwrap_or("*")))
+                .collect(),
+        };
         Self {
             namespace: object.metadata.namespace.clone().unwrap_or_default(),
             name: object.metadata.name.clone().unwrap_or_default(),
@@ -211,10 +346,17 @@ impl Policy {
                 .iter()
                 .map(|r| CompiledRule {
                     from: r.from.iter().map(|f| f.source.clone()).collect(),
-                    ports: r
-                        .to
+                    to: r.to.iter().map(|t| operation(&t.operation)).collect(),
+                    when: r
+                        .when
                         .iter()
-                        .map(|t| (ports(&t.operation.ports), ports(&t.operation.not_ports)))
+                        .filter_map(|c| {
+                            Some(HeaderCondition {
+                                name: header_key(&c.key)?,
+                                values: c.values.clone(),
+                                not_values: c.not_values.clone(),
+                            })
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -235,24 +377,103 @@ impl Policy {
             })
     }
 
-    fn matches(&self, check: &Check<'_>, principal: &str) -> bool {
-        self.rules.iter().any(|rule| rule.matches(check, principal))
+    fn matches(&self, check: &Check<'_>, principal: &str) -> Match {
+        self.rules
+            .iter()
+            .map(|rule| rule.matches(check, principal))
+            .max()
+            .unwrap_or(Match::No)
+    }
+}
+
+/// Whether a rule matches; `Unknown` while its L7 conditions wait for a
+/// request. Ordered so that `max` is "any of" and `min` is "all of".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Match {
+    No,
+    Unknown,
+    Yes,
+}
+
+impl std::convert::From<bool> for Match {
+    fn from(b: bool) -> Self {
+        if b { Self::Yes } else { Self::No }
     }
 }
 
 impl CompiledRule {
-    fn matches(&self, check: &Check<'_>, principal: &str) -> bool {
+    fn matches(&self, check: &Check<'_>, principal: &str) -> Match {
         let from = self.from.is_empty()
             || self
                 .from
                 .iter()
                 .any(|s| source_matches(s, principal, &check.source.namespace));
-        let to = self.ports.is_empty()
-            || self.ports.iter().any(|(ports, not_ports)| {
-                (ports.is_empty() || ports.contains(&check.port))
-                    && !not_ports.contains(&check.port)
-            });
-        from && to
+        if !from {
+            return Match::No;
+        }
+        let to = if self.to.is_empty() {
+            Match::Yes
+        } else {
+            self.to
+                .iter()
+                .map(|op| op.matches(check))
+                .max()
+                .unwrap_or(Match::No)
+        };
+        let when = match (&self.when[..], check.request) {
+            ([], _) => Match::Yes,
+            (_, None) => Match::Unknown,
+            (conditions, Some(request)) => {
+                Match::from(conditions.iter().all(|c| c.holds(request.headers)))
+            }
+        };
+        to.min(when)
+    }
+}
+
+impl CompiledOperation {
+    fn is_l7(&self) -> bool {
+        !(self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.grpc.is_empty())
+    }
+
+    fn matches(&self, check: &Check<'_>) -> Match {
+        let port = (self.ports.is_empty() || self.ports.contains(&check.port))
+            && !self.not_ports.contains(&check.port);
+        if !port {
+            return Match::No;
+        }
+        if !self.is_l7() {
+            return Match::Yes;
+        }
+        let Some(request) = check.request else {
+            return Match::Unknown;
+        };
+        let listed = |list: &[String], value: &str| list.iter().any(|p| pattern_matches(p, value));
+        Match::from(
+            (self.paths.is_empty() || listed(&self.paths, request.path))
+                && !listed(&self.not_paths, request.path)
+                && (self.methods.is_empty() || listed(&self.methods, request.method))
+                && !listed(&self.not_methods, request.method)
+                && (self.grpc.is_empty() || (request.grpc && listed(&self.grpc, request.path))),
+        )
+    }
+}
+
+impl HeaderCondition {
+    fn holds(&self, headers: &http::HeaderMap) -> bool {
+        let values = || {
+            headers
+                .get_all(&self.name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+        };
+        let any =
+            |patterns: &[String]| values().any(|v| patterns.iter().any(|p| pattern_matches(p, v)));
+        (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
     }
 }
 
@@ -277,14 +498,55 @@ fn pattern_matches(pattern: &str, value: &str) -> bool {
     }
 }
 
-/// One connection to authorize.
+/// One HTTP request, as L7 conditions read it.
 #[derive(Clone, Copy, Debug)]
-pub struct Check<'a> {
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// A gRPC call (`content-type: application/grpc...`).
+    pub grpc: bool,
+}
+
+impl<'a> Request<'a> {
+    pub fn of<B>(req: &'a http::Request<B>) -> Self {
+        Self {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+            grpc: is_grpc(req.headers()),
+        }
+    }
+}
+
+/// Whether a request's content type makes it a gRPC call.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// What is known of the traffic being authorized.
+#[derive(Clone, Copy, Debug)]
+pub enum Layer<'a> {
+    /// A connection, before anything is read from it.
+    Connection,
+    /// One HTTP request on it.
+    Request(Request<'a>),
+    /// A connection that is not HTTP: L7 conditions cannot be read.
+    Opaque,
+}
+
+/// One connection or request to authorize.
+#[derive(Clone, Copy, Debug)]
+struct Check<'a> {
     /// Who connects: from the peer certificate, or the local client pod.
-    pub source: &'a Identity,
-    /// The local pod it reaches.
-    pub destination: &'a Workload,
-    pub port: u16,
+    source: &'a Identity,
+    port: u16,
+    /// The request, when one is being authorized.
+    request: Option<Request<'a>>,
 }
 
 /// The outcome, with the policy that decided a denial.
@@ -297,40 +559,85 @@ pub enum Verdict {
         policy: String,
         reason: &'static str,
     },
+    /// L7 conditions decide: read the connection as HTTP and authorize each
+    /// request (or judge it with [`Layer::Opaque`] when it is not HTTP).
+    Inspect,
 }
 
-/// Decides one connection against all policies.
-pub fn evaluate(policies: &[Policy], check: &Check<'_>) -> Verdict {
+/// Decides one connection or request against all policies.
+pub fn evaluate(
+    policies: &[Policy],
+    source: &Identity,
+    destination: &Workload,
+    port: u16,
+    layer: Layer<'_>,
+) -> Verdict {
+    let check = Check {
+        source,
+        port,
+        request: match layer {
+            Layer::Request(r) => Some(r),
+            _ => None,
+        },
+    };
+    let opaque = matches!(layer, Layer::Opaque);
     // Istio's form of the SPIFFE ID, made once for every rule to match.
     let principal = format!(
         "{}/ns/{}/sa/{}",
-        check.source.trust_domain, check.source.namespace, check.source.service_account
+        source.trust_domain, source.namespace, source.service_account
     );
-    let applying = || policies.iter().filter(|p| p.applies_to(check.destination));
-    if let Some(p) = applying().find(|p| p.action == Action::Deny && p.matches(check, &principal)) {
-        return Verdict::Deny {
-            policy: p.id(),
-            reason: "a DENY rule matched",
-        };
+    let applying = || policies.iter().filter(|p| p.applies_to(destination));
+    let mut deny_unknown = false;
+    for p in applying().filter(|p| p.action == Action::Deny) {
+        match p.matches(&check, &principal) {
+            Match::Yes => {
+                return Verdict::Deny {
+                    policy: p.id(),
+                    reason: "a DENY rule matched",
+                };
+            }
+            Match::Unknown if opaque => {
+                return Verdict::Deny {
+                    policy: p.id(),
+                    reason: "a DENY rule with HTTP conditions matched a connection that is not HTTP",
+                };
+            }
+            Match::Unknown => deny_unknown = true,
+            Match::No => {}
+        }
     }
     let allow: Vec<&Policy> = applying().filter(|p| p.action == Action::Allow).collect();
-    if allow.is_empty() || allow.iter().any(|p| p.matches(check, &principal)) {
-        Verdict::Allow
+    let allowed = if allow.is_empty() {
+        Match::Yes
     } else {
-        Verdict::Deny {
+        allow
+            .iter()
+            .map(|p| p.matches(&check, &principal))
+            .max()
+            .unwrap_or(Match::No)
+    };
+    match allowed {
+        Match::Yes if !deny_unknown => Verdict::Allow,
+        Match::Yes | Match::Unknown if !opaque => Verdict::Inspect,
+        _ => Verdict::Deny {
             policy: allow.iter().map(|p| p.id()).collect::<Vec<_>>().join(","),
-            reason: "no ALLOW rule matched",
-        }
+            reason: if opaque {
+                "no ALLOW rule without HTTP conditions matched a connection that is not HTTP"
+            } else {
+                "no ALLOW rule matched"
+            },
+        },
     }
 }
 
-/// Decides a connection from `source` to `destination` on this node:
-/// policies apply only to meshed pods, so anything else is allowed here (the
-/// kernel's NetworkPolicy still applies).
+/// Decides a connection (or request) from `source` to `destination` on this
+/// node: policies apply only to meshed pods, so anything else is allowed
+/// here (the kernel's NetworkPolicy still applies).
 pub fn authorize(
     snapshot: &crate::state::Snapshot,
     source: &Identity,
     destination: std::net::SocketAddr,
+    layer: Layer<'_>,
 ) -> Verdict {
     match snapshot
         .workload_by_ip(destination.ip().to_canonical())
@@ -338,11 +645,10 @@ pub fn authorize(
     {
         Some(workload) => evaluate(
             &snapshot.policies,
-            &Check {
-                source,
-                destination: workload,
-                port: destination.port(),
-            },
+            source,
+            workload,
+            destination.port(),
+            layer,
         ),
         None => Verdict::Allow,
     }
@@ -386,15 +692,7 @@ mod tests {
 
     fn allowed(policies: &[Policy], ns: &str, sa: &str, port: u16) -> bool {
         let source = Identity::new("cluster.local", ns, sa);
-        let destination = web();
-        evaluate(
-            policies,
-            &Check {
-                source: &source,
-                destination: &destination,
-                port,
-            },
-        ) == Verdict::Allow
+        evaluate(policies, &source, &web(), port, Layer::Connection) == Verdict::Allow
     }
 
     #[test]
@@ -479,12 +777,152 @@ mod tests {
         ));
     }
 
+    fn request_verdict(
+        policies: &[Policy],
+        sa: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Verdict {
+        let source = Identity::new("cluster.local", "shop", sa);
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        let request = Request {
+            method,
+            path,
+            headers: &map,
+            grpc: is_grpc(&map),
+        };
+        evaluate(policies, &source, &web(), 80, Layer::Request(request))
+    }
+
+    fn connection_verdict(policies: &[Policy], sa: &str, layer: Layer<'_>) -> Verdict {
+        let source = Identity::new("cluster.local", "shop", sa);
+        evaluate(policies, &source, &web(), 80, layer)
+    }
+
+    #[test]
+    fn paths_methods_and_headers_decide_per_request() {
+        let p = policy(
+            "shop",
+            "rules: [\
+             {from: [{source: {principals: ['*/sa/reader']}}], to: [{operation: {paths: ['/public/*', '*.css', /health], methods: [GET, HEAD]}}]}, \
+             {from: [{source: {principals: ['*/sa/admin']}}], to: [{operation: {notPaths: ['/internal/*']}}], when: [{key: 'request.headers[x-role]', values: [ops, 'dev*']}]}]",
+        );
+        let ps = std::slice::from_ref(&p);
+        let allow =
+            |sa, m, path, h: &[(&str, &str)]| request_verdict(ps, sa, m, path, h) == Verdict::Allow;
+        assert!(allow("reader", "GET", "/public/a", &[]));
+        assert!(allow("reader", "HEAD", "/site.css", &[]));
+        assert!(allow("reader", "GET", "/health", &[]));
+        assert!(!allow("reader", "GET", "/health/x", &[]));
+        assert!(!allow("reader", "POST", "/public/a", &[]));
+        assert!(!allow("reader", "GET", "/private", &[]));
+        assert!(allow("admin", "POST", "/x", &[("x-role", "ops")]));
+        assert!(allow("admin", "POST", "/x", &[("x-role", "develop")]));
+        assert!(!allow("admin", "POST", "/x", &[("x-role", "guest")]));
+        assert!(!allow("admin", "POST", "/x", &[]));
+        assert!(!allow(
+            "admin",
+            "GET",
+            "/internal/keys",
+            &[("x-role", "ops")]
+        ));
+        assert!(!allow("other", "GET", "/public/a", &[]));
+        // Before any request: the readers and admins wait for one, others
+        // are denied at once.
+        assert_eq!(
+            connection_verdict(ps, "reader", Layer::Connection),
+            Verdict::Inspect
+        );
+        assert!(matches!(
+            connection_verdict(ps, "other", Layer::Connection),
+            Verdict::Deny { .. }
+        ));
+        // Not HTTP: an ALLOW rule with HTTP conditions cannot match.
+        assert!(matches!(
+            connection_verdict(ps, "reader", Layer::Opaque),
+            Verdict::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn deny_rules_with_http_conditions() {
+        let allow_all = policy("shop", "rules: [{}]");
+        let deny = policy(
+            "shop",
+            "action: DENY\nrules: [{to: [{operation: {methods: [DELETE]}}]}, {when: [{key: 'request.headers[x-debug]', notValues: ['0']}]}]",
+        );
+        let ps = [allow_all, deny];
+        let verdict = |m, h: &[(&str, &str)]| request_verdict(&ps, "any", m, "/", h);
+        assert_eq!(verdict("GET", &[("x-debug", "0")]), Verdict::Allow);
+        assert!(matches!(
+            verdict("DELETE", &[("x-debug", "0")]),
+            Verdict::Deny { .. }
+        ));
+        // notValues: an absent header has none of them.
+        assert!(matches!(verdict("GET", &[]), Verdict::Deny { .. }));
+        assert!(matches!(
+            verdict("GET", &[("x-debug", "1")]),
+            Verdict::Deny { .. }
+        ));
+        assert_eq!(
+            connection_verdict(&ps, "any", Layer::Connection),
+            Verdict::Inspect
+        );
+        // Not HTTP: the DENY rule matches on its L4 part.
+        assert!(matches!(
+            connection_verdict(&ps, "any", Layer::Opaque),
+            Verdict::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn grpc_methods() {
+        let p = policy(
+            "shop",
+            "rules: [{to: [{operation: {grpcMethods: [{service: echo.Echo, method: Say}, {service: health.Health}]}}]}]",
+        );
+        let ps = std::slice::from_ref(&p);
+        let grpc = [("content-type", "application/grpc+proto")];
+        let allow =
+            |path, h: &[(&str, &str)]| request_verdict(ps, "x", "POST", path, h) == Verdict::Allow;
+        assert!(allow("/echo.Echo/Say", &grpc));
+        assert!(!allow("/echo.Echo/Shout", &grpc));
+        assert!(allow("/health.Health/Check", &grpc));
+        // The path alone is not a gRPC call.
+        assert!(!allow("/echo.Echo/Say", &[]));
+    }
+
+    #[test]
+    fn l4_only_policies_never_wait_for_requests() {
+        let p = policy("shop", "rules: [{from: [{source: {namespaces: [shop]}}]}]");
+        assert_eq!(
+            connection_verdict(std::slice::from_ref(&p), "x", Layer::Connection),
+            Verdict::Allow
+        );
+        // An L7 ALLOW rule for someone else leaves the L4 one deciding.
+        let l7 = policy(
+            "shop",
+            "rules: [{from: [{source: {namespaces: [dev]}}], to: [{operation: {paths: [/x]}}]}]",
+        );
+        assert_eq!(
+            connection_verdict(&[p, l7], "x", Layer::Connection),
+            Verdict::Allow
+        );
+    }
+
     /// The CRD in deploy/ and these types agree: an example holding every
     /// field the schema declares deserializes (the types refuse unknown
     /// fields), and the action enum is the same.
     #[test]
     fn crd_schema_matches_the_types() {
-        fn example(schema: &serde_json::Value) -> serde_json::Value {
+        fn example(name: &str, schema: &serde_json::Value) -> serde_json::Value {
             if let Some(values) = schema.get("enum") {
                 return values[0].clone();
             }
@@ -497,13 +935,18 @@ mod tests {
                         .as_object()
                         .expect("properties")
                         .iter()
-                        .map(|(k, v)| (k.clone(), example(v)))
+                        .map(|(k, v)| (k.clone(), example(k, v)))
                         .collect::<serde_json::Map<_, _>>()
                         .into(),
                     None => serde_json::json!({"app": "web"}),
                 },
-                Some("array") => vec![example(&schema["items"])].into(),
-                Some("string") => "cluster.local/ns/shop/sa/web".into(),
+                Some("array") => vec![example(name, &schema["items"])].into(),
+                Some("string") => match name {
+                    "service" => "echo.Echo".into(),
+                    "method" => "Say".into(),
+                    "key" => "request.headers[x-role]".into(),
+                    _ => "cluster.local/ns/shop/sa/web".into(),
+                },
                 other => panic!("schema type {other:?}"),
             }
         }
@@ -522,11 +965,15 @@ mod tests {
             "trellis.dev/v1alpha1"
         );
         let schema = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        let spec: AuthorizationPolicySpec =
-            serde_json::from_value(example(schema)).expect("the schema's fields are the types'");
+        let spec: AuthorizationPolicySpec = serde_json::from_value(example("spec", schema))
+            .expect("the schema's fields are the types'");
         validate(&spec).expect("valid");
         assert_eq!(spec.rules[0].from[0].source.not_namespaces.len(), 1);
-        assert_eq!(spec.rules[0].to[0].operation.not_ports.len(), 1);
+        let op = &spec.rules[0].to[0].operation;
+        assert_eq!(op.not_ports.len(), 1);
+        assert_eq!((op.not_paths.len(), op.not_methods.len()), (1, 1));
+        assert_eq!(op.grpc_methods[0].method.as_deref(), Some("Say"));
+        assert_eq!(spec.rules[0].when[0].not_values.len(), 1);
         assert_eq!(
             schema["properties"]["action"]["enum"],
             serde_json::json!(["ALLOW", "DENY"])
@@ -548,5 +995,17 @@ mod tests {
             bad("rules: [{}, {from: [{source: {principals: ['cluster.local/*/sa/x']}}]}]");
         assert_eq!(field, "spec.rules[1].from[0].source.principals[0]");
         assert!(reason.contains("start or the end"), "{reason}");
+        let (field, _) = bad("rules: [{to: [{operation: {paths: ['/a/*/b']}}]}]");
+        assert_eq!(field, "spec.rules[0].to[0].operation.paths[0]");
+        let (field, _) = bad("rules: [{to: [{operation: {grpcMethods: [{service: 'a/b'}]}}]}]");
+        assert_eq!(
+            field,
+            "spec.rules[0].to[0].operation.grpcMethods[0].service"
+        );
+        let (field, reason) = bad("rules: [{when: [{key: source.ip, values: [x]}]}]");
+        assert_eq!(field, "spec.rules[0].when[0].key");
+        assert!(reason.contains("request.headers"), "{reason}");
+        let (field, _) = bad("rules: [{when: [{key: 'request.headers[x]'}]}]");
+        assert_eq!(field, "spec.rules[0].when[0]");
     }
 }

@@ -10,7 +10,10 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _},
+    net::TcpStream,
+};
 
 /// What a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +124,28 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
                 }
                 seen = n;
             }
+        }
+    }
+}
+
+/// [`detect`] for a stream that cannot be peeked (an HBONE stream): reads
+/// until the first bytes decide, and returns them to be put back.
+pub async fn detect_read<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    timeout: Duration,
+) -> (Protocol, Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = Vec::with_capacity(PREFACE.len());
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                seen.extend_from_slice(&buf[..n]);
+                if let Some(p) = classify(&seen) {
+                    return (p, seen);
+                }
+            }
+            _ => return (Protocol::Opaque, seen),
         }
     }
 }

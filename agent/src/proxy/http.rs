@@ -108,7 +108,7 @@ struct UpstreamKey {
 
 /// Why a request could not be forwarded: the reason the client reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reason {
+pub(super) enum Reason {
     NoRoute,
     BackendNotFound,
     NoHealthyUpstream,
@@ -242,9 +242,11 @@ impl HttpProxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, call: &Call) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, call: &Call) -> Response<Body> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let grpc = is_grpc(&req);
+        // Routes and authorization rules match the path in normal form.
+        super::http_authz::normalize_uri(&mut req);
+        let grpc = authz::is_grpc(req.headers());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let answer = |reason: Reason, detail: String| {
@@ -394,7 +396,8 @@ impl HttpProxy {
                 return answer(Reason::NoHealthyUpstream, format!("{service}:{port}"));
             };
             tried.push(backend);
-            if let Err(policy) = self.authorize(&snapshot, call, backend) {
+            if let Err(policy) = self.authorize(&snapshot, call, backend, authz::Request::of(&req))
+            {
                 return answer(Reason::Denied, format!("denied by {policy}"));
             }
             let active = Gauge::enter(Counter::Endpoint(endpoint.clone()));
@@ -680,15 +683,22 @@ impl HttpProxy {
         snapshot: &Snapshot,
         call: &Call,
         backend: SocketAddr,
+        request: authz::Request<'_>,
     ) -> Result<(), String> {
         let local = snapshot
             .workload_by_ip(backend.ip())
             .is_some_and(|w| w.node == self.node);
         match (&call.client_identity, local) {
-            (Some(src), true) => match authz::authorize(snapshot, src, backend) {
-                Verdict::Allow => Ok(()),
-                Verdict::Deny { policy, .. } => Err(policy),
-            },
+            (Some(src), true) => {
+                match authz::authorize(snapshot, src, backend, authz::Layer::Request(request)) {
+                    Verdict::Allow => Ok(()),
+                    Verdict::Deny { policy, reason } => {
+                        tracing::info!(%src, dst = %backend, method = request.method, path = request.path, %policy, reason, "request denied by authorization policy");
+                        Err(policy)
+                    }
+                    Verdict::Inspect => Err("an undecided policy".into()),
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -1067,15 +1077,8 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
     }
 }
 
-fn is_grpc(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// The agent's own answer.
-fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> {
+pub(super) fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> {
     let mut resp = if grpc {
         // gRPC errors are a 200 with the status in trailers-only form.
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -1111,7 +1114,13 @@ fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> {
 /// for a moment before it closes: closing with unread input would send a
 /// reset, and the reset can destroy an error answer (431, 400) the client
 /// has not read yet (nginx's lingering close).
-struct LingeringClose(Option<TcpStream>);
+pub(super) struct LingeringClose(Option<TcpStream>);
+
+impl LingeringClose {
+    pub(super) fn new(stream: TcpStream) -> Self {
+        Self(Some(stream))
+    }
+}
 
 /// How long a closing client connection is drained.
 const LINGER: Duration = Duration::from_secs(2);
@@ -1181,7 +1190,7 @@ impl AsyncWrite for LingeringClose {
 }
 
 /// The options of the `Connection` headers, trimmed, empty ones left out.
-fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+pub(super) fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -1193,7 +1202,7 @@ fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
 /// upgrade` with an `Upgrade` header).
-fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+pub(super) fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let asked = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
     asked
         .then(|| headers.get(header::UPGRADE).cloned())
@@ -1201,7 +1210,7 @@ fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Connection-level headers are the hop's, not the request's (RFC 9110 7.6.1).
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     let named: Vec<String> = connection_tokens(headers)
         .map(str::to_ascii_lowercase)
         .collect();

@@ -39,7 +39,7 @@ use crate::{
     hbone::client::Pool,
     identity::Identity,
     policy::{
-        authz::{self, Verdict},
+        authz::{self, Layer, Verdict},
         network::TCP,
         verdict::{Standing, Verdicts},
     },
@@ -116,6 +116,10 @@ pub struct OutboundStats {
     pub tunnelled: AtomicU64,
     /// Same-node connections refused by an authorization policy.
     pub denied: AtomicU64,
+    /// Same-node connections served as HTTP so that L7 authorization rules
+    /// apply to each request, and requests those rules denied.
+    pub http_inspected: AtomicU64,
+    pub requests_denied: AtomicU64,
     /// Same-node connections refused by the destination's ingress network
     /// policy, or to a service none of whose backends egress policy allows.
     pub policy_denied: AtomicU64,
@@ -516,19 +520,26 @@ impl Outbound {
 
     /// Same-node delivery: the destination's authorization policies apply
     /// here, with the local client pod's identity (across nodes the
-    /// destination's agent decides, from the client certificate).
-    fn authorize(&self, peer: SocketAddr, route: &Route) -> Result<(), OutboundError> {
+    /// destination's agent decides, from the client certificate). `Some`:
+    /// L7 rules decide, for each request of this identity.
+    fn authorize(
+        &self,
+        peer: SocketAddr,
+        route: &Route,
+        layer: Layer<'_>,
+    ) -> Result<Option<Identity>, OutboundError> {
         if !route.local {
-            return Ok(());
+            return Ok(None);
         }
         let snapshot = self.state.borrow().clone();
         self.ingress_allowed(&snapshot, peer, route)?;
         let Some(client) = snapshot.workload_by_ip(peer.ip().to_canonical()) else {
-            return Ok(());
+            return Ok(None);
         };
         let source = Identity::of(client, &self.trust_domain);
-        match authz::authorize(&snapshot, &source, route.backend) {
-            Verdict::Allow => Ok(()),
+        match authz::authorize(&snapshot, &source, route.backend, layer) {
+            Verdict::Allow => Ok(None),
+            Verdict::Inspect => Ok(Some(source)),
             Verdict::Deny { policy, reason } => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 info!(src = %source, dst = %route.backend, %policy, reason, "connection denied by authorization policy");
@@ -549,7 +560,11 @@ impl Outbound {
         .await?)
     }
 
-    async fn handle(&self, inbound: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
+    async fn handle(
+        self: &Arc<Self>,
+        inbound: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), OutboundError> {
         // Into the sockhash before anything else: the app may be writing already.
         let inbound_key = inbound.local_addr().ok().map(|local| sock_key(local, peer));
         let inbound_accel = self
@@ -607,11 +622,30 @@ impl Outbound {
             self.forget(inbound_key, None);
             return result;
         }
-        if let Err(e) = self.authorize(peer, &route) {
-            let _ = inbound.set_zero_linger();
-            self.forget(inbound_key, None);
-            return Err(e);
-        }
+        let inspect = match self.authorize(peer, &route, Layer::Connection) {
+            Ok(inspect) => inspect,
+            Err(e) => {
+                let _ = inbound.set_zero_linger();
+                self.forget(inbound_key, None);
+                return Err(e);
+            }
+        };
+        // L7 authorization rules decide: the first bytes say whether the
+        // client speaks HTTP; if not, L4 rules alone judge it.
+        let inspect = match inspect {
+            None => None,
+            Some(source) => match detect::detect(&inbound, self.config.detect_timeout).await {
+                Protocol::Opaque => {
+                    if let Err(e) = self.authorize(peer, &route, Layer::Opaque) {
+                        let _ = inbound.set_zero_linger();
+                        self.forget(inbound_key, None);
+                        return Err(e);
+                    }
+                    None
+                }
+                protocol => Some((source, protocol)),
+            },
+        };
         let upstream = match self.connect(&route).await {
             Ok(s) => s,
             Err(e) => {
@@ -623,6 +657,13 @@ impl Outbound {
         };
         let _ = upstream.set_nodelay(true);
         let _ = inbound.set_nodelay(true);
+        if let Some((source, protocol)) = inspect {
+            let served = self
+                .serve_authorized(inbound, upstream, peer, &route, source, protocol)
+                .await;
+            self.forget(inbound_key, None);
+            return served;
+        }
 
         let accel = match (&self.sockets, inbound_accel) {
             (Some(maps), Some((inbound_key, inbound_state))) if route.local => {
@@ -676,6 +717,36 @@ impl Outbound {
                 Ok(())
             }
         }
+    }
+
+    /// A same-node connection whose destination's L7 authorization rules
+    /// decide each request: served as HTTP, allowed requests forwarded on
+    /// `upstream`.
+    async fn serve_authorized(
+        self: &Arc<Self>,
+        inbound: TcpStream,
+        upstream: TcpStream,
+        peer: SocketAddr,
+        route: &Route,
+        source: Identity,
+        protocol: Protocol,
+    ) -> Result<(), OutboundError> {
+        self.stats.http_inspected.fetch_add(1, Ordering::Relaxed);
+        debug!(backend = %route.backend, protocol = protocol.name(), "serving as HTTP for L7 authorization");
+        let standing = self.standing(peer, route.backend, "same-node", true);
+        let resets = resets(&standing, &[inbound.as_fd(), upstream.as_fd()]);
+        let this = self.clone();
+        let judge =
+            super::http_authz::judge(self.state.clone(), source, route.backend, move || {
+                this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
+            });
+        let client = super::http::LingeringClose::new(inbound);
+        let served = super::http_authz::serve(client, protocol, upstream, judge);
+        if let Err(e) = self.unless_revoked(served, &standing, resets).await? {
+            debug!(error = %e, "HTTP connection ended with an error");
+        }
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Adds the agent's socket to a local backend to the sockhash, once the

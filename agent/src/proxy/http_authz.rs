@@ -1,0 +1,348 @@
+//! HTTP to one local pod, each request authorized: the destination side of
+//! L7 authorization. When a pod's `AuthorizationPolicy` has HTTP conditions
+//! (paths, methods, gRPC methods, headers) the agent delivering a connection
+//! to it (the HBONE server for callers on other nodes, the outbound proxy
+//! for callers on this node) serves the caller's HTTP itself and forwards
+//! each allowed request on one upstream connection to the pod; a denied one
+//! gets 403 (`PERMISSION_DENIED` for gRPC) with `x-trellis-reason: denied`,
+//! and the connection carries on.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::watch,
+};
+use tracing::{Instrument as _, debug, info};
+
+use super::{
+    detect::Protocol,
+    http::{
+        Body, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, Reason, connection_tokens, reply,
+        strip_hop_by_hop, upgrade_protocol,
+    },
+};
+use crate::{
+    identity::Identity,
+    policy::authz::{self, Verdict},
+    state::Snapshot,
+};
+
+/// Decides one request: `Err` names the policy that denies it.
+pub type Judge = Arc<dyn Fn(authz::Request<'_>) -> Result<(), String> + Send + Sync>;
+
+/// The judge of requests from `source` to the local pod at `target`, under
+/// the policies of the current state; `on_deny` counts a denial.
+pub fn judge(
+    state: watch::Receiver<Arc<Snapshot>>,
+    source: Identity,
+    target: SocketAddr,
+    on_deny: impl Fn() + Send + Sync + 'static,
+) -> Judge {
+    Arc::new(move |request: authz::Request<'_>| {
+        let snapshot = state.borrow().clone();
+        match authz::authorize(&snapshot, &source, target, authz::Layer::Request(request)) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { policy, reason } => {
+                on_deny();
+                info!(src = %source, dst = %target, method = request.method, path = request.path,
+                    %policy, reason, "request denied by authorization policy");
+                Err(policy)
+            }
+            // A request leaves nothing undecided.
+            Verdict::Inspect => Err("an undecided policy".into()),
+        }
+    })
+}
+
+/// The upstream connection's sender, of the client's protocol.
+#[derive(Clone)]
+enum Upstream {
+    Http1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Body>>>),
+    Http2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+/// Serves `client` (which speaks `protocol`) until it closes, forwarding
+/// the requests `judge` allows to `upstream`.
+pub async fn serve<I>(
+    client: I,
+    protocol: Protocol,
+    upstream: TcpStream,
+    judge: Judge,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let _ = upstream.set_nodelay(true);
+    let upstream = match protocol {
+        Protocol::Http2 => {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+                    .await?;
+            spawn_conn(conn);
+            Upstream::Http2(sender)
+        }
+        _ => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
+            spawn_conn(conn.with_upgrades());
+            Upstream::Http1(Arc::new(tokio::sync::Mutex::new(sender)))
+        }
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (judge, upstream) = (judge.clone(), upstream.clone());
+        async move { Ok::<_, Infallible>(handle(req, &judge, upstream).await) }
+    });
+    let io = TokioIo::new(client);
+    match protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    }
+}
+
+fn spawn_conn<F, E>(conn: F)
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(
+        async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream connection to the pod ended");
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+async fn handle(mut req: Request<Incoming>, judge: &Judge, upstream: Upstream) -> Response<Body> {
+    let grpc = authz::is_grpc(req.headers());
+    normalize_uri(&mut req);
+    if let Err(policy) = judge(authz::Request::of(&req)) {
+        return reply(Reason::Denied, &format!("denied by {policy}"), grpc);
+    }
+    let upgrade = match &upstream {
+        Upstream::Http1(_) => upgrade_protocol(req.headers()).and_then(|p| {
+            Some((
+                p,
+                req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()?,
+            ))
+        }),
+        Upstream::Http2(_) => None,
+    };
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some((protocol, _)) = &upgrade {
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        parts
+            .headers
+            .insert(http::header::UPGRADE, protocol.clone());
+    }
+    let mut req = Request::from_parts(parts, body.boxed());
+    let sent = match upstream {
+        Upstream::Http2(mut sender) => {
+            // hyper's HTTP/2 client wants the scheme and authority.
+            if req.uri().authority().is_none() {
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                if let Ok(uri) = Uri::builder()
+                    .scheme("http")
+                    .authority("localhost")
+                    .path_and_query(pq)
+                    .build()
+                {
+                    *req.uri_mut() = uri;
+                }
+            }
+            sender.send_request(req).await
+        }
+        Upstream::Http1(sender) => {
+            *req.version_mut() = Version::HTTP_11;
+            let mut sender = sender.lock().await;
+            match sender.ready().await {
+                Ok(()) => sender.send_request(req).await.map(|mut resp| {
+                    keep_or_close(&mut resp);
+                    resp
+                }),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => return reply(Reason::UpstreamReset, &e.to_string(), grpc),
+    };
+    if let Some((_, client)) = upgrade
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let pod = hyper::upgrade::on(&mut resp);
+        tokio::spawn(
+            async move {
+                let (Ok(client), Ok(pod)) = (client.await, pod.await) else {
+                    debug!("an upgrade did not complete");
+                    return;
+                };
+                let (mut client, mut pod) = (TokioIo::new(client), TokioIo::new(pod));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut pod).await {
+                    debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    resp.map(|b| b.boxed())
+}
+
+/// An HTTP/1.1 answer for the client; when the pod closes its connection
+/// after this response (HTTP/1.0 without keep-alive, `Connection: close`),
+/// the client's is closed after it too, as the next request would have no
+/// upstream.
+fn keep_or_close<B>(resp: &mut Response<B>) {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let tokens = |t: &str| connection_tokens(resp.headers()).any(|c| c.eq_ignore_ascii_case(t));
+    let closes = tokens("close") || (resp.version() == Version::HTTP_10 && !tokens("keep-alive"));
+    *resp.version_mut() = Version::HTTP_11;
+    if closes {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+}
+
+/// Puts the request's path in normal form ([`normalize_path`]).
+pub fn normalize_uri<B>(req: &mut Request<B>) {
+    let Some(path) = normalize_path(req.uri().path()) else {
+        return;
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// A request path in normal form (RFC 3986, 6.2.2, Envoy's and Istio's
+/// default): unreserved characters percent-decoded, `.` and `..` segments
+/// resolved. Rules and routes see this path and the pod gets it, so that
+/// `/public/%2e%2e/admin` can neither slip past a `/public/*` rule nor
+/// reach anything but `/admin`. `None` when it is already normal.
+pub fn normalize_path(path: &str) -> Option<String> {
+    let decoded = decode_unreserved(path);
+    let source = decoded.as_deref().unwrap_or(path);
+    let resolved = remove_dot_segments(source);
+    match (decoded.is_some(), resolved) {
+        (_, Some(resolved)) => Some(resolved),
+        (true, None) => decoded,
+        (false, None) => None,
+    }
+}
+
+fn decode_unreserved(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out: Option<String> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
+            .flatten()
+            .map(|v| v as u8)
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(c) => {
+                out.get_or_insert_with(|| path[..i].to_owned())
+                    .push(c as char);
+                i += 3;
+            }
+            None => {
+                let end = i + path[i..].chars().next().map_or(1, char::len_utf8);
+                if let Some(o) = out.as_mut() {
+                    o.push_str(&path[i..end]);
+                }
+                i = end;
+            }
+        }
+    }
+    out
+}
+
+/// RFC 3986, 5.2.4, on an absolute path; `None` when there is no dot
+/// segment.
+fn remove_dot_segments(path: &str) -> Option<String> {
+    if !path.split('/').any(|s| s == "." || s == "..") {
+        return None;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." => {
+                if last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    Some(format!("/{}", out.join("/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn paths_are_normalized_before_rules_see_them() {
+        let n = |p: &str| normalize_path(p).unwrap_or_else(|| p.to_owned());
+        assert_eq!(n("/public/page"), "/public/page");
+        assert_eq!(normalize_path("/public/page"), None);
+        assert_eq!(n("/public/../admin"), "/admin");
+        assert_eq!(n("/public/%2e%2e/admin"), "/admin");
+        assert_eq!(n("/public/%2E%2E/%61dmin"), "/admin");
+        assert_eq!(n("/a/./b/."), "/a/b/");
+        assert_eq!(n("/a/b/.."), "/a/");
+        assert_eq!(n("/../../x"), "/x");
+        assert_eq!(n("/"), "/");
+        // Reserved characters stay encoded; other bytes pass through.
+        assert_eq!(n("/a%2Fb/%20c/ü"), "/a%2Fb/%20c/ü");
+        assert_eq!(n("/100%"), "/100%");
+        assert_eq!(n("/x%4"), "/x%4");
+    }
+}

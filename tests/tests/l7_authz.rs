@@ -1,0 +1,216 @@
+//! L7 authorization with real clients and servers: an `AuthorizationPolicy`
+//! with paths, methods, gRPC methods and a header condition, enforced by the
+//! server's agent per request: for callers on another node inside their
+//! HBONE streams, for a caller on the server's node by the outbound proxy
+//! (pod IP: L4 path turned HTTP; Service VIP: the L7 path). Denied requests
+//! get 403 `x-trellis-reason: denied` (gRPC `PERMISSION_DENIED`) and the
+//! connection carries on; a caller the L4 part already refuses is refused
+//! at connect; traffic that is not HTTP is judged by L4 rules alone.
+
+use std::time::Duration;
+
+use trellis_tests::{Lab, Pod, mesh, py};
+
+const VIP: &str = "10.96.0.30";
+
+/// `curl` from `client` with `options`, on one connection when it can: per
+/// URL the status, then ` ` and the number of new connections it took, one
+/// per line; `000 0` when refused.
+fn curl(client: &Pod, options: &[&str], urls: &[&str]) -> String {
+    let mut all = vec!["-s", "-m", "10", "-w", "%{http_code} %{num_connects}\\n"];
+    all.extend_from_slice(options);
+    for url in urls {
+        all.extend_from_slice(&["-o", "/dev/null", url]);
+    }
+    let out = client
+        .exec()
+        .output("curl", &all, Duration::from_secs(60))
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn codes(out: &str) -> Vec<&str> {
+    out.lines().filter_map(|l| l.split(' ').next()).collect()
+}
+
+#[test]
+fn l7_authorization_per_request() {
+    let mut lab = Lab::new("l7_authz").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let remote_reader = lab.add_pod(&a, "a1").expect("pod");
+    let stranger = lab.add_pod(&a, "a2").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let local_reader = lab.add_pod(&b, "b2").expect("pod");
+    let _servers = [
+        server
+            .serve(py::NAME_SERVER, &["web", "8080"], 8080)
+            .expect("server"),
+        server
+            .serve(py::GRPC_SERVER, &["web", "50051"], 50051)
+            .expect("server"),
+        server
+            .serve(py::ECHO_SERVER, &["9000"], 9000)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&remote_reader, "shop", &[], &[], ""),
+            mesh::pod(&stranger, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::pod(&local_reader, "shop", &[], &[], ""),
+            // A Service with a TrafficPolicy: calls to its VIP take the L7 path.
+            mesh::service("shop", "web", VIP, 80, "8080", &[("app", "web")]),
+            mesh::traffic_policy("shop", "web", "retry: {attempts: 1, retryOn: [connect-failure]}"),
+            // Readers may GET /public/*, call Echo/Say; a2 may use the echo
+            // port, as TCP.
+            mesh::authorization_policy(
+                "shop",
+                "web-readers",
+                "{selector: {matchLabels: {app: web}}, action: ALLOW, rules: [\
+                 {from: [{source: {principals: ['*/sa/a1', '*/sa/b2']}}], to: [{operation: {paths: ['/public/*'], methods: [GET]}}]}, \
+                 {from: [{source: {principals: ['*/sa/a1', '*/sa/b2']}}], to: [{operation: {grpcMethods: [{service: trellis.test.Echo, method: Say}]}}]}, \
+                 {from: [{source: {principals: ['*/sa/a2']}}], to: [{operation: {ports: ['9000']}}]}]}",
+            ),
+            // Nobody debugs the web port.
+            mesh::authorization_policy(
+                "shop",
+                "no-debug",
+                "{selector: {matchLabels: {app: web}}, action: DENY, rules: [\
+                 {to: [{operation: {ports: ['8080']}}], when: [{key: 'request.headers[x-debug]', values: ['1']}]}]}",
+            ),
+        ],
+    )
+    .expect("mesh");
+
+    let web = format!("http://{}:8080", server.ip);
+    let via_vip = format!("http://{VIP}");
+    for (reader, how, base) in [
+        (&remote_reader, "cross-node, pod IP", &web),
+        (&remote_reader, "cross-node, VIP", &via_vip),
+        (&local_reader, "same node, pod IP", &web),
+        (&local_reader, "same node, VIP", &via_vip),
+    ] {
+        // Denied requests are answered by the agent and the connection
+        // stays: the allowed one after them needs no new connection.
+        let out = curl(
+            reader,
+            &["--path-as-is"],
+            &[
+                &format!("{base}/private"),
+                &format!("{base}/public/%2e%2e/admin"),
+                &format!("{base}/public/page"),
+            ],
+        );
+        assert_eq!(codes(&out), ["403", "403", "200"], "{how}: {out}");
+        let connects: Vec<&str> = out.lines().filter_map(|l| l.split(' ').nth(1)).collect();
+        assert_eq!(connects, ["1", "0", "0"], "{how}: one connection: {out}");
+        let out = curl(reader, &["-X", "POST"], &[&format!("{base}/public/page")]);
+        assert_eq!(codes(&out), ["403"], "{how}: POST is not allowed: {out}");
+        let out = curl(
+            reader,
+            &["-H", "x-debug: 1"],
+            &[&format!("{base}/public/page")],
+        );
+        assert_eq!(codes(&out), ["403"], "{how}: DENY on a header: {out}");
+        let out = curl(
+            reader,
+            &["-H", "x-debug: 0"],
+            &[&format!("{base}/public/page")],
+        );
+        assert_eq!(codes(&out), ["200"], "{how}: {out}");
+        // The agent's answer says why.
+        let out = reader
+            .exec()
+            .output(
+                "curl",
+                &["-s", "-m", "10", "-i", &format!("{base}/private")],
+                Duration::from_secs(30),
+            )
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(text.contains("x-trellis-reason: denied"), "{how}: {text}");
+        assert!(text.contains("denied by shop/web-readers"), "{how}: {text}");
+
+        // gRPC: Say is allowed, Count is not; the channel carries on.
+        let out = reader
+            .exec()
+            .python_output(
+                py::GRPC_PROBE,
+                &[&format!("{}:50051", server.ip)],
+                Duration::from_secs(60),
+            )
+            .expect("grpc probe");
+        let out: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(out["Say"][0], "OK", "{how}: {out}");
+        assert_eq!(out["Count"][0], "PERMISSION_DENIED", "{how}: {out}");
+        assert_eq!(out["Say2"][0], "OK", "{how}: {out}");
+        assert!(
+            out["Count"][1]
+                .as_str()
+                .is_some_and(|d| d.contains("denied")),
+            "{how}: {out}"
+        );
+
+        // Not HTTP: the readers' rules all need HTTP, so the echo port is closed to them.
+        let out = reader
+            .exec()
+            .python_output(
+                py::ECHO_PROBE,
+                &[&server.ip.to_string(), "9000"],
+                Duration::from_secs(30),
+            )
+            .expect("echo probe");
+        assert_eq!(
+            out.trim(),
+            "DENIED",
+            "{how}: opaque traffic under L7-only rules"
+        );
+    }
+
+    // a2: no L7 rule for it, so the web port refuses it at connect (401 on
+    // HBONE, a reset for the client); its L4 rule lets the echo through.
+    let out = curl(&stranger, &[], &[&format!("{web}/public/page")]);
+    assert_eq!(codes(&out), ["000"], "a2 refused at connect: {out}");
+    let out = stranger
+        .exec()
+        .python_output(
+            py::ECHO_PROBE,
+            &[&server.ip.to_string(), "9000"],
+            Duration::from_secs(30),
+        )
+        .expect("echo probe");
+    assert_eq!(out.trim(), "not http at all", "a2: L4 rule, opaque traffic");
+
+    // Counted where decided: b's HBONE server for a1, b's outbound proxy
+    // for b2 (pod IP) and its L7 path (VIP).
+    let status = cluster.agents[1].cli_json("status").expect("status");
+    let inbound = &status["inbound"];
+    assert!(
+        inbound["requests_denied"].as_u64().unwrap_or(0) >= 5,
+        "{inbound}"
+    );
+    assert!(
+        inbound["http_inspected"].as_u64().unwrap_or(0) >= 3,
+        "{inbound}"
+    );
+    assert!(
+        inbound["opaque_denied"].as_u64().unwrap_or(0) >= 1,
+        "{inbound}"
+    );
+    assert!(inbound["denied"].as_u64().unwrap_or(0) >= 1, "{inbound}");
+    let outbound = &status["outbound"];
+    assert!(
+        outbound["requests_denied"].as_u64().unwrap_or(0) >= 5,
+        "{status}"
+    );
+    assert!(
+        status["http"]["denied"].as_u64().unwrap_or(0) >= 5,
+        "{status}"
+    );
+}
