@@ -57,6 +57,10 @@ pub enum Command {
     /// pod, that pod's compiled network policy; `explain` says which rule
     /// allows or denies one connection, from the maps the kernel uses.
     Policy(PolicyArgs),
+    /// The configuration a running agent applies: its settings, the routes
+    /// attached to Services with their status conditions (Accepted,
+    /// ResolvedRefs) and rules, traffic and authorization policies.
+    Config(AdminArgs),
     /// Flow events, Hubble-like: every verdict of the kernel's policy
     /// points and of the agent, with pods, identities and the rule.
     Flows(FlowsArgs),

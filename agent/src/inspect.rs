@@ -380,6 +380,94 @@ pub fn render_flow(f: &Value) -> String {
     )
 }
 
+/// `trellis config` as text: routes first (what a user checks after
+/// applying one), then policies, then the agent's settings.
+pub fn render_config(doc: &Value) -> String {
+    let mut out = String::new();
+    let statuses = doc["routes"]["status"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let _ = writeln!(out, "routes:");
+    if statuses.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for r in &statuses {
+        let _ = writeln!(
+            out,
+            "  {} {}/{}",
+            s(&r["kind"]),
+            s(&r["namespace"]),
+            s(&r["name"])
+        );
+        for c in r["conditions"].as_array().into_iter().flatten() {
+            let message = c["message"].as_str().filter(|m| !m.is_empty());
+            let _ = writeln!(
+                out,
+                "    {}={} ({}){}",
+                s(&c["type"]),
+                if c["status"] == Value::Bool(true) {
+                    "True"
+                } else {
+                    "False"
+                },
+                s(&c["reason"]),
+                message.map(|m| format!(": {m}")).unwrap_or_default()
+            );
+        }
+    }
+    if let Some(services) = doc["routes"]["services"].as_object() {
+        for (service, ports) in services {
+            for (port, routes) in ports.as_object().into_iter().flatten() {
+                let count = |v: &Value| v.as_array().map_or(0, Vec::len);
+                let consumers = routes["consumer"].as_object().map_or(0, |c| c.len());
+                let _ = writeln!(
+                    out,
+                    "  {service}:{port}: {} producer rules, consumer rules for {consumers} namespaces",
+                    count(&routes["producer"])
+                );
+            }
+        }
+    }
+    let traffic = doc["trafficPolicies"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect::<Vec<_>>());
+    let _ = writeln!(
+        out,
+        "traffic policies: {}",
+        traffic
+            .filter(|t| !t.is_empty())
+            .map_or("(none)".into(), |t| t.join(", "))
+    );
+    let authz: Vec<String> = doc["authorizationPolicies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{}/{} ({})",
+                s(&p["namespace"]),
+                s(&p["name"]),
+                s(&p["action"])
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "authorization policies: {}",
+        if authz.is_empty() {
+            "(none)".into()
+        } else {
+            authz.join(", ")
+        }
+    );
+    let _ = writeln!(out, "settings:");
+    for (k, v) in doc["settings"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "  {k}: {}", s(v));
+    }
+    out
+}
+
 /// `trellis workloads` as text.
 pub fn render_workloads(doc: &Value) -> String {
     let mut out = String::new();

@@ -20,6 +20,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => admin_view(&args, "/status", inspect::render_status),
         Command::Workloads(args) => admin_view(&args, "/workloads", inspect::render_workloads),
         Command::Certs(args) => admin_view(&args, "/certs", inspect::render_certs),
+        Command::Config(args) => admin_view(&args, "/config", inspect::render_config),
         Command::Policy(args) => policy(&args),
         Command::Flows(args) => flows(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),

@@ -2,6 +2,7 @@
 //! from the config objects and compiled into a per-Service-port table the
 //! HTTP proxy consults on every request.
 
+pub mod grpc_route;
 pub mod http_route;
 pub mod table;
 

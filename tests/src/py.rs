@@ -868,3 +868,58 @@ try:
 except (ConnectionResetError, BrokenPipeError):
     print("DENIED")
 "#;
+
+/// HTTP server answering any GET or POST with JSON `{name, path, host,
+/// body}` (the path with its query, the body's length) and keeping a log of
+/// them, which `GET /__log` returns (not logged). Args: NAME PORT.
+pub const REQUEST_ECHO_SERVER: &str = r#"
+import http.server, json, socket, sys, threading
+name = sys.argv[1]
+log, lock = [], threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        if self.path == "/__log":
+            with lock:
+                out = json.dumps(log).encode()
+        else:
+            rec = {"name": name, "method": self.command, "path": self.path, "host": self.headers.get("host"), "body": len(body)}
+            with lock:
+                log.append(rec)
+            out = json.dumps(rec).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = answer
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+S(("::", int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// gRPC Say calls to [`GRPC_SERVER`]s and an unknown method: prints JSON,
+/// per call `[code, served-by]`. Args: TARGET.
+pub const GRPC_WHO: &str = r#"
+import grpc, json, sys
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+grpc.channel_ready_future(ch).result(timeout=20)
+out = {}
+for name, kind in [("Say", ch.unary_unary), ("Count", ch.unary_stream)]:
+    call = kind("/trellis.test.Echo/" + name)
+    try:
+        if name == "Count":
+            it = call(b"2", timeout=10)
+            list(it)
+            md = it.trailing_metadata()
+        else:
+            _, c = call.with_call(b"hi", timeout=10)
+            md = c.trailing_metadata()
+        out[name] = ["OK", dict(md or ()).get("x-served-by", "?")]
+    except grpc.RpcError as e:
+        out[name] = [e.code().name, e.details()]
+print(json.dumps(out))
+"#;

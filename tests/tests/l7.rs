@@ -166,3 +166,196 @@ fn http_routes_pick_the_backend_of_each_request() {
         "{routes}"
     );
 }
+
+/// `RequestRedirect`, `URLRewrite` and `RequestMirror` on real requests, a
+/// `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
+/// (which `trellis config` shows `Accepted=False (Conflicted)`).
+#[test]
+fn redirect_rewrite_mirror_and_grpc_routes() {
+    const WEB: &str = "10.96.0.40";
+    const GRPC: &str = "10.96.0.41";
+    let mut lab = Lab::new("l7_filters").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let main = lab.add_pod(&a, "a2").expect("pod");
+    let shadow = lab.add_pod(&b, "b1").expect("pod");
+    let grpc_a = lab.add_pod(&a, "a3").expect("pod");
+    let grpc_b = lab.add_pod(&b, "b2").expect("pod");
+    let _servers = [
+        main.serve(py::REQUEST_ECHO_SERVER, &["main", "8080"], 8080)
+            .expect("server"),
+        shadow
+            .serve(py::REQUEST_ECHO_SERVER, &["shadow", "8080"], 8080)
+            .expect("server"),
+        grpc_a
+            .serve(py::GRPC_SERVER, &["grpc-a", "50051"], 50051)
+            .expect("server"),
+        grpc_b
+            .serve(py::GRPC_SERVER, &["grpc-b", "50051"], 50051)
+            .expect("server"),
+    ];
+    let route = |kind: &str, name: &str, parent: &str, port: u16, rules: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\n\
+             metadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: '', kind: Service, name: {parent}, port: {port}}}], rules: {rules}}}\n"
+        )
+    };
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&main, "shop", &[("app", "main")], &[], ""),
+            mesh::pod(&shadow, "shop", &[("app", "shadow")], &[], ""),
+            mesh::pod(&grpc_a, "shop", &[("app", "grpc"), ("v", "a")], &[], ""),
+            mesh::pod(&grpc_b, "shop", &[("app", "grpc"), ("v", "b")], &[], ""),
+            mesh::service("shop", "web", WEB, 80, "8080", &[("app", "main")]),
+            mesh::service("shop", "main", "10.96.0.42", 80, "8080", &[("app", "main")]),
+            mesh::service("shop", "shadow", "10.96.0.43", 80, "8080", &[("app", "shadow")]),
+            mesh::service_with_protocol("shop", "grpc", GRPC, 50051, "50051", "grpc", &[("app", "grpc")]),
+            mesh::service("shop", "grpc-a", "10.96.0.44", 50051, "50051", &[("app", "grpc"), ("v", "a")]),
+            mesh::service("shop", "grpc-b", "10.96.0.45", 50051, "50051", &[("app", "grpc"), ("v", "b")]),
+            route(
+                "HTTPRoute",
+                "web",
+                "web",
+                80,
+                "[{matches: [{path: {type: PathPrefix, value: /old}}], filters: [{type: RequestRedirect, \
+                 requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]}, \
+                 {matches: [{path: {type: PathPrefix, value: /api/v1}}], filters: [\
+                 {type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}, \
+                 {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}], \
+                 backendRefs: [{name: main, port: 80}]}, \
+                 {backendRefs: [{name: main, port: 80}]}]",
+            ),
+            route(
+                "GRPCRoute",
+                "grpc-by-method",
+                "grpc",
+                50051,
+                "[{matches: [{method: {service: trellis.test.Echo, method: Say}}], backendRefs: [{name: grpc-b, port: 50051}]}, \
+                 {backendRefs: [{name: grpc-a, port: 50051}]}]",
+            ),
+            // Loses the port to the GRPCRoute.
+            route(
+                "HTTPRoute",
+                "grpc-http",
+                "grpc",
+                50051,
+                "[{backendRefs: [{name: grpc-b, port: 50051}]}]",
+            ),
+        ],
+    )
+    .expect("mesh");
+
+    // Redirect: the agent answers, the path's prefix replaced, the query kept.
+    let out = curl(&client, &["-i", &format!("http://{WEB}/old/page?x=1")]);
+    assert!(out.starts_with("HTTP/1.1 301"), "{out}");
+    assert!(
+        out.to_lowercase()
+            .contains(&format!("location: http://{WEB}/new/page?x=1")),
+        "{out}"
+    );
+
+    // Rewrite: the pod gets the new path and host; the mirror a copy, body
+    // included, with the host marked `-shadow`; nothing else is mirrored.
+    let out = curl(&client, &[&format!("http://{WEB}/api/v1/users?id=7")]);
+    let got: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(got["name"], "main", "{got}");
+    assert_eq!(got["path"], "/users?id=7", "{got}");
+    assert_eq!(got["host"], "api.internal", "{got}");
+    let out = curl(
+        &client,
+        &["-d", "hello mirror", &format!("http://{WEB}/api/v1/items")],
+    );
+    let got: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(
+        (got["path"].as_str(), got["body"].as_u64()),
+        (Some("/items"), Some(12)),
+        "{got}"
+    );
+    let out = curl(&client, &[&format!("http://{WEB}/plain")]);
+    assert!(out.contains("\"path\": \"/plain\""), "{out}");
+    let mut log = serde_json::Value::Null;
+    for _ in 0..50 {
+        let out = curl(&client, &["http://10.96.0.43/__log"]);
+        log = serde_json::from_str(&out).expect(&out);
+        if log.as_array().is_some_and(|l| l.len() >= 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = log.as_array().cloned().unwrap_or_default();
+    // Copies go on their own: in any order.
+    let mut seen: Vec<(String, String, u64)> = log
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap_or("").to_owned(),
+                r["host"].as_str().unwrap_or("").to_owned(),
+                r["body"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("/items".to_owned(), "api.internal-shadow".to_owned(), 12),
+            (
+                "/users?id=7".to_owned(),
+                "api.internal-shadow".to_owned(),
+                0
+            ),
+        ],
+        "the mirror saw exactly the rewritten requests"
+    );
+
+    // GRPCRoute: Say goes to b, the rest to a (several times each, over one
+    // channel per run), whatever the HTTPRoute on the same port says.
+    for _ in 0..3 {
+        let out = client
+            .exec()
+            .python_output(
+                py::GRPC_WHO,
+                &[&format!("{GRPC}:50051")],
+                Duration::from_secs(60),
+            )
+            .expect("grpc");
+        let out: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(out["Say"], serde_json::json!(["OK", "grpc-b"]), "{out}");
+        assert_eq!(out["Count"], serde_json::json!(["OK", "grpc-a"]), "{out}");
+    }
+
+    // `trellis config` reports each route's conditions.
+    let text = cluster.agents[0].cli(&["config"]).expect("config");
+    assert!(text.contains("HTTPRoute shop/grpc-http"), "{text}");
+    assert!(
+        text.contains("Accepted=False (Conflicted): a GRPCRoute takes shop/grpc:50051"),
+        "{text}"
+    );
+    assert!(
+        text.contains("GRPCRoute shop/grpc-by-method\n    Accepted=True"),
+        "{text}"
+    );
+    let doc = cluster.agents[0].cli_json("config").expect("config json");
+    let web = doc["routes"]["status"]
+        .as_array()
+        .and_then(|s| s.iter().find(|r| r["name"] == "web"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        web["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().all(|c| c["status"] == true)),
+        "{web}"
+    );
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert_eq!(status["http"]["redirects"], 1, "{status}");
+    assert_eq!(status["http"]["mirrored"], 2, "{status}");
+}

@@ -74,7 +74,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
     let body = match req.uri().path() {
         "/status" => json(&status(state)),
         "/workloads" => json(&workloads(state)),
-        "/config" => json(&state.config),
+        "/config" => json(&config(state)),
         "/certs" => json(&certs(state)),
         "/policies" => json(&policies(state)),
         "/policy/pod" => {
@@ -197,6 +197,22 @@ fn policy_fingerprint(snapshot: &Snapshot) -> String {
         .unwrap_or_default()
         .hash(&mut h);
     format!("{:016x}", h.finish())
+}
+
+/// `GET /config`: the agent's settings and the configuration it applies
+/// from objects: routes with their status conditions (Accepted,
+/// ResolvedRefs) and compiled rules, traffic and authorization policies.
+pub fn config(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.snapshot.borrow().clone();
+    serde_json::json!({
+        "settings": state.config,
+        "routes": {
+            "status": snapshot.routes.status,
+            "services": snapshot.routes.services,
+        },
+        "trafficPolicies": snapshot.traffic,
+        "authorizationPolicies": snapshot.policies,
+    })
 }
 
 /// `GET /status`.

@@ -44,7 +44,7 @@ use crate::{
     hbone::client::Pool,
     identity::Identity,
     policy::authz::{self, Verdict},
-    routes::{self, RequestView, Rule},
+    routes::{self, RequestView, Rule, table::PathRule},
     state::Snapshot,
 };
 
@@ -97,6 +97,11 @@ pub struct HttpStats {
     pub retry_budget_exhausted: AtomicU64,
     /// Endpoints ejected by outlier detection.
     pub ejections: AtomicU64,
+    /// Redirects answered, requests copied to mirrors, and copies skipped
+    /// (body not complete or too large, no endpoint, denied).
+    pub redirects: AtomicU64,
+    pub mirrored: AtomicU64,
+    pub mirror_skipped: AtomicU64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -242,7 +247,7 @@ impl HttpProxy {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, call: &Call) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>, call: &Call) -> Response<Body> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Routes and authorization rules match the path in normal form.
         super::http_authz::normalize_uri(&mut req);
@@ -267,7 +272,7 @@ impl HttpProxy {
             .routes
             .port(&call.service, call.port)
             .and_then(|p| p.for_client(&call.client_namespace));
-        let (rule, service, port): (Option<Arc<Rule>>, String, u16) = match entries {
+        let (rule, service, port): (Option<(Arc<Rule>, PathRule)>, String, u16) = match entries {
             None => (None, call.service.clone(), call.port),
             Some(entries) => match routes::route(entries, &view) {
                 None => {
@@ -275,6 +280,10 @@ impl HttpProxy {
                         Reason::NoRoute,
                         format!("no route of {} matches", call.service),
                     );
+                }
+                Some(e) if e.rule.redirect.is_some() => {
+                    self.stats.redirects.fetch_add(1, Ordering::Relaxed);
+                    return redirect(&req, e, call.port);
                 }
                 Some(e) if e.rule.backends.is_empty() => {
                     return answer(
@@ -287,7 +296,11 @@ impl HttpProxy {
                 }
                 Some(e) => {
                     let b = pick_weighted(&e.rule.backends);
-                    (Some(e.rule.clone()), b.service.clone(), b.port)
+                    (
+                        Some((e.rule.clone(), e.request.path.clone())),
+                        b.service.clone(),
+                        b.port,
+                    )
                 }
             },
         };
@@ -358,11 +371,15 @@ impl HttpProxy {
         // The request, and when retries are possible a copy of it (its body
         // recorded as it streams) to send again.
         let (mut parts, body) = req.into_parts();
-        if let Some(rule) = &rule {
+        if let Some((rule, matched)) = &rule {
             rule.request_headers.apply(&mut parts.headers);
+            if let Some(rewrite) = &rule.rewrite {
+                rewrite_request(&mut parts, rewrite, matched);
+            }
         }
+        let mirrors = rule.as_ref().map_or(&[][..], |(r, _)| &r.mirrors[..]);
         let version = parts.version;
-        let (mut next, again) = if policy.retry.attempts == 0 {
+        let (mut next, again) = if policy.retry.attempts == 0 && mirrors.is_empty() {
             (Some(Request::from_parts(parts, body.boxed())), None)
         } else {
             let replay = if hyper::body::Body::is_end_stream(&body) {
@@ -379,12 +396,12 @@ impl HttpProxy {
             (Some(first), Some((head, replay)))
         };
 
-        let timeout = rule
-            .as_ref()
-            .and_then(|r| match (r.request_timeout, r.backend_timeout) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            });
+        let timeout =
+            rule.as_ref()
+                .and_then(|(r, _)| match (r.request_timeout, r.backend_timeout) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                });
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut tried = Vec::new();
         let mut retry_permit = None;
@@ -463,6 +480,11 @@ impl HttpProxy {
                     }
                 }
             }
+            if !mirrors.is_empty()
+                && let Some((head, replay)) = &again
+            {
+                self.mirror(mirrors, head, version, replay, call);
+            }
             return match result {
                 Ok(mut resp) => {
                     // The client's version, whatever the backend spoke: an
@@ -473,7 +495,7 @@ impl HttpProxy {
                     {
                         *resp.version_mut() = Version::HTTP_11;
                     }
-                    if let Some(rule) = &rule {
+                    if let Some((rule, _)) = &rule {
                         rule.response_headers.apply(resp.headers_mut());
                     }
                     if let Some(resilience::HashInput::NewCookie(_, cookie)) = &hash
@@ -494,6 +516,80 @@ impl HttpProxy {
             };
         }
         answer(Reason::NoHealthyUpstream, format!("{service}:{port}"))
+    }
+
+    /// Sends copies of a request to the rule's mirrors (each with its
+    /// share), answers dropped. The body goes along when it was complete and
+    /// within the record's limit by the time the first answer came; else
+    /// the copy is skipped and counted.
+    fn mirror(
+        self: &Arc<Self>,
+        mirrors: &[routes::table::Mirror],
+        head: &(http::Method, Uri, http::HeaderMap),
+        version: Version,
+        replay: &Replay,
+        call: &Call,
+    ) {
+        for m in mirrors.iter().filter(|m| chance(m.ppm)) {
+            let Some(body) = replay.body() else {
+                self.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (method, uri, mut headers) = head.clone();
+            // Envoy's mark of a shadow request: `-shadow` after the host.
+            let shadow = |host: &str| format!("{host}-shadow");
+            if let Some(v) = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| HeaderValue::from_str(&shadow(h)).ok())
+            {
+                headers.insert(header::HOST, v);
+            }
+            let uri = match uri.authority() {
+                Some(a) => {
+                    let mut parts = uri.clone().into_parts();
+                    parts.authority = shadow(a.as_str()).parse().ok();
+                    Uri::from_parts(parts).unwrap_or(uri)
+                }
+                None => uri,
+            };
+            let mut req = Request::new(body.map_err(|never| match never {}).boxed());
+            *req.method_mut() = method;
+            *req.uri_mut() = uri;
+            *req.version_mut() = version;
+            *req.headers_mut() = headers;
+            let (this, call, m) = (self.clone(), call.clone(), m.clone());
+            tokio::spawn(
+                async move {
+                    let snapshot = this.state.borrow().clone();
+                    let svc = this.service_state(&snapshot, &m.service);
+                    let candidates = snapshot
+                        .service(&m.service)
+                        .map(|s| s.ready_backends(m.port, call.ipv6))
+                        .unwrap_or_default();
+                    let Some((backend, _)) = svc.pick(&candidates, &[], None) else {
+                        this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    if this
+                        .authorize(&snapshot, &call, backend, authz::Request::of(&req))
+                        .is_err()
+                    {
+                        this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    this.stats.mirrored.fetch_add(1, Ordering::Relaxed);
+                    match this.forward(req, &call, backend, &svc).await {
+                        // Read to the end, so the connection can be pooled.
+                        Ok(resp) => drop(resp.into_body().collect().await),
+                        Err((reason, detail)) => {
+                            debug!(%backend, reason = reason.text(), detail, "mirrored request failed");
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+        }
     }
 
     /// The run-time state of `service` under its current policy (a new one
@@ -1225,6 +1321,87 @@ pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
         "upgrade",
     ] {
         headers.remove(name);
+    }
+}
+
+/// The agent's answer to a request a `RequestRedirect` rule matched.
+fn redirect(req: &Request<Incoming>, entry: &routes::Entry, port: u16) -> Response<Body> {
+    let r = entry.rule.redirect.as_ref().expect("a redirect rule");
+    let host_header = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .or_else(|| req.uri().authority().cloned());
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let host = r
+        .hostname
+        .clone()
+        .or_else(|| host_header.as_ref().map(|a| a.host().to_owned()))
+        .unwrap_or_default();
+    // The Gateway API's rule: a given port, else the scheme's own when the
+    // scheme changes, else the port called; the scheme's default is left
+    // out.
+    let port = r.port.unwrap_or(match r.scheme {
+        Some(_) => 0,
+        None => host_header.and_then(|a| a.port_u16()).unwrap_or(port),
+    });
+    let default = if scheme == "https" { 443 } else { 80 };
+    let authority = if port == 0 || port == default {
+        host
+    } else {
+        format!("{host}:{port}")
+    };
+    let path = match &r.path {
+        Some(edit) => edit.apply(&entry.request.path, req.uri().path()),
+        None => req.uri().path().to_owned(),
+    };
+    let location = match req.uri().query() {
+        Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+        None => format!("{scheme}://{authority}{path}"),
+    };
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// A `URLRewrite`: the path, and the host in `Host` and the authority.
+fn rewrite_request(
+    parts: &mut http::request::Parts,
+    rewrite: &routes::table::Rewrite,
+    matched: &PathRule,
+) {
+    let path = rewrite
+        .path
+        .as_ref()
+        .map(|edit| edit.apply(matched, parts.uri.path()));
+    let mut uri = parts.uri.clone().into_parts();
+    if let Some(path) = path {
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        uri.path_and_query = pq.parse().ok().or(uri.path_and_query);
+    }
+    if let Some(host) = &rewrite.hostname {
+        if uri.authority.is_some() {
+            let port = parts.uri.port_u16();
+            let authority = port.map_or_else(|| host.clone(), |p| format!("{host}:{p}"));
+            uri.authority = authority.parse().ok().or(uri.authority);
+        }
+        if let Ok(v) = HeaderValue::from_str(host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    if let Ok(new) = Uri::from_parts(uri) {
+        parts.uri = new;
     }
 }
 

@@ -159,6 +159,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // A sender that knows the length stops polling after the last
+        // byte: the body is complete once it says so, without a `None`.
+        let ended = self.inner.is_end_stream();
         let mut r = self.record.lock();
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -177,6 +180,9 @@ where
             Poll::Ready(None) => r.done = true,
             Poll::Ready(Some(Err(_))) => r.overflow = true,
             Poll::Pending => {}
+        }
+        if ended {
+            r.done = true;
         }
         drop(r);
         polled
@@ -314,5 +320,14 @@ mod tests {
         let _unread = replay.tee(Full::new(Bytes::from_static(b"x")));
         assert!(replay.body().is_none(), "not seen to its end");
         assert!(Replay::empty().body().is_some());
+
+        // A sender that stops at the last byte (hyper, with a length):
+        // complete once the body says it has ended, with no final poll.
+        let replay = Replay::default();
+        let mut body = replay.tee(Full::new(Bytes::from_static(b"sized")));
+        let frame = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(frame.into_data().ok().as_deref(), Some(&b"sized"[..]));
+        let again = replay.body().expect("complete after its last frame");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "sized");
     }
 }

@@ -133,11 +133,79 @@ pub struct HttpRouteFilter {
     #[serde(default)]
     pub response_header_modifier: Option<HeaderModifier>,
     #[serde(default)]
-    pub request_redirect: Option<serde_json::Value>,
+    pub request_redirect: Option<RequestRedirect>,
     #[serde(default)]
-    pub url_rewrite: Option<serde_json::Value>,
+    pub url_rewrite: Option<UrlRewrite>,
     #[serde(default)]
-    pub request_mirror: Option<serde_json::Value>,
+    pub request_mirror: Option<RequestMirror>,
+}
+
+/// The agent answers with a redirect; absent parts keep the request's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRedirect {
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// 302 when absent.
+    #[serde(default)]
+    pub status_code: Option<u16>,
+}
+
+/// The request is forwarded with another host and/or path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlRewrite {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathModifier {
+    #[serde(rename = "type")]
+    pub kind: PathModifierKind,
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum PathModifierKind {
+    ReplaceFullPath,
+    ReplacePrefixMatch,
+}
+
+/// A copy of each request (or of `percent` / `fraction` of them) goes to
+/// another Service; its answer is dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMirror {
+    pub backend_ref: BackendRef,
+    #[serde(default)]
+    pub percent: Option<u32>,
+    #[serde(default)]
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fraction {
+    pub numerator: u32,
+    #[serde(default = "hundred")]
+    pub denominator: u32,
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -183,8 +251,15 @@ pub struct Timeouts {
     pub backend_request: Option<String>,
 }
 
-/// Filters this agent applies; the others leave the route `Accepted=False`.
-pub const SUPPORTED_FILTERS: &[&str] = &["RequestHeaderModifier", "ResponseHeaderModifier"];
+/// Filters this agent applies; the others (`ExtensionRef`) leave the route
+/// `Accepted=False`.
+pub const SUPPORTED_FILTERS: &[&str] = &[
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "RequestRedirect",
+    "URLRewrite",
+    "RequestMirror",
+];
 
 /// The Gateway API's cap on a backend weight.
 const MAX_WEIGHT: u32 = 1_000_000;
@@ -213,72 +288,44 @@ pub fn validate(route: &HttpRoute) -> Result<(), (String, String)> {
                     _ => {}
                 }
             }
-            for (field, list) in [("headers", &m.headers), ("queryParams", &m.query_params)] {
-                for (k, v) in list.iter().enumerate() {
-                    let at = format!("{at}.{field}[{k}]");
-                    if v.name.is_empty() {
-                        return Err((format!("{at}.name"), "required".into()));
-                    }
-                    if field == "headers" && http::HeaderName::try_from(&v.name).is_err() {
-                        return Err((format!("{at}.name"), "not a valid header name".into()));
-                    }
-                    if v.kind == ValueMatchKind::RegularExpression {
-                        regex::Regex::new(&v.value)
-                            .map_err(|e| (format!("{at}.value"), e.to_string()))?;
-                    }
-                }
-            }
+            validate_value_matches(&at, "headers", &m.headers)?;
+            validate_value_matches(&at, "queryParams", &m.query_params)?;
             if let Some(method) = &m.method
                 && http::Method::from_bytes(method.as_bytes()).is_err()
             {
                 return Err((format!("{at}.method"), "not an HTTP method".into()));
             }
         }
+        validate_filters(&at, &rule.filters)?;
+        // ReplacePrefixMatch replaces what a PathPrefix match matched.
+        let prefix_only = rule.matches.iter().all(|m| {
+            m.path
+                .as_ref()
+                .is_none_or(|p| p.kind == PathMatchKind::PathPrefix)
+        });
         for (j, f) in rule.filters.iter().enumerate() {
-            let at = format!("{at}.filters[{j}]");
-            for (name, m) in [
-                ("requestHeaderModifier", &f.request_header_modifier),
-                ("responseHeaderModifier", &f.response_header_modifier),
-            ] {
-                let Some(m) = m else { continue };
-                for (list, values) in [("set", &m.set), ("add", &m.add)] {
-                    for (k, h) in values.iter().enumerate() {
-                        if http::HeaderName::try_from(&h.name).is_err() {
-                            return Err((
-                                format!("{at}.{name}.{list}[{k}].name"),
-                                "not a valid header name".into(),
-                            ));
-                        }
-                        if http::HeaderValue::try_from(&h.value).is_err() {
-                            return Err((
-                                format!("{at}.{name}.{list}[{k}].value"),
-                                "not a valid header value".into(),
-                            ));
-                        }
-                    }
-                }
-                for (k, h) in m.remove.iter().enumerate() {
-                    if http::HeaderName::try_from(h).is_err() {
-                        return Err((
-                            format!("{at}.{name}.remove[{k}]"),
-                            "not a valid header name".into(),
-                        ));
-                    }
-                }
-            }
-        }
-        for (j, b) in rule.backend_refs.iter().enumerate() {
-            let at = format!("{at}.backendRefs[{j}]");
-            if b.weight.is_some_and(|w| w > MAX_WEIGHT) {
-                return Err((format!("{at}.weight"), format!("at most {MAX_WEIGHT}")));
-            }
-            if b.kind.as_deref().is_none_or(|k| k == "Service") && b.port.is_none() {
+            let path = f
+                .request_redirect
+                .as_ref()
+                .and_then(|r| r.path.as_ref())
+                .map(|p| ("requestRedirect", p))
+                .or_else(|| {
+                    f.url_rewrite
+                        .as_ref()
+                        .and_then(|r| r.path.as_ref())
+                        .map(|p| ("urlRewrite", p))
+                });
+            if let Some((name, p)) = path
+                && p.kind == PathModifierKind::ReplacePrefixMatch
+                && !prefix_only
+            {
                 return Err((
-                    format!("{at}.port"),
-                    "required for a Service backend".into(),
+                    format!("{at}.filters[{j}].{name}.path"),
+                    "ReplacePrefixMatch needs every match of the rule to be a PathPrefix".into(),
                 ));
             }
         }
+        validate_backends(&at, &rule.backend_refs)?;
         if let Some(t) = &rule.timeouts {
             for (name, v) in [
                 ("request", &t.request),
@@ -288,6 +335,211 @@ pub fn validate(route: &HttpRoute) -> Result<(), (String, String)> {
                     parse_duration(v).map_err(|e| (format!("{at}.timeouts.{name}"), e))?;
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Header or query parameter matches at `at.field`.
+pub fn validate_value_matches(
+    at: &str,
+    field: &str,
+    list: &[ValueMatch],
+) -> Result<(), (String, String)> {
+    for (k, v) in list.iter().enumerate() {
+        let at = format!("{at}.{field}[{k}]");
+        if v.name.is_empty() {
+            return Err((format!("{at}.name"), "required".into()));
+        }
+        if field == "headers" && http::HeaderName::try_from(&v.name).is_err() {
+            return Err((format!("{at}.name"), "not a valid header name".into()));
+        }
+        if v.kind == ValueMatchKind::RegularExpression {
+            regex::Regex::new(&v.value).map_err(|e| (format!("{at}.value"), e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A rule's filters (the same for `HTTPRoute` and `GRPCRoute`).
+pub fn validate_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), (String, String)> {
+    let count = |kind: &str| filters.iter().filter(|f| f.kind == kind).count();
+    if count("RequestRedirect") > 0 && count("URLRewrite") > 0 {
+        return Err((
+            format!("{at}.filters"),
+            "RequestRedirect and URLRewrite cannot be used together".into(),
+        ));
+    }
+    for kind in [
+        "RequestHeaderModifier",
+        "ResponseHeaderModifier",
+        "RequestRedirect",
+        "URLRewrite",
+    ] {
+        if count(kind) > 1 {
+            return Err((format!("{at}.filters"), format!("{kind} at most once")));
+        }
+    }
+    for (j, f) in filters.iter().enumerate() {
+        let at = format!("{at}.filters[{j}]");
+        let missing = |name: &str| {
+            Err((
+                format!("{at}.{name}"),
+                format!("required by type {}", f.kind),
+            ))
+        };
+        match f.kind.as_str() {
+            "RequestHeaderModifier" if f.request_header_modifier.is_none() => {
+                return missing("requestHeaderModifier");
+            }
+            "ResponseHeaderModifier" if f.response_header_modifier.is_none() => {
+                return missing("responseHeaderModifier");
+            }
+            "RequestRedirect" if f.request_redirect.is_none() => {
+                return missing("requestRedirect");
+            }
+            "URLRewrite" if f.url_rewrite.is_none() => return missing("urlRewrite"),
+            "RequestMirror" if f.request_mirror.is_none() => return missing("requestMirror"),
+            _ => {}
+        }
+        for (name, m) in [
+            ("requestHeaderModifier", &f.request_header_modifier),
+            ("responseHeaderModifier", &f.response_header_modifier),
+        ] {
+            let Some(m) = m else { continue };
+            for (list, values) in [("set", &m.set), ("add", &m.add)] {
+                for (k, h) in values.iter().enumerate() {
+                    if http::HeaderName::try_from(&h.name).is_err() {
+                        return Err((
+                            format!("{at}.{name}.{list}[{k}].name"),
+                            "not a valid header name".into(),
+                        ));
+                    }
+                    if http::HeaderValue::try_from(&h.value).is_err() {
+                        return Err((
+                            format!("{at}.{name}.{list}[{k}].value"),
+                            "not a valid header value".into(),
+                        ));
+                    }
+                }
+            }
+            for (k, h) in m.remove.iter().enumerate() {
+                if http::HeaderName::try_from(h).is_err() {
+                    return Err((
+                        format!("{at}.{name}.remove[{k}]"),
+                        "not a valid header name".into(),
+                    ));
+                }
+            }
+        }
+        let hostname = |name: &str, h: &Option<String>| match h {
+            Some(h)
+                if h.is_empty()
+                    || http::uri::Authority::try_from(h.as_str()).is_err()
+                    || h.contains(':') =>
+            {
+                Err((
+                    format!("{at}.{name}.hostname"),
+                    format!("{h:?} is not a hostname"),
+                ))
+            }
+            _ => Ok(()),
+        };
+        if let Some(r) = &f.request_redirect {
+            if let Some(scheme) = &r.scheme
+                && !matches!(scheme.as_str(), "http" | "https")
+            {
+                return Err((
+                    format!("{at}.requestRedirect.scheme"),
+                    "http or https".into(),
+                ));
+            }
+            if let Some(code) = r.status_code
+                && !matches!(code, 301 | 302 | 303 | 307 | 308)
+            {
+                return Err((
+                    format!("{at}.requestRedirect.statusCode"),
+                    "301, 302, 303, 307 or 308".into(),
+                ));
+            }
+            if r.port == Some(0) {
+                return Err((format!("{at}.requestRedirect.port"), "1-65535".into()));
+            }
+            hostname("requestRedirect", &r.hostname)?;
+            if let Some(p) = &r.path {
+                validate_path_modifier(&format!("{at}.requestRedirect.path"), p)?;
+            }
+        }
+        if let Some(r) = &f.url_rewrite {
+            hostname("urlRewrite", &r.hostname)?;
+            if let Some(p) = &r.path {
+                validate_path_modifier(&format!("{at}.urlRewrite.path"), p)?;
+            }
+        }
+        if let Some(m) = &f.request_mirror {
+            validate_backends(
+                &format!("{at}.requestMirror"),
+                std::slice::from_ref(&m.backend_ref),
+            )
+            .map_err(|(field, reason)| (field.replace(".backendRefs[0]", ".backendRef"), reason))?;
+            if m.percent.is_some_and(|p| p > 100) {
+                return Err((format!("{at}.requestMirror.percent"), "0-100".into()));
+            }
+            if let Some(f) = m.fraction
+                && (f.denominator == 0 || f.numerator > f.denominator)
+            {
+                return Err((
+                    format!("{at}.requestMirror.fraction"),
+                    "numerator ≤ denominator, denominator > 0".into(),
+                ));
+            }
+            if m.percent.is_some() && m.fraction.is_some() {
+                return Err((
+                    format!("{at}.requestMirror"),
+                    "percent or fraction, not both".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_path_modifier(at: &str, p: &PathModifier) -> Result<(), (String, String)> {
+    let (name, value) = match p.kind {
+        PathModifierKind::ReplaceFullPath => ("replaceFullPath", &p.replace_full_path),
+        PathModifierKind::ReplacePrefixMatch => ("replacePrefixMatch", &p.replace_prefix_match),
+    };
+    match value {
+        None => Err((
+            format!("{at}.{name}"),
+            format!("required by type {:?}", p.kind),
+        )),
+        Some(v)
+            if !v.starts_with('/')
+                || http::uri::PathAndQuery::try_from(v.as_str()).is_err()
+                || v.contains('?') =>
+        {
+            Err((
+                format!("{at}.{name}"),
+                format!("{v:?} is not a path starting with '/'"),
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// A rule's backends.
+pub fn validate_backends(at: &str, backends: &[BackendRef]) -> Result<(), (String, String)> {
+    for (j, b) in backends.iter().enumerate() {
+        let at = format!("{at}.backendRefs[{j}]");
+        if b.weight.is_some_and(|w| w > MAX_WEIGHT) {
+            return Err((format!("{at}.weight"), format!("at most {MAX_WEIGHT}")));
+        }
+        if b.kind.as_deref().is_none_or(|k| k == "Service") && b.port.is_none() {
+            return Err((
+                format!("{at}.port"),
+                "required for a Service backend".into(),
+            ));
         }
     }
     Ok(())

@@ -14,8 +14,15 @@ use std::{cmp::Ordering, collections::BTreeMap, fmt, sync::Arc, time::Duration};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Serialize, Serializer};
 
-use super::http_route::{
-    HeaderModifier, HttpRoute, PathMatchKind, SUPPORTED_FILTERS, ValueMatchKind, parse_duration,
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{
+    grpc_route::{self, GrpcRoute},
+    http_route::{
+        BackendRef, HeaderModifier, HttpRoute, HttpRouteFilter, ParentRef, PathMatchKind,
+        PathModifier, PathModifierKind, SUPPORTED_FILTERS, Timeouts, ValueMatchKind,
+        parse_duration,
+    },
 };
 use crate::state::ServiceView;
 
@@ -244,6 +251,70 @@ pub struct WeightedBackend {
     pub weight: u32,
 }
 
+/// A new path: the whole of it, or in place of the prefix a `PathPrefix`
+/// match matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum PathEdit {
+    Full(String),
+    Prefix(String),
+}
+
+impl PathEdit {
+    fn of(m: &PathModifier) -> Option<Self> {
+        match m.kind {
+            PathModifierKind::ReplaceFullPath => m.replace_full_path.clone().map(Self::Full),
+            PathModifierKind::ReplacePrefixMatch => {
+                m.replace_prefix_match.clone().map(Self::Prefix)
+            }
+        }
+    }
+
+    /// `path` edited; `matched` is the match the request took.
+    pub fn apply(&self, matched: &PathRule, path: &str) -> String {
+        match (self, matched) {
+            (Self::Full(p), _) => p.clone(),
+            (Self::Prefix(new), PathRule::Prefix(old)) => {
+                let old = old.trim_end_matches('/');
+                let rest = path.get(old.len()..).unwrap_or("");
+                let joined = format!("{}{rest}", new.trim_end_matches('/'));
+                if joined.is_empty() {
+                    "/".into()
+                } else {
+                    joined
+                }
+            }
+            // Validation allows a prefix edit only on prefix matches.
+            (Self::Prefix(new), _) => new.clone(),
+        }
+    }
+}
+
+/// A `RequestRedirect`: the agent answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathEdit>,
+    pub status: u16,
+}
+
+/// A `URLRewrite`, applied before the request is forwarded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathEdit>,
+}
+
+/// A `RequestMirror`: where copies go, and the share of requests copied in
+/// parts per million.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mirror {
+    pub service: String,
+    pub port: u16,
+    pub ppm: u32,
+}
+
 /// One rule of a route, as the proxy applies it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Rule {
@@ -263,6 +334,12 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
 }
 
 /// A match and the rule it leads to, in precedence order.
@@ -275,6 +352,9 @@ pub struct Entry {
     /// `namespace/name`, then rule and match index.
     #[serde(skip)]
     order: (String, String, usize, usize),
+    /// From a `GRPCRoute`: it wins the port over `HTTPRoute`s.
+    #[serde(skip)]
+    grpc: bool,
 }
 
 /// The rules that apply to one Service port.
@@ -343,23 +423,63 @@ impl RouteTable {
     }
 
     /// Compiles `routes` against the Services that exist.
-    pub fn build(routes: &[&HttpRoute], services: &[ServiceView]) -> Self {
+    pub fn build(
+        http_routes: &[&HttpRoute],
+        grpc_routes: &[&GrpcRoute],
+        services: &[ServiceView],
+    ) -> Self {
         let mut table = Self::default();
-        for route in routes {
-            table.add(route, services);
+        for route in http_routes {
+            table.add(&Source::http(route), services);
         }
-        for ports in table.services.values_mut() {
-            for port in ports.values_mut() {
-                port.producer.sort_by(precedence);
-                for entries in port.consumer.values_mut() {
+        for route in grpc_routes {
+            table.add(&Source::grpc(route), services);
+        }
+        // A GRPCRoute wins a port (for the clients it applies to) over the
+        // HTTPRoutes there, which report the conflict.
+        let mut lost: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (service, ports) in &mut table.services {
+            for (port, routes) in ports.iter_mut() {
+                let lists =
+                    std::iter::once(&mut routes.producer).chain(routes.consumer.values_mut());
+                for entries in lists {
+                    if entries.iter().any(|e| e.grpc) {
+                        for e in entries.iter().filter(|e| !e.grpc) {
+                            lost.entry(e.rule.route.clone())
+                                .or_default()
+                                .push(format!("{service}:{port}"));
+                        }
+                        entries.retain(|e| e.grpc);
+                    }
                     entries.sort_by(precedence);
+                }
+            }
+        }
+        for status in &mut table.status {
+            let id = format!("{}/{}", status.namespace, status.name);
+            if let (Some(ports), "HTTPRoute") = (lost.get_mut(&id), status.kind) {
+                ports.dedup();
+                for c in status
+                    .conditions
+                    .iter_mut()
+                    .filter(|c| c.kind == "Accepted")
+                {
+                    *c = Condition {
+                        kind: "Accepted",
+                        status: false,
+                        reason: "Conflicted",
+                        message: format!(
+                            "a GRPCRoute takes {} for the same clients",
+                            ports.join(", ")
+                        ),
+                    };
                 }
             }
         }
         table
     }
 
-    fn add(&mut self, route: &HttpRoute, services: &[ServiceView]) {
+    fn add(&mut self, route: &Source<'_>, services: &[ServiceView]) {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
         let id = format!("{namespace}/{name}");
@@ -379,10 +499,9 @@ impl RouteTable {
         // Features this agent does not honour yet: the route is not
         // accepted rather than half applied.
         let unsupported: Vec<&str> = route
-            .spec
             .rules
             .iter()
-            .flat_map(|r| &r.filters)
+            .flat_map(|r| r.filters)
             .map(|f| f.kind.as_str())
             .filter(|k| !SUPPORTED_FILTERS.contains(k))
             .collect();
@@ -394,7 +513,7 @@ impl RouteTable {
                 message: format!("filters not supported yet: {}", unsupported.join(", ")),
             });
             self.status.push(RouteStatus {
-                kind: "HTTPRoute",
+                kind: route.kind,
                 namespace,
                 name,
                 conditions,
@@ -404,38 +523,81 @@ impl RouteTable {
 
         // Rules, with their backends resolved.
         let mut unresolved = Vec::new();
-        let rules: Vec<(Arc<Rule>, &[super::http_route::HttpRouteMatch])> = route
-            .spec
+        // A backend reference resolved to `namespace/name` and port.
+        let mut resolve = |b: &BackendRef| -> Option<(String, u16)> {
+            let ns = b.namespace.clone().unwrap_or_else(|| namespace.clone());
+            let port = b.port.unwrap_or_default();
+            if b.kind.as_deref().is_some_and(|k| k != "Service")
+                || b.group
+                    .as_deref()
+                    .is_some_and(|g| !g.is_empty() && g != "core")
+            {
+                unresolved.push(format!("{}: only Service backends", b.name));
+            } else if ns != namespace {
+                // No ReferenceGrant support: cross-namespace references
+                // are refused, as without a grant.
+                unresolved.push(format!("{ns}/{}: RefNotPermitted", b.name));
+            } else if !find(&ns, &b.name).is_some_and(|s| s.ports.iter().any(|p| p.port == port)) {
+                unresolved.push(format!("{ns}/{}:{port}: BackendNotFound", b.name));
+            } else {
+                return Some((format!("{ns}/{}", b.name), port));
+            }
+            None
+        };
+        let rules: Vec<(Arc<Rule>, &[RequestMatch])> = route
             .rules
             .iter()
             .enumerate()
             .map(|(index, r)| {
                 let mut backends = Vec::new();
-                for b in &r.backend_refs {
-                    let ns = b.namespace.clone().unwrap_or_else(|| namespace.clone());
-                    let port = b.port.unwrap_or_default();
-                    if b.kind.as_deref().is_some_and(|k| k != "Service")
-                        || b.group
-                            .as_deref()
-                            .is_some_and(|g| !g.is_empty() && g != "core")
+                for b in r.backend_refs {
+                    if let Some((service, port)) = resolve(b)
+                        && b.weight != Some(0)
                     {
-                        unresolved.push(format!("{}: only Service backends", b.name));
-                    } else if ns != namespace {
-                        // No ReferenceGrant support: cross-namespace
-                        // references are refused, as without a grant.
-                        unresolved.push(format!("{ns}/{}: RefNotPermitted", b.name));
-                    } else if !find(&ns, &b.name)
-                        .is_some_and(|s| s.ports.iter().any(|p| p.port == port))
-                    {
-                        unresolved.push(format!("{ns}/{}:{port}: BackendNotFound", b.name));
-                    } else if b.weight != Some(0) {
                         backends.push(WeightedBackend {
-                            service: format!("{ns}/{}", b.name),
+                            service,
                             port,
                             weight: b.weight.unwrap_or(1),
                         });
                     }
                 }
+                let mirrors = r
+                    .filters
+                    .iter()
+                    .filter_map(|f| f.request_mirror.as_ref())
+                    .filter_map(|m| {
+                        let (service, port) = resolve(&m.backend_ref)?;
+                        let ppm = match (m.percent, m.fraction) {
+                            (Some(p), _) => p * 10_000,
+                            (None, Some(f)) => {
+                                (u64::from(f.numerator) * 1_000_000
+                                    / u64::from(f.denominator.max(1)))
+                                    as u32
+                            }
+                            (None, None) => 1_000_000,
+                        };
+                        Some(Mirror { service, port, ppm })
+                    })
+                    .collect();
+                let redirect = r
+                    .filters
+                    .iter()
+                    .find_map(|f| f.request_redirect.as_ref())
+                    .map(|x| Redirect {
+                        scheme: x.scheme.clone(),
+                        hostname: x.hostname.clone(),
+                        port: x.port,
+                        path: x.path.as_ref().and_then(PathEdit::of),
+                        status: x.status_code.unwrap_or(302),
+                    });
+                let rewrite = r
+                    .filters
+                    .iter()
+                    .find_map(|f| f.url_rewrite.as_ref())
+                    .map(|x| Rewrite {
+                        hostname: x.hostname.clone(),
+                        path: x.path.as_ref().and_then(PathEdit::of),
+                    });
                 let edits = |kind: &str| {
                     r.filters
                         .iter()
@@ -452,7 +614,9 @@ impl RouteTable {
                     v.and_then(|v| parse_duration(v).ok())
                         .filter(|d| !d.is_zero())
                 };
-                let all_invalid = !r.backend_refs.is_empty()
+                // A redirect answers without a backend.
+                let all_invalid = redirect.is_none()
+                    && !r.backend_refs.is_empty()
                     && backends.is_empty()
                     && r.backend_refs.iter().any(|b| b.weight != Some(0));
                 (
@@ -463,12 +627,13 @@ impl RouteTable {
                         response_headers: edits("ResponseHeaderModifier"),
                         backends,
                         unresolved: all_invalid,
-                        request_timeout: timeout(
-                            r.timeouts.as_ref().and_then(|t| t.request.as_ref()),
-                        ),
+                        request_timeout: timeout(r.timeouts.and_then(|t| t.request.as_ref())),
                         backend_timeout: timeout(
-                            r.timeouts.as_ref().and_then(|t| t.backend_request.as_ref()),
+                            r.timeouts.and_then(|t| t.backend_request.as_ref()),
                         ),
+                        redirect,
+                        rewrite,
+                        mirrors,
                     }),
                     r.matches.as_slice(),
                 )
@@ -478,7 +643,7 @@ impl RouteTable {
         // Parents.
         let mut attached = 0;
         let mut missing = Vec::new();
-        for parent in &route.spec.parent_refs {
+        for parent in route.parent_refs {
             if !parent.is_service() {
                 continue; // a Gateway parent: not the mesh's business
             }
@@ -514,21 +679,12 @@ impl RouteTable {
                     routes.consumer.entry(namespace.clone()).or_default()
                 };
                 for (rule, matches) in &rules {
-                    let compiled: Vec<RequestMatch> = if matches.is_empty() {
-                        vec![RequestMatch {
-                            path: PathRule::Prefix("/".into()),
-                            headers: Vec::new(),
-                            query: Vec::new(),
-                            method: None,
-                        }]
-                    } else {
-                        matches.iter().filter_map(compile_match).collect()
-                    };
-                    for (m, request) in compiled.into_iter().enumerate() {
+                    for (m, request) in matches.iter().enumerate() {
                         entries.push(Entry {
-                            request,
+                            request: request.clone(),
                             rule: rule.clone(),
                             order: (created.clone(), id.clone(), rule.index, m),
+                            grpc: route.kind == "GRPCRoute",
                         });
                     }
                 }
@@ -573,12 +729,110 @@ impl RouteTable {
             }
         });
         self.status.push(RouteStatus {
-            kind: "HTTPRoute",
+            kind: route.kind,
             namespace,
             name,
             conditions,
         });
     }
+}
+
+/// A route of either kind, as the table compiles it.
+struct Source<'a> {
+    kind: &'static str,
+    metadata: &'a ObjectMeta,
+    parent_refs: &'a [ParentRef],
+    rules: Vec<RuleSource<'a>>,
+}
+
+struct RuleSource<'a> {
+    /// Compiled; a rule without matches has the catch-all one.
+    matches: Vec<RequestMatch>,
+    filters: &'a [HttpRouteFilter],
+    backend_refs: &'a [BackendRef],
+    timeouts: Option<&'a Timeouts>,
+}
+
+fn catch_all() -> RequestMatch {
+    RequestMatch {
+        path: PathRule::Prefix("/".into()),
+        headers: Vec::new(),
+        query: Vec::new(),
+        method: None,
+    }
+}
+
+impl<'a> Source<'a> {
+    fn http(route: &'a HttpRoute) -> Self {
+        Self {
+            kind: "HTTPRoute",
+            metadata: &route.metadata,
+            parent_refs: &route.spec.parent_refs,
+            rules: route
+                .spec
+                .rules
+                .iter()
+                .map(|r| RuleSource {
+                    matches: if r.matches.is_empty() {
+                        vec![catch_all()]
+                    } else {
+                        r.matches.iter().filter_map(compile_match).collect()
+                    },
+                    filters: &r.filters,
+                    backend_refs: &r.backend_refs,
+                    timeouts: r.timeouts.as_ref(),
+                })
+                .collect(),
+        }
+    }
+
+    fn grpc(route: &'a GrpcRoute) -> Self {
+        let compile = |m: &grpc_route::GrpcRouteMatch| {
+            let path = match m.method.as_ref().map(grpc_route::path_of) {
+                None => PathRule::Prefix("/".into()),
+                Some(grpc_route::PathOf::Exact(p)) => PathRule::Exact(p),
+                Some(grpc_route::PathOf::Regex(r)) => PathRule::Regex(Pattern::new(&r)?),
+            };
+            Some(RequestMatch {
+                path,
+                headers: compile_values(&m.headers)?,
+                query: Vec::new(),
+                method: None,
+            })
+        };
+        Self {
+            kind: "GRPCRoute",
+            metadata: &route.metadata,
+            parent_refs: &route.spec.parent_refs,
+            rules: route
+                .spec
+                .rules
+                .iter()
+                .map(|r| RuleSource {
+                    matches: if r.matches.is_empty() {
+                        vec![catch_all()]
+                    } else {
+                        r.matches.iter().filter_map(compile).collect()
+                    },
+                    filters: &r.filters,
+                    backend_refs: &r.backend_refs,
+                    timeouts: None,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn compile_values(list: &[super::http_route::ValueMatch]) -> Option<Vec<(String, ValueRule)>> {
+    list.iter()
+        .map(|h| {
+            let rule = match h.kind {
+                ValueMatchKind::Exact => ValueRule::Exact(h.value.clone()),
+                ValueMatchKind::RegularExpression => ValueRule::Regex(Pattern::new(&h.value)?),
+            };
+            Some((h.name.to_ascii_lowercase(), rule))
+        })
+        .collect()
 }
 
 fn precedence(a: &Entry, b: &Entry) -> Ordering {
@@ -589,10 +843,6 @@ fn precedence(a: &Entry, b: &Entry) -> Ordering {
 }
 
 fn compile_match(m: &super::http_route::HttpRouteMatch) -> Option<RequestMatch> {
-    let value = |kind: ValueMatchKind, v: &str| match kind {
-        ValueMatchKind::Exact => Some(ValueRule::Exact(v.to_owned())),
-        ValueMatchKind::RegularExpression => Pattern::new(v).map(ValueRule::Regex),
-    };
     let path = match &m.path {
         None => PathRule::Prefix("/".into()),
         Some(p) => match p.kind {
@@ -603,16 +853,13 @@ fn compile_match(m: &super::http_route::HttpRouteMatch) -> Option<RequestMatch> 
     };
     Some(RequestMatch {
         path,
-        headers: m
-            .headers
-            .iter()
-            .map(|h| Some((h.name.to_ascii_lowercase(), value(h.kind, &h.value)?)))
-            .collect::<Option<_>>()?,
-        query: m
-            .query_params
-            .iter()
-            .map(|q| Some((q.name.clone(), value(q.kind, &q.value)?)))
-            .collect::<Option<_>>()?,
+        headers: compile_values(&m.headers)?,
+        // Query parameter names are case-sensitive.
+        query: compile_values(&m.query_params)?
+            .into_iter()
+            .zip(&m.query_params)
+            .map(|((_, rule), q)| (q.name.clone(), rule))
+            .collect(),
         method: m.method.clone(),
     })
 }

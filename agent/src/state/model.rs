@@ -199,6 +199,7 @@ impl Snapshot {
         let mut policies = Vec::new();
         let mut network_policies = Vec::new();
         let mut http_routes = Vec::new();
+        let mut grpc_routes = Vec::new();
         let mut traffic_policies = Vec::new();
         for object in objects {
             *counts.entry(object.key().kind).or_insert(0) += 1;
@@ -210,6 +211,7 @@ impl Snapshot {
                 Object::Pod(p) => pods.push(p.as_ref()),
                 Object::Service(s) => services.push(s.as_ref()),
                 Object::HttpRoute(r) => http_routes.push(r.as_ref()),
+                Object::GrpcRoute(r) => grpc_routes.push(r.as_ref()),
                 Object::TrafficPolicy(p) => traffic_policies.push(p.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 // Validated when parsed: an error here cannot happen.
@@ -250,7 +252,7 @@ impl Snapshot {
                 )
             })
             .collect();
-        let routes = RouteTable::build(&http_routes, &services);
+        let routes = RouteTable::build(&http_routes, &grpc_routes, &services);
         let traffic = traffic_table(&mut traffic_policies);
         let namespace_labels = namespaces
             .iter()
@@ -562,6 +564,106 @@ mod tests {
             .filter(|b| b.usable())
             .map(|b| b.addr.to_string())
             .collect()
+    }
+
+    fn route_status<'a>(
+        snap: &'a Snapshot,
+        kind: &str,
+        name: &str,
+    ) -> &'a crate::routes::table::RouteStatus {
+        snap.routes
+            .status
+            .iter()
+            .find(|s| s.kind == kind && s.name == name)
+            .unwrap_or_else(|| panic!("{kind} {name}: {:?}", snap.routes.status))
+    }
+
+    #[test]
+    fn a_grpc_route_wins_the_port_and_the_http_route_says_conflicted() {
+        let snap = snapshot(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: h, namespace: shop}\n\
+             spec: {parentRefs: [{group: '', kind: Service, name: web, port: 80}], rules: [{backendRefs: [{name: web-v1, port: 80}]}]}\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\n\
+             spec: {parentRefs: [{group: '', kind: Service, name: web}], rules: [\
+             {matches: [{method: {service: shop.Cart, method: Add}}], backendRefs: [{name: web-v2, port: 80}]}, \
+             {matches: [{method: {service: shop.Cart}}, {method: {type: RegularExpression, method: 'Get.*'}}], backendRefs: [{name: web-v1, port: 80}]}]}\n",
+        );
+        let h = route_status(&snap, "HTTPRoute", "h");
+        let accepted = h
+            .conditions
+            .iter()
+            .find(|c| c.kind == "Accepted")
+            .expect("Accepted");
+        assert!(!accepted.status);
+        assert_eq!(accepted.reason, "Conflicted");
+        assert!(
+            accepted.message.contains("shop/web:80"),
+            "{}",
+            accepted.message
+        );
+        assert!(route_status(&snap, "GRPCRoute", "g").healthy());
+
+        let entries = snap
+            .routes
+            .port("shop/web", 80)
+            .and_then(|p| p.for_client("shop"))
+            .expect("routes");
+        let pick = |path: &str| {
+            let headers = http::HeaderMap::new();
+            let view = crate::routes::RequestView {
+                method: &http::Method::POST,
+                path,
+                query: None,
+                headers: &headers,
+            };
+            crate::routes::route(entries, &view).map(|e| e.rule.backends[0].service.clone())
+        };
+        // The exact method first, then the service's other methods, then
+        // any service's Get*; the HTTPRoute's catch-all is gone.
+        assert_eq!(pick("/shop.Cart/Add").as_deref(), Some("shop/web-v2"));
+        assert_eq!(pick("/shop.Cart/Remove").as_deref(), Some("shop/web-v1"));
+        assert_eq!(pick("/other.Svc/GetThing").as_deref(), Some("shop/web-v1"));
+        assert_eq!(pick("/other.Svc/Put"), None);
+        assert_eq!(pick("/"), None);
+    }
+
+    #[test]
+    fn redirect_rewrite_and_mirror_filters_compile() {
+        let snap = snapshot(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: h, namespace: shop}\n\
+             spec: {parentRefs: [{group: '', kind: Service, name: web, port: 80}], rules: [\
+             {matches: [{path: {type: PathPrefix, value: /old}}], filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]}, \
+             {matches: [{path: {type: PathPrefix, value: /api/v1}}], filters: [{type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}, \
+             {type: RequestMirror, requestMirror: {backendRef: {name: web-v2, port: 80}, percent: 25}}], backendRefs: [{name: web-v1, port: 80}]}]}\n",
+        );
+        assert!(
+            route_status(&snap, "HTTPRoute", "h").healthy(),
+            "{:?}",
+            snap.routes.status
+        );
+        let entries = snap
+            .routes
+            .port("shop/web", 80)
+            .and_then(|p| p.for_client("shop"))
+            .expect("routes");
+        let redirect = entries
+            .iter()
+            .find_map(|e| e.rule.redirect.as_ref().map(|r| (e, r)))
+            .expect("redirect");
+        assert_eq!(redirect.1.status, 301);
+        let edit = redirect.1.path.as_ref().expect("path edit");
+        assert_eq!(edit.apply(&redirect.0.request.path, "/old/a/b"), "/new/a/b");
+        assert_eq!(edit.apply(&redirect.0.request.path, "/old"), "/new");
+        let (entry, rewrite) = entries
+            .iter()
+            .find_map(|e| e.rule.rewrite.as_ref().map(|r| (e, r)))
+            .expect("rewrite");
+        assert_eq!(rewrite.hostname.as_deref(), Some("api.internal"));
+        let edit = rewrite.path.as_ref().expect("path edit");
+        assert_eq!(edit.apply(&entry.request.path, "/api/v1/users"), "/users");
+        assert_eq!(edit.apply(&entry.request.path, "/api/v1"), "/");
+        assert_eq!(entry.rule.mirrors[0].service, "shop/web-v2");
+        assert_eq!(entry.rule.mirrors[0].ppm, 250_000);
     }
 
     #[test]

@@ -14,7 +14,9 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 
 use crate::{
-    policy::authz::AuthorizationPolicy, resilience::TrafficPolicy, routes::http_route::HttpRoute,
+    policy::authz::AuthorizationPolicy,
+    resilience::TrafficPolicy,
+    routes::{grpc_route::GrpcRoute, http_route::HttpRoute},
 };
 
 /// The annotation that tells the agent where a pod's network namespace is.
@@ -37,6 +39,7 @@ pub enum Object {
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     NetworkPolicy(Box<NetworkPolicy>),
     HttpRoute(Box<HttpRoute>),
+    GrpcRoute(Box<GrpcRoute>),
     TrafficPolicy(Box<TrafficPolicy>),
 }
 
@@ -69,6 +72,7 @@ impl Object {
             Self::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Self::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
             Self::HttpRoute(o) => ("HTTPRoute", &o.metadata),
+            Self::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
             Self::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
         };
         ObjectKey {
@@ -214,6 +218,7 @@ fn parse_object(
             "trellis.dev/v1alpha1"
         ),
         "HTTPRoute" => typed!(HttpRoute, HttpRoute, "gateway.networking.k8s.io/v1"),
+        "GRPCRoute" => typed!(GrpcRoute, GrpcRoute, "gateway.networking.k8s.io/v1"),
         "TrafficPolicy" => typed!(TrafficPolicy, TrafficPolicy, "trellis.dev/v1alpha1"),
         other => {
             return Err(reject(
@@ -249,6 +254,7 @@ fn default_namespace(object: &mut Object) {
         Object::AuthorizationPolicy(o) => &mut o.metadata,
         Object::NetworkPolicy(o) => &mut o.metadata,
         Object::HttpRoute(o) => &mut o.metadata,
+        Object::GrpcRoute(o) => &mut o.metadata,
         Object::TrafficPolicy(o) => &mut o.metadata,
         Object::Node(_) | Object::Namespace(_) => return,
     };
@@ -375,6 +381,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
             crate::policy::network::NetworkPolicy::from_object(policy)?;
         }
         Object::HttpRoute(route) => crate::routes::http_route::validate(route)?,
+        Object::GrpcRoute(route) => crate::routes::grpc_route::validate(route)?,
         Object::TrafficPolicy(policy) => crate::resilience::policy::validate(policy)?,
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();
@@ -493,9 +500,9 @@ mod tests {
                 "Pod is v1 here",
             ),
             (
-                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {methods: [GET]}}]}]}",
-                "spec.rules[0].to[0].operation.methods",
-                "unknown field `methods`",
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {hosts: [web]}}]}]}",
+                "spec.rules[0].to[0].operation.hosts",
+                "unknown field `hosts`",
             ),
             (
                 "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: AUDIT}",
@@ -506,6 +513,26 @@ mod tests {
                 "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {ports: ['0']}}]}]}",
                 "spec.rules[0].to[0].operation.ports[0]",
                 "not a port",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{matches: [{path: {type: Exact, value: /a}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}]}",
+                "spec.rules[0].filters[0].urlRewrite.path",
+                "PathPrefix",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 200}}]}]}",
+                "spec.rules[0].filters[0].requestRedirect.statusCode",
+                "301",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m}}}]}]}",
+                "spec.rules[0].filters[0].requestMirror.backendRef.port",
+                "required",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec: {parentRefs: [{name: web}], rules: [{matches: [{method: {service: a/b}}]}]}",
+                "spec.rules[0].matches[0].method.service",
+                "without '/'",
             ),
             (
                 "apiVersion: v1\nkind: Pod\nmetadata: {}",
