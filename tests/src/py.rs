@@ -818,6 +818,9 @@ first = s.recv(65536)
 s.sendall(b"GARBAGE\x01 LINE\r\n\r\n")
 print("malformed", b" ".join(re.findall(rb"HTTP/1.1 (\d\d\d)", first) + statuses(s)).decode())
 s = conn()
+s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 70000 + b"\r\n\r\nGET /only-v1 HTTP/1.1\r\nhost: x\r\n\r\n")
+print("oversized", b" ".join(statuses(s)).decode())
+s = conn()
 s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\nx-slow: ")
 start = time.monotonic()
 s.settimeout(1)
@@ -922,4 +925,63 @@ for name, kind in [("Say", ch.unary_unary), ("Count", ch.unary_stream)]:
     except grpc.RpcError as e:
         out[name] = [e.code().name, e.details()]
 print(json.dumps(out))
+"#;
+
+/// A backend that misbehaves on purpose: `/reset-before` resets the
+/// connection without an answer, `/reset-mid` sends the head and 1,000 of
+/// the 100,000 body bytes it announced, then resets; anything else gets
+/// `ok` and a clean close. Args: PORT.
+pub const RESET_SERVER: &str = r#"
+import socket, struct, sys, threading, time
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
+def serve(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        b = c.recv(65536)
+        if not b:
+            c.close()
+            return
+        data += b
+    path = data.split(b" ")[1]
+    if path == b"/reset-mid":
+        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.2)
+    elif path != b"/reset-before":
+        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        c.close()
+        return
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// An HTTP/2 client that breaks the protocol: after the preface and its
+/// SETTINGS, a DATA frame on stream 0. Prints `goaway CODE` for the
+/// GOAWAY the peer answers with, or `closed` / `nothing`. Args: HOST PORT.
+pub const BAD_H2_CLIENT: &str = r#"
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+frame = lambda t, f, sid, payload: struct.pack(">I", len(payload))[1:] + bytes([t, f]) + struct.pack(">I", sid) + payload
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(0, 0, 0, b"oops"))
+buf, out = b"", "nothing"
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            out = out if out != "nothing" else "closed"
+            break
+        buf += b
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + n:
+                break
+            t, payload = buf[3], buf[9:9 + n]
+            buf = buf[9 + n:]
+            if t == 7:
+                out = "goaway %d" % struct.unpack(">I", payload[4:8])[0]
+except OSError:
+    out = out if out != "nothing" else "closed"
+print(out)
 "#;

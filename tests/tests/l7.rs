@@ -149,12 +149,21 @@ fn http_routes_pick_the_backend_of_each_request() {
         .expect("bad client");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "malformed 200 400", "{out}");
-    assert!(lines[1].starts_with("slowloris closed after"), "{out}");
+    // Over 64 KiB of headers: 431, and the connection serves the next one.
+    assert_eq!(lines[1], "oversized 431 200", "{out}");
+    assert!(lines[2].starts_with("slowloris closed after"), "{out}");
+    // HTTP/2 broken at the framing level: GOAWAY PROTOCOL_ERROR.
+    let out = client
+        .exec()
+        .python_output(py::BAD_H2_CLIENT, &[VIP, "80"], Duration::from_secs(30))
+        .expect("bad h2 client");
+    assert_eq!(out.trim(), "goaway 1", "{out}");
     assert_eq!(curl(&client, &[&url("/only-v1")]), "web-v1");
 
     // The routes were accepted, and the agent counted its own answers.
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert!(status["http"]["no_route"].as_u64() >= Some(1), "{status}");
+    assert_eq!(status["http"]["header_too_large"], 1, "{status}");
     let routes = &status["routes"];
     assert!(
         routes.as_array().is_some_and(|r| r.len() == 2
@@ -164,6 +173,77 @@ fn http_routes_pick_the_backend_of_each_request() {
                 .iter()
                 .all(|c| c["status"] == true))),
         "{routes}"
+    );
+}
+
+/// A backend that resets: before answering, the client gets 502
+/// `upstream-reset`; in the middle of a body, the client's connection is
+/// cut short, since its head has gone out.
+/// Nothing else is disturbed and the agent keeps serving.
+#[test]
+fn backend_resets_are_reported_and_contained() {
+    const VIP: &str = "10.96.0.50";
+    let mut lab = Lab::new("l7_resets").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let _server = server
+        .serve(py::RESET_SERVER, &["8080"], 8080)
+        .expect("server");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "flaky")], &[], ""),
+            mesh::service("shop", "flaky", VIP, 80, "8080", &[("app", "flaky")]),
+            mesh::traffic_policy("shop", "flaky", "retry: {attempts: 0}"),
+        ],
+    )
+    .expect("mesh");
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{exitcode}",
+        ];
+        all.extend_from_slice(args);
+        let out = client
+            .exec()
+            .output("curl", &all, Duration::from_secs(30))
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let url = |p: &str| format!("http://{VIP}{p}");
+    assert_eq!(run(&[&url("/ok")]), "200 0");
+    assert_eq!(run(&[&url("/reset-before")]), "502 0");
+    assert_eq!(
+        curl(&client, &["-i", &url("/reset-before")])
+            .lines()
+            .find(|l| l.starts_with("x-trellis-reason"))
+            .map(str::trim),
+        Some("x-trellis-reason: upstream-reset")
+    );
+    for _ in 0..3 {
+        let out = run(&[&url("/reset-mid")]);
+        let (code, exit) = out.split_once(' ').unwrap_or_default();
+        assert_eq!(code, "200", "the head went out: {out}");
+        // 18: transfer closed with bytes remaining; 56: connection reset.
+        assert!(["18", "56"].contains(&exit), "cut short: {out}");
+        assert_eq!(run(&[&url("/ok")]), "200 0", "the agent keeps serving");
+    }
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert!(
+        status["http"]["upstream_reset"].as_u64() >= Some(2),
+        "{status}"
     );
 }
 

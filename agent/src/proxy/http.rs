@@ -92,6 +92,7 @@ pub struct HttpStats {
     pub circuit_open: AtomicU64,
     pub rate_limited: AtomicU64,
     pub fault_injected: AtomicU64,
+    pub header_too_large: AtomicU64,
     /// Attempts after the first, and retries the budget refused.
     pub retries: AtomicU64,
     pub retry_budget_exhausted: AtomicU64,
@@ -124,6 +125,7 @@ pub(super) enum Reason {
     CircuitOpen,
     RateLimited,
     FaultInjected,
+    HeaderTooLarge,
 }
 
 impl Reason {
@@ -139,6 +141,7 @@ impl Reason {
             Self::CircuitOpen => "circuit-open",
             Self::RateLimited => "rate-limited",
             Self::FaultInjected => "fault-injected",
+            Self::HeaderTooLarge => "header-too-large",
         }
     }
 
@@ -154,18 +157,19 @@ impl Reason {
             Self::Denied => StatusCode::FORBIDDEN,
             Self::CircuitOpen | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
     /// The gRPC status a gRPC client gets instead.
     fn grpc_status(self) -> u8 {
         match self {
-            Self::NoRoute => 12,         // UNIMPLEMENTED
-            Self::BackendNotFound => 13, // INTERNAL
-            Self::Timeout => 4,          // DEADLINE_EXCEEDED
-            Self::Denied => 7,           // PERMISSION_DENIED
-            Self::RateLimited => 8,      // RESOURCE_EXHAUSTED
-            _ => 14,                     // UNAVAILABLE
+            Self::NoRoute => 12,                           // UNIMPLEMENTED
+            Self::BackendNotFound => 13,                   // INTERNAL
+            Self::Timeout => 4,                            // DEADLINE_EXCEEDED
+            Self::Denied => 7,                             // PERMISSION_DENIED
+            Self::RateLimited | Self::HeaderTooLarge => 8, // RESOURCE_EXHAUSTED
+            _ => 14,                                       // UNAVAILABLE
         }
     }
 }
@@ -251,6 +255,15 @@ impl HttpProxy {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Routes and authorization rules match the path in normal form.
         super::http_authz::normalize_uri(&mut req);
+        if let Some(size) = oversized(&req) {
+            let grpc = authz::is_grpc(req.headers());
+            self.count(Reason::HeaderTooLarge);
+            return reply(
+                Reason::HeaderTooLarge,
+                &format!("{size} bytes of request line and headers, over {MAX_HEADER_BYTES}"),
+                grpc,
+            );
+        }
         let grpc = authz::is_grpc(req.headers());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -768,6 +781,7 @@ impl HttpProxy {
             Reason::CircuitOpen => &self.stats.circuit_open,
             Reason::RateLimited => &self.stats.rate_limited,
             Reason::FaultInjected => &self.stats.fault_injected,
+            Reason::HeaderTooLarge => &self.stats.header_too_large,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -1171,6 +1185,18 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The size of a request's line and headers when over
+/// [`MAX_HEADER_BYTES`]: hyper's own read limit is approximate (it depends
+/// on how the bytes arrived), so the documented one is checked here.
+pub(super) fn oversized<B>(req: &Request<B>) -> Option<usize> {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let size = req
+        .headers()
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4);
+    (size > MAX_HEADER_BYTES).then_some(size)
 }
 
 /// The agent's own answer.

@@ -23,7 +23,7 @@ use tracing::{Instrument as _, debug, info};
 use super::{
     detect::Protocol,
     http::{
-        Body, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, Reason, connection_tokens, reply,
+        Body, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply,
         strip_hop_by_hop, upgrade_protocol,
     },
 };
@@ -137,6 +137,13 @@ where
 async fn handle(mut req: Request<Incoming>, judge: &Judge, upstream: Upstream) -> Response<Body> {
     let grpc = authz::is_grpc(req.headers());
     normalize_uri(&mut req);
+    if let Some(size) = oversized(&req) {
+        return reply(
+            Reason::HeaderTooLarge,
+            &format!("{size} bytes of request line and headers, over {MAX_HEADER_BYTES}"),
+            grpc,
+        );
+    }
     if let Err(policy) = judge(authz::Request::of(&req)) {
         return reply(Reason::Denied, &format!("denied by {policy}"), grpc);
     }
