@@ -4,6 +4,7 @@
 
 pub mod grpc_route;
 pub mod http_route;
+pub mod reference_grant;
 pub mod table;
 
 pub use table::{Entry, PortRoutes, RequestView, RouteTable, Rule, route};

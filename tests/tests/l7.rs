@@ -321,6 +321,13 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 "[{matches: [{method: {service: trellis.test.Echo, method: Say}}], backendRefs: [{name: grpc-b, port: 50051}]}, \
                  {backendRefs: [{name: grpc-a, port: 50051}]}]",
             ),
+            // A TrafficPolicy on a route: only what that route sends.
+            mesh::service("shop", "paid", "10.96.0.46", 80, "8080", &[("app", "main")]),
+            route("HTTPRoute", "paid", "paid", 80, "[{backendRefs: [{name: main, port: 80}]}]"),
+            "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: paid-route, namespace: shop}\n\
+             spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: paid}], \
+             fault: {abort: {httpStatus: 402, percent: 100}}}\n"
+                .to_owned(),
             // Loses the port to the GRPCRoute.
             route(
                 "HTTPRoute",
@@ -395,6 +402,13 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         ],
         "the mirror saw exactly the rewritten requests"
     );
+
+    // The route's policy applies to its requests, not to its backend's
+    // other callers.
+    let code = |url: &str| curl(&client, &["-o", "/dev/null", "-w", "%{http_code}", url]);
+    assert_eq!(code("http://10.96.0.46/x"), "402");
+    assert_eq!(code("http://10.96.0.42/x"), "200");
+    assert_eq!(code(&format!("http://{WEB}/x")), "200");
 
     // GRPCRoute: Say goes to b, the rest to a (several times each, over one
     // channel per run), whatever the HTTPRoute on the same port says.

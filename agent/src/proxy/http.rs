@@ -317,7 +317,16 @@ impl HttpProxy {
                 }
             },
         };
-        let svc = self.service_state(&snapshot, &service);
+        // A policy on the route that matched applies to what it sends, with
+        // its own records; else the Service's.
+        let route_policy = rule.as_ref().and_then(|(r, _)| {
+            let key = crate::state::model::traffic_key(r.kind, &r.route);
+            Some((snapshot.traffic.get(&key)?.clone(), key))
+        });
+        let svc = match route_policy {
+            Some((policy, key)) => self.state_for(&format!("{key}→{service}"), policy),
+            None => self.service_state(&snapshot, &service),
+        };
         let policy = svc.policy.clone();
         if policy.health.is_some()
             && let Some(identity) = &call.client_identity
@@ -613,12 +622,18 @@ impl HttpProxy {
             .get(service)
             .cloned()
             .unwrap_or_else(|| DEFAULT_POLICY.clone());
+        self.state_for(service, policy)
+    }
+
+    /// The run-time state kept under `key` (a Service, or a route and the
+    /// Service it sends to), new when `policy` changed.
+    fn state_for(&self, key: &str, policy: Arc<resilience::Resilience>) -> Arc<ServiceState> {
         let mut map = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(service) {
+        match map.get(key) {
             Some(s) if Arc::ptr_eq(&s.policy, &policy) || *s.policy == *policy => s.clone(),
             _ => {
                 let state = Arc::new(ServiceState::new(policy));
-                map.insert(service.to_owned(), state.clone());
+                map.insert(key.to_owned(), state.clone());
                 state
             }
         }

@@ -26,7 +26,8 @@ pub struct TrafficPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
-    /// Services of the policy's namespace it applies to.
+    /// Services (or `HTTPRoute`s / `GRPCRoute`s: the requests they send)
+    /// of the policy's namespace it applies to.
     #[serde(default)]
     pub target_refs: Vec<TargetRef>,
     #[serde(default)]
@@ -426,10 +427,23 @@ impl Resilience {
             return Err(("spec.targetRefs".into(), "at least one is required".into()));
         }
         for (i, t) in spec.target_refs.iter().enumerate() {
-            if t.kind != "Service" || t.group.as_deref().is_some_and(|g| !g.is_empty()) {
+            let group = t.group.as_deref().unwrap_or("");
+            let service = t.kind == "Service" && group.is_empty();
+            let route = matches!(t.kind.as_str(), "HTTPRoute" | "GRPCRoute")
+                && group == "gateway.networking.k8s.io";
+            if !service && !route {
                 return Err((
                     format!("spec.targetRefs[{i}]"),
-                    format!("{} is not a Service: only Services are targets", t.kind),
+                    format!(
+                        "{group}/{}: targets are Services (group \"\") and HTTPRoutes or GRPCRoutes (group gateway.networking.k8s.io)",
+                        t.kind
+                    ),
+                ));
+            }
+            if route && spec.health_check.is_some() {
+                return Err((
+                    "spec.healthCheck".into(),
+                    "active health checks are per Service: target the Service, not a route".into(),
                 ));
             }
         }

@@ -23,6 +23,7 @@ use super::{
         PathModifier, PathModifierKind, SUPPORTED_FILTERS, Timeouts, ValueMatchKind,
         parse_duration,
     },
+    reference_grant::{self, ReferenceGrant},
 };
 use crate::state::ServiceView;
 
@@ -318,7 +319,9 @@ pub struct Mirror {
 /// One rule of a route, as the proxy applies it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Rule {
-    /// `namespace/name` of its route, and its index there.
+    /// `HTTPRoute` or `GRPCRoute`, `namespace/name` of its route, and its
+    /// index there.
+    pub kind: &'static str,
     pub route: String,
     pub index: usize,
     #[serde(skip_serializing_if = "HeaderEdits::is_empty")]
@@ -426,14 +429,15 @@ impl RouteTable {
     pub fn build(
         http_routes: &[&HttpRoute],
         grpc_routes: &[&GrpcRoute],
+        grants: &[&ReferenceGrant],
         services: &[ServiceView],
     ) -> Self {
         let mut table = Self::default();
         for route in http_routes {
-            table.add(&Source::http(route), services);
+            table.add(&Source::http(route), grants, services);
         }
         for route in grpc_routes {
-            table.add(&Source::grpc(route), services);
+            table.add(&Source::grpc(route), grants, services);
         }
         // A GRPCRoute wins a port (for the clients it applies to) over the
         // HTTPRoutes there, which report the conflict.
@@ -479,7 +483,7 @@ impl RouteTable {
         table
     }
 
-    fn add(&mut self, route: &Source<'_>, services: &[ServiceView]) {
+    fn add(&mut self, route: &Source<'_>, grants: &[&ReferenceGrant], services: &[ServiceView]) {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
         let id = format!("{namespace}/{name}");
@@ -533,9 +537,9 @@ impl RouteTable {
                     .is_some_and(|g| !g.is_empty() && g != "core")
             {
                 unresolved.push(format!("{}: only Service backends", b.name));
-            } else if ns != namespace {
-                // No ReferenceGrant support: cross-namespace references
-                // are refused, as without a grant.
+            } else if ns != namespace
+                && !reference_grant::permits(grants, route.kind, &namespace, &ns, &b.name)
+            {
                 unresolved.push(format!("{ns}/{}: RefNotPermitted", b.name));
             } else if !find(&ns, &b.name).is_some_and(|s| s.ports.iter().any(|p| p.port == port)) {
                 unresolved.push(format!("{ns}/{}:{port}: BackendNotFound", b.name));
@@ -621,6 +625,7 @@ impl RouteTable {
                     && r.backend_refs.iter().any(|b| b.weight != Some(0));
                 (
                     Arc::new(Rule {
+                        kind: route.kind,
                         route: id.clone(),
                         index,
                         request_headers: edits("RequestHeaderModifier"),

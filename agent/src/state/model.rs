@@ -163,6 +163,8 @@ pub struct Snapshot {
 /// Compiles traffic policies per target Service. Two policies on one
 /// Service: the older one applies (then the first by name), as the Gateway
 /// API settles policy conflicts.
+///
+/// Keys: `namespace/name` for a Service, `Kind:namespace/name` for a route.
 fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resilience>> {
     policies.sort_by_key(|p| {
         (
@@ -180,11 +182,20 @@ fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resili
         compiled.policy = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
         let compiled = Arc::new(compiled);
         for t in &p.spec.target_refs {
-            out.entry(format!("{ns}/{}", t.name))
+            out.entry(traffic_key(&t.kind, &format!("{ns}/{}", t.name)))
                 .or_insert_with(|| compiled.clone());
         }
     }
     out
+}
+
+/// The key of a `TrafficPolicy` target in [`Snapshot::traffic`].
+pub fn traffic_key(kind: &str, id: &str) -> String {
+    if kind == "Service" {
+        id.to_owned()
+    } else {
+        format!("{kind}:{id}")
+    }
 }
 
 impl Snapshot {
@@ -200,6 +211,7 @@ impl Snapshot {
         let mut network_policies = Vec::new();
         let mut http_routes = Vec::new();
         let mut grpc_routes = Vec::new();
+        let mut grants = Vec::new();
         let mut traffic_policies = Vec::new();
         for object in objects {
             *counts.entry(object.key().kind).or_insert(0) += 1;
@@ -212,6 +224,7 @@ impl Snapshot {
                 Object::Service(s) => services.push(s.as_ref()),
                 Object::HttpRoute(r) => http_routes.push(r.as_ref()),
                 Object::GrpcRoute(r) => grpc_routes.push(r.as_ref()),
+                Object::ReferenceGrant(g) => grants.push(g.as_ref()),
                 Object::TrafficPolicy(p) => traffic_policies.push(p.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 // Validated when parsed: an error here cannot happen.
@@ -252,7 +265,7 @@ impl Snapshot {
                 )
             })
             .collect();
-        let routes = RouteTable::build(&http_routes, &grpc_routes, &services);
+        let routes = RouteTable::build(&http_routes, &grpc_routes, &grants, &services);
         let traffic = traffic_table(&mut traffic_policies);
         let namespace_labels = namespaces
             .iter()
@@ -625,6 +638,52 @@ mod tests {
         assert_eq!(pick("/other.Svc/GetThing").as_deref(), Some("shop/web-v1"));
         assert_eq!(pick("/other.Svc/Put"), None);
         assert_eq!(pick("/"), None);
+    }
+
+    #[test]
+    fn cross_namespace_backends_need_a_reference_grant() {
+        let route = "apiVersion: v1\nkind: Service\nmetadata: {name: api2, namespace: other}\n\
+             spec: {clusterIP: 10.96.0.99, selector: {app: api2}, ports: [{name: http, port: 80, targetPort: 8080}]}\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: x, namespace: shop}\n\
+             spec: {parentRefs: [{group: '', kind: Service, name: web, port: 80}], rules: [{backendRefs: [{name: api2, namespace: other, port: 80}]}]}\n";
+        let resolved = |snap: &Snapshot| {
+            let status = route_status(snap, "HTTPRoute", "x");
+            let c = status
+                .conditions
+                .iter()
+                .find(|c| c.kind == "ResolvedRefs")
+                .expect("ResolvedRefs");
+            (c.status, c.reason)
+        };
+        assert_eq!(resolved(&snapshot(route)), (false, "RefNotPermitted"));
+        let grant = |from_ns: &str, name: &str| {
+            format!(
+                "{route}---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+                 metadata: {{name: g, namespace: other}}\n\
+                 spec: {{from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {from_ns}}}], \
+                 to: [{{group: '', kind: Service{name}}}]}}\n"
+            )
+        };
+        let snap = snapshot(&grant("shop", ""));
+        assert_eq!(resolved(&snap), (true, "ResolvedRefs"));
+        let entries = snap
+            .routes
+            .port("shop/web", 80)
+            .and_then(|p| p.for_client("shop"))
+            .expect("routes");
+        assert_eq!(entries[0].rule.backends[0].service, "other/api2");
+        assert_eq!(
+            resolved(&snapshot(&grant("dev", ""))),
+            (false, "RefNotPermitted")
+        );
+        assert_eq!(
+            resolved(&snapshot(&grant("shop", ", name: api2"))),
+            (true, "ResolvedRefs")
+        );
+        assert_eq!(
+            resolved(&snapshot(&grant("shop", ", name: api3"))),
+            (false, "RefNotPermitted")
+        );
     }
 
     #[test]

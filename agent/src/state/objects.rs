@@ -16,7 +16,7 @@ use serde::Deserialize as _;
 use crate::{
     policy::authz::AuthorizationPolicy,
     resilience::TrafficPolicy,
-    routes::{grpc_route::GrpcRoute, http_route::HttpRoute},
+    routes::{grpc_route::GrpcRoute, http_route::HttpRoute, reference_grant::ReferenceGrant},
 };
 
 /// The annotation that tells the agent where a pod's network namespace is.
@@ -40,6 +40,7 @@ pub enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
+    ReferenceGrant(Box<ReferenceGrant>),
     TrafficPolicy(Box<TrafficPolicy>),
 }
 
@@ -73,6 +74,7 @@ impl Object {
             Self::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
             Self::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Self::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
+            Self::ReferenceGrant(o) => ("ReferenceGrant", &o.metadata),
             Self::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
         };
         ObjectKey {
@@ -219,6 +221,11 @@ fn parse_object(
         ),
         "HTTPRoute" => typed!(HttpRoute, HttpRoute, "gateway.networking.k8s.io/v1"),
         "GRPCRoute" => typed!(GrpcRoute, GrpcRoute, "gateway.networking.k8s.io/v1"),
+        "ReferenceGrant" => typed!(
+            ReferenceGrant,
+            ReferenceGrant,
+            "gateway.networking.k8s.io/v1beta1"
+        ),
         "TrafficPolicy" => typed!(TrafficPolicy, TrafficPolicy, "trellis.dev/v1alpha1"),
         other => {
             return Err(reject(
@@ -255,6 +262,7 @@ fn default_namespace(object: &mut Object) {
         Object::NetworkPolicy(o) => &mut o.metadata,
         Object::HttpRoute(o) => &mut o.metadata,
         Object::GrpcRoute(o) => &mut o.metadata,
+        Object::ReferenceGrant(o) => &mut o.metadata,
         Object::TrafficPolicy(o) => &mut o.metadata,
         Object::Node(_) | Object::Namespace(_) => return,
     };
@@ -382,6 +390,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         Object::HttpRoute(route) => crate::routes::http_route::validate(route)?,
         Object::GrpcRoute(route) => crate::routes::grpc_route::validate(route)?,
+        Object::ReferenceGrant(grant) => crate::routes::reference_grant::validate(grant)?,
         Object::TrafficPolicy(policy) => crate::resilience::policy::validate(policy)?,
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();
@@ -533,6 +542,16 @@ mod tests {
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec: {parentRefs: [{name: web}], rules: [{matches: [{method: {service: a/b}}]}]}",
                 "spec.rules[0].matches[0].method.service",
                 "without '/'",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {targetRefs: [{group: apps, kind: Deployment, name: web}]}",
+                "spec.targetRefs[0]",
+                "targets are Services",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}], healthCheck: {interval: 1s}}",
+                "spec.healthCheck",
+                "per Service",
             ),
             (
                 "apiVersion: v1\nkind: Pod\nmetadata: {}",

@@ -16,6 +16,12 @@
 //! (`rr-server`, `rr-client`, `rate-client`, `cps-client`), run inside the
 //! pods. Prints tables with ratios against direct.
 //!
+//! HTTP (`http`): 1 KiB HTTP/1.1 responses at a fixed rate (p50, p99)
+//! direct, through the mesh's L4 path and through its L7 path (a
+//! `TrafficPolicy` on the Service engages it), same node and across nodes;
+//! HTTP/1.1 and HTTP/2 at saturation with h2load (requests per second, and
+//! per CPU second of the agents), and the agents' peak RSS.
+//!
 //! Policy updates (`policy`): 10 local pods, 100 client identities on
 //! another node, and a NetworkPolicy giving 10,000 policy-map entries:
 //! how long the agent takes to write them, to change 2,000 of them in
@@ -51,16 +57,25 @@ fn main() -> anyhow::Result<()> {
             args[3].parse()?,
             args[4].parse()?,
         ),
+        Some("http-server") => http_server(),
+        Some("http-rate-client") => http_rate_client(
+            &args[1],
+            args[2].parse()?,
+            args[3].parse()?,
+            args[4].parse()?,
+        ),
         Some("same-node") => same_node(),
         Some("cross-node") => cross_node(),
+        Some("http") => http(),
         Some("policy") => policy_apply(),
         None => {
             same_node()?;
             cross_node()?;
+            http()?;
             policy_apply()
         }
         Some(other) => {
-            anyhow::bail!("unknown topology {other:?}: same-node, cross-node or policy")
+            anyhow::bail!("unknown topology {other:?}: same-node, cross-node, http or policy")
         }
     }
 }
@@ -740,5 +755,404 @@ fn policy_apply() -> anyhow::Result<()> {
         );
     }
     println!("  (FILE→MAPS includes the config folder's poll interval and the status command)");
+    Ok(())
+}
+
+const HTTP_PORT: u16 = 7200;
+const H2_PORT: u16 = 7201;
+
+/// An HTTP/1.1 keep-alive server answering every request with 1 KiB (a
+/// thread per connection; requests without bodies, pipelining allowed).
+fn http_server() -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", HTTP_PORT))?;
+    let mut response =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {MSG}\r\ncontent-type: text/plain\r\n\r\n")
+            .into_bytes();
+    response.extend(std::iter::repeat_n(b'x', MSG));
+    let response: &'static [u8] = response.leak();
+    for stream in listener.incoming() {
+        let mut s = stream?;
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = Vec::with_capacity(8192);
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = s.read(&mut chunk) {
+                buf.extend_from_slice(&chunk[..n]);
+                let mut out = Vec::new();
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..end + 4);
+                    out.extend_from_slice(response);
+                }
+                if !out.is_empty() && s.write_all(&out).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 response read off `r`: its body's length.
+fn read_response(r: &mut std::io::BufReader<TcpStream>) -> anyhow::Result<usize> {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    let mut length = 0;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            anyhow::bail!("connection closed");
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse()?;
+        }
+    }
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body)?;
+    Ok(length)
+}
+
+/// [`rate_client`] for HTTP/1.1: `GET /` at `rate` per second over `conns`
+/// keep-alive connections for `secs`; prints p50 and p99 in microseconds.
+fn http_rate_client(addr: &str, rate: u32, conns: u32, secs: f64) -> anyhow::Result<()> {
+    let interval = Duration::from_secs_f64(f64::from(conns) / f64::from(rate));
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + Duration::from_secs_f64(secs);
+    let request = format!("GET / HTTP/1.1\r\nhost: {addr}\r\n\r\n").into_bytes();
+    let threads: Vec<_> = (0..conns)
+        .map(|i| {
+            let (addr, request) = (addr.to_owned(), request.clone());
+            std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
+                let s = TcpStream::connect(&addr)?;
+                s.set_nodelay(true)?;
+                let mut w = s.try_clone()?;
+                let mut r = std::io::BufReader::new(s);
+                for _ in 0..50 {
+                    w.write_all(&request)?; // warm up
+                    read_response(&mut r)?;
+                }
+                let mut due = start + interval.mul_f64(f64::from(i) / f64::from(conns));
+                let mut lat = Vec::new();
+                while due < end {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let t = Instant::now();
+                    w.write_all(&request)?;
+                    anyhow::ensure!(read_response(&mut r)? == MSG, "a short answer");
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    due += interval;
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in threads {
+        lat.extend(t.join().map_err(|_| anyhow::anyhow!("client thread"))??);
+    }
+    print_percentiles(lat);
+    Ok(())
+}
+
+/// h2load's requests per second, from its summary, after checking every
+/// request succeeded.
+fn h2load(from: &trellis_tests::Pod, args: &[&str]) -> anyhow::Result<f64> {
+    let out = from
+        .exec()
+        .output("h2load", args, Duration::from_secs(120))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let done = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .context("h2load: no requests line")?;
+    anyhow::ensure!(
+        done.contains(" 0 failed, 0 errored"),
+        "h2load {args:?}: {done}"
+    );
+    let finished = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .context("h2load: no summary")?;
+    finished
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" req/s"))
+        .context("h2load: no req/s")?
+        .parse()
+        .context("h2load req/s")
+}
+
+fn http() -> anyhow::Result<()> {
+    const L4: &str = "10.96.0.60";
+    const L7: &str = "10.96.0.61";
+    const L4_X: &str = "10.96.0.62";
+    const L7_X: &str = "10.96.0.63";
+    const H2: &str = "10.96.0.64";
+    const H2_X: &str = "10.96.0.65";
+    let me = std::env::current_exe()?;
+    let me = me.to_str().context("utf8 path")?.to_owned();
+    let mut lab = Lab::new("bench_http")?;
+    let a = lab.add_node("a")?;
+    let b = lab.add_node("b")?;
+    let client = lab.add_pod(&a, "a1")?;
+    let local = lab.add_pod(&a, "a2")?;
+    let remote = lab.add_pod(&b, "b1")?;
+    // The direct path's client, outside the mesh.
+    let plain = lab.add_pod(&a, "a3")?;
+    for exec in [
+        a.exec(),
+        b.exec(),
+        client.exec(),
+        local.exec(),
+        remote.exec(),
+        plain.exec(),
+    ] {
+        exec.run("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
+    // 1 KiB for nghttpd to serve over HTTP/2.
+    let docroot = std::env::temp_dir().join(format!("{}-h2", lab.name()));
+    std::fs::create_dir_all(&docroot)?;
+    std::fs::write(docroot.join("index.html"), vec![b'x'; MSG])?;
+    let docroot_arg = docroot.to_str().context("utf8")?.to_owned();
+    let mut servers = Vec::new();
+    for (node, pod) in [(&a, &local), (&b, &remote)] {
+        let mut h1 = pod.exec().command(&me)?;
+        h1.arg("http-server");
+        servers.push(trellis_tests::ChildGuard::spawn(&mut h1)?);
+        let mut h2 = pod.exec().command("nghttpd")?;
+        h2.args(["--no-tls", "-d", &docroot_arg, &H2_PORT.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        servers.push(trellis_tests::ChildGuard::spawn(&mut h2)?);
+        for port in [HTTP_PORT, H2_PORT] {
+            node.exec()
+                .wait_port(&pod.ip.to_string(), port, Duration::from_secs(20))?;
+        }
+    }
+    let svc = |name: &str, vip: &str, port: u16, app: &'static str| {
+        mesh::service("bench", name, vip, port, &port.to_string(), &[("app", app)])
+    };
+    let cluster = mesh::Cluster::start_with(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("bench", true),
+            mesh::namespace("plain", false),
+            mesh::pod(&client, "bench", &[("app", "client")], &[], ""),
+            mesh::pod(&local, "bench", &[("app", "local")], &[], ""),
+            mesh::pod(&remote, "bench", &[("app", "remote")], &[], ""),
+            mesh::pod(&plain, "plain", &[("app", "plain")], &[], ""),
+            svc("l4", L4, HTTP_PORT, "local"),
+            svc("l7", L7, HTTP_PORT, "local"),
+            svc("l4x", L4_X, HTTP_PORT, "remote"),
+            svc("l7x", L7_X, HTTP_PORT, "remote"),
+            svc("h2", H2, H2_PORT, "local"),
+            svc("h2x", H2_X, H2_PORT, "remote"),
+            // A policy that changes nothing but engages the L7 path.
+            mesh::traffic_policy("bench", "l7", "loadBalancer: {type: RoundRobin}"),
+            mesh::traffic_policy("bench", "l7x", "loadBalancer: {type: RoundRobin}"),
+        ],
+        mesh::Certs::SharedCa,
+        &["--log-level", "warn"],
+    )?;
+    let agents = &cluster.agents;
+    let cpu = || -> anyhow::Result<f64> {
+        Ok(agents
+            .iter()
+            .map(Agent::usage)
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .map(|u| u.cpu_seconds)
+            .sum())
+    };
+
+    // Fixed rate: interleaved, twice each, best of two.
+    let paths = [
+        (
+            "same node",
+            "direct (no mesh)",
+            &plain,
+            local.ip.to_string(),
+        ),
+        ("same node", "mesh, L4 path", &client, L4.to_owned()),
+        ("same node", "mesh, L7 path", &client, L7.to_owned()),
+        (
+            "cross node",
+            "direct (no mesh)",
+            &plain,
+            remote.ip.to_string(),
+        ),
+        ("cross node", "mesh, L4 (HBONE)", &client, L4_X.to_owned()),
+        ("cross node", "mesh, L7 (HBONE)", &client, L7_X.to_owned()),
+    ];
+    let mut rate_rows: Vec<(u64, u64)> = vec![(u64::MAX, u64::MAX); paths.len()];
+    for _ in 0..2 {
+        for (i, (_, _, from, host)) in paths.iter().enumerate() {
+            let out = from.exec().run(
+                &me,
+                &[
+                    "http-rate-client",
+                    &format!("{host}:{HTTP_PORT}"),
+                    &RATE.to_string(),
+                    &RATE_CONNS.to_string(),
+                    &RATE_SECS.to_string(),
+                ],
+            )?;
+            let (p50, p99) = percentiles(&out)?;
+            rate_rows[i] = (rate_rows[i].0.min(p50), rate_rows[i].1.min(p99));
+        }
+    }
+
+    // Saturation: h2load, HTTP/1.1 (16 connections) and HTTP/2 (4
+    // connections, 10 streams each); requests per agent CPU second.
+    let sat = |from: &trellis_tests::Pod, url: &str, h1: bool| -> anyhow::Result<(f64, f64)> {
+        let before = cpu()?;
+        let mut args = vec!["-n", "40000", "-t", "1"];
+        if h1 {
+            args.extend_from_slice(&["--h1", "-c", "16", "-m", "1"]);
+        } else {
+            args.extend_from_slice(&["-c", "4", "-m", "10"]);
+        }
+        args.push(url);
+        let rps = h2load(from, &args)?;
+        let used = cpu()? - before;
+        Ok((rps, 40000.0 / used.max(1e-9)))
+    };
+    let sat_paths = [
+        (
+            "HTTP/1.1 same node",
+            "direct (no mesh)",
+            &plain,
+            format!("http://{}:{HTTP_PORT}/", local.ip),
+            true,
+        ),
+        (
+            "HTTP/1.1 same node",
+            "mesh, L7 path",
+            &client,
+            format!("http://{L7}:{HTTP_PORT}/"),
+            true,
+        ),
+        (
+            "HTTP/1.1 cross node",
+            "direct (no mesh)",
+            &plain,
+            format!("http://{}:{HTTP_PORT}/", remote.ip),
+            true,
+        ),
+        (
+            "HTTP/1.1 cross node",
+            "mesh, L7 (HBONE)",
+            &client,
+            format!("http://{L7_X}:{HTTP_PORT}/"),
+            true,
+        ),
+        (
+            "HTTP/2 same node",
+            "direct (no mesh)",
+            &plain,
+            format!("http://{}:{H2_PORT}/", local.ip),
+            false,
+        ),
+        (
+            "HTTP/2 same node",
+            "mesh, L7 path",
+            &client,
+            format!("http://{H2}:{H2_PORT}/"),
+            false,
+        ),
+        (
+            "HTTP/2 cross node",
+            "direct (no mesh)",
+            &plain,
+            format!("http://{}:{H2_PORT}/", remote.ip),
+            false,
+        ),
+        (
+            "HTTP/2 cross node",
+            "mesh, L7 (HBONE)",
+            &client,
+            format!("http://{H2_X}:{H2_PORT}/"),
+            false,
+        ),
+    ];
+    let mut sat_rows = vec![(0.0f64, 0.0f64); sat_paths.len()];
+    for _ in 0..2 {
+        for (i, (_, _, from, url, h1)) in sat_paths.iter().enumerate() {
+            let (rps, per_cpu) = sat(from, url, *h1)?;
+            sat_rows[i] = (sat_rows[i].0.max(rps), sat_rows[i].1.max(per_cpu));
+        }
+    }
+    let peak = agents
+        .iter()
+        .map(Agent::usage)
+        .collect::<Result<Vec<_>, _>>()?;
+    let http = agents[0].cli_json("status")?["http"].clone();
+    println!(
+        "\nHTTP: agent a's L7 path served {} requests on {} connections",
+        http["requests"], http["connections"]
+    );
+
+    println!(
+        "1 KiB HTTP/1.1 responses at {RATE} req/s over {RATE_CONNS} keep-alive connections; best of two interleaved runs"
+    );
+    println!("{:<12} {:<20} {:>8} {:>8}", "", "path", "p50 us", "p99 us");
+    for ((group, name, _, _), (p50, p99)) in paths.iter().zip(&rate_rows) {
+        println!("{group:<12} {name:<20} {p50:>8} {p99:>8}");
+    }
+    println!(
+        "at saturation (h2load: HTTP/1.1 16 connections; HTTP/2 4 connections x 10 streams); best of two"
+    );
+    println!(
+        "{:<20} {:<20} {:>10} {:>6} {:>22}",
+        "", "path", "req/s", "x", "req per agent CPU-s"
+    );
+    let mut direct_rps = 0.0;
+    for ((group, name, _, _, _), (rps, per_cpu)) in sat_paths.iter().zip(&sat_rows) {
+        let mesh = name.starts_with("mesh");
+        if !mesh {
+            direct_rps = *rps;
+        }
+        println!(
+            "{group:<20} {name:<20} {rps:>10.0} {:>6.2} {:>22}",
+            rps / direct_rps,
+            if mesh {
+                format!("{per_cpu:.0}")
+            } else {
+                "-".into()
+            }
+        );
+    }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    for (i, node) in ["a", "b"].iter().enumerate() {
+        println!(
+            "agent {node}: RSS {:.1} MiB now, {:.1} MiB peak",
+            mib(peak[i].rss),
+            mib(peak[i].peak_rss)
+        );
+    }
+    let goal = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!("goals:");
+    for (l4, l7, what) in [(1, 2, "same node"), (4, 5, "cross node")] {
+        let added = rate_rows[l7].1 as i64 - rate_rows[l4].1 as i64;
+        println!(
+            "  L7 adds <= 100 us p99 over L4 at {RATE} req/s, {what}: {added} us {}",
+            goal(added <= 100)
+        );
+    }
+    let per_core = sat_rows[1].1;
+    println!(
+        "  >= 20,000 HTTP/1.1 req/s of 1 KiB per agent core (same node): {per_core:.0} {}",
+        goal(per_core >= 20_000.0)
+    );
+    drop(cluster);
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&docroot);
     Ok(())
 }
