@@ -214,3 +214,119 @@ fn l7_authorization_per_request() {
         "{status}"
     );
 }
+
+/// The client pod's egress NetworkPolicy limits the endpoints a Service
+/// call may reach, on the L4 path (per connection) and on the L7 path (per
+/// request) alike; a Service none of whose endpoints is allowed is refused.
+#[test]
+fn egress_network_policy_limits_service_endpoints() {
+    let mut lab = Lab::new("l7_egress").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let allowed = lab.add_pod(&a, "a2").expect("pod");
+    let other = lab.add_pod(&a, "a3").expect("pod");
+    let _servers = [
+        allowed
+            .serve(py::NAME_SERVER, &["allowed", "8080"], 8080)
+            .expect("server"),
+        other
+            .serve(py::NAME_SERVER, &["other", "8080"], 8080)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&allowed, "shop", &[("app", "web"), ("tier", "ok")], &[], ""),
+            mesh::pod(&other, "shop", &[("app", "web"), ("tier", "no")], &[], ""),
+            mesh::service("shop", "l4", "10.96.0.70", 80, "8080", &[("app", "web")]),
+            mesh::service("shop", "l7", "10.96.0.71", 80, "8080", &[("app", "web")]),
+            mesh::service(
+                "shop",
+                "blocked",
+                "10.96.0.72",
+                80,
+                "8080",
+                &[("tier", "no")],
+            ),
+            mesh::traffic_policy("shop", "l7", "loadBalancer: {type: RoundRobin}"),
+            mesh::traffic_policy("shop", "blocked", "loadBalancer: {type: RoundRobin}"),
+        ],
+    )
+    .expect("mesh");
+    let served = |vip: &str| -> Vec<String> {
+        (0..8)
+            .map(|_| {
+                let out = client
+                    .exec()
+                    .output(
+                        "curl",
+                        &["-s", "-m", "10", &format!("http://{vip}/")],
+                        Duration::from_secs(30),
+                    )
+                    .expect("curl");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect()
+    };
+    // Before any policy, both endpoints serve.
+    for vip in ["10.96.0.70", "10.96.0.71"] {
+        let got = served(vip);
+        assert!(
+            got.iter().any(|g| g == "other") && got.iter().any(|g| g == "allowed"),
+            "{vip}: {got:?}"
+        );
+    }
+    cluster
+        .apply_network_policies(&[mesh::network_policy(
+            "shop",
+            "client-egress",
+            "{podSelector: {matchLabels: {app: client}}, policyTypes: [Egress], \
+             egress: [{to: [{podSelector: {matchLabels: {tier: ok}}}], ports: [{port: 8080}]}]}",
+        )])
+        .expect("policy");
+    for vip in ["10.96.0.70", "10.96.0.71"] {
+        let got = served(vip);
+        assert!(
+            got.iter().all(|g| g == "allowed"),
+            "{vip}: only the allowed endpoint: {got:?}"
+        );
+    }
+    // None allowed: refused at connect (by the kernel, which applies the
+    // same egress policy to the Service's backends), so no answer at all.
+    let out = client
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{exitcode}",
+                "http://10.96.0.72/",
+            ],
+            Duration::from_secs(30),
+        )
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("000 ") && !text.ends_with(" 0"), "{text}");
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert!(
+        status["outbound"]["policy_dropped_backends"].as_u64() >= Some(4),
+        "{status}"
+    );
+    // The flows say why.
+    let flows = cluster.agents[0].flows_since(0).expect("flows");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.to_string().contains("service-backend")),
+        "{flows:?}"
+    );
+}

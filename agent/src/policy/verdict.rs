@@ -210,6 +210,34 @@ impl Verdicts {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The backends of a Service call that the client pod's egress policy
+    /// allows (TCP to each backend's address and port), each denial
+    /// recorded as a flow; `peer` is the client's address.
+    pub fn egress_backends(
+        &self,
+        snapshot: &Snapshot,
+        client: &str,
+        peer: SocketAddr,
+        backends: Vec<SocketAddr>,
+    ) -> Vec<SocketAddr> {
+        backends
+            .into_iter()
+            .filter(|b| {
+                let j = self.judge(
+                    direction::EGRESS,
+                    client,
+                    b.ip(),
+                    crate::policy::network::TCP,
+                    b.port(),
+                );
+                if !j.allowed {
+                    self.record(snapshot, "service-backend", Some(peer), *b, &j);
+                }
+                j.allowed
+            })
+            .collect()
+    }
+
     /// The policy of local pod `workload` (`namespace/name`) for traffic
     /// with `peer` in `dir`; `port` is the pod's for ingress, the peer's
     /// for egress.

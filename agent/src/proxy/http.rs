@@ -183,6 +183,9 @@ pub struct HttpProxy {
     trust_domain: String,
     state: watch::Receiver<Arc<Snapshot>>,
     hbone: Option<Arc<Pool>>,
+    /// Network policy verdicts: the client's egress policy limits the
+    /// endpoints a request may go to.
+    policy: Option<Arc<crate::policy::verdict::Verdicts>>,
     connect_timeout: Duration,
     h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
@@ -199,6 +202,7 @@ impl HttpProxy {
         trust_domain: &str,
         state: watch::Receiver<Arc<Snapshot>>,
         hbone: Option<Arc<Pool>>,
+        policy: Option<Arc<crate::policy::verdict::Verdicts>>,
         connect_timeout: Duration,
     ) -> Self {
         Self {
@@ -206,6 +210,7 @@ impl HttpProxy {
             trust_domain: trust_domain.into(),
             state,
             hbone,
+            policy,
             connect_timeout,
             h1: Mutex::default(),
             h2: Mutex::default(),
@@ -386,6 +391,13 @@ impl HttpProxy {
             return answer(
                 Reason::NoHealthyUpstream,
                 format!("{service}:{port} has no ready endpoint"),
+            );
+        }
+        let candidates = self.egress_allowed(&snapshot, call, candidates);
+        if candidates.is_empty() {
+            return answer(
+                Reason::Denied,
+                format!("egress network policy denies every endpoint of {service}:{port}"),
             );
         }
         let hash = resilience::hash_key(&policy, req.headers(), call.client.ip());
@@ -589,6 +601,7 @@ impl HttpProxy {
                         .service(&m.service)
                         .map(|s| s.ready_backends(m.port, call.ipv6))
                         .unwrap_or_default();
+                    let candidates = this.egress_allowed(&snapshot, &call, candidates);
                     let Some((backend, _)) = svc.pick(&candidates, &[], None) else {
                         this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
                         return;
@@ -799,6 +812,24 @@ impl HttpProxy {
             Reason::HeaderTooLarge => &self.stats.header_too_large,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The endpoints the client pod's egress network policy allows.
+    fn egress_allowed(
+        &self,
+        snapshot: &Snapshot,
+        call: &Call,
+        candidates: Vec<SocketAddr>,
+    ) -> Vec<SocketAddr> {
+        match (
+            &self.policy,
+            snapshot.workload_by_ip(call.client.ip().to_canonical()),
+        ) {
+            (Some(verdicts), Some(client)) => {
+                verdicts.egress_backends(snapshot, &client.id(), call.client, candidates)
+            }
+            _ => candidates,
+        }
     }
 
     /// Same-node delivery: the destination's authorization policies apply

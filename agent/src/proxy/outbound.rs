@@ -40,7 +40,6 @@ use crate::{
     identity::Identity,
     policy::{
         authz::{self, Layer, Verdict},
-        network::TCP,
         verdict::{Standing, Verdicts},
     },
     state::Snapshot,
@@ -331,6 +330,7 @@ impl Outbound {
                 &self.trust_domain,
                 self.state.clone(),
                 self.hbone.clone(),
+                self.policy.clone(),
                 self.config.connect_timeout,
             ))
         })
@@ -470,16 +470,7 @@ impl Outbound {
             return Ok(backends);
         };
         let before = backends.len();
-        let allowed: Vec<SocketAddr> = backends
-            .into_iter()
-            .filter(|b| {
-                let j = verdicts.judge(direction::EGRESS, &client.id(), b.ip(), TCP, b.port());
-                if !j.allowed {
-                    verdicts.record(snapshot, "service-backend", Some(peer), *b, &j);
-                }
-                j.allowed
-            })
-            .collect();
+        let allowed = verdicts.egress_backends(snapshot, &client.id(), peer, backends);
         let dropped = (before - allowed.len()) as u64;
         self.stats
             .policy_dropped_backends
