@@ -15,6 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument as _, error, info, info_span, warn};
 use trellis_common::{HBONE_MARK, HBONE_PORT, HBONE_TABLE, MAP_FLOWS};
 
+use crate::routes::table::RouteStatus;
 use crate::{
     admin::{
         self, Readiness,
@@ -307,9 +308,13 @@ fn state_loop(
         warn!("no --config-dir: serving an empty state (nothing is meshed)");
     }
     let mut pending: Option<Arc<Snapshot>> = Some(Arc::new(Snapshot::default()));
+    let mut routes = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         if let Some(objects) = source.as_mut().and_then(FileSource::poll) {
-            pending = Some(Arc::new(Snapshot::build(&cfg.node, &objects)));
+            let snapshot = Snapshot::build(&cfg.node, &objects);
+            log_route_changes(&routes, &snapshot.routes.status);
+            routes = snapshot.routes.status.clone();
+            pending = Some(Arc::new(snapshot));
         }
         if let Some(snapshot) = pending.take() {
             match syncer.apply(&snapshot) {
@@ -332,6 +337,31 @@ fn state_loop(
             }
         }
         std::thread::sleep(crate::state::files::POLL);
+    }
+}
+
+/// Logs each route whose status conditions are new or changed: accepted
+/// ones at info, the others (not accepted, unresolved references) at warn.
+fn log_route_changes(before: &[RouteStatus], now: &[RouteStatus]) {
+    for status in now.iter().filter(|s| !before.contains(s)) {
+        let conditions = status
+            .conditions
+            .iter()
+            .map(|c| {
+                let state = if c.status { "True" } else { "False" };
+                match c.message.as_str() {
+                    "" => format!("{}={state} ({})", c.kind, c.reason),
+                    m => format!("{}={state} ({}): {m}", c.kind, c.reason),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let route = format!("{} {}/{}", status.kind, status.namespace, status.name);
+        if status.healthy() {
+            info!(%route, %conditions, "route status");
+        } else {
+            warn!(%route, %conditions, "route status: not fully applied");
+        }
     }
 }
 

@@ -426,7 +426,15 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         assert_eq!(out["Count"], serde_json::json!(["OK", "grpc-a"]), "{out}");
     }
 
-    // `trellis config` reports each route's conditions.
+    // The log and `trellis config` report each route's conditions.
+    let log = cluster.agents[0].log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("route status: not fully applied")
+                && l.contains("HTTPRoute shop/grpc-http")
+                && l.contains("Accepted=False (Conflicted)")),
+        "{log}"
+    );
     let text = cluster.agents[0].cli(&["config"]).expect("config");
     assert!(text.contains("HTTPRoute shop/grpc-http"), "{text}");
     assert!(
