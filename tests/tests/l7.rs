@@ -459,5 +459,10 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     );
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert_eq!(status["http"]["redirects"], 1, "{status}");
+    // The upstream connections to a2 (on a1's node) went into the sockhash.
+    assert!(
+        status["http"]["accelerated_upstreams"].as_u64() >= Some(1),
+        "{status}"
+    );
     assert_eq!(status["http"]["mirrored"], 2, "{status}");
 }

@@ -103,6 +103,8 @@ pub struct HttpStats {
     pub redirects: AtomicU64,
     pub mirrored: AtomicU64,
     pub mirror_skipped: AtomicU64,
+    /// Upstream connections to pods on this node put in the sockhash.
+    pub accelerated_upstreams: AtomicU64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -186,6 +188,9 @@ pub struct HttpProxy {
     /// Network policy verdicts: the client's egress policy limits the
     /// endpoints a request may go to.
     policy: Option<Arc<crate::policy::verdict::Verdicts>>,
+    /// With sk_msg on: upstream connections to pods on this node go into
+    /// the sockhash, so their bytes skip the TCP/IP stack as on the L4 path.
+    sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
     connect_timeout: Duration,
     h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
@@ -203,6 +208,7 @@ impl HttpProxy {
         state: watch::Receiver<Arc<Snapshot>>,
         hbone: Option<Arc<Pool>>,
         policy: Option<Arc<crate::policy::verdict::Verdicts>>,
+        sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
         connect_timeout: Duration,
     ) -> Self {
         Self {
@@ -211,6 +217,7 @@ impl HttpProxy {
             state,
             hbone,
             policy,
+            sockets,
             connect_timeout,
             h1: Mutex::default(),
             h2: Mutex::default(),
@@ -1128,7 +1135,52 @@ impl HttpProxy {
         .await
         .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        Ok((Box::pin(stream), None))
+        match self.accelerate(&stream, backend).await {
+            Some((maps, side)) => Ok((
+                Box::pin(super::relay::Tracked::new(stream, maps, side)),
+                None,
+            )),
+            None => Ok((Box::pin(stream), None)),
+        }
+    }
+
+    /// Puts a new connection to a meshed pod on this node into the
+    /// sockhash, before any byte is written, once the pod's socket is
+    /// there: sk_msg then carries both directions around the TCP/IP stack.
+    async fn accelerate(
+        &self,
+        stream: &TcpStream,
+        backend: SocketAddr,
+    ) -> Option<(
+        Arc<crate::bpf::sockets::SocketMaps>,
+        (trellis_common::SockKey, trellis_common::SockState),
+    )> {
+        let maps = self.sockets.as_ref()?;
+        let local = self
+            .state
+            .borrow()
+            .workload_by_ip(backend.ip())
+            .is_some_and(|w| w.node == self.node && w.meshed);
+        if !local {
+            return None;
+        }
+        let key = super::outbound::sock_key(stream.local_addr().ok()?, stream.peer_addr().ok()?);
+        if !super::relay::await_in_sockhash(maps, &key.reversed()).await {
+            debug!(%backend, "the pod's socket never reached the sockhash; plain TCP");
+            return None;
+        }
+        match maps.add(&key, stream, None) {
+            Ok(state) => {
+                self.stats
+                    .accelerated_upstreams
+                    .fetch_add(1, Ordering::Relaxed);
+                Some((maps.clone(), (key, state)))
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot add the upstream socket to the sockhash");
+                None
+            }
+        }
     }
 }
 

@@ -133,7 +133,7 @@ pub struct Outbound {
     node: String,
     config: OutboundConfig,
     orig: OrigDstTable,
-    sockets: Option<SocketMaps>,
+    sockets: Option<Arc<SocketMaps>>,
     state: watch::Receiver<Arc<Snapshot>>,
     next: Mutex<HashMap<(String, u16), usize>>,
     /// The trust domain identities live in.
@@ -176,7 +176,7 @@ impl Outbound {
             trust_domain: trust_domain.into(),
             config,
             orig,
-            sockets: sockets.filter(|_| config.accel.sk_msg),
+            sockets: sockets.filter(|_| config.accel.sk_msg).map(Arc::new),
             state,
             next: Mutex::new(HashMap::new()),
             hbone: None,
@@ -242,7 +242,7 @@ impl Outbound {
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
         let resets = resets(&standing, &[inbound.as_fd()]);
-        let accel = self.sockets.as_ref().zip(accel);
+        let accel = self.sockets.as_deref().zip(accel);
         let relayed = relay::relay_streams(inbound, stream, accel, self.config.idle_timeout);
         match self.unless_revoked(relayed, &standing, resets).await? {
             Ok((sent, received)) => {
@@ -331,6 +331,7 @@ impl Outbound {
                 self.state.clone(),
                 self.hbone.clone(),
                 self.policy.clone(),
+                self.sockets.clone(),
                 self.config.connect_timeout,
             ))
         })
@@ -680,7 +681,7 @@ impl Outbound {
         let relayed = relay::relay(
             inbound,
             upstream,
-            self.sockets.as_ref().zip(accel),
+            self.sockets.as_deref().zip(accel),
             self.config.idle_timeout,
         );
         let result = self.unless_revoked(relayed, &standing, resets).await;
@@ -756,20 +757,7 @@ impl Outbound {
         };
         let upstream_key = sock_key(local, remote);
         let backend_key = upstream_key.reversed();
-        // The final ACK is on its way to the backend: this takes microseconds.
-        let mut present = false;
-        for attempt in 0..50u32 {
-            if maps.state(&backend_key).is_some() {
-                present = true;
-                break;
-            }
-            if attempt < 5 {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        if !present {
+        if !relay::await_in_sockhash(maps, &backend_key).await {
             debug!(%remote, "the backend's socket never reached the sockhash; relaying in userspace");
             return Some(inbound_only);
         }

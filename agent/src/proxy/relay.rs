@@ -194,21 +194,129 @@ async fn until_idle(
     }
 }
 
+/// Waits (briefly: the final ACK is on its way) until the pod socket under
+/// `key` is in the sockhash, where sock_ops puts it once its side of the
+/// handshake completes; `false` when it never shows.
+pub async fn await_in_sockhash(maps: &SocketMaps, key: &SockKey) -> bool {
+    for attempt in 0..50u32 {
+        if maps.state(key).is_some() {
+            return true;
+        }
+        if attempt < 5 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    false
+}
+
+/// An agent socket in the sockhash, facing a pod socket, read by something
+/// other than [`relay`] (the L7 path's upstream connections): it publishes
+/// how far it has read, and leaves the maps when dropped.
+pub struct Tracked {
+    inner: tokio::net::TcpStream,
+    tracker: Option<Tracker<std::sync::Arc<SocketMaps>>>,
+    total: u64,
+    maps: std::sync::Arc<SocketMaps>,
+    key: SockKey,
+}
+
+impl Tracked {
+    pub fn new(
+        inner: tokio::net::TcpStream,
+        maps: std::sync::Arc<SocketMaps>,
+        side: (SockKey, SockState),
+    ) -> Self {
+        Self {
+            inner,
+            tracker: Some(Tracker::new(maps.clone(), side)),
+            total: 0,
+            key: side.0,
+            maps,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.maps.remove(&[self.key, self.key.reversed()]);
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let this = &mut *self;
+            this.total += n;
+            if let Some(t) = this.tracker.as_mut()
+                && !t.forwarded(this.total)
+            {
+                this.tracker = None;
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Publishes an agent socket's forwarded count: after every write while the
 /// pod socket facing it is not on its final path (the kernel switches it on
 /// an exact count), then every [`SK_MSG_FORWARDED_EVERY`] bytes, the
 /// kernel's measure of how far behind the agent is. A pod that runs too far
 /// ahead goes back to TCP until the agent catches up, which the periodic
 /// check notices.
-struct Tracker<'a> {
-    maps: &'a SocketMaps,
+pub struct Tracker<M> {
+    maps: M,
     key: SockKey,
     state: SockState,
     settled: bool,
 }
 
-impl<'a> Tracker<'a> {
-    fn new(maps: &'a SocketMaps, (key, state): (SockKey, SockState)) -> Self {
+impl<M: std::ops::Deref<Target = SocketMaps>> Tracker<M> {
+    pub fn new(maps: M, (key, state): (SockKey, SockState)) -> Self {
         Self {
             maps,
             key,
@@ -218,7 +326,7 @@ impl<'a> Tracker<'a> {
     }
 
     /// Returns whether to keep tracking.
-    fn forwarded(&mut self, total: u64) -> bool {
+    pub fn forwarded(&mut self, total: u64) -> bool {
         if self.settled && total - self.state.forwarded < SK_MSG_FORWARDED_EVERY {
             return true;
         }
@@ -247,7 +355,7 @@ impl<'a> Tracker<'a> {
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
-    mut tracker: Option<Tracker<'_>>,
+    mut tracker: Option<Tracker<&SocketMaps>>,
     activity: &AtomicU64,
 ) -> io::Result<u64>
 where
