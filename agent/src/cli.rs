@@ -20,6 +20,7 @@ pub mod env {
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
     pub const READINESS_ADDR: &str = "TRELLIS_READINESS_ADDR";
     pub const ADMIN_ADDR: &str = "TRELLIS_ADMIN_ADDR";
+    pub const METRICS_ADDR: &str = "TRELLIS_METRICS_ADDR";
     pub const SK_MSG: &str = "TRELLIS_SK_MSG";
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
@@ -203,6 +204,10 @@ pub struct AgentArgs {
     /// Where `/healthz/ready` is served.
     #[arg(long, env = env::READINESS_ADDR, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+
+    /// Where Prometheus scrapes `/metrics` (OpenMetrics text).
+    #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
 
     /// Where the admin API (`trellis status`, `trellis workloads`) is served;
     /// keep it on loopback.

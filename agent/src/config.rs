@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub readiness_addr: SocketAddr,
     /// Admin API listener (loopback).
     pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics` listener.
+    pub metrics_addr: SocketAddr,
     /// Kernel acceleration modes.
     pub accel: Acceleration,
     /// Give up connecting to a backend after this.
@@ -237,6 +239,7 @@ impl AgentConfig {
             log_format: args.log_format,
             readiness_addr: args.readiness_addr,
             admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
             accel: Acceleration {
                 sk_msg: args.sk_msg,
                 // Splicing works through the sockhash: no sk_msg, no splice.

@@ -13,6 +13,7 @@ pub mod flows;
 pub mod hbone;
 pub mod identity;
 pub mod inspect;
+pub mod metrics;
 pub mod netlink;
 #[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]
 pub mod netns;

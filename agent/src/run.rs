@@ -15,6 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument as _, error, info, info_span, warn};
 use trellis_common::{HBONE_MARK, HBONE_PORT, HBONE_TABLE, MAP_FLOWS};
 
+use crate::metrics::{self, IstioMetrics, node::NodeCollector};
 use crate::routes::table::RouteStatus;
 use crate::{
     admin::{
@@ -224,16 +225,29 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         info!(sk_msg = accel.sk_msg, splice = accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
         let sockets = accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
         let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout).with_keepalive(cfg.hbone_keepalive));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let istio = Arc::new(IstioMetrics::register(&mut registry));
         let outbound = Arc::new(
             Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
                 .with_hbone(pool.clone())
-                .with_policy(verdicts.clone()),
+                .with_policy(verdicts.clone())
+                .with_metrics(istio.clone()),
         );
         let inbound = Arc::new(
             Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
                 .with_keepalive(cfg.hbone_keepalive)
-                .with_policy(verdicts.clone()),
+                .with_policy(verdicts.clone())
+                .with_metrics(istio),
         );
+        registry.register_collector(Box::new(NodeCollector {
+            bpffs: cfg.bpffs.clone(),
+            certs: certs.clone(),
+            pool: pool.clone(),
+            outbound: outbound.clone(),
+            inbound: inbound.clone(),
+        }));
+        let metrics_listener = metrics::bind(cfg.metrics_addr).map_err(|source| AgentError::Bind { what: "the metrics listener", addr: cfg.metrics_addr, source })?;
+        metrics::serve(metrics_listener, Arc::new(registry)).map_err(|source| AgentError::Bind { what: "the metrics thread", addr: cfg.metrics_addr, source })?;
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();
         hbone_tasks.push(tokio::spawn(certs.clone().run_renewals()));
         let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];

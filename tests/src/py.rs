@@ -985,3 +985,39 @@ except OSError:
     out = out if out != "nothing" else "closed"
 print(out)
 "#;
+
+/// Scrapes URL and parses it with `prometheus_client`'s OpenMetrics parser
+/// (strict: a malformed exposition raises). Prints JSON: a list of
+/// `[name, labels, value]` samples. Args: URL.
+pub const SCRAPE: &str = r#"
+import json, sys, urllib.request
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+resp = urllib.request.urlopen(sys.argv[1], timeout=10)
+assert resp.headers["content-type"].startswith("application/openmetrics-text"), resp.headers["content-type"]
+text = resp.read().decode()
+out = []
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+
+/// K connections to an echo server, each sending N bytes and reading them
+/// back. Prints the bytes echoed in all. Args: HOST PORT K N.
+pub const ECHO_CONNECTIONS: &str = r#"
+import socket, sys
+host, port, k, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+total = 0
+for _ in range(k):
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(b"x" * n)
+    got = 0
+    while got < n:
+        b = s.recv(65536)
+        if not b:
+            break
+        got += len(b)
+    s.close()
+    total += got
+print(total)
+"#;

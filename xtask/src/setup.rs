@@ -25,6 +25,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nghttp", "nghttp2-client"),
     ("h2load", "nghttp2-client"),
     ("nghttpd", "nghttp2-server"),
+    ("prometheus", "prometheus"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -132,6 +133,11 @@ fn debian_tools() -> anyhow::Result<()> {
 const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
     ("h2", "h2==4.1.0", "python3-h2"),
     ("grpc", "grpcio==1.85.1", "python3-grpcio"),
+    (
+        "prometheus_client",
+        "prometheus_client==0.21.1",
+        "python3-prometheus-client",
+    ),
 ];
 
 fn python_packages() -> anyhow::Result<()> {

@@ -40,6 +40,10 @@ const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
 use crate::{
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
+    metrics::{
+        IstioMetrics,
+        istio::{OpenConnection, Peer, Reporter, ServiceName, TcpLabels, Traffic},
+    },
     policy::{
         authz::{self, Layer, Verdict},
         verdict::{Standing, Verdicts},
@@ -95,6 +99,7 @@ pub struct Inbound {
     configs: Mutex<HashMap<Identity, (String, Arc<rustls::ServerConfig>)>>,
     /// Network policy verdicts.
     policy: Option<Arc<Verdicts>>,
+    metrics: Option<Arc<IstioMetrics>>,
     pub stats: InboundStats,
 }
 
@@ -139,6 +144,7 @@ impl Inbound {
             draining: watch::Sender::new(false),
             configs: Mutex::default(),
             policy: None,
+            metrics: None,
             stats: InboundStats::default(),
         }
     }
@@ -154,6 +160,45 @@ impl Inbound {
     pub fn with_policy(mut self, verdicts: Arc<Verdicts>) -> Self {
         self.policy = Some(verdicts);
         self
+    }
+
+    /// Records Istio's standard metrics (reporter `destination`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<IstioMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The Istio labels of a stream from `peer_id` (at `client` when proven)
+    /// to the local pod at `target`.
+    fn tcp_labels(
+        &self,
+        snapshot: &Snapshot,
+        peer_id: &Identity,
+        client: Option<SocketAddr>,
+        target: SocketAddr,
+    ) -> Option<TcpLabels> {
+        self.metrics.as_ref()?;
+        let source = client
+            .and_then(|c| snapshot.workload_by_ip(c.ip()))
+            .map_or_else(
+                || Peer::of_identity(peer_id),
+                |w| Peer::of(w, &self.trust_domain),
+            );
+        let destination = snapshot
+            .workload_by_ip(target.ip().to_canonical())
+            .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain));
+        Some(TcpLabels {
+            traffic: Traffic {
+                reporter: Reporter::Destination,
+                source: Arc::new(source),
+                destination: Arc::new(destination),
+                service: Arc::new(ServiceName::unknown()),
+                protocol: "tcp",
+                mtls: true,
+            },
+            flags: "-",
+        })
     }
 
     /// Accepts tunnel connections until the task is dropped.
@@ -380,9 +425,13 @@ impl Inbound {
         if matches!(source, Source::Client(_)) {
             self.stats.source_preserved.fetch_add(1, Ordering::Relaxed);
         }
+        let labels = self.tcp_labels(&snapshot, peer_id, client, target);
         let upstream = match connect_from(target, source, self.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
+                if let (Some(m), Some(l)) = (&self.metrics, &labels) {
+                    m.tcp_failed(l);
+                }
                 self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(%target, error = %e, "upstream connect failed");
                 let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
@@ -398,6 +447,11 @@ impl Inbound {
             }
         };
         debug!(%target, %peer_id, %forwarded, inspect, "stream open");
+        let record = self
+            .metrics
+            .clone()
+            .zip(labels)
+            .map(|(m, l)| OpenConnection::new(m, l));
         let mut tunnel = H2Stream::new(send, request.into_body());
         // L7 rules decide: the stream is read as HTTP, else judged as
         // opaque TCP.
@@ -476,6 +530,9 @@ impl Inbound {
         };
         match result {
             Ok((inbound, outbound)) => {
+                if let Some(r) = &record {
+                    r.bytes(inbound, outbound);
+                }
                 self.stats.bytes_in.fetch_add(inbound, Ordering::Relaxed);
                 self.stats.bytes_out.fetch_add(outbound, Ordering::Relaxed);
                 debug!(%target, bytes_in = inbound, bytes_out = outbound, "stream closed");

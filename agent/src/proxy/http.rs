@@ -35,6 +35,10 @@ use tokio::{
 use tracing::{Instrument as _, debug};
 
 use super::detect::Protocol;
+use crate::metrics::{
+    IstioMetrics,
+    istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
+};
 use crate::resilience::{
     self, Endpoint, Outcome, ServiceState,
     balance::{chance, random_below},
@@ -191,6 +195,7 @@ pub struct HttpProxy {
     /// With sk_msg on: upstream connections to pods on this node go into
     /// the sockhash, so their bytes skip the TCP/IP stack as on the L4 path.
     sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
+    metrics: Option<Arc<IstioMetrics>>,
     connect_timeout: Duration,
     h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
@@ -201,23 +206,30 @@ pub struct HttpProxy {
     pub stats: HttpStats,
 }
 
+/// What the L7 path shares with the rest of the outbound proxy.
+pub struct Shared {
+    pub hbone: Option<Arc<Pool>>,
+    pub policy: Option<Arc<crate::policy::verdict::Verdicts>>,
+    pub sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
+    pub metrics: Option<Arc<IstioMetrics>>,
+}
+
 impl HttpProxy {
     pub fn new(
         node: &str,
         trust_domain: &str,
         state: watch::Receiver<Arc<Snapshot>>,
-        hbone: Option<Arc<Pool>>,
-        policy: Option<Arc<crate::policy::verdict::Verdicts>>,
-        sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
+        shared: Shared,
         connect_timeout: Duration,
     ) -> Self {
         Self {
             node: node.into(),
             trust_domain: trust_domain.into(),
             state,
-            hbone,
-            policy,
-            sockets,
+            hbone: shared.hbone,
+            policy: shared.policy,
+            sockets: shared.sockets,
+            metrics: shared.metrics,
             connect_timeout,
             h1: Mutex::default(),
             h2: Mutex::default(),
@@ -241,7 +253,34 @@ impl HttpProxy {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let call = call.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, &call).await) }
+            async move {
+                let Some(metrics) = this.metrics.clone() else {
+                    return Ok::<_, Infallible>(
+                        this.handle(req, &call, &mut Chosen::default()).await,
+                    );
+                };
+                let start = tokio::time::Instant::now();
+                let grpc = authz::is_grpc(req.headers());
+                let request_bytes = req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0);
+                let mut chosen = Chosen::default();
+                let resp = this.handle(req, &call, &mut chosen).await;
+                let labels = this.request_labels(&call, &chosen, grpc, &resp);
+                Ok(resp.map(|body| {
+                    Recorded {
+                        inner: body,
+                        metrics,
+                        labels: Some(labels),
+                        start,
+                        request_bytes,
+                        response_bytes: 0,
+                    }
+                    .boxed()
+                }))
+            }
         });
         match protocol {
             Protocol::Http2 => {
@@ -263,7 +302,12 @@ impl HttpProxy {
         }
     }
 
-    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>, call: &Call) -> Response<Body> {
+    async fn handle(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        call: &Call,
+        chosen: &mut Chosen,
+    ) -> Response<Body> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Routes and authorization rules match the path in normal form.
         super::http_authz::normalize_uri(&mut req);
@@ -335,6 +379,7 @@ impl HttpProxy {
             let key = crate::state::model::traffic_key(r.kind, &r.route);
             Some((snapshot.traffic.get(&key)?.clone(), key))
         });
+        chosen.service = Some(service.clone());
         let svc = match route_policy {
             Some((policy, key)) => self.state_for(&format!("{key}→{service}"), policy),
             None => self.service_state(&snapshot, &service),
@@ -454,6 +499,7 @@ impl HttpProxy {
                 return answer(Reason::NoHealthyUpstream, format!("{service}:{port}"));
             };
             tried.push(backend);
+            chosen.backend = Some(backend);
             if let Err(policy) = self.authorize(&snapshot, call, backend, authz::Request::of(&req))
             {
                 return answer(Reason::Denied, format!("denied by {policy}"));
@@ -557,6 +603,55 @@ impl HttpProxy {
             };
         }
         answer(Reason::NoHealthyUpstream, format!("{service}:{port}"))
+    }
+
+    /// The Istio labels of a request answered with `resp` (its gRPC status
+    /// is read again from trailers when it comes there).
+    fn request_labels(
+        &self,
+        call: &Call,
+        chosen: &Chosen,
+        grpc: bool,
+        resp: &Response<Body>,
+    ) -> RequestLabels {
+        let snapshot = self.state.borrow().clone();
+        let peer_of = |ip: std::net::IpAddr| {
+            Arc::new(
+                snapshot
+                    .workload_by_ip(ip.to_canonical())
+                    .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain)),
+            )
+        };
+        let destination = chosen
+            .backend
+            .map_or_else(|| Arc::new(Peer::unknown()), |b| peer_of(b.ip()));
+        let mtls = chosen
+            .backend
+            .is_some_and(|b| self.tunnel(&snapshot, call, b).is_some());
+        let flags = resp
+            .headers()
+            .get("x-trellis-reason")
+            .and_then(|v| v.to_str().ok())
+            .map_or("-", response_flags);
+        RequestLabels {
+            traffic: Traffic {
+                reporter: Reporter::Source,
+                source: peer_of(call.client.ip()),
+                destination,
+                service: Arc::new(ServiceName::of(
+                    chosen.service.as_deref().unwrap_or(&call.service),
+                )),
+                protocol: if grpc { "grpc" } else { "http" },
+                mtls,
+            },
+            response_code: resp.status().as_u16(),
+            grpc_status: if grpc {
+                Some(grpc_status(resp.headers()).unwrap_or(0))
+            } else {
+                None
+            },
+            flags,
+        }
     }
 
     /// Sends copies of a request to the rule's mirrors (each with its
@@ -1207,6 +1302,91 @@ where
 /// retries, no limits.
 static DEFAULT_POLICY: std::sync::LazyLock<Arc<resilience::Resilience>> =
     std::sync::LazyLock::new(Arc::default);
+
+/// What a request's handling chose, for its metrics.
+#[derive(Default)]
+struct Chosen {
+    /// The Service it was sent to (after routing).
+    service: Option<String>,
+    /// The endpoint of its last attempt.
+    backend: Option<SocketAddr>,
+}
+
+/// Envoy's response flag for one of the agent's own answers.
+fn response_flags(reason: &str) -> &'static str {
+    match reason {
+        "no-route" => "NR",
+        "backend-not-found" => "NC",
+        "no-healthy-upstream" => "UH",
+        "upstream-connect-failed" => "UF",
+        "upstream-reset" => "UR",
+        "timeout" => "UT",
+        "denied" => "RBAC",
+        "circuit-open" => "UO",
+        "rate-limited" => "RL",
+        "fault-injected" => "FI",
+        "header-too-large" => "DPE",
+        _ => "-",
+    }
+}
+
+/// A response body that records its request's metrics when it ends (or is
+/// dropped unfinished): the bytes it carried, the gRPC status of its
+/// trailers, the time since the request came.
+struct Recorded {
+    inner: Body,
+    metrics: Arc<IstioMetrics>,
+    labels: Option<RequestLabels>,
+    start: tokio::time::Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.response_bytes += data.len() as u64;
+            } else if let (Some(trailers), Some(labels)) =
+                (frame.trailers_ref(), self.labels.as_mut())
+                && labels.grpc_status.is_some()
+                && let Some(status) = grpc_status(trailers)
+            {
+                labels.grpc_status = Some(status);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            self.metrics.request(&crate::metrics::istio::Request {
+                labels,
+                duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+                request_bytes: self.request_bytes,
+                response_bytes: self.response_bytes,
+                messages: None,
+            });
+        }
+    }
+}
 
 /// `grpc-status` in response headers (a trailers-only gRPC answer).
 fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {

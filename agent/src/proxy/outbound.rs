@@ -28,6 +28,11 @@ use tokio::{
 use tracing::{debug, info, info_span, warn};
 use trellis_common::{SockKey, SockState, direction};
 
+use crate::metrics::{
+    IstioMetrics,
+    istio::{Peer, Reporter, ServiceName, TcpLabels, Traffic},
+};
+
 use super::{
     detect::{self, Protocol},
     http::{Call, HttpProxy, HttpStats},
@@ -145,6 +150,7 @@ pub struct Outbound {
     /// The L7 path, made at its first use (`serve` makes it at once, for
     /// health checks; after `with_hbone`).
     http: std::sync::OnceLock<Arc<HttpProxy>>,
+    metrics: Option<Arc<IstioMetrics>>,
     pub stats: OutboundStats,
 }
 
@@ -182,6 +188,7 @@ impl Outbound {
             hbone: None,
             policy: None,
             http: std::sync::OnceLock::new(),
+            metrics: None,
             stats: OutboundStats::default(),
         }
     }
@@ -199,6 +206,55 @@ impl Outbound {
     pub fn with_hbone(mut self, pool: Arc<Pool>) -> Self {
         self.hbone = Some(pool);
         self
+    }
+
+    /// Records Istio's standard metrics (reporter `source`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<IstioMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record_failed(&self, labels: Option<&TcpLabels>) {
+        if let (Some(m), Some(l)) = (&self.metrics, labels) {
+            m.tcp_failed(l);
+        }
+    }
+
+    /// Counts a connection opened; it is counted closed, with the bytes
+    /// given, when the record is dropped.
+    fn record_open(&self, labels: TcpLabels) -> crate::metrics::istio::OpenConnection {
+        crate::metrics::istio::OpenConnection::new(
+            self.metrics.clone().expect("labels only with metrics"),
+            labels,
+        )
+    }
+
+    /// The Istio labels of a connection from `peer` taking `route`.
+    fn tcp_labels(&self, peer: SocketAddr, route: &Route, mtls: bool) -> Option<TcpLabels> {
+        self.metrics.as_ref()?;
+        let snapshot = self.state.borrow().clone();
+        let peer_of = |ip: IpAddr| {
+            Arc::new(
+                snapshot
+                    .workload_by_ip(ip.to_canonical())
+                    .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain)),
+            )
+        };
+        let service = snapshot
+            .service_for(route.dst)
+            .map_or_else(ServiceName::unknown, |(svc, _)| ServiceName::of(&svc.id()));
+        Some(TcpLabels {
+            traffic: Traffic {
+                reporter: Reporter::Source,
+                source: peer_of(peer.ip()),
+                destination: peer_of(route.backend.ip()),
+                service: Arc::new(service),
+                protocol: "tcp",
+                mtls,
+            },
+            flags: "-",
+        })
     }
 
     /// The identities of a tunnel from the local pod at `client` to the
@@ -226,12 +282,14 @@ impl Outbound {
         accel: Option<(SockKey, SockState)>,
     ) -> Result<(), OutboundError> {
         let pool = self.hbone.as_ref().expect("tunnel_identities checked it");
+        let labels = self.tcp_labels(peer, route, true);
         let (stream, _slot) = match pool
             .open(&src, &dst, route.backend, route.source, peer)
             .await
         {
             Ok(opened) => opened,
             Err(e) => {
+                self.record_failed(labels.as_ref());
                 self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
                 let _ = inbound.set_zero_linger();
                 return Err(e.into());
@@ -239,6 +297,7 @@ impl Outbound {
         };
         let _ = inbound.set_nodelay(true);
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+        let record = labels.map(|l| self.record_open(l));
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
         let resets = resets(&standing, &[inbound.as_fd()]);
@@ -246,6 +305,9 @@ impl Outbound {
         let relayed = relay::relay_streams(inbound, stream, accel, self.config.idle_timeout);
         match self.unless_revoked(relayed, &standing, resets).await? {
             Ok((sent, received)) => {
+                if let Some(r) = &record {
+                    r.bytes(sent, received);
+                }
                 self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
                 self.stats
                     .bytes_received
@@ -329,9 +391,12 @@ impl Outbound {
                 &self.node,
                 &self.trust_domain,
                 self.state.clone(),
-                self.hbone.clone(),
-                self.policy.clone(),
-                self.sockets.clone(),
+                super::http::Shared {
+                    hbone: self.hbone.clone(),
+                    policy: self.policy.clone(),
+                    sockets: self.sockets.clone(),
+                    metrics: self.metrics.clone(),
+                },
                 self.config.connect_timeout,
             ))
         })
@@ -638,9 +703,11 @@ impl Outbound {
                 protocol => Some((source, protocol)),
             },
         };
+        let labels = self.tcp_labels(peer, &route, false);
         let upstream = match self.connect(&route).await {
             Ok(s) => s,
             Err(e) => {
+                self.record_failed(labels.as_ref());
                 self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
                 let _ = inbound.set_zero_linger();
                 self.forget(inbound_key, None);
@@ -649,6 +716,7 @@ impl Outbound {
         };
         let _ = upstream.set_nodelay(true);
         let _ = inbound.set_nodelay(true);
+        let record = labels.map(|l| self.record_open(l));
         if let Some((source, protocol)) = inspect {
             let served = self
                 .serve_authorized(inbound, upstream, peer, &route, source, protocol)
@@ -689,6 +757,9 @@ impl Outbound {
         let result = result?;
         match result {
             Ok(bytes) => {
+                if let Some(r) = &record {
+                    r.bytes(bytes.sent, bytes.received);
+                }
                 self.stats
                     .bytes_sent
                     .fetch_add(bytes.sent, Ordering::Relaxed);

@@ -1,0 +1,183 @@
+//! The agent's own metrics, `trellis_*`, read when scraped: the kernel
+//! programs' per-CPU counters (events and bytes by hook, verdict and
+//! reason: redirects, policy verdicts, sk_msg, drops), map occupancy against
+//! capacity, certificate expiry per identity, the proxies' counters, the
+//! HBONE pool's, and build info.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
+use crate::{
+    bpf, hbone::client::Pool, hbone::server::Inbound, identity::manager::CertManager,
+    proxy::outbound::Outbound,
+};
+
+/// What the collector reads at each scrape.
+pub struct NodeCollector {
+    pub bpffs: PathBuf,
+    pub certs: Arc<CertManager>,
+    pub pool: Arc<Pool>,
+    pub outbound: Arc<Outbound>,
+    pub inbound: Arc<Inbound>,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCollector")
+            .field("bpffs", &self.bpffs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of a proxy's stats struct (its JSON form: name → number) that
+/// are gauges, not counts.
+const GAUGES: &[&str] = &["open"];
+
+impl NodeCollector {
+    /// Every numeric field of `stats` as `trellis_<prefix>_<field>`.
+    fn stats(
+        encoder: &mut DescriptorEncoder,
+        prefix: &str,
+        help: &str,
+        stats: &impl serde::Serialize,
+    ) -> Result<(), std::fmt::Error> {
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(stats) else {
+            return Ok(());
+        };
+        for (name, value) in fields {
+            let Some(v) = value.as_u64() else { continue };
+            let full = format!("trellis_{prefix}_{name}");
+            if GAUGES.contains(&name.as_str()) {
+                let g = ConstGauge::new(v as i64);
+                g.encode(encoder.encode_descriptor(&full, help, None, g.metric_type())?)?;
+            } else {
+                let c = ConstCounter::new(v);
+                c.encode(encoder.encode_descriptor(&full, help, None, c.metric_type())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let info = ConstGauge::new(1i64);
+        let mut family = encoder.encode_descriptor(
+            "trellis_build_info",
+            "The agent's version",
+            None,
+            MetricType::Gauge,
+        )?;
+        info.encode(family.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)?;
+
+        // Kernel counters, summed over endpoints.
+        if let Ok(counters) = bpf::maps::counters(&self.bpffs) {
+            let mut sums: std::collections::BTreeMap<(&str, &str, &str), (u64, u64)> =
+                Default::default();
+            for c in &counters {
+                let e = sums.entry((c.hook, c.verdict, c.reason)).or_default();
+                e.0 += c.events;
+                e.1 += c.bytes;
+            }
+            let mut events = encoder.encode_descriptor(
+                "trellis_datapath_events",
+                "Kernel program events by hook, verdict and reason (per-CPU counters, summed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((hook, verdict, reason), (n, _)) in &sums {
+                let labels = [("hook", *hook), ("verdict", *verdict), ("reason", *reason)];
+                ConstCounter::new(*n).encode(events.encode_family(&labels)?)?;
+            }
+            let mut bytes = encoder.encode_descriptor(
+                "trellis_datapath_bytes",
+                "Bytes the kernel programs' events carried, by hook, verdict and reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((hook, verdict, reason), (_, b)) in &sums {
+                let labels = [("hook", *hook), ("verdict", *verdict), ("reason", *reason)];
+                ConstCounter::new(*b).encode(bytes.encode_family(&labels)?)?;
+            }
+        }
+        if let Ok(maps) = bpf::maps::occupancy(&self.bpffs) {
+            let mut entries = encoder.encode_descriptor(
+                "trellis_map_entries",
+                "Entries in each pinned map",
+                None,
+                MetricType::Gauge,
+            )?;
+            for m in &maps {
+                ConstGauge::new(m.entries as i64)
+                    .encode(entries.encode_family(&[("map", m.name)])?)?;
+            }
+            let mut capacity = encoder.encode_descriptor(
+                "trellis_map_capacity",
+                "Capacity (max_entries) of each pinned map",
+                None,
+                MetricType::Gauge,
+            )?;
+            for m in &maps {
+                ConstGauge::new(i64::from(m.max_entries))
+                    .encode(capacity.encode_family(&[("map", m.name)])?)?;
+            }
+        }
+        let now = SystemTime::now();
+        let mut expiry = encoder.encode_descriptor(
+            "trellis_certificate_expiry_seconds",
+            "Seconds until each held workload certificate expires",
+            None,
+            MetricType::Gauge,
+        )?;
+        for svid in self.certs.list() {
+            let left = svid
+                .not_after
+                .duration_since(now)
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64();
+            ConstGauge::new(left)
+                .encode(expiry.encode_family(&[("identity", svid.identity.as_str())])?)?;
+        }
+        Self::stats(
+            &mut encoder,
+            "outbound",
+            "Outbound proxy counter",
+            &self.outbound.stats,
+        )?;
+        Self::stats(
+            &mut encoder,
+            "http",
+            "L7 path counter",
+            self.outbound.http_stats(),
+        )?;
+        Self::stats(
+            &mut encoder,
+            "inbound",
+            "HBONE server counter",
+            &self.inbound.stats,
+        )?;
+        Self::stats(
+            &mut encoder,
+            "hbone_pool",
+            "HBONE client pool counter",
+            &self.pool.stats,
+        )?;
+        let open = ConstGauge::new(self.pool.list().len() as i64);
+        open.encode(encoder.encode_descriptor(
+            "trellis_hbone_pool_connections",
+            "HBONE connections the pool holds open",
+            None,
+            open.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,332 @@
+//! Prometheus metrics, checked for their values, not just their presence:
+//! known traffic runs through a two-node mesh (HTTP over the L7 path to a
+//! local and a remote backend, answers the agent makes itself, TCP through
+//! HBONE, connections an egress NetworkPolicy refuses), each agent's
+//! `:15020/metrics` is parsed with a strict OpenMetrics parser (Python
+//! `prometheus_client`), and a real Prometheus server scraping both agents
+//! is queried for the same numbers.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use trellis_tests::{ChildGuard, Lab, Node, Pod, mesh, py};
+
+const WEB: &str = "10.96.0.80";
+const EMPTY: &str = "10.96.0.81";
+
+/// Every sample of `node`'s agent: `[name, labels, value]`.
+fn scrape(node: &Node) -> Vec<Value> {
+    let out = node
+        .exec()
+        .python_output(
+            py::SCRAPE,
+            &[&format!("http://{}:15020/metrics", node.ip)],
+            Duration::from_secs(30),
+        )
+        .expect("scrape parses as OpenMetrics");
+    serde_json::from_str::<Vec<Value>>(out.trim()).expect(&out)
+}
+
+/// The sum of `name` over the samples whose labels include `want`.
+fn sum(samples: &[Value], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s[0] == name && want.iter().all(|(k, v)| s[1][*k] == *v))
+        .map(|s| s[2].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+/// Scrapes until `check` holds (connections are counted closed a moment
+/// after the client has gone), or gives the last scrape to fail with.
+fn until(node: &Node, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(node);
+        if check(&samples) || Instant::now() > deadline {
+            return samples;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn curl_code(client: &Pod, url: &str) -> String {
+    let out = client
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+            Duration::from_secs(30),
+        )
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn metrics_count_what_ran() {
+    let mut lab = Lab::new("metrics").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let local = lab.add_pod(&a, "a2").expect("pod");
+    let remote = lab.add_pod(&b, "b1").expect("pod");
+    let echo = lab.add_pod(&b, "b2").expect("pod");
+    let _servers = [
+        local
+            .serve(py::NAME_SERVER, &["local", "8080"], 8080)
+            .expect("server"),
+        remote
+            .serve(py::NAME_SERVER, &["remote", "8080"], 8080)
+            .expect("server"),
+        echo.serve(py::ECHO_SERVER, &["9000"], 9000)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(
+                &local,
+                "shop",
+                &[("app", "web"), ("version", "v1")],
+                &[],
+                "",
+            ),
+            mesh::pod(
+                &remote,
+                "shop",
+                &[("app", "web"), ("version", "v2")],
+                &[],
+                "",
+            ),
+            mesh::pod(&echo, "shop", &[("app", "echo")], &[], ""),
+            mesh::service("shop", "web", WEB, 80, "8080", &[("app", "web")]),
+            mesh::service("shop", "empty", EMPTY, 80, "8080", &[("app", "nothing")]),
+            mesh::traffic_policy("shop", "web", "loadBalancer: {type: RoundRobin}"),
+            mesh::traffic_policy("shop", "empty", "loadBalancer: {type: RoundRobin}"),
+        ],
+    )
+    .expect("mesh");
+
+    for _ in 0..10 {
+        assert_eq!(curl_code(&client, &format!("http://{WEB}/")), "200");
+    }
+    for _ in 0..2 {
+        assert_eq!(curl_code(&client, &format!("http://{EMPTY}/")), "503");
+    }
+    let echoed = client
+        .exec()
+        .python_output(
+            py::ECHO_CONNECTIONS,
+            &[&echo.ip.to_string(), "9000", "3", "1000"],
+            Duration::from_secs(30),
+        )
+        .expect("echo");
+    assert_eq!(echoed.trim(), "3000");
+
+    // Requests, as the client's agent reports them.
+    let web = [
+        ("reporter", "source"),
+        ("source_workload", "a1"),
+        ("source_workload_namespace", "shop"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/a1"),
+        ("source_app", "client"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("destination_service_name", "web"),
+        ("destination_service_namespace", "shop"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ];
+    let tcp = [
+        ("reporter", "source"),
+        ("source_workload", "a1"),
+        ("destination_workload", "b2"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/b2",
+        ),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let at_a = until(&a, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &tcp) >= 3.0
+            && sum(s, "istio_requests_total", &web) >= 10.0
+    });
+    assert_eq!(sum(&at_a, "istio_requests_total", &web), 10.0);
+    let local_calls = sum(
+        &at_a,
+        "istio_requests_total",
+        &[
+            ("destination_workload", "a2"),
+            ("destination_version", "v1"),
+            ("connection_security_policy", "none"),
+            ("response_code", "200"),
+        ],
+    );
+    let remote_calls = sum(
+        &at_a,
+        "istio_requests_total",
+        &[
+            ("destination_workload", "b1"),
+            ("destination_version", "v2"),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_code", "200"),
+        ],
+    );
+    assert_eq!(
+        (local_calls, remote_calls),
+        (5.0, 5.0),
+        "round robin over a local and a remote backend"
+    );
+    assert_eq!(
+        sum(&at_a, "istio_request_duration_milliseconds_count", &web),
+        10.0
+    );
+    // Bodies of 5 or 6 bytes ("local", "remote"): 55 in all.
+    assert_eq!(sum(&at_a, "istio_response_bytes_sum", &web), 55.0);
+    assert_eq!(
+        sum(
+            &at_a,
+            "istio_requests_total",
+            &[
+                ("destination_service_name", "empty"),
+                ("destination_workload", "unknown"),
+                ("response_code", "503"),
+                ("response_flags", "UH"),
+            ]
+        ),
+        2.0
+    );
+    // TCP through HBONE, both ends.
+    assert_eq!(sum(&at_a, "istio_tcp_connections_opened_total", &tcp), 3.0);
+    assert_eq!(sum(&at_a, "istio_tcp_connections_closed_total", &tcp), 3.0);
+    assert_eq!(sum(&at_a, "istio_tcp_received_bytes_total", &tcp), 3000.0);
+    assert_eq!(sum(&at_a, "istio_tcp_sent_bytes_total", &tcp), 3000.0);
+    let inbound = [
+        ("reporter", "destination"),
+        ("source_workload", "a1"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/a1"),
+        ("destination_workload", "b2"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let at_b = until(&b, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &inbound) >= 3.0
+    });
+    assert_eq!(
+        sum(&at_b, "istio_tcp_connections_opened_total", &inbound),
+        3.0
+    );
+    assert_eq!(
+        sum(&at_b, "istio_tcp_received_bytes_total", &inbound),
+        3000.0
+    );
+    assert_eq!(sum(&at_b, "istio_tcp_sent_bytes_total", &inbound), 3000.0);
+    assert!(sum(&at_b, "trellis_build_info", &[]) == 1.0);
+    assert!(
+        sum(
+            &at_a,
+            "trellis_certificate_expiry_seconds",
+            &[("identity", "spiffe://cluster.local/ns/shop/sa/a1")]
+        ) > 3600.0
+    );
+    assert!(sum(&at_a, "trellis_map_capacity", &[]) > 0.0);
+
+    // Connections an egress policy refuses at connect(): the kernel's deny
+    // counters rise by exactly as many.
+    let denied = |s: &[Value]| sum(s, "trellis_datapath_events_total", &[("verdict", "deny")]);
+    let before = denied(&scrape(&a));
+    cluster
+        .apply_network_policies(&[mesh::network_policy(
+            "shop",
+            "client-egress",
+            "{podSelector: {matchLabels: {app: client}}, policyTypes: [Egress], \
+             egress: [{ports: [{port: 80}, {port: 8080}, {port: 9000}]}]}",
+        )])
+        .expect("policy");
+    let refused = client
+        .exec()
+        .python_output(
+            "import socket, sys\nn = 0\nfor _ in range(4):\n    try:\n        socket.create_connection((sys.argv[1], 9100), timeout=5)\n    except PermissionError:\n        n += 1\nprint(n)\n",
+            &[&local.ip.to_string()],
+            Duration::from_secs(60),
+        )
+        .expect("denied connects");
+    assert_eq!(refused.trim(), "4");
+    let after = denied(&until(&a, |s| denied(s) >= before + 4.0));
+    assert_eq!(after - before, 4.0, "one kernel denial per refused connect");
+
+    // A real Prometheus server scraping both agents sees the same numbers.
+    let dir = std::env::temp_dir().join(format!("{}-prometheus", lab.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("prometheus dir");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n- job_name: trellis\n  static_configs:\n  - targets: ['{}:15020', '{}:15020']\n",
+            a.ip, b.ip
+        ),
+    )
+    .expect("config");
+    let mut cmd = a.exec().command("prometheus").expect("prometheus");
+    cmd.args([
+        &format!("--config.file={}", dir.join("prometheus.yml").display()),
+        &format!("--storage.tsdb.path={}", dir.join("data").display()),
+        "--web.listen-address=127.0.0.1:19090",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let _prometheus = ChildGuard::spawn(&mut cmd).expect("prometheus runs");
+    let query = |q: &str| -> Option<f64> {
+        let out = a
+            .exec()
+            .output(
+                "curl",
+                &[
+                    "-s",
+                    "-m",
+                    "5",
+                    "--get",
+                    "--data-urlencode",
+                    &format!("query={q}"),
+                    "http://127.0.0.1:19090/api/v1/query",
+                ],
+                Duration::from_secs(10),
+            )
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let requests = "sum(istio_requests_total{reporter=\"source\",destination_service_name=\"web\",response_code=\"200\",source_workload=\"a1\"})";
+    let inbound_bytes =
+        "sum(istio_tcp_received_bytes_total{reporter=\"destination\",destination_workload=\"b2\"})";
+    let denials = "sum(trellis_datapath_events_total{verdict=\"deny\"})";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = (None, None, None);
+    while Instant::now() < deadline {
+        seen = (query(requests), query(inbound_bytes), query(denials));
+        if seen.0.is_some() && seen.1.is_some() && seen.2.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(seen.0, Some(10.0), "Prometheus: requests {seen:?}");
+    assert_eq!(seen.1, Some(3000.0), "Prometheus: bytes {seen:?}");
+    assert!(
+        seen.2.is_some_and(|d| d >= after),
+        "Prometheus: denials {seen:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
