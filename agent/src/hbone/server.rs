@@ -189,14 +189,14 @@ impl Inbound {
             .workload_by_ip(target.ip().to_canonical())
             .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain));
         Some(TcpLabels {
-            traffic: Traffic {
-                reporter: Reporter::Destination,
-                source: Arc::new(source),
-                destination: Arc::new(destination),
-                service: Arc::new(ServiceName::unknown()),
-                protocol: "tcp",
-                mtls: true,
-            },
+            traffic: Traffic::new(
+                Reporter::Destination,
+                Arc::new(source),
+                Arc::new(destination),
+                Arc::new(ServiceName::unknown()),
+                "tcp",
+                true,
+            ),
             flags: "-",
         })
     }

@@ -120,20 +120,52 @@ impl ServiceName {
     }
 }
 
-/// What every metric of one connection or request shares.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+/// What every metric of one connection or request shares. Its hash is
+/// taken once, when made: the metric families hash their label sets on
+/// every update, and twenty strings per request would cost more than the
+/// counting.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Traffic {
-    pub reporter: Reporter,
-    pub source: Arc<Peer>,
-    pub destination: Arc<Peer>,
-    pub service: Arc<ServiceName>,
+    reporter: Reporter,
+    source: Arc<Peer>,
+    destination: Arc<Peer>,
+    service: Arc<ServiceName>,
     /// `http`, `grpc` or `tcp`.
-    pub protocol: &'static str,
+    protocol: &'static str,
     /// Over HBONE mTLS or not.
-    pub mtls: bool,
+    mtls: bool,
+    hash: u64,
+}
+
+impl std::hash::Hash for Traffic {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 impl Traffic {
+    pub fn new(
+        reporter: Reporter,
+        source: Arc<Peer>,
+        destination: Arc<Peer>,
+        service: Arc<ServiceName>,
+        protocol: &'static str,
+        mtls: bool,
+    ) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (reporter, &*source, &*destination, &*service, protocol, mtls).hash(&mut h);
+        Self {
+            reporter,
+            source,
+            destination,
+            service,
+            protocol,
+            mtls,
+            hash: h.finish(),
+        }
+    }
+
     fn pairs(&self) -> [(&'static str, &str); 20] {
         let (s, d, svc) = (&self.source, &self.destination, &self.service);
         [

@@ -196,6 +196,9 @@ pub struct HttpProxy {
     /// the sockhash, so their bytes skip the TCP/IP stack as on the L4 path.
     sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
     metrics: Option<Arc<IstioMetrics>>,
+    /// Requests' shared labels by (client, endpoint, Service, gRPC, mTLS),
+    /// for the state they were made under (its address).
+    traffic: Mutex<(usize, HashMap<TrafficKey, Traffic>)>,
     connect_timeout: Duration,
     h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
@@ -230,6 +233,7 @@ impl HttpProxy {
             policy: shared.policy,
             sockets: shared.sockets,
             metrics: shared.metrics,
+            traffic: Mutex::default(),
             connect_timeout,
             h1: Mutex::default(),
             h2: Mutex::default(),
@@ -615,35 +619,49 @@ impl HttpProxy {
         resp: &Response<Body>,
     ) -> RequestLabels {
         let snapshot = self.state.borrow().clone();
-        let peer_of = |ip: std::net::IpAddr| {
-            Arc::new(
-                snapshot
-                    .workload_by_ip(ip.to_canonical())
-                    .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain)),
-            )
-        };
-        let destination = chosen
-            .backend
-            .map_or_else(|| Arc::new(Peer::unknown()), |b| peer_of(b.ip()));
+        let service = chosen.service.as_deref().unwrap_or(&call.service);
+        let backend = chosen.backend.map(|b| b.ip());
         let mtls = chosen
             .backend
             .is_some_and(|b| self.tunnel(&snapshot, call, b).is_some());
+        // One request after another between the same pods: their labels
+        // are made once per state.
+        let key = (call.client.ip(), backend, service.to_owned(), grpc, mtls);
+        let generation = Arc::as_ptr(&snapshot) as usize;
+        let traffic = {
+            let mut cache = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.0 != generation {
+                *cache = (generation, HashMap::new());
+            }
+            cache
+                .1
+                .entry(key)
+                .or_insert_with(|| {
+                    let peer_of = |ip: std::net::IpAddr| {
+                        Arc::new(
+                            snapshot
+                                .workload_by_ip(ip.to_canonical())
+                                .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain)),
+                        )
+                    };
+                    Traffic::new(
+                        Reporter::Source,
+                        peer_of(call.client.ip()),
+                        backend.map_or_else(|| Arc::new(Peer::unknown()), peer_of),
+                        Arc::new(ServiceName::of(service)),
+                        if grpc { "grpc" } else { "http" },
+                        mtls,
+                    )
+                })
+                .clone()
+        };
         let flags = resp
             .headers()
             .get("x-trellis-reason")
             .and_then(|v| v.to_str().ok())
             .map_or("-", response_flags);
         RequestLabels {
-            traffic: Traffic {
-                reporter: Reporter::Source,
-                source: peer_of(call.client.ip()),
-                destination,
-                service: Arc::new(ServiceName::of(
-                    chosen.service.as_deref().unwrap_or(&call.service),
-                )),
-                protocol: if grpc { "grpc" } else { "http" },
-                mtls,
-            },
+            traffic,
             response_code: resp.status().as_u16(),
             grpc_status: if grpc {
                 Some(grpc_status(resp.headers()).unwrap_or(0))
@@ -1302,6 +1320,14 @@ where
 /// retries, no limits.
 static DEFAULT_POLICY: std::sync::LazyLock<Arc<resilience::Resilience>> =
     std::sync::LazyLock::new(Arc::default);
+
+type TrafficKey = (
+    std::net::IpAddr,
+    Option<std::net::IpAddr>,
+    String,
+    bool,
+    bool,
+);
 
 /// What a request's handling chose, for its metrics.
 #[derive(Default)]

@@ -245,14 +245,14 @@ impl Outbound {
             .service_for(route.dst)
             .map_or_else(ServiceName::unknown, |(svc, _)| ServiceName::of(&svc.id()));
         Some(TcpLabels {
-            traffic: Traffic {
-                reporter: Reporter::Source,
-                source: peer_of(peer.ip()),
-                destination: peer_of(route.backend.ip()),
-                service: Arc::new(service),
-                protocol: "tcp",
+            traffic: Traffic::new(
+                Reporter::Source,
+                peer_of(peer.ip()),
+                peer_of(route.backend.ip()),
+                Arc::new(service),
+                "tcp",
                 mtls,
-            },
+            ),
             flags: "-",
         })
     }
