@@ -5,6 +5,7 @@
 //! Scrapes are served by a thread of their own, outside the proxies'
 //! runtime, so a slow scraper or a large exposition never delays a packet.
 
+pub mod grpc;
 pub mod istio;
 pub mod node;
 

@@ -13,6 +13,7 @@ use trellis_tests::{ChildGuard, Lab, Node, Pod, mesh, py};
 
 const WEB: &str = "10.96.0.80";
 const EMPTY: &str = "10.96.0.81";
+const GRPC: &str = "10.96.0.82";
 
 /// Every sample of `node`'s agent: `[name, labels, value]`.
 fn scrape(node: &Node) -> Vec<Value> {
@@ -88,6 +89,9 @@ fn metrics_count_what_ran() {
             .expect("server"),
         echo.serve(py::ECHO_SERVER, &["9000"], 9000)
             .expect("server"),
+        remote
+            .serve(py::GRPC_SERVER, &["remote", "50051"], 50051)
+            .expect("server"),
     ];
     let cluster = mesh::Cluster::start(
         lab.name(),
@@ -114,6 +118,15 @@ fn metrics_count_what_ran() {
             mesh::pod(&echo, "shop", &[("app", "echo")], &[], ""),
             mesh::service("shop", "web", WEB, 80, "8080", &[("app", "web")]),
             mesh::service("shop", "empty", EMPTY, 80, "8080", &[("app", "nothing")]),
+            mesh::service_with_protocol(
+                "shop",
+                "grpc",
+                GRPC,
+                50051,
+                "50051",
+                "grpc",
+                &[("app", "web"), ("version", "v2")],
+            ),
             mesh::traffic_policy("shop", "web", "loadBalancer: {type: RoundRobin}"),
             mesh::traffic_policy("shop", "empty", "loadBalancer: {type: RoundRobin}"),
         ],
@@ -135,6 +148,16 @@ fn metrics_count_what_ran() {
         )
         .expect("echo");
     assert_eq!(echoed.trim(), "3000");
+    // gRPC: a unary call (1 message each way) and a server stream of 2.
+    let out = client
+        .exec()
+        .python_output(
+            py::GRPC_WHO,
+            &[&format!("{GRPC}:50051")],
+            Duration::from_secs(60),
+        )
+        .expect("grpc");
+    assert!(out.contains("\"Count\": [\"OK\""), "{out}");
 
     // Requests, as the client's agent reports them.
     let web = [
@@ -170,6 +193,7 @@ fn metrics_count_what_ran() {
         &at_a,
         "istio_requests_total",
         &[
+            ("destination_service_name", "web"),
             ("destination_workload", "a2"),
             ("destination_version", "v1"),
             ("connection_security_policy", "none"),
@@ -180,6 +204,7 @@ fn metrics_count_what_ran() {
         &at_a,
         "istio_requests_total",
         &[
+            ("destination_service_name", "web"),
             ("destination_workload", "b1"),
             ("destination_version", "v2"),
             ("connection_security_policy", "mutual_tls"),
@@ -210,6 +235,16 @@ fn metrics_count_what_ran() {
         ),
         2.0
     );
+    let grpc = [
+        ("destination_service_name", "grpc"),
+        ("request_protocol", "grpc"),
+        ("response_code", "200"),
+        ("grpc_response_status", "0"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(sum(&at_a, "istio_requests_total", &grpc), 2.0);
+    assert_eq!(sum(&at_a, "istio_request_messages_total", &grpc), 2.0);
+    assert_eq!(sum(&at_a, "istio_response_messages_total", &grpc), 3.0);
     // TCP through HBONE, both ends.
     assert_eq!(sum(&at_a, "istio_tcp_connections_opened_total", &tcp), 3.0);
     assert_eq!(sum(&at_a, "istio_tcp_connections_closed_total", &tcp), 3.0);

@@ -281,6 +281,12 @@ impl HttpProxy {
                         start,
                         request_bytes,
                         response_bytes: 0,
+                        messages: grpc.then(|| {
+                            (
+                                chosen.request_messages,
+                                crate::metrics::grpc::MessageCounter::default(),
+                            )
+                        }),
                     }
                     .boxed()
                 }))
@@ -461,6 +467,7 @@ impl HttpProxy {
         // The request, and when retries are possible a copy of it (its body
         // recorded as it streams) to send again.
         let (mut parts, body) = req.into_parts();
+        let body = crate::metrics::grpc::Counted::new(body, chosen.request_messages.clone());
         if let Some((rule, matched)) = &rule {
             rule.request_headers.apply(&mut parts.headers);
             if let Some(rewrite) = &rule.rewrite {
@@ -1336,6 +1343,8 @@ struct Chosen {
     service: Option<String>,
     /// The endpoint of its last attempt.
     backend: Option<SocketAddr>,
+    /// gRPC messages the client sent (counted only for gRPC calls).
+    request_messages: Arc<AtomicU64>,
 }
 
 /// Envoy's response flag for one of the agent's own answers.
@@ -1366,6 +1375,8 @@ struct Recorded {
     start: tokio::time::Instant,
     request_bytes: u64,
     response_bytes: u64,
+    /// gRPC calls: the messages the client sent, and those of this body.
+    messages: Option<(Arc<AtomicU64>, crate::metrics::grpc::MessageCounter)>,
 }
 
 impl hyper::body::Body for Recorded {
@@ -1379,7 +1390,11 @@ impl hyper::body::Body for Recorded {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                self.response_bytes += data.len() as u64;
+                let this = &mut *self;
+                this.response_bytes += data.len() as u64;
+                if let Some((_, counter)) = this.messages.as_mut() {
+                    counter.feed(data);
+                }
             } else if let (Some(trailers), Some(labels)) =
                 (frame.trailers_ref(), self.labels.as_mut())
                 && labels.grpc_status.is_some()
@@ -1408,7 +1423,10 @@ impl Drop for Recorded {
                 duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
                 request_bytes: self.request_bytes,
                 response_bytes: self.response_bytes,
-                messages: None,
+                messages: self
+                    .messages
+                    .as_ref()
+                    .map(|(sent, received)| (sent.load(Ordering::Relaxed), received.messages)),
             });
         }
     }
