@@ -21,6 +21,7 @@ pub mod env {
     pub const READINESS_ADDR: &str = "TRELLIS_READINESS_ADDR";
     pub const ADMIN_ADDR: &str = "TRELLIS_ADMIN_ADDR";
     pub const METRICS_ADDR: &str = "TRELLIS_METRICS_ADDR";
+    pub const ACCESS_LOG_SAMPLE: &str = "TRELLIS_ACCESS_LOG_SAMPLE";
     pub const SK_MSG: &str = "TRELLIS_SK_MSG";
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
@@ -204,6 +205,11 @@ pub struct AgentArgs {
     /// Where `/healthz/ready` is served.
     #[arg(long, env = env::READINESS_ADDR, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+
+    /// The share of requests and connections given an access log line
+    /// (target `access`): 1 logs all, 0 none.
+    #[arg(long, env = env::ACCESS_LOG_SAMPLE, default_value_t = 1.0)]
+    pub access_log_sample: f64,
 
     /// Where Prometheus scrapes `/metrics` (OpenMetrics text).
     #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:15020")]

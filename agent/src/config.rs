@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub admin_addr: SocketAddr,
     /// Prometheus `/metrics` listener.
     pub metrics_addr: SocketAddr,
+    /// Share of requests and connections access-logged.
+    pub access_log_sample: f64,
     /// Kernel acceleration modes.
     pub accel: Acceleration,
     /// Give up connecting to a backend after this.
@@ -211,6 +213,13 @@ impl AgentConfig {
                 });
             }
         }
+        if !(0.0..=1.0).contains(&args.access_log_sample) {
+            return Err(ConfigError::Invalid {
+                flag: "access-log-sample",
+                value: args.access_log_sample.to_string(),
+                reason: "a share between 0 and 1".into(),
+            });
+        }
         if !(1..=64).contains(&args.worker_threads) {
             return Err(ConfigError::Invalid {
                 flag: "worker-threads",
@@ -240,6 +249,7 @@ impl AgentConfig {
             readiness_addr: args.readiness_addr,
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
+            access_log_sample: args.access_log_sample,
             accel: Acceleration {
                 sk_msg: args.sk_msg,
                 // Splicing works through the sockhash: no sk_msg, no splice.

@@ -4,6 +4,7 @@
 //! end-to-end tests drive the same code.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod bpf;
 pub mod cgroup;

@@ -225,6 +225,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         info!(sk_msg = accel.sk_msg, splice = accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
         let sockets = accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
         let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout).with_keepalive(cfg.hbone_keepalive));
+        crate::access_log::set_sample(cfg.access_log_sample);
         let mut registry = prometheus_client::registry::Registry::default();
         let istio = Arc::new(IstioMetrics::register(&mut registry));
         let outbound = Arc::new(

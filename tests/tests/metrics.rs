@@ -93,7 +93,7 @@ fn metrics_count_what_ran() {
             .serve(py::GRPC_SERVER, &["remote", "50051"], 50051)
             .expect("server"),
     ];
-    let cluster = mesh::Cluster::start(
+    let cluster = mesh::Cluster::start_with(
         lab.name(),
         &[&a, &b],
         &[
@@ -130,12 +130,32 @@ fn metrics_count_what_ran() {
             mesh::traffic_policy("shop", "web", "loadBalancer: {type: RoundRobin}"),
             mesh::traffic_policy("shop", "empty", "loadBalancer: {type: RoundRobin}"),
         ],
+        mesh::Certs::SharedCa,
+        &["--log-format", "json"],
     )
     .expect("mesh");
 
-    for _ in 0..10 {
+    for _ in 0..9 {
         assert_eq!(curl_code(&client, &format!("http://{WEB}/")), "200");
     }
+    let traced = client
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                &format!("http://{WEB}/"),
+            ],
+            Duration::from_secs(30),
+        )
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&traced.stdout), "200");
     for _ in 0..2 {
         assert_eq!(curl_code(&client, &format!("http://{EMPTY}/")), "503");
     }
@@ -278,6 +298,61 @@ fn metrics_count_what_ran() {
         ) > 3600.0
     );
     assert!(sum(&at_a, "trellis_map_capacity", &[]) > 0.0);
+
+    // Access logs: a JSON line per request and per connection, at each end.
+    let access = |agent: &trellis_tests::Agent| -> Vec<Value> {
+        agent
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["target"] == "access")
+            .collect()
+    };
+    let lines = access(&cluster.agents[0]);
+    let web_lines: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["dst_service"] == "web.shop.svc.cluster.local")
+        .collect();
+    assert_eq!(web_lines.len(), 10, "{lines:?}");
+    for l in &web_lines {
+        assert_eq!(l["protocol"], "http", "{l}");
+        assert_eq!(l["src_workload"], "a1", "{l}");
+        assert_eq!(
+            l["src_principal"], "spiffe://cluster.local/ns/shop/sa/a1",
+            "{l}"
+        );
+        assert_eq!(l["response_code"], 200, "{l}");
+        assert!(
+            l["upstream"].as_str().is_some_and(|u| u.ends_with(":8080")),
+            "{l}"
+        );
+        assert!(
+            l["duration_ms"].as_f64().is_some() && l["start"].as_str().is_some(),
+            "{l}"
+        );
+        assert!(l["bytes_out"] == 5 || l["bytes_out"] == 6, "{l}");
+    }
+    assert_eq!(
+        web_lines
+            .iter()
+            .filter(|l| l["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736")
+            .count(),
+        1
+    );
+    let tcp_lines: Vec<Value> = access(&cluster.agents[1])
+        .into_iter()
+        .filter(|l| l["protocol"] == "tcp" && l["dst_workload"] == "b2")
+        .collect();
+    assert_eq!(tcp_lines.len(), 3, "{tcp_lines:?}");
+    for l in &tcp_lines {
+        assert_eq!(l["reporter"], "destination", "{l}");
+        assert_eq!(
+            (l["bytes_in"].as_u64(), l["bytes_out"].as_u64()),
+            (Some(1000), Some(1000)),
+            "{l}"
+        );
+        assert_eq!(l["mtls"], true, "{l}");
+    }
 
     // Connections an egress policy refuses at connect(): the kernel's deny
     // counters rise by exactly as many.

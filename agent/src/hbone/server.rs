@@ -451,7 +451,7 @@ impl Inbound {
             .metrics
             .clone()
             .zip(labels)
-            .map(|(m, l)| OpenConnection::new(m, l));
+            .map(|(m, l)| OpenConnection::new(m, l, target));
         let mut tunnel = H2Stream::new(send, request.into_body());
         // L7 rules decide: the stream is read as HTTP, else judged as
         // opaque TCP.

@@ -166,16 +166,37 @@ impl Traffic {
         }
     }
 
+    pub fn source(&self) -> &Peer {
+        &self.source
+    }
+
+    pub fn destination(&self) -> &Peer {
+        &self.destination
+    }
+
+    pub fn service(&self) -> &ServiceName {
+        &self.service
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    pub fn mtls(&self) -> bool {
+        self.mtls
+    }
+
+    pub fn reporter_name(&self) -> &'static str {
+        match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+
     fn pairs(&self) -> [(&'static str, &str); 20] {
         let (s, d, svc) = (&self.source, &self.destination, &self.service);
         [
-            (
-                "reporter",
-                match self.reporter {
-                    Reporter::Source => "source",
-                    Reporter::Destination => "destination",
-                },
-            ),
+            ("reporter", self.reporter_name()),
             ("source_workload", &s.workload),
             ("source_workload_namespace", &s.namespace),
             ("source_principal", &s.principal),
@@ -402,15 +423,24 @@ pub struct OpenConnection {
     metrics: Arc<IstioMetrics>,
     labels: TcpLabels,
     bytes: std::sync::Mutex<(u64, u64)>,
+    /// For its access log line.
+    start: (std::time::SystemTime, std::time::Instant),
+    upstream: std::net::SocketAddr,
 }
 
 impl OpenConnection {
-    pub fn new(metrics: Arc<IstioMetrics>, labels: TcpLabels) -> Self {
+    pub fn new(
+        metrics: Arc<IstioMetrics>,
+        labels: TcpLabels,
+        upstream: std::net::SocketAddr,
+    ) -> Self {
         metrics.tcp_opened(&labels);
         Self {
             metrics,
             labels,
             bytes: std::sync::Mutex::new((0, 0)),
+            start: (std::time::SystemTime::now(), std::time::Instant::now()),
+            upstream,
         }
     }
 
@@ -424,6 +454,21 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         let (up, down) = *self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         self.metrics.tcp_closed(&self.labels, up, down);
+        if crate::access_log::sampled() {
+            crate::access_log::write(&crate::access_log::Entry {
+                traffic: &self.labels.traffic,
+                start: self.start.0,
+                duration: self.start.1.elapsed(),
+                upstream: Some(self.upstream),
+                route: None,
+                bytes_in: up,
+                bytes_out: down,
+                response_code: None,
+                grpc_status: None,
+                flags: self.labels.flags,
+                trace_id: None,
+            });
+        }
     }
 }
 

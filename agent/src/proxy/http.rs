@@ -265,6 +265,12 @@ impl HttpProxy {
                 };
                 let start = tokio::time::Instant::now();
                 let grpc = authz::is_grpc(req.headers());
+                let logged = crate::access_log::sampled().then(|| {
+                    (
+                        std::time::SystemTime::now(),
+                        crate::access_log::trace_id(req.headers()),
+                    )
+                });
                 let request_bytes = req
                     .headers()
                     .get(header::CONTENT_LENGTH)
@@ -283,9 +289,15 @@ impl HttpProxy {
                         response_bytes: 0,
                         messages: grpc.then(|| {
                             (
-                                chosen.request_messages,
+                                chosen.request_messages.clone(),
                                 crate::metrics::grpc::MessageCounter::default(),
                             )
+                        }),
+                        access: logged.map(|(at, trace_id)| AccessInfo {
+                            at,
+                            trace_id,
+                            upstream: chosen.backend,
+                            route: chosen.route.take(),
                         }),
                     }
                     .boxed()
@@ -374,6 +386,7 @@ impl HttpProxy {
                     );
                 }
                 Some(e) => {
+                    chosen.route = Some(e.rule.route.clone());
                     let b = pick_weighted(&e.rule.backends);
                     (
                         Some((e.rule.clone(), e.request.path.clone())),
@@ -1345,6 +1358,8 @@ struct Chosen {
     backend: Option<SocketAddr>,
     /// gRPC messages the client sent (counted only for gRPC calls).
     request_messages: Arc<AtomicU64>,
+    /// `namespace/name` of the route that matched.
+    route: Option<String>,
 }
 
 /// Envoy's response flag for one of the agent's own answers.
@@ -1377,6 +1392,15 @@ struct Recorded {
     response_bytes: u64,
     /// gRPC calls: the messages the client sent, and those of this body.
     messages: Option<(Arc<AtomicU64>, crate::metrics::grpc::MessageCounter)>,
+    /// When sampled for the access log: what its line adds.
+    access: Option<AccessInfo>,
+}
+
+struct AccessInfo {
+    at: std::time::SystemTime,
+    trace_id: Option<String>,
+    upstream: Option<SocketAddr>,
+    route: Option<String>,
 }
 
 impl hyper::body::Body for Recorded {
@@ -1418,6 +1442,21 @@ impl hyper::body::Body for Recorded {
 impl Drop for Recorded {
     fn drop(&mut self) {
         if let Some(labels) = self.labels.take() {
+            if let Some(a) = &self.access {
+                crate::access_log::write(&crate::access_log::Entry {
+                    traffic: &labels.traffic,
+                    start: a.at,
+                    duration: self.start.elapsed(),
+                    upstream: a.upstream,
+                    route: a.route.as_deref(),
+                    bytes_in: self.request_bytes,
+                    bytes_out: self.response_bytes,
+                    response_code: Some(labels.response_code),
+                    grpc_status: labels.grpc_status,
+                    flags: labels.flags,
+                    trace_id: a.trace_id.as_deref(),
+                });
+            }
             self.metrics.request(&crate::metrics::istio::Request {
                 labels,
                 duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,

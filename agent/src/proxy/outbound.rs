@@ -223,10 +223,15 @@ impl Outbound {
 
     /// Counts a connection opened; it is counted closed, with the bytes
     /// given, when the record is dropped.
-    fn record_open(&self, labels: TcpLabels) -> crate::metrics::istio::OpenConnection {
+    fn record_open(
+        &self,
+        labels: TcpLabels,
+        upstream: SocketAddr,
+    ) -> crate::metrics::istio::OpenConnection {
         crate::metrics::istio::OpenConnection::new(
             self.metrics.clone().expect("labels only with metrics"),
             labels,
+            upstream,
         )
     }
 
@@ -297,7 +302,7 @@ impl Outbound {
         };
         let _ = inbound.set_nodelay(true);
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
-        let record = labels.map(|l| self.record_open(l));
+        let record = labels.map(|l| self.record_open(l, route.backend));
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
         let resets = resets(&standing, &[inbound.as_fd()]);
@@ -716,7 +721,7 @@ impl Outbound {
         };
         let _ = upstream.set_nodelay(true);
         let _ = inbound.set_nodelay(true);
-        let record = labels.map(|l| self.record_open(l));
+        let record = labels.map(|l| self.record_open(l, route.backend));
         if let Some((source, protocol)) = inspect {
             let served = self
                 .serve_authorized(inbound, upstream, peer, &route, source, protocol)

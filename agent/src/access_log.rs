@@ -1,0 +1,140 @@
+//! Access logs: one structured line per request (L7) or connection (L4),
+//! through tracing at target `access` (so `--log-format json` makes them
+//! JSON, and `--log-level` can silence them: `info,access=off`), with a
+//! sampled share (`--access-log-sample`, 0 turns them off).
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use crate::metrics::istio::Traffic;
+
+/// The share of requests and connections logged, in parts per million.
+static SAMPLE_PPM: AtomicU32 = AtomicU32::new(1_000_000);
+
+/// Sets the share logged (0.0 to 1.0).
+pub fn set_sample(ratio: f64) {
+    SAMPLE_PPM.store(
+        (ratio.clamp(0.0, 1.0) * 1_000_000.0).round() as u32,
+        Ordering::Relaxed,
+    );
+}
+
+/// Whether this one is logged: checked before an entry is built.
+pub fn sampled() -> bool {
+    let ppm = SAMPLE_PPM.load(Ordering::Relaxed);
+    ppm >= 1_000_000 || (ppm > 0 && crate::resilience::balance::chance(ppm))
+}
+
+/// One line's fields beyond the traffic's labels.
+pub struct Entry<'a> {
+    pub traffic: &'a Traffic,
+    pub start: SystemTime,
+    pub duration: Duration,
+    /// The endpoint the agent connected to.
+    pub upstream: Option<SocketAddr>,
+    /// `namespace/name` of the route that matched.
+    pub route: Option<&'a str>,
+    /// Bytes from the client, and from the server.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub response_code: Option<u16>,
+    pub grpc_status: Option<u8>,
+    pub flags: &'a str,
+    /// The W3C or B3 trace id the request carried.
+    pub trace_id: Option<&'a str>,
+}
+
+/// Writes one line (the caller checked [`sampled`]).
+pub fn write(e: &Entry<'_>) {
+    let t = e.traffic;
+    let (source, destination, service) = (t.source(), t.destination(), t.service());
+    let start = humantime_rfc3339(e.start);
+    tracing::info!(
+        target: "access",
+        start = %start,
+        duration_ms = e.duration.as_secs_f64() * 1000.0,
+        reporter = t.reporter_name(),
+        protocol = t.protocol(),
+        src_workload = %source.workload,
+        src_namespace = %source.namespace,
+        src_principal = %source.principal,
+        dst_workload = %destination.workload,
+        dst_namespace = %destination.namespace,
+        dst_principal = %destination.principal,
+        dst_service = %service.host,
+        route = e.route.unwrap_or("-"),
+        upstream = %e.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+        bytes_in = e.bytes_in,
+        bytes_out = e.bytes_out,
+        response_code = e.response_code.unwrap_or(0),
+        grpc_status = e.grpc_status.map_or(-1, i32::from),
+        flags = e.flags,
+        mtls = t.mtls(),
+        trace_id = e.trace_id.unwrap_or("-"),
+        "access"
+    );
+}
+
+/// A trace id from `traceparent` (W3C) or `x-b3-traceid` (B3).
+pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let id = tp.split('-').nth(1)?;
+        return (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| id.to_owned());
+    }
+    let b3 = headers.get("x-b3-traceid")?.to_str().ok()?;
+    (matches!(b3.len(), 16 | 32) && b3.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| b3.to_owned())
+}
+
+/// RFC 3339 in UTC with milliseconds, without a date crate.
+fn humantime_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    match time::OffsetDateTime::from_unix_timestamp_nanos(d.as_nanos() as i128) {
+        Ok(dt) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            dt.year(),
+            u8::from(dt.month()),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second(),
+            dt.millisecond()
+        ),
+        Err(_) => format!("{}", d.as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(trace_id(&h), None);
+        h.insert("x-b3-traceid", "463ac35c9f6413ad".parse().unwrap());
+        assert_eq!(trace_id(&h).as_deref(), Some("463ac35c9f6413ad"));
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert("traceparent", "00-xyz-00f067aa0ba902b7-01".parse().unwrap());
+        assert_eq!(trace_id(&h), None);
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(humantime_rfc3339(t), "2023-11-14T22:13:20.123Z");
+    }
+}
