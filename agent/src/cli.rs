@@ -51,6 +51,9 @@ pub enum Command {
     /// The workloads of a running agent's node: endpoints with netns cookie
     /// and interface, and the services with their backends.
     Workloads(AdminArgs),
+    /// The services a running agent knows: VIPs, ports and backends with
+    /// their state (the second half of `workloads`).
+    Services(AdminArgs),
     /// The certificates a running agent holds for its node's workloads:
     /// identity, serial, validity, time to renewal, issuer chain.
     Certs(AdminArgs),

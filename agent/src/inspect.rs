@@ -500,7 +500,16 @@ pub fn render_workloads(doc: &Value) -> String {
         out,
         "  (* no TC programs on its interface: STRICT not enforced there)"
     );
-    let _ = writeln!(out, "\nSERVICES");
+    out.push('\n');
+    out.push_str(&render_services(doc));
+    out
+}
+
+/// `trellis services` as text: each Service, its VIPs, and per port its
+/// backends with their state.
+pub fn render_services(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "SERVICES");
     for svc in doc["services"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,

@@ -17,10 +17,18 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => agent(*args),
         Command::Maps(args) => maps(&args),
-        Command::Status(args) => admin_view(&args, "/status", inspect::render_status),
-        Command::Workloads(args) => admin_view(&args, "/workloads", inspect::render_workloads),
-        Command::Certs(args) => admin_view(&args, "/certs", inspect::render_certs),
-        Command::Config(args) => admin_view(&args, "/config", inspect::render_config),
+        Command::Status(args) => admin_view(&args, "/status", None, inspect::render_status),
+        Command::Workloads(args) => {
+            admin_view(&args, "/workloads", None, inspect::render_workloads)
+        }
+        Command::Services(args) => admin_view(
+            &args,
+            "/workloads",
+            Some("services"),
+            inspect::render_services,
+        ),
+        Command::Certs(args) => admin_view(&args, "/certs", None, inspect::render_certs),
+        Command::Config(args) => admin_view(&args, "/config", None, inspect::render_config),
         Command::Policy(args) => policy(&args),
         Command::Flows(args) => flows(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),
@@ -62,12 +70,19 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Prints an admin API document (or, with `part`, one of its fields) as a
+/// table or as JSON.
 fn admin_view(
     args: &AdminArgs,
     path: &str,
+    part: Option<&str>,
     render: fn(&serde_json::Value) -> String,
 ) -> anyhow::Result<()> {
-    let doc = client_runtime()?.block_on(inspect::fetch(args.admin_addr, path))?;
+    let mut doc = client_runtime()?.block_on(inspect::fetch(args.admin_addr, path))?;
+    // A view of one part of a document: JSON output is that part alone.
+    if let (Some(part), Output::Json) = (part, &args.output) {
+        doc = doc[part].take();
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Table => print!("{}", render(&doc)),
@@ -94,14 +109,15 @@ fn policy(args: &PolicyArgs) -> anyhow::Result<()> {
                 escape(dst),
                 escape(protocol)
             );
-            admin_view(admin, &path, inspect::render_explain)
+            admin_view(admin, &path, None, inspect::render_explain)
         }
         (None, Some(pod)) => admin_view(
             &args.admin,
             &format!("/policy/pod?name={}", escape(pod)),
+            None,
             inspect::render_pod_policy,
         ),
-        (None, None) => admin_view(&args.admin, "/policies", inspect::render_policies),
+        (None, None) => admin_view(&args.admin, "/policies", None, inspect::render_policies),
     }
 }
 
