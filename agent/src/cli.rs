@@ -66,12 +66,25 @@ pub enum Command {
     /// attached to Services with their status conditions (Accepted,
     /// ResolvedRefs) and rules, traffic and authorization policies.
     Config(AdminArgs),
+    /// The service graph this node has seen: workloads and Services, edges
+    /// with requests, errors, bytes, connections, mTLS and policy verdicts;
+    /// `--dot` for Graphviz (`trellis topology --dot | dot -Tpng > g.png`).
+    Topology(TopologyArgs),
     /// Flow events, Hubble-like: every verdict of the kernel's policy
     /// points and of the agent, with pods, identities and the rule.
     Flows(FlowsArgs),
     /// The built-in CA's root.
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct TopologyArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Graphviz DOT instead of a table.
+    #[arg(long)]
+    pub dot: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -206,6 +206,24 @@ impl FlowLog {
         log.flows.push_back(flow);
     }
 
+    /// Verdicts between pods in the log: (source pod, destination pod) →
+    /// (allowed, denied).
+    pub fn pod_pairs(&self) -> std::collections::BTreeMap<(String, String), (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for f in &self.lock().flows {
+            let (Some(src), Some(dst)) = (&f.source.pod, &f.destination.pod) else {
+                continue;
+            };
+            let e: &mut (u64, u64) = out.entry((src.clone(), dst.clone())).or_default();
+            if f.verdict == "denied" {
+                e.1 += 1;
+            } else {
+                e.0 += 1;
+            }
+        }
+        out
+    }
+
     /// The flows from `since` on that match, at most `limit`.
     pub fn page(&self, filter: &Filter, since: u64, limit: usize) -> Page {
         let log = self.lock();

@@ -28,6 +28,20 @@ pub enum InspectError {
 
 /// GETs `path` from the admin API and parses the JSON.
 pub async fn fetch(addr: SocketAddr, path: &str) -> Result<Value, InspectError> {
+    let body = fetch_bytes(addr, path).await?;
+    serde_json::from_slice(&body).map_err(|e| InspectError::Http {
+        addr,
+        path: path.to_owned(),
+        reason: format!("not JSON: {e}"),
+    })
+}
+
+/// GET `path` from the admin API at `addr`: the body as text.
+pub async fn fetch_text(addr: SocketAddr, path: &str) -> Result<String, InspectError> {
+    Ok(String::from_utf8_lossy(&fetch_bytes(addr, path).await?).into_owned())
+}
+
+async fn fetch_bytes(addr: SocketAddr, path: &str) -> Result<Bytes, InspectError> {
     let http = |reason: String| InspectError::Http {
         addr,
         path: path.to_owned(),
@@ -65,7 +79,7 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Result<Value, InspectError> 
             String::from_utf8_lossy(&body).trim()
         )));
     }
-    serde_json::from_slice(&body).map_err(|e| http(format!("not JSON: {e}")))
+    Ok(body)
 }
 
 fn s(v: &Value) -> String {
@@ -464,6 +478,37 @@ pub fn render_config(doc: &Value) -> String {
     let _ = writeln!(out, "settings:");
     for (k, v) in doc["settings"].as_object().into_iter().flatten() {
         let _ = writeln!(out, "  {k}: {}", s(v));
+    }
+    out
+}
+
+/// `trellis topology` as text: one line per edge.
+pub fn render_topology(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<34} {:<40} {:<7} {:>5} {:>8} {:>7} {:>6} {:>12} {:>8} {:>7}",
+        "FROM", "TO", "PROTO", "MTLS", "REQUESTS", "ERR %", "CONNS", "BYTES", "ALLOWED", "DENIED"
+    );
+    for e in doc["edges"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<34} {:<40} {:<7} {:>5} {:>8} {:>7.1} {:>6} {:>12} {:>8} {:>7}",
+            s(&e["from"]),
+            s(&e["to"]),
+            s(&e["protocol"]),
+            if e["mtls"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            s(&e["requests"]),
+            e["error_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+            s(&e["connections"]),
+            s(&e["bytes"]),
+            s(&e["allowed"]),
+            s(&e["denied"]),
+        );
     }
     out
 }

@@ -29,6 +29,10 @@ fn main() -> std::process::ExitCode {
         ),
         Command::Certs(args) => admin_view(&args, "/certs", None, inspect::render_certs),
         Command::Config(args) => admin_view(&args, "/config", None, inspect::render_config),
+        Command::Topology(args) if args.dot => topology_dot(&args.admin),
+        Command::Topology(args) => {
+            admin_view(&args.admin, "/topology", None, inspect::render_topology)
+        }
         Command::Policy(args) => policy(&args),
         Command::Flows(args) => flows(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),
@@ -68,6 +72,14 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// `trellis topology --dot`: the admin API's DOT, as is.
+fn topology_dot(args: &AdminArgs) -> anyhow::Result<()> {
+    let text =
+        client_runtime()?.block_on(inspect::fetch_text(args.admin_addr, "/topology?format=dot"))?;
+    print!("{text}");
+    Ok(())
 }
 
 /// Prints an admin API document (or, with `part`, one of its fields) as a

@@ -8,6 +8,7 @@
 pub mod grpc;
 pub mod istio;
 pub mod node;
+pub mod topology;
 
 use std::{
     io::{Read as _, Write as _},

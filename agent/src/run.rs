@@ -238,7 +238,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
                 .with_keepalive(cfg.hbone_keepalive)
                 .with_policy(verdicts.clone())
-                .with_metrics(istio),
+                .with_metrics(istio.clone()),
         );
         registry.register_collector(Box::new(NodeCollector {
             bpffs: cfg.bpffs.clone(),
@@ -268,6 +268,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 certs: certs.clone(),
                 flows,
                 verdicts: verdicts.clone(),
+                metrics: istio,
             },
         ));
         if let Some(listener) = outbound_listener6 {

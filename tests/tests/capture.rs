@@ -520,7 +520,10 @@ fn status_workloads_and_maps_show_what_the_agent_sees() {
     let services = agent.cli_json("services").expect("services");
     assert_eq!(services, workloads["services"], "{services}");
     let text = agent.cli(&["services"]).expect("services text");
-    assert!(text.starts_with("SERVICES\n") && text.contains("shop/web"), "{text}");
+    assert!(
+        text.starts_with("SERVICES\n") && text.contains("shop/web"),
+        "{text}"
+    );
 
     // The text forms carry the same facts.
     let text = agent.cli(&["workloads"]).expect("workloads text");

@@ -378,6 +378,64 @@ fn metrics_count_what_ran() {
     let after = denied(&until(&a, |s| denied(s) >= before + 4.0));
     assert_eq!(after - before, 4.0, "one kernel denial per refused connect");
 
+    // The service graph each node has seen, as JSON and as DOT that
+    // Graphviz renders.
+    let graph = cluster.agents[0].cli_json("topology").expect("topology");
+    let edge = |g: &Value, from: &str, to: &str| -> Value {
+        g["edges"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["from"] == from && e["to"] == to))
+            .cloned()
+            .unwrap_or_else(|| panic!("{from} -> {to} in {g}"))
+    };
+    let e = edge(&graph, "shop/a1", "web.shop.svc.cluster.local");
+    assert_eq!(
+        (e["protocol"].as_str(), e["requests"].as_u64()),
+        (Some("http"), Some(10)),
+        "{e}"
+    );
+    assert_eq!(
+        edge(&graph, "web.shop.svc.cluster.local", "shop/a2")["requests"],
+        5
+    );
+    let e = edge(&graph, "web.shop.svc.cluster.local", "shop/b1");
+    assert_eq!(
+        (e["requests"].as_u64(), e["mtls"].as_bool()),
+        (Some(5), Some(true)),
+        "{e}"
+    );
+    let e = edge(&graph, "shop/a1", "empty.shop.svc.cluster.local");
+    assert_eq!(e["error_ratio"], 1.0, "{e}");
+    assert!(
+        edge(&graph, "shop/a1", "shop/a2")["denied"].as_u64() >= Some(4),
+        "{graph}"
+    );
+    let graph_b = cluster.agents[1].cli_json("topology").expect("topology b");
+    let e = edge(&graph_b, "shop/a1", "shop/b2");
+    assert_eq!(
+        (e["connections"].as_u64(), e["bytes"].as_u64()),
+        (Some(3), Some(6000)),
+        "{e}"
+    );
+    let dot = cluster.agents[0].cli(&["topology", "--dot"]).expect("dot");
+    assert!(dot.starts_with("digraph trellis {"), "{dot}");
+    let mut render = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("graphviz dot");
+    use std::io::Write as _;
+    render
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(dot.as_bytes())
+        .expect("dot input");
+    let svg = render.wait_with_output().expect("dot runs");
+    assert!(svg.status.success(), "{dot}");
+    assert!(String::from_utf8_lossy(&svg.stdout).contains("<svg"));
+
     // A real Prometheus server scraping both agents sees the same numbers.
     let dir = std::env::temp_dir().join(format!("{}-prometheus", lab.name()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -26,6 +26,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("h2load", "nghttp2-client"),
     ("nghttpd", "nghttp2-server"),
     ("prometheus", "prometheus"),
+    ("dot", "graphviz"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -55,6 +55,7 @@ pub struct AdminState {
     pub certs: Arc<CertManager>,
     pub flows: Arc<FlowLog>,
     pub verdicts: Arc<Verdicts>,
+    pub metrics: Arc<crate::metrics::IstioMetrics>,
 }
 
 /// Serves the admin API until the task is dropped.
@@ -110,6 +111,13 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
                 );
             }
         },
+        "/topology" => {
+            let view = state.metrics.topology.view(&state.flows.pod_pairs());
+            if req.uri().query() == Some("format=dot") {
+                return reply(StatusCode::OK, "text/vnd.graphviz", view.dot());
+            }
+            json(&view)
+        }
         "/maps" => match maps(state) {
             Ok(doc) => json(&doc),
             Err(e) => {
@@ -124,7 +132,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             return reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /status, /workloads, /certs, /policies, /flows, /config or /maps\n"
+                "not found: try /status, /workloads, /certs, /policies, /flows, /config, /topology or /maps\n"
                     .into(),
             );
         }

@@ -298,6 +298,8 @@ pub struct IstioMetrics {
     response_messages: Family<RequestLabels, Counter>,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
+    /// The same traffic as a graph.
+    pub topology: super::topology::Topology,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     failed: Family<TcpLabels, Counter>,
@@ -324,6 +326,7 @@ impl IstioMetrics {
             response_messages: Family::default(),
             opened: Family::default(),
             closed: Family::default(),
+            topology: Default::default(),
             sent: Family::default(),
             received: Family::default(),
             failed: Family::default(),
@@ -384,6 +387,11 @@ impl IstioMetrics {
     }
 
     pub fn request(&self, r: &Request) {
+        let error = r.labels.response_code >= 500
+            || r.labels.flags != "-"
+            || r.labels.grpc_status.is_some_and(|s| s != 0);
+        self.topology
+            .request(&r.labels.traffic, error, r.request_bytes + r.response_bytes);
         self.requests.get_or_create(&r.labels).inc();
         self.duration
             .get_or_create(&r.labels)
@@ -407,6 +415,8 @@ impl IstioMetrics {
     /// A connection's end, with its bytes as Istio counts them:
     /// `received` what the client sent, `sent` what the server answered.
     pub fn tcp_closed(&self, labels: &TcpLabels, from_client: u64, from_server: u64) {
+        self.topology
+            .connection(&labels.traffic, from_client + from_server);
         self.closed.get_or_create(labels).inc();
         self.received.get_or_create(labels).inc_by(from_client);
         self.sent.get_or_create(labels).inc_by(from_server);
