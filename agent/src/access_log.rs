@@ -22,10 +22,13 @@ pub fn set_sample(ratio: f64) {
     );
 }
 
-/// Whether this one is logged: checked before an entry is built.
+/// Whether this one is logged: checked before an entry is built (nothing
+/// is when the log level leaves target `access` out).
 pub fn sampled() -> bool {
     let ppm = SAMPLE_PPM.load(Ordering::Relaxed);
-    ppm >= 1_000_000 || (ppm > 0 && crate::resilience::balance::chance(ppm))
+    ppm > 0
+        && tracing::enabled!(target: "access", tracing::Level::INFO)
+        && (ppm >= 1_000_000 || crate::resilience::balance::chance(ppm))
 }
 
 /// One line's fields beyond the traffic's labels.

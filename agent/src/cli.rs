@@ -22,6 +22,7 @@ pub mod env {
     pub const ADMIN_ADDR: &str = "TRELLIS_ADMIN_ADDR";
     pub const METRICS_ADDR: &str = "TRELLIS_METRICS_ADDR";
     pub const ACCESS_LOG_SAMPLE: &str = "TRELLIS_ACCESS_LOG_SAMPLE";
+    pub const METRICS: &str = "TRELLIS_METRICS";
     pub const SK_MSG: &str = "TRELLIS_SK_MSG";
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
@@ -226,6 +227,11 @@ pub struct AgentArgs {
     /// (target `access`): 1 logs all, 0 none.
     #[arg(long, env = env::ACCESS_LOG_SAMPLE, default_value_t = 1.0)]
     pub access_log_sample: f64,
+
+    /// Record Istio's request and TCP metrics (and access logs, topology).
+    /// `false` for comparison: `/metrics` then has the `trellis_*` ones only.
+    #[arg(long, env = env::METRICS, default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
 
     /// Where Prometheus scrapes `/metrics` (OpenMetrics text).
     #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:15020")]

@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Share of requests and connections access-logged.
     pub access_log_sample: f64,
+    /// Istio metrics (and access logs, topology) recorded.
+    pub metrics: bool,
     /// Kernel acceleration modes.
     pub accel: Acceleration,
     /// Give up connecting to a backend after this.
@@ -250,6 +252,7 @@ impl AgentConfig {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             access_log_sample: args.access_log_sample,
+            metrics: args.metrics,
             accel: Acceleration {
                 sk_msg: args.sk_msg,
                 // Splicing works through the sockhash: no sk_msg, no splice.

@@ -228,18 +228,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         crate::access_log::set_sample(cfg.access_log_sample);
         let mut registry = prometheus_client::registry::Registry::default();
         let istio = Arc::new(IstioMetrics::register(&mut registry));
-        let outbound = Arc::new(
-            Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
-                .with_hbone(pool.clone())
-                .with_policy(verdicts.clone())
-                .with_metrics(istio.clone()),
-        );
-        let inbound = Arc::new(
-            Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
-                .with_keepalive(cfg.hbone_keepalive)
-                .with_policy(verdicts.clone())
-                .with_metrics(istio.clone()),
-        );
+        let mut outbound = Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
+            .with_hbone(pool.clone())
+            .with_policy(verdicts.clone());
+        let mut inbound = Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
+            .with_keepalive(cfg.hbone_keepalive)
+            .with_policy(verdicts.clone());
+        if cfg.metrics {
+            outbound = outbound.with_metrics(istio.clone());
+            inbound = inbound.with_metrics(istio.clone());
+        } else {
+            warn!("--metrics false: no Istio metrics, access logs or topology are recorded");
+        }
+        let (outbound, inbound) = (Arc::new(outbound), Arc::new(inbound));
         registry.register_collector(Box::new(NodeCollector {
             bpffs: cfg.bpffs.clone(),
             certs: certs.clone(),

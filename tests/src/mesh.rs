@@ -282,6 +282,24 @@ impl Cluster {
         &self.ca
     }
 
+    /// Replaces agent `i` (on `node`) with a new one started with `extra`
+    /// (the shared CA's clusters only); it adopts the pinned programs.
+    pub fn restart(&mut self, i: usize, node: &Node, extra: &[&str]) -> anyhow::Result<()> {
+        self.agents[i].terminate()?;
+        let dir = self
+            .config
+            .path()
+            .to_str()
+            .expect("temp paths are UTF-8")
+            .to_owned();
+        let mut args = vec!["--config-dir", &dir, "--ca-dir", self.ca.path()];
+        args.extend_from_slice(extra);
+        let mut agent = Agent::start(node, &args)?;
+        agent.wait_ready(Duration::from_secs(30))?;
+        self.agents[i] = agent;
+        Ok(())
+    }
+
     /// The config folder every agent reads.
     pub fn config(&self) -> &ConfigDir {
         &self.config

@@ -23,6 +23,10 @@ struct EdgeKey {
     mtls: bool,
 }
 
+/// Kept per piece of traffic (its labels are hashed once and compared by
+/// pointer), split into named edges only when the graph is read: the hot
+/// path makes no string.
+
 #[derive(Clone, Copy, Debug)]
 struct EdgeStats {
     requests: u64,
@@ -33,10 +37,10 @@ struct EdgeStats {
     last: Instant,
 }
 
-/// Edges seen, by endpoints, protocol and mTLS.
+/// Traffic seen, by its labels.
 #[derive(Debug, Default)]
 pub struct Topology {
-    edges: Mutex<HashMap<EdgeKey, EdgeStats>>,
+    traffic: Mutex<HashMap<Traffic, EdgeStats>>,
 }
 
 /// A node's name in the graph: `namespace/workload`, or a Service's host.
@@ -49,19 +53,24 @@ fn workload(p: &super::istio::Peer) -> String {
 }
 
 impl Topology {
-    fn add(&self, key: EdgeKey, f: impl FnOnce(&mut EdgeStats)) {
+    fn add(&self, t: &Traffic, f: impl FnOnce(&mut EdgeStats)) {
         let now = Instant::now();
-        let mut edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
-        let e = edges.entry(key).or_insert(EdgeStats {
+        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = traffic.get_mut(t) {
+            e.last = now;
+            f(e);
+            return;
+        }
+        let mut e = EdgeStats {
             requests: 0,
             errors: 0,
             connections: 0,
             bytes: 0,
             first: now,
             last: now,
-        });
-        e.last = now;
-        f(e);
+        };
+        f(&mut e);
+        traffic.insert(t.clone(), e);
     }
 
     /// The edges of one piece of traffic: client → Service → server when
@@ -89,32 +98,47 @@ impl Topology {
     }
 
     pub fn request(&self, t: &Traffic, error: bool, bytes: u64) {
-        for key in Self::keys(t) {
-            self.add(key, |e| {
-                e.requests += 1;
-                e.errors += u64::from(error);
-                e.bytes += bytes;
-            });
-        }
+        self.add(t, |e| {
+            e.requests += 1;
+            e.errors += u64::from(error);
+            e.bytes += bytes;
+        });
     }
 
     pub fn connection(&self, t: &Traffic, bytes: u64) {
-        for key in Self::keys(t) {
-            self.add(key, |e| {
-                e.connections += 1;
-                e.bytes += bytes;
-            });
-        }
+        self.add(t, |e| {
+            e.connections += 1;
+            e.bytes += bytes;
+        });
     }
 
     /// The graph now, with the policy verdicts of `flows` (pod → pod:
     /// allowed, denied).
     pub fn view(&self, flows: &BTreeMap<(String, String), (u64, u64)>) -> TopologyView {
         let now = Instant::now();
-        let mut edges: Vec<Edge> = self
-            .edges
+        // Traffic into named edges, merged.
+        let mut merged: BTreeMap<EdgeKey, EdgeStats> = BTreeMap::new();
+        for (t, s) in self
+            .traffic
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            for key in Self::keys(t) {
+                merged
+                    .entry(key)
+                    .and_modify(|m| {
+                        m.requests += s.requests;
+                        m.errors += s.errors;
+                        m.connections += s.connections;
+                        m.bytes += s.bytes;
+                        m.first = m.first.min(s.first);
+                        m.last = m.last.max(s.last);
+                    })
+                    .or_insert(*s);
+            }
+        }
+        let mut edges: Vec<Edge> = merged
             .iter()
             .map(|(k, s)| {
                 let seconds = now.duration_since(s.first).as_secs_f64().max(1.0);

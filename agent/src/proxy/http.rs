@@ -641,18 +641,18 @@ impl HttpProxy {
         let snapshot = self.state.borrow().clone();
         let service = chosen.service.as_deref().unwrap_or(&call.service);
         let backend = chosen.backend.map(|b| b.ip());
+        let generation = Arc::as_ptr(&snapshot) as usize;
         let mtls = chosen
             .backend
             .is_some_and(|b| self.tunnel(&snapshot, call, b).is_some());
         // One request after another between the same pods: their labels
         // are made once per state.
-        let key = (call.client.ip(), backend, service.to_owned(), grpc, mtls);
-        let generation = Arc::as_ptr(&snapshot) as usize;
         let traffic = {
             let mut cache = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
             if cache.0 != generation {
                 *cache = (generation, HashMap::new());
             }
+            let key = (call.client.ip(), backend, service.to_owned(), grpc, mtls);
             cache
                 .1
                 .entry(key)

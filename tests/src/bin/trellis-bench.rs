@@ -936,7 +936,7 @@ fn http() -> anyhow::Result<()> {
     let svc = |name: &str, vip: &str, port: u16, app: &'static str| {
         mesh::service("bench", name, vip, port, &port.to_string(), &[("app", app)])
     };
-    let cluster = mesh::Cluster::start_with(
+    let mut cluster = mesh::Cluster::start_with(
         lab.name(),
         &[&a, &b],
         &[
@@ -1094,6 +1094,26 @@ fn http() -> anyhow::Result<()> {
         .map(Agent::usage)
         .collect::<Result<Vec<_>, _>>()?;
     let http = agents[0].cli_json("status")?["http"].clone();
+
+    // Metrics on vs off: HTTP/1.1 through the L7 path on one node, agent a
+    // restarted with `--metrics true` and `false` in turn, twice each.
+    let l7_url = format!("http://{L7}:{HTTP_PORT}/");
+    let mut metrics_rows = [(0.0f64, 0.0f64); 2];
+    for _ in 0..2 {
+        for (i, flag) in ["true", "false"].into_iter().enumerate() {
+            cluster.restart(0, &a, &["--log-level", "warn", "--metrics", flag])?;
+            let before = cluster.agents[0].usage()?.cpu_seconds;
+            let rps = h2load(
+                &client,
+                &[
+                    "-n", "40000", "-t", "1", "--h1", "-c", "16", "-m", "1", &l7_url,
+                ],
+            )?;
+            let used = cluster.agents[0].usage()?.cpu_seconds - before;
+            let per_cpu = 40000.0 / used.max(1e-9);
+            metrics_rows[i] = (metrics_rows[i].0.max(rps), metrics_rows[i].1.max(per_cpu));
+        }
+    }
     println!(
         "\nHTTP: agent a's L7 path served {} requests on {} connections",
         http["requests"], http["connections"]
@@ -1150,6 +1170,17 @@ fn http() -> anyhow::Result<()> {
     println!(
         "  >= 20,000 HTTP/1.1 req/s of 1 KiB per agent core (same node): {per_core:.0} {}",
         goal(per_core >= 20_000.0)
+    );
+    let [(on_rps, on_cpu), (off_rps, off_cpu)] = metrics_rows;
+    println!(
+        "metrics on vs off (HTTP/1.1, L7, same node; best of two): {on_rps:.0} vs {off_rps:.0} req/s, \
+         {on_cpu:.0} vs {off_cpu:.0} req per agent CPU-s"
+    );
+    let cost = 1.0 - on_cpu / off_cpu;
+    println!(
+        "  metrics cost <= 2% of requests per agent CPU second: {:.1}% {}",
+        cost * 100.0,
+        goal(cost <= 0.02)
     );
     drop(cluster);
     drop(servers);
