@@ -304,24 +304,7 @@ impl HttpProxy {
                 }))
             }
         });
-        match protocol {
-            Protocol::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_header_list_size(MAX_HEADER_BYTES as u32)
-                    .serve_connection(io, service)
-                    .await
-            }
-            _ => {
-                hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
-            }
-        }
+        serve_client(io, protocol, service).await
     }
 
     async fn handle(
@@ -1519,6 +1502,42 @@ impl Gauge {
 impl Drop for Gauge {
     fn drop(&mut self) {
         self.counter.get().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one client connection in `protocol` with the client limits
+/// (header size, header read timeout; upgrades for HTTP/1.1).
+pub(super) async fn serve_client<I, S, B>(
+    io: TokioIo<I>,
+    protocol: Protocol,
+    service: S,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
     }
 }
 

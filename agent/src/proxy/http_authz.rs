@@ -23,8 +23,8 @@ use tracing::{Instrument as _, debug, info};
 use super::{
     detect::Protocol,
     http::{
-        Body, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply,
-        strip_hop_by_hop, upgrade_protocol,
+        Body, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, strip_hop_by_hop,
+        upgrade_protocol,
     },
 };
 use crate::{
@@ -98,25 +98,7 @@ where
         let (judge, upstream) = (judge.clone(), upstream.clone());
         async move { Ok::<_, Infallible>(handle(req, &judge, upstream).await) }
     });
-    let io = TokioIo::new(client);
-    match protocol {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        }
-    }
+    super::http::serve_client(TokioIo::new(client), protocol, service).await
 }
 
 fn spawn_conn<F, E>(conn: F)
