@@ -117,23 +117,50 @@ fn rr_client(addr: &str, n: usize) -> anyhow::Result<()> {
 
 /// 1 KiB round trips at `rate` per second in all, spread evenly over
 /// `conns` connections, for `secs`; prints p50 and p99 in microseconds.
-/// Each request leaves at its scheduled time (the rate does not bend to the
-/// latency); at this rate each connection has milliseconds between requests,
-/// far more than a round trip, so none waits for the one before.
 fn rate_client(addr: &str, rate: u32, conns: u32, secs: f64) -> anyhow::Result<()> {
+    let addr = addr.to_owned();
+    paced(
+        rate,
+        conns,
+        secs,
+        move || {
+            let s = TcpStream::connect(&addr)?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        },
+        |s| {
+            let mut buf = [7u8; MSG];
+            s.write_all(&buf)?;
+            s.read_exact(&mut buf)?;
+            Ok(())
+        },
+    )
+}
+
+/// Round trips (`round_trip` on a connection `connect` makes) at `rate`
+/// per second in all, spread evenly over `conns` connections, for `secs`,
+/// after 50 to warm each connection up; prints p50 and p99 in microseconds.
+/// Each request leaves at its scheduled time (the rate does not bend to the
+/// latency); at these rates each connection has milliseconds between
+/// requests, far more than a round trip, so none waits for the one before.
+fn paced<C: 'static>(
+    rate: u32,
+    conns: u32,
+    secs: f64,
+    connect: impl Fn() -> anyhow::Result<C> + Send + Sync + 'static,
+    round_trip: fn(&mut C) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(f64::from(conns) / f64::from(rate));
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(secs);
+    let connect = std::sync::Arc::new(connect);
     let threads: Vec<_> = (0..conns)
         .map(|i| {
-            let addr = addr.to_owned();
+            let connect = connect.clone();
             std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
-                let mut s = TcpStream::connect(&addr)?;
-                s.set_nodelay(true)?;
-                let mut buf = [7u8; MSG];
+                let mut c = connect()?;
                 for _ in 0..50 {
-                    s.write_all(&buf)?; // warm up
-                    s.read_exact(&mut buf)?;
+                    round_trip(&mut c)?;
                 }
                 let mut due = start + interval.mul_f64(f64::from(i) / f64::from(conns));
                 let mut lat = Vec::new();
@@ -142,8 +169,7 @@ fn rate_client(addr: &str, rate: u32, conns: u32, secs: f64) -> anyhow::Result<(
                         std::thread::sleep(wait);
                     }
                     let t = Instant::now();
-                    s.write_all(&buf)?;
-                    s.read_exact(&mut buf)?;
+                    round_trip(&mut c)?;
                     lat.push(t.elapsed().as_nanos() as u64);
                     due += interval;
                 }
@@ -816,47 +842,36 @@ fn read_response(r: &mut std::io::BufReader<TcpStream>) -> anyhow::Result<usize>
     Ok(length)
 }
 
+/// One keep-alive HTTP/1.1 connection of [`http_rate_client`].
+struct HttpConn {
+    w: TcpStream,
+    r: std::io::BufReader<TcpStream>,
+    request: Vec<u8>,
+}
+
 /// [`rate_client`] for HTTP/1.1: `GET /` at `rate` per second over `conns`
 /// keep-alive connections for `secs`; prints p50 and p99 in microseconds.
 fn http_rate_client(addr: &str, rate: u32, conns: u32, secs: f64) -> anyhow::Result<()> {
-    let interval = Duration::from_secs_f64(f64::from(conns) / f64::from(rate));
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + Duration::from_secs_f64(secs);
-    let request = format!("GET / HTTP/1.1\r\nhost: {addr}\r\n\r\n").into_bytes();
-    let threads: Vec<_> = (0..conns)
-        .map(|i| {
-            let (addr, request) = (addr.to_owned(), request.clone());
-            std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
-                let s = TcpStream::connect(&addr)?;
-                s.set_nodelay(true)?;
-                let mut w = s.try_clone()?;
-                let mut r = std::io::BufReader::new(s);
-                for _ in 0..50 {
-                    w.write_all(&request)?; // warm up
-                    read_response(&mut r)?;
-                }
-                let mut due = start + interval.mul_f64(f64::from(i) / f64::from(conns));
-                let mut lat = Vec::new();
-                while due < end {
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let t = Instant::now();
-                    w.write_all(&request)?;
-                    anyhow::ensure!(read_response(&mut r)? == MSG, "a short answer");
-                    lat.push(t.elapsed().as_nanos() as u64);
-                    due += interval;
-                }
-                Ok(lat)
+    let addr = addr.to_owned();
+    paced(
+        rate,
+        conns,
+        secs,
+        move || {
+            let s = TcpStream::connect(&addr)?;
+            s.set_nodelay(true)?;
+            Ok(HttpConn {
+                w: s.try_clone()?,
+                r: std::io::BufReader::new(s),
+                request: format!("GET / HTTP/1.1\r\nhost: {addr}\r\n\r\n").into_bytes(),
             })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in threads {
-        lat.extend(t.join().map_err(|_| anyhow::anyhow!("client thread"))??);
-    }
-    print_percentiles(lat);
-    Ok(())
+        },
+        |c| {
+            c.w.write_all(&c.request)?;
+            anyhow::ensure!(read_response(&mut c.r)? == MSG, "a short answer");
+            Ok(())
+        },
+    )
 }
 
 /// h2load's requests per second, from its summary, after checking every
