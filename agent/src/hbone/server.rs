@@ -185,14 +185,12 @@ impl Inbound {
                 || Peer::of_identity(peer_id),
                 |w| Peer::of(w, &self.trust_domain),
             );
-        let destination = snapshot
-            .workload_by_ip(target.ip().to_canonical())
-            .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain));
+        let destination = Peer::at(snapshot, target.ip(), &self.trust_domain);
         Some(TcpLabels {
             traffic: Traffic::new(
                 Reporter::Destination,
                 Arc::new(source),
-                Arc::new(destination),
+                destination,
                 Arc::new(ServiceName::unknown()),
                 "tcp",
                 true,

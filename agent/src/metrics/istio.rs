@@ -80,6 +80,19 @@ impl Peer {
         }
     }
 
+    /// The workload holding `ip` in `snapshot`, or `unknown`.
+    pub fn at(
+        snapshot: &crate::state::Snapshot,
+        ip: std::net::IpAddr,
+        trust_domain: &str,
+    ) -> Arc<Self> {
+        Arc::new(
+            snapshot
+                .workload_by_ip(ip.to_canonical())
+                .map_or_else(Self::unknown, |w| Self::of(w, trust_domain)),
+        )
+    }
+
     /// A peer known only by its certificate.
     pub fn of_identity(id: &Identity) -> Self {
         Self {

@@ -640,13 +640,7 @@ impl HttpProxy {
                 .1
                 .entry(key)
                 .or_insert_with(|| {
-                    let peer_of = |ip: std::net::IpAddr| {
-                        Arc::new(
-                            snapshot
-                                .workload_by_ip(ip.to_canonical())
-                                .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain)),
-                        )
-                    };
+                    let peer_of = |ip| Peer::at(&snapshot, ip, &self.trust_domain);
                     Traffic::new(
                         Reporter::Source,
                         peer_of(call.client.ip()),

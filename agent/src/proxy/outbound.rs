@@ -239,13 +239,7 @@ impl Outbound {
     fn tcp_labels(&self, peer: SocketAddr, route: &Route, mtls: bool) -> Option<TcpLabels> {
         self.metrics.as_ref()?;
         let snapshot = self.state.borrow().clone();
-        let peer_of = |ip: IpAddr| {
-            Arc::new(
-                snapshot
-                    .workload_by_ip(ip.to_canonical())
-                    .map_or_else(Peer::unknown, |w| Peer::of(w, &self.trust_domain)),
-            )
-        };
+        let peer_of = |ip: IpAddr| Peer::at(&snapshot, ip, &self.trust_domain);
         let service = snapshot
             .service_for(route.dst)
             .map_or_else(ServiceName::unknown, |(svc, _)| ServiceName::of(&svc.id()));

@@ -758,6 +758,16 @@ struct RuleSource<'a> {
     timeouts: Option<&'a Timeouts>,
 }
 
+/// A rule's matches compiled (validation made them compile); a rule
+/// without matches has the catch-all one.
+fn compiled<M>(matches: &[M], compile: impl Fn(&M) -> Option<RequestMatch>) -> Vec<RequestMatch> {
+    if matches.is_empty() {
+        vec![catch_all()]
+    } else {
+        matches.iter().filter_map(compile).collect()
+    }
+}
+
 fn catch_all() -> RequestMatch {
     RequestMatch {
         path: PathRule::Prefix("/".into()),
@@ -778,11 +788,7 @@ impl<'a> Source<'a> {
                 .rules
                 .iter()
                 .map(|r| RuleSource {
-                    matches: if r.matches.is_empty() {
-                        vec![catch_all()]
-                    } else {
-                        r.matches.iter().filter_map(compile_match).collect()
-                    },
+                    matches: compiled(&r.matches, compile_match),
                     filters: &r.filters,
                     backend_refs: &r.backend_refs,
                     timeouts: r.timeouts.as_ref(),
@@ -814,11 +820,7 @@ impl<'a> Source<'a> {
                 .rules
                 .iter()
                 .map(|r| RuleSource {
-                    matches: if r.matches.is_empty() {
-                        vec![catch_all()]
-                    } else {
-                        r.matches.iter().filter_map(compile).collect()
-                    },
+                    matches: compiled(&r.matches, compile),
                     filters: &r.filters,
                     backend_refs: &r.backend_refs,
                     timeouts: None,
