@@ -19,16 +19,33 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-/// Named conditions that must all hold before the node reports ready.
+/// Named conditions that must all hold before the node reports ready, each
+/// with what is wrong while it does not.
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
-    conditions: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    conditions: Arc<Mutex<BTreeMap<&'static str, Condition>>>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Condition {
+    met: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
 }
 
 impl Readiness {
     /// Starts with every condition in `names` unmet.
     pub fn new(names: &[&'static str]) -> Self {
-        let conditions = names.iter().map(|n| (*n, false)).collect();
+        let conditions = names
+            .iter()
+            .map(|n| {
+                let pending = Condition {
+                    met: false,
+                    detail: Some("not checked yet".into()),
+                };
+                (*n, pending)
+            })
+            .collect();
         Self {
             conditions: Arc::new(Mutex::new(conditions)),
         }
@@ -37,22 +54,47 @@ impl Readiness {
     /// Sets a condition; logs the readiness line when the node becomes
     /// ready, and what is missing when it stops being ready.
     pub fn set(&self, name: &'static str, met: bool) {
+        self.set_because(name, met.then_some(()).ok_or_else(String::new));
+    }
+
+    /// Sets a condition from a check: `Err` says what is wrong.
+    pub fn set_because(&self, name: &'static str, check: Result<(), String>) {
         let mut conditions = self.lock();
-        let was_ready = conditions.values().all(|m| *m);
-        conditions.insert(name, met);
-        let ready = conditions.values().all(|m| *m);
+        let was_ready = conditions.values().all(|c| c.met);
+        let was = conditions.get(name).cloned();
+        let now = Condition {
+            met: check.is_ok(),
+            detail: check.err().filter(|d| !d.is_empty()),
+        };
+        conditions.insert(name, now.clone());
+        let ready = conditions.values().all(|c| c.met);
         if ready && !was_ready {
             info!("trellis agent ready");
         } else if was_ready && !ready {
-            warn!(condition = name, "trellis agent not ready");
+            warn!(
+                condition = name,
+                detail = now.detail.as_deref().unwrap_or(""),
+                "trellis agent not ready"
+            );
+        } else if !now.met && was.is_some_and(|w| w.detail != now.detail) {
+            warn!(
+                condition = name,
+                detail = now.detail.as_deref().unwrap_or(""),
+                "readiness condition not met"
+            );
         }
+    }
+
+    /// Every condition with its state, for `/healthz/ready`.
+    fn details(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.lock()).unwrap_or_default()
     }
 
     /// The conditions not yet met; empty when ready.
     pub fn missing(&self) -> Vec<&'static str> {
         self.lock()
             .iter()
-            .filter(|(_, met)| !**met)
+            .filter(|(_, c)| !c.met)
             .map(|(n, _)| *n)
             .collect()
     }
@@ -61,7 +103,7 @@ impl Readiness {
         self.missing().is_empty()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Condition>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.conditions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -120,7 +162,11 @@ fn health(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let body = serde_json::json!({ "ready": missing.is_empty(), "missing": missing });
+            let body = serde_json::json!({
+                "ready": missing.is_empty(),
+                "missing": missing,
+                "conditions": readiness.details(),
+            });
             reply(status, "application/json", format!("{body}\n"))
         }
         "/healthz/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
@@ -185,6 +231,13 @@ mod tests {
         let (status, body) = get("/healthz/ready").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("\"missing\":[\"datapath\"]"), "{body}");
+        readiness.set_because("datapath", Err("no programs attached".into()));
+        let (_, body) = get("/healthz/ready").await;
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            body["conditions"]["datapath"],
+            serde_json::json!({"met": false, "detail": "no programs attached"})
+        );
         readiness.set("datapath", true);
         let (status, body) = get("/healthz/ready").await;
         assert_eq!(status, StatusCode::OK, "{body}");

@@ -23,6 +23,11 @@ pub mod env {
     pub const METRICS_ADDR: &str = "TRELLIS_METRICS_ADDR";
     pub const ACCESS_LOG_SAMPLE: &str = "TRELLIS_ACCESS_LOG_SAMPLE";
     pub const METRICS: &str = "TRELLIS_METRICS";
+    /// OpenTelemetry's own variable names, so a collector set up for other
+    /// exporters needs nothing new.
+    pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+    pub const OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+    pub const TRACE_SAMPLING: &str = "TRELLIS_TRACE_SAMPLING";
     pub const SK_MSG: &str = "TRELLIS_SK_MSG";
     pub const SPLICE: &str = "TRELLIS_SPLICE";
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
@@ -232,6 +237,21 @@ pub struct AgentArgs {
     /// `false` for comparison: `/metrics` then has the `trellis_*` ones only.
     #[arg(long, env = env::METRICS, default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
+
+    /// Export request spans over OTLP to this collector
+    /// (`http://host:4317` for grpc, `http://host:4318` for http/protobuf);
+    /// no tracing without it.
+    #[arg(long, env = env::OTLP_ENDPOINT)]
+    pub otlp_endpoint: Option<String>,
+
+    /// The OTLP transport.
+    #[arg(long, env = env::OTLP_PROTOCOL, value_enum, default_value = "grpc")]
+    pub otlp_protocol: crate::trace::otlp::Protocol,
+
+    /// The share of new traces sampled (0 to 1; Istio's default is 1%). A
+    /// request whose trace headers carry a decision keeps it.
+    #[arg(long, env = env::TRACE_SAMPLING, default_value_t = 0.01)]
+    pub trace_sampling: f64,
 
     /// Where Prometheus scrapes `/metrics` (OpenMetrics text).
     #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:15020")]

@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub access_log_sample: f64,
     /// Istio metrics (and access logs, topology) recorded.
     pub metrics: bool,
+    /// The OTLP collector spans go to; no tracing without one.
+    pub tracing: Option<crate::trace::otlp::Endpoint>,
+    /// Share of new traces sampled.
+    pub trace_sampling: f64,
     /// Kernel acceleration modes.
     pub accel: Acceleration,
     /// Give up connecting to a backend after this.
@@ -222,6 +226,26 @@ impl AgentConfig {
                 reason: "a share between 0 and 1".into(),
             });
         }
+        if !(0.0..=1.0).contains(&args.trace_sampling) {
+            return Err(ConfigError::Invalid {
+                flag: "trace-sampling",
+                value: args.trace_sampling.to_string(),
+                reason: "a share between 0 and 1".into(),
+            });
+        }
+        let tracing = args
+            .otlp_endpoint
+            .as_deref()
+            .map(|url| {
+                crate::trace::otlp::Endpoint::parse(url, args.otlp_protocol).map_err(|reason| {
+                    ConfigError::Invalid {
+                        flag: "otlp-endpoint",
+                        value: url.into(),
+                        reason,
+                    }
+                })
+            })
+            .transpose()?;
         if !(1..=64).contains(&args.worker_threads) {
             return Err(ConfigError::Invalid {
                 flag: "worker-threads",
@@ -253,6 +277,8 @@ impl AgentConfig {
             metrics_addr: args.metrics_addr,
             access_log_sample: args.access_log_sample,
             metrics: args.metrics,
+            tracing,
+            trace_sampling: args.trace_sampling,
             accel: Acceleration {
                 sk_msg: args.sk_msg,
                 // Splicing works through the sockhash: no sk_msg, no splice.

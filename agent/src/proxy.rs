@@ -2,9 +2,10 @@
 
 pub mod detect;
 pub mod http;
-pub mod http_authz;
+pub mod inbound_http;
 pub mod outbound;
 pub mod relay;
+pub mod telemetry;
 
 use std::{
     future::Future,

@@ -44,6 +44,11 @@ pub const READY_DATAPATH: &str = "datapath";
 pub const READY_STATE: &str = "state";
 /// Readiness condition: HBONE steering is attached to the node's uplink.
 pub const READY_HBONE: &str = "hbone";
+/// Readiness condition: workload certificates can be issued (the CA signs,
+/// or the external issuer's folder gives a trust bundle); checked again
+/// every [`CERT_CHECK`].
+pub const READY_CERTIFICATES: &str = "certificates";
+const CERT_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -134,6 +139,34 @@ fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError
     Ok(Arc::new(manager))
 }
 
+/// Keeps [`READY_CERTIFICATES`] current: checked every [`CERT_CHECK`] and
+/// whenever the state changes (new local workloads need certificates).
+async fn check_certificates(
+    certs: Arc<CertManager>,
+    mut state: watch::Receiver<Arc<Snapshot>>,
+    readiness: Readiness,
+    cfg: AgentConfig,
+) {
+    loop {
+        let needed: Vec<crate::identity::Identity> = {
+            let snapshot = state.borrow_and_update().clone();
+            let mut ids: Vec<crate::identity::Identity> = snapshot
+                .local_workloads(&cfg.node)
+                .filter(|w| w.meshed)
+                .map(|w| crate::identity::Identity::of(w, &cfg.trust_domain))
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        readiness.set_because(
+            READY_CERTIFICATES,
+            certs.check_issuance(&cfg.trust_domain, &needed),
+        );
+        let _ = tokio::time::timeout(CERT_CHECK, state.changed()).await;
+    }
+}
+
 /// Waits for this node's InternalIPs, then attaches HBONE steering to the
 /// interface holding them and routes marked packets locally.
 async fn install_steering(
@@ -178,8 +211,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             trust_domain = %cfg.trust_domain,
             "starting"
         );
-        let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE, READY_HBONE]);
+        let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE, READY_HBONE, READY_CERTIFICATES]);
         let certs = certificate_manager(&cfg)?;
+
         let hbone_listeners = [listen("the HBONE listener", HBONE_PORT, false, true)?, listen("the HBONE listener", HBONE_PORT, true, true)?];
         let health = tokio::spawn(admin::serve_health(bind("the readiness listener", cfg.readiness_addr).await?, readiness.clone()));
         let outbound_listener = bind("the outbound capture listener", SocketAddr::from(([0, 0, 0, 0], CAPTURE_PORT))).await?;
@@ -201,18 +235,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         readiness.set(READY_DATAPATH, true);
 
         let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let cert_check = tokio::spawn(check_certificates(certs.clone(), state_rx.clone(), readiness.clone(), cfg.clone()));
         let report = Arc::new(Mutex::new(SyncReport::default()));
+        let config_reloads = Arc::new(Mutex::new(crate::state::files::ReloadStats::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, accel)
             .with_pod_hooks(datapath.pod_hooks()?);
         let flows = Arc::new(FlowLog::new(&cfg.node, flows::CAPACITY));
         let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?).with_flows(flows.clone()));
         let state_thread = {
-            let (cfg, readiness, stop, report, verdicts) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone(), verdicts.clone());
+            let (cfg, readiness, stop, report, verdicts, config_reloads) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone(), verdicts.clone(), config_reloads.clone());
             let span = tracing::Span::current();
             std::thread::Builder::new()
                 .name("trellis-state".into())
-                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, &report, &verdicts, &readiness, &stop)))
+                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, (&report, &config_reloads), &verdicts, &readiness, &stop)))
                 .expect("spawning the state thread")
         };
 
@@ -240,6 +276,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         } else {
             warn!("--metrics false: no Istio metrics, access logs or topology are recorded");
         }
+        let tracer = cfg.tracing.clone().map(|endpoint| crate::trace::Tracer::start(endpoint, cfg.trace_sampling, &cfg.node));
+        if let Some(tracer) = &tracer {
+            outbound = outbound.with_tracer(tracer.clone());
+            inbound = inbound.with_tracer(tracer.clone());
+        }
         let (outbound, inbound) = (Arc::new(outbound), Arc::new(inbound));
         registry.register_collector(Box::new(NodeCollector {
             bpffs: cfg.bpffs.clone(),
@@ -247,6 +288,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             pool: pool.clone(),
             outbound: outbound.clone(),
             inbound: inbound.clone(),
+            tracing: tracer.as_ref().map(|t| t.stats.clone()),
+            config_reloads,
         }));
         let metrics_listener = metrics::bind(cfg.metrics_addr).map_err(|source| AgentError::Bind { what: "the metrics listener", addr: cfg.metrics_addr, source })?;
         metrics::serve(metrics_listener, Arc::new(registry)).map_err(|source| AgentError::Bind { what: "the metrics thread", addr: cfg.metrics_addr, source })?;
@@ -286,7 +329,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             result = install_steering(&mut datapath, state_rx.clone()) => {
                 match result {
                     Ok(()) => readiness.set(READY_HBONE, true),
-                    Err(e) => error!(error = %e, "HBONE steering not installed: connections from other nodes cannot reach this node's pods"),
+                    Err(e) => {
+                        error!(error = %e, "HBONE steering not installed: connections from other nodes cannot reach this node's pods");
+                        readiness.set_because(READY_HBONE, Err(e));
+                    }
                 }
                 shutdown.await;
             }
@@ -300,6 +346,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         outbound_tasks.iter().for_each(tokio::task::JoinHandle::abort);
         health.abort();
         admin.abort();
+        cert_check.abort();
         flow_reader.abort();
         let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
         drop(datapath);
@@ -315,7 +362,7 @@ fn state_loop(
     cfg: &AgentConfig,
     mut syncer: Syncer,
     state_tx: &watch::Sender<Arc<Snapshot>>,
-    report_out: &Mutex<SyncReport>,
+    (report_out, reloads): (&Mutex<SyncReport>, &Mutex<crate::state::files::ReloadStats>),
     verdicts: &Verdicts,
     readiness: &Readiness,
     stop: &AtomicBool,
@@ -327,7 +374,11 @@ fn state_loop(
     let mut pending: Option<Arc<Snapshot>> = Some(Arc::new(Snapshot::default()));
     let mut routes = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        if let Some(objects) = source.as_mut().and_then(FileSource::poll) {
+        let polled = source.as_mut().and_then(FileSource::poll);
+        if let Some(source) = &source {
+            *reloads.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
+        }
+        if let Some(objects) = polled {
             let snapshot = Snapshot::build(&cfg.node, &objects);
             log_route_changes(&routes, &snapshot.routes.status);
             routes = snapshot.routes.status.clone();
@@ -340,7 +391,12 @@ fn state_loop(
                     if !found {
                         warn!(node = %cfg.node, "no Node object named like --node in the state; not ready");
                     }
-                    readiness.set(READY_STATE, found);
+                    readiness.set_because(
+                        READY_STATE,
+                        found.then_some(()).ok_or_else(|| {
+                            format!("no Node object named {} in the state", cfg.node)
+                        }),
+                    );
                     let _ = state_tx.send(snapshot);
                     tracing::debug!(endpoints = report.endpoints.len(), "state applied");
                     verdicts.set_view(report.policy.clone());
@@ -349,6 +405,10 @@ fn state_loop(
                 Err(e) => {
                     // Keep the last good maps; retry on the next round.
                     error!(error = %e, "writing the kernel maps failed; retrying");
+                    if !readiness.is_ready() {
+                        readiness
+                            .set_because(READY_STATE, Err(format!("writing the kernel maps: {e}")));
+                    }
                     pending = Some(snapshot);
                 }
             }

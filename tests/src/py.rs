@@ -1021,3 +1021,83 @@ for _ in range(k):
     total += got
 print(total)
 "#;
+
+/// A test OTLP collector: the gRPC `TraceService/Export` and HTTP
+/// `POST /v1/traces` (protobuf), each request decoded with
+/// opentelemetry-proto's own types (so a malformed one fails the parse);
+/// `GET /spans` on the HTTP port lists every span received as JSON. Args:
+/// GRPC_PORT HTTP_PORT.
+pub const OTLP_COLLECTOR: &str = r#"
+import grpc, http.server, json, sys, threading
+from concurrent import futures
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts, trace_service_pb2_grpc as tsg
+spans, lock = [], threading.Lock()
+def value(v):
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+def keep(req, via):
+    got = []
+    for rs in req.resource_spans:
+        resource = {kv.key: value(kv.value) for kv in rs.resource.attributes}
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                got.append({"via": via, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                    "parent": s.parent_span_id.hex(), "trace_state": s.trace_state, "name": s.name,
+                    "kind": s.kind, "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
+                    "attributes": {kv.key: value(kv.value) for kv in s.attributes},
+                    "status": s.status.code, "status_message": s.status.message,
+                    "flags": s.flags, "resource": resource, "scope": ss.scope.name})
+    with lock:
+        spans.extend(got)
+class Traces(tsg.TraceServiceServicer):
+    def Export(self, request, context):
+        keep(request, "grpc")
+        return ts.ExportTraceServiceResponse()
+server = grpc.server(futures.ThreadPoolExecutor(4))
+tsg.add_TraceServiceServicer_to_server(Traces(), server)
+server.add_insecure_port("0.0.0.0:" + sys.argv[1])
+server.start()
+class H(http.server.BaseHTTPRequestHandler):
+    def reply(self, code, ctype, body):
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path != "/v1/traces" or self.headers.get("content-type") != "application/x-protobuf":
+            return self.reply(400, "text/plain", b"want POST /v1/traces, application/x-protobuf")
+        req = ts.ExportTraceServiceRequest()
+        req.ParseFromString(body)
+        keep(req, "http")
+        self.reply(200, "application/x-protobuf", ts.ExportTraceServiceResponse().SerializeToString())
+    def do_GET(self):
+        with lock:
+            out = json.dumps(spans).encode()
+        self.reply(200, "application/json", out)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// An HTTP server answering with the trace headers it received, as JSON;
+/// `/fail` answers 503. Args: PORT.
+pub const TRACE_ECHO: &str = r#"
+import http.server, json, socket, sys
+NAMES = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled"]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        out = json.dumps({n: self.headers.get(n) for n in NAMES if self.headers.get(n) is not None}).encode()
+        self.send_response(503 if self.path == "/fail" else 200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+S(("::", int(sys.argv[1])), H).serve_forever()
+"#;

@@ -630,3 +630,85 @@ fn external_certificates_load_reload_and_refuse_bad_files_and_no_key_ever_leaks(
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// `/healthz/ready` as JSON, from the node's namespace: (HTTP status, body).
+fn readiness(node: &Node) -> (String, serde_json::Value) {
+    let out = node
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "2",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{}:15021/healthz/ready", node.ip),
+            ],
+            Duration::from_secs(5),
+        )
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    (
+        code.to_owned(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn a_node_is_not_ready_until_its_workloads_certificates_can_be_had() {
+    let pair = Pair::new("certs_ready");
+    let tmp = std::env::temp_dir();
+    let dir = tmp.join(format!("{}-certs-a", pair.lab.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cert dir");
+    let config = mesh::ConfigDir::new(pair.lab.name()).expect("config dir");
+    for (i, doc) in pair.docs().iter().enumerate() {
+        config.write(&format!("{i:02}.yaml"), doc).expect("doc");
+    }
+    let config_dir = config.path().to_str().expect("UTF-8").to_owned();
+    let cert_dir = dir.to_str().expect("UTF-8").to_owned();
+    let mut agent = Agent::start(
+        &pair.a,
+        &["--config-dir", &config_dir, "--cert-dir", &cert_dir],
+    )
+    .expect("agent");
+
+    // Everything else comes up; the certificate of pod a1 is not there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (code, body) = loop {
+        let (code, body) = readiness(&pair.a);
+        let others_met = ["datapath", "state", "hbone"]
+            .iter()
+            .all(|c| body["conditions"][c]["met"] == true);
+        if others_met || Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, "503", "{body}");
+    assert_eq!(
+        body["missing"],
+        serde_json::json!(["certificates"]),
+        "{body}"
+    );
+    let detail = body["conditions"]["certificates"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        detail.contains(&format!("{}/shop/a1", dir.display())),
+        "the detail names the folder to fill: {body}"
+    );
+
+    // The issuer writes it: ready, with no restart.
+    let mut issuer = Issuer::new(tmp.join(format!("{}-issuer", pair.lab.name())));
+    issuer.install(&dir, "shop", "a1", false);
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready once the certificate is there");
+    let (code, body) = readiness(&pair.a);
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(body["conditions"]["certificates"]["met"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -298,6 +298,29 @@ fn metrics_count_what_ran() {
         ) > 3600.0
     );
     assert!(sum(&at_a, "trellis_map_capacity", &[]) > 0.0);
+    // The config folder loaded once, nothing refused; the L7 path's two
+    // endpoints of web are healthy, and `empty` has none.
+    let reloads = |outcome| {
+        sum(
+            &at_a,
+            "trellis_config_reloads_total",
+            &[("source", "config"), ("outcome", outcome)],
+        )
+    };
+    assert!(reloads("ok") >= 1.0 && reloads("failed") == 0.0);
+    let endpoints = |service, state| {
+        sum(
+            &at_a,
+            "trellis_upstream_endpoints",
+            &[("service", service), ("state", state)],
+        )
+    };
+    assert_eq!(endpoints("shop/web", "healthy"), 2.0);
+    assert_eq!(endpoints("shop/web", "ejected"), 0.0);
+    assert!(
+        at_a.iter().any(|s| s[0] == "trellis_hbone_pool_streams"),
+        "the pool's open streams are a gauge"
+    );
 
     // Access logs: a JSON line per request and per connection, at each end.
     let access = |agent: &trellis_tests::Agent| -> Vec<Value> {

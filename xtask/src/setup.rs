@@ -129,26 +129,33 @@ fn debian_tools() -> anyhow::Result<()> {
 }
 
 /// The tests' independent clients and servers from PyPI, pinned: `h2` (an
-/// HTTP/2 client, pure Python) and `grpcio` (gRPC client and server). pip
-/// first; Debian's package when pip cannot install.
-const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
-    ("h2", "h2==4.1.0", "python3-h2"),
-    ("grpc", "grpcio==1.85.1", "python3-grpcio"),
+/// HTTP/2 client, pure Python), `grpcio` (gRPC client and server),
+/// `prometheus_client` (the strict OpenMetrics parser) and
+/// `opentelemetry-proto` (OTLP's message types, for the test collector).
+/// pip first; Debian's package, where there is one, when pip cannot install.
+const PYTHON_PACKAGES: &[(&str, &str, Option<&str>)] = &[
+    ("h2", "h2==4.1.0", Some("python3-h2")),
+    ("grpc", "grpcio==1.85.1", Some("python3-grpcio")),
     (
         "prometheus_client",
         "prometheus_client==0.21.1",
-        "python3-prometheus-client",
+        Some("python3-prometheus-client"),
+    ),
+    (
+        "opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+        "opentelemetry-proto==1.45.2",
+        None,
     ),
 ];
 
 fn python_packages() -> anyhow::Result<()> {
     for (module, pin, debian) in PYTHON_PACKAGES {
-        python_package(module, pin, debian)?;
+        python_package(module, pin, *debian)?;
     }
     Ok(())
 }
 
-fn python_package(module: &str, pin: &str, debian: &str) -> anyhow::Result<()> {
+fn python_package(module: &str, pin: &str, debian: Option<&str>) -> anyhow::Result<()> {
     let importable = || {
         Command::new("python3")
             .args(["-c", &format!("import {module}")])
@@ -175,6 +182,7 @@ fn python_package(module: &str, pin: &str, debian: &str) -> anyhow::Result<()> {
         )
     };
     if pip(&[]).is_err() && pip(&["--break-system-packages"]).is_err() {
+        let debian = debian.with_context(|| format!("pip install {pin} failed"))?;
         status(
             Command::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends", debian])

@@ -164,7 +164,8 @@ impl Pool {
     /// Opens a CONNECT stream from workload `src` to `target` (a pod's
     /// `IP:port`) running as `dst`, through `target`'s IP on 15008;
     /// `source` is the node address to dial from, `client` the app's
-    /// address for the `forwarded` header.
+    /// address for the `forwarded` header, `hint` what the stream carries
+    /// when it is HTTP (see [`super::server::PROTOCOL_HINT`]).
     pub async fn open(
         &self,
         src: &Identity,
@@ -172,6 +173,7 @@ impl Pool {
         target: SocketAddr,
         source: Option<IpAddr>,
         client: SocketAddr,
+        hint: Option<&'static str>,
     ) -> Result<(H2Stream, StreamGuard), HboneError> {
         let key = PoolKey {
             src: src.clone(),
@@ -191,7 +193,7 @@ impl Pool {
                 Some(found) => found,
                 None => self.dial_once(&key, source, &svid).await?,
             };
-            match self.request(send, target, client, &key).await {
+            match self.request(send, target, client, hint, &key).await {
                 Ok(stream) => {
                     self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
                     return Ok((stream, StreamGuard(active)));
@@ -389,12 +391,17 @@ impl Pool {
         send: h2::client::SendRequest<Bytes>,
         target: SocketAddr,
         client: SocketAddr,
+        hint: Option<&'static str>,
         key: &PoolKey,
     ) -> Result<H2Stream, HboneError> {
         let addr = key.addr;
         let h2err = |source| HboneError::H2 { addr, source };
         let mut send = send.ready().await.map_err(h2err)?;
-        let request = Request::builder()
+        let mut request = Request::builder();
+        if let Some(hint) = hint {
+            request = request.header(super::server::PROTOCOL_HINT, hint);
+        }
+        let request = request
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{client}\""))

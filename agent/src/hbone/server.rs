@@ -6,7 +6,7 @@
 //! for a bad request or a destination other than the dialled pod, 503 when
 //! the upstream connect fails, 401 when an authorization policy denies it.
 //! When the destination's policy has HTTP conditions, the stream is served
-//! as HTTP and each request is authorized (`proxy::http_authz`).
+//! as HTTP and each request is authorized (`proxy::inbound_http`).
 
 use std::{
     collections::HashMap,
@@ -37,6 +37,13 @@ type Served<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(u64, u64), Strin
 /// How long a stream that L7 authorization rules apply to may stay silent
 /// before it is taken for a server-first protocol (opaque TCP).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A CONNECT request header by which a Trellis agent's L7 path says what
+/// the stream carries (`http/1.1` or `h2`), so the destination's agent can
+/// serve it as HTTP (for its spans) without waiting to sniff. Other HBONE
+/// peers ignore it; without it a stream is opaque unless L7 authorization
+/// needs it read.
+pub const PROTOCOL_HINT: &str = "x-trellis-protocol";
 use crate::{
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
@@ -48,7 +55,7 @@ use crate::{
         authz::{self, Layer, Verdict},
         verdict::{Standing, Verdicts},
     },
-    proxy::{Source, connect_from, detect, http_authz, relay},
+    proxy::{Source, connect_from, detect, inbound_http, relay},
     state::Snapshot,
     tls,
 };
@@ -76,6 +83,9 @@ pub struct InboundStats {
     /// request, requests those rules denied (403 / `PERMISSION_DENIED`), and
     /// streams reset because they were not HTTP and L4 rules alone deny them.
     pub http_inspected: AtomicU64,
+    /// Streams served as HTTP for destination-side spans and request
+    /// metrics (tracing on, and the calling agent said they carry HTTP).
+    pub http_traced: AtomicU64,
     pub requests_denied: AtomicU64,
     pub opaque_denied: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -100,6 +110,7 @@ pub struct Inbound {
     /// Network policy verdicts.
     policy: Option<Arc<Verdicts>>,
     metrics: Option<Arc<IstioMetrics>>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
     pub stats: InboundStats,
 }
 
@@ -145,6 +156,7 @@ impl Inbound {
             configs: Mutex::default(),
             policy: None,
             metrics: None,
+            tracer: None,
             stats: InboundStats::default(),
         }
     }
@@ -169,6 +181,30 @@ impl Inbound {
         self
     }
 
+    /// Traces requests on streams that carry HTTP (see [`PROTOCOL_HINT`]).
+    #[must_use]
+    pub fn with_tracer(mut self, tracer: Arc<crate::trace::Tracer>) -> Self {
+        self.tracer = Some(tracer);
+        self
+    }
+
+    /// The caller: its pod when proven, else what its certificate says.
+    fn source_peer(
+        &self,
+        snapshot: &Snapshot,
+        peer_id: &Identity,
+        client: Option<SocketAddr>,
+    ) -> Arc<Peer> {
+        Arc::new(
+            client
+                .and_then(|c| snapshot.workload_by_ip(c.ip()))
+                .map_or_else(
+                    || Peer::of_identity(peer_id),
+                    |w| Peer::of(w, &self.trust_domain),
+                ),
+        )
+    }
+
     /// The Istio labels of a stream from `peer_id` (at `client` when proven)
     /// to the local pod at `target`.
     fn tcp_labels(
@@ -179,17 +215,12 @@ impl Inbound {
         target: SocketAddr,
     ) -> Option<TcpLabels> {
         self.metrics.as_ref()?;
-        let source = client
-            .and_then(|c| snapshot.workload_by_ip(c.ip()))
-            .map_or_else(
-                || Peer::of_identity(peer_id),
-                |w| Peer::of(w, &self.trust_domain),
-            );
+        let source = self.source_peer(snapshot, peer_id, client);
         let destination = Peer::at(snapshot, target.ip(), &self.trust_domain);
         Some(TcpLabels {
             traffic: Traffic::new(
                 Reporter::Destination,
-                Arc::new(source),
+                source,
                 destination,
                 Arc::new(ServiceName::unknown()),
                 "tcp",
@@ -275,6 +306,7 @@ impl Inbound {
 
     async fn handle(self: &Arc<Self>, stream: TcpStream) -> Result<(), InboundError> {
         let local = stream.local_addr().map_err(InboundError::Tls)?;
+        let remote = stream.peer_addr().map_err(InboundError::Tls)?;
         let local = SocketAddr::new(local.ip().to_canonical(), local.port());
         tracing::Span::current().record("dst", tracing::field::display(local));
         let identity = self.dialled(local).ok_or(InboundError::NotLocal(local))?;
@@ -315,7 +347,7 @@ impl Inbound {
                     let this = self.clone();
                     let peer_id = peer_id.clone();
                     tokio::spawn(
-                        async move { this.stream(request, respond, local, &peer_id).await }
+                        async move { this.stream(request, respond, (local, remote), &peer_id).await }
                             .instrument(tracing::Span::current()),
                     );
                 }
@@ -363,7 +395,7 @@ impl Inbound {
         self: &Arc<Self>,
         request: Request<h2::RecvStream>,
         mut respond: h2::server::SendResponse<Bytes>,
-        dialled: SocketAddr,
+        (dialled, remote): (SocketAddr, SocketAddr),
         peer_id: &Identity,
     ) {
         let reply =
@@ -403,6 +435,11 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
+        let hinted = match request.headers().get(PROTOCOL_HINT).map(|v| v.as_bytes()) {
+            Some(b"http/1.1") => Some(detect::Protocol::Http1),
+            Some(b"h2") => Some(detect::Protocol::Http2),
+            _ => None,
+        };
         let client = self.proven_client(&snapshot, &forwarded, peer_id);
         if let Some(Err(reason)) = self
             .policy
@@ -467,7 +504,7 @@ impl Inbound {
             }
             Some(protocol).filter(|p| *p != detect::Protocol::Opaque)
         } else {
-            None
+            hinted.filter(|_| self.tracer.is_some())
         };
         // The destination's ingress verdict must keep holding while the
         // stream is open (the kernel sees only the agent's socket).
@@ -487,14 +524,29 @@ impl Inbound {
         };
         let served: Served<'_> = match protocol {
             Some(protocol) => {
-                self.stats.http_inspected.fetch_add(1, Ordering::Relaxed);
-                let this = self.clone();
-                let judge =
-                    http_authz::judge(self.state.clone(), peer_id.clone(), target, move || {
+                let judge = inspect.then(|| {
+                    self.stats.http_inspected.fetch_add(1, Ordering::Relaxed);
+                    let this = self.clone();
+                    inbound_http::judge(self.state.clone(), peer_id.clone(), target, move || {
                         this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
-                    });
+                    })
+                });
+                if !inspect {
+                    self.stats.http_traced.fetch_add(1, Ordering::Relaxed);
+                }
+                let telemetry = inbound_http::Telemetry::new(
+                    self.tracer.clone(),
+                    self.metrics.clone(),
+                    self.state.clone(),
+                    (
+                        self.source_peer(&snapshot, peer_id, client),
+                        Peer::at(&snapshot, target.ip(), &self.trust_domain),
+                    ),
+                    (client.unwrap_or(remote), target),
+                    true,
+                );
                 Box::pin(async move {
-                    http_authz::serve(tunnel, protocol, upstream, judge)
+                    inbound_http::serve(tunnel, protocol, upstream, judge, telemetry)
                         .await
                         .map(|()| (0, 0))
                         .map_err(|e| e.to_string())

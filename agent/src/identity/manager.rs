@@ -243,6 +243,38 @@ impl CertManager {
         }
     }
 
+    /// Whether certificates can be had now, for readiness: the CA signs a
+    /// throwaway one (not cached); an external issuer's folder must hold a
+    /// valid certificate for each identity in `needed` (the local meshed
+    /// workloads'). `Err` says what is wrong.
+    pub fn check_issuance(&self, trust_domain: &str, needed: &[Identity]) -> Result<(), String> {
+        let now = SystemTime::now();
+        match &*self.lock() {
+            Source::Ca { ca, .. } => {
+                let probe = Identity::new(trust_domain, "trellis-system", "readiness-probe");
+                let lifetime = self.lifetime.min(Duration::from_secs(60));
+                ca.issue(&probe, lifetime, now)
+                    .map(drop)
+                    .map_err(|e| format!("the CA cannot sign: {e}"))
+            }
+            Source::Files(files) => {
+                let lacking: Vec<String> = needed
+                    .iter()
+                    .filter(|id| !files.get(id).is_some_and(|svid| svid.valid_at(now)))
+                    .map(|id| files.folder_of(id).display().to_string())
+                    .collect();
+                match lacking.as_slice() {
+                    [] => Ok(()),
+                    [one] => Err(format!("no valid certificate in {one}")),
+                    [first, rest @ ..] => Err(format!(
+                        "no valid certificate in {first} and {} other folders",
+                        rest.len()
+                    )),
+                }
+            }
+        }
+    }
+
     /// Drops the certificates of identities no local workload has any more
     /// (files stay: the issuer decides what is there).
     pub fn retain(&self, keep: impl Fn(&Identity) -> bool) {

@@ -3,18 +3,6 @@
 //! message is a 5-byte prefix (compressed flag, 32-bit big-endian length)
 //! and its bytes, and a message may span several frames or share one.
 
-use std::{
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::{Context, Poll},
-};
-
-use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
-
 /// Where the parser stands in the length-prefixed stream.
 #[derive(Debug, Default)]
 pub struct MessageCounter {
@@ -52,53 +40,6 @@ impl MessageCounter {
                 self.prefix_len = 0;
             }
         }
-    }
-}
-
-/// A body whose gRPC messages are counted into `total` as they pass.
-pub struct Counted<B> {
-    inner: B,
-    counter: MessageCounter,
-    total: Arc<AtomicU64>,
-}
-
-impl<B> Counted<B> {
-    pub fn new(inner: B, total: Arc<AtomicU64>) -> Self {
-        Self {
-            inner,
-            counter: MessageCounter::default(),
-            total,
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let this = &mut *self;
-            let before = this.counter.messages;
-            this.counter.feed(data);
-            this.total
-                .fetch_add(this.counter.messages - before, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

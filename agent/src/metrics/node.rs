@@ -23,6 +23,10 @@ use crate::{
 
 /// What the collector reads at each scrape.
 pub struct NodeCollector {
+    /// The config folder's reload outcomes, kept by the state thread.
+    pub config_reloads: Arc<std::sync::Mutex<crate::state::files::ReloadStats>>,
+    /// The tracer's counters, when tracing is on.
+    pub tracing: Option<Arc<crate::trace::TraceStats>>,
     pub bpffs: PathBuf,
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
@@ -171,13 +175,82 @@ impl Collector for NodeCollector {
             "HBONE client pool counter",
             &self.pool.stats,
         )?;
-        let open = ConstGauge::new(self.pool.list().len() as i64);
+        if let Some(stats) = &self.tracing {
+            Self::stats(&mut encoder, "tracing", "Tracing counter", &**stats)?;
+        }
+        let pool = self.pool.list();
+        let open = ConstGauge::new(pool.len() as i64);
         open.encode(encoder.encode_descriptor(
             "trellis_hbone_pool_connections",
             "HBONE connections the pool holds open",
             None,
             open.metric_type(),
         )?)?;
+        let streams = ConstGauge::new(pool.iter().map(|e| e.streams as i64).sum::<i64>());
+        streams.encode(encoder.encode_descriptor(
+            "trellis_hbone_pool_streams",
+            "CONNECT streams open on the pool's connections",
+            None,
+            streams.metric_type(),
+        )?)?;
+        self.reloads(&mut encoder)?;
+        self.upstreams(&mut encoder)
+    }
+}
+
+impl NodeCollector {
+    /// `trellis_config_reloads_total{source, outcome}`: the config folder's
+    /// and the certificate source's changes, applied or refused (the last
+    /// good version kept serving).
+    fn reloads(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let config = *self
+            .config_reloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let certs = self.certs.reload_stats();
+        let mut family = encoder.encode_descriptor(
+            "trellis_config_reloads",
+            "Changes of a watched source, applied (ok) or refused (failed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (source, outcome, n) in [
+            ("config", "ok", config.ok),
+            ("config", "failed", config.failed),
+            ("certificates", "ok", certs.reloads),
+            ("certificates", "failed", certs.errors),
+        ] {
+            ConstCounter::new(n)
+                .encode(family.encode_family(&[("source", source), ("outcome", outcome)])?)?;
+        }
+        Ok(())
+    }
+
+    /// `trellis_upstream_endpoints{service, state}`: the L7 path's endpoints
+    /// by health (`healthy`, `unhealthy` by active checks, `ejected` by
+    /// outlier detection), per Service it has sent to: bounded by Services,
+    /// not endpoints.
+    fn upstreams(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "trellis_upstream_endpoints",
+            "Endpoints of each Service the L7 path sends to, by health",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (service, endpoints) in self.outbound.http_endpoints() {
+            let count = |f: &dyn Fn(&crate::resilience::EndpointStatus) -> bool| {
+                endpoints.iter().filter(|e| f(e)).count() as i64
+            };
+            for (state, n) in [
+                ("healthy", count(&|e| e.healthy && !e.ejected)),
+                ("unhealthy", count(&|e| !e.healthy)),
+                ("ejected", count(&|e| e.ejected)),
+            ] {
+                ConstGauge::new(n).encode(
+                    family.encode_family(&[("service", service.as_str()), ("state", state)])?,
+                )?;
+            }
+        }
         Ok(())
     }
 }

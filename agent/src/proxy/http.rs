@@ -34,7 +34,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug};
 
-use super::detect::Protocol;
+use super::{detect::Protocol, telemetry};
 use crate::metrics::{
     IstioMetrics,
     istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
@@ -196,6 +196,7 @@ pub struct HttpProxy {
     /// the sockhash, so their bytes skip the TCP/IP stack as on the L4 path.
     sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
     metrics: Option<Arc<IstioMetrics>>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
     /// Requests' shared labels by (client, endpoint, Service, gRPC, mTLS),
     /// for the state they were made under (its address).
     traffic: Mutex<(usize, HashMap<TrafficKey, Traffic>)>,
@@ -215,6 +216,7 @@ pub struct Shared {
     pub policy: Option<Arc<crate::policy::verdict::Verdicts>>,
     pub sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
     pub metrics: Option<Arc<IstioMetrics>>,
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl HttpProxy {
@@ -233,6 +235,7 @@ impl HttpProxy {
             policy: shared.policy,
             sockets: shared.sockets,
             metrics: shared.metrics,
+            tracer: shared.tracer,
             traffic: Mutex::default(),
             connect_timeout,
             h1: Mutex::default(),
@@ -254,53 +257,39 @@ impl HttpProxy {
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(LingeringClose(Some(stream)));
         let this = self.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let this = this.clone();
             let call = call.clone();
             async move {
-                let Some(metrics) = this.metrics.clone() else {
+                if this.metrics.is_none() && this.tracer.is_none() {
                     return Ok::<_, Infallible>(
                         this.handle(req, &call, &mut Chosen::default()).await,
                     );
+                }
+                let start = telemetry::Start::new(
+                    &mut req,
+                    this.tracer.as_ref(),
+                    crate::trace::Kind::Client,
+                    call.port,
+                    call.client,
+                    this.metrics.is_some(),
+                );
+                let mut chosen = Chosen {
+                    body: start.body.clone(),
+                    ..Chosen::default()
                 };
-                let start = tokio::time::Instant::now();
-                let grpc = authz::is_grpc(req.headers());
-                let logged = crate::access_log::sampled().then(|| {
-                    (
-                        std::time::SystemTime::now(),
-                        crate::access_log::trace_id(req.headers()),
-                    )
-                });
-                let request_bytes = req
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(0);
-                let mut chosen = Chosen::default();
                 let resp = this.handle(req, &call, &mut chosen).await;
-                let labels = this.request_labels(&call, &chosen, grpc, &resp);
+                let labels = this.request_labels(&call, &chosen, start.grpc(), &resp);
                 Ok(resp.map(|body| {
-                    Recorded {
-                        inner: body,
-                        metrics,
-                        labels: Some(labels),
-                        start,
-                        request_bytes,
-                        response_bytes: 0,
-                        messages: grpc.then(|| {
-                            (
-                                chosen.request_messages.clone(),
-                                crate::metrics::grpc::MessageCounter::default(),
-                            )
-                        }),
-                        access: logged.map(|(at, trace_id)| AccessInfo {
-                            at,
-                            trace_id,
-                            upstream: chosen.backend,
-                            route: chosen.route.take(),
-                        }),
-                    }
-                    .boxed()
+                    start
+                        .record(
+                            body,
+                            this.metrics.clone(),
+                            labels,
+                            chosen.backend,
+                            chosen.route.take(),
+                        )
+                        .boxed()
                 }))
             }
         });
@@ -315,7 +304,7 @@ impl HttpProxy {
     ) -> Response<Body> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Routes and authorization rules match the path in normal form.
-        super::http_authz::normalize_uri(&mut req);
+        super::inbound_http::normalize_uri(&mut req);
         if let Some(size) = oversized(&req) {
             let grpc = authz::is_grpc(req.headers());
             self.count(Reason::HeaderTooLarge);
@@ -463,7 +452,7 @@ impl HttpProxy {
         // The request, and when retries are possible a copy of it (its body
         // recorded as it streams) to send again.
         let (mut parts, body) = req.into_parts();
-        let body = crate::metrics::grpc::Counted::new(body, chosen.request_messages.clone());
+        let body = telemetry::Counted::new(body, chosen.body.clone());
         if let Some((rule, matched)) = &rule {
             rule.request_headers.apply(&mut parts.headers);
             if let Some(rewrite) = &rule.rewrite {
@@ -525,7 +514,10 @@ impl HttpProxy {
                 None => attempt.await,
             };
             let kind = match &result {
-                Ok(resp) => Attempt::Response(resp.status().as_u16(), grpc_status(resp.headers())),
+                Ok(resp) => Attempt::Response(
+                    resp.status().as_u16(),
+                    telemetry::grpc_status(resp.headers()),
+                ),
                 Err((Reason::UpstreamConnectFailed, _)) => Attempt::ConnectFailure,
                 Err((Reason::UpstreamReset, _)) => Attempt::Reset,
                 Err((Reason::Timeout, _)) => Attempt::Timeout,
@@ -652,16 +644,12 @@ impl HttpProxy {
                 })
                 .clone()
         };
-        let flags = resp
-            .headers()
-            .get("x-trellis-reason")
-            .and_then(|v| v.to_str().ok())
-            .map_or("-", response_flags);
+        let flags = telemetry::flags_of(resp.headers());
         RequestLabels {
             traffic,
             response_code: resp.status().as_u16(),
             grpc_status: if grpc {
-                Some(grpc_status(resp.headers()).unwrap_or(0))
+                Some(telemetry::grpc_status(resp.headers()).unwrap_or(0))
             } else {
                 None
             },
@@ -876,7 +864,7 @@ impl HttpProxy {
         };
         let dst = self.tunnel(&snapshot, &call, backend);
         let (io, _guard) = self
-            .connect(backend, dst, &call)
+            .connect(backend, dst, &call, None)
             .await
             .map_err(|(_, e)| e)?;
         let Some(path) = path else { return Ok(()) };
@@ -1092,7 +1080,9 @@ impl HttpProxy {
         req.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         req.headers_mut().insert(header::UPGRADE, protocol);
-        let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
+        let (io, guard, counted) = self
+            .connect_counted(key.backend, dst, call, svc, None)
+            .await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
@@ -1141,7 +1131,9 @@ impl HttpProxy {
                 }
             }
         }
-        let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
+        let (io, guard, counted) = self
+            .connect_counted(key.backend, dst, call, svc, Some("http/1.1"))
+            .await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
@@ -1165,7 +1157,9 @@ impl HttpProxy {
         {
             return Ok(s.clone());
         }
-        let (io, guard, counted) = self.connect_counted(key.backend, dst, call, svc).await?;
+        let (io, guard, counted) = self
+            .connect_counted(key.backend, dst, call, svc, Some("h2"))
+            .await?;
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
@@ -1187,6 +1181,7 @@ impl HttpProxy {
         dst: Option<Identity>,
         call: &Call,
         svc: &ServiceState,
+        hint: Option<&'static str>,
     ) -> Result<
         (
             Pin<Box<dyn Io>>,
@@ -1211,17 +1206,19 @@ impl HttpProxy {
                 format!("{max} requests wait for a connection"),
             ));
         }
-        let (io, guard) = self.connect(backend, dst, call).await?;
+        let (io, guard) = self.connect(backend, dst, call, hint).await?;
         Ok((io, guard, connections))
     }
 
     /// An upstream connection: an HBONE stream to a meshed pod on another
-    /// node, else TCP from the node's address.
+    /// node (saying it carries `hint`, the HTTP version), else TCP from the
+    /// node's address.
     async fn connect(
         &self,
         backend: SocketAddr,
         dst: Option<Identity>,
         call: &Call,
+        hint: Option<&'static str>,
     ) -> Result<(Pin<Box<dyn Io>>, Option<crate::hbone::client::StreamGuard>), (Reason, String)>
     {
         let source = self
@@ -1232,7 +1229,7 @@ impl HttpProxy {
             .and_then(|n| n.internal_ip(backend.is_ipv6()));
         if let (Some(dst), Some(src), Some(pool)) = (dst, &call.client_identity, &self.hbone) {
             let (stream, guard) = pool
-                .open(src, &dst, backend, source, call.client)
+                .open(src, &dst, backend, source, call.client, hint)
                 .await
                 .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
             return Ok((Box::pin(stream), Some(guard)));
@@ -1333,124 +1330,10 @@ struct Chosen {
     service: Option<String>,
     /// The endpoint of its last attempt.
     backend: Option<SocketAddr>,
-    /// gRPC messages the client sent (counted only for gRPC calls).
-    request_messages: Arc<AtomicU64>,
+    /// The request body's bytes and gRPC messages.
+    body: Arc<telemetry::BodyCount>,
     /// `namespace/name` of the route that matched.
     route: Option<String>,
-}
-
-/// Envoy's response flag for one of the agent's own answers.
-fn response_flags(reason: &str) -> &'static str {
-    match reason {
-        "no-route" => "NR",
-        "backend-not-found" => "NC",
-        "no-healthy-upstream" => "UH",
-        "upstream-connect-failed" => "UF",
-        "upstream-reset" => "UR",
-        "timeout" => "UT",
-        "denied" => "RBAC",
-        "circuit-open" => "UO",
-        "rate-limited" => "RL",
-        "fault-injected" => "FI",
-        "header-too-large" => "DPE",
-        _ => "-",
-    }
-}
-
-/// A response body that records its request's metrics when it ends (or is
-/// dropped unfinished): the bytes it carried, the gRPC status of its
-/// trailers, the time since the request came.
-struct Recorded {
-    inner: Body,
-    metrics: Arc<IstioMetrics>,
-    labels: Option<RequestLabels>,
-    start: tokio::time::Instant,
-    request_bytes: u64,
-    response_bytes: u64,
-    /// gRPC calls: the messages the client sent, and those of this body.
-    messages: Option<(Arc<AtomicU64>, crate::metrics::grpc::MessageCounter)>,
-    /// When sampled for the access log: what its line adds.
-    access: Option<AccessInfo>,
-}
-
-struct AccessInfo {
-    at: std::time::SystemTime,
-    trace_id: Option<String>,
-    upstream: Option<SocketAddr>,
-    route: Option<String>,
-}
-
-impl hyper::body::Body for Recorded {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let this = &mut *self;
-                this.response_bytes += data.len() as u64;
-                if let Some((_, counter)) = this.messages.as_mut() {
-                    counter.feed(data);
-                }
-            } else if let (Some(trailers), Some(labels)) =
-                (frame.trailers_ref(), self.labels.as_mut())
-                && labels.grpc_status.is_some()
-                && let Some(status) = grpc_status(trailers)
-            {
-                labels.grpc_status = Some(status);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Recorded {
-    fn drop(&mut self) {
-        if let Some(labels) = self.labels.take() {
-            if let Some(a) = &self.access {
-                crate::access_log::write(&crate::access_log::Entry {
-                    traffic: &labels.traffic,
-                    start: a.at,
-                    duration: self.start.elapsed(),
-                    upstream: a.upstream,
-                    route: a.route.as_deref(),
-                    bytes_in: self.request_bytes,
-                    bytes_out: self.response_bytes,
-                    response_code: Some(labels.response_code),
-                    grpc_status: labels.grpc_status,
-                    flags: labels.flags,
-                    trace_id: a.trace_id.as_deref(),
-                });
-            }
-            self.metrics.request(&crate::metrics::istio::Request {
-                labels,
-                duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
-                request_bytes: self.request_bytes,
-                response_bytes: self.response_bytes,
-                messages: self
-                    .messages
-                    .as_ref()
-                    .map(|(sent, received)| (sent.load(Ordering::Relaxed), received.messages)),
-            });
-        }
-    }
-}
-
-/// `grpc-status` in response headers (a trailers-only gRPC answer).
-fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// One count in a gauge, taken back when dropped.

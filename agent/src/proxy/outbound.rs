@@ -151,6 +151,7 @@ pub struct Outbound {
     /// health checks; after `with_hbone`).
     http: std::sync::OnceLock<Arc<HttpProxy>>,
     metrics: Option<Arc<IstioMetrics>>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
     pub stats: OutboundStats,
 }
 
@@ -189,6 +190,7 @@ impl Outbound {
             policy: None,
             http: std::sync::OnceLock::new(),
             metrics: None,
+            tracer: None,
             stats: OutboundStats::default(),
         }
     }
@@ -212,6 +214,13 @@ impl Outbound {
     #[must_use]
     pub fn with_metrics(mut self, metrics: Arc<IstioMetrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Traces the L7 path's requests.
+    #[must_use]
+    pub fn with_tracer(mut self, tracer: Arc<crate::trace::Tracer>) -> Self {
+        self.tracer = Some(tracer);
         self
     }
 
@@ -283,7 +292,7 @@ impl Outbound {
         let pool = self.hbone.as_ref().expect("tunnel_identities checked it");
         let labels = self.tcp_labels(peer, route, true);
         let (stream, _slot) = match pool
-            .open(&src, &dst, route.backend, route.source, peer)
+            .open(&src, &dst, route.backend, route.source, peer, None)
             .await
         {
             Ok(opened) => opened,
@@ -395,6 +404,7 @@ impl Outbound {
                     policy: self.policy.clone(),
                     sockets: self.sockets.clone(),
                     metrics: self.metrics.clone(),
+                    tracer: self.tracer.clone(),
                 },
                 self.config.connect_timeout,
             ))
@@ -648,9 +658,10 @@ impl Outbound {
             };
             let protocol = detect::detect(&inbound, wait).await;
             // HTTP/2 always (per-request balancing of its multiplexed
-            // streams); HTTP/1.1 when routes apply, else the L4 path keeps
-            // its kernel shortcuts.
-            if protocol == Protocol::Http2 || (protocol == Protocol::Http1 && routed) {
+            // streams); HTTP/1.1 when routes apply or requests are traced,
+            // else the L4 path keeps its kernel shortcuts.
+            let traced = self.tracer.is_some();
+            if protocol == Protocol::Http2 || (protocol == Protocol::Http1 && (routed || traced)) {
                 tracing::Span::current().record("dst", tracing::field::display(&call.service));
                 debug!(protocol = protocol.name(), service = %call.service, "serving as HTTP");
                 let served = self.http().clone().serve(inbound, call, protocol).await;
@@ -799,11 +810,11 @@ impl Outbound {
         let resets = resets(&standing, &[inbound.as_fd(), upstream.as_fd()]);
         let this = self.clone();
         let judge =
-            super::http_authz::judge(self.state.clone(), source, route.backend, move || {
+            super::inbound_http::judge(self.state.clone(), source, route.backend, move || {
                 this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
             });
         let client = super::http::LingeringClose::new(inbound);
-        let served = super::http_authz::serve(client, protocol, upstream, judge);
+        let served = super::inbound_http::serve(client, protocol, upstream, Some(judge), None);
         if let Err(e) = self.unless_revoked(served, &standing, resets).await? {
             debug!(error = %e, "HTTP connection ended with an error");
         }

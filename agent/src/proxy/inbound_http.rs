@@ -1,13 +1,19 @@
-//! HTTP to one local pod, each request authorized: the destination side of
-//! L7 authorization. When a pod's `AuthorizationPolicy` has HTTP conditions
-//! (paths, methods, gRPC methods, headers) the agent delivering a connection
-//! to it (the HBONE server for callers on other nodes, the outbound proxy
-//! for callers on this node) serves the caller's HTTP itself and forwards
-//! each allowed request on one upstream connection to the pod; a denied one
-//! gets 403 (`PERMISSION_DENIED` for gRPC) with `x-trellis-reason: denied`,
-//! and the connection carries on.
+//! HTTP to one local pod, served by the agent delivering a connection to
+//! it: each request authorized, traced and counted on the destination's
+//! side. The HBONE server serves a stream this way when the pod's
+//! `AuthorizationPolicy` has HTTP conditions (paths, methods, gRPC methods,
+//! headers), or when tracing is on and the calling agent said the stream
+//! carries HTTP; the outbound proxy does it for same-node callers that L7
+//! rules apply to. Allowed requests go on one upstream connection to the
+//! pod; a denied one gets 403 (`PERMISSION_DENIED` for gRPC) with
+//! `x-trellis-reason: denied`, and the connection carries on.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
 
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt as _;
@@ -26,11 +32,17 @@ use super::{
         Body, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, strip_hop_by_hop,
         upgrade_protocol,
     },
+    telemetry,
 };
 use crate::{
     identity::Identity,
+    metrics::{
+        IstioMetrics,
+        istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
+    },
     policy::authz::{self, Verdict},
     state::Snapshot,
+    trace::{Kind, Tracer},
 };
 
 /// Decides one request: `Err` names the policy that denies it.
@@ -67,13 +79,107 @@ enum Upstream {
     Http2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
+/// Destination-side telemetry of one caller's requests to one pod.
+pub struct Telemetry {
+    pub tracer: Option<Arc<Tracer>>,
+    pub metrics: Option<Arc<IstioMetrics>>,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    pub source: Arc<Peer>,
+    pub destination: Arc<Peer>,
+    /// The caller's address (its pod's when proven, else its node's).
+    pub peer: SocketAddr,
+    /// The pod's address.
+    pub target: SocketAddr,
+    pub mtls: bool,
+    /// Labels by (Service called, gRPC), made once per connection.
+    traffic: Mutex<HashMap<(Option<String>, bool), Traffic>>,
+}
+
+impl Telemetry {
+    pub fn new(
+        tracer: Option<Arc<Tracer>>,
+        metrics: Option<Arc<IstioMetrics>>,
+        state: watch::Receiver<Arc<Snapshot>>,
+        (source, destination): (Arc<Peer>, Arc<Peer>),
+        (peer, target): (SocketAddr, SocketAddr),
+        mtls: bool,
+    ) -> Option<Self> {
+        (tracer.is_some() || metrics.is_some()).then(|| Self {
+            tracer,
+            metrics,
+            state,
+            source,
+            destination,
+            peer,
+            target,
+            mtls,
+            traffic: Mutex::default(),
+        })
+    }
+
+    /// The Istio labels of a request to `host` answered with `resp`.
+    fn labels(&self, host: Option<&str>, grpc: bool, resp: &Response<Body>) -> RequestLabels {
+        let service = host.and_then(|h| {
+            let snapshot = self.state.borrow().clone();
+            service_of(&snapshot, h, &self.destination.namespace)
+        });
+        let traffic = self
+            .traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((service, grpc))
+            .or_insert_with_key(|(service, grpc)| {
+                Traffic::new(
+                    Reporter::Destination,
+                    self.source.clone(),
+                    self.destination.clone(),
+                    Arc::new(
+                        service
+                            .as_deref()
+                            .map_or_else(ServiceName::unknown, ServiceName::of),
+                    ),
+                    if *grpc { "grpc" } else { "http" },
+                    self.mtls,
+                )
+            })
+            .clone();
+        RequestLabels {
+            traffic,
+            response_code: resp.status().as_u16(),
+            grpc_status: grpc.then(|| telemetry::grpc_status(resp.headers()).unwrap_or(0)),
+            flags: telemetry::flags_of(resp.headers()),
+        }
+    }
+}
+
+/// The Service (`namespace/name`) a request's `Host` names: a Service's
+/// DNS name (`name`, `name.ns`, `name.ns.svc[.cluster.local]`, a bare name
+/// meaning the pod's namespace) or its cluster IP.
+fn service_of(snapshot: &Snapshot, host: &str, namespace: &str) -> Option<String> {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, p.parse::<u16>().ok()),
+        _ => (host, None),
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        let (service, _) = snapshot.service_for(SocketAddr::new(ip, port.unwrap_or(80)))?;
+        return Some(service.id());
+    }
+    let mut labels = name.split('.');
+    let service = labels.next()?;
+    let ns = labels.next().unwrap_or(namespace);
+    let id = format!("{ns}/{service}");
+    snapshot.service(&id).map(|_| id)
+}
+
 /// Serves `client` (which speaks `protocol`) until it closes, forwarding
-/// the requests `judge` allows to `upstream`.
+/// the requests `judge` allows (all, without one) to `upstream`.
 pub async fn serve<I>(
     client: I,
     protocol: Protocol,
     upstream: TcpStream,
-    judge: Judge,
+    judge: Option<Judge>,
+    telemetry: Option<Telemetry>,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -94,9 +200,39 @@ where
             Upstream::Http1(Arc::new(tokio::sync::Mutex::new(sender)))
         }
     };
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (judge, upstream) = (judge.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(handle(req, &judge, upstream).await) }
+    let telemetry = telemetry.map(Arc::new);
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let (judge, upstream, telemetry) = (judge.clone(), upstream.clone(), telemetry.clone());
+        async move {
+            let Some(t) = telemetry else {
+                return Ok::<_, Infallible>(handle(req, judge.as_ref(), upstream, None).await);
+            };
+            let start = telemetry::Start::new(
+                &mut req,
+                t.tracer.as_ref(),
+                Kind::Server,
+                t.target.port(),
+                t.peer,
+                t.metrics.is_some(),
+            );
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                });
+            let resp = handle(req, judge.as_ref(), upstream, Some(start.body.clone())).await;
+            let labels = t.labels(host.as_deref(), start.grpc(), &resp);
+            Ok(resp.map(|body| {
+                start
+                    .record(body, t.metrics.clone(), labels, Some(t.target), None)
+                    .boxed()
+            }))
+        }
     });
     super::http::serve_client(TokioIo::new(client), protocol, service).await
 }
@@ -116,7 +252,12 @@ where
     );
 }
 
-async fn handle(mut req: Request<Incoming>, judge: &Judge, upstream: Upstream) -> Response<Body> {
+async fn handle(
+    mut req: Request<Incoming>,
+    judge: Option<&Judge>,
+    upstream: Upstream,
+    count: Option<Arc<telemetry::BodyCount>>,
+) -> Response<Body> {
     let grpc = authz::is_grpc(req.headers());
     normalize_uri(&mut req);
     if let Some(size) = oversized(&req) {
@@ -126,7 +267,7 @@ async fn handle(mut req: Request<Incoming>, judge: &Judge, upstream: Upstream) -
             grpc,
         );
     }
-    if let Err(policy) = judge(authz::Request::of(&req)) {
+    if let Some(Err(policy)) = judge.map(|judge| judge(authz::Request::of(&req))) {
         return reply(Reason::Denied, &format!("denied by {policy}"), grpc);
     }
     let upgrade = match &upstream {
@@ -149,7 +290,10 @@ async fn handle(mut req: Request<Incoming>, judge: &Judge, upstream: Upstream) -
             .headers
             .insert(http::header::UPGRADE, protocol.clone());
     }
-    let mut req = Request::from_parts(parts, body.boxed());
+    let mut req = match count {
+        Some(count) => Request::from_parts(parts, telemetry::Counted::new(body, count).boxed()),
+        None => Request::from_parts(parts, body.boxed()),
+    };
     let sent = match upstream {
         Upstream::Http2(mut sender) => {
             // hyper's HTTP/2 client wants the scheme and authority.

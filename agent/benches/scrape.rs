@@ -1,0 +1,101 @@
+//! A scrape of a busy node: issue 7's goal is under 50 ms for 1,000
+//! workloads and 10,000 series. The registry holds Istio's families with a
+//! TCP label set per workload (4 series each, the L4 traffic most
+//! workloads have) and request label sets (49 series each: the counter and
+//! three histograms) until 10,000 series; the benchmark is the OpenMetrics
+//! encoding `/metrics` does on every scrape.
+
+use std::{hint::black_box, sync::Arc};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use prometheus_client::registry::Registry;
+use trellis_agent::metrics::istio::{
+    IstioMetrics, Peer, Reporter, Request, RequestLabels, ServiceName, TcpLabels, Traffic,
+};
+
+const WORKLOADS: usize = 1_000;
+const SERIES: usize = 10_000;
+
+fn peer(i: usize) -> Arc<Peer> {
+    let ns = format!("ns{}", i % 20);
+    Arc::new(Peer {
+        workload: format!("workload-{i}"),
+        principal: format!("spiffe://cluster.local/ns/{ns}/sa/sa-{i}"),
+        app: format!("app-{i}"),
+        version: "v1".into(),
+        canonical_service: format!("app-{i}"),
+        canonical_revision: "v1".into(),
+        namespace: ns,
+    })
+}
+
+/// The registry, and the number of series its exposition has.
+fn busy_node() -> (Registry, usize) {
+    let mut registry = Registry::default();
+    let metrics = IstioMetrics::register(&mut registry);
+    let peers: Vec<Arc<Peer>> = (0..WORKLOADS).map(peer).collect();
+    let traffic = |i: usize, protocol| {
+        let dst = &peers[i % WORKLOADS];
+        Traffic::new(
+            Reporter::Destination,
+            peers[(i * 7 + 1) % WORKLOADS].clone(),
+            dst.clone(),
+            Arc::new(ServiceName::of(&format!(
+                "{}/{}",
+                dst.namespace, dst.canonical_service
+            ))),
+            protocol,
+            true,
+        )
+    };
+    for i in 0..WORKLOADS {
+        let labels = TcpLabels {
+            traffic: traffic(i, "tcp"),
+            flags: "-",
+        };
+        metrics.tcp_opened(&labels);
+        metrics.tcp_closed(&labels, 1_000, 20_000);
+    }
+    let count = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encodes");
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    };
+    let mut i = 0;
+    while count(&registry) < SERIES {
+        // 49 series per label set: check every 20.
+        for _ in 0..20 {
+            metrics.request(&Request {
+                labels: RequestLabels {
+                    traffic: traffic(i, "http"),
+                    response_code: if i % 5 == 0 { 503 } else { 200 },
+                    grpc_status: None,
+                    flags: "-",
+                },
+                duration_ms: 3.0,
+                request_bytes: 100,
+                response_bytes: 2_000,
+                messages: None,
+            });
+            i += 1;
+        }
+    }
+    let series = count(&registry);
+    (registry, series)
+}
+
+fn scrape(c: &mut Criterion) {
+    let (registry, series) = busy_node();
+    eprintln!("scrape: {WORKLOADS} workloads, {series} series");
+    c.bench_function("scrape/1000_workloads_10000_series", |b| {
+        b.iter(|| {
+            let mut text = String::with_capacity(64 * 1024);
+            prometheus_client::encoding::text::encode(&mut text, black_box(&registry))
+                .expect("encodes");
+            black_box(text)
+        });
+    });
+}
+
+criterion_group!(benches, scrape);
+criterion_main!(benches);

@@ -1,0 +1,349 @@
+//! Distributed tracing through a two-node mesh: a client pod on node a
+//! calls a Service whose pod is on node b (the L7 path, then HBONE), with
+//! W3C and B3 trace headers. A test OTLP collector (Python, decoding with
+//! opentelemetry-proto's own types) receives the agents' spans over gRPC,
+//! then over HTTP/protobuf; the test checks both agents' spans share the
+//! caller's trace id, chain parent to child, and that the server pod gets
+//! the destination agent's span as its parent. Sampling is 0 for new
+//! traces, so every span comes from a caller's decision and the counts are
+//! exact.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use trellis_tests::{Lab, Node, Pod, mesh, py};
+
+const WEB: &str = "10.96.0.90";
+const GRPC_PORT: u16 = 4317;
+const HTTP_PORT: u16 = 4318;
+
+/// Every span the collector received.
+fn spans(collector_node: &Node) -> Vec<Value> {
+    let out = collector_node
+        .exec()
+        .output(
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                &format!("http://127.0.0.1:{HTTP_PORT}/spans"),
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("curl");
+    serde_json::from_slice(&out.stdout).expect("spans as JSON")
+}
+
+/// The spans of `trace`, once there are `n` of them (or what came).
+fn trace(collector_node: &Node, trace: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found: Vec<Value> = spans(collector_node)
+            .into_iter()
+            .filter(|s| s["trace_id"] == trace)
+            .collect();
+        if found.len() >= n || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// GET `url` with `headers`: the status and the trace headers the server
+/// pod received.
+fn get(client: &Pod, url: &str, headers: &[&str]) -> (String, Value) {
+    let mut args = vec!["-s", "-m", "10", "-o", "/dev/stderr", "-w", "%{http_code}"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = client
+        .exec()
+        .output("curl", &args, Duration::from_secs(20))
+        .expect("curl");
+    let seen = serde_json::from_slice(&out.stderr).unwrap_or(Value::Null);
+    (String::from_utf8_lossy(&out.stdout).into_owned(), seen)
+}
+
+fn kind(spans: &[Value], kind: i64) -> &Value {
+    spans
+        .iter()
+        .find(|s| s["kind"] == kind)
+        .unwrap_or_else(|| panic!("no span of kind {kind} in {spans:#?}"))
+}
+
+/// Every sample of `node`'s agent, parsed as OpenMetrics.
+fn scrape(node: &Node) -> Vec<Value> {
+    let out = node
+        .exec()
+        .python_output(
+            py::SCRAPE,
+            &[&format!("http://{}:15020/metrics", node.ip)],
+            Duration::from_secs(30),
+        )
+        .expect("scrape");
+    serde_json::from_str(out.trim()).expect("samples")
+}
+
+fn sum(samples: &[Value], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s[0] == name && want.iter().all(|(k, v)| s[1][*k] == *v))
+        .map(|s| s[2].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+const SERVER: i64 = 2;
+const CLIENT: i64 = 3;
+
+#[test]
+fn spans_from_both_agents_share_the_callers_trace() {
+    let mut lab = Lab::new("tracing").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let _server = server
+        .serve(py::TRACE_ECHO, &["8080"], 8080)
+        .expect("server");
+    let _collector = a
+        .exec()
+        .python(
+            py::OTLP_COLLECTOR,
+            &[&GRPC_PORT.to_string(), &HTTP_PORT.to_string()],
+        )
+        .expect("collector");
+    a.exec()
+        .wait_port("127.0.0.1", HTTP_PORT, Duration::from_secs(20))
+        .expect("collector up");
+    a.exec()
+        .wait_port("127.0.0.1", GRPC_PORT, Duration::from_secs(20))
+        .expect("collector up");
+
+    let grpc_endpoint = format!("http://{}:{GRPC_PORT}", a.ip);
+    let mut cluster = mesh::Cluster::start_with(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(
+                &server,
+                "shop",
+                &[("app", "web"), ("version", "v2")],
+                &[],
+                "",
+            ),
+            mesh::service("shop", "web", WEB, 80, "8080", &[("app", "web")]),
+        ],
+        mesh::Certs::SharedCa,
+        &[
+            "--otlp-endpoint",
+            &grpc_endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--trace-sampling",
+            "0",
+        ],
+    )
+    .expect("mesh");
+    let url = format!("http://{WEB}/hello?x=1");
+
+    // W3C, sampled by the caller.
+    let t1 = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let (code, seen) = get(
+        &client,
+        &url,
+        &[
+            &format!("traceparent: 00-{t1}-{caller_span}-01"),
+            "tracestate: congo=t61rcWkgMzE",
+        ],
+    );
+    assert_eq!(code, "200");
+    let got = trace(&a, t1, 2);
+    assert_eq!(got.len(), 2, "one span per agent: {got:#?}");
+    let (c, s) = (kind(&got, CLIENT), kind(&got, SERVER));
+    assert_eq!(c["parent"], caller_span, "the caller's span is the parent");
+    assert_eq!(
+        s["parent"], c["span_id"],
+        "the source agent's span is the parent"
+    );
+    let delivered = seen["traceparent"]
+        .as_str()
+        .expect("traceparent reaches the pod");
+    assert_eq!(
+        delivered,
+        format!("00-{t1}-{}-01", s["span_id"].as_str().unwrap()),
+        "the pod's parent is the destination agent's span"
+    );
+    assert_eq!(seen["tracestate"], "congo=t61rcWkgMzE");
+    assert_eq!(c["trace_state"], "congo=t61rcWkgMzE");
+    // Istio's operation names: the Service and the port called (the
+    // Service port on the caller's side, the pod's on the callee's).
+    assert_eq!(c["name"], "web.shop.svc.cluster.local:80/*");
+    assert_eq!(s["name"], "web.shop.svc.cluster.local:8080/*");
+    for span in [c, s] {
+        assert_eq!(span["via"], "grpc");
+        assert_eq!(span["attributes"]["http.request.method"], "GET");
+        assert_eq!(span["attributes"]["url.path"], "/hello");
+        assert_eq!(span["attributes"]["http.response.status_code"], 200);
+        assert_eq!(span["attributes"]["trellis.mtls"], true);
+        assert_eq!(span["flags"], 1);
+        assert_eq!(span["status"], 0, "unset: not an error");
+        assert_eq!(span["scope"], "trellis");
+        let (start, end) = (
+            span["start"].as_u64().unwrap(),
+            span["end"].as_u64().unwrap(),
+        );
+        assert!(start > 0 && start <= end, "{span}");
+    }
+    assert_eq!(c["attributes"]["trellis.reporter"], "source");
+    assert_eq!(c["resource"]["service.name"], "client.shop");
+    assert_eq!(c["resource"]["k8s.node.name"], format!("node-{}", a.name));
+    assert_eq!(
+        c["attributes"]["upstream.address"],
+        format!("{}:8080", server.ip)
+    );
+    assert_eq!(s["attributes"]["trellis.reporter"], "destination");
+    assert_eq!(s["resource"]["service.name"], "web.shop");
+    assert_eq!(s["resource"]["k8s.node.name"], format!("node-{}", b.name));
+    assert_eq!(
+        s["attributes"]["trellis.peer.principal"],
+        "spiffe://cluster.local/ns/shop/sa/a1"
+    );
+    assert!(
+        c["start"].as_u64() <= s["start"].as_u64() && s["end"].as_u64() <= c["end"].as_u64(),
+        "the server span lies within the client span: {c} {s}"
+    );
+
+    // The caller said not sampled: no spans, the decision passed on.
+    let t2 = "0af7651916cd43dd8448eb211c80319c";
+    let (code, seen) = get(
+        &client,
+        &url,
+        &[&format!("traceparent: 00-{t2}-b7ad6b7169203331-00")],
+    );
+    assert_eq!(code, "200");
+    let delivered = seen["traceparent"].as_str().expect("traceparent");
+    assert!(
+        delivered.starts_with(&format!("00-{t2}-")) && delivered.ends_with("-00"),
+        "{delivered}"
+    );
+    // No headers and sampling 0: a context saying "not sampled" reaches the pod.
+    let (code, seen) = get(&client, &url, &[]);
+    assert_eq!(code, "200");
+    assert!(
+        seen["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("-00")),
+        "{seen}"
+    );
+
+    // B3 (64-bit trace id), sampled; an error answer.
+    let (code, seen) = get(
+        &client,
+        &format!("http://{WEB}/fail"),
+        &[
+            "x-b3-traceid: 463ac35c9f6413ad",
+            "x-b3-spanid: a2fb4a1d1a96d312",
+            "x-b3-sampled: 1",
+        ],
+    );
+    assert_eq!(code, "503");
+    let t3 = "0000000000000000463ac35c9f6413ad";
+    let got = trace(&a, t3, 2);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let (c, s) = (kind(&got, CLIENT), kind(&got, SERVER));
+    assert_eq!(c["parent"], "a2fb4a1d1a96d312");
+    assert_eq!(s["parent"], c["span_id"]);
+    assert_eq!(
+        seen["x-b3-traceid"], "463ac35c9f6413ad",
+        "the B3 form is kept"
+    );
+    assert_eq!(seen["x-b3-spanid"], s["span_id"]);
+    assert_eq!(seen["x-b3-parentspanid"], c["span_id"]);
+    assert_eq!(seen["x-b3-sampled"], "1");
+    for span in [c, s] {
+        assert_eq!(span["attributes"]["http.response.status_code"], 503);
+        assert_eq!(span["status"], 2, "an error: {span}");
+    }
+    assert_eq!(spans(&a).len(), 4, "unsampled requests left no spans");
+
+    // The destination agent served the hinted streams as HTTP: it counted
+    // every request (sampled or not) as reporter=destination.
+    let samples = scrape(&b);
+    let requests = |code: &str| {
+        sum(
+            &samples,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_workload", "a1"),
+                ("destination_workload", "b1"),
+                ("destination_service_name", "web"),
+                ("request_protocol", "http"),
+                ("connection_security_policy", "mutual_tls"),
+                ("response_code", code),
+            ],
+        )
+    };
+    assert_eq!((requests("200"), requests("503")), (3.0, 1.0));
+    assert!(sum(&samples, "trellis_inbound_http_traced_total", &[]) >= 1.0);
+    assert_eq!(sum(&samples, "trellis_tracing_spans_total", &[]), 2.0);
+    assert_eq!(sum(&samples, "trellis_tracing_unsampled_total", &[]), 2.0);
+
+    // HTTP/protobuf, after a restart of node b's agent.
+    let http_endpoint = format!("http://{}:{HTTP_PORT}", a.ip);
+    cluster
+        .restart(
+            1,
+            &b,
+            &[
+                "--otlp-endpoint",
+                &http_endpoint,
+                "--otlp-protocol",
+                "http/protobuf",
+                "--trace-sampling",
+                "0",
+            ],
+        )
+        .expect("restart b");
+    let t4 = "11111111111111112222222222222222";
+    let (code, _) = get(
+        &client,
+        &url,
+        &[&format!("traceparent: 00-{t4}-3333333333333333-01")],
+    );
+    assert_eq!(code, "200");
+    let got = trace(&a, t4, 2);
+    assert_eq!(kind(&got, SERVER)["via"], "http");
+    assert_eq!(kind(&got, CLIENT)["via"], "grpc");
+
+    // A collector that is not there: requests still work, spans are
+    // counted as failed.
+    let nowhere = format!("http://{}:4399", a.ip);
+    cluster
+        .restart(
+            1,
+            &b,
+            &["--otlp-endpoint", &nowhere, "--trace-sampling", "1"],
+        )
+        .expect("restart b");
+    for _ in 0..3 {
+        let sampled = "traceparent: 00-44444444444444445555555555555555-6666666666666666-01";
+        assert_eq!(get(&client, &url, &[sampled]).0, "200");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let failed = loop {
+        let failed = sum(&scrape(&b), "trellis_tracing_failed_total", &[]);
+        if failed >= 3.0 || Instant::now() > deadline {
+            break failed;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(failed, 3.0, "spans that could not be sent are counted");
+}
