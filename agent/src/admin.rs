@@ -85,6 +85,14 @@ impl Readiness {
         }
     }
 
+    /// Sets or clears a condition's detail without changing whether it is
+    /// met: what is degraded while it still holds.
+    pub fn note(&self, name: &'static str, detail: Option<String>) {
+        if let Some(c) = self.lock().get_mut(name) {
+            c.detail = detail;
+        }
+    }
+
     /// Every condition with its state, for `/healthz/ready`.
     fn details(&self) -> serde_json::Value {
         serde_json::to_value(&*self.lock()).unwrap_or_default()

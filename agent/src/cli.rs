@@ -10,6 +10,8 @@ use crate::telemetry::LogFormat;
 pub mod env {
     pub const NODE: &str = "TRELLIS_NODE";
     pub const CONFIG_DIR: &str = "TRELLIS_CONFIG_DIR";
+    pub const KUBERNETES: &str = "TRELLIS_KUBERNETES";
+    pub const KUBECONFIG: &str = "KUBECONFIG";
     pub const CGROUP_ROOT: &str = "TRELLIS_CGROUP_ROOT";
     pub const BPFFS: &str = "TRELLIS_BPFFS";
     pub const CA_DIR: &str = "TRELLIS_CA_DIR";
@@ -185,8 +187,17 @@ pub struct AgentArgs {
     pub node: Option<String>,
 
     /// Folder of Kubernetes YAML objects (watched and hot-reloaded).
-    #[arg(long, env = env::CONFIG_DIR)]
+    #[arg(long, env = env::CONFIG_DIR, conflicts_with = "kubernetes")]
     pub config_dir: Option<PathBuf>,
+
+    /// Take the state from the Kubernetes API: in-cluster (the pod's service
+    /// account), or the kubeconfig of `--kubeconfig` / `KUBECONFIG`.
+    #[arg(long, env = env::KUBERNETES, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub kubernetes: bool,
+
+    /// The kubeconfig file for `--kubernetes` outside a cluster.
+    #[arg(long, env = env::KUBECONFIG, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// cgroup v2 folder the kernel programs attach to (the kubepods cgroup on a real node).
     #[arg(long, env = env::CGROUP_ROOT)]

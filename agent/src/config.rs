@@ -14,6 +14,10 @@ pub struct AgentConfig {
     pub node: String,
     /// Folder of Kubernetes YAML objects; `None` serves the embedded default.
     pub config_dir: Option<PathBuf>,
+    /// The state comes from the Kubernetes API (instead of `config_dir`).
+    pub kubernetes: bool,
+    /// Its kubeconfig outside a cluster; else in-cluster or `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
     /// cgroup v2 folder the cgroup programs attach to.
     pub cgroup_root: PathBuf,
     /// bpffs folder for pinned links and maps.
@@ -265,6 +269,8 @@ impl AgentConfig {
         Ok(Self {
             node,
             config_dir: args.config_dir.clone(),
+            kubernetes: args.kubernetes,
+            kubeconfig: args.kubeconfig.clone(),
             cgroup_root: args.cgroup_root.clone(),
             bpffs: args.bpffs.clone(),
             ca_dir: args.ca_dir.clone(),

@@ -56,6 +56,8 @@ pub enum AgentError {
     Bpf(#[from] BpfError),
     #[error("--ca-dir: {0}")]
     Ca(#[from] crate::identity::ca::CaError),
+    #[error("{0}")]
+    Kubernetes(String),
     #[error(
         "binding {what} on {addr}: {source} (is another agent running in this network namespace?)"
     )]
@@ -137,6 +139,42 @@ fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError
     };
     info!(source = ?manager.origin(), lifetime = ?cfg.cert_lifetime, roots = manager.bundle().roots().len(), "certificate source");
     Ok(Arc::new(manager))
+}
+
+/// The API server may fail this long before the state is reported stale.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The configured state source: a folder, the API server, or none.
+async fn state_source(cfg: &AgentConfig) -> Result<Option<crate::state::Source>, AgentError> {
+    if let Some(dir) = &cfg.config_dir {
+        return Ok(Some(crate::state::Source::Files(FileSource::new(dir))));
+    }
+    if !cfg.kubernetes {
+        return Ok(None);
+    }
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                AgentError::Kubernetes(format!("--kubeconfig {}: {e}", path.display()))
+            })?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| {
+                    AgentError::Kubernetes(format!("--kubeconfig {}: {e}", path.display()))
+                })?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            AgentError::Kubernetes(format!(
+                "--kubernetes: no in-cluster config or kubeconfig: {e}"
+            ))
+        })?,
+    };
+    info!(api_server = %config.cluster_url, "state from the Kubernetes API");
+    let client =
+        kube::Client::try_from(config).map_err(|e| AgentError::Kubernetes(e.to_string()))?;
+    Ok(Some(crate::state::Source::Kubernetes(
+        crate::state::kube::KubeSource::start(&client),
+    )))
 }
 
 /// Keeps [`READY_CERTIFICATES`] current: checked every [`CERT_CHECK`] and
@@ -237,18 +275,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
         let cert_check = tokio::spawn(check_certificates(certs.clone(), state_rx.clone(), readiness.clone(), cfg.clone()));
         let report = Arc::new(Mutex::new(SyncReport::default()));
-        let config_reloads = Arc::new(Mutex::new(crate::state::files::ReloadStats::default()));
+        let source_stats = Arc::new(Mutex::new(crate::state::SourceStats::default()));
+        let source = state_source(&cfg).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, accel)
             .with_pod_hooks(datapath.pod_hooks()?);
         let flows = Arc::new(FlowLog::new(&cfg.node, flows::CAPACITY));
         let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?).with_flows(flows.clone()));
         let state_thread = {
-            let (cfg, readiness, stop, report, verdicts, config_reloads) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone(), verdicts.clone(), config_reloads.clone());
+            let (cfg, readiness, stop, report, verdicts, source_stats) = (cfg.clone(), readiness.clone(), stop.clone(), report.clone(), verdicts.clone(), source_stats.clone());
             let span = tracing::Span::current();
             std::thread::Builder::new()
                 .name("trellis-state".into())
-                .spawn(move || span.in_scope(|| state_loop(&cfg, syncer, &state_tx, (&report, &config_reloads), &verdicts, &readiness, &stop)))
+                .spawn(move || span.in_scope(|| state_loop(&cfg, source, syncer, &state_tx, (&report, &source_stats), &verdicts, &readiness, &stop)))
                 .expect("spawning the state thread")
         };
 
@@ -289,7 +328,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             outbound: outbound.clone(),
             inbound: inbound.clone(),
             tracing: tracer.as_ref().map(|t| t.stats.clone()),
-            config_reloads,
+            source: source_stats,
         }));
         let metrics_listener = metrics::bind(cfg.metrics_addr).map_err(|source| AgentError::Bind { what: "the metrics listener", addr: cfg.metrics_addr, source })?;
         metrics::serve(metrics_listener, Arc::new(registry)).map_err(|source| AgentError::Bind { what: "the metrics thread", addr: cfg.metrics_addr, source })?;
@@ -320,7 +359,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
 
         tokio::pin!(shutdown);
-        if cfg.config_dir.is_none() {
+        if cfg.config_dir.is_none() && !cfg.kubernetes {
             // No state source, no node and no pods: nothing to steer.
             readiness.set(READY_HBONE, true);
         }
@@ -358,25 +397,37 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
 /// Polls the config source, rebuilds the snapshot on change, syncs the maps
 /// and publishes the snapshot to the proxies. Blocking work: its own thread.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the state thread's whole context, passed once"
+)]
 fn state_loop(
     cfg: &AgentConfig,
+    mut source: Option<crate::state::Source>,
     mut syncer: Syncer,
     state_tx: &watch::Sender<Arc<Snapshot>>,
-    (report_out, reloads): (&Mutex<SyncReport>, &Mutex<crate::state::files::ReloadStats>),
+    (report_out, source_stats): (&Mutex<SyncReport>, &Mutex<crate::state::SourceStats>),
     verdicts: &Verdicts,
     readiness: &Readiness,
     stop: &AtomicBool,
 ) {
-    let mut source = cfg.config_dir.as_ref().map(FileSource::new);
     if source.is_none() {
-        warn!("no --config-dir: serving an empty state (nothing is meshed)");
+        warn!("no --config-dir or --kubernetes: serving an empty state (nothing is meshed)");
     }
+    let mut trouble = None;
     let mut pending: Option<Arc<Snapshot>> = Some(Arc::new(Snapshot::default()));
     let mut routes = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let polled = source.as_mut().and_then(FileSource::poll);
+        let polled = source.as_mut().and_then(crate::state::Source::poll);
         if let Some(source) = &source {
-            *reloads.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
+            *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
+            let now = source.trouble(STALE_AFTER);
+            if now != trouble {
+                if readiness.is_ready() || now.is_some() {
+                    readiness.note(READY_STATE, now.clone());
+                }
+                trouble = now;
+            }
         }
         if let Some(objects) = polled {
             let snapshot = Snapshot::build(&cfg.node, &objects);
@@ -394,9 +445,14 @@ fn state_loop(
                     readiness.set_because(
                         READY_STATE,
                         found.then_some(()).ok_or_else(|| {
-                            format!("no Node object named {} in the state", cfg.node)
+                            trouble.clone().unwrap_or_else(|| {
+                                format!("no Node object named {} in the state", cfg.node)
+                            })
                         }),
                     );
+                    if found && trouble.is_some() {
+                        readiness.note(READY_STATE, trouble.clone());
+                    }
                     let _ = state_tx.send(snapshot);
                     tracing::debug!(endpoints = report.endpoints.len(), "state applied");
                     verdicts.set_view(report.policy.clone());

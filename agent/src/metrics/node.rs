@@ -23,8 +23,8 @@ use crate::{
 
 /// What the collector reads at each scrape.
 pub struct NodeCollector {
-    /// The config folder's reload outcomes, kept by the state thread.
-    pub config_reloads: Arc<std::sync::Mutex<crate::state::files::ReloadStats>>,
+    /// The state source's health, kept by the state thread.
+    pub source: Arc<std::sync::Mutex<crate::state::SourceStats>>,
     /// The tracer's counters, when tracing is on.
     pub tracing: Option<Arc<crate::trace::TraceStats>>,
     pub bpffs: PathBuf,
@@ -203,25 +203,44 @@ impl NodeCollector {
     /// and the certificate source's changes, applied or refused (the last
     /// good version kept serving).
     fn reloads(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let config = *self
-            .config_reloads
+        let source = self
+            .source
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let config = source.reloads;
         let certs = self.certs.reload_stats();
-        let mut family = encoder.encode_descriptor(
-            "trellis_config_reloads",
-            "Changes of a watched source, applied (ok) or refused (failed)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (source, outcome, n) in [
-            ("config", "ok", config.ok),
-            ("config", "failed", config.failed),
-            ("certificates", "ok", certs.reloads),
-            ("certificates", "failed", certs.errors),
-        ] {
-            ConstCounter::new(n)
-                .encode(family.encode_family(&[("source", source), ("outcome", outcome)])?)?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "trellis_config_reloads",
+                "Changes of a watched source, applied (ok) or refused (failed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (source, outcome, n) in [
+                ("config", "ok", config.ok),
+                ("config", "failed", config.failed),
+                ("certificates", "ok", certs.reloads),
+                ("certificates", "failed", certs.errors),
+            ] {
+                ConstCounter::new(n)
+                    .encode(family.encode_family(&[("source", source), ("outcome", outcome)])?)?;
+            }
+        }
+        if let Some(kube) = source.kubernetes {
+            Self::stats(
+                encoder,
+                "kubernetes",
+                "Kubernetes API source counter",
+                &kube,
+            )?;
+            let stale = ConstGauge::new(source.stale_seconds);
+            stale.encode(encoder.encode_descriptor(
+                "trellis_state_stale_seconds",
+                "How long the API server has been failing (0 while it answers); the last known state keeps serving",
+                None,
+                stale.metric_type(),
+            )?)?;
         }
         Ok(())
     }

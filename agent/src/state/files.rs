@@ -34,7 +34,7 @@ struct FileState {
 }
 
 /// Outcome counts of the folder's reloads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReloadStats {
     pub ok: u64,
     pub failed: u64,

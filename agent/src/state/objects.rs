@@ -146,6 +146,18 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, FileError> {
 
 type Rejection = (Option<ObjectKey>, ObjectError);
 
+/// One object as JSON (from the API server, or a file's document
+/// `index`), parsed and validated as a file's are; `origin` is what errors
+/// name as the file. `Ok(None)` for an object to skip.
+#[expect(clippy::result_large_err, reason = "config parsing, off the data path")]
+pub fn parse_value(
+    origin: &str,
+    index: usize,
+    value: serde_json::Value,
+) -> Result<Option<Object>, Rejection> {
+    parse_object(origin, index, value)
+}
+
 #[expect(clippy::result_large_err, reason = "config parsing, off the data path")]
 fn parse_object(
     file: &str,
