@@ -13,6 +13,7 @@ pub mod env {
     pub const KUBERNETES: &str = "TRELLIS_KUBERNETES";
     pub const KUBECONFIG: &str = "KUBECONFIG";
     pub const CGROUP_ROOT: &str = "TRELLIS_CGROUP_ROOT";
+    pub const PROC_ROOT: &str = "TRELLIS_PROC_ROOT";
     pub const BPFFS: &str = "TRELLIS_BPFFS";
     pub const CA_DIR: &str = "TRELLIS_CA_DIR";
     pub const CERT_DIR: &str = "TRELLIS_CERT_DIR";
@@ -213,6 +214,12 @@ pub struct AgentArgs {
     /// cgroup v2 folder the kernel programs attach to (the kubepods cgroup on a real node).
     #[arg(long, env = env::CGROUP_ROOT)]
     pub cgroup_root: PathBuf,
+
+    /// The host's /proc: local pods without a `trellis.dev/netns`
+    /// annotation are found through their cgroup and a process's
+    /// `ns/net` (`/host/proc` in the DaemonSet).
+    #[arg(long, env = env::PROC_ROOT, default_value = "/proc")]
+    pub proc_root: PathBuf,
 
     /// bpffs folder where programs' links and maps are pinned.
     #[arg(long, env = env::BPFFS)]

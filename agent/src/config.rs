@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub kubeconfig: Option<PathBuf>,
     /// cgroup v2 folder the cgroup programs attach to.
     pub cgroup_root: PathBuf,
+    /// The host's /proc, where local pods' network namespaces are found.
+    pub proc_root: PathBuf,
     /// bpffs folder for pinned links and maps.
     pub bpffs: PathBuf,
     /// Built-in CA folder; `None` makes an in-memory root at start.
@@ -272,6 +274,7 @@ impl AgentConfig {
             kubernetes: args.kubernetes,
             kubeconfig: args.kubeconfig.clone(),
             cgroup_root: args.cgroup_root.clone(),
+            proc_root: args.proc_root.clone(),
             bpffs: args.bpffs.clone(),
             ca_dir: args.ca_dir.clone(),
             cert_dir: args.cert_dir.clone(),

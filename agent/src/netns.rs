@@ -1,6 +1,8 @@
 //! Network namespace helpers: a pod's netns cookie (the key of the kernel's
 //! endpoint table) and the node-side interface that routes to a pod.
 
+pub mod discover;
+
 use std::{
     fs::File,
     io,

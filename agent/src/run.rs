@@ -141,6 +141,10 @@ fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError
     Ok(Arc::new(manager))
 }
 
+/// How often local pods whose network namespace was not found are looked
+/// for again.
+const NETNS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The API server may fail this long before the state is reported stale.
 const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -417,8 +421,22 @@ fn state_loop(
     let mut trouble = None;
     let mut pending: Option<Arc<Snapshot>> = Some(Arc::new(Snapshot::default()));
     let mut routes = Vec::new();
+    let mut netns =
+        crate::netns::discover::Resolver::new(crate::netns::discover::Locator::new(&cfg.proc_root));
+    // The last objects, to build again when a local pod's namespace is not
+    // found yet (its sandbox may have no process yet) or a found one's
+    // process has gone: checked each second.
+    let mut last: Option<Vec<crate::state::Object>> = None;
+    let mut unresolved = false;
+    let mut checked = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let polled = source.as_mut().and_then(crate::state::Source::poll);
+        let mut polled = source.as_mut().and_then(crate::state::Source::poll);
+        if polled.is_none() && checked.elapsed() >= NETNS_RETRY {
+            checked = std::time::Instant::now();
+            if unresolved || netns.stale() {
+                polled.clone_from(&last);
+            }
+        }
         if let Some(source) = &source {
             *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
             let now = source.trouble(STALE_AFTER);
@@ -430,7 +448,13 @@ fn state_loop(
             }
         }
         if let Some(objects) = polled {
-            let snapshot = Snapshot::build(&cfg.node, &objects);
+            let mut snapshot = Snapshot::build(&cfg.node, &objects);
+            let missing = netns.fill(&cfg.node, &mut snapshot.workloads);
+            if !missing.is_empty() && !unresolved {
+                info!(pods = ?missing, "local pods with no process yet to find their network namespace by; looking again each second");
+            }
+            unresolved = !missing.is_empty();
+            last = Some(objects);
             log_route_changes(&routes, &snapshot.routes.status);
             routes = snapshot.routes.status.clone();
             pending = Some(Arc::new(snapshot));

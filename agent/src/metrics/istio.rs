@@ -504,6 +504,7 @@ mod tests {
         let mut w = Workload {
             namespace: "shop".into(),
             name: "web-7d4b9c8f6-x2k9p".into(),
+            uid: String::new(),
             service_account: "web".into(),
             node: "a".into(),
             labels: [

@@ -702,6 +702,7 @@ mod tests {
         Workload {
             namespace: "shop".into(),
             name: "web".into(),
+            uid: String::new(),
             service_account: "web".into(),
             node: "a".into(),
             labels: [("app".to_owned(), "web".to_owned())].into(),

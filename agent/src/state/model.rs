@@ -52,11 +52,16 @@ pub enum MtlsMode {
 pub struct Workload {
     pub namespace: String,
     pub name: String,
+    /// The pod's UID: how its cgroup is named on its node.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub uid: String,
     pub service_account: String,
     pub node: String,
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
-    /// Path of its network namespace (the `trellis.dev/netns` annotation).
+    /// Path of its network namespace: the `trellis.dev/netns` annotation,
+    /// or for a local pod without one, found through its cgroup
+    /// ([`crate::netns::discover`]).
     pub netns: Option<PathBuf>,
     /// In the mesh: its namespace is labelled in, and it did not opt out.
     pub meshed: bool,
@@ -376,6 +381,11 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Work
     if ips.is_empty() {
         return None; // not scheduled or not started: nothing to route to
     }
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        // Its address is its node's: it is the host to the mesh, as in
+        // Cilium, never a workload (the agent's own pod is one).
+        return None;
+    }
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let ns_labels = namespaces
@@ -405,6 +415,7 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Work
         .collect();
     Some(Workload {
         name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into()),
