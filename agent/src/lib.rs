@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod crds;
 pub mod flows;
+pub mod handoff;
 pub mod hbone;
 pub mod identity;
 pub mod inspect;

@@ -69,10 +69,25 @@ pub enum AgentError {
     },
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AgentError::Bind { what, addr, source })
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<TcpListener, AgentError> {
+    let err = |source| AgentError::Bind { what, addr, source };
+    match inherited {
+        Some(l) => TcpListener::from_std(l).map_err(err),
+        None => TcpListener::bind(addr).await.map_err(err),
+    }
+}
+
+/// The predecessor's listener `name` when it listens on `addr`.
+fn inherit(
+    predecessor: &mut Option<crate::handoff::Predecessor>,
+    name: &str,
+    addr: SocketAddr,
+) -> Option<std::net::TcpListener> {
+    predecessor.as_mut()?.listener(name, addr)
 }
 
 /// A listener on the wildcard address of one family (IPv6 only for IPv6:
@@ -84,15 +99,15 @@ fn listen(
     port: u16,
     v6: bool,
     transparent: bool,
+    inherited: Option<std::net::TcpListener>,
 ) -> Result<Option<TcpListener>, AgentError> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::AsFd as _;
-    let addr = if v6 {
-        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
-    } else {
-        SocketAddr::from(([0, 0, 0, 0], port))
-    };
+    let addr = wildcard(port, v6);
     let err = |source| AgentError::Bind { what, addr, source };
+    if let Some(l) = inherited {
+        return TcpListener::from_std(l).map(Some).map_err(err);
+    }
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let socket = match Socket::new(domain, Type::STREAM, Some(Protocol::TCP)) {
         Ok(s) => s,
@@ -114,6 +129,14 @@ fn listen(
     }
     socket.listen(1024).map_err(err)?;
     TcpListener::from_std(socket.into()).map(Some).map_err(err)
+}
+
+fn wildcard(port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], port))
+    }
 }
 
 /// Loading the programs parsed the kernel's BTF (megabytes, freed by now):
@@ -256,10 +279,52 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let readiness = Readiness::new(&[READY_DATAPATH, READY_STATE, READY_HBONE, READY_CERTIFICATES]);
         let certs = certificate_manager(&cfg)?;
 
-        let hbone_listeners = [listen("the HBONE listener", HBONE_PORT, false, true)?, listen("the HBONE listener", HBONE_PORT, true, true)?];
-        let health = tokio::spawn(admin::serve_health(bind("the readiness listener", cfg.readiness_addr).await?, readiness.clone()));
-        let outbound_listener = bind("the outbound capture listener", SocketAddr::from(([0, 0, 0, 0], CAPTURE_PORT))).await?;
-        let outbound_listener6 = listen("the IPv6 outbound capture listener", CAPTURE_PORT, true, false)?;
+        // A predecessor under the same --bpffs hands over its listeners now
+        // (nothing is refused meanwhile) and its connections once this
+        // agent is ready.
+        let mut predecessor = {
+            let bpffs = cfg.bpffs.clone();
+            tokio::task::spawn_blocking(move || crate::handoff::Predecessor::connect(&bpffs))
+                .await
+                .unwrap_or_else(|e| Err(crate::handoff::HandoffError::Io(std::io::Error::other(e))))
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "the running agent's handoff failed: binding afresh");
+                    None
+                })
+        };
+        if predecessor.is_some() {
+            info!("an agent runs under this --bpffs: took its listeners; its connections follow once this one is ready");
+        }
+        let hbone_listeners = [
+            listen("the HBONE listener", HBONE_PORT, false, true, inherit(&mut predecessor, "hbone4", wildcard(HBONE_PORT, false)))?,
+            listen("the HBONE listener", HBONE_PORT, true, true, inherit(&mut predecessor, "hbone6", wildcard(HBONE_PORT, true)))?,
+        ];
+        let readiness_listener = bind("the readiness listener", cfg.readiness_addr, inherit(&mut predecessor, "readiness", cfg.readiness_addr)).await?;
+        let outbound_listener = bind("the outbound capture listener", wildcard(CAPTURE_PORT, false), inherit(&mut predecessor, "outbound4", wildcard(CAPTURE_PORT, false))).await?;
+        let outbound_listener6 = listen("the IPv6 outbound capture listener", CAPTURE_PORT, true, false, inherit(&mut predecessor, "outbound6", wildcard(CAPTURE_PORT, true)))?;
+        let admin_listener = bind("the admin API", cfg.admin_addr, inherit(&mut predecessor, "admin", cfg.admin_addr)).await?;
+        let metrics_listener = match inherit(&mut predecessor, "metrics", cfg.metrics_addr) {
+            Some(l) => l,
+            None => metrics::bind(cfg.metrics_addr).map_err(|source| AgentError::Bind { what: "the metrics listener", addr: cfg.metrics_addr, source })?,
+        };
+        // Copies of every listener, for this agent's own successor.
+        let handed_listeners: Vec<(&'static str, std::os::fd::OwnedFd)> = {
+            use std::os::fd::AsFd as _;
+            let [h4, h6] = &hbone_listeners;
+            [
+                ("hbone4", h4.as_ref().map(|l| l.as_fd())),
+                ("hbone6", h6.as_ref().map(|l| l.as_fd())),
+                ("readiness", Some(readiness_listener.as_fd())),
+                ("outbound4", Some(outbound_listener.as_fd())),
+                ("outbound6", outbound_listener6.as_ref().map(|l| l.as_fd())),
+                ("admin", Some(admin_listener.as_fd())),
+                ("metrics", Some(metrics_listener.as_fd())),
+            ]
+            .into_iter()
+            .filter_map(|(name, fd)| Some((name, fd?.try_clone_to_owned().ok()?)))
+            .collect()
+        };
+        let health = tokio::spawn(admin::serve_health(readiness_listener, readiness.clone()));
         if outbound_listener6.is_none() {
             warn!("no IPv6 in this network namespace: IPv6 connections are not captured");
         }
@@ -307,9 +372,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         crate::access_log::set_sample(cfg.access_log_sample);
         let mut registry = prometheus_client::registry::Registry::default();
         let istio = Arc::new(IstioMetrics::register(&mut registry));
+        let relays = Arc::new(crate::handoff::Relays::default());
         let mut outbound = Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
             .with_hbone(pool.clone())
-            .with_policy(verdicts.clone());
+            .with_policy(verdicts.clone())
+            .with_handoff(relays.clone());
         let mut inbound = Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
             .with_keepalive(cfg.hbone_keepalive)
             .with_policy(verdicts.clone());
@@ -334,7 +401,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             tracing: tracer.as_ref().map(|t| t.stats.clone()),
             source: source_stats,
         }));
-        let metrics_listener = metrics::bind(cfg.metrics_addr).map_err(|source| AgentError::Bind { what: "the metrics listener", addr: cfg.metrics_addr, source })?;
         metrics::serve(metrics_listener, Arc::new(registry)).map_err(|source| AgentError::Bind { what: "the metrics thread", addr: cfg.metrics_addr, source })?;
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();
         hbone_tasks.push(tokio::spawn(certs.clone().run_renewals()));
@@ -342,7 +408,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let namer = Namer { state: state_rx.clone(), verdicts: verdicts.clone() };
         let flow_reader = tokio::spawn(flows::read_kernel(PinLayout::new(&cfg.bpffs).open_map(MAP_FLOWS)?, namer, flows.clone()));
         let admin = tokio::spawn(serve_admin(
-            bind("the admin API", cfg.admin_addr).await?,
+            admin_listener,
             AdminState {
                 config: cfg.clone(),
                 readiness: readiness.clone(),
@@ -361,6 +427,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         if let Some(listener) = outbound_listener6 {
             outbound_tasks.push(tokio::spawn(outbound.clone().serve(listener)));
         }
+
+        // Once a successor asks for the connections, this agent accepts no more.
+        let (handed_tx, mut handed_rx) = watch::channel(false);
+        {
+            let accepting: Vec<_> = hbone_tasks.iter().chain(&outbound_tasks).map(tokio::task::JoinHandle::abort_handle)
+                .chain([health.abort_handle(), admin.abort_handle()]).collect();
+            tokio::spawn(async move {
+                if handed_rx.wait_for(|h| *h).await.is_ok() {
+                    accepting.iter().for_each(tokio::task::AbortHandle::abort);
+                    info!("the successor agent accepts now; this one serves what it has until SIGTERM");
+                }
+            });
+        }
+        tokio::spawn(take_over(predecessor, readiness.clone(), outbound.clone(), cfg.bpffs.clone(), handed_listeners, relays.clone(), handed_tx));
 
         tokio::pin!(shutdown);
         if cfg.config_dir.is_none() && !cfg.kubernetes {
@@ -397,6 +477,66 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     .instrument(span)
     .await
+}
+
+/// Takes the predecessor's connections once this agent is ready, then
+/// listens for a successor of its own and hands over to it when asked.
+async fn take_over(
+    predecessor: Option<crate::handoff::Predecessor>,
+    readiness: Readiness,
+    outbound: Arc<Outbound>,
+    bpffs: std::path::PathBuf,
+    listeners: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    relays: Arc<crate::handoff::Relays>,
+    handed: watch::Sender<bool>,
+) {
+    if let Some(predecessor) = predecessor {
+        // Ready means the state is in the maps: adopted connections are
+        // judged by the same policy as new ones.
+        while !readiness.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        match tokio::task::spawn_blocking(move || predecessor.take()).await {
+            Ok(Ok(parked)) => {
+                info!(
+                    connections = parked.len(),
+                    "took over the predecessor agent's connections"
+                );
+                for p in parked {
+                    tokio::spawn(outbound.clone().adopt(p));
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "taking over the predecessor agent's connections failed; they stay with it")
+            }
+            Err(e) => warn!(error = %e, "the handoff task failed"),
+        }
+    }
+    // A thread of its own, not the runtime's blocking pool: it waits in
+    // accept() for as long as the agent runs, and a runtime being dropped
+    // waits for its blocking tasks.
+    let span = tracing::Span::current();
+    let spawned = std::thread::Builder::new()
+        .name("trellis-handoff".into())
+        .spawn(move || {
+            let _span = span.entered();
+            use std::os::fd::AsFd as _;
+            let served = crate::handoff::Successors::listen(&bpffs, std::time::Duration::from_secs(30))
+                .and_then(|successors| {
+                    let borrowed: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
+                        listeners.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
+                    successors.serve(&borrowed, &relays, || {
+                        handed.send_replace(true);
+                    })
+                });
+            match served {
+                Ok(handed) => info!(handed, "handed over to the successor agent"),
+                Err(e) => warn!(error = %e, "no handoff to a successor is possible: an upgrade will drop this agent's connections"),
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the handoff thread");
+    }
 }
 
 /// Polls the config source, rebuilds the snapshot on change, syncs the maps

@@ -1101,3 +1101,47 @@ class S(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
 S(("::", int(sys.argv[1])), H).serve_forever()
 "#;
+
+/// A long paced transfer through an [`ECHO_SERVER`]: CHUNK bytes of a
+/// known pattern every 50 ms for SECONDS (a writer thread), the echo read
+/// back meanwhile and compared byte for byte; then a half-close and the
+/// rest of the echo. Prints JSON {sent, received, exact, error}.
+/// Args: HOST PORT SECONDS CHUNK.
+pub const PACED_ECHO: &str = r#"
+import hashlib, json, socket, sys, threading, time
+host, port, seconds, chunk = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+def block(i):
+    seed = hashlib.sha256(str(i).encode()).digest()
+    return (seed * (chunk // len(seed) + 1))[:chunk]
+s = socket.create_connection((host, port), timeout=10)
+out = {"sent": 0, "received": 0, "exact": True, "error": None}
+sent_hash = hashlib.sha256()
+def write():
+    end, i = time.time() + seconds, 0
+    try:
+        while time.time() < end:
+            b = block(i)
+            s.sendall(b)
+            sent_hash.update(b)
+            out["sent"] += len(b)
+            i += 1
+            time.sleep(0.05)
+        s.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        out["error"] = "write: %s" % e
+writer = threading.Thread(target=write)
+writer.start()
+got_hash, expect, pos = hashlib.sha256(), b"", 0
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        got_hash.update(b)
+        out["received"] += len(b)
+except OSError as e:
+    out["error"] = out["error"] or "read: %s" % e
+writer.join()
+out["exact"] = out["received"] == out["sent"] and got_hash.digest() == sent_hash.digest()
+print(json.dumps(out))
+"#;

@@ -25,7 +25,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 use trellis_common::{SockKey, SockState, direction};
 
 use crate::metrics::{
@@ -36,11 +36,12 @@ use crate::metrics::{
 use super::{
     detect::{self, Protocol},
     http::{Call, HttpProxy, HttpStats},
-    relay::{self, Accelerated, RelayError},
+    relay::{self, Accelerated, Progress, RelayError, Relayed},
 };
 use crate::{
     bpf::{sockets::SocketMaps, tables::OrigDstTable},
     config::Acceleration,
+    handoff::{Parked, ParkedMeta, Relays},
     hbone::client::Pool,
     identity::Identity,
     policy::{
@@ -99,6 +100,10 @@ pub enum OutboundError {
     NetworkPolicy { dst: SocketAddr, reason: String },
     #[error("HBONE: {0}")]
     Hbone(#[from] crate::hbone::client::HboneError),
+    #[error("parking the connection for the successor agent failed")]
+    Handoff,
+    #[error("a handed-over socket: {0}")]
+    Adopt(#[from] std::io::Error),
 }
 
 /// Counters of the outbound proxy (exported as metrics by the observability work).
@@ -129,6 +134,8 @@ pub struct OutboundStats {
     pub policy_denied: AtomicU64,
     /// Open connections closed because a policy change denies them now.
     pub policy_revoked: AtomicU64,
+    /// Connections taken over from a predecessor agent.
+    pub adopted: AtomicU64,
     /// Service backends left out of a pick because egress policy denies them.
     pub policy_dropped_backends: AtomicU64,
 }
@@ -152,6 +159,8 @@ pub struct Outbound {
     http: std::sync::OnceLock<Arc<HttpProxy>>,
     metrics: Option<Arc<IstioMetrics>>,
     tracer: Option<Arc<crate::trace::Tracer>>,
+    /// L4 relays a successor agent can take over.
+    relays: Option<Arc<Relays>>,
     pub stats: OutboundStats,
 }
 
@@ -191,6 +200,7 @@ impl Outbound {
             http: std::sync::OnceLock::new(),
             metrics: None,
             tracer: None,
+            relays: None,
             stats: OutboundStats::default(),
         }
     }
@@ -214,6 +224,13 @@ impl Outbound {
     #[must_use]
     pub fn with_metrics(mut self, metrics: Arc<IstioMetrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Lets a successor agent take over the L4 relays.
+    #[must_use]
+    pub fn with_handoff(mut self, relays: Arc<Relays>) -> Self {
+        self.relays = Some(relays);
         self
     }
 
@@ -747,40 +764,110 @@ impl Outbound {
             }
             _ => None,
         };
-        let upstream_key = accel.as_ref().and_then(|a| a.upstream.map(|(k, _)| k));
         if accel.as_ref().is_some_and(Accelerated::spliced) {
             self.stats.spliced.fetch_add(1, Ordering::Relaxed);
         }
         debug!(dst = %route.dst, backend = %route.backend, local = route.local,
             mode = accel.as_ref().map_or("userspace", Accelerated::mode), "connected");
+        self.relay_l4(
+            inbound,
+            upstream,
+            peer,
+            &route,
+            accel,
+            Progress::default(),
+            record,
+        )
+        .await
+    }
 
+    /// Relays an L4 connection to its end, or, when a successor agent takes
+    /// over, parks it for the handoff with its progress.
+    #[expect(clippy::too_many_arguments, reason = "one connection's whole context")]
+    async fn relay_l4(
+        self: &Arc<Self>,
+        inbound: TcpStream,
+        upstream: TcpStream,
+        peer: SocketAddr,
+        route: &Route,
+        accel: Option<Accelerated>,
+        from: Progress,
+        record: Option<crate::metrics::istio::OpenConnection>,
+    ) -> Result<(), OutboundError> {
+        let inbound_key = accel.map(|a| a.inbound.0);
+        let upstream_key = accel.and_then(|a| a.upstream.map(|(k, _)| k));
         let standing = self.standing(peer, route.backend, "same-node", true);
         let resets = resets(&standing, &[inbound.as_fd(), upstream.as_fd()]);
+        let (pause, active) = self
+            .relays
+            .as_ref()
+            .map(|r| r.enter())
+            .map_or((None, None), |(p, a)| (Some(p), Some(a)));
         let relayed = relay::relay(
             inbound,
             upstream,
             self.sockets.as_deref().zip(accel),
             self.config.idle_timeout,
+            pause,
+            from,
         );
         let result = self.unless_revoked(relayed, &standing, resets).await;
+        if let Ok(Ok(Relayed::Paused {
+            inbound,
+            upstream,
+            progress,
+        })) = result
+        {
+            // The sockets stay in the sockhash: they live on in the successor.
+            if let Some(r) = &record {
+                r.bytes(progress.sent - from.sent, progress.received - from.received);
+            }
+            let meta = ParkedMeta {
+                peer,
+                dst: route.dst,
+                backend: route.backend,
+                local: route.local,
+                sent: progress.sent,
+                received: progress.received,
+                sent_done: progress.sent_done,
+                received_done: progress.received_done,
+            };
+            let (Ok(inbound), Ok(upstream)) = (inbound.into_std(), upstream.into_std()) else {
+                self.forget(inbound_key, upstream_key);
+                return Err(OutboundError::Handoff);
+            };
+            if let Some(relays) = &self.relays {
+                debug!(dst = %route.dst, backend = %route.backend, sent = progress.sent,
+                    received = progress.received, "parked for the successor agent");
+                relays.park(Parked {
+                    meta,
+                    inbound: inbound.into(),
+                    upstream: upstream.into(),
+                });
+            }
+            drop(active);
+            return Ok(());
+        }
+        drop(active);
         self.forget(inbound_key, upstream_key);
         let result = result?;
         match result {
-            Ok(bytes) => {
+            Ok(Relayed::Done(bytes)) => {
                 if let Some(r) = &record {
-                    r.bytes(bytes.sent, bytes.received);
+                    r.bytes(bytes.sent - from.sent, bytes.received - from.received);
                 }
                 self.stats
                     .bytes_sent
-                    .fetch_add(bytes.sent, Ordering::Relaxed);
+                    .fetch_add(bytes.sent - from.sent, Ordering::Relaxed);
                 self.stats
                     .bytes_received
-                    .fetch_add(bytes.received, Ordering::Relaxed);
+                    .fetch_add(bytes.received - from.received, Ordering::Relaxed);
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
                 debug!(dst = %route.dst, backend = %route.backend, sent = bytes.sent,
                     received = bytes.received, spliced = bytes.spliced, "closed");
                 Ok(())
             }
+            Ok(Relayed::Paused { .. }) => unreachable!("handled above"),
             Err(e @ RelayError::Idle { .. }) => {
                 self.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(e.into())
@@ -790,6 +877,65 @@ impl Outbound {
                 Ok(())
             }
         }
+    }
+
+    /// Carries on a connection a predecessor agent handed over: the same
+    /// sockets (still in the sockhash when they were), its route, and how
+    /// far it had relayed each way.
+    pub async fn adopt(self: Arc<Self>, parked: Parked) {
+        let meta = parked.meta.clone();
+        let span = info_span!("outbound", src = %meta.peer, dst = %meta.dst, adopted = true);
+        async move {
+            self.stats.adopted.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.adopted(parked).await {
+                warn!(error = %e, "connection closed");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn adopted(self: &Arc<Self>, parked: Parked) -> Result<(), OutboundError> {
+        let Parked {
+            meta,
+            inbound,
+            upstream,
+        } = parked;
+        let stream = |fd: OwnedFd| {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            TcpStream::from_std(s)
+        };
+        let (inbound, upstream) = (stream(inbound)?, stream(upstream)?);
+        let key_of = |s: &TcpStream| Some(sock_key(s.local_addr().ok()?, s.peer_addr().ok()?));
+        let accel = self.sockets.as_ref().and_then(|maps| {
+            let key = key_of(&inbound)?;
+            let state = maps.state(&key)?;
+            let upstream = key_of(&upstream).and_then(|k| maps.state(&k).map(|s| (k, s)));
+            Some(Accelerated {
+                inbound: (key, state),
+                upstream,
+            })
+        });
+        let route = Route {
+            dst: meta.dst,
+            backend: meta.backend,
+            local: meta.local,
+            source: None,
+        };
+        debug!(backend = %route.backend, mode = accel.as_ref().map_or("userspace", Accelerated::mode),
+            sent = meta.sent, received = meta.received, "adopted from the predecessor agent");
+        let record = self
+            .tcp_labels(meta.peer, &route, false)
+            .map(|l| self.record_open(l, route.backend));
+        let from = Progress {
+            sent: meta.sent,
+            sent_done: meta.sent_done,
+            received: meta.received,
+            received_done: meta.received_done,
+        };
+        self.relay_l4(inbound, upstream, meta.peer, &route, accel, from, record)
+            .await
     }
 
     /// A same-node connection whose destination's L7 authorization rules

@@ -19,6 +19,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
+    sync::watch,
 };
 use trellis_common::{SK_MSG_FORWARDED_EVERY, SockKey, SockState, sock_flags, sock_mode};
 
@@ -68,6 +69,30 @@ pub struct Bytes {
     pub spliced: u64,
 }
 
+/// Where a relay starts: what a predecessor agent already relayed of a
+/// connection it handed over ([`crate::handoff`]), or nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// App → backend bytes, and whether that direction has ended.
+    pub sent: u64,
+    pub sent_done: bool,
+    /// Backend → app bytes, and whether that direction has ended.
+    pub received: u64,
+    pub received_done: bool,
+}
+
+/// How a relay ended: the connection is over, or the relay stopped at
+/// `pause` with no byte held in its buffers, for a successor to carry on.
+#[derive(Debug)]
+pub enum Relayed {
+    Done(Bytes),
+    Paused {
+        inbound: TcpStream,
+        upstream: TcpStream,
+        progress: Progress,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("no byte either way for {after:?}: closed (idle timeout)")]
@@ -77,13 +102,16 @@ pub enum RelayError {
 }
 
 /// Relays until both directions have ended (or one fails, or the
-/// connection idles out).
+/// connection idles out), or until `pause` turns true: then each direction
+/// stops before its next read and the sockets are given back.
 pub async fn relay(
     mut inbound: TcpStream,
     mut upstream: TcpStream,
     accel: Option<(&SocketMaps, Accelerated)>,
     idle_timeout: Duration,
-) -> Result<Bytes, RelayError> {
+    pause: Option<watch::Receiver<bool>>,
+    from: Progress,
+) -> Result<Relayed, RelayError> {
     let activity = AtomicU64::new(0);
     let tracker = |side: Option<(SockKey, SockState)>| {
         accel.and_then(|(maps, _)| side.map(|side| Tracker::new(maps, side)))
@@ -109,30 +137,56 @@ pub async fn relay(
         })
     };
 
-    let (inbound_read, inbound_write) = inbound.split();
-    let (upstream_read, upstream_write) = upstream.split();
-    let both = async {
-        tokio::try_join!(
-            pump(inbound_read, upstream_write, up_tracker, &activity),
-            pump(upstream_read, inbound_write, down_tracker, &activity),
+    let ((up, up_done), (down, down_done)) = {
+        let (inbound_read, inbound_write) = inbound.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        let up = Direction {
+            tracker: up_tracker,
+            start: from.sent,
+            done: from.sent_done,
+            pause: pause.clone(),
+        };
+        let down = Direction {
+            tracker: down_tracker,
+            start: from.received,
+            done: from.received_done,
+            pause,
+        };
+        let both = async {
+            tokio::try_join!(
+                pump(inbound_read, upstream_write, up, &activity),
+                pump(upstream_read, inbound_write, down, &activity),
+            )
+        };
+        until_idle(
+            both,
+            &activity,
+            || {
+                let (a, b) = kernel_spliced();
+                a + b
+            },
+            idle_timeout,
         )
+        .await?
     };
-    let (up, down) = until_idle(
-        both,
-        &activity,
-        || {
-            let (a, b) = kernel_spliced();
-            a + b
-        },
-        idle_timeout,
-    )
-    .await?;
+    if !(up_done && down_done) {
+        return Ok(Relayed::Paused {
+            inbound,
+            upstream,
+            progress: Progress {
+                sent: up,
+                sent_done: up_done,
+                received: down,
+                received_done: down_done,
+            },
+        });
+    }
     let (app_spliced, backend_spliced) = kernel_spliced();
-    Ok(Bytes {
+    Ok(Relayed::Done(Bytes {
         sent: up + app_spliced,
         received: down + backend_spliced,
         spliced: app_spliced + backend_spliced,
-    })
+    }))
 }
 
 /// Relays two byte streams both ways, half-close included (an HBONE stream
@@ -156,24 +210,25 @@ where
             pump(
                 a_read,
                 b_write,
-                a_accel.map(|(maps, side)| Tracker::new(maps, side)),
+                Direction::fresh(a_accel.map(|(maps, side)| Tracker::new(maps, side))),
                 &activity
             ),
-            pump(b_read, a_write, None, &activity),
+            pump(b_read, a_write, Direction::fresh(None), &activity),
         )
     };
-    until_idle(both, &activity, || 0, idle_timeout).await
+    let ((ab, _), (ba, _)) = until_idle(both, &activity, || 0, idle_timeout).await?;
+    Ok((ab, ba))
 }
 
 /// Runs `both` to its end unless no byte moves for `idle_timeout`: neither
 /// through the agent (`activity`) nor around it (`elsewhere`, the kernel's
 /// counts for spliced connections).
-async fn until_idle(
-    both: impl Future<Output = io::Result<(u64, u64)>>,
+async fn until_idle<T>(
+    both: impl Future<Output = io::Result<T>>,
     activity: &AtomicU64,
     elsewhere: impl Fn() -> u64,
     idle_timeout: Duration,
-) -> Result<(u64, u64), RelayError> {
+) -> Result<T, RelayError> {
     tokio::pin!(both);
     let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
     let mut seen = 0;
@@ -350,25 +405,73 @@ impl<M: std::ops::Deref<Target = SocketMaps>> Tracker<M> {
     }
 }
 
-/// Copies one direction; at EOF forwards the FIN (half-close) and returns
-/// the bytes copied.
+/// One direction of a relay: its tracker, where it starts, and the pause
+/// signal it obeys.
+struct Direction<'a> {
+    tracker: Option<Tracker<&'a SocketMaps>>,
+    /// Bytes already relayed (by a predecessor).
+    start: u64,
+    /// Already ended (its FIN forwarded by a predecessor).
+    done: bool,
+    pause: Option<watch::Receiver<bool>>,
+}
+
+impl<'a> Direction<'a> {
+    fn fresh(tracker: Option<Tracker<&'a SocketMaps>>) -> Self {
+        Self {
+            tracker,
+            start: 0,
+            done: false,
+            pause: None,
+        }
+    }
+}
+
+/// Completes once `pause` is true; never without one (or once its sender
+/// is gone).
+async fn paused(pause: &mut Option<watch::Receiver<bool>>) {
+    if let Some(p) = pause
+        && p.wait_for(|p| *p).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Copies one direction; at EOF forwards the FIN (half-close). Returns the
+/// bytes copied (from the direction's start) and whether it ended; `false`
+/// when the pause stopped it before a read, with nothing held back.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
-    mut tracker: Option<Tracker<&SocketMaps>>,
+    direction: Direction<'_>,
     activity: &AtomicU64,
-) -> io::Result<u64>
+) -> io::Result<(u64, bool)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Direction {
+        mut tracker,
+        start,
+        done,
+        mut pause,
+    } = direction;
+    if done {
+        return Ok((start, true));
+    }
     let mut buf = vec![0u8; BUFFER];
-    let mut total = 0u64;
+    let mut total = start;
     loop {
-        let n = from.read(&mut buf).await?;
+        // A read is cancel-safe: a pause that wins takes no byte.
+        let n = tokio::select! {
+            biased;
+            () = paused(&mut pause) => return Ok((total, false)),
+            n = from.read(&mut buf) => n?,
+        };
         if n == 0 {
             to.shutdown().await?;
-            return Ok(total);
+            return Ok((total, true));
         }
         to.write_all(&buf[..n]).await?;
         total += n as u64;
