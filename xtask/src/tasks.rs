@@ -93,7 +93,7 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
     step(
         "unit tests",
         cargo()
-            .args(["test", "--workspace", "--exclude", "trellis-ebpf"])
+            .args(["test", "--no-fail-fast", "--workspace", "--exclude", "trellis-ebpf"])
             .arg("--")
             .args(args),
     )?;
@@ -105,6 +105,7 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
         cargo()
             .args([
                 "test",
+                "--no-fail-fast",
                 "--package",
                 "trellis-tests",
                 "--features",
