@@ -197,11 +197,9 @@ async fn state_source(cfg: &AgentConfig) -> Result<Option<crate::state::Source>,
         })?,
     };
     info!(api_server = %config.cluster_url, "state from the Kubernetes API");
-    let client =
-        kube::Client::try_from(config).map_err(|e| AgentError::Kubernetes(e.to_string()))?;
-    Ok(Some(crate::state::Source::Kubernetes(
-        crate::state::kube::KubeSource::start(&client),
-    )))
+    let source = crate::state::kube::KubeSource::connect(config)
+        .map_err(|e| AgentError::Kubernetes(e.to_string()))?;
+    Ok(Some(crate::state::Source::Kubernetes(source)))
 }
 
 /// Keeps [`READY_CERTIFICATES`] current: checked every [`CERT_CHECK`] and

@@ -180,24 +180,14 @@ fn backends(snapshot: &Snapshot) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_source_follows_lists_watches_410s_and_outages() {
     // Gateway API routes are not installed in this "cluster": 404.
-    let server = FakeApiServer::start(&[
-        "nodes",
-        "namespaces",
-        "pods",
-        "services",
-        "endpointslices",
-        "networkpolicies",
-        "authorizationpolicies",
-        "trafficpolicies",
-    ]);
+    let server = FakeApiServer::start(&[]);
     server.apply("nodes", &node());
     server.apply("namespaces", &namespace());
     server.apply("pods", &pod("web-7d9c5b-aaaaa", "10.1.1.12", "v1"));
     server.apply("services", &service(80));
 
     let config = kube::Config::new(format!("http://127.0.0.1:{}", server.port).parse().unwrap());
-    let client = kube::Client::try_from(config).expect("client");
-    let mut source = KubeSource::start(&client);
+    let mut source = KubeSource::connect(config).expect("client");
 
     // The first list of every kind (routes: absent) gives the state.
     let snapshot = until(&mut source, "first list", |s| {

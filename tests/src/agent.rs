@@ -217,3 +217,20 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// `trellis agent --uninstall` for `node`'s cgroup root and bpffs folder.
+pub fn uninstall(node: &Node) -> anyhow::Result<()> {
+    let out = Command::new(trellis_bin())
+        .args(["agent", "--uninstall", "--cgroup-root"])
+        .arg(&node.cgroup_root)
+        .arg("--bpffs")
+        .arg(&node.bpffs)
+        .output()
+        .context("running trellis agent --uninstall")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "--uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

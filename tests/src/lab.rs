@@ -349,6 +349,21 @@ impl Node {
     pub fn exec(&self) -> Exec {
         Exec::new(netns_path(&self.netns), None)
     }
+
+    /// `/healthz/ready` of the node's agent, from the node's namespace:
+    /// (HTTP status, JSON body; `Null` when it is not JSON).
+    pub fn readiness(&self) -> (String, serde_json::Value) {
+        let url = format!("http://{}:15021/healthz/ready", self.ip);
+        let text = self
+            .exec()
+            .curl(&["-m", "2", "-w", "\n%{http_code}", &url])
+            .unwrap_or_default();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        (
+            code.to_owned(),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
 }
 
 impl Pod {

@@ -19,7 +19,7 @@ pub mod process;
 pub mod py;
 pub mod sys;
 
-pub use agent::{Agent, Usage, trellis_bin};
+pub use agent::{Agent, Usage, trellis_bin, uninstall};
 pub use lab::{Lab, Node, Pod};
 pub use process::{ChildGuard, Exec};
 

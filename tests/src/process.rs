@@ -85,6 +85,15 @@ impl Exec {
         child.wait_output(limit)
     }
 
+    /// `curl -s ARGS` (bounded by its own `-m` if given, else 20 s here);
+    /// its stdout, whatever curl's exit.
+    pub fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-s"];
+        all.extend_from_slice(args);
+        let out = self.output("curl", &all, Duration::from_secs(20))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs `program args...` and fails unless it exits 0; returns stdout.
     pub fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = self.output(program, args, Duration::from_secs(30))?;

@@ -138,18 +138,7 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
     assert_eq!(events, 3, "{doc}");
 
     second.terminate().expect("exit");
-    let out = std::process::Command::new(trellis_bin())
-        .args(["agent", "--uninstall", "--cgroup-root"])
-        .arg(&node.cgroup_root)
-        .arg("--bpffs")
-        .arg(&node.bpffs)
-        .output()
-        .expect("uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_tests::uninstall(&node).expect("uninstall");
     assert!(
         cgroup_program_names(&node.cgroup_root)
             .expect("bpftool")

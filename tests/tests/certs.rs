@@ -631,31 +631,6 @@ fn external_certificates_load_reload_and_refuse_bad_files_and_no_key_ever_leaks(
     }
 }
 
-/// `/healthz/ready` as JSON, from the node's namespace: (HTTP status, body).
-fn readiness(node: &Node) -> (String, serde_json::Value) {
-    let out = node
-        .exec()
-        .output(
-            "curl",
-            &[
-                "-s",
-                "-m",
-                "2",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://{}:15021/healthz/ready", node.ip),
-            ],
-            Duration::from_secs(5),
-        )
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    (
-        code.to_owned(),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 #[test]
 fn a_node_is_not_ready_until_its_workloads_certificates_can_be_had() {
     let pair = Pair::new("certs_ready");
@@ -678,7 +653,7 @@ fn a_node_is_not_ready_until_its_workloads_certificates_can_be_had() {
     // Everything else comes up; the certificate of pod a1 is not there.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (code, body) = loop {
-        let (code, body) = readiness(&pair.a);
+        let (code, body) = pair.a.readiness();
         let others_met = ["datapath", "state", "hbone"]
             .iter()
             .all(|c| body["conditions"][c]["met"] == true);
@@ -707,7 +682,7 @@ fn a_node_is_not_ready_until_its_workloads_certificates_can_be_had() {
     agent
         .wait_ready(Duration::from_secs(30))
         .expect("ready once the certificate is there");
-    let (code, body) = readiness(&pair.a);
+    let (code, body) = pair.a.readiness();
     assert_eq!(code, "200", "{body}");
     assert_eq!(body["conditions"]["certificates"]["met"], true);
     let _ = std::fs::remove_dir_all(&dir);

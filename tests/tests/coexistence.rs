@@ -168,18 +168,7 @@ fn trellis_runs_beside_another_cnis_cgroup_programs() {
     cluster.restart(0, &a, &[]).expect("restart");
     assert!(foreign_attached());
     cluster.agents[0].terminate().expect("stop");
-    let out = std::process::Command::new(trellis_tests::trellis_bin())
-        .args(["agent", "--uninstall", "--cgroup-root"])
-        .arg(&a.cgroup_root)
-        .arg("--bpffs")
-        .arg(&a.bpffs)
-        .output()
-        .expect("uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_tests::uninstall(&a).expect("uninstall");
     assert!(
         sys::cgroup_program_names(&a.cgroup_root)
             .expect("bpftool")

@@ -251,18 +251,7 @@ fn upgrades_keep_l4_flows_and_restarts_keep_enforcing() {
 
     // Uninstall: nothing of the agent's is left in the kernel.
     agent.terminate().expect("stop");
-    let out = std::process::Command::new(trellis_tests::trellis_bin())
-        .args(["agent", "--uninstall", "--cgroup-root"])
-        .arg(&a.cgroup_root)
-        .arg("--bpffs")
-        .arg(&a.bpffs)
-        .output()
-        .expect("uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_tests::uninstall(&a).expect("uninstall");
     // Program and map fds of exited processes close a moment later.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -93,7 +93,13 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
     step(
         "unit tests",
         cargo()
-            .args(["test", "--no-fail-fast", "--workspace", "--exclude", "trellis-ebpf"])
+            .args([
+                "test",
+                "--no-fail-fast",
+                "--workspace",
+                "--exclude",
+                "trellis-ebpf",
+            ])
             .arg("--")
             .args(args),
     )?;

@@ -296,6 +296,15 @@ impl Drop for KubeSource {
 }
 
 impl KubeSource {
+    /// A client for `config` and a watcher per kind. The client's own
+    /// retries are off: kube-client retries a 503 up to 15 times over
+    /// minutes, which would hide an outage from the watchers (they back off
+    /// on their own) and from the staleness they report.
+    pub fn connect(mut config: kube::Config) -> Result<Self, kube::Error> {
+        config.default_retry = false;
+        Ok(Self::start(&Client::try_from(config)?))
+    }
+
     /// Starts a watcher per kind with `client`.
     pub fn start(client: &Client) -> Self {
         let store = Arc::new(Mutex::new(Store::default()));
