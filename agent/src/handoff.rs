@@ -51,6 +51,11 @@ const MAX_FDS: usize = 16;
 /// How long either side waits for the other's next message.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// How long the old agent waits for `take`: the successor loads its state
+/// first (a first list from a large cluster's API server takes a while).
+/// Both accept meanwhile.
+const TAKE_PATIENCE: Duration = Duration::from_secs(300);
+
 /// How long the old agent waits for its relays to park.
 const PARK_WAIT: Duration = Duration::from_secs(3);
 
@@ -498,6 +503,7 @@ fn hand_over(
     channel.send(&Message::Listeners { names }, &fds)?;
     tracing::info!("a successor took the listeners; both accept until it is ready");
     // It becomes ready (loads the state) before it asks for the rest.
+    socket2::SockRef::from(&channel.0).set_read_timeout(Some(TAKE_PATIENCE))?;
     let (message, _) = match channel.recv() {
         Ok(m) => m,
         Err(HandoffError::Io(e))
