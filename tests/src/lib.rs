@@ -33,3 +33,25 @@ pub fn require_privileges() {
         "the privileged tier needs root (network namespaces, cgroups, BPF): run `sudo cargo xtask test`"
     );
 }
+
+/// Every cgroup program the agent attaches to its cgroup root, sorted (as
+/// [`sys::cgroup_program_names`] lists them).
+pub const CGROUP_PROGRAMS: [&str; 7] = [
+    "trl_connect4",
+    "trl_connect6",
+    "trl_getpeer4",
+    "trl_getpeer6",
+    "trl_sendmsg4",
+    "trl_sendmsg6",
+    "trl_sock_ops",
+];
+
+/// Waits until `check` holds, polling every 200 ms; fails with `what` after
+/// `limit`.
+pub fn eventually(what: &str, limit: std::time::Duration, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

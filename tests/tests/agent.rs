@@ -3,18 +3,9 @@
 
 use std::time::Duration;
 
-use trellis_tests::{Agent, Lab, sys::cgroup_program_names, trellis_bin};
-
-/// Every cgroup program the agent attaches, sorted.
-const PROGRAMS: [&str; 7] = [
-    "trl_connect4",
-    "trl_connect6",
-    "trl_getpeer4",
-    "trl_getpeer6",
-    "trl_sendmsg4",
-    "trl_sendmsg6",
-    "trl_sock_ops",
-];
+use trellis_tests::{
+    Agent, CGROUP_PROGRAMS as PROGRAMS, Lab, sys::cgroup_program_names, trellis_bin,
+};
 
 /// The sk_msg program hangs off the sockhash, through its own pinned link
 /// (bpftool 7.1 names neither the sockmap link type nor its map: check the

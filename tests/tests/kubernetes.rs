@@ -56,13 +56,9 @@ fn readiness(node: &Node) -> Value {
     node.readiness().1
 }
 
-/// Waits for `check`, past the watchers' longest backoff (30 s).
+/// Waits for `check`; the limit covers the watchers' longest backoff (30 s).
 fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    trellis_tests::eventually(what, Duration::from_secs(45), check);
 }
 
 #[test]

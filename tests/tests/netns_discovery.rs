@@ -10,7 +10,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use trellis_tests::{Lab, Pod, mesh, mesh::Cluster, process::ChildGuard, py};
@@ -80,12 +80,9 @@ impl Drop for Sandbox {
     }
 }
 
+/// Waits for `check` (the agent looks for pods each second).
 fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    trellis_tests::eventually(what, Duration::from_secs(20), check);
 }
 
 #[test]

@@ -142,15 +142,7 @@ fn upgrade_during_a_transfer(
     assert_eq!(pins(&node.bpffs), pins_before, "{mode}: the same pins");
     assert_eq!(
         sys::cgroup_program_names(&node.cgroup_root).expect("bpftool"),
-        [
-            "trl_connect4",
-            "trl_connect6",
-            "trl_getpeer4",
-            "trl_getpeer6",
-            "trl_sendmsg4",
-            "trl_sendmsg6",
-            "trl_sock_ops"
-        ],
+        trellis_tests::CGROUP_PROGRAMS,
         "{mode}: attached once each"
     );
     new
