@@ -114,12 +114,8 @@ pub struct ParkedMeta {
     pub backend: SocketAddr,
     /// The backend is on this node.
     pub local: bool,
-    /// Bytes relayed so far, app → backend and back.
-    pub sent: u64,
-    pub received: u64,
-    /// The direction has ended (its FIN forwarded).
-    pub sent_done: bool,
-    pub received_done: bool,
+    /// How far it was relayed each way, and which directions have ended.
+    pub progress: crate::proxy::relay::Progress,
 }
 
 /// A connection a relay let go of, with its sockets.
@@ -566,10 +562,12 @@ mod tests {
             dst: listen_addr,
             backend: listen_addr,
             local: true,
-            sent: 5,
-            received: 7,
-            sent_done: false,
-            received_done: true,
+            progress: crate::proxy::relay::Progress {
+                sent: 5,
+                sent_done: false,
+                received: 7,
+                received_done: true,
+            },
         };
         let stopped = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {

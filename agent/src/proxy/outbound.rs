@@ -827,10 +827,7 @@ impl Outbound {
                 dst: route.dst,
                 backend: route.backend,
                 local: route.local,
-                sent: progress.sent,
-                received: progress.received,
-                sent_done: progress.sent_done,
-                received_done: progress.received_done,
+                progress,
             };
             let (Ok(inbound), Ok(upstream)) = (inbound.into_std(), upstream.into_std()) else {
                 self.forget(inbound_key, upstream_key);
@@ -924,18 +921,20 @@ impl Outbound {
             source: None,
         };
         debug!(backend = %route.backend, mode = accel.as_ref().map_or("userspace", Accelerated::mode),
-            sent = meta.sent, received = meta.received, "adopted from the predecessor agent");
+            sent = meta.progress.sent, received = meta.progress.received, "adopted from the predecessor agent");
         let record = self
             .tcp_labels(meta.peer, &route, false)
             .map(|l| self.record_open(l, route.backend));
-        let from = Progress {
-            sent: meta.sent,
-            sent_done: meta.sent_done,
-            received: meta.received,
-            received_done: meta.received_done,
-        };
-        self.relay_l4(inbound, upstream, meta.peer, &route, accel, from, record)
-            .await
+        self.relay_l4(
+            inbound,
+            upstream,
+            meta.peer,
+            &route,
+            accel,
+            meta.progress,
+            record,
+        )
+        .await
     }
 
     /// A same-node connection whose destination's L7 authorization rules

@@ -71,7 +71,7 @@ pub struct Bytes {
 
 /// Where a relay starts: what a predecessor agent already relayed of a
 /// connection it handed over ([`crate::handoff`]), or nothing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     /// App → backend bytes, and whether that direction has ended.
     pub sent: u64,
