@@ -568,12 +568,13 @@ fn state_loop(
     let mut unresolved = false;
     let mut checked = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let mut polled = source.as_mut().and_then(crate::state::Source::poll);
-        if polled.is_none() && checked.elapsed() >= NETNS_RETRY {
+        let polled = source.as_mut().and_then(crate::state::Source::poll);
+        let mut rebuild = polled.is_some();
+        if let Some(objects) = polled {
+            last = Some(objects);
+        } else if checked.elapsed() >= NETNS_RETRY {
             checked = std::time::Instant::now();
-            if unresolved || netns.stale() {
-                polled.clone_from(&last);
-            }
+            rebuild = unresolved || netns.stale();
         }
         if let Some(source) = &source {
             *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
@@ -585,14 +586,13 @@ fn state_loop(
                 trouble = now;
             }
         }
-        if let Some(objects) = polled {
-            let mut snapshot = Snapshot::build(&cfg.node, &objects);
+        if let Some(objects) = last.as_ref().filter(|_| rebuild) {
+            let mut snapshot = Snapshot::build(&cfg.node, objects);
             let missing = netns.fill(&cfg.node, &mut snapshot.workloads);
             if !missing.is_empty() && !unresolved {
                 info!(pods = ?missing, "local pods with no process yet to find their network namespace by; looking again each second");
             }
             unresolved = !missing.is_empty();
-            last = Some(objects);
             log_route_changes(&routes, &snapshot.routes.status);
             routes = snapshot.routes.status.clone();
             pending = Some(Arc::new(snapshot));
