@@ -191,6 +191,11 @@ impl Datapath {
             .inspect_err(|e| warn!(error = %e, "sk_msg turned off: the kernel's socket fields cannot be located"))
             .ok();
         let mut loader = EbpfLoader::new();
+        // No kernel BTF for aya: the programs carry no CO-RE relocations
+        // (the few kernel offsets they need are the globals below) and attach
+        // to no BTF-typed hook, and parsing vmlinux's BTF costs ~15 MiB of
+        // peak memory.
+        loader.btf(None);
         if let Some(offsets) = &offsets {
             loader
                 .override_global(GLOBAL_SOCK_RMEM_ALLOC, &offsets.sock_rmem_alloc, true)

@@ -18,6 +18,7 @@ pub mod env {
     pub const CA_DIR: &str = "TRELLIS_CA_DIR";
     pub const CERT_DIR: &str = "TRELLIS_CERT_DIR";
     pub const WORKER_THREADS: &str = "TRELLIS_WORKER_THREADS";
+    pub const BUSY_POLL_US: &str = "TRELLIS_BUSY_POLL_US";
     pub const TRUST_DOMAIN: &str = "TRELLIS_TRUST_DOMAIN";
     pub const LOG_LEVEL: &str = "TRELLIS_LOG_LEVEL";
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
@@ -329,6 +330,14 @@ pub struct AgentArgs {
     /// connections over more cores.
     #[arg(long, env = env::WORKER_THREADS, default_value_t = 1)]
     pub worker_threads: usize,
+
+    /// After forwarding a request to a pod on this node, keep the worker
+    /// polling for the answer up to this many microseconds instead of
+    /// sleeping (0: never; at most 1000). For nodes with cores to spare: a
+    /// VM's idle core is slow to wake, but where the pod must share the
+    /// agent's core, polling delays it (docs/l7.md, "Busy polling").
+    #[arg(long, env = env::BUSY_POLL_US, default_value_t = 0)]
+    pub busy_poll_us: u64,
 
     /// Detach and unpin everything a previous agent left under --bpffs and --cgroup-root, then exit.
     #[arg(long)]

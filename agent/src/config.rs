@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub hbone_keepalive: crate::hbone::Keepalive,
     /// Threads of the async runtime.
     pub worker_threads: usize,
+    /// How long the L7 path polls for a same-node answer before sleeping.
+    #[serde(with = "humantime_serde")]
+    pub busy_poll: Duration,
     /// Lifetime of issued workload certificates.
     #[serde(with = "humantime_serde")]
     pub cert_lifetime: Duration,
@@ -259,6 +262,13 @@ impl AgentConfig {
                 reason: "between 1 and 64".into(),
             });
         }
+        if args.busy_poll_us > 1000 {
+            return Err(ConfigError::Invalid {
+                flag: "busy-poll-us",
+                value: args.busy_poll_us.to_string(),
+                reason: "at most 1000: past a millisecond, sleeping costs less than polling".into(),
+            });
+        }
         let cert_lifetime = duration("cert-lifetime", &args.cert_lifetime)?;
         if cert_lifetime < Duration::from_secs(2) {
             return Err(ConfigError::Invalid {
@@ -298,6 +308,7 @@ impl AgentConfig {
             protocol_detect_timeout,
             hbone_keepalive,
             worker_threads: args.worker_threads,
+            busy_poll: Duration::from_micros(args.busy_poll_us),
             cert_lifetime,
         })
     }

@@ -16,6 +16,7 @@ pub mod handoff;
 pub mod hbone;
 pub mod identity;
 pub mod inspect;
+pub mod memory;
 pub mod metrics;
 pub mod netlink;
 #[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]

@@ -139,14 +139,6 @@ fn wildcard(port: u16, v6: bool) -> SocketAddr {
     }
 }
 
-/// Loading the programs parsed the kernel's BTF (megabytes, freed by now):
-/// hands those pages back instead of keeping them in malloc's free lists.
-#[expect(unsafe_code, reason = "malloc_trim")]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe { libc::malloc_trim(0) };
-}
-
 /// Where certificates come from: an external issuer's files, the mounted
 /// CA, or a root made now.
 fn certificate_manager(cfg: &AgentConfig) -> Result<Arc<CertManager>, AgentError> {
@@ -328,7 +320,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
 
         let mut datapath = Datapath::install(&cfg.cgroup_root, &cfg.bpffs)?;
-        release_free_memory();
+        // Loading parsed the kernel's BTF and the object: megabytes freed.
+        crate::memory::release_free_heap();
+        tokio::spawn(release_startup_memory(readiness.clone()));
         let mut accel = cfg.accel;
         if !datapath.sk_msg_usable() {
             accel.sk_msg = false;
@@ -362,6 +356,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             detect_timeout: cfg.protocol_detect_timeout,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
+            busy_poll: cfg.busy_poll,
             accel,
         };
         info!(sk_msg = accel.sk_msg, splice = accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
@@ -475,6 +470,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     .instrument(span)
     .await
+}
+
+/// Once the agent is ready and settled, gives back what start-up alone
+/// used: the resident set is then what serving needs (docs/operations.md,
+/// "Memory").
+async fn release_startup_memory(readiness: Readiness) {
+    while !readiness.is_ready() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    crate::memory::release_free_heap();
+    match tokio::task::spawn_blocking(crate::memory::release_startup_code).await {
+        Ok(Ok(bytes)) => info!(bytes, "start-up code pages handed back"),
+        Ok(Err(e)) => warn!(error = %e, "start-up code pages kept: /proc/self/smaps unreadable"),
+        Err(_) => {}
+    }
 }
 
 /// Takes the predecessor's connections once this agent is ready, then

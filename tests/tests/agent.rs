@@ -64,8 +64,24 @@ fn agent_is_ready_leaves_pins_on_sigterm_adopts_them_and_uninstalls() {
     let log = agent.log_text();
     assert!(log.contains("trellis agent ready"), "{log}");
 
+    // Once ready, start-up's code pages are handed back, and the agent
+    // still runs (the connect below is counted by what it loaded).
+    trellis_tests::eventually(
+        "start-up pages handed back",
+        Duration::from_secs(10),
+        || {
+            agent.log_text().lines().any(|l| {
+                l.contains("start-up code pages handed back")
+                    && l.split("bytes=")
+                        .nth(1)
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                        .is_some_and(|b| b > 0)
+            })
+        },
+    );
     poke();
     assert_eq!(connect4_events(&node.bpffs), 1);
+    assert_eq!(node.readiness().0, "200");
 
     let status = agent.terminate().expect("exit on SIGTERM");
     assert!(

@@ -111,6 +111,11 @@ fn http_routes_pick_the_backend_of_each_request() {
     // 90/10 over 2,000 requests on one keep-alive connection. v2's count is
     // Binomial(2000, 0.1): mean 200, sd 13.4; the bound is 5 sd either side
     // (a false failure once in ~1.7 million runs).
+    let answers = |status: &serde_json::Value| {
+        ["answers_while_polling", "answers_after_sleeping"]
+            .map(|k| status["http"][k].as_u64().expect("counter"))
+    };
+    let before = answers(&cluster.agents[0].cli_json("status").expect("status"));
     let urls: Vec<String> = (0..2000).map(|_| url("/canary")).collect();
     let mut args = vec!["-w", "\\n"];
     args.extend(urls.iter().map(String::as_str));
@@ -123,6 +128,14 @@ fn http_routes_pick_the_backend_of_each_request() {
         "every request answered: {v1_count} + {v2_count}"
     );
     assert!((133..=267).contains(&v2_count), "v2 got {v2_count} of 2000");
+    // v1's answers came from this node: each was waited for by the busy
+    // poller (in its window or after it); v2's, from the other node, not.
+    let after = answers(&cluster.agents[0].cli_json("status").expect("status"));
+    assert_eq!(
+        (after[0] - before[0]) + (after[1] - before[1]),
+        v1_count as u64,
+        "{before:?} -> {after:?}"
+    );
 
     // The consumer route replaces the producer route for dev's clients: no
     // 404 for them, and everything to web-dev (across nodes, through HBONE).

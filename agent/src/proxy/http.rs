@@ -34,7 +34,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug};
 
-use super::{detect::Protocol, telemetry};
+use super::{busy_poll::Poller, detect::Protocol, telemetry};
 use crate::metrics::{
     IstioMetrics,
     istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
@@ -109,6 +109,10 @@ pub struct HttpStats {
     pub mirror_skipped: AtomicU64,
     /// Upstream connections to pods on this node put in the sockhash.
     pub accelerated_upstreams: AtomicU64,
+    /// Answers from pods on this node that came while the agent polled for
+    /// them (`--busy-poll-us`), and those it slept for.
+    pub answers_while_polling: AtomicU64,
+    pub answers_after_sleeping: AtomicU64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -201,6 +205,8 @@ pub struct HttpProxy {
     /// for the state they were made under (its address).
     traffic: Mutex<(usize, HashMap<TrafficKey, Traffic>)>,
     connect_timeout: Duration,
+    /// Polls for same-node upstreams' answers before sleeping.
+    poller: Poller,
     h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
     /// Per Service: its policy's run-time state.
@@ -226,6 +232,7 @@ impl HttpProxy {
         state: watch::Receiver<Arc<Snapshot>>,
         shared: Shared,
         connect_timeout: Duration,
+        busy_poll: Duration,
     ) -> Self {
         Self {
             node: node.into(),
@@ -238,6 +245,7 @@ impl HttpProxy {
             tracer: shared.tracer,
             traffic: Mutex::default(),
             connect_timeout,
+            poller: Poller::new(busy_poll),
             h1: Mutex::default(),
             h2: Mutex::default(),
             services: Mutex::default(),
@@ -984,6 +992,11 @@ impl HttpProxy {
     ) -> Result<Response<Body>, (Reason, String)> {
         let snapshot = self.state.borrow().clone();
         let dst = self.tunnel(&snapshot, call, backend);
+        // A pod on this node answers within tens of microseconds: worth
+        // polling for rather than sleeping (busy_poll.rs).
+        let local = snapshot
+            .workload_by_ip(backend.ip())
+            .is_some_and(|w| w.node == self.node);
         let key = UpstreamKey {
             backend,
             src: dst.as_ref().and(call.client_identity.clone()),
@@ -1020,8 +1033,9 @@ impl HttpProxy {
                 *req.uri_mut() = uri;
             }
             let mut sender = self.h2_sender(&key, dst, call, svc).await?;
-            let resp = sender
-                .send_request(req)
+            let sent = sender.send_request(req);
+            let resp = self
+                .answer(local, sent)
                 .await
                 .map_err(|e| (Reason::UpstreamReset, e.to_string()))?;
             Ok(resp.map(|b| b.boxed()))
@@ -1048,8 +1062,9 @@ impl HttpProxy {
                     .await;
             }
             let mut sender = self.h1_sender(&key, dst, call, svc).await?;
-            let resp = sender
-                .send_request(req)
+            let sent = sender.send_request(req);
+            let resp = self
+                .answer(local, sent)
                 .await
                 .map_err(|e| (Reason::UpstreamReset, e.to_string()))?;
             // Back to the pool: it takes the next request once this
@@ -1061,6 +1076,22 @@ impl HttpProxy {
             }
             Ok(resp.map(|b| b.boxed()))
         }
+    }
+
+    /// Awaits an upstream's answer: polled for when the upstream is a pod on
+    /// this node (busy_poll.rs).
+    async fn answer<F: Future>(&self, local: bool, sent: F) -> F::Output {
+        if !local {
+            return sent.await;
+        }
+        let (answer, polled) = self.poller.wait(sent).await;
+        let counter = if polled {
+            &self.stats.answers_while_polling
+        } else {
+            &self.stats.answers_after_sleeping
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        answer
     }
 
     /// An HTTP/1.1 upgrade (WebSocket, h2c) of a request already in

@@ -66,6 +66,9 @@ pub struct OutboundConfig {
     pub connect_timeout: Duration,
     /// A connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// The L7 path polls this long for an answer from a pod on this node
+    /// before letting the worker sleep.
+    pub busy_poll: Duration,
     pub accel: Acceleration,
 }
 
@@ -75,6 +78,7 @@ impl Default for OutboundConfig {
             detect_timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
+            busy_poll: Duration::ZERO,
             accel: Acceleration {
                 sk_msg: true,
                 splice: true,
@@ -424,6 +428,7 @@ impl Outbound {
                     tracer: self.tracer.clone(),
                 },
                 self.config.connect_timeout,
+                self.config.busy_poll,
             ))
         })
     }

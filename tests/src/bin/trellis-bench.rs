@@ -197,6 +197,26 @@ fn print_percentiles(mut lat: Vec<u64>) {
 }
 
 /// p50 and p99 in microseconds, from a client's output.
+/// Runs this binary's fixed-rate client `cmd` in `from` against `addr`
+/// (RATE over RATE_CONNS connections for RATE_SECS); its latency lines.
+fn fixed_rate(
+    me: &str,
+    from: &trellis_tests::Pod,
+    cmd: &str,
+    addr: &str,
+) -> anyhow::Result<String> {
+    from.exec().run(
+        me,
+        &[
+            cmd,
+            addr,
+            &RATE.to_string(),
+            &RATE_CONNS.to_string(),
+            &RATE_SECS.to_string(),
+        ],
+    )
+}
+
 fn percentiles(out: &str) -> anyhow::Result<(u64, u64)> {
     let mut it = out.split_whitespace().map(str::parse::<u64>);
     Ok((it.next().context("p50")??, it.next().context("p99")??))
@@ -512,16 +532,7 @@ fn cross_node() -> anyhow::Result<()> {
         |from: &trellis_tests::Pod, host: &str| -> anyhow::Result<(u64, u64, [f64; 2])> {
             let before: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
             let t = Instant::now();
-            let out = from.exec().run(
-                &me,
-                &[
-                    "rate-client",
-                    &format!("{host}:{RR_PORT}"),
-                    &RATE.to_string(),
-                    &RATE_CONNS.to_string(),
-                    &RATE_SECS.to_string(),
-                ],
-            )?;
+            let out = fixed_rate(&me, from, "rate-client", &format!("{host}:{RR_PORT}"))?;
             let elapsed = t.elapsed().as_secs_f64();
             let mut vcpu = [0.0; 2];
             for (i, agent) in agents.iter().enumerate() {
@@ -1009,15 +1020,11 @@ fn http() -> anyhow::Result<()> {
     let mut rate_rows: Vec<(u64, u64)> = vec![(u64::MAX, u64::MAX); paths.len()];
     for _ in 0..2 {
         for (i, (_, _, from, host)) in paths.iter().enumerate() {
-            let out = from.exec().run(
+            let out = fixed_rate(
                 &me,
-                &[
-                    "http-rate-client",
-                    &format!("{host}:{HTTP_PORT}"),
-                    &RATE.to_string(),
-                    &RATE_CONNS.to_string(),
-                    &RATE_SECS.to_string(),
-                ],
+                from,
+                "http-rate-client",
+                &format!("{host}:{HTTP_PORT}"),
             )?;
             let (p50, p99) = percentiles(&out)?;
             rate_rows[i] = (rate_rows[i].0.min(p50), rate_rows[i].1.min(p99));
@@ -1129,6 +1136,45 @@ fn http() -> anyhow::Result<()> {
             metrics_rows[i] = (metrics_rows[i].0.max(rps), metrics_rows[i].1.max(per_cpu));
         }
     }
+    // Busy polling on vs off: the same-node L7 fixed-rate run, agent a
+    // restarted with a 50 us window and with none (the default), twice each.
+    let mut poll_rows = [(u64::MAX, u64::MAX, f64::MAX, 0.0f64); 2];
+    let mut polled_share = [0.0f64; 2];
+    for _ in 0..2 {
+        for (i, us) in ["50", "0"].into_iter().enumerate() {
+            cluster.restart(0, &a, &["--log-level", "warn", "--busy-poll-us", us])?;
+            let before = cluster.agents[0].usage()?.cpu_seconds;
+            let t = Instant::now();
+            let out = fixed_rate(
+                &me,
+                &client,
+                "http-rate-client",
+                &format!("{L7}:{HTTP_PORT}"),
+            )?;
+            let vcpu =
+                (cluster.agents[0].usage()?.cpu_seconds - before) / t.elapsed().as_secs_f64();
+            let (p50, p99) = percentiles(&out)?;
+            let counters = &cluster.agents[0].cli_json("status")?["http"];
+            let [polled, slept] = ["answers_while_polling", "answers_after_sleeping"]
+                .map(|k| counters[k].as_u64().unwrap_or(0) as f64);
+            polled_share[i] = polled_share[i].max(polled / (polled + slept).max(1.0));
+            let before = cluster.agents[0].usage()?.cpu_seconds;
+            h2load(
+                &client,
+                &[
+                    "-n", "40000", "-t", "1", "--h1", "-c", "16", "-m", "1", &l7_url,
+                ],
+            )?;
+            let per_cpu = 40000.0 / (cluster.agents[0].usage()?.cpu_seconds - before).max(1e-9);
+            let row = &mut poll_rows[i];
+            *row = (
+                row.0.min(p50),
+                row.1.min(p99),
+                row.2.min(vcpu * 1000.0 / f64::from(RATE)),
+                row.3.max(per_cpu),
+            );
+        }
+    }
     println!(
         "\nHTTP: agent a's L7 path served {} requests on {} connections",
         http["requests"], http["connections"]
@@ -1197,6 +1243,20 @@ fn http() -> anyhow::Result<()> {
         cost * 100.0,
         goal(cost <= 0.02)
     );
+    println!(
+        "busy polling for same-node answers (L7, same node, {RATE} req/s and h2load; best of two):"
+    );
+    for (((p50, p99, vcpu, per_cpu), share), name) in poll_rows
+        .iter()
+        .zip(polled_share)
+        .zip(["--busy-poll-us 50", "--busy-poll-us 0"])
+    {
+        println!(
+            "  {name:<20} p50 {p50:>5} us  p99 {p99:>5} us  agent a {vcpu:.3} vCPU per 1000 req/s; \
+             answered while polling {:.0}%; saturated {per_cpu:.0} req per agent CPU-s",
+            share * 100.0
+        );
+    }
     drop(cluster);
     drop(servers);
     let _ = std::fs::remove_dir_all(&docroot);
