@@ -473,8 +473,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 }
 
 /// Once the agent is ready and settled, gives back what start-up alone
-/// used: the resident set is then what serving needs (docs/operations.md,
-/// "Memory").
+/// used: the resident set is then what serving needs (docs/architecture.md,
+/// "Memory after start-up").
 async fn release_startup_memory(readiness: Readiness) {
     while !readiness.is_ready() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
