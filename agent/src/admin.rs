@@ -111,6 +111,14 @@ impl Readiness {
         self.missing().is_empty()
     }
 
+    /// Returns once every condition holds (checked every 50 ms: conditions
+    /// are set from threads outside the runtime too).
+    pub async fn until_ready(&self) {
+        while !self.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Condition>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.conditions.lock().unwrap_or_else(|e| e.into_inner())

@@ -476,9 +476,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 /// used: the resident set is then what serving needs (docs/architecture.md,
 /// "Memory after start-up").
 async fn release_startup_memory(readiness: Readiness) {
-    while !readiness.is_ready() {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    readiness.until_ready().await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     crate::memory::release_free_heap();
     match tokio::task::spawn_blocking(crate::memory::release_startup_code).await {
@@ -502,9 +500,7 @@ async fn take_over(
     if let Some(predecessor) = predecessor {
         // Ready means the state is in the maps: adopted connections are
         // judged by the same policy as new ones.
-        while !readiness.is_ready() {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        readiness.until_ready().await;
         match tokio::task::spawn_blocking(move || predecessor.take()).await {
             Ok(Ok(parked)) => {
                 info!(

@@ -16,7 +16,7 @@ use std::{
 /// Polls for answers, one waiter at a time: with several requests waiting
 /// the worker has other work, and on a busy node a polling agent would take
 /// the core from the very pods it waits for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Poller {
     window: Duration,
     waiting: AtomicUsize,
@@ -37,13 +37,15 @@ impl Poller {
         let alone = self.waiting.fetch_add(1, Ordering::Relaxed) == 0;
         let _waiting = Waiting(&self.waiting);
         if alone {
-            poll_then_await(fut, self.window, || {
-                self.waiting.load(Ordering::Relaxed) > 1
-            })
-            .await
+            poll_then_await(fut, self.window, || self.crowded()).await
         } else {
             (fut.await, false)
         }
+    }
+
+    /// Another waiter has come: the one polling stops.
+    fn crowded(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 1
     }
 }
 
@@ -151,11 +153,9 @@ mod tests {
         let first = tokio::spawn({
             let poller = poller.clone();
             async move {
-                poll_then_await(answer, poller.window, || {
-                    poller.waiting.load(Ordering::Relaxed) > 1
-                })
-                .await
-                .1
+                poll_then_await(answer, poller.window, || poller.crowded())
+                    .await
+                    .1
             }
         });
         started.await.unwrap();

@@ -954,10 +954,7 @@ impl HttpProxy {
         backend: SocketAddr,
         request: authz::Request<'_>,
     ) -> Result<(), String> {
-        let local = snapshot
-            .workload_by_ip(backend.ip())
-            .is_some_and(|w| w.node == self.node);
-        match (&call.client_identity, local) {
+        match (&call.client_identity, self.on_this_node(snapshot, backend)) {
             (Some(src), true) => {
                 match authz::authorize(snapshot, src, backend, authz::Layer::Request(request)) {
                     Verdict::Allow => Ok(()),
@@ -970,6 +967,13 @@ impl HttpProxy {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether `backend` is a pod on this node.
+    fn on_this_node(&self, snapshot: &Snapshot, backend: SocketAddr) -> bool {
+        snapshot
+            .workload_by_ip(backend.ip())
+            .is_some_and(|w| w.node == self.node)
     }
 
     /// The tunnel identities to `backend` when it is a meshed pod on another
@@ -994,9 +998,7 @@ impl HttpProxy {
         let dst = self.tunnel(&snapshot, call, backend);
         // A pod on this node answers within tens of microseconds: worth
         // polling for rather than sleeping (busy_poll.rs).
-        let local = snapshot
-            .workload_by_ip(backend.ip())
-            .is_some_and(|w| w.node == self.node);
+        let local = self.on_this_node(&snapshot, backend);
         let key = UpstreamKey {
             backend,
             src: dst.as_ref().and(call.client_identity.clone()),

@@ -912,6 +912,23 @@ fn h2load(from: &trellis_tests::Pod, args: &[&str]) -> anyhow::Result<f64> {
         .context("h2load req/s")
 }
 
+/// HTTP/1.1 at saturation (h2load, 40,000 requests over 16 connections)
+/// from `client` to `url`: requests per second, and per CPU second of
+/// `agent`.
+fn saturate_h1(
+    agent: &Agent,
+    client: &trellis_tests::Pod,
+    url: &str,
+) -> anyhow::Result<(f64, f64)> {
+    let before = agent.usage()?.cpu_seconds;
+    let rps = h2load(
+        client,
+        &["-n", "40000", "-t", "1", "--h1", "-c", "16", "-m", "1", url],
+    )?;
+    let used = agent.usage()?.cpu_seconds - before;
+    Ok((rps, 40000.0 / used.max(1e-9)))
+}
+
 fn http() -> anyhow::Result<()> {
     const L4: &str = "10.96.0.60";
     const L7: &str = "10.96.0.61";
@@ -1124,15 +1141,7 @@ fn http() -> anyhow::Result<()> {
     for _ in 0..2 {
         for (i, flag) in ["true", "false"].into_iter().enumerate() {
             cluster.restart(0, &a, &["--log-level", "warn", "--metrics", flag])?;
-            let before = cluster.agents[0].usage()?.cpu_seconds;
-            let rps = h2load(
-                &client,
-                &[
-                    "-n", "40000", "-t", "1", "--h1", "-c", "16", "-m", "1", &l7_url,
-                ],
-            )?;
-            let used = cluster.agents[0].usage()?.cpu_seconds - before;
-            let per_cpu = 40000.0 / used.max(1e-9);
+            let (rps, per_cpu) = saturate_h1(&cluster.agents[0], &client, &l7_url)?;
             metrics_rows[i] = (metrics_rows[i].0.max(rps), metrics_rows[i].1.max(per_cpu));
         }
     }
@@ -1158,14 +1167,7 @@ fn http() -> anyhow::Result<()> {
             let [polled, slept] = ["answers_while_polling", "answers_after_sleeping"]
                 .map(|k| counters[k].as_u64().unwrap_or(0) as f64);
             polled_share[i] = polled_share[i].max(polled / (polled + slept).max(1.0));
-            let before = cluster.agents[0].usage()?.cpu_seconds;
-            h2load(
-                &client,
-                &[
-                    "-n", "40000", "-t", "1", "--h1", "-c", "16", "-m", "1", &l7_url,
-                ],
-            )?;
-            let per_cpu = 40000.0 / (cluster.agents[0].usage()?.cpu_seconds - before).max(1e-9);
+            let (_, per_cpu) = saturate_h1(&cluster.agents[0], &client, &l7_url)?;
             let row = &mut poll_rows[i];
             *row = (
                 row.0.min(p50),
