@@ -553,8 +553,10 @@ impl Inbound {
                 })
             }
             None => Box::pin(async move {
-                relay::relay_streams(tunnel, upstream, None, self.idle_timeout)
+                // (socket → tunnel, tunnel → socket) is (out, in) here.
+                relay::relay_tunnel(upstream, tunnel, None, self.idle_timeout)
                     .await
+                    .map(|(outbound, inbound)| (inbound, outbound))
                     .map_err(|e| e.to_string())
             }),
         };

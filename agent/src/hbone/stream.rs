@@ -2,6 +2,9 @@
 //! its bytes like a socket's. Half-close maps to END_STREAM; received data's
 //! flow-control capacity is released as soon as it is taken off the stream,
 //! so the window refills while at most one frame waits here.
+//!
+//! A plain relay takes the stream apart instead ([`H2Stream::into_parts`],
+//! [`send_all`], [`next_data`]) and moves `Bytes` without copying them.
 
 use std::{
     io,
@@ -36,6 +39,12 @@ impl H2Stream {
         self.send.send_reset(h2::Reason::CANCEL);
     }
 
+    /// The send and receive halves, and the bytes put back in front of the
+    /// received ones ([`Self::unread`]).
+    pub fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Bytes) {
+        (self.send, self.recv, self.pending)
+    }
+
     /// Puts bytes already read back in front of the stream (after a
     /// protocol was sniffed from them).
     pub fn unread(&mut self, bytes: Bytes) {
@@ -54,6 +63,43 @@ pub fn h2_to_io(e: h2::Error) -> io::Error {
     } else {
         io::Error::new(io::ErrorKind::ConnectionReset, e)
     }
+}
+
+/// Sends `data` as DATA frames as flow control lets it through; the
+/// payload is sliced, never copied.
+pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let capacity = send.capacity();
+        if capacity > 0 {
+            let n = capacity.min(data.len());
+            send.send_data(data.split_to(n), false).map_err(h2_to_io)?;
+            continue;
+        }
+        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(h2_to_io(e)),
+            None => return Err(closed()),
+        }
+    }
+    Ok(())
+}
+
+/// The next DATA frame's payload, its flow-control capacity released;
+/// `None` at END_STREAM.
+pub async fn next_data(recv: &mut RecvStream) -> io::Result<Option<Bytes>> {
+    match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+        Some(Ok(data)) => {
+            let _ = recv.flow_control().release_capacity(data.len());
+            Ok(Some(data))
+        }
+        Some(Err(e)) => Err(h2_to_io(e)),
+        None => Ok(None),
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the HBONE stream is closed")
 }
 
 impl AsyncRead for H2Stream {
@@ -107,12 +153,7 @@ impl AsyncWrite for H2Stream {
             match ready!(this.send.poll_capacity(cx)) {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "the HBONE stream is closed",
-                    )));
-                }
+                None => return Poll::Ready(Err(closed())),
             }
         }
     }

@@ -331,7 +331,7 @@ impl Outbound {
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
         let resets = resets(&standing, &[inbound.as_fd()]);
         let accel = self.sockets.as_deref().zip(accel);
-        let relayed = relay::relay_streams(inbound, stream, accel, self.config.idle_timeout);
+        let relayed = relay::relay_tunnel(inbound, stream, accel, self.config.idle_timeout);
         match self.unless_revoked(relayed, &standing, resets).await? {
             Ok((sent, received)) => {
                 if let Some(r) = &record {
