@@ -450,6 +450,8 @@ const RATE: u32 = 1000;
 const RATE_CONNS: u32 = 4;
 const RATE_SECS: f64 = 10.0;
 
+const IPERF_SECS: f64 = 5.0;
+
 /// One 5 s iperf3 run from `from` to `host`, in bits per second. Retried
 /// a few times: the server may still be busy with a readiness probe's empty
 /// connection ("the server is busy running a test").
@@ -458,7 +460,15 @@ fn iperf(from: &trellis_tests::Pod, host: &str) -> anyhow::Result<f64> {
     for _ in 0..3 {
         let out = from.exec().output(
             "iperf3",
-            &["-c", host, "-p", &IPERF_PORT.to_string(), "-t", "5", "-J"],
+            &[
+                "-c",
+                host,
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &IPERF_SECS.to_string(),
+                "-J",
+            ],
             Duration::from_secs(30),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -480,6 +490,10 @@ struct CrossRow {
     cps: f64,
     /// CPU seconds each agent (a, b) used per second of the fixed-rate run.
     vcpu: [f64; 2],
+    /// CPU seconds each agent used per GB of the bulk run: steadier from run
+    /// to run than the throughput, which the other processes sharing the
+    /// two cores move.
+    cpu_per_gb: [f64; 2],
 }
 
 fn cross_node() -> anyhow::Result<()> {
@@ -542,7 +556,13 @@ fn cross_node() -> anyhow::Result<()> {
             Ok((p50, p99, vcpu))
         };
     let measure = |from: &trellis_tests::Pod, host: &str| -> anyhow::Result<CrossRow> {
+        let before: Vec<_> = agents.iter().map(Agent::usage).collect::<Result<_, _>>()?;
         let bps = iperf(from, host)?;
+        let gigabytes = bps * IPERF_SECS / 8.0 / 1e9;
+        let mut cpu_per_gb = [0.0; 2];
+        for (i, agent) in agents.iter().enumerate() {
+            cpu_per_gb[i] = (agent.usage()?.cpu_seconds - before[i].cpu_seconds) / gigabytes;
+        }
         let (p50, p99, vcpu) = round_trips(from, host)?;
         let cps = connections_per_second(&me, from, host)?;
         Ok(CrossRow {
@@ -551,6 +571,7 @@ fn cross_node() -> anyhow::Result<()> {
             p99,
             cps,
             vcpu,
+            cpu_per_gb,
         })
     };
     // Interleaved, twice each; best of two (CPU: the lower).
@@ -569,6 +590,10 @@ fn cross_node() -> anyhow::Result<()> {
                     p99: best.p99.min(row.p99),
                     cps: best.cps.max(row.cps),
                     vcpu: [best.vcpu[0].min(row.vcpu[0]), best.vcpu[1].min(row.vcpu[1])],
+                    cpu_per_gb: [
+                        best.cpu_per_gb[0].min(row.cpu_per_gb[0]),
+                        best.cpu_per_gb[1].min(row.cpu_per_gb[1]),
+                    ],
                 },
             });
         }
@@ -616,6 +641,10 @@ fn cross_node() -> anyhow::Result<()> {
             r.vcpu[1] * 1000.0 / f64::from(RATE),
         );
     }
+    println!(
+        "bulk through the mesh: agent CPU seconds per GB moved a,b {:.2},{:.2} (best of two)",
+        meshed.cpu_per_gb[0], meshed.cpu_per_gb[1]
+    );
     // p99 is left out there: it measures how soon a spinner gives way.
     println!("the same round trips, both cores kept awake (SCHED_IDLE spinners):");
     for (name, (p50, _, vcpu)) in [
