@@ -76,30 +76,44 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Resu
             send.send_data(data.split_to(n), false).map_err(h2_to_io)?;
             continue;
         }
-        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(h2_to_io(e)),
-            None => return Err(closed()),
-        }
+        std::future::poll_fn(|cx| poll_capacity(send, cx)).await?;
     }
     Ok(())
+}
+
+/// Ends the sending half (END_STREAM). The stream may be gone already
+/// (reset by the peer), which leaves nothing to end.
+pub fn end(send: &mut SendStream<Bytes>) {
+    let _ = send.send_data(Bytes::new(), true);
 }
 
 /// The next DATA frame's payload, its flow-control capacity released;
 /// `None` at END_STREAM.
 pub async fn next_data(recv: &mut RecvStream) -> io::Result<Option<Bytes>> {
-    match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+    std::future::poll_fn(|cx| poll_next_data(recv, cx)).await
+}
+
+fn poll_next_data(recv: &mut RecvStream, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+    Poll::Ready(match ready!(recv.poll_data(cx)) {
         Some(Ok(data)) => {
             let _ = recv.flow_control().release_capacity(data.len());
             Ok(Some(data))
         }
         Some(Err(e)) => Err(h2_to_io(e)),
         None => Ok(None),
-    }
+    })
 }
 
-fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "the HBONE stream is closed")
+/// Waits for send capacity to be assigned (after `reserve_capacity`).
+fn poll_capacity(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    Poll::Ready(match ready!(send.poll_capacity(cx)) {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(h2_to_io(e)),
+        None => Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the HBONE stream is closed",
+        )),
+    })
 }
 
 impl AsyncRead for H2Stream {
@@ -118,12 +132,8 @@ impl AsyncRead for H2Stream {
             if this.recv_done {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            match ready!(poll_next_data(&mut this.recv, cx))? {
+                Some(data) => this.pending = data,
                 None => this.recv_done = true,
             }
         }
@@ -150,11 +160,7 @@ impl AsyncWrite for H2Stream {
                     .map_err(h2_to_io)?;
                 return Poll::Ready(Ok(n));
             }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => return Poll::Ready(Err(closed())),
-            }
+            ready!(poll_capacity(&mut this.send, cx))?;
         }
     }
 
@@ -163,8 +169,7 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // END_STREAM; the stream may be gone already (reset by the peer).
-        let _ = self.get_mut().send.send_data(Bytes::new(), true);
+        end(&mut self.get_mut().send);
         Poll::Ready(Ok(()))
     }
 }

@@ -222,8 +222,7 @@ pub async fn relay_tunnel(
             let room = buf.capacity() - buf.len();
             let n = read.read_buf(&mut buf).await?;
             if n == 0 {
-                // END_STREAM; the stream may be gone already (reset by the peer).
-                let _ = send.send_data(bytes::Bytes::new(), true);
+                stream::end(&mut send);
                 return io::Result::Ok(total);
             }
             stream::send_all(&mut send, buf.split().freeze()).await?;
