@@ -301,7 +301,7 @@ impl Datapath {
                 return Err(BpfError::MissingProgram { name });
             };
             if p.fd().is_err() {
-                p.load().map_err(err)?;
+                retrying(|| p.load()).map_err(err)?;
             }
             let fd = p
                 .fd()
@@ -329,6 +329,24 @@ impl Datapath {
     }
 }
 
+/// Runs a program load again when the verifier gave up because a signal
+/// was pending (`EAGAIN`), as libbpf does: a signal to the agent at start-up
+/// (a child exiting, a reload) must not fail it.
+fn retrying(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
 fn program_error(name: &'static str, source: ProgramError) -> BpfError {
     let hint = match &source {
         ProgramError::LoadError { io_error, .. } => hint_for(io_error),
@@ -353,10 +371,10 @@ fn attach_program(
         .program_mut(name)
         .ok_or(BpfError::MissingProgram { name })?;
     match program {
-        Program::CgroupSockAddr(p) => p.load().map_err(err)?,
-        Program::SockOps(p) => p.load().map_err(err)?,
-        Program::SkMsg(p) => p.load().map_err(err)?,
-        Program::SchedClassifier(p) => p.load().map_err(err)?,
+        Program::CgroupSockAddr(p) => retrying(|| p.load()).map_err(err)?,
+        Program::SockOps(p) => retrying(|| p.load()).map_err(err)?,
+        Program::SkMsg(p) => retrying(|| p.load()).map_err(err)?,
+        Program::SchedClassifier(p) => retrying(|| p.load()).map_err(err)?,
         _ => return Err(BpfError::MissingProgram { name }),
     }
     let prog_fd = program.fd().map_err(err)?.as_fd();
@@ -460,4 +478,53 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>, BpfError> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use aya::programs::ProgramError;
+
+    use super::retrying;
+
+    fn load_error(kind: io::ErrorKind) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: io::Error::from(kind),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        }
+    }
+
+    #[test]
+    fn a_load_the_verifier_gave_up_on_is_tried_again() {
+        let mut calls = 0;
+        let loaded = retrying(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(load_error(io::ErrorKind::WouldBlock))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(loaded.is_ok());
+        assert_eq!(calls, 3);
+    }
+
+    #[test]
+    fn other_errors_and_the_last_attempt_are_returned() {
+        let mut calls = 0;
+        let denied = retrying(|| {
+            calls += 1;
+            Err(load_error(io::ErrorKind::PermissionDenied))
+        });
+        assert!(matches!(denied, Err(ProgramError::LoadError { .. })));
+        assert_eq!(calls, 1, "a verifier rejection is not retried");
+        calls = 0;
+        let interrupted = retrying(|| {
+            calls += 1;
+            Err(load_error(io::ErrorKind::WouldBlock))
+        });
+        assert!(interrupted.is_err());
+        assert_eq!(calls, 5, "bounded");
+    }
 }

@@ -360,19 +360,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             accel,
         };
         info!(sk_msg = accel.sk_msg, splice = accel.splice, idle_timeout = ?cfg.idle_timeout, "outbound proxy");
-        let sockets = accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?;
+        let sockets = accel.sk_msg.then(|| SocketMaps::open(&cfg.bpffs)).transpose()?.map(Arc::new);
         let pool = Arc::new(Pool::new(certs.clone(), cfg.connect_timeout).with_keepalive(cfg.hbone_keepalive));
         crate::access_log::set_sample(cfg.access_log_sample);
         let mut registry = prometheus_client::registry::Registry::default();
         let istio = Arc::new(IstioMetrics::register(&mut registry));
         let relays = Arc::new(crate::handoff::Relays::default());
-        let mut outbound = Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets, state_rx.clone(), &cfg.trust_domain)
+        let mut outbound = Outbound::new(&cfg.node, outbound_config, OrigDstTable::open(&cfg.bpffs)?, sockets.clone(), state_rx.clone(), &cfg.trust_domain)
             .with_hbone(pool.clone())
             .with_policy(verdicts.clone())
             .with_handoff(relays.clone());
         let mut inbound = Inbound::new(&cfg.node, &cfg.trust_domain, certs.clone(), state_rx.clone(), cfg.connect_timeout, cfg.idle_timeout)
             .with_keepalive(cfg.hbone_keepalive)
-            .with_policy(verdicts.clone());
+            .with_policy(verdicts.clone())
+            .with_sockets(sockets);
         if cfg.metrics {
             outbound = outbound.with_metrics(istio.clone());
             inbound = inbound.with_metrics(istio.clone());

@@ -53,6 +53,16 @@ pub struct Usage {
     pub peak_rss: u64,
 }
 
+/// A stopped agent, continued when dropped; see [`Agent::pause`].
+pub struct Paused(i32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid `Agent::pause` stopped.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 /// A running agent; killed when dropped (SIGKILL: what a crash looks like).
 pub struct Agent {
     child: ChildGuard,
@@ -179,6 +189,16 @@ impl Agent {
     pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
         self.child
             .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
+    }
+
+    /// Stops the agent (SIGSTOP) until the returned guard is dropped
+    /// (SIGCONT): the kernel still completes handshakes on its listeners,
+    /// but nothing it would answer is answered meanwhile.
+    pub fn pause(&self) -> Paused {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Paused(pid)
     }
 
     /// CPU seconds (user + system) used so far, resident memory now and its

@@ -27,7 +27,7 @@ use tokio::{
     sync::watch,
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
-use trellis_common::direction;
+use trellis_common::{SockKey, SockState, direction};
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 
@@ -45,6 +45,7 @@ const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
 /// needs it read.
 pub const PROTOCOL_HINT: &str = "x-trellis-protocol";
 use crate::{
+    bpf::sockets::SocketMaps,
     hbone::stream::H2Stream,
     identity::{Identity, manager::CertManager},
     metrics::{
@@ -55,7 +56,7 @@ use crate::{
         authz::{self, Layer, Verdict},
         verdict::{Standing, Verdicts},
     },
-    proxy::{Source, connect_from, detect, inbound_http, relay},
+    proxy::{Source, connect_from, detect, http::Io, inbound_http, outbound::sock_key, relay},
     state::Snapshot,
     tls,
 };
@@ -90,6 +91,9 @@ pub struct InboundStats {
     pub opaque_denied: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Streams whose socket to the pod went into the sockhash: sk_msg moves
+    /// their bytes between the agent and the pod around the TCP/IP stack.
+    pub accelerated: AtomicU64,
     /// Connections closed because the client stopped answering pings.
     pub keepalive_timeouts: AtomicU64,
 }
@@ -111,6 +115,8 @@ pub struct Inbound {
     policy: Option<Arc<Verdicts>>,
     metrics: Option<Arc<IstioMetrics>>,
     tracer: Option<Arc<crate::trace::Tracer>>,
+    /// The sockhash, when sk_msg is on.
+    sockets: Option<Arc<SocketMaps>>,
     pub stats: InboundStats,
 }
 
@@ -157,6 +163,7 @@ impl Inbound {
             policy: None,
             metrics: None,
             tracer: None,
+            sockets: None,
             stats: InboundStats::default(),
         }
     }
@@ -186,6 +193,47 @@ impl Inbound {
     pub fn with_tracer(mut self, tracer: Arc<crate::trace::Tracer>) -> Self {
         self.tracer = Some(tracer);
         self
+    }
+
+    /// Moves the bytes between the agent and the pods around the TCP/IP
+    /// stack (sk_msg), as on the same-node path.
+    #[must_use]
+    pub fn with_sockets(mut self, sockets: Option<Arc<SocketMaps>>) -> Self {
+        self.sockets = sockets;
+        self
+    }
+
+    /// Puts the socket to the pod into the sockhash, before any byte is
+    /// written, once the pod's socket is there. sock_ops adds the pod's
+    /// socket when its peer is a meshed pod on another node, which only a
+    /// source-preserving connection of the agent's can be; from the node's
+    /// address the pod's socket is not added, so none is looked for.
+    async fn accelerate(
+        &self,
+        upstream: &TcpStream,
+        source: Source,
+    ) -> Option<(Arc<SocketMaps>, (SockKey, SockState))> {
+        let maps = self.sockets.as_ref()?;
+        if !matches!(source, Source::Client(_)) {
+            return None;
+        }
+        let pod = upstream.peer_addr().ok()?;
+        let key = sock_key(upstream.local_addr().ok()?, pod);
+        if !relay::await_in_sockhash(maps, &key.reversed()).await {
+            debug!(%pod, "the pod's socket never reached the sockhash; plain TCP");
+            return None;
+        }
+        match maps.add(&key, upstream, None) {
+            Ok(state) => {
+                self.stats.accelerated.fetch_add(1, Ordering::Relaxed);
+                Some((maps.clone(), (key, state)))
+            }
+            Err(e) => {
+                maps.remove(&[key.reversed()]);
+                debug!(error = %e, "cannot add the upstream socket to the sockhash");
+                None
+            }
+        }
     }
 
     /// The caller: its pod when proven, else what its certificate says.
@@ -474,6 +522,7 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
+        let accel = self.accelerate(&upstream, source).await;
         let send = match reply(&mut respond, StatusCode::OK, false) {
             Ok(send) => send,
             Err(e) => {
@@ -546,6 +595,10 @@ impl Inbound {
                     true,
                 );
                 Box::pin(async move {
+                    let upstream: std::pin::Pin<Box<dyn Io>> = match accel {
+                        Some((maps, side)) => Box::pin(relay::Tracked::new(upstream, maps, side)),
+                        None => Box::pin(upstream),
+                    };
                     inbound_http::serve(tunnel, protocol, upstream, judge, telemetry)
                         .await
                         .map(|()| (0, 0))
@@ -553,8 +606,10 @@ impl Inbound {
                 })
             }
             None => Box::pin(async move {
+                let _forget = accel.as_ref().map(|(maps, (key, _))| Forget(maps, *key));
+                let accel = accel.as_ref().map(|(maps, side)| (&**maps, *side));
                 // (socket → tunnel, tunnel → socket) is (out, in) here.
-                relay::relay_tunnel(upstream, tunnel, None, self.idle_timeout)
+                relay::relay_tunnel(upstream, tunnel, accel, self.idle_timeout)
                     .await
                     .map(|(outbound, inbound)| (inbound, outbound))
                     .map_err(|e| e.to_string())
@@ -591,5 +646,15 @@ impl Inbound {
             }
             Err(e) => debug!(%target, error = %e, "stream closed with an error"),
         }
+    }
+}
+
+/// Takes an accelerated connection's entries out of the sockhash's state
+/// when the stream ends, however it ends.
+struct Forget<'a>(&'a SocketMaps, SockKey);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&[self.1, self.1.reversed()]);
     }
 }

@@ -184,7 +184,9 @@ impl Reason {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+/// An upstream connection of either kind (TCP, possibly in the sockhash, or
+/// an HBONE stream): one type, so hyper's client code is compiled once.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// The L7 proxy's shared state.

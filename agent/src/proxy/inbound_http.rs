@@ -12,6 +12,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{Arc, Mutex},
 };
 
@@ -21,7 +22,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
     sync::watch,
 };
 use tracing::{Instrument as _, debug, info};
@@ -29,7 +29,7 @@ use tracing::{Instrument as _, debug, info};
 use super::{
     detect::Protocol,
     http::{
-        Body, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, strip_hop_by_hop,
+        Body, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, strip_hop_by_hop,
         upgrade_protocol,
     },
     telemetry,
@@ -177,14 +177,13 @@ fn service_of(snapshot: &Snapshot, host: &str, namespace: &str) -> Option<String
 pub async fn serve<I>(
     client: I,
     protocol: Protocol,
-    upstream: TcpStream,
+    upstream: Pin<Box<dyn Io>>,
     judge: Option<Judge>,
     telemetry: Option<Telemetry>,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let _ = upstream.set_nodelay(true);
     let upstream = match protocol {
         Protocol::Http2 => {
             let (sender, conn) =

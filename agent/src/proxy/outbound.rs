@@ -187,7 +187,7 @@ impl Outbound {
         node: &str,
         config: OutboundConfig,
         orig: OrigDstTable,
-        sockets: Option<SocketMaps>,
+        sockets: Option<Arc<SocketMaps>>,
         state: watch::Receiver<Arc<Snapshot>>,
         trust_domain: &str,
     ) -> Self {
@@ -196,7 +196,7 @@ impl Outbound {
             trust_domain: trust_domain.into(),
             config,
             orig,
-            sockets: sockets.filter(|_| config.accel.sk_msg).map(Arc::new),
+            sockets: sockets.filter(|_| config.accel.sk_msg),
             state,
             next: Mutex::new(HashMap::new()),
             hbone: None,
@@ -964,6 +964,8 @@ impl Outbound {
                 this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
             });
         let client = super::http::LingeringClose::new(inbound);
+        let _ = upstream.set_nodelay(true);
+        let upstream = Box::pin(upstream);
         let served = super::inbound_http::serve(client, protocol, upstream, Some(judge), None);
         if let Err(e) = self.unless_revoked(served, &standing, resets).await? {
             debug!(error = %e, "HTTP connection ended with an error");

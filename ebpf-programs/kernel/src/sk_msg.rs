@@ -2,7 +2,8 @@
 //! into the receive queue of another, around the TCP/IP stack.
 //!
 //! - An agent socket's data goes to the pod socket at the other end of its
-//!   connection (agent → app, agent → local backend).
+//!   connection (agent → app, agent → local backend, agent → the pod an
+//!   HBONE stream is for).
 //! - A pod socket's data goes to the agent socket at the other end (app →
 //!   agent, backend → agent), or, once the agent has spliced the connection,
 //!   straight to the pod socket on the far side of the agent (app ↔ backend).

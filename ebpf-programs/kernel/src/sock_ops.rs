@@ -3,7 +3,10 @@
 //! the peer of the socket it accepts; and put the pod sockets sk_msg acts on
 //! into the sockhash: the client socket of a captured connection (active
 //! side) and a local pod's socket accepting a connection from the agent
-//! (passive side, recognised by the node's capture address as its peer).
+//! (passive side). The agent connects to a local pod from the node's capture
+//! address, or, for an HBONE stream, from the client pod's own address: a
+//! meshed pod on another node, which reaches a local pod only through the
+//! agent (its own node's agent captures its connections into the tunnel).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -13,12 +16,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use trellis_common::{
-    CounterKey, IpPort, SockKey, SockState, config_flags, hook, ipv4_mapped, reason, verdict,
+    CounterKey, IpPort, SockKey, SockState, config_flags, hook, ip_flags, ipv4_mapped, reason,
+    verdict,
 };
 
 use crate::{
     counters::count,
-    maps::{CONFIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_STATE, SOCKETS},
+    maps::{CONFIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_STATE, SOCKETS, ip_flags_of},
 };
 
 pub const AF_INET: u32 = 2;
@@ -118,12 +122,15 @@ fn on_passive_established(ctx: &SockOpsContext) {
     let Some(key) = sock_key(ctx) else {
         return;
     };
-    // The agent connects to local pods from the node's capture address.
-    let from_agent = if key.remote.is_v4_mapped() {
+    let from_capture = if key.remote.is_v4_mapped() {
         cfg.capture_ip4 != [0; 4] && key.remote.addr == ipv4_mapped(cfg.capture_ip4)
     } else {
         cfg.capture_ip6 != [0; 16] && key.remote.addr == cfg.capture_ip6
     };
+    const HERE: u32 = ip_flags::MESHED | ip_flags::LOCAL;
+    let from_agent = from_capture
+        || (ip_flags_of(key.remote.addr) & HERE == ip_flags::MESHED
+            && ip_flags_of(key.local.addr) & HERE == HERE);
     if from_agent {
         add_socket(ctx, key, 0);
     }
