@@ -268,4 +268,19 @@ fn cross_node_bulk_is_byte_exact_and_moved_by_sk_msg_on_the_destination_node() {
         passed <= 1 || sum("sk_msg", "pass", "backlogged", |c| c.events) > 0,
         "TCP only at the start, or after a backlog: {c:#?}"
     );
+    // The stream over, both sockets' entries are gone from `sock_state`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let maps = agent_b.maps_json().expect("maps");
+        let left = maps["sockets"].as_array().map_or(0, Vec::len);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries left after the stream: {:#}",
+            maps["sockets"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

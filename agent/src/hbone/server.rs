@@ -523,6 +523,9 @@ impl Inbound {
         };
         let _ = upstream.set_nodelay(true);
         let accel = self.accelerate(&upstream, source).await;
+        let _forget = accel
+            .as_ref()
+            .map(|(maps, (key, _))| Forget(maps.clone(), *key));
         let send = match reply(&mut respond, StatusCode::OK, false) {
             Ok(send) => send,
             Err(e) => {
@@ -606,7 +609,6 @@ impl Inbound {
                 })
             }
             None => Box::pin(async move {
-                let _forget = accel.as_ref().map(|(maps, (key, _))| Forget(maps, *key));
                 let accel = accel.as_ref().map(|(maps, side)| (&**maps, *side));
                 // (socket → tunnel, tunnel → socket) is (out, in) here.
                 relay::relay_tunnel(upstream, tunnel, accel, self.idle_timeout)
@@ -651,9 +653,9 @@ impl Inbound {
 
 /// Takes an accelerated connection's entries out of the sockhash's state
 /// when the stream ends, however it ends.
-struct Forget<'a>(&'a SocketMaps, SockKey);
+struct Forget(Arc<SocketMaps>, SockKey);
 
-impl Drop for Forget<'_> {
+impl Drop for Forget {
     fn drop(&mut self) {
         self.0.remove(&[self.1, self.1.reversed()]);
     }
