@@ -56,7 +56,7 @@ use crate::{
         authz::{self, Layer, Verdict},
         verdict::{Standing, Verdicts},
     },
-    proxy::{Source, connect_from, detect, http::Io, inbound_http, outbound::sock_key, relay},
+    proxy::{Source, connect_from, detect, http::Io, inbound_http, relay},
     state::Snapshot,
     tls,
 };
@@ -203,11 +203,11 @@ impl Inbound {
         self
     }
 
-    /// Puts the socket to the pod into the sockhash, before any byte is
-    /// written, once the pod's socket is there. sock_ops adds the pod's
-    /// socket when its peer is a meshed pod on another node, which only a
-    /// source-preserving connection of the agent's can be; from the node's
-    /// address the pod's socket is not added, so none is looked for.
+    /// Puts the socket to the pod into the sockhash
+    /// ([`relay::add_facing_pod`]). sock_ops adds the pod's socket when its
+    /// peer is a meshed pod on another node, which only a source-preserving
+    /// connection of the agent's can be; from the node's address the pod's
+    /// socket is not added, so none is looked for.
     async fn accelerate(
         &self,
         upstream: &TcpStream,
@@ -217,23 +217,9 @@ impl Inbound {
         if !matches!(source, Source::Client(_)) {
             return None;
         }
-        let pod = upstream.peer_addr().ok()?;
-        let key = sock_key(upstream.local_addr().ok()?, pod);
-        if !relay::await_in_sockhash(maps, &key.reversed()).await {
-            debug!(%pod, "the pod's socket never reached the sockhash; plain TCP");
-            return None;
-        }
-        match maps.add(&key, upstream, None) {
-            Ok(state) => {
-                self.stats.accelerated.fetch_add(1, Ordering::Relaxed);
-                Some((maps.clone(), (key, state)))
-            }
-            Err(e) => {
-                maps.remove(&[key.reversed()]);
-                debug!(error = %e, "cannot add the upstream socket to the sockhash");
-                None
-            }
-        }
+        let side = relay::add_facing_pod(maps, upstream, None).await?;
+        self.stats.accelerated.fetch_add(1, Ordering::Relaxed);
+        Some((maps.clone(), side))
     }
 
     /// The caller: its pod when proven, else what its certificate says.

@@ -1287,8 +1287,7 @@ impl HttpProxy {
     }
 
     /// Puts a new connection to a meshed pod on this node into the
-    /// sockhash, before any byte is written, once the pod's socket is
-    /// there: sk_msg then carries both directions around the TCP/IP stack.
+    /// sockhash ([`super::relay::add_facing_pod`]).
     async fn accelerate(
         &self,
         stream: &TcpStream,
@@ -1306,23 +1305,11 @@ impl HttpProxy {
         if !local {
             return None;
         }
-        let key = super::outbound::sock_key(stream.local_addr().ok()?, stream.peer_addr().ok()?);
-        if !super::relay::await_in_sockhash(maps, &key.reversed()).await {
-            debug!(%backend, "the pod's socket never reached the sockhash; plain TCP");
-            return None;
-        }
-        match maps.add(&key, stream, None) {
-            Ok(state) => {
-                self.stats
-                    .accelerated_upstreams
-                    .fetch_add(1, Ordering::Relaxed);
-                Some((maps.clone(), (key, state)))
-            }
-            Err(e) => {
-                debug!(error = %e, "cannot add the upstream socket to the sockhash");
-                None
-            }
-        }
+        let side = super::relay::add_facing_pod(maps, stream, None).await?;
+        self.stats
+            .accelerated_upstreams
+            .fetch_add(1, Ordering::Relaxed);
+        Some((maps.clone(), side))
     }
 }
 

@@ -974,9 +974,8 @@ impl Outbound {
         Ok(())
     }
 
-    /// Adds the agent's socket to a local backend to the sockhash, once the
-    /// backend's socket is there (sock_ops adds it when the handshake
-    /// completes on its side), and asks for a splice when enabled.
+    /// Adds the agent's socket to a local backend to the sockhash
+    /// ([`relay::add_facing_pod`]) and asks for a splice when enabled.
     async fn accelerate_upstream(
         &self,
         maps: &SocketMaps,
@@ -984,25 +983,14 @@ impl Outbound {
         mut inbound_state: trellis_common::SockState,
         upstream: &TcpStream,
     ) -> Option<Accelerated> {
-        let inbound_only = Accelerated::inbound_only(inbound_key, inbound_state);
-        let (Ok(local), Ok(remote)) = (upstream.local_addr(), upstream.peer_addr()) else {
-            return Some(inbound_only);
-        };
-        let upstream_key = sock_key(local, remote);
-        let backend_key = upstream_key.reversed();
-        if !relay::await_in_sockhash(maps, &backend_key).await {
-            debug!(%remote, "the backend's socket never reached the sockhash; relaying in userspace");
-            return Some(inbound_only);
-        }
         let splice = self.config.accel.splice;
         let app_key = inbound_key.reversed();
-        let upstream_state = match maps.add(&upstream_key, upstream, splice.then_some(app_key)) {
-            Ok(state) => state,
-            Err(e) => {
-                debug!(error = %e, "cannot add the upstream socket to the sockhash");
-                return Some(inbound_only);
-            }
+        let Some((upstream_key, upstream_state)) =
+            relay::add_facing_pod(maps, upstream, splice.then_some(app_key)).await
+        else {
+            return Some(Accelerated::inbound_only(inbound_key, inbound_state));
         };
+        let backend_key = upstream_key.reversed();
         if splice {
             inbound_state.flags |= trellis_common::sock_flags::SPLICE;
             inbound_state.target = backend_key;

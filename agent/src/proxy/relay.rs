@@ -22,6 +22,7 @@ use tokio::{
     net::TcpStream,
     sync::watch,
 };
+use tracing::debug;
 use trellis_common::{SK_MSG_FORWARDED_EVERY, SockKey, SockState, sock_flags, sock_mode};
 
 use crate::{
@@ -287,10 +288,38 @@ async fn until_idle<T>(
     }
 }
 
+/// Puts the agent's socket `stream`, just connected to a pod on this node,
+/// into the sockhash facing the pod's socket, once that one is there and
+/// before any byte is written, so sk_msg carries both directions around the
+/// TCP/IP stack; `splice_to` as for [`SocketMaps::add`]. `None` (plain TCP)
+/// when the pod's socket never shows or this one cannot be added.
+pub async fn add_facing_pod(
+    maps: &SocketMaps,
+    stream: &TcpStream,
+    splice_to: Option<SockKey>,
+) -> Option<(SockKey, SockState)> {
+    let pod = stream.peer_addr().ok()?;
+    let key = super::outbound::sock_key(stream.local_addr().ok()?, pod);
+    if !await_in_sockhash(maps, &key.reversed()).await {
+        debug!(%pod, "the pod's socket never reached the sockhash; plain TCP");
+        return None;
+    }
+    match maps.add(&key, stream, splice_to) {
+        Ok(state) => Some((key, state)),
+        Err(e) => {
+            // No relay will forget the pod's entry: the connection is not
+            // accelerated.
+            maps.remove(&[key.reversed()]);
+            debug!(error = %e, "cannot add the upstream socket to the sockhash");
+            None
+        }
+    }
+}
+
 /// Waits (briefly: the final ACK is on its way) until the pod socket under
 /// `key` is in the sockhash, where sock_ops puts it once its side of the
 /// handshake completes; `false` when it never shows.
-pub async fn await_in_sockhash(maps: &SocketMaps, key: &SockKey) -> bool {
+async fn await_in_sockhash(maps: &SocketMaps, key: &SockKey) -> bool {
     for attempt in 0..50u32 {
         if maps.state(key).is_some() {
             return true;
