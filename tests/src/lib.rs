@@ -13,6 +13,7 @@
 #![expect(unsafe_code, reason = "setns and cgroup joins in pre_exec")]
 
 pub mod agent;
+pub mod counters;
 pub mod lab;
 pub mod mesh;
 pub mod process;

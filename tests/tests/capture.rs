@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 use trellis_agent::bpf::maps::{Counter, counters};
 use trellis_tests::{
     Agent, ChildGuard, Lab, Node, Pod,
+    counters::{bytes, events},
     mesh::{self, ConfigDir},
     py,
 };
@@ -173,22 +174,6 @@ impl Mesh {
     fn log(&self) -> String {
         self.agent.as_ref().map(Agent::log_text).unwrap_or_default()
     }
-}
-
-fn events(counters: &[Counter], hook: &str, verdict: &str, reason: &str) -> u64 {
-    counters
-        .iter()
-        .filter(|c| c.hook == hook && c.verdict == verdict && c.reason == reason)
-        .map(|c| c.events)
-        .sum()
-}
-
-fn bytes(counters: &[Counter], hook: &str, verdict: &str, reason: &str) -> u64 {
-    counters
-        .iter()
-        .filter(|c| c.hook == hook && c.verdict == verdict && c.reason == reason)
-        .map(|c| c.bytes)
-        .sum()
 }
 
 const MIB: u64 = 1 << 20;

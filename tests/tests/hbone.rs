@@ -6,8 +6,12 @@
 
 use std::{process::Stdio, time::Duration};
 
-use trellis_agent::bpf::maps::{Counter, counters};
-use trellis_tests::{ChildGuard, Lab, mesh, py};
+use trellis_agent::bpf::maps::counters;
+use trellis_tests::{
+    ChildGuard, Lab,
+    counters::{bytes, events},
+    mesh, py,
+};
 
 const VIP: &str = "10.96.0.80";
 /// Sent in the request and echoed back: must never appear on the wire.
@@ -246,26 +250,20 @@ fn cross_node_bulk_is_byte_exact_and_moved_by_sk_msg_on_the_destination_node() {
     assert_eq!(inbound["source_preserved"], 1, "{status_b:#}");
     assert_eq!(inbound["accelerated"], 1, "{status_b:#}");
     let c = counters(&b.bpffs).expect("counters");
-    let sum = |hook: &str, verdict: &str, reason: &str, f: fn(&Counter) -> u64| {
-        c.iter()
-            .filter(|c| c.hook == hook && c.verdict == verdict && c.reason == reason)
-            .map(f)
-            .sum::<u64>()
-    };
     assert_eq!(
-        sum("sock_ops", "pass", "sockhash-added", |c| c.events),
+        events(&c, "sock_ops", "pass", "sockhash-added"),
         1,
         "b1's socket, added by sock_ops: {c:#?}"
     );
     // Agent b → b1 and b1 → agent b, 100 MiB each: redirected, or, while a
     // reader was 8 MiB behind its writer (Python hashes slower than the
     // kernel redirects), on TCP until it caught up.
-    let moved = sum("sk_msg", "redirect", "to-peer", |c| c.bytes);
+    let moved = bytes(&c, "sk_msg", "redirect", "to-peer");
     assert!(moved >= 16 * MIB, "{} MiB by sk_msg: {c:#?}", moved / MIB);
-    let passed = sum("sk_msg", "pass", "catching-up", |c| c.bytes)
-        + sum("sk_msg", "pass", "backlogged", |c| c.bytes);
+    let passed =
+        bytes(&c, "sk_msg", "pass", "catching-up") + bytes(&c, "sk_msg", "pass", "backlogged");
     assert!(
-        passed <= 1 || sum("sk_msg", "pass", "backlogged", |c| c.events) > 0,
+        passed <= 1 || events(&c, "sk_msg", "pass", "backlogged") > 0,
         "TCP only at the start, or after a backlog: {c:#?}"
     );
     // The stream over, both sockets' entries are gone from `sock_state`.
