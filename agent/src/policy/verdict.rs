@@ -5,6 +5,7 @@
 //! of a service VIP, and for `trellis policy explain`.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex},
@@ -90,7 +91,7 @@ pub struct Judgement {
 /// the last sync (endpoint ids and rule names).
 pub struct Verdicts {
     maps: PolicyMaps,
-    view: Mutex<Arc<PolicyView>>,
+    current: Mutex<Arc<Current>>,
     flows: Option<Arc<FlowLog>>,
     /// Bumped on every new view: open connections are judged again.
     views: watch::Sender<u64>,
@@ -108,11 +109,36 @@ pub struct Standing {
     pub destination: SocketAddr,
 }
 
+/// The view of the last sync and the answers the maps gave under it.
+///
+/// The proxies ask the same few questions over and over (a Service's
+/// backends for each request of a client), and each answer costs two to
+/// four map lookups through `bpf(2)`: four syscalls per HTTP request to a
+/// two-backend Service, as many as the request's own socket calls. The maps
+/// change only in a sync, which the next view follows, so the answers are
+/// kept until then; a new view starts with none.
+#[derive(Default)]
+struct Current {
+    view: Arc<PolicyView>,
+    answers: Mutex<HashMap<Question, Answer>>,
+}
+
+/// What [`Verdicts::judge`] asks the maps: direction, endpoint id, peer
+/// address, protocol, port.
+type Question = (u8, u32, IpAddr, u8, u16);
+
+/// The peer's identities (its own, its policy CIDR's) and the decision.
+type Answer = ((u32, u32), Decision);
+
+/// Answers kept per view at most; past it they are dropped and asked
+/// again (a node's distinct client/peer/port triples rarely come near).
+const ANSWERS_MAX: usize = 4096;
+
 impl Verdicts {
     pub fn new(maps: PolicyMaps) -> Self {
         Self {
             maps,
-            view: Mutex::default(),
+            current: Mutex::default(),
             flows: None,
             views: watch::Sender::new(0),
         }
@@ -171,7 +197,10 @@ impl Verdicts {
     }
 
     pub fn set_view(&self, view: Arc<PolicyView>) {
-        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(Current {
+            view,
+            answers: Mutex::default(),
+        });
         self.views.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -207,7 +236,14 @@ impl Verdicts {
     }
 
     pub fn view(&self) -> Arc<PolicyView> {
-        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current().view.clone()
+    }
+
+    fn current(&self) -> Arc<Current> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The backends of a Service call that the client pod's egress policy
@@ -220,20 +256,26 @@ impl Verdicts {
         peer: SocketAddr,
         backends: Vec<SocketAddr>,
     ) -> Vec<SocketAddr> {
+        let current = self.current();
+        let Some(&endpoint_id) = current.view.endpoints.get(client) else {
+            return backends;
+        };
         backends
             .into_iter()
             .filter(|b| {
-                let j = self.judge(
+                let tcp = crate::policy::network::TCP;
+                let (_, d) = self.answer(
+                    &current,
                     direction::EGRESS,
-                    client,
+                    endpoint_id,
                     b.ip(),
-                    crate::policy::network::TCP,
-                    b.port(),
+                    (tcp, b.port()),
                 );
-                if !j.allowed {
+                if !d.allowed {
+                    let j = self.judge(direction::EGRESS, client, b.ip(), tcp, b.port());
                     self.record(snapshot, "service-backend", Some(peer), *b, &j);
                 }
-                j.allowed
+                d.allowed
             })
             .collect()
     }
@@ -249,29 +291,64 @@ impl Verdicts {
         protocol: u8,
         port: u16,
     ) -> Judgement {
-        let view = self.view();
-        let ids = self.maps.peer(peer);
+        let current = self.current();
+        let view = &current.view;
         let mut out = Judgement {
             allowed: true,
             direction: direction::name(dir),
             endpoint: None,
             peer: peer.to_canonical().to_string(),
-            peer_identity: ids.0,
-            peer_cidr_identity: ids.1,
+            peer_identity: 0,
+            peer_cidr_identity: 0,
             protocol,
             port,
             reason: "not-an-endpoint",
             rule: None,
         };
         let Some(&endpoint_id) = view.endpoints.get(workload) else {
+            (out.peer_identity, out.peer_cidr_identity) = self.maps.peer(peer);
             return out;
         };
-        let d = self.maps.judge(dir, endpoint_id, ids, protocol, port);
+        let ((identity, cidr_identity), d) =
+            self.answer(&current, dir, endpoint_id, peer, (protocol, port));
+        out.peer_identity = identity;
+        out.peer_cidr_identity = cidr_identity;
         out.endpoint = Some(workload.to_owned());
         out.allowed = d.allowed;
         out.reason = reason::name(d.reason);
         out.rule = view.compiled.rule(d.rule_id).map(ToString::to_string);
         out
+    }
+
+    /// The maps' answer for endpoint `endpoint_id` and `peer` under
+    /// `current`'s view, kept for the next time it is asked.
+    fn answer(
+        &self,
+        current: &Current,
+        dir: u8,
+        endpoint_id: u32,
+        peer: IpAddr,
+        (protocol, port): (u8, u16),
+    ) -> Answer {
+        let peer = peer.to_canonical();
+        let question = (dir, endpoint_id, peer, protocol, port);
+        let known = current
+            .answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&question)
+            .copied();
+        if let Some(answer) = known {
+            return answer;
+        }
+        let ids = self.maps.peer(peer);
+        let answer = (ids, self.maps.judge(dir, endpoint_id, ids, protocol, port));
+        let mut answers = current.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if answers.len() >= ANSWERS_MAX {
+            answers.clear();
+        }
+        answers.insert(question, answer);
+        answer
     }
 
     /// The destination's ingress policy for a TCP connection the agent
