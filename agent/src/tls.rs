@@ -25,8 +25,26 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 /// The crypto provider: aws-lc-rs, measured faster than ring on this
 /// hardware for both handshakes and AES-GCM (docs/architecture.md).
+///
+/// Its TLS 1.3 suites are offered AES-128-GCM first (the default puts
+/// AES-256 first): ten AES rounds instead of fourteen, about 1.4x the bulk
+/// throughput here, and the suite TLS 1.3 requires every peer to support.
+/// A peer that prefers another suite still gets it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+                ],
+                ..default_provider()
+            })
+        })
+        .clone()
 }
 
 /// The SPIFFE ID in a certificate's URI SAN (exactly one, as SPIFFE requires).
@@ -287,6 +305,18 @@ mod tests {
         client: Arc<rustls::ClientConfig>,
         server: Arc<rustls::ServerConfig>,
     ) -> (Result<(), String>, Result<Option<Identity>, String>) {
+        let (c, s) = handshake_with_suite(client, server).await;
+        (c, s.map(|(peer, _)| peer))
+    }
+
+    /// A handshake, and the suite the server chose.
+    async fn handshake_with_suite(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> (
+        Result<(), String>,
+        Result<(Option<Identity>, Option<rustls::CipherSuite>), String>,
+    ) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let connector = tokio_rustls::TlsConnector::from(client);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
@@ -315,10 +345,57 @@ mod tests {
                     conn.protocol_version(),
                     Some(rustls::ProtocolVersion::TLSv1_3)
                 );
-                Ok(peer_identity(conn))
+                let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
+                Ok((peer_identity(conn), suite))
             }
         );
         (c, s)
+    }
+
+    #[tokio::test]
+    async fn agents_agree_on_aes_128_and_a_peer_preferring_another_suite_gets_it() {
+        let ca = Ca::in_memory("cluster.local").unwrap();
+        let bundle = TrustBundle::new(ca.roots());
+        let life = Duration::from_secs(3600);
+        let now = SystemTime::now();
+        let web = ca.issue(&id("web"), life, now).unwrap();
+        let db = ca.issue(&id("db"), life, now).unwrap();
+        let server = server_config(&db, &bundle).unwrap();
+
+        let (c, s) = handshake_with_suite(
+            client_config(&web, id("db"), &bundle).unwrap(),
+            server.clone(),
+        )
+        .await;
+        assert_eq!(c, Ok(()));
+        assert_eq!(
+            s.unwrap().1,
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+
+        // A client that prefers another suite: the server follows its order.
+        let mut provider = (*provider()).clone();
+        provider.cipher_suites.reverse();
+        let provider = Arc::new(provider);
+        let verifier = Arc::new(SpiffeVerifier {
+            bundle: bundle.clone(),
+            algorithms: provider.signature_verification_algorithms,
+            expected: Some(id("db")),
+        });
+        let mut other = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(web.chain.clone(), web.key())
+            .unwrap();
+        other.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let (c, s) = handshake_with_suite(Arc::new(other), server).await;
+        assert_eq!(c, Ok(()));
+        assert_eq!(
+            s.unwrap().1,
+            Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
+        );
     }
 
     #[tokio::test]
