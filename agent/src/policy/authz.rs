@@ -671,7 +671,7 @@ pub fn authorize(
         .filter(|w| w.meshed)
     {
         Some(workload) => evaluate(
-            &snapshot.policies,
+            snapshot.policies_in(&workload.namespace),
             source,
             workload,
             destination.port(),

@@ -267,6 +267,8 @@ impl HttpProxy {
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(LingeringClose(Some(stream)));
         let this = self.clone();
+        // Shared by the connection's requests, not copied for each.
+        let call = Arc::new(call);
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let this = this.clone();
             let call = call.clone();
@@ -511,7 +513,7 @@ impl HttpProxy {
                 return answer(Reason::Denied, format!("denied by {policy}"));
             }
             let active = Gauge::enter(Counter::Endpoint(endpoint.clone()));
-            let attempt = self.forward(req, call, backend, &svc);
+            let attempt = self.forward(&snapshot, req, call, backend, &svc);
             let limit = match (policy.retry.per_try_timeout, deadline) {
                 (Some(t), Some(d)) => Some((tokio::time::Instant::now() + t).min(d)),
                 (Some(t), None) => Some(tokio::time::Instant::now() + t),
@@ -729,7 +731,7 @@ impl HttpProxy {
                         return;
                     }
                     this.stats.mirrored.fetch_add(1, Ordering::Relaxed);
-                    match this.forward(req, &call, backend, &svc).await {
+                    match this.forward(&snapshot, req, &call, backend, &svc).await {
                         // Read to the end, so the connection can be pooled.
                         Ok(resp) => drop(resp.into_body().collect().await),
                         Err((reason, detail)) => {
@@ -989,18 +991,20 @@ impl HttpProxy {
         Some(Identity::of(dst, &self.trust_domain))
     }
 
+    /// Sends one attempt of a request to `backend`, as `snapshot` (the state
+    /// the request was routed by) says to reach it.
     async fn forward(
         &self,
+        snapshot: &Snapshot,
         mut req: Request<Body>,
         call: &Call,
         backend: SocketAddr,
         svc: &ServiceState,
     ) -> Result<Response<Body>, (Reason, String)> {
-        let snapshot = self.state.borrow().clone();
-        let dst = self.tunnel(&snapshot, call, backend);
+        let dst = self.tunnel(snapshot, call, backend);
         // A pod on this node answers within tens of microseconds: worth
         // polling for rather than sleeping (busy_poll.rs).
-        let local = self.on_this_node(&snapshot, backend);
+        let local = self.on_this_node(snapshot, backend);
         let key = UpstreamKey {
             backend,
             src: dst.as_ref().and(call.client_identity.clone()),
@@ -1052,13 +1056,16 @@ impl HttpProxy {
                 req.headers_mut().insert(header::HOST, v);
             }
             *req.version_mut() = Version::HTTP_11;
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            if let Ok(uri) = pq.parse() {
-                *req.uri_mut() = uri;
+            // Most requests come in origin form already.
+            if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned();
+                if let Ok(uri) = pq.parse() {
+                    *req.uri_mut() = uri;
+                }
             }
             if let Some((protocol, client)) = upgrade {
                 return self

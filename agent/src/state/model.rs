@@ -145,7 +145,7 @@ pub struct Snapshot {
     pub node: Option<NodeInfo>,
     pub workloads: Vec<Workload>,
     pub services: Vec<ServiceView>,
-    /// Authorization policies of every namespace.
+    /// Authorization policies of every namespace, grouped by namespace.
     pub policies: Vec<Policy>,
     /// Kubernetes network policies of every namespace.
     pub network_policies: Vec<NetworkPolicy>,
@@ -159,10 +159,61 @@ pub struct Snapshot {
     pub traffic: BTreeMap<String, Arc<Resilience>>,
     /// Objects by kind, for status output.
     pub counts: BTreeMap<&'static str, usize>,
-    /// Index of `workloads` by address (the first workload holding it), for
-    /// the lookups every proxied connection makes.
+    /// Where to find workloads and Services without a scan.
     #[serde(skip)]
-    by_ip: HashMap<IpAddr, usize>,
+    index: Index,
+}
+
+/// Positions in a snapshot's lists, for the lookups every proxied
+/// connection and request makes: on a large cluster a scan costs
+/// microseconds per lookup, and a rebuild that scans for each Service
+/// seconds (`benches/state.rs`). Where two claim one key, the first in
+/// order wins, as a scan would find it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Index {
+    workload_by_ip: HashMap<IpAddr, usize>,
+    workload_by_id: HashMap<String, usize>,
+    service_by_id: HashMap<String, usize>,
+    /// (VIP, port) to (Service, its port).
+    service_by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+    /// A namespace's authorization policies: a range of them.
+    policies_by_namespace: HashMap<String, std::ops::Range<usize>>,
+}
+
+impl Index {
+    fn workloads(workloads: &[Workload]) -> Self {
+        let mut index = Self::default();
+        for (i, w) in workloads.iter().enumerate() {
+            for ip in &w.ips {
+                index.workload_by_ip.entry(*ip).or_insert(i);
+            }
+            index.workload_by_id.entry(w.id()).or_insert(i);
+        }
+        index
+    }
+
+    /// `policies`, grouped by namespace already.
+    fn add_policies(&mut self, policies: &[Policy]) {
+        for (i, p) in policies.iter().enumerate() {
+            self.policies_by_namespace
+                .entry(p.namespace.clone())
+                .or_insert(i..i)
+                .end = i + 1;
+        }
+    }
+
+    fn add_services(&mut self, services: &[ServiceView]) {
+        for (i, s) in services.iter().enumerate() {
+            self.service_by_id.entry(s.id()).or_insert(i);
+            for vip in &s.vips {
+                for (p, port) in s.ports.iter().enumerate() {
+                    self.service_by_vip
+                        .entry((*vip, port.port))
+                        .or_insert((i, p));
+                }
+            }
+        }
+    }
 }
 
 /// Compiles traffic policies per target Service. Two policies on one
@@ -219,7 +270,7 @@ impl Snapshot {
         let mut grants = Vec::new();
         let mut traffic_policies = Vec::new();
         for object in objects {
-            *counts.entry(object.key().kind).or_insert(0) += 1;
+            *counts.entry(object.kind()).or_insert(0) += 1;
             match object {
                 Object::Node(n) => nodes.push(n.as_ref()),
                 Object::Namespace(n) => {
@@ -257,12 +308,22 @@ impl Snapshot {
             .iter()
             .filter_map(|p| workload(p, &namespaces))
             .collect();
+        let mut index = Index::workloads(&workloads);
+        let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in &workloads {
+            by_namespace.entry(&w.namespace).or_default().push(w);
+        }
+        let pods = Pods {
+            all: &workloads,
+            by_ip: &index.workload_by_ip,
+            by_namespace,
+        };
         let services: Vec<ServiceView> = services
             .iter()
             .map(|s| {
                 service_view(
                     s,
-                    &workloads,
+                    &pods,
                     slices.get(&(
                         s.metadata.namespace.clone().unwrap_or_default(),
                         s.metadata.name.clone().unwrap_or_default(),
@@ -276,12 +337,11 @@ impl Snapshot {
             .iter()
             .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
             .collect();
-        let mut by_ip = HashMap::new();
-        for (i, w) in workloads.iter().enumerate() {
-            for ip in &w.ips {
-                by_ip.entry(*ip).or_insert(i);
-            }
-        }
+        index.add_services(&services);
+        // Each connection is judged by its destination's namespace's
+        // policies only (stable: each namespace's keep their order).
+        policies.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        index.add_policies(&policies);
         Self {
             node,
             workloads,
@@ -293,7 +353,7 @@ impl Snapshot {
             routes,
             traffic,
             counts,
-            by_ip,
+            index,
         }
     }
 
@@ -304,31 +364,32 @@ impl Snapshot {
 
     /// The service and port behind a VIP:port.
     pub fn service_for(&self, vip: SocketAddr) -> Option<(&ServiceView, &ServicePort)> {
-        self.services.iter().find_map(|s| {
-            if !s.vips.contains(&vip.ip()) {
-                return None;
-            }
-            s.ports
-                .iter()
-                .find(|p| p.port == vip.port())
-                .map(|p| (s, p))
-        })
+        let (s, p) = self.index.service_by_vip.get(&(vip.ip(), vip.port()))?;
+        let service = self.services.get(*s)?;
+        Some((service, service.ports.get(*p)?))
     }
 
     /// The Service `namespace/name`.
     pub fn service(&self, id: &str) -> Option<&ServiceView> {
-        self.services
-            .iter()
-            .find(|s| id.split_once('/') == Some((s.namespace.as_str(), s.name.as_str())))
+        self.services.get(*self.index.service_by_id.get(id)?)
+    }
+
+    /// The authorization policies of `namespace`.
+    pub fn policies_in(&self, namespace: &str) -> &[Policy] {
+        self.index
+            .policies_by_namespace
+            .get(namespace)
+            .and_then(|r| self.policies.get(r.clone()))
+            .unwrap_or_default()
     }
 
     /// The workload `namespace/name`.
     pub fn workload(&self, id: &str) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.id() == id)
+        self.workloads.get(*self.index.workload_by_id.get(id)?)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_ip.get(&ip).and_then(|i| self.workloads.get(*i))
+        self.workloads.get(*self.index.workload_by_ip.get(&ip)?)
     }
 }
 
@@ -437,9 +498,27 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Work
     })
 }
 
+/// A snapshot's workloads while its Services are built: what a selector
+/// or an EndpointSlice's address picks, found without a scan of them all.
+struct Pods<'a> {
+    all: &'a [Workload],
+    by_ip: &'a HashMap<IpAddr, usize>,
+    by_namespace: HashMap<&'a str, Vec<&'a Workload>>,
+}
+
+impl Pods<'_> {
+    fn at(&self, ip: IpAddr) -> Option<&Workload> {
+        self.all.get(*self.by_ip.get(&ip)?)
+    }
+
+    fn in_namespace(&self, namespace: &str) -> &[&Workload] {
+        self.by_namespace.get(namespace).map_or(&[], Vec::as_slice)
+    }
+}
+
 fn service_view(
     svc: &Service,
-    workloads: &[Workload],
+    pods: &Pods<'_>,
     slices: Option<&Vec<&EndpointSlice>>,
 ) -> ServiceView {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
@@ -471,8 +550,8 @@ fn service_view(
     let mut backends = BTreeMap::new();
     for port in &ports {
         let list = match slices {
-            Some(slices) => slice_backends(port, slices, workloads),
-            None => selector_backends(port, &namespace, spec.selector.as_ref(), workloads),
+            Some(slices) => slice_backends(port, slices, pods),
+            None => selector_backends(port, spec.selector.as_ref(), pods.in_namespace(&namespace)),
         };
         backends.insert(port.port, list);
     }
@@ -497,11 +576,11 @@ fn target_port(port: &ServicePort, workload: Option<&Workload>) -> Option<u16> {
     }
 }
 
+/// The backends a selector picks among the Service's namespace's `workloads`.
 fn selector_backends(
     port: &ServicePort,
-    namespace: &str,
     selector: Option<&BTreeMap<String, String>>,
-    workloads: &[Workload],
+    workloads: &[&Workload],
 ) -> Vec<Backend> {
     // A Service without a selector has only what its EndpointSlices say.
     let Some(selector) = selector.filter(|s| !s.is_empty()) else {
@@ -509,9 +588,8 @@ fn selector_backends(
     };
     workloads
         .iter()
-        .filter(|w| {
-            w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+        .copied()
+        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         .flat_map(|w| {
             let target = target_port(port, Some(w));
             w.ips.iter().filter_map(move |ip| {
@@ -526,11 +604,7 @@ fn selector_backends(
         .collect()
 }
 
-fn slice_backends(
-    port: &ServicePort,
-    slices: &[&EndpointSlice],
-    workloads: &[Workload],
-) -> Vec<Backend> {
+fn slice_backends(port: &ServicePort, slices: &[&EndpointSlice], pods: &Pods<'_>) -> Vec<Backend> {
     let mut out = Vec::new();
     for slice in slices {
         // The slice's port of the same name carries the resolved number.
@@ -550,7 +624,7 @@ fn slice_backends(
                 let Ok(ip) = addr.parse::<IpAddr>() else {
                     continue;
                 };
-                let workload = workloads.iter().find(|w| w.ips.contains(&ip));
+                let workload = pods.at(ip);
                 let Some(target) = slice_port.or_else(|| target_port(port, workload)) else {
                     continue;
                 };
@@ -804,6 +878,72 @@ mod tests {
             ["10.1.1.12:8080", "10.1.1.13:8080"],
             "only usable ones take connections"
         );
+    }
+
+    #[test]
+    fn lookups_find_what_a_scan_in_order_finds() {
+        // A second Service on web's VIP: its own port is found, the port they
+        // share goes to the first (as a scan would find it).
+        let s = snapshot(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: alias, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, selector: {app: api}, ports: [{port: 80}, {port: 81}]}",
+        );
+        let at = |vip: &str| {
+            s.service_for(vip.parse().expect("addr"))
+                .map(|(s, p)| (s.id(), p.port))
+        };
+        assert_eq!(at("10.96.0.10:80"), Some(("shop/web".into(), 80)));
+        assert_eq!(at("10.96.0.10:81"), Some(("shop/alias".into(), 81)));
+        assert_eq!(at("10.96.0.10:82"), None);
+        for svc in &s.services {
+            for vip in &svc.vips {
+                for port in &svc.ports {
+                    let addr = SocketAddr::new(*vip, port.port);
+                    let scan = s.services.iter().find_map(|x| {
+                        let p = x.ports.iter().find(|p| p.port == port.port)?;
+                        x.vips.contains(vip).then(|| (x.id(), p.port))
+                    });
+                    assert_eq!(at(&addr.to_string()), scan, "{addr}");
+                }
+            }
+            assert_eq!(s.service(&svc.id()).map(ServiceView::id), Some(svc.id()));
+        }
+        assert!(s.service("shop").is_none() && s.service("shop/nothing").is_none());
+        for w in &s.workloads {
+            let found = s.workload(&w.id()).expect("by name");
+            assert_eq!(found.id(), w.id());
+            for ip in &w.ips {
+                let first = s.workloads.iter().find(|x| x.ips.contains(ip));
+                assert_eq!(
+                    s.workload_by_ip(*ip).map(Workload::id),
+                    first.map(Workload::id)
+                );
+            }
+        }
+        assert!(s.workload("shop/nothing").is_none());
+    }
+
+    #[test]
+    fn policies_are_found_by_namespace_in_their_order() {
+        let policy = |ns: &str, name: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: {name}, namespace: {ns}}}\nspec: {{action: DENY}}\n---\n"
+            )
+        };
+        let s = snapshot(&format!(
+            "{}{}{}",
+            policy("shop", "z"),
+            policy("bank", "b"),
+            policy("shop", "a")
+        ));
+        let names = |ns: &str| -> Vec<String> {
+            s.policies_in(ns).iter().map(|p| p.name.clone()).collect()
+        };
+        assert_eq!(names("shop"), ["z", "a"]);
+        assert_eq!(names("bank"), ["b"]);
+        assert!(names("nowhere").is_empty());
+        assert_eq!(s.policies.len(), 3);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use k8s_openapi::{
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde::Deserialize as _;
 
@@ -64,23 +64,44 @@ impl fmt::Display for ObjectKey {
 
 impl Object {
     pub fn key(&self) -> ObjectKey {
-        let (kind, meta) = match self {
-            Self::Node(o) => ("Node", &o.metadata),
-            Self::Namespace(o) => ("Namespace", &o.metadata),
-            Self::Pod(o) => ("Pod", &o.metadata),
-            Self::Service(o) => ("Service", &o.metadata),
-            Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            Self::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
-            Self::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
-            Self::HttpRoute(o) => ("HTTPRoute", &o.metadata),
-            Self::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
-            Self::ReferenceGrant(o) => ("ReferenceGrant", &o.metadata),
-            Self::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
-        };
+        let meta = self.metadata();
         ObjectKey {
-            kind,
+            kind: self.kind(),
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Its kind, as the API names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Node(_) => "Node",
+            Self::Namespace(_) => "Namespace",
+            Self::Pod(_) => "Pod",
+            Self::Service(_) => "Service",
+            Self::EndpointSlice(_) => "EndpointSlice",
+            Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Self::NetworkPolicy(_) => "NetworkPolicy",
+            Self::HttpRoute(_) => "HTTPRoute",
+            Self::GrpcRoute(_) => "GRPCRoute",
+            Self::ReferenceGrant(_) => "ReferenceGrant",
+            Self::TrafficPolicy(_) => "TrafficPolicy",
+        }
+    }
+
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Node(o) => &o.metadata,
+            Self::Namespace(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::AuthorizationPolicy(o) => &o.metadata,
+            Self::NetworkPolicy(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
+            Self::GrpcRoute(o) => &o.metadata,
+            Self::ReferenceGrant(o) => &o.metadata,
+            Self::TrafficPolicy(o) => &o.metadata,
         }
     }
 }

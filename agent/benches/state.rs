@@ -1,0 +1,136 @@
+//! The state at cluster scale: building a node's view from every object
+//! (done again on each change the source reports) and the lookups each
+//! proxied connection and request makes in it (a Service by VIP, by name; a
+//! workload by name; the authorization policies that judge it), on a
+//! cluster of 20,000 pods, 2,000 Services and 500 AuthorizationPolicies.
+
+use std::{fmt::Write as _, hint::black_box, net::SocketAddr, path::Path};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use trellis_agent::{
+    identity::Identity,
+    policy::authz::{Layer, Verdict, authorize},
+    state::{Object, Snapshot, objects::parse_file},
+};
+
+const NAMESPACES: usize = 100;
+const SERVICES_PER_NAMESPACE: usize = 20;
+const PODS_PER_SERVICE: usize = 10;
+const POLICIES_PER_NAMESPACE: usize = 5;
+
+fn vip(ns: usize, svc: usize) -> String {
+    format!("10.96.{ns}.{}", svc + 10)
+}
+
+fn pod_ip(ns: usize, svc: usize, pod: usize) -> String {
+    let i = svc * PODS_PER_SERVICE + pod;
+    format!("10.{}.{}.{}", 100 + ns / 100, ns % 100, i + 10)
+}
+
+/// Every namespace holds `SERVICES_PER_NAMESPACE` Services of
+/// `PODS_PER_SERVICE` pods each, spread over 50 nodes, and
+/// `POLICIES_PER_NAMESPACE` ALLOW policies, each for one Service's pods. With `slices`, each
+/// Service's endpoints come from an EndpointSlice (as in Kubernetes), else
+/// from its selector (as in a state folder).
+fn cluster(slices: bool) -> Vec<Object> {
+    let mut yaml = String::new();
+    for ns in 0..NAMESPACES {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{ns}, labels: {{trellis.dev/mesh: enabled}}}}\n"
+        );
+        for p in 0..POLICIES_PER_NAMESPACE {
+            let _ = write!(
+                yaml,
+                "---\napiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p-{p}, namespace: ns-{ns}}}\n\
+                 spec: {{selector: {{matchLabels: {{app: svc-{p}}}}}, action: ALLOW, rules: [{{from: [{{source: {{namespaces: [ns-{ns}]}}}}]}}]}}\n"
+            );
+        }
+        for svc in 0..SERVICES_PER_NAMESPACE {
+            let _ = write!(
+                yaml,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{svc}, namespace: ns-{ns}}}\n\
+                 spec: {{clusterIP: {}, selector: {{app: svc-{svc}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n",
+                vip(ns, svc)
+            );
+            let mut endpoints = Vec::new();
+            for pod in 0..PODS_PER_SERVICE {
+                let ip = pod_ip(ns, svc, pod);
+                let _ = write!(
+                    yaml,
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: svc-{svc}-{pod}, namespace: ns-{ns}, labels: {{app: svc-{svc}}}}}\n\
+                     spec: {{nodeName: n{}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n",
+                    (ns + pod) % 50
+                );
+                endpoints.push(format!("{{addresses: [{ip}]}}"));
+            }
+            if slices {
+                let _ = write!(
+                    yaml,
+                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {{name: svc-{svc}-1, namespace: ns-{ns}, labels: {{kubernetes.io/service-name: svc-{svc}}}}}\n\
+                     addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+                    endpoints.join(", ")
+                );
+            }
+        }
+    }
+    let parsed = parse_file(Path::new("cluster.yaml"), &yaml).expect("the cluster parses");
+    assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+    parsed.objects
+}
+
+fn benches(c: &mut Criterion) {
+    for (slices, name) in [(false, "selectors"), (true, "endpoint slices")] {
+        let objects = cluster(slices);
+        let snap = Snapshot::build("n1", &objects);
+        assert_eq!(
+            snap.workloads.len(),
+            NAMESPACES * SERVICES_PER_NAMESPACE * PODS_PER_SERVICE
+        );
+        let (svc, _) = snap
+            .service_for(format!("{}:80", vip(99, 19)).parse().expect("addr"))
+            .expect("the last Service by its VIP");
+        assert_eq!(svc.backends[&80].len(), PODS_PER_SERVICE);
+        c.bench_function(
+            &format!("state/build 20k pods, 2k Services ({name})"),
+            |b| b.iter(|| Snapshot::build("n1", black_box(&objects))),
+        );
+    }
+
+    let snap = Snapshot::build("n1", &cluster(true));
+    // The last Service and pod made: a scan in order finds them last.
+    let vip: SocketAddr = format!("{}:80", vip(99, 19)).parse().expect("addr");
+    c.bench_function("state/a Service by VIP (2k Services)", |b| {
+        b.iter(|| snap.service_for(black_box(vip)).is_some())
+    });
+    c.bench_function("state/a Service by name (2k Services)", |b| {
+        b.iter(|| snap.service(black_box("ns-99/svc-19")).is_some())
+    });
+    let last = format!("ns-99/svc-19-{}", PODS_PER_SERVICE - 1);
+    c.bench_function("state/a workload by name (20k pods)", |b| {
+        b.iter(|| snap.workload(black_box(&last)).is_some())
+    });
+    // A pod of the last namespace calls one its policies select.
+    let source = Identity::new("cluster.local", "ns-99", "default");
+    let dst: SocketAddr = format!("{}:8080", pod_ip(99, 0, 0)).parse().expect("addr");
+    assert_eq!(
+        authorize(&snap, &source, dst, Layer::Connection),
+        Verdict::Allow
+    );
+    let stranger = Identity::new("cluster.local", "ns-0", "default");
+    assert!(matches!(
+        authorize(&snap, &stranger, dst, Layer::Connection),
+        Verdict::Deny { .. }
+    ));
+    c.bench_function("state/authorize a connection (500 policies)", |b| {
+        b.iter(|| authorize(&snap, black_box(&source), black_box(dst), Layer::Connection))
+    });
+}
+
+criterion_group! {
+    name = state;
+    config = Criterion::default().sample_size(10);
+    targets = benches
+}
+criterion_main!(state);
