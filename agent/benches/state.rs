@@ -2,7 +2,8 @@
 //! (done again on each change the source reports) and the lookups each
 //! proxied connection and request makes in it (a Service by VIP, by name; a
 //! workload by name; the authorization policies that judge it), on a
-//! cluster of 20,000 pods, 2,000 Services and 500 AuthorizationPolicies.
+//! cluster of 20,000 pods, 2,000 Services, 200 HTTPRoutes and 500
+//! AuthorizationPolicies.
 
 use std::{fmt::Write as _, hint::black_box, net::SocketAddr, path::Path};
 
@@ -17,6 +18,7 @@ const NAMESPACES: usize = 100;
 const SERVICES_PER_NAMESPACE: usize = 20;
 const PODS_PER_SERVICE: usize = 10;
 const POLICIES_PER_NAMESPACE: usize = 5;
+const ROUTES_PER_NAMESPACE: usize = 2;
 
 fn vip(ns: usize, svc: usize) -> String {
     format!("10.96.{ns}.{}", svc + 10)
@@ -29,7 +31,9 @@ fn pod_ip(ns: usize, svc: usize, pod: usize) -> String {
 
 /// Every namespace holds `SERVICES_PER_NAMESPACE` Services of
 /// `PODS_PER_SERVICE` pods each, spread over 50 nodes, and
-/// `POLICIES_PER_NAMESPACE` ALLOW policies, each for one Service's pods. With `slices`, each
+/// `POLICIES_PER_NAMESPACE` ALLOW policies, each for one Service's pods,
+/// and `ROUTES_PER_NAMESPACE` HTTPRoutes, each splitting one Service's
+/// calls to two others. With `slices`, each
 /// Service's endpoints come from an EndpointSlice (as in Kubernetes), else
 /// from its selector (as in a state folder).
 fn cluster(slices: bool) -> Vec<Object> {
@@ -44,6 +48,16 @@ fn cluster(slices: bool) -> Vec<Object> {
                 yaml,
                 "---\napiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p-{p}, namespace: ns-{ns}}}\n\
                  spec: {{selector: {{matchLabels: {{app: svc-{p}}}}}, action: ALLOW, rules: [{{from: [{{source: {{namespaces: [ns-{ns}]}}}}]}}]}}\n"
+            );
+        }
+        for r in 0..ROUTES_PER_NAMESPACE {
+            let _ = write!(
+                yaml,
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r-{r}, namespace: ns-{ns}}}\n\
+                 spec: {{parentRefs: [{{group: '', kind: Service, name: svc-{r}, port: 80}}], rules: [{{matches: [{{path: {{type: PathPrefix, value: /v2}}}}], \
+                 backendRefs: [{{name: svc-{}, port: 80, weight: 90}}, {{name: svc-{}, port: 80, weight: 10}}]}}]}}\n",
+                r + 10,
+                r + 11
             );
         }
         for svc in 0..SERVICES_PER_NAMESPACE {
@@ -92,8 +106,10 @@ fn benches(c: &mut Criterion) {
             .service_for(format!("{}:80", vip(99, 19)).parse().expect("addr"))
             .expect("the last Service by its VIP");
         assert_eq!(svc.backends[&80].len(), PODS_PER_SERVICE);
+        let routed = snap.routes.port("ns-99/svc-1", 80).expect("a route");
+        assert_eq!(routed.for_client("ns-0").map(<[_]>::len), Some(1));
         c.bench_function(
-            &format!("state/build 20k pods, 2k Services ({name})"),
+            &format!("state/build 20k pods, 2k Services, 200 routes ({name})"),
             |b| b.iter(|| Snapshot::build("n1", black_box(&objects))),
         );
     }

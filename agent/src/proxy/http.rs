@@ -203,9 +203,9 @@ pub struct HttpProxy {
     sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
     metrics: Option<Arc<IstioMetrics>>,
     tracer: Option<Arc<crate::trace::Tracer>>,
-    /// Requests' shared labels by (client, endpoint, Service, gRPC, mTLS),
-    /// for the state they were made under (its address).
-    traffic: Mutex<(usize, HashMap<TrafficKey, Traffic>)>,
+    /// Requests' shared labels by (client, endpoint, gRPC, mTLS) and then
+    /// Service, for the state they were made under (its address).
+    traffic: Mutex<(usize, TrafficCache)>,
     connect_timeout: Duration,
     /// Polls for same-node upstreams' answers before sleeping.
     poller: Poller,
@@ -631,7 +631,7 @@ impl HttpProxy {
         let generation = Arc::as_ptr(&snapshot) as usize;
         let mtls = chosen
             .backend
-            .is_some_and(|b| self.tunnel(&snapshot, call, b).is_some());
+            .is_some_and(|b| self.tunnelled(&snapshot, call, b).is_some());
         // One request after another between the same pods: their labels
         // are made once per state.
         let traffic = {
@@ -639,22 +639,27 @@ impl HttpProxy {
             if cache.0 != generation {
                 *cache = (generation, HashMap::new());
             }
-            let key = (call.client.ip(), backend, service.to_owned(), grpc, mtls);
-            cache
+            // Keyed without the Service's name, so a hit allocates nothing.
+            let same = cache
                 .1
-                .entry(key)
-                .or_insert_with(|| {
+                .entry((call.client.ip(), backend, grpc, mtls))
+                .or_default();
+            match same.iter().find(|(s, _)| s == service) {
+                Some((_, traffic)) => traffic.clone(),
+                None => {
                     let peer_of = |ip| Peer::at(&snapshot, ip, &self.trust_domain);
-                    Traffic::new(
+                    let traffic = Traffic::new(
                         Reporter::Source,
                         peer_of(call.client.ip()),
                         backend.map_or_else(|| Arc::new(Peer::unknown()), peer_of),
                         Arc::new(ServiceName::of(service)),
                         if grpc { "grpc" } else { "http" },
                         mtls,
-                    )
-                })
-                .clone()
+                    );
+                    same.push((service.to_owned(), traffic.clone()));
+                    traffic
+                }
+            }
         };
         let flags = telemetry::flags_of(resp.headers());
         RequestLabels {
@@ -983,12 +988,22 @@ impl HttpProxy {
     /// The tunnel identities to `backend` when it is a meshed pod on another
     /// node.
     fn tunnel(&self, snapshot: &Snapshot, call: &Call, backend: SocketAddr) -> Option<Identity> {
-        self.hbone.as_ref()?;
-        let dst = snapshot
-            .workload_by_ip(backend.ip())
-            .filter(|w| w.meshed && w.node != self.node)?;
-        call.client_identity.as_ref()?;
+        let dst = self.tunnelled(snapshot, call, backend)?;
         Some(Identity::of(dst, &self.trust_domain))
+    }
+
+    /// The pod at `backend` when requests to it go through a tunnel.
+    fn tunnelled<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        call: &Call,
+        backend: SocketAddr,
+    ) -> Option<&'s crate::state::Workload> {
+        self.hbone.as_ref()?;
+        call.client_identity.as_ref()?;
+        snapshot
+            .workload_by_ip(backend.ip())
+            .filter(|w| w.meshed && w.node != self.node)
     }
 
     /// Sends one attempt of a request to `backend`, as `snapshot` (the state
@@ -1344,13 +1359,8 @@ where
 static DEFAULT_POLICY: std::sync::LazyLock<Arc<resilience::Resilience>> =
     std::sync::LazyLock::new(Arc::default);
 
-type TrafficKey = (
-    std::net::IpAddr,
-    Option<std::net::IpAddr>,
-    String,
-    bool,
-    bool,
-);
+type TrafficKey = (std::net::IpAddr, Option<std::net::IpAddr>, bool, bool);
+type TrafficCache = HashMap<TrafficKey, Vec<(String, Traffic)>>;
 
 /// What a request's handling chose, for its metrics.
 #[derive(Default)]

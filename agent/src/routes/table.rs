@@ -27,6 +27,9 @@ use super::{
 };
 use crate::state::ServiceView;
 
+/// Services by namespace and name, while routes are compiled.
+type ServicesByName<'a> = std::collections::HashMap<(&'a str, &'a str), &'a ServiceView>;
+
 /// A compiled regular expression, matched against the whole value as the
 /// Gateway API asks.
 #[derive(Clone)]
@@ -432,12 +435,18 @@ impl RouteTable {
         grants: &[&ReferenceGrant],
         services: &[ServiceView],
     ) -> Self {
+        // By `namespace/name`, the first of a name winning (inserted last).
+        let services: ServicesByName<'_> = services
+            .iter()
+            .rev()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .collect();
         let mut table = Self::default();
         for route in http_routes {
-            table.add(&Source::http(route), grants, services);
+            table.add(&Source::http(route), grants, &services);
         }
         for route in grpc_routes {
-            table.add(&Source::grpc(route), grants, services);
+            table.add(&Source::grpc(route), grants, &services);
         }
         // A GRPCRoute wins a port (for the clients it applies to) over the
         // HTTPRoutes there, which report the conflict.
@@ -483,7 +492,12 @@ impl RouteTable {
         table
     }
 
-    fn add(&mut self, route: &Source<'_>, grants: &[&ReferenceGrant], services: &[ServiceView]) {
+    fn add(
+        &mut self,
+        route: &Source<'_>,
+        grants: &[&ReferenceGrant],
+        services: &ServicesByName<'_>,
+    ) {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
         let id = format!("{namespace}/{name}");
@@ -494,11 +508,7 @@ impl RouteTable {
             .map(|t| t.0.to_string())
             .unwrap_or_default();
         let mut conditions = Vec::new();
-        let find = |ns: &str, name: &str| {
-            services
-                .iter()
-                .find(|s| s.namespace == ns && s.name == name)
-        };
+        let find = |ns: &str, name: &str| services.get(&(ns, name)).copied();
 
         // Features this agent does not honour yet: the route is not
         // accepted rather than half applied.
