@@ -477,8 +477,10 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Work
     Some(Workload {
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
+        // Empty or absent: `default`, as the API server's admission sets it.
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
+            .filter(|a| !a.is_empty())
             .unwrap_or_else(|| "default".into()),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         netns: pod

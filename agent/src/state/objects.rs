@@ -324,8 +324,69 @@ fn check_port(field: &str, port: i32) -> Result<(), Invalid> {
     }
 }
 
+/// The forms Kubernetes allows a name (RFC 1123 and 1035).
+#[derive(Clone, Copy)]
+enum NameForm {
+    /// Up to 63 of `a-z`, `0-9` and `-`, starting and ending alphanumeric.
+    Label,
+    /// A label that starts with a letter (Services: DNS names of their own).
+    Rfc1035Label,
+    /// Up to 253 characters of labels joined by dots.
+    Subdomain,
+}
+
+/// Names go into DNS names, SPIFFE IDs and HBONE headers: a name the API
+/// server would refuse is refused here too, with the rule it breaks.
+fn check_name(field: &str, name: &str, form: NameForm) -> Result<(), Invalid> {
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    let (ok, rule) = match form {
+        NameForm::Label => (
+            label(name),
+            "up to 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+        ),
+        NameForm::Rfc1035Label => (
+            label(name) && name.starts_with(|c: char| c.is_ascii_lowercase()),
+            "up to 63 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit",
+        ),
+        NameForm::Subdomain => (
+            name.len() <= 253 && name.split('.').all(label),
+            "up to 253 characters: lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit",
+        ),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?} is not a valid name: {rule}"),
+        ))
+    }
+}
+
 /// Checks what the agent relies on, beyond what the schema already enforced.
 fn validate(object: &Object) -> Result<(), Invalid> {
+    let meta = object.metadata();
+    let form = match object {
+        Object::Namespace(_) => NameForm::Label,
+        Object::Service(_) => NameForm::Rfc1035Label,
+        _ => NameForm::Subdomain,
+    };
+    check_name(
+        "metadata.name",
+        meta.name.as_deref().unwrap_or_default(),
+        form,
+    )?;
+    if let Some(namespace) = meta.namespace.as_deref() {
+        check_name("metadata.namespace", namespace, NameForm::Label)?;
+    }
     match object {
         Object::Node(node) => {
             for (i, a) in node
@@ -344,6 +405,14 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         Object::Namespace(_) => {}
         Object::Pod(pod) => {
+            if let Some(account) = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .filter(|a| !a.is_empty())
+            {
+                check_name("spec.serviceAccountName", account, NameForm::Subdomain)?;
+            }
             let status = pod.status.as_ref();
             if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
                 parse_ip("status.podIP", ip)?;
@@ -596,6 +665,38 @@ mod tests {
                 "metadata.labels[kubernetes.io/service-name]",
                 "required",
             ),
+            // Names as the API server allows them: they go into DNS names,
+            // SPIFFE IDs and HBONE headers.
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: Web}",
+                "metadata.name",
+                "\"Web\" is not a valid name",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop_1}",
+                "metadata.namespace",
+                "not a valid name",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {serviceAccountName: \"web\\nx\", containers: []}",
+                "spec.serviceAccountName",
+                "not a valid name",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: 1web}",
+                "metadata.name",
+                "starting with a letter",
+            ),
+            (
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop.eu}",
+                "metadata.name",
+                "up to 63",
+            ),
+            (
+                "apiVersion: v1\nkind: Node\nmetadata: {name: node-.a}",
+                "metadata.name",
+                "each part",
+            ),
         ];
         for (text, field, reason) in cases {
             let parsed = parse(text);
@@ -608,6 +709,28 @@ mod tests {
             assert!(err.reason.contains(reason), "{err}");
             assert!(err.to_string().starts_with("/cfg/mesh.yaml: "), "{err}");
         }
+    }
+
+    #[test]
+    fn names_the_api_server_allows_are_accepted() {
+        let parsed = parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0.v1, namespace: shop-2}\n\
+             spec: {serviceAccountName: system.web, containers: []}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: ip-10-0-0-1.ec2.internal}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: 9lives}\n",
+        );
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        assert_eq!(parsed.objects.len(), 3);
+        // An empty account is the namespace's `default`, as admission sets it.
+        let parsed = parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {serviceAccountName: '', containers: []}\n",
+        );
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let long = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}}}\n",
+            "a".repeat(64)
+        );
+        assert_eq!(parse(&long).rejected.len(), 1, "a label is 63 at most");
     }
 
     #[test]
