@@ -15,8 +15,9 @@
 //! Pods: every pod of the cluster is needed (the ipcache and policy peers),
 //! so all are watched, and each is slimmed on arrival to what the state
 //! model reads (metadata without managed fields, node, service account,
-//! container ports, IPs and phase), as Cilium does with its slim types; the
-//! metadata-only API would drop the IPs the model needs.
+//! container ports, IPs, phase, Ready), as Cilium does with its slim types,
+//! and kept as a [`super::objects::SlimPod`]; the metadata-only API would
+//! drop the IPs the model needs.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,7 +33,7 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use super::objects::{Object, ObjectKey, parse_value};
+use super::objects::{NETNS_ANNOTATION, Object, ObjectKey, parse_value};
 
 /// What the rejection messages name as the "file".
 const ORIGIN: &str = "kubernetes";
@@ -251,12 +252,30 @@ fn key_of(kind: &Kind, object: &DynamicObject) -> ObjectKey {
     }
 }
 
-/// Drops what the state model never reads: managed fields everywhere; for
+/// Drops what the state model never reads: everywhere, the metadata
+/// beyond names, uid, labels, timestamps and the netns annotation; for
 /// pods, everything but metadata, node, service account, container names
-/// and ports, host networking, IPs and phase.
+/// and ports, host networking, IPs, phase and the Ready condition.
 fn slim(value: &mut serde_json::Value) {
     if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-        meta.remove("managedFields");
+        // resourceVersion changes with every write, managedFields and
+        // kubectl's last-applied annotation are often bigger than the rest:
+        // kept, they would make each write a change and a rebuild.
+        meta.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "name"
+                    | "namespace"
+                    | "uid"
+                    | "labels"
+                    | "annotations"
+                    | "creationTimestamp"
+                    | "deletionTimestamp"
+            )
+        });
+        if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            annotations.retain(|k, _| k == NETNS_ANNOTATION);
+        }
     }
     if value["kind"] != "Pod" {
         return;
@@ -277,7 +296,20 @@ fn slim(value: &mut serde_json::Value) {
         }
     }
     if let Some(status) = value.get_mut("status").and_then(|s| s.as_object_mut()) {
-        status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "phase" | "hostIP"));
+        status.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "podIP" | "podIPs" | "phase" | "hostIP" | "conditions"
+            )
+        });
+        // Of the conditions, Ready says whether a Service without an
+        // EndpointSlice yet may pick the pod.
+        if let Some(conditions) = status.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+            conditions.retain(|c| c["type"] == "Ready");
+            for c in conditions.iter_mut().filter_map(|c| c.as_object_mut()) {
+                c.retain(|k, _| matches!(k.as_str(), "type" | "status"));
+            }
+        }
     }
 }
 
@@ -483,22 +515,67 @@ mod tests {
     fn pods_are_slimmed_to_what_the_model_reads() {
         let mut pod = serde_json::json!({
             "kind": "Pod",
-            "metadata": {"name": "p", "labels": {"app": "web"}, "managedFields": [{"manager": "kubelet"}]},
+            "metadata": {
+                "name": "p", "labels": {"app": "web"}, "managedFields": [{"manager": "kubelet"}],
+                "resourceVersion": "7", "generateName": "p-", "ownerReferences": [{"kind": "ReplicaSet"}],
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", NETNS_ANNOTATION: "/run/netns/p"}
+            },
             "spec": {
                 "nodeName": "n1", "serviceAccountName": "sa", "volumes": [{"name": "v"}],
                 "containers": [{"name": "c", "image": "x", "env": [{"name": "A"}], "ports": [{"containerPort": 80}]}]
             },
-            "status": {"podIP": "10.0.0.1", "phase": "Running", "conditions": [{"type": "Ready"}]}
+            "status": {"podIP": "10.0.0.1", "phase": "Running", "qosClass": "BestEffort", "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": null}
+            ]}
         });
         slim(&mut pod);
         assert_eq!(
             pod,
             serde_json::json!({
                 "kind": "Pod",
-                "metadata": {"name": "p", "labels": {"app": "web"}},
+                "metadata": {"name": "p", "labels": {"app": "web"}, "annotations": {NETNS_ANNOTATION: "/run/netns/p"}},
                 "spec": {"nodeName": "n1", "serviceAccountName": "sa", "containers": [{"name": "c", "ports": [{"containerPort": 80}]}]},
-                "status": {"podIP": "10.0.0.1", "phase": "Running"}
+                "status": {"podIP": "10.0.0.1", "phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}
             })
         );
+    }
+
+    fn pod(resource_version: &str, status: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": resource_version},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "web"}]},
+            "status": status
+        }))
+        .expect("a pod")
+    }
+
+    /// Kubelet writes a pod's status many times over its life (probes,
+    /// restarts, container states); each one rebuilt the whole snapshot
+    /// while the object kept a field that changes with every write.
+    #[test]
+    fn a_write_that_changes_nothing_the_agent_reads_is_not_a_change() {
+        let kind = KINDS.iter().find(|k| k.kind == "Pod").expect("Pod");
+        let mut store = Store::default();
+        let running = serde_json::json!({"phase": "Running", "podIP": "10.1.1.5"});
+        store.apply(kind, pod("1", running.clone()));
+        assert_eq!(store.generation, 1);
+        let mut restarted = running.clone();
+        restarted["containerStatuses"] = serde_json::json!([{"name": "c", "restartCount": 3}]);
+        store.apply(kind, pod("2", restarted));
+        assert_eq!(
+            store.generation, 1,
+            "a new resourceVersion and container state"
+        );
+        let mut unready = running;
+        unready["conditions"] = serde_json::json!([{"type": "Ready", "status": "False"}]);
+        store.apply(kind, pod("3", unready));
+        assert_eq!(store.generation, 2, "Ready is read");
+        let Some(Object::Pod(kept)) = store.objects.values().next() else {
+            panic!("the pod is kept");
+        };
+        assert_eq!(kept.ready, Some(false));
     }
 }

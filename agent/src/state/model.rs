@@ -11,7 +11,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{Namespace, Node, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -24,9 +24,7 @@ use crate::{
     routes::RouteTable,
 };
 
-use super::objects::{
-    MESH_LABEL, MTLS_LABEL, NETNS_ANNOTATION, Object, SERVICE_NAME_LABEL, parse_cidr,
-};
+use super::objects::{MESH_LABEL, MTLS_LABEL, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr};
 
 /// This node, as its `Node` object describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -426,23 +424,18 @@ fn node_info(node: &Node) -> NodeInfo {
     }
 }
 
-fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Workload> {
-    let status = pod.status.as_ref();
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| ips.iter().filter_map(|p| p.ip.parse().ok()).collect())
-        .unwrap_or_default();
-    if let Some(ip) = status
-        .and_then(|s| s.pod_ip.as_deref())
-        .and_then(|ip| ip.parse().ok())
-        && !ips.contains(&ip)
-    {
-        ips.insert(0, ip);
-    }
-    if ips.is_empty() {
+fn workload(pod: &SlimPod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Workload> {
+    if pod.ips.is_empty() {
         return None; // not scheduled or not started: nothing to route to
     }
-    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+    if pod.terminal {
+        // Its containers have ended and the kubelet has released its
+        // address, which a new pod may have by now: the address is not
+        // this pod's to claim (the EndpointSlice controller and Istio skip
+        // terminal pods too).
+        return None;
+    }
+    if pod.host_network {
         // Its address is its node's: it is the host to the mesh, as in
         // Cilium, never a workload (the agent's own pod is one).
         return None;
@@ -463,40 +456,20 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Work
         Some(v) if v == "strict" => MtlsMode::Strict,
         _ => MtlsMode::Permissive,
     };
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_none_or(|c| c.status == "True");
-    let spec = pod.spec.as_ref();
-    let named_ports = spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
-        .collect();
     Some(Workload {
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
-        // Empty or absent: `default`, as the API server's admission sets it.
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|a| !a.is_empty())
-            .unwrap_or_else(|| "default".into()),
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        netns: pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(NETNS_ANNOTATION))
-            .map(PathBuf::from),
+        service_account: pod.service_account.clone(),
+        node: pod.node_name.clone(),
+        netns: pod.netns().map(PathBuf::from),
         terminating: pod.metadata.deletion_timestamp.is_some(),
         namespace,
         labels,
-        ips,
+        ips: pod.ips.clone(),
         meshed,
         mtls,
-        ready,
-        named_ports,
+        ready: pod.ready.unwrap_or(true),
+        named_ports: pod.named_ports.clone(),
     })
 }
 
@@ -880,6 +853,34 @@ mod tests {
             ["10.1.1.12:8080", "10.1.1.13:8080"],
             "only usable ones take connections"
         );
+    }
+
+    /// A finished pod keeps `status.podIP` while the kubelet has released
+    /// the address, which the next pod on the node may get: the finished
+    /// one must not claim it, even listed first, nor be a backend.
+    #[test]
+    fn finished_pods_claim_no_address() {
+        let finished = "apiVersion: v1\nkind: Pod\nmetadata: {name: job-1, namespace: shop, labels: {app: web}}\n\
+             spec: {nodeName: node-a, serviceAccountName: batch, containers: [{name: job}]}\n\
+             status: {phase: Succeeded, podIP: 10.1.1.12}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: job-2, namespace: shop, labels: {app: web}}\n\
+             spec: {nodeName: node-a, containers: [{name: job}]}\n\
+             status: {phase: Failed, podIP: 10.1.1.13}\n---\n";
+        let parsed =
+            parse_file(Path::new("mesh.yaml"), &format!("{finished}{MESH}")).expect("yaml");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let s = Snapshot::build("node-a", &parsed.objects);
+        assert!(s.workloads.iter().all(|w| !w.name.starts_with("job-")));
+        let owner = |ip: &str| {
+            s.workload_by_ip(ip.parse().expect("ip"))
+                .map(|w| w.name.as_str())
+        };
+        assert_eq!(owner("10.1.1.12"), Some("web-a2"));
+        assert_eq!(owner("10.1.1.13"), Some("web-a3"));
+        let (svc, _) = s
+            .service_for("10.96.0.10:80".parse().expect("addr"))
+            .expect("web");
+        assert_eq!(svc.backends[&80].len(), 2, "{:?}", svc.backends[&80]);
     }
 
     #[test]

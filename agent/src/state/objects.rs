@@ -1,7 +1,7 @@
 //! Kubernetes objects from YAML: parsing with the real schemas (k8s-openapi),
 //! and validation of each object on its own, with file, object, field and reason.
 
-use std::{fmt, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -28,20 +28,134 @@ pub const MTLS_LABEL: &str = "trellis.dev/mtls";
 /// EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// One object the state model knows.
+/// One object the state model knows. Shared, not copied: a source keeps
+/// every object and hands all of them to each rebuild, so a clone is a
+/// reference count (at 20,000 pods a deep copy took 110 ms and 108 MiB).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Node(Box<Node>),
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    AuthorizationPolicy(Box<AuthorizationPolicy>),
-    NetworkPolicy(Box<NetworkPolicy>),
-    HttpRoute(Box<HttpRoute>),
-    GrpcRoute(Box<GrpcRoute>),
-    ReferenceGrant(Box<ReferenceGrant>),
-    TrafficPolicy(Box<TrafficPolicy>),
+    Node(Arc<Node>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<SlimPod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    NetworkPolicy(Arc<NetworkPolicy>),
+    HttpRoute(Arc<HttpRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
+    ReferenceGrant(Arc<ReferenceGrant>),
+    TrafficPolicy(Arc<TrafficPolicy>),
+}
+
+/// What the agent reads of a Pod, kept instead of the API object: pods are
+/// most of a cluster's objects, and `k8s_openapi`'s `Pod` takes 2.2 KiB
+/// plus 2.1 KiB per container before a single field is set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlimPod {
+    /// Name, namespace, uid, labels, deletionTimestamp and the
+    /// [`NETNS_ANNOTATION`]; nothing else.
+    pub metadata: ObjectMeta,
+    pub node_name: String,
+    /// `default` when the spec names none, as admission sets it.
+    pub service_account: String,
+    pub host_network: bool,
+    /// `status.podIP` first, then the rest of `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+    /// In phase `Succeeded` or `Failed`: its containers have ended, and its
+    /// address may already be another pod's.
+    pub terminal: bool,
+    /// The `Ready` condition; `None` without one.
+    pub ready: Option<bool>,
+    /// Container port names → numbers, for Services' named target ports.
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+impl SlimPod {
+    /// Checks what the agent relies on in `pod` and keeps only that.
+    fn new(pod: Pod) -> Result<Self, Invalid> {
+        let Pod {
+            metadata,
+            spec,
+            status,
+        } = pod;
+        let spec = spec.unwrap_or_default();
+        let status = status.unwrap_or_default();
+        let service_account = match spec.service_account_name {
+            Some(account) if !account.is_empty() => {
+                check_name("spec.serviceAccountName", &account, NameForm::Subdomain)?;
+                account
+            }
+            _ => "default".into(),
+        };
+        let mut ips = Vec::new();
+        if let Some(ip) = &status.pod_ip {
+            ips.push(parse_ip("status.podIP", ip)?);
+        }
+        for (i, p) in status.pod_ips.iter().flatten().enumerate() {
+            let ip = parse_ip(&format!("status.podIPs[{i}].ip"), &p.ip)?;
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        let netns = metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NETNS_ANNOTATION));
+        if let Some(path) = netns
+            && !path.starts_with('/')
+        {
+            return Err(invalid(
+                format!("metadata.annotations[{NETNS_ANNOTATION}]"),
+                format!("{path:?} is not an absolute path"),
+            ));
+        }
+        let mut named_ports = BTreeMap::new();
+        for (c, container) in spec.containers.iter().enumerate() {
+            for (p, port) in container.ports.iter().flatten().enumerate() {
+                let field = format!("spec.containers[{c}].ports[{p}].containerPort");
+                check_port(&field, port.container_port)?;
+                if let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) {
+                    named_ports.entry(name.clone()).or_insert(number);
+                }
+            }
+        }
+        for label in [MESH_LABEL, MTLS_LABEL] {
+            validate_label(metadata.labels.as_ref(), label, "metadata.labels")?;
+        }
+        let ready = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status == "True");
+        Ok(Self {
+            metadata: ObjectMeta {
+                annotations: netns
+                    .map(|path| BTreeMap::from([(NETNS_ANNOTATION.to_owned(), path.clone())])),
+                name: metadata.name,
+                namespace: metadata.namespace,
+                uid: metadata.uid,
+                labels: metadata.labels,
+                deletion_timestamp: metadata.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            node_name: spec.node_name.unwrap_or_default(),
+            service_account,
+            host_network: spec.host_network == Some(true),
+            ips,
+            terminal: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
+            ready,
+            named_ports,
+        })
+    }
+
+    /// The path in its [`NETNS_ANNOTATION`].
+    pub fn netns(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NETNS_ANNOTATION))
+            .map(String::as_str)
+    }
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped), name.
@@ -225,7 +339,7 @@ fn parse_object(
     }
 
     macro_rules! typed {
-        ($ty:ty, $variant:ident, $api:literal) => {{
+        ($ty:ty, $api:literal) => {{
             if api_version != $api {
                 return Err(reject(
                     None,
@@ -237,29 +351,86 @@ fn parse_object(
                 let field = e.path().to_string();
                 reject(None, &field, e.inner().to_string())
             })?;
-            Object::$variant(Box::new(object))
+            object
         }};
+        ($ty:ty, $variant:ident, $api:literal, namespaced) => {{
+            let mut object = typed!($ty, $api);
+            default_namespace(&mut object.metadata);
+            Object::$variant(Arc::new(object))
+        }};
+        ($ty:ty, $variant:ident, $api:literal) => {{ Object::$variant(Arc::new(typed!($ty, $api))) }};
     }
-    let mut object = match kind.as_str() {
+    let rejected = |key: ObjectKey, (field, reason): Invalid| {
+        let object = key.to_string();
+        (
+            Some(key),
+            ObjectError {
+                file: file.into(),
+                object,
+                field,
+                reason,
+            },
+        )
+    };
+    let object = match kind.as_str() {
         "Node" => typed!(Node, Node, "v1"),
         "Namespace" => typed!(Namespace, Namespace, "v1"),
-        "Pod" => typed!(Pod, Pod, "v1"),
-        "Service" => typed!(Service, Service, "v1"),
-        "EndpointSlice" => typed!(EndpointSlice, EndpointSlice, "discovery.k8s.io/v1"),
-        "NetworkPolicy" => typed!(NetworkPolicy, NetworkPolicy, "networking.k8s.io/v1"),
+        "Pod" => {
+            let mut pod = typed!(Pod, "v1");
+            default_namespace(&mut pod.metadata);
+            let key = ObjectKey {
+                kind: "Pod",
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+            };
+            match SlimPod::new(pod) {
+                Ok(pod) => Object::Pod(Arc::new(pod)),
+                Err(invalid) => return Err(rejected(key, invalid)),
+            }
+        }
+        "Service" => typed!(Service, Service, "v1", namespaced),
+        "EndpointSlice" => typed!(
+            EndpointSlice,
+            EndpointSlice,
+            "discovery.k8s.io/v1",
+            namespaced
+        ),
+        "NetworkPolicy" => typed!(
+            NetworkPolicy,
+            NetworkPolicy,
+            "networking.k8s.io/v1",
+            namespaced
+        ),
         "AuthorizationPolicy" => typed!(
             AuthorizationPolicy,
             AuthorizationPolicy,
-            "trellis.dev/v1alpha1"
+            "trellis.dev/v1alpha1",
+            namespaced
         ),
-        "HTTPRoute" => typed!(HttpRoute, HttpRoute, "gateway.networking.k8s.io/v1"),
-        "GRPCRoute" => typed!(GrpcRoute, GrpcRoute, "gateway.networking.k8s.io/v1"),
+        "HTTPRoute" => typed!(
+            HttpRoute,
+            HttpRoute,
+            "gateway.networking.k8s.io/v1",
+            namespaced
+        ),
+        "GRPCRoute" => typed!(
+            GrpcRoute,
+            GrpcRoute,
+            "gateway.networking.k8s.io/v1",
+            namespaced
+        ),
         "ReferenceGrant" => typed!(
             ReferenceGrant,
             ReferenceGrant,
-            "gateway.networking.k8s.io/v1beta1"
+            "gateway.networking.k8s.io/v1beta1",
+            namespaced
         ),
-        "TrafficPolicy" => typed!(TrafficPolicy, TrafficPolicy, "trellis.dev/v1alpha1"),
+        "TrafficPolicy" => typed!(
+            TrafficPolicy,
+            TrafficPolicy,
+            "trellis.dev/v1alpha1",
+            namespaced
+        ),
         other => {
             return Err(reject(
                 None,
@@ -268,37 +439,13 @@ fn parse_object(
             ));
         }
     };
-    default_namespace(&mut object);
     let key = object.key();
-    let object_name = key.to_string();
-    validate(&object).map_err(|(field, reason)| {
-        (
-            Some(key.clone()),
-            ObjectError {
-                file: file.into(),
-                object: object_name,
-                field,
-                reason,
-            },
-        )
-    })?;
+    validate(&object).map_err(|invalid| rejected(key, invalid))?;
     Ok(Some(object))
 }
 
 /// Namespaced objects without a namespace live in `default`, as kubectl applies them.
-fn default_namespace(object: &mut Object) {
-    let meta = match object {
-        Object::Pod(o) => &mut o.metadata,
-        Object::Service(o) => &mut o.metadata,
-        Object::EndpointSlice(o) => &mut o.metadata,
-        Object::AuthorizationPolicy(o) => &mut o.metadata,
-        Object::NetworkPolicy(o) => &mut o.metadata,
-        Object::HttpRoute(o) => &mut o.metadata,
-        Object::GrpcRoute(o) => &mut o.metadata,
-        Object::ReferenceGrant(o) => &mut o.metadata,
-        Object::TrafficPolicy(o) => &mut o.metadata,
-        Object::Node(_) | Object::Namespace(_) => return,
-    };
+fn default_namespace(meta: &mut ObjectMeta) {
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some("default".into());
     }
@@ -404,58 +551,8 @@ fn validate(object: &Object) -> Result<(), Invalid> {
             }
         }
         Object::Namespace(_) => {}
-        Object::Pod(pod) => {
-            if let Some(account) = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.as_deref())
-                .filter(|a| !a.is_empty())
-            {
-                check_name("spec.serviceAccountName", account, NameForm::Subdomain)?;
-            }
-            let status = pod.status.as_ref();
-            if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
-                parse_ip("status.podIP", ip)?;
-            }
-            for (i, p) in status
-                .iter()
-                .flat_map(|s| s.pod_ips.iter().flatten())
-                .enumerate()
-            {
-                parse_ip(&format!("status.podIPs[{i}].ip"), &p.ip)?;
-            }
-            if let Some(path) = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(NETNS_ANNOTATION))
-                && !path.starts_with('/')
-            {
-                return Err(invalid(
-                    format!("metadata.annotations[{NETNS_ANNOTATION}]"),
-                    format!("{path:?} is not an absolute path"),
-                ));
-            }
-            for (c, container) in pod
-                .spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .enumerate()
-            {
-                for (p, port) in container.ports.iter().flatten().enumerate() {
-                    check_port(
-                        &format!("spec.containers[{c}].ports[{p}].containerPort"),
-                        port.container_port,
-                    )?;
-                }
-            }
-            for (label, field) in [
-                (MESH_LABEL, "metadata.labels"),
-                (MTLS_LABEL, "metadata.labels"),
-            ] {
-                validate_label(pod.metadata.labels.as_ref(), label, field)?;
-            }
-        }
+        // Checked as it was slimmed (SlimPod::new).
+        Object::Pod(_) => {}
         Object::Service(svc) => {
             let Some(spec) = &svc.spec else { return Ok(()) };
             for (i, ip) in spec
