@@ -9,7 +9,6 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    fmt::Write as _,
     hint::black_box,
     net::SocketAddr,
     path::Path,
@@ -65,82 +64,11 @@ fn heap<T>(make: impl FnOnce() -> T) -> (f64, T) {
     )
 }
 
-const NAMESPACES: usize = 100;
-const SERVICES_PER_NAMESPACE: usize = 20;
-const PODS_PER_SERVICE: usize = 10;
-const POLICIES_PER_NAMESPACE: usize = 5;
-const ROUTES_PER_NAMESPACE: usize = 2;
+use trellis_agent::state::synthetic::{PODS_PER_SERVICE, cluster_yaml, pod_ip, vip};
 
-fn vip(ns: usize, svc: usize) -> String {
-    format!("10.96.{ns}.{}", svc + 10)
-}
-
-fn pod_ip(ns: usize, svc: usize, pod: usize) -> String {
-    let i = svc * PODS_PER_SERVICE + pod;
-    format!("10.{}.{}.{}", 100 + ns / 100, ns % 100, i + 10)
-}
-
-/// Every namespace holds `SERVICES_PER_NAMESPACE` Services of
-/// `PODS_PER_SERVICE` pods each, spread over 50 nodes, and
-/// `POLICIES_PER_NAMESPACE` ALLOW policies, each for one Service's pods,
-/// and `ROUTES_PER_NAMESPACE` HTTPRoutes, each splitting one Service's
-/// calls to two others. With `slices`, each
-/// Service's endpoints come from an EndpointSlice (as in Kubernetes), else
-/// from its selector (as in a state folder).
 fn cluster(slices: bool) -> Vec<Object> {
-    let mut yaml = String::new();
-    for ns in 0..NAMESPACES {
-        let _ = write!(
-            yaml,
-            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{ns}, labels: {{trellis.dev/mesh: enabled}}}}\n"
-        );
-        for p in 0..POLICIES_PER_NAMESPACE {
-            let _ = write!(
-                yaml,
-                "---\napiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p-{p}, namespace: ns-{ns}}}\n\
-                 spec: {{selector: {{matchLabels: {{app: svc-{p}}}}}, action: ALLOW, rules: [{{from: [{{source: {{namespaces: [ns-{ns}]}}}}]}}]}}\n"
-            );
-        }
-        for r in 0..ROUTES_PER_NAMESPACE {
-            let _ = write!(
-                yaml,
-                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r-{r}, namespace: ns-{ns}}}\n\
-                 spec: {{parentRefs: [{{group: '', kind: Service, name: svc-{r}, port: 80}}], rules: [{{matches: [{{path: {{type: PathPrefix, value: /v2}}}}], \
-                 backendRefs: [{{name: svc-{}, port: 80, weight: 90}}, {{name: svc-{}, port: 80, weight: 10}}]}}]}}\n",
-                r + 10,
-                r + 11
-            );
-        }
-        for svc in 0..SERVICES_PER_NAMESPACE {
-            let _ = write!(
-                yaml,
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{svc}, namespace: ns-{ns}}}\n\
-                 spec: {{clusterIP: {}, selector: {{app: svc-{svc}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n",
-                vip(ns, svc)
-            );
-            let mut endpoints = Vec::new();
-            for pod in 0..PODS_PER_SERVICE {
-                let ip = pod_ip(ns, svc, pod);
-                let _ = write!(
-                    yaml,
-                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: svc-{svc}-{pod}, namespace: ns-{ns}, labels: {{app: svc-{svc}}}}}\n\
-                     spec: {{nodeName: n{}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n",
-                    (ns + pod) % 50
-                );
-                endpoints.push(format!("{{addresses: [{ip}]}}"));
-            }
-            if slices {
-                let _ = write!(
-                    yaml,
-                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-                     metadata: {{name: svc-{svc}-1, namespace: ns-{ns}, labels: {{kubernetes.io/service-name: svc-{svc}}}}}\n\
-                     addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
-                    endpoints.join(", ")
-                );
-            }
-        }
-    }
-    let parsed = parse_file(Path::new("cluster.yaml"), &yaml).expect("the cluster parses");
+    let parsed =
+        parse_file(Path::new("cluster.yaml"), &cluster_yaml(slices)).expect("the cluster parses");
     assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
     parsed.objects
 }
@@ -156,10 +84,7 @@ fn benches(c: &mut Criterion) {
     for (slices, name) in [(false, "selectors"), (true, "endpoint slices")] {
         let objects = cluster(slices);
         let snap = Snapshot::build("n1", &objects);
-        assert_eq!(
-            snap.workloads.len(),
-            NAMESPACES * SERVICES_PER_NAMESPACE * PODS_PER_SERVICE
-        );
+        assert_eq!(snap.workloads.len(), trellis_agent::state::synthetic::PODS);
         let (svc, _) = snap
             .service_for(format!("{}:80", vip(99, 19)).parse().expect("addr"))
             .expect("the last Service by its VIP");

@@ -627,6 +627,11 @@ fn state_loop(
                     tracing::debug!(endpoints = report.endpoints.len(), "state applied");
                     verdicts.set_view(report.policy.clone());
                     *report_out.lock().unwrap_or_else(|e| e.into_inner()) = report;
+                    // A build's scratch (parsed documents, the replaced
+                    // snapshot and maps) is freed in many small pieces that
+                    // malloc would keep: at 20,000 pods, 100+ MiB held
+                    // for nothing. Milliseconds, once per change.
+                    crate::memory::release_free_heap();
                 }
                 Err(e) => {
                     // Keep the last good maps; retry on the next round.

@@ -5,6 +5,7 @@ pub mod files;
 pub mod kube;
 pub mod model;
 pub mod objects;
+pub mod synthetic;
 
 pub use self::model::{Backend, NodeInfo, ServiceView, Snapshot, Workload};
 pub use self::objects::{Object, ObjectError, ObjectKey};

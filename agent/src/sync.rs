@@ -309,7 +309,7 @@ impl Syncer {
             e.egress_isolated = egress;
         }
 
-        let mut changes = self.tables.upsert(&desired)?;
+        let (mut changes, stale) = self.tables.upsert(&desired)?;
         if let Some(hooks) = &mut self.pod_hooks {
             let wanted = desired.pod_ifaces.keys().copied().collect();
             for (ifindex, e) in hooks.sync(&wanted) {
@@ -319,7 +319,7 @@ impl Syncer {
                 e.tc_hooked = hooks.attached().contains(&e.ifindex);
             }
         }
-        self.tables.prune(&desired, &mut changes)?;
+        self.tables.prune(&desired, stale, &mut changes)?;
         // Last: flows allowed under the old policy are judged again.
         if changes.policy_inputs() {
             config.policy_revision = config.policy_revision.wrapping_add(1);

@@ -45,7 +45,7 @@ enum Task {
     /// Measure the data path against the direct path, side by side in one run:
     /// same node (each acceleration mode) and across nodes (HBONE mTLS).
     Bench {
-        /// Only one part: `same-node`, `cross-node`, `http` or `policy`.
+        /// Only one part: `same-node`, `cross-node`, `http`, `policy` or `scale`.
         #[arg(long)]
         only: Option<String>,
     },

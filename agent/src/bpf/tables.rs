@@ -104,33 +104,58 @@ impl Tables {
 
     /// Writes every new or changed entry, in the order the kernel reads
     /// them: identities and policy before the endpoints they protect.
-    pub fn upsert(&mut self, d: &Desired) -> Result<Changes, BpfError> {
-        Ok(Changes {
-            ipcache: upsert_lpm(&mut self.ipcache, MAP_IPCACHE, &d.ipcache)?,
-            policy: upsert_lpm(&mut self.policy, MAP_POLICY, &d.policy)?,
+    pub fn upsert(&mut self, d: &Desired) -> Result<(Changes, Stale), BpfError> {
+        let (ipcache, stale_ipcache) = upsert_lpm(&mut self.ipcache, MAP_IPCACHE, &d.ipcache)?;
+        let (policy, stale_policy) = upsert_lpm(&mut self.policy, MAP_POLICY, &d.policy)?;
+        let changes = Changes {
+            ipcache,
+            policy,
             services: upsert_hash(&mut self.services, MAP_SERVICES, &d.services)?,
             pod_ifaces: upsert_hash(&mut self.pod_ifaces, MAP_POD_IFACES, &d.pod_ifaces)?,
             endpoints: upsert_hash(&mut self.endpoints, MAP_ENDPOINTS, &d.endpoints)?,
-        })
+        };
+        let stale = Stale {
+            ipcache: stale_ipcache,
+            policy: stale_policy,
+        };
+        Ok((changes, stale))
     }
 
     /// Removes every entry `d` does not hold, endpoints before their policy.
-    pub fn prune(&mut self, d: &Desired, changes: &mut Changes) -> Result<(), BpfError> {
+    /// The LPM maps' stale entries are those [`Tables::upsert`] found while
+    /// reading them (only the agent writes them): read once, not twice, a
+    /// node's ipcache holds every pod address of the cluster.
+    pub fn prune(
+        &mut self,
+        d: &Desired,
+        stale: Stale,
+        changes: &mut Changes,
+    ) -> Result<(), BpfError> {
         changes.endpoints.removed += prune_hash(&mut self.endpoints, MAP_ENDPOINTS, &d.endpoints)?;
         changes.pod_ifaces.removed +=
             prune_hash(&mut self.pod_ifaces, MAP_POD_IFACES, &d.pod_ifaces)?;
         changes.services.removed += prune_hash(&mut self.services, MAP_SERVICES, &d.services)?;
-        changes.policy.removed += prune_lpm(&mut self.policy, MAP_POLICY, &d.policy)?;
-        changes.ipcache.removed += prune_lpm(&mut self.ipcache, MAP_IPCACHE, &d.ipcache)?;
+        changes.policy.removed += prune_lpm(&mut self.policy, MAP_POLICY, stale.policy)?;
+        changes.ipcache.removed += prune_lpm(&mut self.ipcache, MAP_IPCACHE, stale.ipcache)?;
         Ok(())
     }
 }
 
+/// Entries of the LPM maps that the state no longer wants, as (prefix
+/// length, data).
+#[derive(Debug, Default)]
+pub struct Stale {
+    ipcache: Vec<(u32, [u8; 16])>,
+    policy: Vec<(u32, PolicyKey)>,
+}
+
+/// Writes what differs from the map's contents; returns the counts and the
+/// entries the map holds that `desired` does not.
 fn upsert_lpm<K: Pod + Ord, V: Pod + PartialEq>(
     map: &mut LpmTrie<MapData, K, V>,
     name: &'static str,
     desired: &BTreeMap<(u32, K), V>,
-) -> Result<SyncStats, BpfError> {
+) -> Result<(SyncStats, Vec<(u32, K)>), BpfError> {
     let err = |source| BpfError::Map { name, source };
     let mut stats = SyncStats::default();
     let current: BTreeMap<(u32, K), V> = map
@@ -144,21 +169,27 @@ fn upsert_lpm<K: Pod + Ord, V: Pod + PartialEq>(
             stats.upserted += 1;
         }
     }
-    Ok(stats)
+    let stale = current
+        .into_keys()
+        .filter(|k| !desired.contains_key(k))
+        .collect();
+    Ok((stats, stale))
 }
 
 fn prune_lpm<K: Pod + Ord, V: Pod>(
     map: &mut LpmTrie<MapData, K, V>,
     name: &'static str,
-    desired: &BTreeMap<(u32, K), V>,
+    stale: Vec<(u32, K)>,
 ) -> Result<usize, BpfError> {
     let err = |source| BpfError::Map { name, source };
-    let current: Vec<Key<K>> = map.keys().collect::<Result<_, _>>().map_err(err)?;
     let mut removed = 0;
-    for key in current {
-        if !desired.contains_key(&(key.prefix_len(), key.data())) {
-            map.remove(&key).map_err(err)?;
-            removed += 1;
+    for (len, data) in stale {
+        match map.remove(&Key::new(len, data)) {
+            Ok(()) => removed += 1,
+            // Gone already: nothing to do.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
         }
     }
     Ok(removed)

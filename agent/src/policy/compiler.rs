@@ -56,7 +56,9 @@ pub enum IdentityOf {
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
     by_id: BTreeMap<u32, IdentityOf>,
-    pods: BTreeMap<(String, BTreeMap<String, String>), u32>,
+    /// Namespace → label set → identity: looked up for each pod of the
+    /// cluster at every sync, with no key to build.
+    pods: BTreeMap<String, BTreeMap<BTreeMap<String, String>, u32>>,
     cidrs: BTreeMap<Cidr, u32>,
     /// The CIDRs by prefix length in the maps' 16-byte form, longest
     /// first: a longest-prefix match is one hash lookup per length.
@@ -82,14 +84,14 @@ impl Identities {
     /// collision (rare: 24 bits) resolves the same way everywhere.
     pub fn build(snap: &Snapshot) -> Self {
         let mut ids = Self::default();
-        let sets: BTreeSet<(String, BTreeMap<String, String>)> = snap
+        let sets: BTreeSet<(&str, &BTreeMap<String, String>)> = snap
             .workloads
             .iter()
-            .map(|w| (w.namespace.clone(), w.labels.clone()))
+            .map(|w| (w.namespace.as_str(), &w.labels))
             .collect();
         for (ns, labels) in sets {
             let mut parts: Vec<&[u8]> = vec![ns.as_bytes()];
-            for (k, v) in &labels {
+            for (k, v) in labels {
                 parts.push(k.as_bytes());
                 parts.push(v.as_bytes());
             }
@@ -99,11 +101,14 @@ impl Identities {
             ids.by_id.insert(
                 id,
                 IdentityOf::Pods {
-                    namespace: ns.clone(),
+                    namespace: ns.to_owned(),
                     labels: labels.clone(),
                 },
             );
-            ids.pods.insert((ns, labels), id);
+            ids.pods
+                .entry(ns.to_owned())
+                .or_default()
+                .insert(labels.clone(), id);
         }
         let cidrs: BTreeSet<Cidr> = snap
             .network_policies
@@ -140,7 +145,8 @@ impl Identities {
 
     pub fn of_pod(&self, namespace: &str, labels: &BTreeMap<String, String>) -> u32 {
         self.pods
-            .get(&(namespace.to_owned(), labels.clone()))
+            .get(namespace)
+            .and_then(|sets| sets.get(labels))
             .copied()
             .unwrap_or(identity::WORLD)
     }

@@ -253,16 +253,14 @@ pub struct ParsedFile {
 /// Parses a multi-document YAML text.
 pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, FileError> {
     let file_name = file.display().to_string();
-    let mut docs = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+    let mut parsed = ParsedFile::default();
+    // One document's tree at a time: a whole file's, kept until the end,
+    // took several times the objects' own memory for a large one.
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_json::Value::deserialize(doc).map_err(|e| FileError {
             file: file_name.clone(),
             reason: e.to_string(),
         })?;
-        docs.push(value);
-    }
-    let mut parsed = ParsedFile::default();
-    for (index, value) in docs.into_iter().enumerate() {
         if value.is_null() {
             continue; // an empty document (`---` at the end)
         }
@@ -347,7 +345,7 @@ fn parse_object(
                     format!("{kind} is {} here, not {api_version}", $api),
                 ));
             }
-            let object: $ty = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+            let object: $ty = serde_path_to_error::deserialize(value).map_err(|e| {
                 let field = e.path().to_string();
                 reject(None, &field, e.inner().to_string())
             })?;

@@ -27,6 +27,13 @@
 //! how long the agent takes to write them, to change 2,000 of them in
 //! place, and to remove them, as the agent measures its sync and as seen
 //! from writing the file.
+//!
+//! State at cluster scale (`scale`): one agent given a cluster of 20,000
+//! pods on 50 other nodes, 2,000 Services, 200 HTTPRoutes and 500
+//! AuthorizationPolicies (`trellis_agent::state::synthetic`): how long it
+//! takes to apply them, its memory once they are applied and after changes,
+//! and what each change costs (a pod added or removed, 10 times): the
+//! agent's CPU and its time from writing the file to the maps.
 
 use std::{
     io::{Read as _, Write as _},
@@ -68,14 +75,18 @@ fn main() -> anyhow::Result<()> {
         Some("cross-node") => cross_node(),
         Some("http") => http(),
         Some("policy") => policy_apply(),
+        Some("scale") => scale(),
         None => {
             same_node()?;
             cross_node()?;
             http()?;
-            policy_apply()
+            policy_apply()?;
+            scale()
         }
         Some(other) => {
-            anyhow::bail!("unknown topology {other:?}: same-node, cross-node, http or policy")
+            anyhow::bail!(
+                "unknown topology {other:?}: same-node, cross-node, http, policy or scale"
+            )
         }
     }
 }
@@ -821,6 +832,114 @@ fn policy_apply() -> anyhow::Result<()> {
         );
     }
     println!("  (FILE→MAPS includes the config folder's poll interval and the status command)");
+    Ok(())
+}
+
+fn scale() -> anyhow::Result<()> {
+    use trellis_agent::state::synthetic;
+    const CHANGES: usize = 10;
+    let mut lab = Lab::new("bench_scale")?;
+    let node = lab.add_node("a")?;
+    let cluster = mesh::Cluster::start(lab.name(), &[&node], &[mesh::node(&node)])?;
+    let agent = &cluster.agents[0];
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    // Waits for the agent to show `workloads`; the time since `started`.
+    let applied = |workloads: usize, started: Instant| -> anyhow::Result<Duration> {
+        loop {
+            let status = agent.cli_json("status")?;
+            if status["workloads"].as_u64() == Some(workloads as u64) {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "{workloads} workloads not applied in 60 s: {}",
+                status["workloads"]
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let idle = agent.usage()?;
+    let yaml = synthetic::cluster_yaml(false);
+    let started = Instant::now();
+    cluster.config().write("cluster.yaml", &yaml)?;
+    let load = applied(synthetic::PODS, started)?;
+    let loaded = agent.usage()?;
+    let sync = agent.cli_json("status")?["last_sync"]["seconds"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!(
+        "\nSTATE AT SCALE ({} pods, 2,000 Services, 200 HTTPRoutes, 500 AuthorizationPolicies; {:.1} MB of YAML)",
+        synthetic::PODS,
+        yaml.len() as f64 / 1e6
+    );
+    println!(
+        "  load: file to maps {:.0} ms (maps written in {:.0} ms), agent CPU {:.2} s",
+        load.as_secs_f64() * 1e3,
+        sync * 1e3,
+        loaded.cpu_seconds - idle.cpu_seconds
+    );
+    println!(
+        "  RSS: {:.1} MiB before, {:.1} MiB loaded, peak {:.1} MiB",
+        mib(idle.rss),
+        mib(loaded.rss),
+        mib(loaded.peak_rss)
+    );
+    let extra = "apiVersion: v1\nkind: Pod\nmetadata: {name: extra, namespace: ns-0, labels: {app: svc-0}}\n\
+                 spec: {nodeName: n3, containers: [{name: c}]}\nstatus: {podIP: 10.100.0.250}\n";
+    let change = |i: usize| -> anyhow::Result<usize> {
+        if i.is_multiple_of(2) {
+            cluster.config().write("extra.yaml", extra)?;
+            Ok(synthetic::PODS + 1)
+        } else {
+            cluster.config().remove("extra.yaml")?;
+            Ok(synthetic::PODS)
+        }
+    };
+    // CPU first, with nothing asking the agent for its status meanwhile
+    // (each answer at this scale costs it CPU too), against as long idle.
+    let pause = Duration::from_millis(1500);
+    let before = agent.usage()?;
+    std::thread::sleep(pause * CHANGES as u32);
+    let idle_cpu = agent.usage()?.cpu_seconds - before.cpu_seconds;
+    let before = agent.usage()?;
+    for i in 0..CHANGES {
+        change(i)?;
+        std::thread::sleep(pause);
+    }
+    let changed_cpu = agent.usage()?.cpu_seconds - before.cpu_seconds;
+    applied(synthetic::PODS, Instant::now())?;
+    // Then the time each takes to reach the maps.
+    let mut seen = Vec::new();
+    let mut syncs = Vec::new();
+    for i in 0..CHANGES {
+        let started = Instant::now();
+        let workloads = change(i)?;
+        seen.push(applied(workloads, started)?.as_secs_f64() * 1e3);
+        syncs.push(
+            agent.cli_json("status")?["last_sync"]["seconds"]
+                .as_f64()
+                .unwrap_or(0.0)
+                * 1e3,
+        );
+    }
+    let after = agent.usage()?;
+    seen.sort_by(f64::total_cmp);
+    syncs.sort_by(f64::total_cmp);
+    println!(
+        "  a change (a pod added or removed, {CHANGES} times): agent CPU {:.0} ms each, \
+         file to maps {:.0} ms (median), maps written in {:.0} ms (median)",
+        (changed_cpu - idle_cpu) * 1e3 / CHANGES as f64,
+        seen[CHANGES / 2],
+        syncs[CHANGES / 2]
+    );
+    println!(
+        "  RSS after the changes: {:.1} MiB, peak {:.1} MiB",
+        mib(after.rss),
+        mib(after.peak_rss)
+    );
+    println!(
+        "  (file to maps includes the config folder's poll interval, 200 ms, and the status command)"
+    );
     Ok(())
 }
 
