@@ -321,6 +321,7 @@ impl Snapshot {
             .map(|s| {
                 service_view(
                     s,
+                    node_name,
                     &pods,
                     slices.get(&(
                         s.metadata.namespace.clone().unwrap_or_default(),
@@ -491,8 +492,12 @@ impl Pods<'_> {
     }
 }
 
+/// `node_name`'s view of `svc`: with `internalTrafficPolicy: Local`, only
+/// the endpoints on this node (calls from its pods go nowhere else, and fail
+/// when there is none, as with kube-proxy and Cilium).
 fn service_view(
     svc: &Service,
+    node_name: &str,
     pods: &Pods<'_>,
     slices: Option<&Vec<&EndpointSlice>>,
 ) -> ServiceView {
@@ -522,11 +527,17 @@ fn service_view(
             })
         })
         .collect();
+    let only_node = (spec.internal_traffic_policy.as_deref() == Some("Local")).then_some(node_name);
     let mut backends = BTreeMap::new();
     for port in &ports {
         let list = match slices {
-            Some(slices) => slice_backends(port, slices, pods),
-            None => selector_backends(port, spec.selector.as_ref(), pods.in_namespace(&namespace)),
+            Some(slices) => slice_backends(port, slices, pods, only_node),
+            None => selector_backends(
+                port,
+                spec.selector.as_ref(),
+                pods.in_namespace(&namespace),
+                only_node,
+            ),
         };
         backends.insert(port.port, list);
     }
@@ -551,11 +562,13 @@ fn target_port(port: &ServicePort, workload: Option<&Workload>) -> Option<u16> {
     }
 }
 
-/// The backends a selector picks among the Service's namespace's `workloads`.
+/// The backends a selector picks among the Service's namespace's
+/// `workloads` (those on `only_node`, when given).
 fn selector_backends(
     port: &ServicePort,
     selector: Option<&BTreeMap<String, String>>,
     workloads: &[&Workload],
+    only_node: Option<&str>,
 ) -> Vec<Backend> {
     // A Service without a selector has only what its EndpointSlices say.
     let Some(selector) = selector.filter(|s| !s.is_empty()) else {
@@ -564,6 +577,7 @@ fn selector_backends(
     workloads
         .iter()
         .copied()
+        .filter(|w| only_node.is_none_or(|n| w.node == n))
         .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         .flat_map(|w| {
             let target = target_port(port, Some(w));
@@ -579,7 +593,14 @@ fn selector_backends(
         .collect()
 }
 
-fn slice_backends(port: &ServicePort, slices: &[&EndpointSlice], pods: &Pods<'_>) -> Vec<Backend> {
+/// The backends `slices` list (those on `only_node`, when given: by the
+/// endpoint's `nodeName`, else its pod's).
+fn slice_backends(
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    pods: &Pods<'_>,
+    only_node: Option<&str>,
+) -> Vec<Backend> {
     let mut out = Vec::new();
     for slice in slices {
         // The slice's port of the same name carries the resolved number.
@@ -600,6 +621,15 @@ fn slice_backends(port: &ServicePort, slices: &[&EndpointSlice], pods: &Pods<'_>
                     continue;
                 };
                 let workload = pods.at(ip);
+                if let Some(only) = only_node {
+                    let node = ep
+                        .node_name
+                        .as_deref()
+                        .or(workload.map(|w| w.node.as_str()));
+                    if node != Some(only) {
+                        continue;
+                    }
+                }
                 let Some(target) = slice_port.or_else(|| target_port(port, workload)) else {
                     continue;
                 };
@@ -853,6 +883,65 @@ mod tests {
             ["10.1.1.12:8080", "10.1.1.13:8080"],
             "only usable ones take connections"
         );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_calls_on_the_node() {
+        let local = |slice: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: near, namespace: shop}}\n\
+                 spec: {{clusterIP: 10.96.0.30, internalTrafficPolicy: Local, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}\n\
+                 ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-b9, namespace: shop, labels: {{app: web}}}}\n\
+                 spec: {{nodeName: node-b, containers: [{{name: web}}]}}\nstatus: {{podIP: 10.1.2.19}}\n{slice}"
+            )
+        };
+        let backends = |s: &Snapshot| {
+            let (svc, _) = s
+                .service_for("10.96.0.30:80".parse().expect("addr"))
+                .expect("near");
+            addrs(&svc.backends[&80])
+        };
+        // By selector: each node sees its own pods only.
+        let parsed = parse_file(
+            Path::new("mesh.yaml"),
+            &format!("{MESH}\n---\n{}", local("")),
+        )
+        .expect("yaml");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let on = |node| Snapshot::build(node, &parsed.objects);
+        assert_eq!(
+            backends(&on("node-a")),
+            ["10.1.1.12:8080", "10.1.1.13:8080"]
+        );
+        assert_eq!(backends(&on("node-b")), ["10.1.2.19:8080"]);
+        assert!(
+            backends(&on("node-c")).is_empty(),
+            "none here: the call fails"
+        );
+        // By EndpointSlice: the endpoint's nodeName, else its pod's node.
+        let slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: near-1, namespace: shop, labels: {kubernetes.io/service-name: near}}\n\
+             addressType: IPv4\nports: [{port: 8080}]\n\
+             endpoints: [{addresses: [10.1.1.12], nodeName: node-a}, {addresses: [10.1.2.19]}, {addresses: [10.1.9.9], nodeName: node-b}]";
+        let parsed = parse_file(
+            Path::new("mesh.yaml"),
+            &format!("{MESH}\n---\n{}", local(slice)),
+        )
+        .expect("yaml");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let on = |node| Snapshot::build(node, &parsed.objects);
+        assert_eq!(backends(&on("node-a")), ["10.1.1.12:8080"]);
+        assert_eq!(backends(&on("node-b")), ["10.1.2.19:8080", "10.1.9.9:8080"]);
+        // Without the policy (or with `Cluster`), every endpoint, whichever the node.
+        for policy in ["", "internalTrafficPolicy: Cluster, "] {
+            let text = local("").replace("internalTrafficPolicy: Local, ", policy);
+            let parsed =
+                parse_file(Path::new("mesh.yaml"), &format!("{MESH}\n---\n{text}")).expect("yaml");
+            assert_eq!(
+                backends(&Snapshot::build("node-c", &parsed.objects)),
+                ["10.1.1.12:8080", "10.1.1.13:8080", "10.1.2.19:8080"]
+            );
+        }
     }
 
     /// A finished pod keeps `status.podIP` while the kubelet has released
