@@ -99,12 +99,20 @@ pub struct Backend {
     pub workload: Option<String>,
     pub ready: bool,
     pub terminating: bool,
+    /// Answers requests, terminating or not (EndpointSlice `serving`).
+    pub serving: bool,
 }
 
 impl Backend {
     /// Whether it may take new connections.
     pub fn usable(&self) -> bool {
         self.ready && !self.terminating
+    }
+
+    /// Whether it may take them when no backend is usable: it is shutting
+    /// down but still serving (the last pods of a rollout, say).
+    fn fallback(&self) -> bool {
+        self.terminating && self.serving
     }
 }
 
@@ -125,15 +133,25 @@ impl ServiceView {
     }
 
     /// The usable backends of a port for a VIP of one family (a VIP's
-    /// backends are of its family, as EndpointSlices are).
+    /// backends are of its family, as EndpointSlices are). With none, the
+    /// terminating ones still serving, as kube-proxy and Cilium fall back
+    /// to them: a call then finds a pod that is draining rather than none.
     pub fn ready_backends(&self, port: u16, ipv6: bool) -> Vec<SocketAddr> {
-        self.backends
-            .get(&port)
-            .into_iter()
-            .flatten()
-            .filter(|b| b.usable() && b.addr.is_ipv6() == ipv6)
-            .map(|b| b.addr)
-            .collect()
+        let of = |keep: fn(&Backend) -> bool| -> Vec<SocketAddr> {
+            self.backends
+                .get(&port)
+                .into_iter()
+                .flatten()
+                .filter(|b| keep(b) && b.addr.is_ipv6() == ipv6)
+                .map(|b| b.addr)
+                .collect()
+        };
+        let usable = of(Backend::usable);
+        if usable.is_empty() {
+            of(Backend::fallback)
+        } else {
+            usable
+        }
     }
 }
 
@@ -587,6 +605,7 @@ fn selector_backends(
                     workload: Some(w.id()),
                     ready: w.ready,
                     terminating: w.terminating,
+                    serving: w.ready,
                 })
             })
         })
@@ -616,6 +635,8 @@ fn slice_backends(
             // Kubernetes: a nil `ready` means ready; `serving` covers terminating pods.
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            // A nil `serving` defers to `ready`.
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             for addr in &ep.addresses {
                 let Ok(ip) = addr.parse::<IpAddr>() else {
                     continue;
@@ -638,6 +659,7 @@ fn slice_backends(
                     workload: workload.map(Workload::id),
                     ready,
                     terminating,
+                    serving,
                 });
             }
         }
@@ -1053,5 +1075,37 @@ mod tests {
             svc.backends[&80][0].workload.as_deref(),
             Some("shop/web-a2")
         );
+    }
+
+    #[test]
+    fn terminating_endpoints_still_serving_take_calls_only_when_nothing_else_can() {
+        let slice = |endpoints: &str| {
+            let s = snapshot(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{endpoints}]"
+            ));
+            let (svc, port) = s
+                .service_for("10.96.0.10:80".parse().expect("addr"))
+                .expect("web");
+            svc.ready_backends(port.port, false)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        let draining = "{addresses: [10.1.1.13], conditions: {ready: false, serving: true, terminating: true}}";
+        let gone = "{addresses: [10.1.1.11], conditions: {ready: false, serving: false, terminating: true}}";
+        let unready = "{addresses: [10.1.1.19], conditions: {ready: false}}";
+        assert_eq!(
+            slice(&format!("{{addresses: [10.1.1.12]}}, {draining}, {gone}")),
+            ["10.1.1.12:8080"],
+            "a ready endpoint: only it"
+        );
+        assert_eq!(
+            slice(&format!("{draining}, {gone}, {unready}")),
+            ["10.1.1.13:8080"],
+            "none ready: the one still serving, not the stopped one nor an unready one"
+        );
+        assert!(slice(&format!("{gone}, {unready}")).is_empty());
     }
 }
