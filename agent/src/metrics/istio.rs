@@ -512,6 +512,8 @@ mod tests {
                 ("app".to_owned(), "web".to_owned()),
                 ("version".to_owned(), "v2".to_owned()),
             ]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
             .into(),
             ips: vec![],
             netns: None,
@@ -527,7 +529,7 @@ mod tests {
         assert_eq!((p.app.as_str(), p.version.as_str()), ("web", "v2"));
         assert_eq!(p.canonical_service, "web");
         assert_eq!(p.canonical_revision, "v2");
-        w.labels.clear();
+        w.labels = Default::default();
         w.name = "db-0".into();
         let p = Peer::of(&w, "cluster.local");
         assert_eq!(p.workload, "db-0");

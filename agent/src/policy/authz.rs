@@ -705,7 +705,7 @@ mod tests {
             uid: String::new(),
             service_account: "web".into(),
             node: "a".into(),
-            labels: [("app".to_owned(), "web".to_owned())].into(),
+            labels: std::sync::Arc::new([("app".to_owned(), "web".to_owned())].into()),
             ips: vec![],
             netns: None,
             meshed: true,

@@ -87,7 +87,7 @@ impl Identities {
         let sets: BTreeSet<(&str, &BTreeMap<String, String>)> = snap
             .workloads
             .iter()
-            .map(|w| (w.namespace.as_str(), &w.labels))
+            .map(|w| (w.namespace.as_str(), &*w.labels))
             .collect();
         for (ns, labels) in sets {
             let mut parts: Vec<&[u8]> = vec![ns.as_bytes()];

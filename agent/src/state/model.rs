@@ -55,7 +55,9 @@ pub struct Workload {
     pub uid: String,
     pub service_account: String,
     pub node: String,
-    pub labels: BTreeMap<String, String>,
+    /// The pod's, shared with its object (20,000 pods' label maps are
+    /// megabytes, and a rebuild would copy each).
+    pub labels: Arc<BTreeMap<String, String>>,
     pub ips: Vec<IpAddr>,
     /// Path of its network namespace: the `trellis.dev/netns` annotation,
     /// or for a local pod without one, found through its cgroup
@@ -460,7 +462,7 @@ fn workload(pod: &SlimPod, namespaces: &BTreeMap<String, &Namespace>) -> Option<
         return None;
     }
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let labels = pod.labels.clone();
     let ns_labels = namespaces
         .get(&namespace)
         .and_then(|n| n.metadata.labels.as_ref());

@@ -51,9 +51,11 @@ pub enum Object {
 /// plus 2.1 KiB per container before a single field is set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlimPod {
-    /// Name, namespace, uid, labels, deletionTimestamp and the
-    /// [`NETNS_ANNOTATION`]; nothing else.
+    /// Name, namespace, uid, deletionTimestamp and the
+    /// [`NETNS_ANNOTATION`]; nothing else (the labels are below).
     pub metadata: ObjectMeta,
+    /// Shared with the workload each snapshot makes of the pod.
+    pub labels: Arc<BTreeMap<String, String>>,
     pub node_name: String,
     /// `default` when the spec names none, as admission sets it.
     pub service_account: String,
@@ -134,10 +136,10 @@ impl SlimPod {
                 name: metadata.name,
                 namespace: metadata.namespace,
                 uid: metadata.uid,
-                labels: metadata.labels,
                 deletion_timestamp: metadata.deletion_timestamp,
                 ..ObjectMeta::default()
             },
+            labels: Arc::new(metadata.labels.unwrap_or_default()),
             node_name: spec.node_name.unwrap_or_default(),
             service_account,
             host_network: spec.host_network == Some(true),
