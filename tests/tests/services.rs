@@ -1,6 +1,8 @@
 //! How a Service's calls pick their endpoints, with real clients across two
 //! nodes: `internalTrafficPolicy: Local` keeps a node's calls on that node's
-//! endpoints and refuses them where there is none, `Cluster` spreads them.
+//! endpoints and refuses them where there is none, `Cluster` spreads them;
+//! `trafficDistribution: PreferSameNode` prefers the node's endpoints and
+//! falls back to the others.
 
 use std::collections::BTreeMap;
 
@@ -17,16 +19,17 @@ fn answers(client: &Pod, url: &str, calls: usize) -> BTreeMap<String, usize> {
     seen
 }
 
-fn service(name: &str, vip: &str, policy: &str, selector: &str) -> String {
+/// A Service on port 80 with `spec` fields added (`key: value, `).
+fn service(name: &str, vip: &str, spec: &str, selector: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec: {{clusterIP: {vip}, internalTrafficPolicy: {policy}, selector: {{{selector}}}, \
+         spec: {{clusterIP: {vip}, {spec}selector: {{{selector}}}, \
          ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
     )
 }
 
 #[test]
-fn internal_traffic_policy_local_keeps_calls_on_the_callers_node() {
+fn internal_traffic_policy_and_traffic_distribution_pick_endpoints_by_node() {
     let mut lab = Lab::new("svc_local").expect("lab");
     let a = lab.add_node("a").expect("node");
     let b = lab.add_node("b").expect("node");
@@ -49,9 +52,36 @@ fn internal_traffic_policy_local_keeps_calls_on_the_callers_node() {
             mesh::pod(&client_b, "shop", &[("app", "client")], &[], ""),
             mesh::pod(&web_a, "shop", &[("app", "web")], &[], ""),
             mesh::pod(&web_b, "shop", &[("app", "web"), ("side", "b")], &[], ""),
-            service("near", "10.96.0.90", "Local", "app: web"),
-            service("any", "10.96.0.91", "Cluster", "app: web"),
-            service("only-b", "10.96.0.92", "Local", "side: b"),
+            service(
+                "near",
+                "10.96.0.90",
+                "internalTrafficPolicy: Local, ",
+                "app: web",
+            ),
+            service(
+                "any",
+                "10.96.0.91",
+                "internalTrafficPolicy: Cluster, ",
+                "app: web",
+            ),
+            service(
+                "only-b",
+                "10.96.0.92",
+                "internalTrafficPolicy: Local, ",
+                "side: b",
+            ),
+            service(
+                "close",
+                "10.96.0.93",
+                "trafficDistribution: PreferSameNode, ",
+                "app: web",
+            ),
+            service(
+                "close-b",
+                "10.96.0.94",
+                "trafficDistribution: PreferSameNode, ",
+                "side: b",
+            ),
         ],
     )
     .expect("agents");
@@ -94,4 +124,23 @@ fn internal_traffic_policy_local_keeps_calls_on_the_callers_node() {
     );
     let served = answers(&client_b, "http://10.96.0.92/", 3);
     assert_eq!(served, BTreeMap::from([("web-b".to_owned(), 3)]));
+
+    // PreferSameNode: the caller's node while it has an endpoint, else
+    // another's (not refused, unlike Local).
+    for (client, own) in [(&client_a, "web-a"), (&client_b, "web-b")] {
+        let seen = answers(client, "http://10.96.0.93/", 8);
+        assert_eq!(
+            seen,
+            BTreeMap::from([(own.to_owned(), 8)]),
+            "from {}",
+            client.name
+        );
+    }
+    let elsewhere = answers(&client_a, "http://10.96.0.94/", 3);
+    assert_eq!(
+        elsewhere,
+        BTreeMap::from([("web-b".to_owned(), 3)]),
+        "{}",
+        logs()
+    );
 }

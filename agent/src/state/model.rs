@@ -26,6 +26,9 @@ use crate::{
 
 use super::objects::{MESH_LABEL, MTLS_LABEL, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr};
 
+/// Node label naming its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// This node, as its `Node` object describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodeInfo {
@@ -103,6 +106,9 @@ pub struct Backend {
     pub terminating: bool,
     /// Answers requests, terminating or not (EndpointSlice `serving`).
     pub serving: bool,
+    /// Preferred by the Service's `trafficDistribution` for this node's
+    /// calls (in its zone, or on it).
+    pub close: bool,
 }
 
 impl Backend {
@@ -135,7 +141,8 @@ impl ServiceView {
     }
 
     /// The usable backends of a port for a VIP of one family (a VIP's
-    /// backends are of its family, as EndpointSlices are). With none, the
+    /// backends are of its family, as EndpointSlices are): the `close`
+    /// ones when the Service prefers some and any is usable. With none, the
     /// terminating ones still serving, as kube-proxy and Cilium fall back
     /// to them: a call then finds a pod that is draining rather than none.
     pub fn ready_backends(&self, port: u16, ipv6: bool) -> Vec<SocketAddr> {
@@ -148,6 +155,10 @@ impl ServiceView {
                 .map(|b| b.addr)
                 .collect()
         };
+        let close = of(|b| b.usable() && b.close);
+        if !close.is_empty() {
+            return close;
+        }
         let usable = of(Backend::usable);
         if usable.is_empty() {
             of(Backend::fallback)
@@ -336,12 +347,22 @@ impl Snapshot {
             by_ip: &index.workload_by_ip,
             by_namespace,
         };
+        let here = Here {
+            node: node_name,
+            zones: nodes
+                .iter()
+                .filter_map(|n| {
+                    let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
+                    Some((n.metadata.name.as_deref()?, zone.as_str()))
+                })
+                .collect(),
+        };
         let services: Vec<ServiceView> = services
             .iter()
             .map(|s| {
                 service_view(
                     s,
-                    node_name,
+                    &here,
                     &pods,
                     slices.get(&(
                         s.metadata.namespace.clone().unwrap_or_default(),
@@ -512,12 +533,57 @@ impl Pods<'_> {
     }
 }
 
-/// `node_name`'s view of `svc`: with `internalTrafficPolicy: Local`, only
-/// the endpoints on this node (calls from its pods go nowhere else, and fail
-/// when there is none, as with kube-proxy and Cilium).
+/// The node a snapshot is for, where its pods' calls start.
+struct Here<'a> {
+    node: &'a str,
+    /// Node name → its `topology.kubernetes.io/zone` label.
+    zones: HashMap<&'a str, &'a str>,
+}
+
+/// How a Service picks endpoints for calls from [`Here`].
+struct Locality<'a> {
+    here: &'a Here<'a>,
+    /// `internalTrafficPolicy: Local`: this node's endpoints only.
+    only_node: bool,
+    /// `trafficDistribution`: the endpoints to prefer while any is usable.
+    prefer: Prefer,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prefer {
+    Any,
+    SameZone,
+    SameNode,
+}
+
+impl Locality<'_> {
+    /// Whether an endpoint on `node` (when known) may serve these calls.
+    fn keeps(&self, node: Option<&str>) -> bool {
+        !self.only_node || node == Some(self.here.node)
+    }
+
+    /// Whether an endpoint on `node`, in `zone` (its own, else its node's),
+    /// is one the Service prefers for these calls.
+    fn close(&self, node: Option<&str>, zone: Option<&str>) -> bool {
+        match self.prefer {
+            Prefer::Any => false,
+            Prefer::SameNode => node == Some(self.here.node),
+            Prefer::SameZone => {
+                let zone = zone.or_else(|| self.here.zones.get(node?).copied());
+                let own = self.here.zones.get(self.here.node).copied();
+                own.is_some() && zone == own
+            }
+        }
+    }
+}
+
+/// `here`'s view of `svc`: with `internalTrafficPolicy: Local`, only the
+/// endpoints on this node (calls from its pods go nowhere else, and fail
+/// when there is none, as with kube-proxy and Cilium); with a
+/// `trafficDistribution`, the endpoints it prefers marked `close`.
 fn service_view(
     svc: &Service,
-    node_name: &str,
+    here: &Here<'_>,
     pods: &Pods<'_>,
     slices: Option<&Vec<&EndpointSlice>>,
 ) -> ServiceView {
@@ -547,16 +613,25 @@ fn service_view(
             })
         })
         .collect();
-    let only_node = (spec.internal_traffic_policy.as_deref() == Some("Local")).then_some(node_name);
+    let locality = Locality {
+        here,
+        only_node: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        // PreferClose is PreferSameZone's older name.
+        prefer: match spec.traffic_distribution.as_deref() {
+            Some("PreferSameZone" | "PreferClose") => Prefer::SameZone,
+            Some("PreferSameNode") => Prefer::SameNode,
+            _ => Prefer::Any,
+        },
+    };
     let mut backends = BTreeMap::new();
     for port in &ports {
         let list = match slices {
-            Some(slices) => slice_backends(port, slices, pods, only_node),
+            Some(slices) => slice_backends(port, slices, pods, &locality),
             None => selector_backends(
                 port,
                 spec.selector.as_ref(),
                 pods.in_namespace(&namespace),
-                only_node,
+                &locality,
             ),
         };
         backends.insert(port.port, list);
@@ -583,12 +658,12 @@ fn target_port(port: &ServicePort, workload: Option<&Workload>) -> Option<u16> {
 }
 
 /// The backends a selector picks among the Service's namespace's
-/// `workloads` (those on `only_node`, when given).
+/// `workloads` (those `locality` keeps).
 fn selector_backends(
     port: &ServicePort,
     selector: Option<&BTreeMap<String, String>>,
     workloads: &[&Workload],
-    only_node: Option<&str>,
+    locality: &Locality<'_>,
 ) -> Vec<Backend> {
     // A Service without a selector has only what its EndpointSlices say.
     let Some(selector) = selector.filter(|s| !s.is_empty()) else {
@@ -597,10 +672,11 @@ fn selector_backends(
     workloads
         .iter()
         .copied()
-        .filter(|w| only_node.is_none_or(|n| w.node == n))
+        .filter(|w| locality.keeps(Some(&w.node)))
         .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         .flat_map(|w| {
             let target = target_port(port, Some(w));
+            let close = locality.close(Some(&w.node), None);
             w.ips.iter().filter_map(move |ip| {
                 Some(Backend {
                     addr: SocketAddr::new(*ip, target?),
@@ -608,19 +684,20 @@ fn selector_backends(
                     ready: w.ready,
                     terminating: w.terminating,
                     serving: w.ready,
+                    close,
                 })
             })
         })
         .collect()
 }
 
-/// The backends `slices` list (those on `only_node`, when given: by the
-/// endpoint's `nodeName`, else its pod's).
+/// The backends `slices` list (those `locality` keeps, by the endpoint's
+/// `nodeName`, else its pod's node).
 fn slice_backends(
     port: &ServicePort,
     slices: &[&EndpointSlice],
     pods: &Pods<'_>,
-    only_node: Option<&str>,
+    locality: &Locality<'_>,
 ) -> Vec<Backend> {
     let mut out = Vec::new();
     for slice in slices {
@@ -644,14 +721,12 @@ fn slice_backends(
                     continue;
                 };
                 let workload = pods.at(ip);
-                if let Some(only) = only_node {
-                    let node = ep
-                        .node_name
-                        .as_deref()
-                        .or(workload.map(|w| w.node.as_str()));
-                    if node != Some(only) {
-                        continue;
-                    }
+                let node = ep
+                    .node_name
+                    .as_deref()
+                    .or(workload.map(|w| w.node.as_str()));
+                if !locality.keeps(node) {
+                    continue;
                 }
                 let Some(target) = slice_port.or_else(|| target_port(port, workload)) else {
                     continue;
@@ -662,6 +737,7 @@ fn slice_backends(
                     ready,
                     terminating,
                     serving,
+                    close: locality.close(node, ep.zone.as_deref()),
                 });
             }
         }
@@ -966,6 +1042,94 @@ mod tests {
                 ["10.1.1.12:8080", "10.1.1.13:8080", "10.1.2.19:8080"]
             );
         }
+    }
+
+    #[test]
+    fn traffic_distribution_prefers_the_callers_zone_or_node_while_any_is_usable() {
+        let cluster = |distribution: &str, ready_z: bool| {
+            let mut text = String::new();
+            for (node, zone) in [("node-x", "z1"), ("node-y", "z1"), ("node-z", "z2")] {
+                text.push_str(&format!(
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n---\n"
+                ));
+            }
+            for (pod, node, ip) in [
+                ("p-x", "node-x", 21),
+                ("p-y", "node-y", 22),
+                ("p-z", "node-z", 23),
+            ] {
+                let ready = if pod == "p-z" && !ready_z {
+                    "False"
+                } else {
+                    "True"
+                };
+                text.push_str(&format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: shop, labels: {{app: spread}}}}\n\
+                     spec: {{nodeName: {node}, containers: [{{name: c}}]}}\n\
+                     status: {{podIP: 10.1.3.{ip}, conditions: [{{type: Ready, status: '{ready}'}}]}}\n---\n"
+                ));
+            }
+            text.push_str(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: spread, namespace: shop}}\n\
+                 spec: {{clusterIP: 10.96.0.40, {distribution}selector: {{app: spread}}, ports: [{{port: 80}}]}}\n"
+            ));
+            let parsed =
+                parse_file(Path::new("mesh.yaml"), &format!("{MESH}\n---\n{text}")).expect("yaml");
+            assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+            parsed.objects
+        };
+        let picks = |objects: &[Object], node: &str| {
+            let s = Snapshot::build(node, objects);
+            let (svc, port) = s
+                .service_for("10.96.0.40:80".parse().expect("addr"))
+                .expect("spread");
+            svc.ready_backends(port.port, false)
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect::<Vec<_>>()
+        };
+        let all = ["10.1.3.21", "10.1.3.22", "10.1.3.23"];
+        for name in ["PreferSameZone", "PreferClose"] {
+            let objects = cluster(&format!("trafficDistribution: {name}, "), true);
+            assert_eq!(
+                picks(&objects, "node-x"),
+                ["10.1.3.21", "10.1.3.22"],
+                "{name}"
+            );
+            assert_eq!(picks(&objects, "node-z"), ["10.1.3.23"], "{name}");
+            assert_eq!(
+                picks(&objects, "node-a"),
+                all,
+                "{name}: a node without a zone"
+            );
+            // Nothing usable in the caller's zone: anywhere else.
+            let objects = cluster(&format!("trafficDistribution: {name}, "), false);
+            assert_eq!(
+                picks(&objects, "node-z"),
+                ["10.1.3.21", "10.1.3.22"],
+                "{name}"
+            );
+        }
+        let objects = cluster("trafficDistribution: PreferSameNode, ", true);
+        assert_eq!(picks(&objects, "node-y"), ["10.1.3.22"]);
+        assert_eq!(picks(&objects, "node-a"), all, "no endpoint on the node");
+        let objects = cluster("", true);
+        assert_eq!(picks(&objects, "node-x"), all, "no preference");
+        // From an EndpointSlice: the endpoint's own zone, else its node's.
+        let mut objects = cluster("trafficDistribution: PreferSameZone, ", true);
+        objects.extend(
+            parse_file(
+                Path::new("slice.yaml"),
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: spread-1, namespace: shop, labels: {kubernetes.io/service-name: spread}}\n\
+                 addressType: IPv4\nports: [{port: 80}]\n\
+                 endpoints: [{addresses: [10.1.3.21], nodeName: node-x, zone: z2}, {addresses: [10.1.3.22]}, {addresses: [10.1.3.23], nodeName: node-z}]",
+            )
+            .expect("yaml")
+            .objects,
+        );
+        assert_eq!(picks(&objects, "node-z"), ["10.1.3.21", "10.1.3.23"]);
+        assert_eq!(picks(&objects, "node-y"), ["10.1.3.22"]);
     }
 
     /// A finished pod keeps `status.podIP` while the kubelet has released
