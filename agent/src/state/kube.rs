@@ -14,8 +14,9 @@
 //!
 //! Pods: every pod of the cluster is needed (the ipcache and policy peers),
 //! so all are watched, and each is slimmed on arrival to what the state
-//! model reads (metadata without managed fields, node, service account,
-//! container ports, IPs, phase, Ready), as Cilium does with its slim types,
+//! model reads (names, uid, labels, timestamps and the netns annotation of
+//! the metadata; node, service account, container ports, IPs, phase,
+//! Ready), as Cilium does with its slim types,
 //! and kept as a [`super::objects::SlimPod`]; the metadata-only API would
 //! drop the IPs the model needs.
 
