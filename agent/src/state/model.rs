@@ -117,10 +117,16 @@ impl Backend {
         self.ready && !self.terminating
     }
 
-    /// Whether it may take them when no backend is usable: it is shutting
-    /// down but still serving (the last pods of a rollout, say).
-    fn fallback(&self) -> bool {
-        self.terminating && self.serving
+    /// Which backends a call takes: only those of the highest tier present.
+    /// Usable and `close`; usable; shutting down but still serving (the
+    /// last pods of a rollout, say); `None`, never.
+    fn tier(&self) -> Option<u8> {
+        match (self.usable(), self.close) {
+            (true, true) => Some(2),
+            (true, false) => Some(1),
+            (false, _) if self.terminating && self.serving => Some(0),
+            (false, _) => None,
+        }
     }
 }
 
@@ -146,25 +152,20 @@ impl ServiceView {
     /// terminating ones still serving, as kube-proxy and Cilium fall back
     /// to them: a call then finds a pod that is draining rather than none.
     pub fn ready_backends(&self, port: u16, ipv6: bool) -> Vec<SocketAddr> {
-        let of = |keep: fn(&Backend) -> bool| -> Vec<SocketAddr> {
+        let family = || {
             self.backends
                 .get(&port)
                 .into_iter()
                 .flatten()
-                .filter(|b| keep(b) && b.addr.is_ipv6() == ipv6)
-                .map(|b| b.addr)
-                .collect()
+                .filter(|b| b.addr.is_ipv6() == ipv6)
         };
-        let close = of(|b| b.usable() && b.close);
-        if !close.is_empty() {
-            return close;
-        }
-        let usable = of(Backend::usable);
-        if usable.is_empty() {
-            of(Backend::fallback)
-        } else {
-            usable
-        }
+        let Some(best) = family().filter_map(Backend::tier).max() else {
+            return Vec::new();
+        };
+        family()
+            .filter(|b| b.tier() == Some(best))
+            .map(|b| b.addr)
+            .collect()
     }
 }
 
@@ -347,15 +348,17 @@ impl Snapshot {
             by_ip: &index.workload_by_ip,
             by_namespace,
         };
+        let zones: HashMap<&str, &str> = nodes
+            .iter()
+            .filter_map(|n| {
+                let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
+                Some((n.metadata.name.as_deref()?, zone.as_str()))
+            })
+            .collect();
         let here = Here {
             node: node_name,
-            zones: nodes
-                .iter()
-                .filter_map(|n| {
-                    let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
-                    Some((n.metadata.name.as_deref()?, zone.as_str()))
-                })
-                .collect(),
+            zone: zones.get(node_name).copied(),
+            zones,
         };
         let services: Vec<ServiceView> = services
             .iter()
@@ -538,6 +541,8 @@ struct Here<'a> {
     node: &'a str,
     /// Node name → its `topology.kubernetes.io/zone` label.
     zones: HashMap<&'a str, &'a str>,
+    /// This node's zone, when labelled.
+    zone: Option<&'a str>,
 }
 
 /// How a Service picks endpoints for calls from [`Here`].
@@ -570,8 +575,7 @@ impl Locality<'_> {
             Prefer::SameNode => node == Some(self.here.node),
             Prefer::SameZone => {
                 let zone = zone.or_else(|| self.here.zones.get(node?).copied());
-                let own = self.here.zones.get(self.here.node).copied();
-                own.is_some() && zone == own
+                self.here.zone.is_some() && zone == self.here.zone
             }
         }
     }
