@@ -575,17 +575,30 @@ fn state_loop(
     let mut last: Option<Vec<crate::state::Object>> = None;
     let mut unresolved = false;
     let mut checked = std::time::Instant::now();
+    // A change waits here while the last rebuild is too recent (`pace`).
+    let mut due = false;
+    let mut pacer = crate::state::pace::Pacer::default();
     while !stop.load(Ordering::Relaxed) {
-        let polled = source.as_mut().and_then(crate::state::Source::poll);
-        let mut rebuild = polled.is_some();
+        // The source is not even asked while the pace holds: collecting
+        // every object is part of a rebuild's cost.
+        let started = std::time::Instant::now();
+        let ready = pacer.ready(started);
+        let polled = source
+            .as_mut()
+            .filter(|_| ready)
+            .and_then(crate::state::Source::poll);
         if let Some(objects) = polled {
             last = Some(objects);
+            due = true;
         } else if checked.elapsed() >= NETNS_RETRY {
             checked = std::time::Instant::now();
-            rebuild = unresolved || netns.stale();
+            due |= unresolved || netns.stale();
         }
+        let rebuild = due && ready;
         if let Some(source) = &source {
-            *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
+            let mut stats = source.stats();
+            stats.rebuilds = pacer.stats();
+            *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
             let now = source.trouble(STALE_AFTER);
             if now != trouble {
                 if readiness.is_ready() || now.is_some() {
@@ -595,6 +608,7 @@ fn state_loop(
             }
         }
         if let Some(objects) = last.as_ref().filter(|_| rebuild) {
+            due = false;
             let mut snapshot = Snapshot::build(&cfg.node, objects);
             let missing = netns.fill(&cfg.node, &mut snapshot.workloads);
             if !missing.is_empty() && !unresolved {
@@ -607,7 +621,8 @@ fn state_loop(
         }
         if let Some(snapshot) = pending.take() {
             match syncer.apply(&snapshot) {
-                Ok(report) => {
+                Ok(mut report) => {
+                    report.rebuilds = pacer.stats();
                     let found = snapshot.node.is_some() || source.is_none();
                     if !found {
                         warn!(node = %cfg.node, "no Node object named like --node in the state; not ready");
@@ -632,6 +647,9 @@ fn state_loop(
                     // malloc would keep: at 20,000 pods, 100+ MiB held
                     // for nothing. Milliseconds, once per change.
                     crate::memory::release_free_heap();
+                    if rebuild {
+                        pacer.rebuilt(std::time::Instant::now(), started.elapsed());
+                    }
                 }
                 Err(e) => {
                     // Keep the last good maps; retry on the next round.

@@ -5,6 +5,7 @@ pub mod files;
 pub mod kube;
 pub mod model;
 pub mod objects;
+pub mod pace;
 pub mod synthetic;
 
 pub use self::model::{Backend, NodeInfo, ServiceView, Snapshot, Workload};
@@ -25,6 +26,8 @@ pub struct SourceStats {
     pub kubernetes: Option<kube::KubeStats>,
     /// How long the API server has been failing (0 while it answers).
     pub stale_seconds: f64,
+    /// What rebuilding the snapshot has cost, kept by the state thread.
+    pub rebuilds: pace::RebuildStats,
 }
 
 impl Source {

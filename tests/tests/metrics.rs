@@ -308,6 +308,9 @@ fn metrics_count_what_ran() {
         )
     };
     assert!(reloads("ok") >= 1.0 && reloads("failed") == 0.0);
+    // The state was built and written at least once, and that took time.
+    assert!(sum(&at_a, "trellis_state_rebuilds_total", &[]) >= 1.0);
+    assert!(sum(&at_a, "trellis_state_rebuild_seconds_total", &[]) > 0.0);
     let endpoints = |service, state| {
         sum(
             &at_a,

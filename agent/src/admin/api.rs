@@ -249,6 +249,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "fingerprint": policy_fingerprint(&snapshot),
         },
         "last_sync": { "seconds": report.apply_seconds, "changes": report.changes },
+        "rebuilds": report.rebuilds,
         "maps": occupancy,
         "outbound": state.outbound.stats,
         "http": state.outbound.http_stats(),

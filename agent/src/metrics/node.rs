@@ -227,6 +227,29 @@ impl NodeCollector {
                     .encode(family.encode_family(&[("source", source), ("outcome", outcome)])?)?;
             }
         }
+        let rebuilds = source.rebuilds;
+        for (name, help, n) in [
+            (
+                "trellis_state_rebuilds",
+                "Snapshots of the state built and written to the kernel maps",
+                rebuilds.rebuilds,
+            ),
+            (
+                "trellis_state_rebuilds_deferred",
+                "Polls whose change waited because the last rebuild was too recent (rebuilds take at most a fifth of a core)",
+                rebuilds.deferred,
+            ),
+        ] {
+            let c = ConstCounter::new(n);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let seconds = ConstCounter::new(rebuilds.seconds);
+        seconds.encode(encoder.encode_descriptor(
+            "trellis_state_rebuild_seconds",
+            "Time spent building snapshots and writing them to the kernel maps",
+            None,
+            seconds.metric_type(),
+        )?)?;
         if let Some(kube) = source.kubernetes {
             Self::stats(
                 encoder,

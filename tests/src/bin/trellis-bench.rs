@@ -912,6 +912,9 @@ fn scale() -> anyhow::Result<()> {
     let mut seen = Vec::new();
     let mut syncs = Vec::new();
     for i in 0..CHANGES {
+        // A change in a quiet moment: past the pause that spaces rebuilds
+        // when changes keep coming (measured below).
+        std::thread::sleep(Duration::from_secs(1));
         let started = Instant::now();
         let workloads = change(i)?;
         seen.push(applied(workloads, started)?.as_secs_f64() * 1e3);
@@ -939,6 +942,45 @@ fn scale() -> anyhow::Result<()> {
     );
     println!(
         "  (file to maps includes the config folder's poll interval, 200 ms, and the status command)"
+    );
+    // Churn: a change every 50 ms for 10 s, as a large cluster's pods start,
+    // end and turn ready all the time (each a new label value, so that every
+    // poll of the folder finds a change); the agent's CPU share meanwhile,
+    // and how soon after the last change the maps have it.
+    let rebuilds = || -> anyhow::Result<u64> {
+        Ok(agent.cli_json("status")?["rebuilds"]["rebuilds"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let rebuilt_before = rebuilds()?;
+    let before = agent.usage()?;
+    let started = Instant::now();
+    for i in 0..200 {
+        let relabelled = extra.replace("app: svc-0", &format!("app: svc-0, turn: t{i}"));
+        cluster.config().write("extra.yaml", &relabelled)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let churned = started.elapsed();
+    let used = agent.usage()?.cpu_seconds - before.cpu_seconds;
+    // The last change is one no earlier state had: two more pods.
+    let two = (0..2)
+        .map(|k| {
+            extra
+                .replace("name: extra", &format!("name: last-{k}"))
+                .replace(".250", &format!(".{}", 251 + k))
+        })
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let started = Instant::now();
+    cluster.config().write("last.yaml", &two)?;
+    let settled = applied(synthetic::PODS + 3, started)?;
+    println!(
+        "  churn (a change every 50 ms for {:.1} s): agent CPU {:.0}% of a core, {} rebuilds; \
+         a change right after it in the maps {:.0} ms after it was made",
+        churned.as_secs_f64(),
+        used * 100.0 / churned.as_secs_f64(),
+        rebuilds()? - rebuilt_before,
+        settled.as_secs_f64() * 1e3
     );
     Ok(())
 }
