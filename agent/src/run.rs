@@ -649,6 +649,10 @@ fn state_loop(
                     crate::memory::release_free_heap();
                     if rebuild {
                         pacer.rebuilt(std::time::Instant::now(), started.elapsed());
+                        report_out
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .rebuilds = pacer.stats();
                     }
                 }
                 Err(e) => {

@@ -311,6 +311,12 @@ fn metrics_count_what_ran() {
     // The state was built and written at least once, and that took time.
     assert!(sum(&at_a, "trellis_state_rebuilds_total", &[]) >= 1.0);
     assert!(sum(&at_a, "trellis_state_rebuild_seconds_total", &[]) > 0.0);
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert!(
+        status["rebuilds"]["rebuilds"].as_u64() >= Some(1),
+        "{}",
+        status["rebuilds"]
+    );
     let endpoints = |service, state| {
         sum(
             &at_a,
