@@ -393,7 +393,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             outbound: outbound.clone(),
             inbound: inbound.clone(),
             tracing: tracer.as_ref().map(|t| t.stats.clone()),
-            source: source_stats,
+            source: source_stats.clone(),
         }));
         metrics::serve(metrics_listener, Arc::new(registry)).map_err(|source| AgentError::Bind { what: "the metrics thread", addr: cfg.metrics_addr, source })?;
         let mut hbone_tasks: Vec<_> = hbone_listeners.into_iter().flatten().map(|l| tokio::spawn(inbound.clone().serve(l))).collect();
@@ -409,6 +409,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 programs: datapath.programs().to_vec(),
                 snapshot: outbound.state(),
                 report,
+                source: source_stats.clone(),
                 outbound: outbound.clone(),
                 inbound: inbound.clone(),
                 pool: pool.clone(),
@@ -621,8 +622,7 @@ fn state_loop(
         }
         if let Some(snapshot) = pending.take() {
             match syncer.apply(&snapshot) {
-                Ok(mut report) => {
-                    report.rebuilds = pacer.stats();
+                Ok(report) => {
                     let found = snapshot.node.is_some() || source.is_none();
                     if !found {
                         warn!(node = %cfg.node, "no Node object named like --node in the state; not ready");
@@ -649,7 +649,8 @@ fn state_loop(
                     crate::memory::release_free_heap();
                     if rebuild {
                         pacer.rebuilt(std::time::Instant::now(), started.elapsed());
-                        report_out
+                        // Shown at once, not at the next poll.
+                        source_stats
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .rebuilds = pacer.stats();

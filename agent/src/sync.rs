@@ -72,8 +72,6 @@ pub struct SyncReport {
     /// last map write (identities, compiling, every map).
     pub changes: Changes,
     pub apply_seconds: f64,
-    /// Every rebuild so far, kept by the state thread.
-    pub rebuilds: crate::state::pace::RebuildStats,
     #[serde(skip)]
     pub policy: Arc<PolicyView>,
 }

@@ -49,6 +49,8 @@ pub struct AdminState {
     pub programs: Vec<AttachedProgram>,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub report: Arc<Mutex<SyncReport>>,
+    /// The source's health and the rebuilds' cost, kept by the state thread.
+    pub source: Arc<Mutex<crate::state::SourceStats>>,
     pub outbound: Arc<Outbound>,
     pub inbound: Arc<Inbound>,
     pub pool: Arc<Pool>,
@@ -249,7 +251,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "fingerprint": policy_fingerprint(&snapshot),
         },
         "last_sync": { "seconds": report.apply_seconds, "changes": report.changes },
-        "rebuilds": report.rebuilds,
+        "rebuilds": state.source.lock().unwrap_or_else(|e| e.into_inner()).rebuilds,
         "maps": occupancy,
         "outbound": state.outbound.stats,
         "http": state.outbound.http_stats(),

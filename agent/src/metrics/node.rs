@@ -236,7 +236,7 @@ impl NodeCollector {
             ),
             (
                 "trellis_state_rebuilds_deferred",
-                "Polls whose change waited because the last rebuild was too recent (rebuilds take at most a fifth of a core)",
+                "Polls of the state source put off because the last rebuild was too recent (rebuilds take at most a fifth of a core)",
                 rebuilds.deferred,
             ),
         ] {
