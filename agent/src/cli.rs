@@ -37,6 +37,7 @@ pub mod env {
     pub const CONNECT_TIMEOUT: &str = "TRELLIS_CONNECT_TIMEOUT";
     pub const PROTOCOL_DETECT_TIMEOUT: &str = "TRELLIS_PROTOCOL_DETECT_TIMEOUT";
     pub const IDLE_TIMEOUT: &str = "TRELLIS_IDLE_TIMEOUT";
+    pub const MAP_RESYNC: &str = "TRELLIS_MAP_RESYNC";
     pub const HBONE_KEEPALIVE_INTERVAL: &str = "TRELLIS_HBONE_KEEPALIVE_INTERVAL";
     pub const HBONE_KEEPALIVE_TIMEOUT: &str = "TRELLIS_HBONE_KEEPALIVE_TIMEOUT";
     pub const CERT_LIFETIME: &str = "TRELLIS_CERT_LIFETIME";
@@ -315,6 +316,12 @@ pub struct AgentArgs {
     /// Close a proxied connection after this long without a byte either way.
     #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]
     pub idle_timeout: String,
+
+    /// Read the kernel maps back this often and undo what anything else
+    /// changed in them (between, each change is written from what the
+    /// agent remembers writing).
+    #[arg(long, env = env::MAP_RESYNC, default_value = "5m")]
+    pub map_resync: String,
 
     /// Ping each HBONE connection this often (both ends do)...
     #[arg(long, env = env::HBONE_KEEPALIVE_INTERVAL, default_value = "30s")]

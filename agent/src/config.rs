@@ -59,6 +59,9 @@ pub struct AgentConfig {
     /// Sniffing a Service connection's protocol gives up after this.
     #[serde(with = "humantime_serde")]
     pub protocol_detect_timeout: Duration,
+    /// How often the kernel maps are read back (`bpf::tables`).
+    #[serde(with = "humantime_serde")]
+    pub map_resync: Duration,
     /// Pings on HBONE connections.
     pub hbone_keepalive: crate::hbone::Keepalive,
     /// Threads of the async runtime.
@@ -204,6 +207,15 @@ impl AgentConfig {
                 reason: "longer than 10s: server-first protocols would stall that long".into(),
             });
         }
+        let map_resync = duration("map-resync", &args.map_resync)?;
+        if map_resync < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                flag: "map-resync",
+                value: args.map_resync.clone(),
+                reason: "shorter than 1s: reading every map back would cost more than the changes"
+                    .into(),
+            });
+        }
         let hbone_keepalive = crate::hbone::Keepalive {
             interval: duration("hbone-keepalive-interval", &args.hbone_keepalive_interval)?,
             timeout: duration("hbone-keepalive-timeout", &args.hbone_keepalive_timeout)?,
@@ -306,6 +318,7 @@ impl AgentConfig {
             connect_timeout,
             idle_timeout,
             protocol_detect_timeout,
+            map_resync,
             hbone_keepalive,
             worker_threads: args.worker_threads,
             busy_poll: Duration::from_micros(args.busy_poll_us),

@@ -339,7 +339,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let source_stats = Arc::new(Mutex::new(crate::state::SourceStats::default()));
         let source = state_source(&cfg).await?;
         let stop = Arc::new(AtomicBool::new(false));
-        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?, accel)
+        let syncer = Syncer::new(&cfg.node, Tables::open(&cfg.bpffs)?.with_resync(cfg.map_resync), accel)
             .with_pod_hooks(datapath.pod_hooks()?);
         let flows = Arc::new(FlowLog::new(&cfg.node, flows::CAPACITY));
         let verdicts = Arc::new(Verdicts::new(PolicyMaps::open(&cfg.bpffs)?).with_flows(flows.clone()));
@@ -620,7 +620,13 @@ fn state_loop(
             routes = snapshot.routes.status.clone();
             pending = Some(Arc::new(snapshot));
         }
+        // Now and then the maps are read back from the kernel, to undo what
+        // anything else changed there (`Tables`).
+        if pending.is_none() && syncer.resync_due() {
+            pending = Some(state_tx.borrow().clone());
+        }
         if let Some(snapshot) = pending.take() {
+            let resync = Arc::ptr_eq(&snapshot, &state_tx.borrow());
             match syncer.apply(&snapshot) {
                 Ok(report) => {
                     let found = snapshot.node.is_some() || source.is_none();
@@ -638,9 +644,11 @@ fn state_loop(
                     if found && trouble.is_some() {
                         readiness.note(READY_STATE, trouble.clone());
                     }
-                    let _ = state_tx.send(snapshot);
-                    tracing::debug!(endpoints = report.endpoints.len(), "state applied");
-                    verdicts.set_view(report.policy.clone());
+                    tracing::debug!(endpoints = report.endpoints.len(), resync, "state applied");
+                    if !resync {
+                        let _ = state_tx.send(snapshot);
+                        verdicts.set_view(report.policy.clone());
+                    }
                     *report_out.lock().unwrap_or_else(|e| e.into_inner()) = report;
                     // A build's scratch (parsed documents, the replaced
                     // snapshot and maps) is freed in many small pieces that

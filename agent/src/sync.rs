@@ -109,6 +109,12 @@ impl Syncer {
         }
     }
 
+    /// Whether the next [`Syncer::apply`] reads the maps back from the
+    /// kernel; the state thread then applies even with nothing new.
+    pub fn resync_due(&self) -> bool {
+        self.tables.resync_due()
+    }
+
     /// Attaches the pod programs to each local pod's interface.
     #[must_use]
     pub fn with_pod_hooks(mut self, hooks: PodHooks) -> Self {
@@ -319,7 +325,8 @@ impl Syncer {
                 e.tc_hooked = hooks.attached().contains(&e.ifindex);
             }
         }
-        self.tables.prune(&desired, stale, &mut changes)?;
+        let endpoints = desired.endpoints.len();
+        self.tables.prune(desired, stale, &mut changes)?;
         // Last: flows allowed under the old policy are judged again.
         if changes.policy_inputs() {
             config.policy_revision = config.policy_revision.wrapping_add(1);
@@ -331,7 +338,7 @@ impl Syncer {
 
         if changes.any() {
             info!(
-                endpoints = desired.endpoints.len(),
+                endpoints,
                 services = report.services,
                 ipcache = report.ipcache,
                 policy_entries = report.policy_entries,

@@ -192,3 +192,103 @@ fn agent_says_what_to_fix_for_bad_paths() {
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+#[test]
+fn map_entries_changed_behind_the_agents_back_are_written_back() {
+    use trellis_tests::mesh;
+
+    let mut lab = Lab::new("map_resync").expect("lab");
+    let node = lab.add_node("a").expect("node");
+    let web = lab.add_pod(&node, "a1").expect("pod");
+    let cluster = mesh::Cluster::start_with(
+        lab.name(),
+        &[&node],
+        &[
+            mesh::node(&node),
+            mesh::namespace("shop", true),
+            mesh::pod(&web, "shop", &[("app", "web")], &[], ""),
+            mesh::service("shop", "web", "10.96.0.80", 80, "8080", &[("app", "web")]),
+        ],
+        mesh::Certs::SharedCa,
+        &["--map-resync", "1s"],
+    )
+    .expect("agent");
+    let agent = &cluster.agents[0];
+    let map = node.bpffs.join("maps").join(trellis_common::MAP_SERVICES);
+    let map = map.to_str().expect("utf8");
+    // The entries as raw key bytes, the way `bpftool map delete` takes them.
+    let keys = || -> Vec<Vec<String>> {
+        let dump = trellis_tests::sys::bpftool_map_dump(std::path::Path::new(map))
+            .expect("bpftool map dump");
+        dump.as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| {
+                        e["key"]
+                            .as_array()
+                            .unwrap_or_else(|| panic!("raw key bytes in {e}"))
+                            .iter()
+                            .map(|b| b.as_str().expect("hex byte").to_owned())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wanted = keys();
+    assert_eq!(wanted.len(), 1, "one VIP:port");
+    let bpftool = |args: Vec<&str>| {
+        let out = std::process::Command::new("bpftool")
+            .args(&args)
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    };
+
+    // An operator deletes the Service's entry and adds one of their own
+    // (the same address, port 81), while the agent is stopped so that its
+    // resync cannot come between.
+    let paused = agent.pause();
+    let mut stray = wanted[0].clone();
+    stray[16] = "0x51".into();
+    bpftool(
+        [
+            &["map", "delete", "pinned", map, "key", "hex"][..],
+            &strip(&wanted[0]),
+        ]
+        .concat(),
+    );
+    bpftool(
+        [
+            &["map", "update", "pinned", map, "key", "hex"][..],
+            &strip(&stray),
+            &["value", "hex", "1", "0", "0", "0", "0", "0", "0", "0"],
+        ]
+        .concat(),
+    );
+    let tampered = keys();
+    assert!(
+        tampered.len() == 1 && tampered != wanted,
+        "the Service's entry is out, the stray one in: {tampered:?}"
+    );
+    drop(paused);
+
+    // Within a resync, the agent's entry is back and the stray one gone.
+    trellis_tests::eventually(
+        "the services map written back",
+        Duration::from_secs(15),
+        || keys() == wanted,
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("the kernel maps were changed by something other than this agent")
+            && log.contains(trellis_common::MAP_SERVICES),
+        "{log}"
+    );
+}
+
+/// bpftool's `0x0a` bytes as `bpftool ... hex` takes them (`0a`).
+fn strip(bytes: &[String]) -> Vec<&str> {
+    bytes.iter().map(|b| b.trim_start_matches("0x")).collect()
+}

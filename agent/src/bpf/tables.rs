@@ -1,12 +1,23 @@
 //! Writers of the maps the agent owns: config, endpoints, pod interfaces,
 //! services, ipcache, policy. Each sync computes the difference with what
-//! the kernel holds and applies it in place, in two phases: every map's new
+//! the maps hold and applies it in place, in two phases: every map's new
 //! and changed entries first ([`Tables::upsert`]), then every map's stale
 //! ones ([`Tables::prune`]), so there is no moment where a live entry is
 //! missing (a new pod's policy is there before the pod is, a policy's new
 //! rules before its old ones go).
+//!
+//! What the maps hold is remembered from the last sync, not read back each
+//! time: only the agent writes them, and at 20,000 pods reading the
+//! ipcache alone is 40,000 syscalls (about 60 ms of every change). They are
+//! read from the kernel at start, after a failed write, and every
+//! `--map-resync` (a change made behind the agent's back, with `bpftool`
+//! say, is logged and undone then).
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Pod,
@@ -15,6 +26,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
 };
+use tracing::warn;
 use trellis_common::{
     DatapathConfig, EndpointInfo, EndpointKey, IpInfo, IpPort, MAP_CONFIG, MAP_ENDPOINTS,
     MAP_IPCACHE, MAP_ORIG_BY_TUPLE, MAP_POD_IFACES, MAP_POLICY, MAP_SERVICES, OrigDst, PodIface,
@@ -38,11 +50,18 @@ pub struct Tables {
     services: HashMap<MapData, IpPort, ServiceInfo>,
     ipcache: LpmTrie<MapData, [u8; 16], IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+    /// What the maps hold, as last read or written; `None` until read, and
+    /// after a sync that failed half way.
+    held: Option<Desired>,
+    /// When `held` was last read from the kernel.
+    read_at: Option<Instant>,
+    /// How often `held` is checked against the kernel.
+    resync: Duration,
 }
 
 /// What the maps should hold (besides config). LPM keys are
 /// (prefix length, data).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
     pub pod_ifaces: BTreeMap<u32, PodIface>,
@@ -73,6 +92,9 @@ impl Changes {
 }
 
 impl Tables {
+    /// How often the maps are read back by default (`--map-resync`).
+    pub const RESYNC: Duration = Duration::from_secs(300);
+
     pub fn open(bpffs: &Path) -> Result<Self, BpfError> {
         let layout = PinLayout::new(bpffs);
         Ok(Self {
@@ -82,7 +104,22 @@ impl Tables {
             services: layout.open_map(MAP_SERVICES)?,
             ipcache: layout.open_map(MAP_IPCACHE)?,
             policy: layout.open_map(MAP_POLICY)?,
+            held: None,
+            read_at: None,
+            resync: Self::RESYNC,
         })
+    }
+
+    /// Reads the maps back from the kernel every `every`.
+    #[must_use]
+    pub fn with_resync(mut self, every: Duration) -> Self {
+        self.resync = every;
+        self
+    }
+
+    /// Whether the next sync reads the maps back from the kernel.
+    pub fn resync_due(&self) -> bool {
+        self.read_at.is_none_or(|at| at.elapsed() >= self.resync)
     }
 
     pub fn config(&self) -> Result<DatapathConfig, BpfError> {
@@ -102,130 +139,202 @@ impl Tables {
         Ok(())
     }
 
+    /// Every map's contents, from the kernel.
+    fn read(&self) -> Result<Desired, BpfError> {
+        Ok(Desired {
+            endpoints: read_hash(&self.endpoints, MAP_ENDPOINTS)?,
+            pod_ifaces: read_hash(&self.pod_ifaces, MAP_POD_IFACES)?,
+            services: read_hash(&self.services, MAP_SERVICES)?,
+            ipcache: read_lpm(&self.ipcache, MAP_IPCACHE)?,
+            policy: read_lpm(&self.policy, MAP_POLICY)?,
+        })
+    }
+
+    /// What the maps hold: remembered, or read when a resync is due.
+    fn held(&mut self) -> Result<Desired, BpfError> {
+        let remembered = match self.held.take() {
+            Some(held) if !self.resync_due() => return Ok(held),
+            other => other,
+        };
+        let read = self.read()?;
+        self.read_at = Some(Instant::now());
+        if let Some(remembered) = remembered
+            && remembered != read
+        {
+            warn!(
+                maps = ?differing(&remembered, &read),
+                "the kernel maps were changed by something other than this agent; writing them back"
+            );
+        }
+        Ok(read)
+    }
+
     /// Writes every new or changed entry, in the order the kernel reads
     /// them: identities and policy before the endpoints they protect.
     pub fn upsert(&mut self, d: &Desired) -> Result<(Changes, Stale), BpfError> {
-        let (ipcache, stale_ipcache) = upsert_lpm(&mut self.ipcache, MAP_IPCACHE, &d.ipcache)?;
-        let (policy, stale_policy) = upsert_lpm(&mut self.policy, MAP_POLICY, &d.policy)?;
+        let held = self.held()?;
         let changes = Changes {
-            ipcache,
-            policy,
-            services: upsert_hash(&mut self.services, MAP_SERVICES, &d.services)?,
-            pod_ifaces: upsert_hash(&mut self.pod_ifaces, MAP_POD_IFACES, &d.pod_ifaces)?,
-            endpoints: upsert_hash(&mut self.endpoints, MAP_ENDPOINTS, &d.endpoints)?,
+            ipcache: write(&held.ipcache, &d.ipcache, |(len, data), v| {
+                self.ipcache
+                    .insert(&Key::new(*len, *data), v, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: MAP_IPCACHE,
+                        source,
+                    })
+            })?,
+            policy: write(&held.policy, &d.policy, |(len, data), v| {
+                self.policy
+                    .insert(&Key::new(*len, *data), v, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: MAP_POLICY,
+                        source,
+                    })
+            })?,
+            services: write(&held.services, &d.services, |k, v| {
+                self.services
+                    .insert(k, v, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: MAP_SERVICES,
+                        source,
+                    })
+            })?,
+            pod_ifaces: write(&held.pod_ifaces, &d.pod_ifaces, |k, v| {
+                self.pod_ifaces
+                    .insert(k, v, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: MAP_POD_IFACES,
+                        source,
+                    })
+            })?,
+            endpoints: write(&held.endpoints, &d.endpoints, |k, v| {
+                self.endpoints
+                    .insert(k, v, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: MAP_ENDPOINTS,
+                        source,
+                    })
+            })?,
         };
         let stale = Stale {
-            ipcache: stale_ipcache,
-            policy: stale_policy,
+            endpoints: stale(&held.endpoints, &d.endpoints),
+            pod_ifaces: stale(&held.pod_ifaces, &d.pod_ifaces),
+            services: stale(&held.services, &d.services),
+            ipcache: stale(&held.ipcache, &d.ipcache),
+            policy: stale(&held.policy, &d.policy),
         };
         Ok((changes, stale))
     }
 
-    /// Removes every entry `d` does not hold, endpoints before their policy.
-    /// The LPM maps' stale entries are those [`Tables::upsert`] found while
-    /// reading them (only the agent writes them): read once, not twice, a
-    /// node's ipcache holds every pod address of the cluster.
+    /// Removes the entries [`Tables::upsert`] found stale, endpoints before
+    /// their policy; the maps then hold `d`.
     pub fn prune(
         &mut self,
-        d: &Desired,
+        d: Desired,
         stale: Stale,
         changes: &mut Changes,
     ) -> Result<(), BpfError> {
-        changes.endpoints.removed += prune_hash(&mut self.endpoints, MAP_ENDPOINTS, &d.endpoints)?;
-        changes.pod_ifaces.removed +=
-            prune_hash(&mut self.pod_ifaces, MAP_POD_IFACES, &d.pod_ifaces)?;
-        changes.services.removed += prune_hash(&mut self.services, MAP_SERVICES, &d.services)?;
-        changes.policy.removed += prune_lpm(&mut self.policy, MAP_POLICY, stale.policy)?;
-        changes.ipcache.removed += prune_lpm(&mut self.ipcache, MAP_IPCACHE, stale.ipcache)?;
+        changes.endpoints.removed +=
+            remove(stale.endpoints, MAP_ENDPOINTS, |k| self.endpoints.remove(k))?;
+        changes.pod_ifaces.removed += remove(stale.pod_ifaces, MAP_POD_IFACES, |k| {
+            self.pod_ifaces.remove(k)
+        })?;
+        changes.services.removed +=
+            remove(stale.services, MAP_SERVICES, |k| self.services.remove(k))?;
+        changes.policy.removed += remove(stale.policy, MAP_POLICY, |(len, data)| {
+            self.policy.remove(&Key::new(*len, *data))
+        })?;
+        changes.ipcache.removed += remove(stale.ipcache, MAP_IPCACHE, |(len, data)| {
+            self.ipcache.remove(&Key::new(*len, *data))
+        })?;
+        self.held = Some(d);
         Ok(())
     }
 }
 
-/// Entries of the LPM maps that the state no longer wants, as (prefix
-/// length, data).
+/// Entries the maps hold that the state no longer wants.
 #[derive(Debug, Default)]
 pub struct Stale {
+    endpoints: Vec<EndpointKey>,
+    pod_ifaces: Vec<u32>,
+    services: Vec<IpPort>,
     ipcache: Vec<(u32, [u8; 16])>,
     policy: Vec<(u32, PolicyKey)>,
 }
 
-/// Writes what differs from the map's contents; returns the counts and the
-/// entries the map holds that `desired` does not.
-fn upsert_lpm<K: Pod + Ord, V: Pod + PartialEq>(
-    map: &mut LpmTrie<MapData, K, V>,
-    name: &'static str,
-    desired: &BTreeMap<(u32, K), V>,
-) -> Result<(SyncStats, Vec<(u32, K)>), BpfError> {
-    let err = |source| BpfError::Map { name, source };
-    let mut stats = SyncStats::default();
-    let current: BTreeMap<(u32, K), V> = map
-        .iter()
-        .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
-        .collect::<Result<_, _>>()
-        .map_err(err)?;
-    for (&(len, data), value) in desired {
-        if current.get(&(len, data)) != Some(value) {
-            map.insert(&Key::new(len, data), value, 0).map_err(err)?;
-            stats.upserted += 1;
-        }
-    }
-    let stale = current
-        .into_keys()
-        .filter(|k| !desired.contains_key(k))
-        .collect();
-    Ok((stats, stale))
+/// Names of the maps whose contents differ between `a` and `b`.
+fn differing(a: &Desired, b: &Desired) -> Vec<&'static str> {
+    [
+        (MAP_ENDPOINTS, a.endpoints != b.endpoints),
+        (MAP_POD_IFACES, a.pod_ifaces != b.pod_ifaces),
+        (MAP_SERVICES, a.services != b.services),
+        (MAP_IPCACHE, a.ipcache != b.ipcache),
+        (MAP_POLICY, a.policy != b.policy),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect()
 }
 
-fn prune_lpm<K: Pod + Ord, V: Pod>(
-    map: &mut LpmTrie<MapData, K, V>,
-    name: &'static str,
-    stale: Vec<(u32, K)>,
-) -> Result<usize, BpfError> {
-    let err = |source| BpfError::Map { name, source };
-    let mut removed = 0;
-    for (len, data) in stale {
-        match map.remove(&Key::new(len, data)) {
-            Ok(()) => removed += 1,
-            // Gone already: nothing to do.
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    Ok(removed)
-}
-
-fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
-    map: &mut HashMap<MapData, K, V>,
-    name: &'static str,
+/// Writes (with `insert`) each entry of `desired` that `held` lacks or
+/// holds with another value.
+fn write<K: Ord, V: PartialEq>(
+    held: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
+    mut insert: impl FnMut(&K, &V) -> Result<(), BpfError>,
 ) -> Result<SyncStats, BpfError> {
-    let err = |source| BpfError::Map { name, source };
     let mut stats = SyncStats::default();
     for (key, value) in desired {
-        if map.get(key, 0).ok().as_ref() != Some(value) {
-            map.insert(key, value, 0).map_err(err)?;
+        if held.get(key) != Some(value) {
+            insert(key, value)?;
             stats.upserted += 1;
         }
     }
     Ok(stats)
 }
 
-fn prune_hash<K: Pod + Ord, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
+fn stale<K: Ord + Copy, V>(held: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> Vec<K> {
+    held.keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect()
+}
+
+/// Removes each key; one gone already is not an error.
+fn remove<K>(
+    keys: Vec<K>,
     name: &'static str,
-    desired: &BTreeMap<K, V>,
+    mut remove: impl FnMut(&K) -> Result<(), aya::maps::MapError>,
 ) -> Result<usize, BpfError> {
-    let err = |source| BpfError::Map { name, source };
-    let current: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(err)?;
     let mut removed = 0;
-    for key in current {
-        if !desired.contains_key(&key) {
-            map.remove(&key).map_err(err)?;
-            removed += 1;
+    for key in &keys {
+        match remove(key) {
+            Ok(()) => removed += 1,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(BpfError::Map { name, source }),
         }
     }
     Ok(removed)
+}
+
+fn read_lpm<K: Pod + Ord, V: Pod>(
+    map: &LpmTrie<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<(u32, K), V>, BpfError> {
+    map.iter()
+        .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|source| BpfError::Map { name, source })
+}
+
+fn read_hash<K: Pod + Ord, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, BpfError> {
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(|source| BpfError::Map { name, source })
 }
 
 /// Looks up captured connections' original destinations, by client address.
@@ -243,5 +352,46 @@ impl OrigDstTable {
     /// The original destination of the connection from `client`.
     pub fn get(&self, client: &IpPort) -> Option<OrigDst> {
         self.map.get(client, 0).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_writes_what_differs_and_removes_what_is_no_longer_wanted() {
+        let held = BTreeMap::from([(1, 'a'), (2, 'b'), (3, 'c')]);
+        let desired = BTreeMap::from([(2, 'b'), (3, 'x'), (4, 'd')]);
+        let mut written = Vec::new();
+        let stats = write(&held, &desired, |k, v| {
+            written.push((*k, *v));
+            Ok(())
+        })
+        .expect("write");
+        assert_eq!(written, [(3, 'x'), (4, 'd')], "changed and new only");
+        assert_eq!(stats.upserted, 2);
+        assert_eq!(stale(&held, &desired), [1]);
+
+        let mut gone = Vec::new();
+        let removed = remove(vec![1, 5], "test", |k| {
+            gone.push(*k);
+            match k {
+                5 => Err(aya::maps::MapError::KeyNotFound),
+                _ => Ok(()),
+            }
+        })
+        .expect("an entry gone already is no error");
+        assert_eq!((gone, removed), (vec![1, 5], 1));
+    }
+
+    #[test]
+    fn what_was_changed_behind_the_agents_back_is_named_by_map() {
+        let mut a = Desired::default();
+        let b = a.clone();
+        assert!(differing(&a, &b).is_empty());
+        a.services.insert(IpPort::default(), ServiceInfo::default());
+        a.pod_ifaces.insert(7, PodIface::default());
+        assert_eq!(differing(&a, &b), [MAP_POD_IFACES, MAP_SERVICES]);
     }
 }
