@@ -401,9 +401,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];
         let namer = Namer { state: state_rx.clone(), verdicts: verdicts.clone() };
         let flow_reader = tokio::spawn(flows::read_kernel(PinLayout::new(&cfg.bpffs).open_map(MAP_FLOWS)?, namer, flows.clone()));
-        let admin = tokio::spawn(serve_admin(
-            admin_listener,
-            AdminState {
+        let admin_state = AdminState {
                 config: cfg.clone(),
                 readiness: readiness.clone(),
                 programs: datapath.programs().to_vec(),
@@ -417,8 +415,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 flows,
                 verdicts: verdicts.clone(),
                 metrics: istio,
-            },
-        ));
+        };
+        let admin = admin_thread(cfg.admin_addr)?.spawn(async move {
+            match admin_listener.into_std().and_then(TcpListener::from_std) {
+                Ok(listener) => serve_admin(listener, admin_state).await,
+                Err(e) => error!(error = %e, "the admin API cannot serve: its listener did not move to the admin thread"),
+            }
+        });
         if let Some(listener) = outbound_listener6 {
             outbound_tasks.push(tokio::spawn(outbound.clone().serve(listener)));
         }
@@ -546,6 +549,28 @@ async fn take_over(
     }
 }
 
+/// A thread for the admin API, with a runtime of its own: on a large
+/// cluster `trellis status` counts every map entry and `/workloads` writes
+/// every pod, tens of milliseconds that the proxy's connections would wait
+/// on its thread. Tasks spawned on the returned handle run there.
+fn admin_thread(addr: SocketAddr) -> Result<tokio::runtime::Handle, AgentError> {
+    let err = |source| AgentError::Bind {
+        what: "the admin thread",
+        addr,
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(err)?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("trellis-admin".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .map_err(err)?;
+    Ok(handle)
+}
+
 /// Polls the config source, rebuilds the snapshot on change, syncs the maps
 /// and publishes the snapshot to the proxies. Blocking work: its own thread.
 #[expect(
@@ -579,6 +604,9 @@ fn state_loop(
     // A change waits here while the last rebuild is too recent (`pace`).
     let mut due = false;
     let mut pacer = crate::state::pace::Pacer::default();
+    // Old snapshots and policy views are freed here, not on a proxy worker.
+    let mut retired = crate::state::retire::Retired::default();
+    let mut retired_views = crate::state::retire::Retired::default();
     while !stop.load(Ordering::Relaxed) {
         // The source is not even asked while the pace holds: collecting
         // every object is part of a rebuild's cost.
@@ -646,10 +674,16 @@ fn state_loop(
                     }
                     tracing::debug!(endpoints = report.endpoints.len(), resync, "state applied");
                     if !resync {
+                        retired.keep(&snapshot);
+                        retired_views.keep(&report.policy);
                         let _ = state_tx.send(snapshot);
                         verdicts.set_view(report.policy.clone());
                     }
                     *report_out.lock().unwrap_or_else(|e| e.into_inner()) = report;
+                    // The replaced snapshot and view, unless a connection
+                    // still holds them.
+                    retired.release();
+                    retired_views.release();
                     // A build's scratch (parsed documents, the replaced
                     // snapshot and maps) is freed in many small pieces that
                     // malloc would keep: at 20,000 pods, 100+ MiB held
@@ -674,6 +708,10 @@ fn state_loop(
                     pending = Some(snapshot);
                 }
             }
+        }
+        // Those a connection held until now.
+        if retired.release() + retired_views.release() > 0 {
+            crate::memory::release_free_heap();
         }
         std::thread::sleep(crate::state::files::POLL);
     }

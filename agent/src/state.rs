@@ -6,6 +6,7 @@ pub mod kube;
 pub mod model;
 pub mod objects;
 pub mod pace;
+pub mod retire;
 pub mod synthetic;
 
 pub use self::model::{Backend, NodeInfo, ServiceView, Snapshot, Workload};

@@ -233,6 +233,29 @@ impl Agent {
         })
     }
 
+    /// CPU seconds (user + system) used so far by the agent's threads
+    /// whose name starts with `prefix` (`trellis-worker`: the proxy).
+    pub fn thread_cpu_seconds(&self, prefix: &str) -> anyhow::Result<f64> {
+        let pid = self.child.id();
+        let mut ticks = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            // A thread may end meanwhile: it is skipped.
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+                continue;
+            };
+            let (head, rest) = stat.rsplit_once(')').context("/proc/PID/task/TID/stat")?;
+            let name = head.split_once('(').map_or("", |(_, n)| n);
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            ticks += fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        }
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok(ticks as f64 / hz)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

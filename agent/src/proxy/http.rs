@@ -779,8 +779,8 @@ impl HttpProxy {
     pub async fn run_health_checks(self: Arc<Self>) {
         let mut state = self.state.clone();
         loop {
-            let snapshot = state.borrow_and_update().clone();
-            self.reconcile_checks(&snapshot);
+            // Not held while waiting: the next change would free it here.
+            self.reconcile_checks(&state.borrow_and_update().clone());
             if state.changed().await.is_err() {
                 break;
             }

@@ -954,6 +954,9 @@ fn scale() -> anyhow::Result<()> {
     };
     let rebuilt_before = rebuilds()?;
     let before = agent.usage()?;
+    // The proxy's share: a rebuild must not take its thread from the
+    // connections (no traffic here, so anything it spends is the state's).
+    let worker_before = agent.thread_cpu_seconds("trellis-worker")?;
     let started = Instant::now();
     for i in 0..200 {
         let relabelled = extra.replace("app: svc-0", &format!("app: svc-0, turn: t{i}"));
@@ -962,6 +965,7 @@ fn scale() -> anyhow::Result<()> {
     }
     let churned = started.elapsed();
     let used = agent.usage()?.cpu_seconds - before.cpu_seconds;
+    let worker = agent.thread_cpu_seconds("trellis-worker")? - worker_before;
     // The last change is one no earlier state had: two more pods.
     let two = (0..2)
         .map(|k| {
@@ -975,12 +979,27 @@ fn scale() -> anyhow::Result<()> {
     cluster.config().write("last.yaml", &two)?;
     let settled = applied(synthetic::PODS + 3, started)?;
     println!(
-        "  churn (a change every 50 ms for {:.1} s): agent CPU {:.0}% of a core, {} rebuilds; \
-         a change right after it in the maps {:.0} ms after it was made",
+        "  churn (a change every 50 ms for {:.1} s): agent CPU {:.0}% of a core ({:.0} ms on the \
+         proxy's thread), {} rebuilds; a change right after it in the maps {:.0} ms after it was made",
         churned.as_secs_f64(),
         used * 100.0 / churned.as_secs_f64(),
+        worker * 1e3,
         rebuilds()? - rebuilt_before,
         settled.as_secs_f64() * 1e3
+    );
+    // What an operator's `trellis status` (every map entry counted) costs,
+    // and how much of it lands on the proxy's thread.
+    let worker_before = agent.thread_cpu_seconds("trellis-worker")?;
+    let started = Instant::now();
+    for _ in 0..10 {
+        agent.cli_json("status")?;
+    }
+    let each = started.elapsed() / 10;
+    let worker = agent.thread_cpu_seconds("trellis-worker")? - worker_before;
+    println!(
+        "  trellis status: {:.0} ms each, {:.1} ms of it on the proxy's thread",
+        each.as_secs_f64() * 1e3,
+        worker * 1e3 / 10.0
     );
     Ok(())
 }
