@@ -402,19 +402,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let namer = Namer { state: state_rx.clone(), verdicts: verdicts.clone() };
         let flow_reader = tokio::spawn(flows::read_kernel(PinLayout::new(&cfg.bpffs).open_map(MAP_FLOWS)?, namer, flows.clone()));
         let admin_state = AdminState {
-                config: cfg.clone(),
-                readiness: readiness.clone(),
-                programs: datapath.programs().to_vec(),
-                snapshot: outbound.state(),
-                report,
-                source: source_stats.clone(),
-                outbound: outbound.clone(),
-                inbound: inbound.clone(),
-                pool: pool.clone(),
-                certs: certs.clone(),
-                flows,
-                verdicts: verdicts.clone(),
-                metrics: istio,
+            config: cfg.clone(),
+            readiness: readiness.clone(),
+            programs: datapath.programs().to_vec(),
+            snapshot: outbound.state(),
+            report,
+            source: source_stats.clone(),
+            outbound: outbound.clone(),
+            inbound: inbound.clone(),
+            pool: pool.clone(),
+            certs: certs.clone(),
+            flows,
+            verdicts: verdicts.clone(),
+            metrics: istio,
         };
         let admin = admin_thread(cfg.admin_addr)?.spawn(async move {
             match admin_listener.into_std().and_then(TcpListener::from_std) {
