@@ -174,45 +174,20 @@ impl Tables {
     pub fn upsert(&mut self, d: &Desired) -> Result<(Changes, Stale), BpfError> {
         let held = self.held()?;
         let changes = Changes {
-            ipcache: write(&held.ipcache, &d.ipcache, |(len, data), v| {
-                self.ipcache
-                    .insert(&Key::new(*len, *data), v, 0)
-                    .map_err(|source| BpfError::Map {
-                        name: MAP_IPCACHE,
-                        source,
-                    })
+            ipcache: write(&held.ipcache, &d.ipcache, MAP_IPCACHE, |(len, data), v| {
+                self.ipcache.insert(&Key::new(*len, *data), v, 0)
             })?,
-            policy: write(&held.policy, &d.policy, |(len, data), v| {
-                self.policy
-                    .insert(&Key::new(*len, *data), v, 0)
-                    .map_err(|source| BpfError::Map {
-                        name: MAP_POLICY,
-                        source,
-                    })
+            policy: write(&held.policy, &d.policy, MAP_POLICY, |(len, data), v| {
+                self.policy.insert(&Key::new(*len, *data), v, 0)
             })?,
-            services: write(&held.services, &d.services, |k, v| {
-                self.services
-                    .insert(k, v, 0)
-                    .map_err(|source| BpfError::Map {
-                        name: MAP_SERVICES,
-                        source,
-                    })
+            services: write(&held.services, &d.services, MAP_SERVICES, |k, v| {
+                self.services.insert(k, v, 0)
             })?,
-            pod_ifaces: write(&held.pod_ifaces, &d.pod_ifaces, |k, v| {
-                self.pod_ifaces
-                    .insert(k, v, 0)
-                    .map_err(|source| BpfError::Map {
-                        name: MAP_POD_IFACES,
-                        source,
-                    })
+            pod_ifaces: write(&held.pod_ifaces, &d.pod_ifaces, MAP_POD_IFACES, |k, v| {
+                self.pod_ifaces.insert(k, v, 0)
             })?,
-            endpoints: write(&held.endpoints, &d.endpoints, |k, v| {
-                self.endpoints
-                    .insert(k, v, 0)
-                    .map_err(|source| BpfError::Map {
-                        name: MAP_ENDPOINTS,
-                        source,
-                    })
+            endpoints: write(&held.endpoints, &d.endpoints, MAP_ENDPOINTS, |k, v| {
+                self.endpoints.insert(k, v, 0)
             })?,
         };
         let stale = Stale {
@@ -280,12 +255,13 @@ fn differing(a: &Desired, b: &Desired) -> Vec<&'static str> {
 fn write<K: Ord, V: PartialEq>(
     held: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
-    mut insert: impl FnMut(&K, &V) -> Result<(), BpfError>,
+    name: &'static str,
+    mut insert: impl FnMut(&K, &V) -> Result<(), aya::maps::MapError>,
 ) -> Result<SyncStats, BpfError> {
     let mut stats = SyncStats::default();
     for (key, value) in desired {
         if held.get(key) != Some(value) {
-            insert(key, value)?;
+            insert(key, value).map_err(|source| BpfError::Map { name, source })?;
             stats.upserted += 1;
         }
     }
@@ -364,7 +340,7 @@ mod tests {
         let held = BTreeMap::from([(1, 'a'), (2, 'b'), (3, 'c')]);
         let desired = BTreeMap::from([(2, 'b'), (3, 'x'), (4, 'd')]);
         let mut written = Vec::new();
-        let stats = write(&held, &desired, |k, v| {
+        let stats = write(&held, &desired, "test", |k, v| {
             written.push((*k, *v));
             Ok(())
         })
