@@ -19,7 +19,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_agent::{
     identity::Identity,
     policy::authz::{Layer, Verdict, authorize},
-    state::{Object, Snapshot, objects::parse_file},
+    state::{Object, Snapshot, memo::Memo, objects::parse_file},
 };
 
 /// The system allocator, counting the bytes live (a relaxed add per call:
@@ -95,6 +95,35 @@ fn benches(c: &mut Criterion) {
             &format!("state/build 20k pods, 2k Services, 200 routes ({name})"),
             |b| b.iter(|| Snapshot::build("n1", black_box(&objects))),
         );
+        // What a change costs with what the last build made kept: one pod
+        // added, then removed again, as a source hands them over (every
+        // other object the same `Arc`).
+        let extra = parse_file(
+            Path::new("extra.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: extra, namespace: ns-0, labels: {app: svc-0}}\n\
+             spec: {nodeName: n3, containers: [{name: c}]}\nstatus: {podIP: 10.100.0.250}\n",
+        )
+        .expect("the pod parses")
+        .objects;
+        let with_extra: Vec<Object> = objects.iter().chain(&extra).cloned().collect();
+        let mut memo = Memo::default();
+        Snapshot::build_with("n1", &objects, &mut memo);
+        let mut turn = 0usize;
+        c.bench_function(
+            &format!("state/rebuild after a pod is added or removed ({name})"),
+            |b| {
+                b.iter(|| {
+                    turn += 1;
+                    let now = if turn.is_multiple_of(2) {
+                        &objects
+                    } else {
+                        &with_extra
+                    };
+                    Snapshot::build_with("n1", black_box(now), &mut memo)
+                })
+            },
+        );
+        println!("state/rebuild: {:?}", memo.last);
     }
 
     let snap = Snapshot::build("n1", &cluster(true));

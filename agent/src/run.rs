@@ -607,6 +607,8 @@ fn state_loop(
     // Old snapshots and policy views are freed here, not on a proxy worker.
     let mut retired = crate::state::retire::Retired::default();
     let mut retired_views = crate::state::retire::Retired::default();
+    // What the last build made of each object, for the next.
+    let mut memo = crate::state::memo::Memo::default();
     while !stop.load(Ordering::Relaxed) {
         // The source is not even asked while the pace holds: collecting
         // every object is part of a rebuild's cost.
@@ -638,7 +640,8 @@ fn state_loop(
         }
         if let Some(objects) = last.as_ref().filter(|_| rebuild) {
             due = false;
-            let mut snapshot = Snapshot::build(&cfg.node, objects);
+            let mut snapshot = Snapshot::build_with(&cfg.node, objects, &mut memo);
+            tracing::debug!(reuse = ?memo.last, "snapshot built");
             let missing = netns.fill(&cfg.node, &mut snapshot.workloads);
             if !missing.is_empty() && !unresolved {
                 info!(pods = ?missing, "local pods with no process yet to find their network namespace by; looking again each second");

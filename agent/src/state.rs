@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod kube;
+pub mod memo;
 pub mod model;
 pub mod objects;
 pub mod pace;

@@ -522,6 +522,7 @@ mod tests {
             ready: true,
             terminating: false,
             named_ports: Default::default(),
+            label_set: 0,
         };
         let p = Peer::of(&w, "cluster.local");
         assert_eq!(p.workload, "web");

@@ -22,6 +22,7 @@ use std::{
     collections::BTreeMap,
     io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::state::Workload;
@@ -125,7 +126,7 @@ impl Resolver {
 
     /// Fills in `netns` for this node's workloads that have a UID and no
     /// path; returns the IDs of those still without one (no process yet).
-    pub fn fill(&mut self, node: &str, workloads: &mut [Workload]) -> Vec<String> {
+    pub fn fill(&mut self, node: &str, workloads: &mut [Arc<Workload>]) -> Vec<String> {
         let wanted: Vec<usize> = workloads
             .iter()
             .enumerate()
@@ -163,7 +164,9 @@ impl Resolver {
         for i in wanted {
             let w = &mut workloads[i];
             match self.known.get(&w.uid) {
-                Some(path) => w.netns = Some(path.clone()),
+                // A copy of this one workload: the last snapshot and the
+                // build's memo share the one without.
+                Some(path) => Arc::make_mut(w).netns = Some(path.clone()),
                 None => unresolved.push(w.id()),
             }
         }

@@ -713,6 +713,7 @@ mod tests {
             ready: true,
             terminating: false,
             named_ports: BTreeMap::new(),
+            label_set: 0,
         }
     }
 

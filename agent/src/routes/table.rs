@@ -433,13 +433,13 @@ impl RouteTable {
         http_routes: &[&HttpRoute],
         grpc_routes: &[&GrpcRoute],
         grants: &[&ReferenceGrant],
-        services: &[ServiceView],
+        services: &[Arc<ServiceView>],
     ) -> Self {
         // By `namespace/name`, the first of a name winning (inserted last).
         let services: ServicesByName<'_> = services
             .iter()
             .rev()
-            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), &**s))
             .collect();
         let mut table = Self::default();
         for route in http_routes {

@@ -24,7 +24,10 @@ use crate::{
     routes::RouteTable,
 };
 
-use super::objects::{MESH_LABEL, MTLS_LABEL, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr};
+use super::{
+    memo::{self, Memo, NamespaceMesh, Pass},
+    objects::{MESH_LABEL, MTLS_LABEL, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr},
+};
 
 /// Node label naming its zone.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -76,6 +79,12 @@ pub struct Workload {
     /// Container port names → numbers, for named target ports.
     #[serde(skip)]
     pub named_ports: BTreeMap<String, u16>,
+    /// The hash of its namespace and labels, where the search for its
+    /// identity starts ([`crate::policy::compiler::set_hash`]): each sync
+    /// finds the identity of every workload of the cluster, and hashing
+    /// their labels each time was a fifth of its cost at 20,000 pods.
+    #[serde(skip)]
+    pub label_set: u64,
 }
 
 impl Workload {
@@ -173,8 +182,10 @@ impl ServiceView {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     pub node: Option<NodeInfo>,
-    pub workloads: Vec<Workload>,
-    pub services: Vec<ServiceView>,
+    /// Shared with the snapshot before when their objects did not change
+    /// ([`Memo`]).
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<ServiceView>>,
     /// Authorization policies of every namespace, grouped by namespace.
     pub policies: Vec<Policy>,
     /// Kubernetes network policies of every namespace.
@@ -211,7 +222,7 @@ struct Index {
 }
 
 impl Index {
-    fn workloads(workloads: &[Workload]) -> Self {
+    fn workloads(workloads: &[Arc<Workload>]) -> Self {
         let mut index = Self::default();
         for (i, w) in workloads.iter().enumerate() {
             for ip in &w.ips {
@@ -232,7 +243,7 @@ impl Index {
         }
     }
 
-    fn add_services(&mut self, services: &[ServiceView]) {
+    fn add_services(&mut self, services: &[Arc<ServiceView>]) {
         for (i, s) in services.iter().enumerate() {
             self.service_by_id.entry(s.id()).or_insert(i);
             for vip in &s.vips {
@@ -287,11 +298,18 @@ pub fn traffic_key(kind: &str, id: &str) -> String {
 impl Snapshot {
     /// Builds the view for node `node_name` from all objects.
     pub fn build(node_name: &str, objects: &[Object]) -> Self {
+        Self::build_with(node_name, objects, &mut Memo::default())
+    }
+
+    /// [`Snapshot::build`], taking from `memo` what the last build made of
+    /// the objects that did not change, and leaving there what this one
+    /// made.
+    pub fn build_with(node_name: &str, objects: &[Object], memo: &mut Memo) -> Self {
         let mut nodes = Vec::new();
         let mut namespaces = BTreeMap::new();
         let mut pods = Vec::new();
         let mut services = Vec::new();
-        let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut slices: BTreeMap<(String, String), Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
         let mut counts = BTreeMap::new();
         let mut policies = Vec::new();
         let mut network_policies = Vec::new();
@@ -306,8 +324,8 @@ impl Snapshot {
                 Object::Namespace(n) => {
                     namespaces.insert(n.metadata.name.clone().unwrap_or_default(), n.as_ref());
                 }
-                Object::Pod(p) => pods.push(p.as_ref()),
-                Object::Service(s) => services.push(s.as_ref()),
+                Object::Pod(p) => pods.push(p),
+                Object::Service(s) => services.push(s),
                 Object::HttpRoute(r) => http_routes.push(r.as_ref()),
                 Object::GrpcRoute(r) => grpc_routes.push(r.as_ref()),
                 Object::ReferenceGrant(g) => grants.push(g.as_ref()),
@@ -326,7 +344,7 @@ impl Snapshot {
                         .and_then(|l| l.get(SERVICE_NAME_LABEL))
                         .cloned()
                         .unwrap_or_default();
-                    slices.entry((ns, svc)).or_default().push(s.as_ref());
+                    slices.entry((ns, svc)).or_default().push(s);
                 }
             }
         }
@@ -334,20 +352,6 @@ impl Snapshot {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(node_name))
             .map(|n| node_info(n));
-        let workloads: Vec<Workload> = pods
-            .iter()
-            .filter_map(|p| workload(p, &namespaces))
-            .collect();
-        let mut index = Index::workloads(&workloads);
-        let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
-        for w in &workloads {
-            by_namespace.entry(&w.namespace).or_default().push(w);
-        }
-        let pods = Pods {
-            all: &workloads,
-            by_ip: &index.workload_by_ip,
-            by_namespace,
-        };
         let zones: HashMap<&str, &str> = nodes
             .iter()
             .filter_map(|n| {
@@ -355,25 +359,72 @@ impl Snapshot {
                 Some((n.metadata.name.as_deref()?, zone.as_str()))
             })
             .collect();
+        let mut pass = Pass::new(
+            memo,
+            node_name,
+            zones
+                .iter()
+                .map(|(n, z)| ((*n).to_owned(), (*z).to_owned()))
+                .collect(),
+        );
+        let meshes: HashMap<&str, NamespaceMesh> = namespaces
+            .iter()
+            .map(|(name, n)| (name.as_str(), namespace_mesh(n)))
+            .collect();
+        let outside = NamespaceMesh::default();
+        let workloads: Vec<Arc<Workload>> = pods
+            .iter()
+            .filter_map(|p| {
+                let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+                let mesh = meshes.get(ns).unwrap_or(&outside);
+                pass.workload(p, mesh, || workload(p, mesh))
+            })
+            .collect();
+        let mut index = Index::workloads(&workloads);
+        let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in &workloads {
+            by_namespace.entry(&w.namespace).or_default().push(w);
+        }
+        pass.namespaces(
+            by_namespace
+                .iter()
+                .map(|(ns, list)| {
+                    let list = list.iter().map(|w| memo::address(w)).collect();
+                    ((*ns).to_owned(), list)
+                })
+                .collect(),
+        );
+        let pods = Pods {
+            all: &workloads,
+            by_ip: &index.workload_by_ip,
+            by_namespace,
+        };
         let here = Here {
             node: node_name,
             zone: zones.get(node_name).copied(),
             zones,
         };
-        let services: Vec<ServiceView> = services
+        let services: Vec<Arc<ServiceView>> = services
             .iter()
             .map(|s| {
-                service_view(
-                    s,
-                    &here,
-                    &pods,
-                    slices.get(&(
-                        s.metadata.namespace.clone().unwrap_or_default(),
+                let namespace = s.metadata.namespace.as_deref().unwrap_or_default();
+                let slices = slices
+                    .get(&(
+                        namespace.to_owned(),
                         s.metadata.name.clone().unwrap_or_default(),
-                    )),
+                    ))
+                    .map_or(&[][..], Vec::as_slice);
+                pass.service(
+                    s,
+                    namespace,
+                    slices,
+                    || slice_addresses(slices).collect(),
+                    |ip| pods.at(ip).map(memo::address),
+                    || service_view(s, &here, &pods, (!slices.is_empty()).then_some(slices)),
                 )
             })
             .collect();
+        pass.finish();
         let routes = RouteTable::build(&http_routes, &grpc_routes, &grants, &services);
         let traffic = traffic_table(&mut traffic_policies);
         let namespace_labels = namespaces
@@ -402,7 +453,10 @@ impl Snapshot {
 
     /// Workloads scheduled on `node`.
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.iter().filter(move |w| w.node == node)
+        self.workloads
+            .iter()
+            .map(|w| &**w)
+            .filter(move |w| w.node == node)
     }
 
     /// The service and port behind a VIP:port.
@@ -414,7 +468,9 @@ impl Snapshot {
 
     /// The Service `namespace/name`.
     pub fn service(&self, id: &str) -> Option<&ServiceView> {
-        self.services.get(*self.index.service_by_id.get(id)?)
+        self.services
+            .get(*self.index.service_by_id.get(id)?)
+            .map(|s| &**s)
     }
 
     /// The authorization policies of `namespace`.
@@ -428,11 +484,15 @@ impl Snapshot {
 
     /// The workload `namespace/name`.
     pub fn workload(&self, id: &str) -> Option<&Workload> {
-        self.workloads.get(*self.index.workload_by_id.get(id)?)
+        self.workloads
+            .get(*self.index.workload_by_id.get(id)?)
+            .map(|w| &**w)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.get(*self.index.workload_by_ip.get(&ip)?)
+        self.workloads
+            .get(*self.index.workload_by_ip.get(&ip)?)
+            .map(|w| &**w)
     }
 }
 
@@ -469,7 +529,19 @@ fn node_info(node: &Node) -> NodeInfo {
     }
 }
 
-fn workload(pod: &SlimPod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Workload> {
+/// What a pod's workload reads of its namespace `n`.
+fn namespace_mesh(n: &Namespace) -> NamespaceMesh {
+    let labels = n.metadata.labels.as_ref();
+    NamespaceMesh {
+        meshed: labels
+            .and_then(|l| l.get(MESH_LABEL))
+            .is_some_and(|v| v == "enabled"),
+        mtls: labels.and_then(|l| l.get(MTLS_LABEL)).cloned(),
+    }
+}
+
+/// The workload of `pod`, in a namespace that reads as `ns`.
+fn workload(pod: &SlimPod, ns: &NamespaceMesh) -> Option<Workload> {
     if pod.ips.is_empty() {
         return None; // not scheduled or not started: nothing to route to
     }
@@ -487,21 +559,13 @@ fn workload(pod: &SlimPod, namespaces: &BTreeMap<String, &Namespace>) -> Option<
     }
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let labels = pod.labels.clone();
-    let ns_labels = namespaces
-        .get(&namespace)
-        .and_then(|n| n.metadata.labels.as_ref());
-    let meshed = ns_labels
-        .and_then(|l| l.get(MESH_LABEL))
-        .is_some_and(|v| v == "enabled")
-        && labels.get(MESH_LABEL).is_none_or(|v| v != "disabled");
-    let mtls = match labels
-        .get(MTLS_LABEL)
-        .or_else(|| ns_labels.and_then(|l| l.get(MTLS_LABEL)))
-    {
+    let meshed = ns.meshed && labels.get(MESH_LABEL).is_none_or(|v| v != "disabled");
+    let mtls = match labels.get(MTLS_LABEL).or(ns.mtls.as_ref()) {
         Some(v) if v == "strict" => MtlsMode::Strict,
         _ => MtlsMode::Permissive,
     };
     Some(Workload {
+        label_set: crate::policy::compiler::set_hash(&namespace, &labels),
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         service_account: pod.service_account.clone(),
@@ -521,14 +585,14 @@ fn workload(pod: &SlimPod, namespaces: &BTreeMap<String, &Namespace>) -> Option<
 /// A snapshot's workloads while its Services are built: what a selector
 /// or an EndpointSlice's address picks, found without a scan of them all.
 struct Pods<'a> {
-    all: &'a [Workload],
+    all: &'a [Arc<Workload>],
     by_ip: &'a HashMap<IpAddr, usize>,
     by_namespace: HashMap<&'a str, Vec<&'a Workload>>,
 }
 
 impl Pods<'_> {
     fn at(&self, ip: IpAddr) -> Option<&Workload> {
-        self.all.get(*self.by_ip.get(&ip)?)
+        self.all.get(*self.by_ip.get(&ip)?).map(|w| &**w)
     }
 
     fn in_namespace(&self, namespace: &str) -> &[&Workload] {
@@ -589,7 +653,7 @@ fn service_view(
     svc: &Service,
     here: &Here<'_>,
     pods: &Pods<'_>,
-    slices: Option<&Vec<&EndpointSlice>>,
+    slices: Option<&[&Arc<EndpointSlice>]>,
 ) -> ServiceView {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
     let spec = svc.spec.clone().unwrap_or_default();
@@ -695,11 +759,21 @@ fn selector_backends(
         .collect()
 }
 
+/// Every address `slices` list, in order: where [`slice_backends`] looks
+/// for pods.
+fn slice_addresses<'a>(slices: &'a [&Arc<EndpointSlice>]) -> impl Iterator<Item = IpAddr> + 'a {
+    slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .flat_map(|ep| &ep.addresses)
+        .filter_map(|a| a.parse().ok())
+}
+
 /// The backends `slices` list (those `locality` keeps, by the endpoint's
 /// `nodeName`, else its pod's node).
 fn slice_backends(
     port: &ServicePort,
-    slices: &[&EndpointSlice],
+    slices: &[&Arc<EndpointSlice>],
     pods: &Pods<'_>,
     locality: &Locality<'_>,
 ) -> Vec<Backend> {
@@ -1200,7 +1274,7 @@ mod tests {
                 let first = s.workloads.iter().find(|x| x.ips.contains(ip));
                 assert_eq!(
                     s.workload_by_ip(*ip).map(Workload::id),
-                    first.map(Workload::id)
+                    first.map(|w| w.id())
                 );
             }
         }
