@@ -81,8 +81,8 @@ pub struct Workload {
     pub named_ports: BTreeMap<String, u16>,
     /// The hash of its namespace and labels, where the search for its
     /// identity starts ([`crate::policy::compiler::set_hash`]): each sync
-    /// finds the identity of every workload of the cluster, and hashing
-    /// their labels each time was a fifth of its cost at 20,000 pods.
+    /// finds the identity of every workload of the cluster, and did it by
+    /// comparing label sets, a fifth of its cost at 20,000 pods.
     #[serde(skip)]
     pub label_set: u64,
 }
