@@ -106,6 +106,7 @@ impl Identities {
         let mut seen: HashMap<u64, Vec<(&str, &Labels)>> = HashMap::new();
         for w in &snap.workloads {
             let set = (w.namespace.as_str(), &*w.labels);
+            debug_assert_eq!(w.label_set, set_hash(set.0, set.1), "{}", w.id());
             let same = seen.entry(w.label_set).or_default();
             if !same.contains(&set) {
                 same.push(set);
