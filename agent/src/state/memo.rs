@@ -217,17 +217,14 @@ impl<'m> Pass<'m> {
         make: impl FnOnce() -> ServiceView,
     ) -> Arc<ServiceView> {
         let k = key(service);
-        let old = self.memo.services.remove(&k);
-        let same_slices = old.as_ref().is_some_and(|e| {
+        // An entry made from other slices is of no use.
+        let mut old = self.memo.services.remove(&k).filter(|e| {
             e.slices.len() == slices.len()
                 && e.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
         });
-        let (old, addresses) = match old {
-            Some(mut e) if same_slices => {
-                let addresses = std::mem::take(&mut e.addresses);
-                (Some(e), addresses)
-            }
-            _ => (None, addresses()),
+        let addresses = match &mut old {
+            Some(e) => std::mem::take(&mut e.addresses),
+            None => addresses(),
         };
         let workloads: Vec<Option<usize>> = addresses.iter().map(|ip| at(*ip)).collect();
         let entry = match old {

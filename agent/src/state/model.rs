@@ -420,7 +420,7 @@ impl Snapshot {
                     slices,
                     || slice_addresses(slices).collect(),
                     |ip| pods.at(ip).map(memo::address),
-                    || service_view(s, &here, &pods, (!slices.is_empty()).then_some(slices)),
+                    || service_view(s, &here, &pods, slices),
                 )
             })
             .collect();
@@ -648,12 +648,14 @@ impl Locality<'_> {
 /// `here`'s view of `svc`: with `internalTrafficPolicy: Local`, only the
 /// endpoints on this node (calls from its pods go nowhere else, and fail
 /// when there is none, as with kube-proxy and Cilium); with a
-/// `trafficDistribution`, the endpoints it prefers marked `close`.
+/// `trafficDistribution`, the endpoints it prefers marked `close`. Its
+/// EndpointSlices `slices` list its endpoints; with none, its selector
+/// picks them.
 fn service_view(
     svc: &Service,
     here: &Here<'_>,
     pods: &Pods<'_>,
-    slices: Option<&[&Arc<EndpointSlice>]>,
+    slices: &[&Arc<EndpointSlice>],
 ) -> ServiceView {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
     let spec = svc.spec.clone().unwrap_or_default();
@@ -693,14 +695,15 @@ fn service_view(
     };
     let mut backends = BTreeMap::new();
     for port in &ports {
-        let list = match slices {
-            Some(slices) => slice_backends(port, slices, pods, &locality),
-            None => selector_backends(
+        let list = if slices.is_empty() {
+            selector_backends(
                 port,
                 spec.selector.as_ref(),
                 pods.in_namespace(&namespace),
                 &locality,
-            ),
+            )
+        } else {
+            slice_backends(port, slices, pods, &locality)
         };
         backends.insert(port.port, list);
     }
