@@ -117,6 +117,21 @@ pub fn render_status(doc: &Value) -> String {
         s(&doc["local_endpoints"]),
         s(&doc["services"])
     );
+    let r = &doc["rebuilds"];
+    let last = &r["last"];
+    let _ = writeln!(
+        out,
+        "rebuilds:      {} ({:.3} s in all, {} polls put off); the last took {:.3} s and reused {} of {} workloads, {} of {} services",
+        s(&r["rebuilds"]),
+        r["seconds"].as_f64().unwrap_or(0.0),
+        s(&r["deferred"]),
+        r["last_seconds"].as_f64().unwrap_or(0.0),
+        s(&last["workloads_reused"]),
+        last["workloads_reused"].as_u64().unwrap_or(0)
+            + last["workloads_made"].as_u64().unwrap_or(0),
+        s(&last["services_reused"]),
+        last["services_reused"].as_u64().unwrap_or(0) + last["services_made"].as_u64().unwrap_or(0),
+    );
     let o = &doc["outbound"];
     let _ = writeln!(
         out,

@@ -317,6 +317,49 @@ fn metrics_count_what_ran() {
         "{}",
         status["rebuilds"]
     );
+    // A pod added in a file of its own: the rebuild makes its workload and
+    // takes every other workload and Service view from the build before.
+    let objects = |samples: &[Value], kind, outcome| {
+        sum(
+            samples,
+            "trellis_state_rebuild_objects_total",
+            &[("kind", kind), ("outcome", outcome)],
+        )
+    };
+    let before = scrape(&a);
+    cluster
+        .config()
+        .write(
+            "extra.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x1, namespace: other}\n\
+             spec: {nodeName: node-elsewhere, containers: [{name: c, image: none}]}\n\
+             status: {podIP: 10.250.0.9}\n",
+        )
+        .expect("extra pod");
+    let after = until(&a, |s| {
+        objects(s, "workload", "made") > objects(&before, "workload", "made")
+    });
+    let delta = |kind, outcome| objects(&after, kind, outcome) - objects(&before, kind, outcome);
+    assert_eq!(
+        delta("workload", "made"),
+        1.0,
+        "only the new pod's workload"
+    );
+    assert_eq!(delta("service", "made"), 0.0, "no Service sees the new pod");
+    assert!(
+        delta("workload", "reused") >= 4.0,
+        "{}",
+        delta("workload", "reused")
+    );
+    assert!(
+        delta("service", "reused") >= 3.0,
+        "{}",
+        delta("service", "reused")
+    );
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert_eq!(status["workloads"], 5, "{status}");
+    let text = cluster.agents[0].cli(&["status"]).expect("status");
+    assert!(text.contains("of 5 workloads, 3 of 3 services"), "{text}");
     let endpoints = |service, state| {
         sum(
             &at_a,

@@ -250,6 +250,24 @@ impl NodeCollector {
             None,
             seconds.metric_type(),
         )?)?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "trellis_state_rebuild_objects",
+                "Workloads and Service views a rebuild took from the one before it (reused) or made again (made)",
+                None,
+                MetricType::Counter,
+            )?;
+            let t = rebuilds.total;
+            for (kind, outcome, n) in [
+                ("workload", "reused", t.workloads_reused),
+                ("workload", "made", t.workloads_made),
+                ("service", "reused", t.services_reused),
+                ("service", "made", t.services_made),
+            ] {
+                ConstCounter::new(n as u64)
+                    .encode(family.encode_family(&[("kind", kind), ("outcome", outcome)])?)?;
+            }
+        }
         if let Some(kube) = source.kubernetes {
             Self::stats(
                 encoder,

@@ -106,13 +106,23 @@ pub struct Memo {
     pub last: Reuse,
 }
 
-/// What one build took from the one before it and what it made.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one build took from the one before it and what it made (or, in
+/// [`super::pace::RebuildStats`], every build's, added up).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Reuse {
     pub workloads_reused: usize,
     pub workloads_made: usize,
     pub services_reused: usize,
     pub services_made: usize,
+}
+
+impl std::ops::AddAssign for Reuse {
+    fn add_assign(&mut self, other: Self) {
+        self.workloads_reused += other.workloads_reused;
+        self.workloads_made += other.workloads_made;
+        self.services_reused += other.services_reused;
+        self.services_made += other.services_made;
+    }
 }
 
 /// A build's use of a [`Memo`]: it reads the last build's entries and

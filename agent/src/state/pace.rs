@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::memo::Reuse;
+
 /// At most this share of one core goes to rebuilding the state.
 pub const SHARE: f64 = 0.2;
 
@@ -31,6 +33,11 @@ pub struct RebuildStats {
     pub seconds: f64,
     /// Polls of the source put off because the last rebuild was too recent.
     pub deferred: u64,
+    /// The last rebuild's time, and what its build reused and made.
+    pub last_seconds: f64,
+    pub last: Reuse,
+    /// What every build reused and made, added up.
+    pub total: Reuse,
 }
 
 /// Spaces rebuilds so that they take at most a share of one core.
@@ -70,14 +77,17 @@ impl Pacer {
     }
 
     /// A rebuild that took `took` (polling the source, building, writing
-    /// the maps) ended at `now`.
-    pub fn rebuilt(&mut self, now: Instant, took: Duration) {
+    /// the maps) ended at `now`; its build reused and made `reuse`.
+    pub fn rebuilt(&mut self, now: Instant, took: Duration, reuse: Reuse) {
         let gap = took
             .mul_f64((1.0 - self.share) / self.share)
             .min(self.max_gap);
         self.not_before = Some(now + gap);
         self.stats.rebuilds += 1;
         self.stats.seconds += took.as_secs_f64();
+        self.stats.last_seconds = took.as_secs_f64();
+        self.stats.last = reuse;
+        self.stats.total += reuse;
     }
 
     pub fn stats(&self) -> RebuildStats {
@@ -94,7 +104,7 @@ mod tests {
         let mut p = Pacer::new(0.2, MAX_GAP);
         let t0 = Instant::now();
         assert!(p.ready(t0), "the first rebuild never waits");
-        p.rebuilt(t0, Duration::from_millis(150));
+        p.rebuilt(t0, Duration::from_millis(150), Reuse::default());
         assert!(!p.ready(t0 + Duration::from_millis(599)));
         assert!(p.ready(t0 + Duration::from_millis(600)));
         let s = p.stats();
@@ -106,9 +116,9 @@ mod tests {
     fn a_quick_rebuild_hardly_waits_and_a_huge_one_waits_at_most_the_cap() {
         let mut p = Pacer::new(0.2, Duration::from_secs(10));
         let t0 = Instant::now();
-        p.rebuilt(t0, Duration::from_millis(1));
+        p.rebuilt(t0, Duration::from_millis(1), Reuse::default());
         assert!(p.ready(t0 + Duration::from_millis(4)));
-        p.rebuilt(t0, Duration::from_secs(60));
+        p.rebuilt(t0, Duration::from_secs(60), Reuse::default());
         assert!(!p.ready(t0 + Duration::from_millis(9_999)));
         assert!(p.ready(t0 + Duration::from_secs(10)));
         assert_eq!(p.stats().deferred, 1, "one poll put off");
@@ -125,7 +135,7 @@ mod tests {
         while now < end {
             if p.ready(now) {
                 now += took;
-                p.rebuilt(now, took);
+                p.rebuilt(now, took, Reuse::default());
             }
             now += Duration::from_millis(200);
         }
@@ -133,5 +143,36 @@ mod tests {
         assert!(busy <= 0.2, "rebuilding took {busy:.2} of a core");
         // Unpaced, the same loop rebuilds at every poll: 46% of a core.
         assert!(busy >= 0.1, "and still rebuilds often: {busy:.2}");
+    }
+
+    #[test]
+    fn the_last_rebuild_is_shown_alone_and_every_one_added_up() {
+        let mut p = Pacer::new(0.2, MAX_GAP);
+        let t0 = Instant::now();
+        let first = Reuse {
+            workloads_made: 3,
+            services_made: 2,
+            ..Reuse::default()
+        };
+        let second = Reuse {
+            workloads_reused: 2,
+            workloads_made: 1,
+            services_reused: 1,
+            services_made: 1,
+        };
+        p.rebuilt(t0, Duration::from_millis(30), first);
+        p.rebuilt(t0, Duration::from_millis(10), second);
+        let s = p.stats();
+        assert_eq!(s.last, second);
+        assert!((s.last_seconds - 0.01).abs() < 1e-9);
+        assert_eq!(
+            s.total,
+            Reuse {
+                workloads_reused: 2,
+                workloads_made: 4,
+                services_reused: 1,
+                services_made: 3,
+            }
+        );
     }
 }

@@ -911,6 +911,9 @@ fn scale() -> anyhow::Result<()> {
     // Then the time each takes to reach the maps.
     let mut seen = Vec::new();
     let mut syncs = Vec::new();
+    let mut rebuilt = Vec::new();
+    // What each change's rebuild made again: (workloads, Service views).
+    let mut made = Vec::new();
     for i in 0..CHANGES {
         // A change in a quiet moment: past the pause that spaces rebuilds
         // when changes keep coming (measured below).
@@ -918,22 +921,32 @@ fn scale() -> anyhow::Result<()> {
         let started = Instant::now();
         let workloads = change(i)?;
         seen.push(applied(workloads, started)?.as_secs_f64() * 1e3);
-        syncs.push(
-            agent.cli_json("status")?["last_sync"]["seconds"]
-                .as_f64()
-                .unwrap_or(0.0)
-                * 1e3,
-        );
+        let status = agent.cli_json("status")?;
+        syncs.push(status["last_sync"]["seconds"].as_f64().unwrap_or(0.0) * 1e3);
+        let last = &status["rebuilds"];
+        rebuilt.push(last["last_seconds"].as_f64().unwrap_or(0.0) * 1e3);
+        let count = |k: &str| last["last"][k].as_u64().unwrap_or(0);
+        made.push((count("workloads_made"), count("services_made")));
     }
     let after = agent.usage()?;
     seen.sort_by(f64::total_cmp);
     syncs.sort_by(f64::total_cmp);
+    rebuilt.sort_by(f64::total_cmp);
+    made.sort();
     println!(
         "  a change (a pod added or removed, {CHANGES} times): agent CPU {:.0} ms each, \
          file to maps {:.0} ms (median), maps written in {:.0} ms (median)",
         (changed_cpu - idle_cpu) * 1e3 / CHANGES as f64,
         seen[CHANGES / 2],
         syncs[CHANGES / 2]
+    );
+    println!(
+        "  its rebuild (build and maps) {:.0} ms (median), making again {}..{} workloads and {}..{} Service views",
+        rebuilt[CHANGES / 2],
+        made[0].0,
+        made[CHANGES - 1].0,
+        made.iter().map(|m| m.1).min().unwrap_or(0),
+        made.iter().map(|m| m.1).max().unwrap_or(0),
     );
     println!(
         "  RSS after the changes: {:.1} MiB, peak {:.1} MiB",
