@@ -11,7 +11,8 @@
 //! costs a `stat` per file, and keeps "maps reflect a change within 1 s".
 
 use std::{
-    collections::BTreeMap,
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap},
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
@@ -24,6 +25,34 @@ use super::objects::{Object, ObjectKey, parse_file};
 pub const POLL: Duration = Duration::from_millis(200);
 /// How long a file may stay invalid YAML before it is reported as broken.
 pub const DEBOUNCE: Duration = Duration::from_millis(600);
+
+/// The next object of one file, in [`FileSource::objects`]' merge: ordered
+/// by key, then by file.
+struct Head<'a> {
+    key: &'a ObjectKey,
+    file: usize,
+    object: &'a Object,
+}
+
+impl PartialEq for Head<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.key, self.file) == (other.key, other.file)
+    }
+}
+
+impl Eq for Head<'_> {}
+
+impl PartialOrd for Head<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Head<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.key, self.file).cmp(&(other.key, other.file))
+    }
+}
 
 #[derive(Debug, Default)]
 struct FileState {
@@ -92,15 +121,33 @@ impl FileSource {
         changed.then(|| self.objects())
     }
 
+    /// Every file's objects in key order; later files win when two define
+    /// the same object. Each file's are sorted already, so they are merged
+    /// in one pass: no key is copied and no map is built, which at 20,000
+    /// pods was a fifth of a change's CPU.
     fn objects(&self) -> Vec<Object> {
-        // Later files win when two define the same object.
-        let mut all = BTreeMap::new();
-        for state in self.files.values() {
-            for (key, object) in &state.objects {
-                all.insert(key.clone(), object.clone());
+        let mut files: Vec<_> = self.files.values().map(|s| s.objects.iter()).collect();
+        let mut heads = BinaryHeap::with_capacity(files.len());
+        for (file, objects) in files.iter_mut().enumerate() {
+            if let Some((key, object)) = objects.next() {
+                heads.push(Reverse(Head { key, file, object }));
             }
         }
-        all.into_values().collect()
+        let mut all = Vec::with_capacity(self.files.values().map(|s| s.objects.len()).sum());
+        // Equal keys come off in file order, so the last one taken wins.
+        let mut kept: Option<Head<'_>> = None;
+        while let Some(Reverse(head)) = heads.pop() {
+            if let Some((key, object)) = files[head.file].next() {
+                let file = head.file;
+                heads.push(Reverse(Head { key, file, object }));
+            }
+            if let Some(done) = kept.take_if(|k| k.key != head.key) {
+                all.push(done.object.clone());
+            }
+            kept = Some(head);
+        }
+        all.extend(kept.map(|k| k.object.clone()));
+        all
     }
 
     /// Re-reads `file` if it changed (or is still pending); true if its objects changed.
@@ -213,6 +260,53 @@ mod tests {
     const NS_B: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 80}]}\n";
     const SVC_BAD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 0}]}\n";
+
+    #[test]
+    fn files_merge_in_key_order_and_a_later_file_wins_a_key() {
+        let dir = Dir::new("merge");
+        let mut src = FileSource::new(dir.0.path());
+        let svc = |port| SVC.replace("port: 80", &format!("port: {port}"));
+        let ns_a = |label| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: a, labels: {{v: \"{label}\"}}}}\n"
+            )
+        };
+        dir.write("1.yaml", &format!("{}---\n{NS_B}---\n{}", ns_a(1), svc(81)));
+        dir.write("2.yaml", &svc(82));
+        dir.write("3.yaml", &format!("{}---\n{NS_B}", ns_a(3)));
+        dir.write("4.yaml", "");
+        let merged = src.poll().expect("loaded");
+        // What a map of every object, later files written over earlier
+        // ones, holds.
+        let mut by_key = BTreeMap::new();
+        for state in src.files.values() {
+            for (key, object) in &state.objects {
+                by_key.insert(key.clone(), object.clone());
+            }
+        }
+        assert_eq!(merged, by_key.into_values().collect::<Vec<_>>());
+        assert_eq!(
+            names(&merged),
+            ["Namespace a", "Namespace b", "Service a/s"]
+        );
+        let Object::Namespace(a) = &merged[0] else {
+            panic!("{merged:?}")
+        };
+        assert_eq!(a.metadata.labels.as_ref().expect("labels")["v"], "3");
+        let Object::Service(s) = &merged[2] else {
+            panic!("{merged:?}")
+        };
+        assert_eq!(
+            s.spec
+                .as_ref()
+                .expect("spec")
+                .ports
+                .as_ref()
+                .expect("ports")[0]
+                .port,
+            82
+        );
+    }
 
     #[test]
     fn add_change_remove() {
