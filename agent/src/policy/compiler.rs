@@ -16,6 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -46,7 +47,7 @@ impl std::fmt::Display for RuleRef {
 pub enum IdentityOf {
     Pods {
         namespace: String,
-        labels: BTreeMap<String, String>,
+        labels: Arc<Labels>,
     },
     Cidr(Cidr),
 }
@@ -62,7 +63,7 @@ pub struct Identities {
     /// for each pod of the cluster at every sync, so with no key to build
     /// and one comparison of label sets (ordered maps compared hundreds of
     /// thousands of them at 20,000 pods).
-    pods: HashMap<u64, Vec<(String, Labels, u32)>>,
+    pods: HashMap<u64, Vec<(String, Arc<Labels>, u32)>>,
     cidrs: BTreeMap<Cidr, u32>,
     /// The CIDRs by prefix length in the maps' 16-byte form, longest
     /// first: a longest-prefix match is one hash lookup per length.
@@ -103,16 +104,18 @@ impl Identities {
         let mut ids = Self::default();
         // The distinct sets, found by hash (most pods share theirs with
         // others of their ReplicaSet), then sorted.
-        let mut seen: HashMap<u64, Vec<(&str, &Labels)>> = HashMap::new();
+        let mut seen: HashMap<u64, Vec<(&str, &Arc<Labels>)>> = HashMap::new();
         for w in &snap.workloads {
-            let set = (w.namespace.as_str(), &*w.labels);
+            // Equal sets of a snapshot share one `Arc` (`state::memo`), so
+            // most of these comparisons are of addresses.
+            let set = (w.namespace.as_str(), &w.labels);
             debug_assert_eq!(w.label_set, set_hash(set.0, set.1), "{}", w.id());
             let same = seen.entry(w.label_set).or_default();
             if !same.contains(&set) {
                 same.push(set);
             }
         }
-        let mut sets: Vec<(u64, &str, &Labels)> = seen
+        let mut sets: Vec<(u64, &str, &Arc<Labels>)> = seen
             .into_iter()
             .flat_map(|(hash, sets)| sets.into_iter().map(move |(ns, l)| (hash, ns, l)))
             .collect();
@@ -167,19 +170,20 @@ impl Identities {
     }
 
     pub fn of_pod(&self, namespace: &str, labels: &BTreeMap<String, String>) -> u32 {
-        self.of_set(set_hash(namespace, labels), namespace, labels)
+        self.of_set(set_hash(namespace, labels), namespace, |l| **l == *labels)
     }
 
     pub fn of_workload(&self, w: &Workload) -> u32 {
-        self.of_set(w.label_set, &w.namespace, &w.labels)
+        // `Arc`'s `==` compares addresses first: equal sets share one.
+        self.of_set(w.label_set, &w.namespace, |l| *l == w.labels)
     }
 
-    fn of_set(&self, hash: u64, namespace: &str, labels: &BTreeMap<String, String>) -> u32 {
+    fn of_set(&self, hash: u64, namespace: &str, same: impl Fn(&Arc<Labels>) -> bool) -> u32 {
         self.pods
             .get(&hash)
             .into_iter()
             .flatten()
-            .find(|(ns, l, _)| ns == namespace && l == labels)
+            .find(|(ns, l, _)| ns == namespace && same(l))
             .map_or(identity::WORLD, |(_, _, id)| *id)
     }
 
