@@ -609,8 +609,6 @@ fn state_loop(
     let mut retired_views = crate::state::retire::Retired::default();
     // What the last build made of each object, for the next.
     let mut memo = crate::state::memo::Memo::default();
-    // What the build being applied reused, for the stats once it is.
-    let mut built = crate::state::memo::Reuse::default();
     while !stop.load(Ordering::Relaxed) {
         // The source is not even asked while the pace holds: collecting
         // every object is part of a rebuild's cost.
@@ -643,8 +641,7 @@ fn state_loop(
         if let Some(objects) = last.as_ref().filter(|_| rebuild) {
             due = false;
             let mut snapshot = Snapshot::build_with(&cfg.node, objects, &mut memo);
-            built = memo.last;
-            tracing::debug!(reuse = ?built, "snapshot built");
+            tracing::debug!(reuse = ?memo.last, "snapshot built");
             let missing = netns.fill(&cfg.node, &mut snapshot.workloads);
             if !missing.is_empty() && !unresolved {
                 info!(pods = ?missing, "local pods with no process yet to find their network namespace by; looking again each second");
@@ -696,7 +693,7 @@ fn state_loop(
                     // for nothing. Milliseconds, once per change.
                     crate::memory::release_free_heap();
                     if rebuild {
-                        pacer.rebuilt(std::time::Instant::now(), started.elapsed(), built);
+                        pacer.rebuilt(std::time::Instant::now(), started.elapsed(), memo.last);
                         // Shown at once, not at the next poll.
                         source_stats
                             .lock()
