@@ -90,8 +90,27 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
     )?;
     deploy(false)?;
     release_build()?;
+    if unit_only {
+        return step(
+            "unit tests",
+            cargo()
+                .args([
+                    "test",
+                    "--no-fail-fast",
+                    "--workspace",
+                    "--exclude",
+                    "trellis-ebpf",
+                ])
+                .arg("--")
+                .args(args),
+        );
+    }
+    // One run for both tiers, with the package set and features of the build
+    // step above: `--package trellis-tests` alone resolves some dependencies'
+    // features differently (zerocopy, either), which built kube and the agent
+    // again: two minutes of CI.
     step(
-        "unit tests",
+        "unit and privileged end-to-end tests",
         cargo()
             .args([
                 "test",
@@ -99,23 +118,8 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
                 "--workspace",
                 "--exclude",
                 "trellis-ebpf",
-            ])
-            .arg("--")
-            .args(args),
-    )?;
-    if unit_only {
-        return Ok(());
-    }
-    step(
-        "privileged end-to-end tests",
-        cargo()
-            .args([
-                "test",
-                "--no-fail-fast",
-                "--package",
-                "trellis-tests",
                 "--features",
-                "privileged",
+                "trellis-tests/privileged",
                 "--",
             ])
             .args(args),
