@@ -11,4 +11,6 @@ pub mod authz;
 pub mod compiler;
 pub mod explain;
 pub mod network;
+#[cfg(test)]
+mod reference;
 pub mod verdict;

@@ -251,49 +251,7 @@ impl Syncer {
         }
         report.services = desired.services.len();
 
-        // ipcache: every pod and node address, every policy CIDR.
-        for w in &snap.workloads {
-            let identity = ids.of_workload(w);
-            let mut flags = if w.meshed { ip_flags::MESHED } else { 0 };
-            if w.node == self.node {
-                flags |= ip_flags::LOCAL;
-                if w.meshed && w.mtls == MtlsMode::Strict {
-                    flags |= ip_flags::STRICT;
-                }
-            }
-            for ip in &w.ips {
-                let cidr_identity = ids.cidr_identity_of(*ip);
-                desired.ipcache.insert(
-                    (128, ip16(*ip)),
-                    IpInfo {
-                        identity,
-                        flags,
-                        cidr_identity,
-                    },
-                );
-            }
-        }
-        for n in &snap.nodes {
-            let identity = if n.name == self.node {
-                identity::HOST
-            } else {
-                identity::REMOTE_NODE
-            };
-            for ip in &n.internal_ips {
-                desired.ipcache.entry((128, ip16(*ip))).or_insert(IpInfo {
-                    identity,
-                    flags: 0,
-                    cidr_identity: ids.cidr_identity_of(*ip),
-                });
-            }
-        }
-        for (cidr, id) in ids.cidrs() {
-            desired.ipcache.entry(cidr.map_prefix()).or_insert(IpInfo {
-                identity: id,
-                flags: 0,
-                cidr_identity: id,
-            });
-        }
+        desired.ipcache = ipcache(snap, &ids, &self.node);
         report.ipcache = desired.ipcache.len();
 
         // Network policy of the local endpoints.
@@ -358,6 +316,64 @@ impl Syncer {
         });
         Ok(report)
     }
+}
+
+/// The ipcache's content for `snap`: every pod and node address, every
+/// policy CIDR (and the fence keeping IPv4 out of an IPv6 one), as node
+/// `node` sees them.
+pub fn ipcache(snap: &Snapshot, ids: &Identities, node: &str) -> BTreeMap<(u32, [u8; 16]), IpInfo> {
+    let mut ipcache = BTreeMap::new();
+    for w in &snap.workloads {
+        let identity = ids.of_workload(w);
+        let mut flags = if w.meshed { ip_flags::MESHED } else { 0 };
+        if w.node == node {
+            flags |= ip_flags::LOCAL;
+            if w.meshed && w.mtls == MtlsMode::Strict {
+                flags |= ip_flags::STRICT;
+            }
+        }
+        for ip in &w.ips {
+            let cidr_identity = ids.cidr_identity_of(*ip);
+            ipcache.insert(
+                (128, ip16(*ip)),
+                IpInfo {
+                    identity,
+                    flags,
+                    cidr_identity,
+                },
+            );
+        }
+    }
+    for n in &snap.nodes {
+        let identity = if n.name == node {
+            identity::HOST
+        } else {
+            identity::REMOTE_NODE
+        };
+        for ip in &n.internal_ips {
+            ipcache.entry((128, ip16(*ip))).or_insert(IpInfo {
+                identity,
+                flags: 0,
+                cidr_identity: ids.cidr_identity_of(*ip),
+            });
+        }
+    }
+    for (cidr, id) in ids.cidrs() {
+        ipcache.entry(cidr.map_prefix()).or_insert(IpInfo {
+            identity: id,
+            flags: 0,
+            cidr_identity: id,
+        });
+    }
+    // After the CIDRs: a policy's 0.0.0.0/0 is the same key, and wins.
+    if let Some(fence) = ids.v4_fence() {
+        ipcache.entry(fence).or_insert(IpInfo {
+            identity: identity::WORLD,
+            flags: 0,
+            cidr_identity: 0,
+        });
+    }
+    ipcache
 }
 
 /// A 16-byte map address: IPv4 as IPv4-mapped.

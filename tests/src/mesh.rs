@@ -36,18 +36,19 @@ pub fn namespace(name: &str, meshed: bool) -> String {
     )
 }
 
-/// `v1/Pod` for a lab pod: labels as `k: v` pairs, container ports as (name, port).
+/// `v1/Pod` for a lab pod: labels as `k: v` pairs, container ports as
+/// (name, port, protocol).
 pub fn pod(
     pod: &Pod,
     namespace: &str,
     labels: &[(&str, &str)],
-    ports: &[(&str, u16)],
+    ports: &[(&str, u16, &str)],
     extra_status: &str,
 ) -> String {
     let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     let ports: Vec<String> = ports
         .iter()
-        .map(|(n, p)| format!("{{name: {n}, containerPort: {p}}}"))
+        .map(|(n, p, proto)| format!("{{name: {n}, containerPort: {p}, protocol: {proto}}}"))
         .collect();
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}, \

@@ -17,7 +17,7 @@ use trellis_tests::{Lab, Pod, mesh, mesh::Cluster, process::ChildGuard, py};
 
 /// A pod object with a UID and no netns annotation.
 fn pod_object(pod: &Pod, uid: &str, labels: &[(&str, &str)]) -> String {
-    let annotated = mesh::pod(pod, "shop", labels, &[("http", 8080)], "");
+    let annotated = mesh::pod(pod, "shop", labels, &[("http", 8080, "TCP")], "");
     let annotation = format!(
         "annotations: {{trellis.dev/netns: /run/netns/{}}}",
         pod.netns

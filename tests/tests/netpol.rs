@@ -835,6 +835,19 @@ fn cases(world: &World) -> Vec<Case> {
             expect: Box::new(|_, d, _, proto| want(d.ns != "x" || proto == Udp)),
         },
         Case {
+            // IPv4 addresses sit in the maps' ::ffff:0:0/96: without the
+            // agent's fence there, ::/0 took them in too.
+            name: "ipBlock ::/0 takes IPv6 peers only",
+            policies: vec![np(
+                "x",
+                "v6-only",
+                "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{ipBlock: {cidr: \"::/0\"}}]}]}",
+            )],
+            probes: &[(80, Tcp), (80, Tcp6)],
+            node_target: false,
+            expect: Box::new(move |_, d, _, proto| want(d != xa || proto == Tcp6)),
+        },
+        Case {
             name: "IPv6 and raw ICMP: default deny ingress in x",
             policies: vec![np("x", "deny", "{podSelector: {}, policyTypes: [Ingress]}")],
             probes: V6_AND_ICMP,
@@ -903,10 +916,10 @@ fn network_policy_reachability_matrix() {
                 ns,
                 &[("pod", name)],
                 &[
-                    ("serve-80-tcp", 80),
-                    ("serve-81-tcp", 81),
-                    ("serve-80-udp", 80),
-                    ("serve-81-udp", 81),
+                    ("serve-80-tcp", 80, "TCP"),
+                    ("serve-81-tcp", 81, "TCP"),
+                    ("serve-80-udp", 80, "UDP"),
+                    ("serve-81-udp", 81, "UDP"),
                 ],
                 "",
             ));

@@ -66,8 +66,9 @@ pub struct Identities {
     pods: HashMap<u64, Vec<(String, Arc<Labels>, u32)>>,
     cidrs: BTreeMap<Cidr, u32>,
     /// The CIDRs by prefix length in the maps' 16-byte form, longest
-    /// first: a longest-prefix match is one hash lookup per length.
-    cidr_index: Vec<(u32, HashMap<[u8; 16], u32>)>,
+    /// first, and family (IPv4 or not): a longest-prefix match is one hash
+    /// lookup per length of the address's family.
+    cidr_index: Vec<(u32, bool, HashMap<[u8; 16], u32>)>,
 }
 
 fn fnv1a<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
@@ -149,15 +150,19 @@ impl Identities {
             ids.by_id.insert(id, IdentityOf::Cidr(c));
             ids.cidrs.insert(c, id);
         }
-        let mut index: BTreeMap<std::cmp::Reverse<u32>, HashMap<[u8; 16], u32>> = BTreeMap::new();
+        let mut index: BTreeMap<(std::cmp::Reverse<u32>, bool), HashMap<[u8; 16], u32>> =
+            BTreeMap::new();
         for (c, id) in &ids.cidrs {
             let (len, net) = c.map_prefix();
             index
-                .entry(std::cmp::Reverse(len))
+                .entry((std::cmp::Reverse(len), c.addr.is_ipv4()))
                 .or_default()
                 .insert(net, *id);
         }
-        ids.cidr_index = index.into_iter().map(|(len, nets)| (len.0, nets)).collect();
+        ids.cidr_index = index
+            .into_iter()
+            .map(|((len, v4), nets)| (len.0, v4, nets))
+            .collect();
         ids
     }
 
@@ -206,14 +211,28 @@ impl Identities {
 
     /// The identity of the most specific policy CIDR holding `ip`; 0 when none.
     pub fn cidr_identity_of(&self, ip: IpAddr) -> u32 {
-        let addr = match ip.to_canonical() {
+        let ip = ip.to_canonical();
+        let addr = match ip {
             IpAddr::V4(v4) => trellis_common::ipv4_mapped(v4.octets()),
             IpAddr::V6(v6) => v6.octets(),
         };
         self.cidr_index
             .iter()
-            .find_map(|(len, nets)| nets.get(&mask16(addr, *len)).copied())
+            .filter(|(_, v4, _)| *v4 == ip.is_ipv4())
+            .find_map(|(len, _, nets)| nets.get(&mask16(addr, *len)).copied())
             .unwrap_or(0)
+    }
+
+    /// The ipcache key that keeps IPv4 addresses out of an IPv6 policy
+    /// CIDR holding the v4-mapped range (`::/0`): the kernel's longest match
+    /// sees only 16-byte keys, so without it every IPv4 address no IPv4
+    /// CIDR holds would take that prefix's identity. Its entry says world,
+    /// as a miss does. `None` when no such CIDR is named.
+    pub fn v4_fence(&self) -> Option<(u32, [u8; 16])> {
+        self.cidrs
+            .keys()
+            .any(Cidr::covers_v4_mapped)
+            .then_some(super::network::V4_MAPPED)
     }
 
     pub fn describe(&self, id: u32) -> Option<&IdentityOf> {
@@ -417,15 +436,30 @@ impl<'a> Builder<'a> {
                     }
                     Ports::Named(name) => {
                         // Ingress: the endpoint's own port of that name;
-                        // egress: each peer pod's.
-                        let numbers: BTreeSet<u16> = if dir == direction::INGRESS {
-                            w.named_ports.get(name).copied().into_iter().collect()
+                        // egress: each peer pod's, under its own identity
+                        // when the rule names no peers (any peer's number
+                        // under "any" would open it to every address).
+                        let numbers: BTreeSet<(u32, u16)> = if dir == direction::INGRESS {
+                            w.named_ports
+                                .get(name)
+                                .and_then(|n| n.number(p))
+                                .map(|n| (id, n))
+                                .into_iter()
+                                .collect()
                         } else {
                             pods.iter()
-                                .filter_map(|pw| pw.named_ports.get(name).copied())
+                                .filter_map(|pw| {
+                                    let n = pw.named_ports.get(name)?.number(p)?;
+                                    let peer = if id == identity::ANY {
+                                        self.ids.of_workload(pw)
+                                    } else {
+                                        id
+                                    };
+                                    Some((peer, n))
+                                })
                                 .collect()
                         };
-                        for n in numbers {
+                        for (id, n) in numbers {
                             self.insert(lpm(PolicyKey::PREFIX_FULL, dir, ep, id, p, n), rule_id);
                         }
                     }
@@ -507,11 +541,7 @@ fn services(b: &mut Builder<'_>, ep: u32, service_ids: &BTreeMap<String, u32>) {
             continue;
         };
         for port in &svc.ports {
-            let protocol = match port.protocol.as_str() {
-                "UDP" => super::network::UDP,
-                "SCTP" => super::network::SCTP,
-                _ => super::network::TCP,
-            };
+            let protocol = port.protocol_number();
             let allowed = svc
                 .backends
                 .get(&port.port)
@@ -545,7 +575,10 @@ fn services(b: &mut Builder<'_>, ep: u32, service_ids: &BTreeMap<String, u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::objects::parse_file;
+    use crate::{
+        policy::network::{TCP, UDP},
+        state::objects::parse_file,
+    };
 
     fn snapshot(yaml: &str) -> Snapshot {
         let parsed = parse_file(std::path::Path::new("t.yaml"), yaml).expect("yaml");
@@ -594,14 +627,20 @@ mod tests {
 
         /// Whether `from` (a pod id or an IP) may reach pod `to` on TCP `port`.
         fn allowed(&self, from: &str, to: &str, port: u16) -> bool {
-            let ip: IpAddr = match self.snap.workload(from) {
+            self.judged(direction::INGRESS, to, from, 6, port)
+        }
+
+        /// Local pod `pod`'s policy in `dir` on traffic with `peer` (a pod
+        /// id or an IP).
+        fn judged(&self, dir: u8, pod: &str, peer: &str, protocol: u8, port: u16) -> bool {
+            let ip: IpAddr = match self.snap.workload(peer) {
                 Some(w) => w.ips[0],
-                None => from.parse().expect("ip"),
+                None => peer.parse().expect("ip"),
             };
             let (id, cidr) = self.ids.of_ip(&self.snap, ip);
-            let ep = self.eps[to];
+            let ep = self.eps[pod];
             trellis_common::judge(id, cidr, |i| {
-                self.compiled.lookup(direction::INGRESS, ep, i, 6, port)
+                self.compiled.lookup(dir, ep, i, protocol, port)
             })
             .allowed
         }
@@ -695,6 +734,40 @@ mod tests {
         assert_eq!(of("fd00:1::1"), id("fd00::/16"));
         assert_eq!(of("fe80::1"), 0, "no IPv6 prefix holds it");
         assert_eq!(mask16([0xff; 16], 99)[12..], [0xe0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_port_name_means_one_protocol_and_each_peer_pods_own_port() {
+        // serve-80 is a TCP port: a UDP rule of that name opens nothing.
+        let c = Case::new(&netpol(
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: serve-80, protocol: UDP}]}]}",
+        ));
+        assert!(!c.judged(direction::INGRESS, "x/a", "x/b", UDP, 80));
+        assert!(!c.judged(direction::INGRESS, "x/a", "x/b", TCP, 80));
+        // Egress to any peer on a name: each pod's port of that name, and no
+        // address that is not a pod's.
+        let c = Case::new(&netpol(
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{ports: [{port: serve-80}]}]}",
+        ));
+        assert!(c.judged(direction::EGRESS, "x/a", "y/a", TCP, 80));
+        assert!(!c.judged(direction::EGRESS, "x/a", "y/a", TCP, 81));
+        assert!(!c.judged(direction::EGRESS, "x/a", "192.0.2.1", TCP, 80));
+    }
+
+    #[test]
+    fn an_ipv6_block_holds_no_ipv4_address() {
+        let c = Case::new(&netpol(
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{ipBlock: {cidr: \"::/0\"}}]}]}",
+        ));
+        assert!(c.allowed("2001:db8::1", "x/a", 80));
+        assert!(!c.allowed("192.0.2.1", "x/a", 80));
+        assert!(!c.allowed("x/b", "x/a", 80));
+        assert_eq!(c.ids.cidr_identity_of("192.0.2.1".parse().expect("ip")), 0);
+        // The kernel's longest match sees 16-byte keys: the fence keeps
+        // IPv4 addresses out of ::/0's entry.
+        assert_eq!(c.ids.v4_fence(), Some(super::super::network::V4_MAPPED));
+        let all = super::super::network::cidr("::/0").expect("cidr");
+        assert!(!all.contains(&super::super::network::cidr("10.0.0.0/8").expect("cidr")));
     }
 
     #[test]

@@ -40,6 +40,16 @@ pub fn protocol_name(protocol: u8) -> &'static str {
     }
 }
 
+/// The number of a protocol as Kubernetes objects write it.
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(TCP),
+        "UDP" => Some(UDP),
+        "SCTP" => Some(SCTP),
+        _ => None,
+    }
+}
+
 /// A label selector: every `match_labels` pair and every expression.
 /// The empty selector matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -85,6 +95,9 @@ impl Selector {
     }
 }
 
+/// Where IPv4 addresses live among the maps' 16-byte keys: `::ffff:0:0/96`.
+pub const V4_MAPPED: (u32, [u8; 16]) = (96, trellis_common::ipv4_mapped([0; 4]));
+
 /// A CIDR: address (host bits cleared) and prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Cidr {
@@ -104,12 +117,22 @@ impl Cidr {
         }
     }
 
-    /// Whether `other` lies within this one (equal included).
+    /// Whether `other` lies within this one (equal included). Never across
+    /// families: `::/0` does not hold IPv4 prefixes, though their mapped
+    /// forms start with its bits.
     pub fn contains(&self, other: &Cidr) -> bool {
         let (len, net) = self.map_prefix();
         let (olen, onet) = other.map_prefix();
         // `net` has its host bits clear (see [`cidr`]).
-        olen >= len && mask16(onet, len) == net
+        self.addr.is_ipv4() == other.addr.is_ipv4() && olen >= len && mask16(onet, len) == net
+    }
+
+    /// Whether this IPv6 prefix (`::/0`, `::/64`, ...) takes in the
+    /// v4-mapped range ([`V4_MAPPED`]) in the maps' keys, where a longest
+    /// match would give it IPv4 addresses too.
+    pub fn covers_v4_mapped(&self) -> bool {
+        let (len, net) = self.map_prefix();
+        self.addr.is_ipv6() && len <= V4_MAPPED.0 && mask16(V4_MAPPED.1, len) == net
     }
 }
 
@@ -219,9 +242,11 @@ impl NetworkPolicy {
             }
             types.insert(t.as_str());
         }
+        // The API server's defaulting: `Egress` only for a non-empty
+        // `egress` list (`egress: []` alone isolates nothing).
         if spec.policy_types.as_ref().is_none_or(Vec::is_empty) {
             types.insert("Ingress");
-            if spec.egress.is_some() {
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
                 types.insert("Egress");
             }
         }
@@ -344,17 +369,13 @@ fn peer(field: &str, p: &NetworkPolicyPeer) -> Result<Peer, Invalid> {
 }
 
 fn port(field: &str, p: &NetworkPolicyPort) -> Result<Port, Invalid> {
-    let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-        "TCP" => TCP,
-        "UDP" => UDP,
-        "SCTP" => SCTP,
-        other => {
-            return Err(invalid(
-                format!("{field}.protocol"),
-                format!("{other:?} is not TCP, UDP or SCTP"),
-            ));
-        }
-    };
+    let name = p.protocol.as_deref().unwrap_or("TCP");
+    let protocol = protocol_number(name).ok_or_else(|| {
+        invalid(
+            format!("{field}.protocol"),
+            format!("{name:?} is not TCP, UDP or SCTP"),
+        )
+    })?;
     let check = |f: &str, n: i32| {
         u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
             invalid(
@@ -462,6 +483,9 @@ mod tests {
         assert_eq!(p.egress, None);
         let p = policy("spec: {podSelector: {}, egress: [{}]}").unwrap();
         assert!(p.ingress.is_some() && p.egress.is_some());
+        // As the API server defaults it: an empty list is no egress section.
+        let p = policy("spec: {podSelector: {}, egress: []}").unwrap();
+        assert_eq!(p.egress, None);
         let p = policy("spec: {podSelector: {}, policyTypes: [Egress]}").unwrap();
         assert_eq!(p.ingress, None);
         assert_eq!(p.egress, Some(vec![]));

@@ -26,7 +26,7 @@ use crate::{
 
 use super::{
     memo::{self, Memo, NamespaceMesh, Pass},
-    objects::{MESH_LABEL, MTLS_LABEL, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr},
+    objects::{MESH_LABEL, MTLS_LABEL, NamedPort, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr},
 };
 
 /// Node label naming its zone.
@@ -76,9 +76,9 @@ pub struct Workload {
     pub ready: bool,
     /// Being deleted.
     pub terminating: bool,
-    /// Container port names → numbers, for named target ports.
+    /// Container port names → ports, for named target ports.
     #[serde(skip)]
-    pub named_ports: BTreeMap<String, u16>,
+    pub named_ports: BTreeMap<String, NamedPort>,
     /// The hash of its namespace and labels, where the search for its
     /// identity starts ([`crate::policy::compiler::set_hash`]): each sync
     /// finds the identity of every workload of the cluster, and did it by
@@ -103,6 +103,14 @@ pub struct ServicePort {
     /// The backends' port, resolved per backend for named ports.
     #[serde(skip)]
     target: Option<IntOrString>,
+}
+
+impl ServicePort {
+    /// Its protocol's number (checked when the Service was read).
+    pub fn protocol_number(&self) -> u8 {
+        crate::policy::network::protocol_number(&self.protocol)
+            .unwrap_or(crate::policy::network::TCP)
+    }
 }
 
 /// One backend of a service port.
@@ -723,7 +731,10 @@ fn target_port(port: &ServicePort, workload: Option<&Workload>) -> Option<u16> {
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
         Some(IntOrString::String(name)) => match name.parse::<u16>() {
             Ok(n) => Some(n),
-            Err(_) => workload?.named_ports.get(name).copied(),
+            Err(_) => workload?
+                .named_ports
+                .get(name)?
+                .number(port.protocol_number()),
         },
     }
 }
@@ -1042,6 +1053,21 @@ mod tests {
             addrs(&svc.backends[&port.port]),
             ["10.1.1.12:8080", "10.1.1.13:8080"]
         );
+    }
+
+    #[test]
+    fn a_target_port_name_means_the_container_port_of_the_services_protocol() {
+        // web's pods name TCP 8080 `http`: a UDP port finds no such port.
+        let s = snapshot(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web-udp, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.77, selector: {app: web}, \
+             ports: [{name: u, port: 80, protocol: UDP, targetPort: http}]}",
+        );
+        let (svc, port) = s
+            .service_for("10.96.0.77:80".parse().expect("addr"))
+            .expect("web-udp");
+        assert_eq!(svc.id(), "shop/web-udp");
+        assert!(addrs(svc.backends.get(&port.port).map_or(&[][..], Vec::as_slice)).is_empty());
     }
 
     #[test]

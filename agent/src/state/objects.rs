@@ -67,8 +67,37 @@ pub struct SlimPod {
     pub terminal: bool,
     /// The `Ready` condition; `None` without one.
     pub ready: Option<bool>,
-    /// Container port names → numbers, for Services' named target ports.
-    pub named_ports: BTreeMap<String, u16>,
+    /// Container port names → ports, for Services' named target ports and
+    /// network policies' named ports.
+    pub named_ports: BTreeMap<String, NamedPort>,
+}
+
+/// The container port a name stands for. Kubernetes resolves a name with
+/// its protocol (a Service port's, a policy port's), so it is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NamedPort {
+    pub port: u16,
+    /// IP protocol number: TCP unless the container says UDP or SCTP.
+    #[serde(serialize_with = "protocol_name")]
+    pub protocol: u8,
+}
+
+impl NamedPort {
+    /// The port number, when the name is used with `protocol`.
+    pub fn number(&self, protocol: u8) -> Option<u16> {
+        (self.protocol == protocol).then_some(self.port)
+    }
+}
+
+fn protocol_name<S: serde::Serializer>(protocol: &u8, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(crate::policy::network::protocol_name(*protocol))
+}
+
+/// A container port's protocol (`TCP` when absent).
+fn protocol_number(field: &str, protocol: Option<&str>) -> Result<u8, Invalid> {
+    let name = protocol.unwrap_or("TCP");
+    crate::policy::network::protocol_number(name)
+        .ok_or_else(|| invalid(field, format!("{name:?} is not TCP, UDP or SCTP")))
 }
 
 impl SlimPod {
@@ -115,8 +144,15 @@ impl SlimPod {
             for (p, port) in container.ports.iter().flatten().enumerate() {
                 let field = format!("spec.containers[{c}].ports[{p}].containerPort");
                 check_port(&field, port.container_port)?;
+                let protocol = protocol_number(
+                    &format!("spec.containers[{c}].ports[{p}].protocol"),
+                    port.protocol.as_deref(),
+                )?;
                 if let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) {
-                    named_ports.entry(name.clone()).or_insert(number);
+                    named_ports.entry(name.clone()).or_insert(NamedPort {
+                        port: number,
+                        protocol,
+                    });
                 }
             }
         }

@@ -42,8 +42,20 @@ fn main() -> anyhow::Result<()> {
         mesh::node(&node),
         mesh::namespace("shop", true),
         mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
-        mesh::pod(&web2, "shop", &[("app", "web")], &[("http", 8080)], ""),
-        mesh::pod(&web3, "shop", &[("app", "web")], &[("http", 8080)], ""),
+        mesh::pod(
+            &web2,
+            "shop",
+            &[("app", "web")],
+            &[("http", 8080, "TCP")],
+            "",
+        ),
+        mesh::pod(
+            &web3,
+            "shop",
+            &[("app", "web")],
+            &[("http", 8080, "TCP")],
+            "",
+        ),
         mesh::service("shop", "web", VIP, 80, "http", &[("app", "web")]),
     ]);
     config.write("mesh.yaml", &objects)?;
