@@ -5,6 +5,8 @@ pub mod files;
 pub mod kube;
 pub mod memo;
 pub mod model;
+#[cfg(test)]
+mod mutated;
 pub mod objects;
 pub mod pace;
 pub mod retire;
