@@ -13,8 +13,10 @@
 //! connection's verdict hangs on them, [`evaluate`] says
 //! [`Verdict::Inspect`]: the agent reads the connection as HTTP and asks
 //! again for each request. A connection that turns out not to be HTTP is
-//! judged as ztunnel judges one: an ALLOW rule with L7 conditions does not
-//! match it, a DENY rule with L7 conditions matches it on its L4 part alone.
+//! judged on what can be known of it: in an ALLOW rule, an operation or a
+//! `when` with L7 conditions does not match it (another operation of the
+//! rule still may); a DENY rule with L7 conditions matches it on its L4
+//! part alone.
 
 use std::collections::BTreeMap;
 
