@@ -90,40 +90,25 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
     )?;
     deploy(false)?;
     release_build()?;
-    if unit_only {
-        return step(
-            "unit tests",
-            cargo()
-                .args([
-                    "test",
-                    "--no-fail-fast",
-                    "--workspace",
-                    "--exclude",
-                    "trellis-ebpf",
-                ])
-                .arg("--")
-                .args(args),
-        );
-    }
-    // One run for both tiers, with the package set and features of the build
-    // step above: `--package trellis-tests` alone resolves some dependencies'
-    // features differently (zerocopy, either), which built kube and the agent
-    // again: two minutes of CI.
-    step(
-        "unit and privileged end-to-end tests",
-        cargo()
-            .args([
-                "test",
-                "--no-fail-fast",
-                "--workspace",
-                "--exclude",
-                "trellis-ebpf",
-                "--features",
-                "trellis-tests/privileged",
-                "--",
-            ])
-            .args(args),
-    )
+    // Without `--unit`, one run for both tiers, with the package set and
+    // features of the build step above: `--package trellis-tests` alone
+    // resolves some dependencies' features differently (zerocopy, either),
+    // which built kube and the agent again: two minutes of CI.
+    let mut tests = cargo();
+    tests.args([
+        "test",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        "trellis-ebpf",
+    ]);
+    let name = if unit_only {
+        "unit tests"
+    } else {
+        tests.args(["--features", "trellis-tests/privileged"]);
+        "unit and privileged end-to-end tests"
+    };
+    step(name, tests.arg("--").args(args))
 }
 
 /// The chart and the manifests rendered from it.

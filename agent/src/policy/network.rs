@@ -369,13 +369,10 @@ fn peer(field: &str, p: &NetworkPolicyPeer) -> Result<Peer, Invalid> {
 }
 
 fn port(field: &str, p: &NetworkPolicyPort) -> Result<Port, Invalid> {
-    let name = p.protocol.as_deref().unwrap_or("TCP");
-    let protocol = protocol_number(name).ok_or_else(|| {
-        invalid(
-            format!("{field}.protocol"),
-            format!("{name:?} is not TCP, UDP or SCTP"),
-        )
-    })?;
+    let protocol = crate::state::objects::protocol_number(
+        &format!("{field}.protocol"),
+        p.protocol.as_deref(),
+    )?;
     let check = |f: &str, n: i32| {
         u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
             invalid(

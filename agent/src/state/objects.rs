@@ -93,8 +93,9 @@ fn protocol_name<S: serde::Serializer>(protocol: &u8, s: S) -> Result<S::Ok, S::
     s.serialize_str(crate::policy::network::protocol_name(*protocol))
 }
 
-/// A container port's protocol (`TCP` when absent).
-fn protocol_number(field: &str, protocol: Option<&str>) -> Result<u8, Invalid> {
+/// A port's protocol as an object writes it (`TCP` when absent): its number,
+/// or `field` and why not.
+pub fn protocol_number(field: &str, protocol: Option<&str>) -> Result<u8, Invalid> {
     let name = protocol.unwrap_or("TCP");
     crate::policy::network::protocol_number(name)
         .ok_or_else(|| invalid(field, format!("{name:?} is not TCP, UDP or SCTP")))
@@ -607,14 +608,10 @@ fn validate(object: &Object) -> Result<(), Invalid> {
                 if let Some(IntOrString::Int(t)) = &port.target_port {
                     check_port(&format!("spec.ports[{i}].targetPort"), *t)?;
                 }
-                if let Some(proto) = port.protocol.as_deref()
-                    && !["TCP", "UDP", "SCTP"].contains(&proto)
-                {
-                    return Err(invalid(
-                        format!("spec.ports[{i}].protocol"),
-                        format!("{proto:?} is not TCP, UDP or SCTP"),
-                    ));
-                }
+                protocol_number(
+                    &format!("spec.ports[{i}].protocol"),
+                    port.protocol.as_deref(),
+                )?;
             }
         }
         Object::AuthorizationPolicy(policy) => {
