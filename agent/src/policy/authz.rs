@@ -684,6 +684,9 @@ pub fn authorize(
 }
 
 #[cfg(test)]
+mod reference;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -33,35 +33,12 @@ use super::{
     compiler::{Compiled, Endpoints, Identities, compile},
     network::mask16,
 };
-use crate::state::{Snapshot, objects::parse_file};
+use crate::{
+    state::{Snapshot, objects::parse_file},
+    testing::Rng,
+};
 
 type Labels = BTreeMap<String, String>;
-
-/// SplitMix64: the cases come from a seed, so a failure names its case.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// True `percent` times in a hundred.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-}
 
 const POD_LABELS: &[(&str, &[&str])] =
     &[("app", &["web", "db", "api"]), ("tier", &["front", "back"])];
