@@ -1,10 +1,13 @@
-//! L7 routing: the Gateway API's `HTTPRoute` as a mesh uses it (GAMMA), read
-//! from the config objects and compiled into a per-Service-port table the
-//! HTTP proxy consults on every request.
+//! L7 routing: the Gateway API's `HTTPRoute` and `GRPCRoute` as a mesh uses
+//! them (GAMMA), read from the config objects and compiled into a
+//! per-Service-port table the HTTP proxy consults on every request.
 
 pub mod grpc_route;
 pub mod http_route;
 pub mod reference_grant;
 pub mod table;
+
+#[cfg(test)]
+mod reference;
 
 pub use table::{Entry, PortRoutes, RequestView, RouteTable, Rule, route};

@@ -1,7 +1,8 @@
 //! `GRPCRoute` (`gateway.networking.k8s.io/v1`) as a mesh uses it (GAMMA):
 //! matches on the gRPC service and method and on headers, the same filters
 //! and backends as `HTTPRoute`. It compiles into the same rules, a method
-//! match becoming a match on the request path `/<service>/<method>`.
+//! match becoming a match on the parts of the request path
+//! `/<service>/<method>`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -105,27 +106,4 @@ pub fn validate(route: &GrpcRoute) -> Result<(), (String, String)> {
         super::http_route::validate_backends(&at, &rule.backend_refs)?;
     }
     Ok(())
-}
-
-/// The request path pattern of a method match, as a regular expression
-/// when it is not one exact path.
-pub enum PathOf {
-    Exact(String),
-    Regex(String),
-}
-
-pub fn path_of(m: &GrpcMethodMatch) -> PathOf {
-    match (m.kind, &m.service, &m.method) {
-        (ValueMatchKind::Exact, Some(s), Some(method)) => PathOf::Exact(format!("/{s}/{method}")),
-        (ValueMatchKind::Exact, s, method) => PathOf::Regex(format!(
-            "/{}/{}",
-            s.as_deref().map_or("[^/]+".into(), regex::escape),
-            method.as_deref().map_or("[^/]+".into(), regex::escape),
-        )),
-        (ValueMatchKind::RegularExpression, s, method) => PathOf::Regex(format!(
-            "/(?:{})/(?:{})",
-            s.as_deref().unwrap_or("[^/]+"),
-            method.as_deref().unwrap_or("[^/]+"),
-        )),
-    }
 }

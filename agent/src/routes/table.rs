@@ -14,7 +14,7 @@ use std::{cmp::Ordering, collections::BTreeMap, fmt, sync::Arc, time::Duration};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Serialize, Serializer};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp};
 
 use super::{
     grpc_route::{self, GrpcRoute},
@@ -72,6 +72,15 @@ pub enum PathRule {
     /// Element-wise: `/api` matches `/api` and `/api/x`, not `/apix`.
     Prefix(String),
     Regex(Pattern),
+    /// A gRPC call, `/<service>/<method>`, each part a name without `/`
+    /// that its rule (if any) must match.
+    #[serde(rename_all = "camelCase")]
+    GrpcMethod {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        service: Option<ValueRule>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        method: Option<ValueRule>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -116,6 +125,12 @@ impl RequestMatch {
             PathRule::Exact(p) => req.path == p,
             PathRule::Prefix(p) => prefix_matches(p, req.path),
             PathRule::Regex(r) => r.matches(req.path),
+            PathRule::GrpcMethod { service, method } => {
+                grpc_call(req.path).is_some_and(|(s, m)| {
+                    service.as_ref().is_none_or(|rule| rule.matches(s))
+                        && method.as_ref().is_none_or(|rule| rule.matches(m))
+                })
+            }
         };
         path_ok
             && self
@@ -123,11 +138,7 @@ impl RequestMatch {
                 .as_deref()
                 .is_none_or(|m| m == req.method.as_str())
             && self.headers.iter().all(|(name, rule)| {
-                // Several values of one header: the first, as Envoy does.
-                req.headers
-                    .get(name.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| rule.matches(v))
+                header_value(req.headers, name).is_some_and(|v| rule.matches(&v))
             })
             && self
                 .query
@@ -135,24 +146,65 @@ impl RequestMatch {
                 .all(|(name, rule)| query_value(req.query, name).is_some_and(|v| rule.matches(&v)))
     }
 
-    /// The Gateway API's precedence between matches: exact path, then the
-    /// longest prefix, then a method, then more header, then more query
-    /// matches. Regular expressions (implementation-specific) rank after
-    /// exact paths and before prefixes, the longer pattern first.
-    fn rank(&self) -> (u8, usize, bool, usize, usize) {
+    /// An `HTTPRoute` match's precedence: exact path, then the longest
+    /// prefix, then a method, then more header, then more query matches.
+    /// Regular expressions (implementation-specific) rank after exact paths
+    /// and before prefixes, the longer pattern first.
+    fn http_rank(&self) -> Rank {
         let (kind, len) = match &self.path {
             PathRule::Exact(p) => (0, p.len()),
             PathRule::Regex(r) => (1, r.0.as_str().len()),
             PathRule::Prefix(p) => (2, p.len()),
+            // Only in a GRPCRoute, which ranks its own way.
+            PathRule::GrpcMethod { .. } => (1, 0),
         };
-        (
+        Rank([
             kind,
             usize::MAX - len,
-            self.method.is_none(),
+            usize::from(self.method.is_none()),
             usize::MAX - self.headers.len(),
             usize::MAX - self.query.len(),
-        )
+        ])
     }
+}
+
+/// Where a match stands among a port's, smaller first. `HTTPRoute` and
+/// `GRPCRoute` rank differently, and never share a port's list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank([usize; 5]);
+
+/// A `GRPCRoute` match's precedence: more characters in the service, then
+/// in the method, then more header matches (a pattern counts as written).
+fn grpc_rank(m: &grpc_route::GrpcRouteMatch, compiled: &RequestMatch) -> Rank {
+    let chars = |part: Option<&String>| part.map_or(0, String::len);
+    let method = m.method.as_ref();
+    Rank([
+        usize::MAX - chars(method.and_then(|m| m.service.as_ref())),
+        usize::MAX - chars(method.and_then(|m| m.method.as_ref())),
+        usize::MAX - compiled.headers.len(),
+        0,
+        0,
+    ])
+}
+
+/// A header's value for matching: repeated fields joined with `,`, as
+/// RFC 9110 (5.3) combines them and Envoy matches them.
+fn header_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.to_str().ok()?;
+    let mut joined = first.to_owned();
+    for v in values {
+        joined.push(',');
+        joined.push_str(v.to_str().ok()?);
+    }
+    Some(joined)
+}
+
+/// The service and method of a gRPC request path.
+fn grpc_call(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -354,10 +406,12 @@ pub struct Entry {
     #[serde(rename = "match")]
     pub request: RequestMatch,
     pub rule: Arc<Rule>,
-    /// Tie-breaks after the match's own rank: older route, then
-    /// `namespace/name`, then rule and match index.
     #[serde(skip)]
-    order: (String, String, usize, usize),
+    rank: Rank,
+    /// Tie-breaks after the rank: older route (one without a creation time
+    /// first), then `namespace/name`, then rule and match index.
+    #[serde(skip)]
+    order: (Option<Timestamp>, String, usize, usize),
     /// From a `GRPCRoute`: it wins the port over `HTTPRoute`s.
     #[serde(skip)]
     grpc: bool,
@@ -501,12 +555,7 @@ impl RouteTable {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
         let id = format!("{namespace}/{name}");
-        let created = route
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default();
+        let created = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let mut conditions = Vec::new();
         let find = |ns: &str, name: &str| services.get(&(ns, name)).copied();
 
@@ -558,7 +607,7 @@ impl RouteTable {
             }
             None
         };
-        let rules: Vec<(Arc<Rule>, &[RequestMatch])> = route
+        let rules: Vec<(Arc<Rule>, &[Ranked])> = route
             .rules
             .iter()
             .enumerate()
@@ -694,11 +743,12 @@ impl RouteTable {
                     routes.consumer.entry(namespace.clone()).or_default()
                 };
                 for (rule, matches) in &rules {
-                    for (m, request) in matches.iter().enumerate() {
+                    for (m, (request, rank)) in matches.iter().enumerate() {
                         entries.push(Entry {
                             request: request.clone(),
                             rule: rule.clone(),
-                            order: (created.clone(), id.clone(), rule.index, m),
+                            rank: *rank,
+                            order: (created, id.clone(), rule.index, m),
                             grpc: route.kind == "GRPCRoute",
                         });
                     }
@@ -761,29 +811,23 @@ struct Source<'a> {
 }
 
 struct RuleSource<'a> {
-    /// Compiled; a rule without matches has the catch-all one.
-    matches: Vec<RequestMatch>,
+    /// Compiled and ranked; a rule without matches has the catch-all one.
+    matches: Vec<Ranked>,
     filters: &'a [HttpRouteFilter],
     backend_refs: &'a [BackendRef],
     timeouts: Option<&'a Timeouts>,
 }
 
-/// A rule's matches compiled (validation made them compile); a rule
-/// without matches has the catch-all one.
-fn compiled<M>(matches: &[M], compile: impl Fn(&M) -> Option<RequestMatch>) -> Vec<RequestMatch> {
+/// A compiled match and its rank.
+type Ranked = (RequestMatch, Rank);
+
+/// A rule's matches compiled (validation made them compile) and ranked; a
+/// rule without matches has the catch-all one, ranked as an empty match.
+fn compiled<M: Default>(matches: &[M], compile: impl Fn(&M) -> Option<Ranked>) -> Vec<Ranked> {
     if matches.is_empty() {
-        vec![catch_all()]
+        compile(&M::default()).into_iter().collect()
     } else {
         matches.iter().filter_map(compile).collect()
-    }
-}
-
-fn catch_all() -> RequestMatch {
-    RequestMatch {
-        path: PathRule::Prefix("/".into()),
-        headers: Vec::new(),
-        query: Vec::new(),
-        method: None,
     }
 }
 
@@ -798,7 +842,12 @@ impl<'a> Source<'a> {
                 .rules
                 .iter()
                 .map(|r| RuleSource {
-                    matches: compiled(&r.matches, compile_match),
+                    matches: compiled(&r.matches, |m| {
+                        compile_match(m).map(|c| {
+                            let rank = c.http_rank();
+                            (c, rank)
+                        })
+                    }),
                     filters: &r.filters,
                     backend_refs: &r.backend_refs,
                     timeouts: r.timeouts.as_ref(),
@@ -809,17 +858,32 @@ impl<'a> Source<'a> {
 
     fn grpc(route: &'a GrpcRoute) -> Self {
         let compile = |m: &grpc_route::GrpcRouteMatch| {
-            let path = match m.method.as_ref().map(grpc_route::path_of) {
+            let path = match &m.method {
                 None => PathRule::Prefix("/".into()),
-                Some(grpc_route::PathOf::Exact(p)) => PathRule::Exact(p),
-                Some(grpc_route::PathOf::Regex(r)) => PathRule::Regex(Pattern::new(&r)?),
+                Some(method) => {
+                    let part = |value: &Option<String>| -> Option<Option<ValueRule>> {
+                        Some(match (value, method.kind) {
+                            (None, _) => None,
+                            (Some(v), ValueMatchKind::Exact) => Some(ValueRule::Exact(v.clone())),
+                            (Some(v), ValueMatchKind::RegularExpression) => {
+                                Some(ValueRule::Regex(Pattern::new(v)?))
+                            }
+                        })
+                    };
+                    PathRule::GrpcMethod {
+                        service: part(&method.service)?,
+                        method: part(&method.method)?,
+                    }
+                }
             };
-            Some(RequestMatch {
+            let compiled = RequestMatch {
                 path,
-                headers: compile_values(&m.headers)?,
+                headers: compile_values(&m.headers, true)?,
                 query: Vec::new(),
                 method: None,
-            })
+            };
+            let rank = grpc_rank(m, &compiled);
+            Some((compiled, rank))
         };
         Self {
             kind: "GRPCRoute",
@@ -840,23 +904,34 @@ impl<'a> Source<'a> {
     }
 }
 
-fn compile_values(list: &[super::http_route::ValueMatch]) -> Option<Vec<(String, ValueRule)>> {
-    list.iter()
-        .map(|h| {
-            let rule = match h.kind {
-                ValueMatchKind::Exact => ValueRule::Exact(h.value.clone()),
-                ValueMatchKind::RegularExpression => ValueRule::Regex(Pattern::new(&h.value)?),
-            };
-            Some((h.name.to_ascii_lowercase(), rule))
-        })
-        .collect()
+/// Header (names in lower case, since they are case-blind) or query
+/// parameter (names as written) matches. Of entries with one name only the
+/// first counts, as the Gateway API says.
+fn compile_values(
+    list: &[super::http_route::ValueMatch],
+    header: bool,
+) -> Option<Vec<(String, ValueRule)>> {
+    let mut out: Vec<(String, ValueRule)> = Vec::with_capacity(list.len());
+    for v in list {
+        let name = if header {
+            v.name.to_ascii_lowercase()
+        } else {
+            v.name.clone()
+        };
+        if out.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let rule = match v.kind {
+            ValueMatchKind::Exact => ValueRule::Exact(v.value.clone()),
+            ValueMatchKind::RegularExpression => ValueRule::Regex(Pattern::new(&v.value)?),
+        };
+        out.push((name, rule));
+    }
+    Some(out)
 }
 
 fn precedence(a: &Entry, b: &Entry) -> Ordering {
-    a.request
-        .rank()
-        .cmp(&b.request.rank())
-        .then_with(|| a.order.cmp(&b.order))
+    a.rank.cmp(&b.rank).then_with(|| a.order.cmp(&b.order))
 }
 
 fn compile_match(m: &super::http_route::HttpRouteMatch) -> Option<RequestMatch> {
@@ -870,13 +945,9 @@ fn compile_match(m: &super::http_route::HttpRouteMatch) -> Option<RequestMatch> 
     };
     Some(RequestMatch {
         path,
-        headers: compile_values(&m.headers)?,
+        headers: compile_values(&m.headers, true)?,
         // Query parameter names are case-sensitive.
-        query: compile_values(&m.query_params)?
-            .into_iter()
-            .zip(&m.query_params)
-            .map(|((_, rule), q)| (q.name.clone(), rule))
-            .collect(),
+        query: compile_values(&m.query_params, false)?,
         method: m.method.clone(),
     })
 }
