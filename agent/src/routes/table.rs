@@ -9,7 +9,7 @@
 //! producer routes. Once any route applies, a request no rule matches gets
 //! 404.
 
-use std::{cmp::Ordering, collections::BTreeMap, fmt, sync::Arc, time::Duration};
+use std::{borrow::Cow, cmp::Ordering, collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Serialize, Serializer};
@@ -188,16 +188,20 @@ fn grpc_rank(m: &grpc_route::GrpcRouteMatch, compiled: &RequestMatch) -> Rank {
 }
 
 /// A header's value for matching: repeated fields joined with `,`, as
-/// RFC 9110 (5.3) combines them and Envoy matches them.
-fn header_value(headers: &HeaderMap, name: &str) -> Option<String> {
+/// RFC 9110 (5.3) combines them and Envoy matches them. Borrowed in the
+/// common case of one field.
+fn header_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<Cow<'h, str>> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?.to_str().ok()?;
-    let mut joined = first.to_owned();
+    let Some(second) = values.next() else {
+        return Some(Cow::Borrowed(first));
+    };
+    let mut joined = format!("{first},{}", second.to_str().ok()?);
     for v in values {
         joined.push(',');
         joined.push_str(v.to_str().ok()?);
     }
-    Some(joined)
+    Some(Cow::Owned(joined))
 }
 
 /// The service and method of a gRPC request path.
