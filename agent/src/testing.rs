@@ -1,9 +1,12 @@
 //! Helpers for the unit tests.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
+
+use crate::state::{Workload, model::MtlsMode};
 
 /// A fresh folder under the system's temp folder, removed on drop. Names are
 /// unique within the test process (tests run in parallel in one process).
@@ -53,5 +56,43 @@ impl Rng {
 
     pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
         items[self.below(items.len())]
+    }
+}
+
+/// Cases per run of a generated test: `default`, or the number the
+/// environment variable `var` gives.
+pub fn cases(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A meshed, ready, permissive pod on node `a`, without addresses.
+pub fn workload(
+    namespace: &str,
+    name: &str,
+    service_account: &str,
+    labels: &[(&str, &str)],
+) -> Workload {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Workload {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: String::new(),
+        service_account: service_account.into(),
+        node: "a".into(),
+        labels: std::sync::Arc::new(labels),
+        ips: vec![],
+        netns: None,
+        meshed: true,
+        mtls: MtlsMode::Permissive,
+        ready: true,
+        terminating: false,
+        named_ports: BTreeMap::new(),
+        label_set: 0,
     }
 }

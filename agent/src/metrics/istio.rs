@@ -501,29 +501,16 @@ mod tests {
 
     #[test]
     fn workload_names_and_labels_follow_istio() {
-        let mut w = Workload {
-            namespace: "shop".into(),
-            name: "web-7d4b9c8f6-x2k9p".into(),
-            uid: String::new(),
-            service_account: "web".into(),
-            node: "a".into(),
-            labels: [
-                ("pod-template-hash".to_owned(), "7d4b9c8f6".to_owned()),
-                ("app".to_owned(), "web".to_owned()),
-                ("version".to_owned(), "v2".to_owned()),
-            ]
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .into(),
-            ips: vec![],
-            netns: None,
-            meshed: true,
-            mtls: crate::state::model::MtlsMode::Permissive,
-            ready: true,
-            terminating: false,
-            named_ports: Default::default(),
-            label_set: 0,
-        };
+        let mut w = crate::testing::workload(
+            "shop",
+            "web-7d4b9c8f6-x2k9p",
+            "web",
+            &[
+                ("pod-template-hash", "7d4b9c8f6"),
+                ("app", "web"),
+                ("version", "v2"),
+            ],
+        );
         let p = Peer::of(&w, "cluster.local");
         assert_eq!(p.workload, "web");
         assert_eq!(p.principal, "spiffe://cluster.local/ns/shop/sa/web");

@@ -704,22 +704,7 @@ mod tests {
     }
 
     fn web() -> Workload {
-        Workload {
-            namespace: "shop".into(),
-            name: "web".into(),
-            uid: String::new(),
-            service_account: "web".into(),
-            node: "a".into(),
-            labels: std::sync::Arc::new([("app".to_owned(), "web".to_owned())].into()),
-            ips: vec![],
-            netns: None,
-            meshed: true,
-            mtls: crate::state::model::MtlsMode::Permissive,
-            ready: true,
-            terminating: false,
-            named_ports: BTreeMap::new(),
-            label_set: 0,
-        }
+        crate::testing::workload("shop", "web", "web", &[("app", "web")])
     }
 
     fn allowed(policies: &[Policy], ns: &str, sa: &str, port: u16) -> bool {

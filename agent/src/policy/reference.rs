@@ -752,10 +752,7 @@ fn names_one_of(compiled: &Compiled, rule_id: u32, rules: &BTreeSet<RuleName>) -
 /// Clusters generated per run; `TRELLIS_POLICY_CASES` asks for more (the
 /// rarest mismatches found so far needed about 900).
 fn cases() -> u64 {
-    std::env::var("TRELLIS_POLICY_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(200)
+    crate::testing::cases("TRELLIS_POLICY_CASES", 200)
 }
 
 #[test]

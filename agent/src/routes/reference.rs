@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use crate::{
     routes::table::{RequestView, route},
     state::{Snapshot, objects::parse_file},
-    testing::Rng,
+    testing::{self, Rng},
 };
 
 /// The Service routed: `shop/web`, two ports.
@@ -671,10 +671,7 @@ fn check_case(seed: u64) -> usize {
 
 #[test]
 fn generated_routes_pick_as_the_reference() {
-    let cases: u64 = std::env::var("TRELLIS_ROUTE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cases = testing::cases("TRELLIS_ROUTE_CASES", 200);
     let asked: usize = (0..cases).map(|case| check_case(0x2047e ^ case)).sum();
     assert_eq!(asked, cases as usize * CLIENTS.len() * PORTS.len() * 24);
 }

@@ -32,7 +32,11 @@ use super::{
     AuthorizationPolicy, AuthorizationPolicySpec, Layer, Policy, Request, Verdict, evaluate,
     is_grpc, validate,
 };
-use crate::{identity::Identity, state::Workload, testing::Rng};
+use crate::{
+    identity::Identity,
+    state::Workload,
+    testing::{self, Rng},
+};
 
 const TRUST_DOMAINS: &[&str] = &["cluster.local", "corp.example"];
 const NAMESPACES: &[&str] = &["shop", "dev", "ops", "ops-test"];
@@ -617,27 +621,11 @@ fn compile(p: &Pol) -> Policy {
 }
 
 fn workload(rng: &mut Rng) -> Workload {
-    let mut labels = BTreeMap::new();
-    labels.insert("app".to_owned(), rng.pick(&["web", "db"]).to_owned());
+    let mut labels = vec![("app", rng.pick(&["web", "db"]))];
     if rng.chance(50) {
-        labels.insert("tier".to_owned(), "front".to_owned());
+        labels.push(("tier", "front"));
     }
-    Workload {
-        namespace: "shop".into(),
-        name: "dest".into(),
-        uid: String::new(),
-        service_account: "dest".into(),
-        node: "a".into(),
-        labels: std::sync::Arc::new(labels),
-        ips: vec![],
-        netns: None,
-        meshed: true,
-        mtls: crate::state::model::MtlsMode::Permissive,
-        ready: true,
-        terminating: false,
-        named_ports: BTreeMap::new(),
-        label_set: 0,
-    }
+    testing::workload("shop", "dest", "dest", &labels)
 }
 
 /// Whether the agent's verdict is the reference's decision, naming a
@@ -749,10 +737,7 @@ fn check_case(seed: u64) -> usize {
 
 #[test]
 fn generated_policies_decide_as_the_reference() {
-    let cases: u64 = std::env::var("TRELLIS_AUTHZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let cases = testing::cases("TRELLIS_AUTHZ_CASES", 300);
     let asked: usize = (0..cases).map(|case| check_case(0x7a11 ^ case)).sum();
     // Every case asks each identity on each port about 16 requests, the
     // opaque reading and the connection.
