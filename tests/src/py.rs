@@ -793,25 +793,32 @@ print("echoed", ok)
 
 /// Bad HTTP/1.1 clients against HOST:PORT, each on its own connection:
 /// a good request, its answer, then a malformed request line; a slowloris
-/// sending a header byte a second. Prints one line each: the status codes
-/// seen, and for the slowloris `closed after N s` or `open`. Args: HOST PORT.
+/// sending a header byte a second; a request with two Host headers, then a
+/// good one; a request smuggling attempt (Content-Length and chunked
+/// Transfer-Encoding, a second request hidden where the length says the
+/// body is). Prints one line each: the status codes seen, for the
+/// slowloris `closed after N s` or `open`, for the smuggler whether the
+/// connection was closed. Args: HOST PORT.
 pub const BAD_HTTP_CLIENT: &str = r#"
 import re, socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 def conn():
     return socket.create_connection((host, port), timeout=30)
-def statuses(s):
-    data = b""
+def answers(s):
+    data, closed = b"", False
     s.settimeout(5)
     try:
         while True:
             b = s.recv(65536)
             if not b:
+                closed = True
                 break
             data += b
     except socket.timeout:
         pass
-    return re.findall(rb"HTTP/1.1 (\d\d\d)", data)
+    return re.findall(rb"HTTP/1.1 (\d\d\d)", data), closed
+def statuses(s):
+    return answers(s)[0]
 s = conn()
 s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\n\r\n")
 first = s.recv(65536)
@@ -838,6 +845,14 @@ while time.monotonic() - start < 25:
         state = "closed after %d s" % (time.monotonic() - start)
         break
 print("slowloris", state)
+s = conn()
+s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\nGET /only-v1 HTTP/1.1\r\nhost: x\r\n\r\n")
+print("hosts", b" ".join(statuses(s)).decode())
+s = conn()
+hidden = b"GET /elsewhere HTTP/1.1\r\nhost: x\r\n\r\n"
+s.sendall(b"GET /only-v1 HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n" % (5 + len(hidden)) + hidden)
+got, closed = answers(s)
+print("smuggled", b" ".join(got).decode(), "closed" if closed else "open")
 "#;
 
 /// gRPC calls to [`GRPC_SERVER`]'s Say (unary) and Count (server streaming)
@@ -874,7 +889,9 @@ except (ConnectionResetError, BrokenPipeError):
 
 /// HTTP server answering any GET or POST with JSON `{name, path, host,
 /// body}` (the path with its query, the body's length) and keeping a log of
-/// them, which `GET /__log` returns (not logged). Args: NAME PORT.
+/// them, which `GET /__log` returns (not logged). Paths under `/hop` are
+/// answered with hop-by-hop headers (`Connection: close, x-hop`,
+/// `Keep-Alive`, `x-hop`). Args: NAME PORT.
 pub const REQUEST_ECHO_SERVER: &str = r#"
 import http.server, json, socket, sys, threading
 name = sys.argv[1]
@@ -892,6 +909,11 @@ class H(http.server.BaseHTTPRequestHandler):
                 log.append(rec)
             out = json.dumps(rec).encode()
         self.send_response(200)
+        if self.path.startswith("/hop"):
+            # Headers for the agent's hop alone (RFC 9110 7.6.1).
+            self.send_header("connection", "close, x-hop")
+            self.send_header("keep-alive", "timeout=5")
+            self.send_header("x-hop", "1")
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
         self.end_headers()

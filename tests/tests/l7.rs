@@ -165,6 +165,12 @@ fn http_routes_pick_the_backend_of_each_request() {
     // Over 64 KiB of headers: 431, and the connection serves the next one.
     assert_eq!(lines[1], "oversized 431 200", "{out}");
     assert!(lines[2].starts_with("slowloris closed after"), "{out}");
+    // Two Host headers: 400 (RFC 9112 3.2), and the connection carries on.
+    assert_eq!(lines[3], "hosts 400 200", "{out}");
+    // Content-Length and chunked: the chunks frame the body (RFC 9112
+    // 6.3), so the request hidden behind is never served, and the
+    // connection is closed after the answer.
+    assert_eq!(lines[4], "smuggled 200 closed", "{out}");
     // HTTP/2 broken at the framing level: GOAWAY PROTOCOL_ERROR.
     let out = client
         .exec()
@@ -177,6 +183,7 @@ fn http_routes_pick_the_backend_of_each_request() {
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert!(status["http"]["no_route"].as_u64() >= Some(1), "{status}");
     assert_eq!(status["http"]["header_too_large"], 1, "{status}");
+    assert_eq!(status["http"]["bad_request"], 1, "{status}");
     let routes = &status["routes"];
     assert!(
         routes.as_array().is_some_and(|r| r.len() == 2
@@ -321,7 +328,7 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 "[{matches: [{path: {type: PathPrefix, value: /old}}], filters: [{type: RequestRedirect, \
                  requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]}, \
                  {matches: [{path: {type: PathPrefix, value: /api/v1}}], filters: [\
-                 {type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}, \
+                 {type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}, \
                  {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}], \
                  backendRefs: [{name: main, port: 80}]}, \
                  {backendRefs: [{name: main, port: 80}]}]",
@@ -341,6 +348,15 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
              spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: paid}], \
              fault: {abort: {httpStatus: 402, percent: 100}}}\n"
                 .to_owned(),
+            // Half its weight names a Service that does not exist.
+            mesh::service("shop", "split", "10.96.0.47", 80, "8080", &[("app", "main")]),
+            route(
+                "HTTPRoute",
+                "split",
+                "split",
+                80,
+                "[{backendRefs: [{name: main, port: 80}, {name: gone, port: 80}]}]",
+            ),
             // Loses the port to the GRPCRoute.
             route(
                 "HTTPRoute",
@@ -362,8 +378,9 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         "{out}"
     );
 
-    // Rewrite: the pod gets the new path and host; the mirror a copy, body
-    // included, with the host marked `-shadow`; nothing else is mirrored.
+    // Rewrite: the pod gets the new path (the empty prefix strips the
+    // matched one) and host; the mirror a copy, body included, with the
+    // host marked `-shadow`; nothing else is mirrored.
     let out = curl(&client, &[&format!("http://{WEB}/api/v1/users?id=7")]);
     let got: serde_json::Value = serde_json::from_str(&out).expect(&out);
     assert_eq!(got["name"], "main", "{got}");
@@ -381,6 +398,31 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     );
     let out = curl(&client, &[&format!("http://{WEB}/plain")]);
     assert!(out.contains("\"path\": \"/plain\""), "{out}");
+    // The pod's hop-by-hop headers end at the agent (RFC 9110 7.6.1): its
+    // `Connection: close` closes its pooled connection, not the client's,
+    // which the next request reuses.
+    let out = curl(
+        &client,
+        &[
+            "-D",
+            "-",
+            "-w",
+            "connects=%{num_connects}\\n",
+            "-o",
+            "/dev/null",
+            &format!("http://{WEB}/hop"),
+            "-o",
+            "/dev/null",
+            &format!("http://{WEB}/plain"),
+        ],
+    )
+    .to_ascii_lowercase();
+    let (hop, after) = out.split_once("connects=1").expect(&out);
+    assert!(hop.starts_with("http/1.1 200"), "{out}");
+    for header in ["connection:", "keep-alive:", "x-hop:"] {
+        assert!(!hop.contains(header), "{header} passed: {out}");
+    }
+    assert!(after.trim_end().ends_with("connects=0"), "{out}");
     let mut log = serde_json::Value::Null;
     for _ in 0..50 {
         let out = curl(&client, &["http://10.96.0.43/__log"]);
@@ -422,6 +464,19 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     assert_eq!(code("http://10.96.0.46/x"), "402");
     assert_eq!(code("http://10.96.0.42/x"), "200");
     assert_eq!(code(&format!("http://{WEB}/x")), "200");
+
+    // An invalid backend keeps its share of the requests, which get 500
+    // (the Gateway API's words); the valid one serves the rest. Over 400
+    // requests the 500s are Binomial(400, 0.5): sd 10, bound 5 sd.
+    let mut args = vec!["-w", "%{http_code}\\n"];
+    for _ in 0..400 {
+        args.extend(["-o", "/dev/null", "http://10.96.0.47/x"]);
+    }
+    let out = curl(&client, &args);
+    let failed = out.lines().filter(|l| *l == "500").count();
+    let served = out.lines().filter(|l| *l == "200").count();
+    assert_eq!(failed + served, 400, "{out}");
+    assert!((150..=250).contains(&failed), "{failed} of 400 got 500");
 
     // GRPCRoute: Say goes to b, the rest to a (several times each, over one
     // channel per run), whatever the HTTPRoute on the same port says.
@@ -478,4 +533,9 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         "{status}"
     );
     assert_eq!(status["http"]["mirrored"], 2, "{status}");
+    assert_eq!(
+        status["http"]["backend_not_found"].as_u64(),
+        Some(failed as u64),
+        "{status}"
+    );
 }

@@ -97,6 +97,7 @@ pub struct HttpStats {
     pub rate_limited: AtomicU64,
     pub fault_injected: AtomicU64,
     pub header_too_large: AtomicU64,
+    pub bad_request: AtomicU64,
     /// Attempts after the first, and retries the budget refused.
     pub retries: AtomicU64,
     pub retry_budget_exhausted: AtomicU64,
@@ -136,6 +137,7 @@ pub(super) enum Reason {
     RateLimited,
     FaultInjected,
     HeaderTooLarge,
+    BadRequest,
 }
 
 impl Reason {
@@ -152,6 +154,7 @@ impl Reason {
             Self::RateLimited => "rate-limited",
             Self::FaultInjected => "fault-injected",
             Self::HeaderTooLarge => "header-too-large",
+            Self::BadRequest => "bad-request",
         }
     }
 
@@ -168,18 +171,19 @@ impl Reason {
             Self::CircuitOpen | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BadRequest => StatusCode::BAD_REQUEST,
         }
     }
 
     /// The gRPC status a gRPC client gets instead.
     fn grpc_status(self) -> u8 {
         match self {
-            Self::NoRoute => 12,                           // UNIMPLEMENTED
-            Self::BackendNotFound => 13,                   // INTERNAL
-            Self::Timeout => 4,                            // DEADLINE_EXCEEDED
-            Self::Denied => 7,                             // PERMISSION_DENIED
-            Self::RateLimited | Self::HeaderTooLarge => 8, // RESOURCE_EXHAUSTED
-            _ => 14,                                       // UNAVAILABLE
+            Self::NoRoute => 12,                            // UNIMPLEMENTED
+            Self::BackendNotFound | Self::BadRequest => 13, // INTERNAL
+            Self::Timeout => 4,                             // DEADLINE_EXCEEDED
+            Self::Denied => 7,                              // PERMISSION_DENIED
+            Self::RateLimited | Self::HeaderTooLarge => 8,  // RESOURCE_EXHAUSTED
+            _ => 14,                                        // UNAVAILABLE
         }
     }
 }
@@ -327,6 +331,15 @@ impl HttpProxy {
             );
         }
         let grpc = authz::is_grpc(req.headers());
+        if let Err(why) = settle_host(&mut req) {
+            self.count(Reason::BadRequest);
+            debug!(
+                reason = "bad-request",
+                detail = why,
+                "answered by the agent"
+            );
+            return reply(Reason::BadRequest, why, grpc);
+        }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let answer = |reason: Reason, detail: String| {
@@ -360,24 +373,27 @@ impl HttpProxy {
                     self.stats.redirects.fetch_add(1, Ordering::Relaxed);
                     return redirect(&req, e, call.port);
                 }
-                Some(e) if e.rule.backends.is_empty() => {
-                    return answer(
-                        Reason::BackendNotFound,
-                        format!(
-                            "rule {} of {} has no valid backend",
-                            e.rule.index, e.rule.route
-                        ),
-                    );
-                }
-                Some(e) => {
-                    chosen.route = Some(e.rule.route.clone());
-                    let b = pick_weighted(&e.rule.backends);
-                    (
-                        Some((e.rule.clone(), e.request.path.clone())),
-                        b.service.clone(),
-                        b.port,
-                    )
-                }
+                Some(e) => match pick_weighted(&e.rule.backends, e.rule.unresolved_weight) {
+                    None => {
+                        let what = if e.rule.backends.is_empty() {
+                            "has no valid backend"
+                        } else {
+                            "sent this request to the share of its invalid backends"
+                        };
+                        return answer(
+                            Reason::BackendNotFound,
+                            format!("rule {} of {} {what}", e.rule.index, e.rule.route),
+                        );
+                    }
+                    Some(b) => {
+                        chosen.route = Some(e.rule.route.clone());
+                        (
+                            Some((e.rule.clone(), e.request.path.clone())),
+                            b.service.clone(),
+                            b.port,
+                        )
+                    }
+                },
             },
         };
         // A policy on the route that matched applies to what it sends, with
@@ -588,10 +604,14 @@ impl HttpProxy {
                     // The client's version, whatever the backend spoke: an
                     // HTTP/1.0 backend must not end a keep-alive client
                     // connection.
-                    if version != Version::HTTP_2
-                        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-                    {
-                        *resp.version_mut() = Version::HTTP_11;
+                    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        if version != Version::HTTP_2 {
+                            *resp.version_mut() = Version::HTTP_11;
+                        }
+                        // The backend's connection is pooled apart from the
+                        // client's: its `Connection: close` or `Keep-Alive`
+                        // is not the client's to act on.
+                        strip_hop_by_hop(resp.headers_mut());
                     }
                     if let Some((rule, _)) = &rule {
                         rule.response_headers.apply(resp.headers_mut());
@@ -932,6 +952,7 @@ impl HttpProxy {
             Reason::RateLimited => &self.stats.rate_limited,
             Reason::FaultInjected => &self.stats.fault_injected,
             Reason::HeaderTooLarge => &self.stats.header_too_large,
+            Reason::BadRequest => &self.stats.bad_request,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -1646,6 +1667,36 @@ pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Makes one host of the request's (RFC 9112 3.2, 3.2.2; RFC 9113
+/// 8.3.1), so that routes, redirects and the backend cannot each read a
+/// different one: with a target authority (HTTP/1.1 absolute form, HTTP/2
+/// `:authority`), a `Host` naming another is replaced (HTTP/1.1) or dropped
+/// (HTTP/2). More than one `Host` is refused, as the RFC asks of a server.
+pub(super) fn settle_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return Ok(());
+    };
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let Some(authority) = req.uri().authority() else {
+        return Ok(());
+    };
+    if host
+        .as_bytes()
+        .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Ok(());
+    }
+    if req.version() == Version::HTTP_2 {
+        req.headers_mut().remove(header::HOST);
+    } else if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    Ok(())
+}
+
 /// The agent's answer to a request a `RequestRedirect` rule matched.
 fn redirect(req: &Request<Incoming>, entry: &routes::Entry, port: u16) -> Response<Body> {
     let r = entry.rule.redirect.as_ref().expect("a redirect rule");
@@ -1728,17 +1779,26 @@ fn rewrite_request(
 }
 
 /// A backend by weight (weights are positive: zero-weight ones were left
-/// out when compiled).
-fn pick_weighted(backends: &[routes::table::WeightedBackend]) -> &routes::table::WeightedBackend {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-    let mut n = random_below(total.max(1));
+/// out when compiled), or `None` for the share of the rule's invalid
+/// references (`unresolved`), which the Gateway API answers with 500, and
+/// when there is no backend at all.
+fn pick_weighted(
+    backends: &[routes::table::WeightedBackend],
+    unresolved: u32,
+) -> Option<&routes::table::WeightedBackend> {
+    let total: u64 =
+        backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() + u64::from(unresolved);
+    if total == 0 {
+        return None;
+    }
+    let mut n = random_below(total);
     for b in backends {
         if n < u64::from(b.weight) {
-            return b;
+            return Some(b);
         }
         n -= u64::from(b.weight);
     }
-    &backends[0]
+    None
 }
 
 #[cfg(test)]
@@ -1755,10 +1815,69 @@ mod tests {
         let backends = [b(90), b(10)];
         let n = 100_000;
         let heavy = (0..n)
-            .filter(|_| pick_weighted(&backends).weight == 90)
+            .filter(|_| pick_weighted(&backends, 0).is_some_and(|b| b.weight == 90))
             .count();
         // Binomial(100000, 0.9): sd ≈ 95; 6 sd either side.
         assert!((89_430..=90_570).contains(&heavy), "{heavy}");
+        // Invalid references keep their share (it gets 500): 30 of 100.
+        let invalid = (0..n)
+            .filter(|_| pick_weighted(&backends, 30).is_none())
+            .count();
+        // Binomial(100000, 30/130): sd ≈ 133; 6 sd either side.
+        assert!((22_278..=23_876).contains(&invalid), "{invalid}");
+        assert!(pick_weighted(&[], 1).is_none());
+        assert!(pick_weighted(&[], 0).is_none());
+    }
+
+    #[test]
+    fn a_request_has_one_host() {
+        let req = |version, uri: &str, hosts: &[&str]| {
+            let mut b = Request::builder().version(version).uri(uri);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).expect("request")
+        };
+        let settled = |mut r: Request<()>| {
+            settle_host(&mut r).map(|()| {
+                r.headers()
+                    .get_all(header::HOST)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let v11 = Version::HTTP_11;
+        let v2 = Version::HTTP_2;
+        assert_eq!(settled(req(v11, "/a", &["web"])), Ok(vec!["web".into()]));
+        assert_eq!(settled(req(v11, "/a", &[])), Ok(vec![]));
+        assert_eq!(
+            settled(req(v11, "/a", &["web", "admin"])),
+            Err("more than one Host header")
+        );
+        assert_eq!(
+            settled(req(v11, "/a", &["web", "web"])),
+            Err("more than one Host header")
+        );
+        // The absolute form's authority wins over Host (RFC 9112 3.2.2).
+        assert_eq!(
+            settled(req(v11, "http://web:80/a", &["admin"])),
+            Ok(vec!["web:80".into()])
+        );
+        assert_eq!(
+            settled(req(v11, "http://WEB/a", &["web"])),
+            Ok(vec!["web".into()])
+        );
+        // HTTP/2: `:authority` is the host; a Host naming another goes.
+        assert_eq!(settled(req(v2, "http://web/a", &["admin"])), Ok(vec![]));
+        assert_eq!(
+            settled(req(v2, "http://web/a", &["web"])),
+            Ok(vec!["web".into()])
+        );
+        assert_eq!(
+            settled(req(v2, "http://web/a", &["web", "web"])),
+            Err("more than one Host header")
+        );
     }
 
     #[test]

@@ -29,8 +29,8 @@ use tracing::{Instrument as _, debug, info};
 use super::{
     detect::Protocol,
     http::{
-        Body, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, strip_hop_by_hop,
-        upgrade_protocol,
+        Body, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, settle_host,
+        strip_hop_by_hop, upgrade_protocol,
     },
     telemetry,
 };
@@ -266,6 +266,14 @@ async fn handle(
             grpc,
         );
     }
+    if let Err(why) = settle_host(&mut req) {
+        debug!(
+            reason = "bad-request",
+            detail = why,
+            "answered by the agent"
+        );
+        return reply(Reason::BadRequest, why, grpc);
+    }
     if let Some(Err(policy)) = judge.map(|judge| judge(authz::Request::of(&req))) {
         return reply(Reason::Denied, &format!("denied by {policy}"), grpc);
     }
@@ -346,16 +354,17 @@ async fn handle(
     resp.map(|b| b.boxed())
 }
 
-/// An HTTP/1.1 answer for the client; when the pod closes its connection
-/// after this response (HTTP/1.0 without keep-alive, `Connection: close`),
-/// the client's is closed after it too, as the next request would have no
-/// upstream.
+/// An HTTP/1.1 answer for the client, without the pod's hop-by-hop
+/// headers; when the pod closes its connection after this response
+/// (HTTP/1.0 without keep-alive, `Connection: close`), the client's is
+/// closed after it too, as the next request would have no upstream.
 fn keep_or_close<B>(resp: &mut Response<B>) {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
     let tokens = |t: &str| connection_tokens(resp.headers()).any(|c| c.eq_ignore_ascii_case(t));
     let closes = tokens("close") || (resp.version() == Version::HTTP_10 && !tokens("keep-alive"));
+    strip_hop_by_hop(resp.headers_mut());
     *resp.version_mut() = Version::HTTP_11;
     if closes {
         resp.headers_mut().insert(
@@ -458,7 +467,63 @@ fn remove_dot_segments(path: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize_path;
+    use super::{keep_or_close, normalize_path};
+    use http::{Response, StatusCode, Version};
+
+    #[test]
+    fn the_pods_hop_by_hop_headers_stay_on_its_hop() {
+        let resp = |version, connection: &str| {
+            let mut r = Response::builder()
+                .version(version)
+                .header("connection", connection)
+                .header("keep-alive", "timeout=5")
+                .header("x-hop", "1")
+                .header("x-end", "2")
+                .body(())
+                .expect("response");
+            keep_or_close(&mut r);
+            let mut names: Vec<String> = r
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            names.sort();
+            (r.version(), names)
+        };
+        // Closing: the client's connection closes after this answer too.
+        assert_eq!(
+            resp(Version::HTTP_11, "close, x-hop"),
+            (
+                Version::HTTP_11,
+                vec!["connection: close".into(), "x-end: 2".into()]
+            )
+        );
+        assert_eq!(
+            resp(Version::HTTP_10, "x-hop"),
+            (
+                Version::HTTP_11,
+                vec!["connection: close".into(), "x-end: 2".into()]
+            )
+        );
+        // Keeping the connection: nothing of the pod's hop is left.
+        assert_eq!(
+            resp(Version::HTTP_10, "keep-alive, x-hop"),
+            (Version::HTTP_11, vec!["x-end: 2".into()])
+        );
+        assert_eq!(
+            resp(Version::HTTP_11, "x-hop"),
+            (Version::HTTP_11, vec!["x-end: 2".into()])
+        );
+        // An upgrade's answer keeps its Connection and Upgrade.
+        let mut r = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("response");
+        keep_or_close(&mut r);
+        assert_eq!(r.headers().len(), 2);
+    }
 
     #[test]
     fn paths_are_normalized_before_rules_see_them() {

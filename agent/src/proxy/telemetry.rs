@@ -100,7 +100,7 @@ pub fn response_flags(reason: &str) -> &'static str {
         "circuit-open" => "UO",
         "rate-limited" => "RL",
         "fault-injected" => "FI",
-        "header-too-large" => "DPE",
+        "header-too-large" | "bad-request" => "DPE",
         _ => "-",
     }
 }

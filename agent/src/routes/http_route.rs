@@ -514,6 +514,9 @@ fn validate_path_modifier(at: &str, p: &PathModifier) -> Result<(), (String, Str
             format!("{at}.{name}"),
             format!("required by type {:?}", p.kind),
         )),
+        // An empty prefix strips the matched one: the API's own table has
+        // "/foo/bar" with prefix "/foo" and "" becoming "/bar".
+        Some(v) if v.is_empty() && p.kind == PathModifierKind::ReplacePrefixMatch => Ok(()),
         Some(v)
             if !v.starts_with('/')
                 || http::uri::PathAndQuery::try_from(v.as_str()).is_err()

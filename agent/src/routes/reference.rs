@@ -24,9 +24,23 @@
 //!   (RFC 9110, 5.3); query parameter names are exact; of match entries
 //!   naming one header or parameter only the first counts.
 //!
+//! - A rule's path edit (`URLRewrite` or `RequestRedirect`):
+//!   `ReplaceFullPath` is the new path; `ReplacePrefixMatch` replaces the
+//!   path elements the winning `PathPrefix` match matched (a match without
+//!   a path is the prefix `/`), as the API's table of examples does: the
+//!   request's trailing `/` is kept, an empty result is `/`, and an empty
+//!   replacement strips the prefix.
+//!
+//! - A rule's backends: a reference resolves to a Service port in the
+//!   route's namespace, weighted (1 when not written, none at 0); the
+//!   weight of references that do not resolve is the share of requests
+//!   that must get 500 ("the proportion of requests that would otherwise
+//!   have been routed to an invalid backend").
+//!
 //! The same routes, written as the objects a user writes, are parsed and
 //! built into a snapshot, and the agent's table picks a rule for every
-//! client namespace, port and generated request; the picks must agree.
+//! client namespace, port and generated request; the picks, the path each
+//! pick's edit makes and where it sends requests must agree.
 
 use std::fmt::Write as _;
 
@@ -76,6 +90,11 @@ const SERVICES: &[&str] = &["pkg.Greeter", "ops.Health", "a.B"];
 const SERVICE_REGEXES: &[&str] = &[r"pkg\..*", ".*"];
 const GRPC_METHODS: &[&str] = &["SayHello", "Shout", "Check", "LongMethodName"];
 const METHOD_REGEXES: &[&str] = &["S.*", ".*"];
+/// New paths and prefixes for path edits; "" only as a prefix.
+const NEW_PATHS: &[&str] = &["/", "/v2", "/v2/", "/new/api", ""];
+/// Backend references: `b` has port 80 in both route namespaces.
+const BACKENDS: &[(&str, u16)] = &[("b", 80), ("b", 81), ("gone", 80)];
+const WEIGHTS: &[Option<u32>] = &[None, Some(0), Some(1), Some(3)];
 
 #[derive(Clone, Debug)]
 struct ValueMatch {
@@ -119,6 +138,34 @@ enum Matches {
     Grpc(Vec<GrpcMatch>),
 }
 
+/// A path edit of a `URLRewrite` or `RequestRedirect` filter.
+#[derive(Clone, Debug)]
+enum NewPath {
+    Full(String),
+    Prefix(String),
+}
+
+#[derive(Clone, Debug)]
+struct Rule {
+    matches: Matches,
+    /// With `redirect`, a `RequestRedirect` makes it, else a `URLRewrite`.
+    edit: Option<NewPath>,
+    redirect: bool,
+    /// Name, port, weight as written.
+    backends: Vec<(&'static str, u16, Option<u32>)>,
+}
+
+/// What a rule does with a request it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Sends {
+    /// The path its edit makes of the request's.
+    path: Option<String>,
+    /// `namespace/name`, port and weight of each backend requests go to.
+    backends: Vec<(String, u16, u32)>,
+    /// The share of requests that get 500.
+    invalid_weight: u32,
+}
+
 #[derive(Clone, Debug)]
 struct Route {
     grpc: bool,
@@ -127,7 +174,7 @@ struct Route {
     /// Seconds after a fixed time; `None`: not written.
     created: Option<u8>,
     port: Option<u16>,
-    rules: Vec<Matches>,
+    rules: Vec<Rule>,
 }
 
 impl Route {
@@ -156,8 +203,9 @@ enum Pick {
     Unrouted,
     /// Routes apply and no rule matches: 404.
     NotFound,
-    /// The rule at this index of the route of this kind and id.
-    Rule(&'static str, String, usize),
+    /// The rule at this index of the route of this kind and id, and what
+    /// it does with the request.
+    Rule(&'static str, String, usize, Sends),
 }
 
 // ---- the reference ----
@@ -288,6 +336,29 @@ impl GrpcMatch {
     }
 }
 
+/// The path `edit` makes of `path`, which `matched` (a prefix) matched.
+fn edited(edit: &NewPath, matched: Option<&PathMatch>, path: &str) -> String {
+    let replacement = match edit {
+        NewPath::Full(p) => return p.clone(),
+        NewPath::Prefix(p) => p,
+    };
+    let prefix = match matched {
+        None => "/",
+        Some(PathMatch::Prefix(p)) => p,
+        Some(other) => panic!("a prefix edit on a rule matching {other:?}"),
+    };
+    // Element by element: the request's elements after the prefix's, put
+    // after the replacement's; the request's trailing '/' stays.
+    let rest = &segments(path)[segments(prefix).len()..];
+    let mut parts = segments(replacement);
+    parts.extend_from_slice(rest);
+    let mut out = format!("/{}", parts.join("/"));
+    if path.ends_with('/') && !out.ends_with('/') {
+        out.push('/');
+    }
+    out
+}
+
 fn decide(routes: &[Route], client: &str, port: u16, req: &Req) -> Pick {
     let attached: Vec<&Route> = routes
         .iter()
@@ -312,36 +383,54 @@ fn decide(routes: &[Route], client: &str, port: u16, req: &Req) -> Pick {
     if applying.iter().any(|r| r.grpc) {
         applying.retain(|r| r.grpc);
     }
-    // (rank, created, id, rule) of every match that fits, the least wins.
+    // (rank, created, id, rule) of every match that fits, the least wins;
+    // with what the winning match's rule does.
     type Candidate = (Vec<i64>, Option<u8>, String, usize, &'static str);
-    let mut best: Option<Candidate> = None;
+    let mut best: Option<(Candidate, Sends)> = None;
     for r in &applying {
         for (index, rule) in r.rules.iter().enumerate() {
-            let ranks: Vec<Vec<i64>> = match rule {
-                Matches::Http(list) if list.is_empty() => vec![HttpMatch::default().rank()],
-                Matches::Grpc(list) if list.is_empty() => vec![GrpcMatch::default().rank()],
+            let fitting: Vec<(Vec<i64>, Option<&PathMatch>)> = match &rule.matches {
+                Matches::Http(list) if list.is_empty() => {
+                    vec![(HttpMatch::default().rank(), None)]
+                }
+                Matches::Grpc(list) if list.is_empty() => vec![(GrpcMatch::default().rank(), None)],
                 Matches::Http(list) => list
                     .iter()
                     .filter(|m| m.fits(req))
-                    .map(HttpMatch::rank)
+                    .map(|m| (m.rank(), m.path.as_ref()))
                     .collect(),
                 Matches::Grpc(list) => list
                     .iter()
                     .filter(|m| m.fits(req))
-                    .map(GrpcMatch::rank)
+                    .map(|m| (m.rank(), None))
                     .collect(),
             };
-            for rank in ranks {
+            for (rank, path) in fitting {
                 let candidate = (rank, r.created, r.id(), index, r.kind());
-                if best.as_ref().is_none_or(|b| candidate < *b) {
-                    best = Some(candidate);
+                if best.as_ref().is_none_or(|(b, _)| candidate < *b) {
+                    let mut sends = Sends {
+                        path: rule.edit.as_ref().map(|e| edited(e, path, req.path)),
+                        backends: Vec::new(),
+                        invalid_weight: 0,
+                    };
+                    for &(name, port, weight) in &rule.backends {
+                        let weight = weight.unwrap_or(1);
+                        if (name, port) != ("b", 80) {
+                            sends.invalid_weight += weight;
+                        } else if weight > 0 {
+                            sends
+                                .backends
+                                .push((format!("{}/{name}", r.namespace), port, weight));
+                        }
+                    }
+                    best = Some((candidate, sends));
                 }
             }
         }
     }
     match best {
         None => Pick::NotFound,
-        Some((_, _, id, index, kind)) => Pick::Rule(kind, id, index),
+        Some(((_, _, id, index, kind), sends)) => Pick::Rule(kind, id, index, sends),
     }
 }
 
@@ -456,21 +545,74 @@ fn routes(rng: &mut Rng) -> Vec<Route> {
                     .map(|_| {
                         let none = rng.chance(15);
                         if grpc {
-                            Matches::Grpc(if none {
+                            let matches = Matches::Grpc(if none {
                                 Vec::new()
                             } else {
                                 (0..1 + rng.below(3)).map(|_| grpc_match(rng)).collect()
-                            })
+                            });
+                            Rule {
+                                matches,
+                                edit: None,
+                                redirect: false,
+                                backends: backend_refs(rng),
+                            }
                         } else {
-                            Matches::Http(if none {
+                            let list: Vec<HttpMatch> = if none {
                                 Vec::new()
                             } else {
                                 (0..1 + rng.below(3)).map(|_| http_match(rng)).collect()
-                            })
+                            };
+                            http_rule(rng, list)
                         }
                     })
                     .collect(),
             }
+        })
+        .collect()
+}
+
+/// An `HTTPRoute` rule; some edit the path, by prefix only where every
+/// match is a prefix (the API refuses it otherwise).
+fn http_rule(rng: &mut Rng, list: Vec<HttpMatch>) -> Rule {
+    let prefixes = list.iter().all(|m| {
+        m.path
+            .as_ref()
+            .is_none_or(|p| matches!(p, PathMatch::Prefix(_)))
+    });
+    let edit = rng.chance(40).then(|| {
+        let new = rng.pick(NEW_PATHS).to_string();
+        if prefixes && rng.chance(75) {
+            NewPath::Prefix(new)
+        } else if new.is_empty() {
+            NewPath::Full("/".into())
+        } else {
+            NewPath::Full(new)
+        }
+    });
+    let redirect = edit.is_some() && rng.chance(30);
+    Rule {
+        matches: Matches::Http(list),
+        redirect,
+        edit,
+        // A redirect answers: it has no backends.
+        backends: if redirect {
+            Vec::new()
+        } else {
+            backend_refs(rng)
+        },
+    }
+}
+
+/// Mostly the one valid backend, as most rules are; else up to three
+/// references of any weight, valid or not, or none.
+fn backend_refs(rng: &mut Rng) -> Vec<(&'static str, u16, Option<u32>)> {
+    if rng.chance(60) {
+        return vec![("b", 80, None)];
+    }
+    (0..rng.below(4))
+        .map(|_| {
+            let (name, port) = rng.pick(BACKENDS);
+            (name, port, rng.pick(WEIGHTS))
         })
         .collect()
 }
@@ -521,7 +663,7 @@ fn route_json(r: &Route) -> Value {
         .rules
         .iter()
         .map(|rule| {
-            let matches: Vec<Value> = match rule {
+            let matches: Vec<Value> = match &rule.matches {
                 Matches::Http(list) => list
                     .iter()
                     .map(|m| {
@@ -573,9 +715,39 @@ fn route_json(r: &Route) -> Value {
                     })
                     .collect(),
             };
-            let mut o = json!({"backendRefs": [{"name": "b", "port": 80}]});
+            let mut o = json!({});
             if !matches.is_empty() {
                 o["matches"] = json!(matches);
+            }
+            let path = rule.edit.as_ref().map(|edit| match edit {
+                NewPath::Full(p) => json!({"type": "ReplaceFullPath", "replaceFullPath": p}),
+                NewPath::Prefix(p) => {
+                    json!({"type": "ReplacePrefixMatch", "replacePrefixMatch": p})
+                }
+            });
+            match path {
+                Some(path) if rule.redirect => {
+                    o["filters"] =
+                        json!([{"type": "RequestRedirect", "requestRedirect": {"path": path}}]);
+                }
+                Some(path) => {
+                    o["filters"] = json!([{"type": "URLRewrite", "urlRewrite": {"path": path}}]);
+                }
+                None => {}
+            }
+            if !rule.backends.is_empty() {
+                let refs: Vec<Value> = rule
+                    .backends
+                    .iter()
+                    .map(|&(name, port, weight)| {
+                        let mut b = json!({"name": name, "port": port});
+                        if let Some(w) = weight {
+                            b["weight"] = json!(w);
+                        }
+                        b
+                    })
+                    .collect();
+                o["backendRefs"] = json!(refs);
             }
             o
         })
@@ -654,7 +826,24 @@ fn check_case(seed: u64) -> usize {
                     None => Pick::Unrouted,
                     Some(entries) => match route(entries, &view) {
                         None => Pick::NotFound,
-                        Some(e) => Pick::Rule(e.rule.kind, e.rule.route.clone(), e.rule.index),
+                        Some(e) => {
+                            let edit = match (&e.rule.redirect, &e.rule.rewrite) {
+                                (Some(r), _) => r.path.as_ref(),
+                                (None, Some(r)) => r.path.as_ref(),
+                                (None, None) => None,
+                            };
+                            let sends = Sends {
+                                path: edit.map(|edit| edit.apply(&e.request.path, req.path)),
+                                backends: e
+                                    .rule
+                                    .backends
+                                    .iter()
+                                    .map(|b| (b.service.clone(), b.port, b.weight))
+                                    .collect(),
+                                invalid_weight: e.rule.unresolved_weight,
+                            };
+                            Pick::Rule(e.rule.kind, e.rule.route.clone(), e.rule.index, sends)
+                        }
                     },
                 };
                 let reference = decide(&model, client, port, req);

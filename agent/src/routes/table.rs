@@ -173,6 +173,10 @@ impl RequestMatch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Rank([usize; 5]);
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A `GRPCRoute` match's precedence: more characters in the service, then
 /// in the method, then more header matches (a pattern counts as written).
 fn grpc_rank(m: &grpc_route::GrpcRouteMatch, compiled: &RequestMatch) -> Rank {
@@ -392,6 +396,10 @@ pub struct Rule {
     pub backends: Vec<WeightedBackend>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unresolved: bool,
+    /// The weight of the invalid references: the share of requests the
+    /// API says must get 500, as the backends they would have gone to.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unresolved_weight: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -617,15 +625,17 @@ impl RouteTable {
             .enumerate()
             .map(|(index, r)| {
                 let mut backends = Vec::new();
+                let mut unresolved_weight = 0u32;
                 for b in r.backend_refs {
-                    if let Some((service, port)) = resolve(b)
-                        && b.weight != Some(0)
-                    {
-                        backends.push(WeightedBackend {
+                    let weight = b.weight.unwrap_or(1);
+                    match resolve(b) {
+                        Some((service, port)) if weight > 0 => backends.push(WeightedBackend {
                             service,
                             port,
-                            weight: b.weight.unwrap_or(1),
-                        });
+                            weight,
+                        }),
+                        Some(_) => {}
+                        None => unresolved_weight = unresolved_weight.saturating_add(weight),
                     }
                 }
                 let mirrors = r
@@ -695,6 +705,7 @@ impl RouteTable {
                         response_headers: edits("ResponseHeaderModifier"),
                         backends,
                         unresolved: all_invalid,
+                        unresolved_weight,
                         request_timeout: timeout(r.timeouts.and_then(|t| t.request.as_ref())),
                         backend_timeout: timeout(
                             r.timeouts.and_then(|t| t.backend_request.as_ref()),
