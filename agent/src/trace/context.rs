@@ -112,7 +112,12 @@ pub fn inject(
 }
 
 /// `version-traceid-parentid-flags`; versions above 00 may add fields.
+/// The digits are lowercase (`HEXDIGLC`): any other value is invalid and
+/// ignored, as the W3C says.
 fn traceparent(text: &str) -> Option<(TraceId, SpanId, bool)> {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
     let mut parts = text.trim().split('-');
     let version = parts.next()?;
     let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
@@ -252,6 +257,8 @@ mod tests {
             format!("00-{TRACE}-0000000000000000-01"),
             format!("00-{TRACE}-00f067aa0ba902b-01"),
             "00-xyz-00f067aa0ba902b7-01".into(),
+            format!("00-{}-00f067aa0ba902b7-01", TRACE.to_uppercase()),
+            format!("00-{TRACE}-00F067AA0BA902B7-01"),
         ] {
             assert_eq!(extract(&headers(&[("traceparent", &bad)])), None, "{bad}");
         }
