@@ -1,5 +1,6 @@
 //! The agent's proxies: outbound capture on 15001, and the relay they share.
 
+pub mod affinity;
 pub mod busy_poll;
 pub mod detect;
 pub mod http;

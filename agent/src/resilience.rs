@@ -238,12 +238,15 @@ impl ServiceState {
     /// Picks an endpoint among `candidates` (the Service's ready endpoints):
     /// ejected and unhealthy ones are skipped unless every one is (then all
     /// are used, as Envoy's panic mode does); `tried` ones are avoided when
-    /// others remain; `key` is the consistent hash's input.
+    /// others remain; `key` is the consistent hash's input; `held`, the
+    /// endpoint the client is held to (`sessionAffinity`), is taken while
+    /// it is among the endpoints left.
     pub fn pick(
         &self,
         candidates: &[SocketAddr],
         tried: &[SocketAddr],
         key: Option<u64>,
+        held: Option<SocketAddr>,
     ) -> Option<(SocketAddr, Arc<Endpoint>)> {
         let now = Instant::now();
         let records: Vec<(SocketAddr, Arc<Endpoint>)> = {
@@ -263,6 +266,11 @@ impl ServiceState {
         }
         if usable.is_empty() {
             return None;
+        }
+        if let Some(held) = held
+            && let Some((addr, e)) = usable.iter().find(|(a, _)| *a == held)
+        {
+            return Some((*addr, e.clone()));
         }
         let i = match (self.policy.balance.algorithm, key) {
             (Algorithm::RingHash | Algorithm::Maglev, Some(key)) => {
@@ -432,7 +440,7 @@ mod tests {
         let both = [a, b];
         let mut served = Vec::new();
         for _ in 0..30 {
-            let (addr, e) = svc.pick(&both, &[], None).unwrap();
+            let (addr, e) = svc.pick(&both, &[], None, None).unwrap();
             let outcome = if addr == b {
                 Outcome::ServerError
             } else {

@@ -144,3 +144,93 @@ fn internal_traffic_policy_and_traffic_distribution_pick_endpoints_by_node() {
         logs()
     );
 }
+
+/// `sessionAffinity: ClientIP`: each client's calls stay on one endpoint,
+/// new connections (the L4 path) and requests on one connection (the L7
+/// path, which a TrafficPolicy puts the Service on) alike, while a Service
+/// without it spreads the same calls over its endpoints.
+#[test]
+fn session_affinity_keeps_each_client_on_one_endpoint() {
+    let mut lab = Lab::new("svc_affinity").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let clients = [
+        lab.add_pod(&a, "a1").expect("pod"),
+        lab.add_pod(&a, "a2").expect("pod"),
+    ];
+    let webs = [
+        (lab.add_pod(&a, "a3").expect("pod"), "web-1"),
+        (lab.add_pod(&a, "a4").expect("pod"), "web-2"),
+        (lab.add_pod(&b, "b1").expect("pod"), "web-3"),
+    ];
+    let _servers = webs.each_ref().map(|(pod, name)| {
+        pod.serve(py::NAME_SERVER, &[name, "8080"], 8080)
+            .expect("name server")
+    });
+    let sticky = "sessionAffinity: ClientIP, \
+                  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ";
+    let mut objects = vec![
+        mesh::node(&a),
+        mesh::node(&b),
+        mesh::namespace("shop", true),
+        service("sticky", "10.96.0.95", sticky, "app: web"),
+        service("sticky-l7", "10.96.0.96", sticky, "app: web"),
+        mesh::traffic_policy("shop", "sticky-l7", "loadBalancer: {type: RoundRobin}"),
+        service("spread", "10.96.0.97", "", "app: web"),
+        service("spread-l7", "10.96.0.98", "", "app: web"),
+        mesh::traffic_policy("shop", "spread-l7", "loadBalancer: {type: RoundRobin}"),
+    ];
+    objects.extend(
+        clients
+            .iter()
+            .map(|c| mesh::pod(c, "shop", &[("app", "client")], &[], "")),
+    );
+    objects.extend(
+        webs.iter()
+            .map(|(pod, _)| mesh::pod(pod, "shop", &[("app", "web")], &[], "")),
+    );
+    let cluster = mesh::Cluster::start(lab.name(), &[&a, &b], &objects).expect("agents");
+    // Nine requests on one keep-alive connection: the names that answered.
+    let on_one_connection = |client: &Pod, vip: &str| -> BTreeMap<String, usize> {
+        let url = format!("http://{vip}/");
+        let mut args = vec!["-m", "10", "-w", "\\n"];
+        args.extend(std::iter::repeat_n(url.as_str(), 9));
+        let out = client.exec().curl(&args).expect("curl runs");
+        let mut seen = BTreeMap::new();
+        for name in out.lines() {
+            *seen.entry(name.to_owned()).or_insert(0) += 1;
+        }
+        seen
+    };
+
+    for client in &clients {
+        // New connections, one per call: the L4 path.
+        let seen = answers(client, "http://10.96.0.95/", 9);
+        assert_eq!(seen.len(), 1, "from {}: {seen:?}", client.name);
+        let (name, _) = seen.into_iter().next().expect("one");
+        assert!(name.starts_with("web-"), "from {}: {name:?}", client.name);
+        // Requests on one connection, and new connections: the L7 path.
+        let l7 = on_one_connection(client, "10.96.0.96");
+        assert_eq!(l7.len(), 1, "from {}: {l7:?}", client.name);
+        let again = answers(client, "http://10.96.0.96/", 3);
+        assert_eq!(again.len(), 1, "from {}: {again:?}", client.name);
+        assert_eq!(
+            l7.keys().next(),
+            again.keys().next(),
+            "from {}",
+            client.name
+        );
+    }
+    // Without affinity the same calls spread over the endpoints.
+    let spread = answers(&clients[0], "http://10.96.0.97/", 9);
+    assert!(spread.len() >= 2, "{spread:?}");
+    let spread = on_one_connection(&clients[0], "10.96.0.98");
+    assert!(spread.len() >= 2, "{spread:?}");
+    // `trellis services` shows the timeout.
+    let services = cluster.agents[0].cli_json("services").expect("services");
+    let timeout = services
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "sticky"))
+        .map(|s| s["client_ip_affinity"].clone());
+    assert_eq!(timeout, Some(serde_json::json!(600)), "{services:#}");
+}

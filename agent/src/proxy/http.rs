@@ -217,6 +217,8 @@ pub struct HttpProxy {
     h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
     /// Per Service: its policy's run-time state.
     services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    /// Clients held to a backend, shared with the L4 path.
+    affinity: Arc<super::affinity::Affinity>,
     /// Active health checks running, by Service and endpoint.
     checks: Mutex<HashMap<(String, SocketAddr), tokio::task::AbortHandle>>,
     pub stats: HttpStats,
@@ -224,6 +226,8 @@ pub struct HttpProxy {
 
 /// What the L7 path shares with the rest of the outbound proxy.
 pub struct Shared {
+    /// Clients held to a backend (`sessionAffinity: ClientIP`).
+    pub affinity: Arc<super::affinity::Affinity>,
     pub hbone: Option<Arc<Pool>>,
     pub policy: Option<Arc<crate::policy::verdict::Verdicts>>,
     pub sockets: Option<Arc<crate::bpf::sockets::SocketMaps>>,
@@ -255,6 +259,7 @@ impl HttpProxy {
             h1: Mutex::default(),
             h2: Mutex::default(),
             services: Mutex::default(),
+            affinity: shared.affinity,
             checks: Mutex::default(),
             stats: HttpStats::default(),
         }
@@ -476,6 +481,11 @@ impl HttpProxy {
             );
         }
         let hash = resilience::hash_key(&policy, req.headers(), call.client.ip());
+        // `sessionAffinity: ClientIP` of the Service the rule sends to.
+        let affinity = snapshot
+            .service(&service)
+            .and_then(|s| s.client_ip_affinity);
+        let client_ip = call.client.ip().to_canonical();
 
         // The request, and when retries are possible a copy of it (its body
         // recorded as it streams) to send again.
@@ -517,11 +527,20 @@ impl HttpProxy {
         let mut retry_permit = None;
         loop {
             let Some(req) = next.take() else { break };
+            let now = std::time::Instant::now();
+            let held = affinity.and_then(|timeout| {
+                self.affinity
+                    .held(&service, port, client_ip, timeout, &candidates, now)
+            });
             let Some((backend, endpoint)) =
-                svc.pick(&candidates, &tried, hash.as_ref().map(|h| h.key()))
+                svc.pick(&candidates, &tried, hash.as_ref().map(|h| h.key()), held)
             else {
                 return answer(Reason::NoHealthyUpstream, format!("{service}:{port}"));
             };
+            if let Some(timeout) = affinity {
+                self.affinity
+                    .hold(&service, port, client_ip, backend, timeout, now);
+            }
             tried.push(backend);
             chosen.backend = Some(backend);
             if let Err(policy) = self.authorize(&snapshot, call, backend, authz::Request::of(&req))
@@ -744,7 +763,7 @@ impl HttpProxy {
                         .map(|s| s.ready_backends(m.port, call.ipv6))
                         .unwrap_or_default();
                     let candidates = this.egress_allowed(&snapshot, &call, candidates);
-                    let Some((backend, _)) = svc.pick(&candidates, &[], None) else {
+                    let Some((backend, _)) = svc.pick(&candidates, &[], None, None) else {
                         this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
                         return;
                     };

@@ -34,6 +34,7 @@ use crate::metrics::{
 };
 
 use super::{
+    affinity::Affinity,
     detect::{self, Protocol},
     http::{Call, HttpProxy, HttpStats},
     relay::{self, Accelerated, Progress, RelayError, Relayed},
@@ -152,6 +153,9 @@ pub struct Outbound {
     sockets: Option<Arc<SocketMaps>>,
     state: watch::Receiver<Arc<Snapshot>>,
     next: Mutex<HashMap<(String, u16), usize>>,
+    /// Clients held to a backend (`sessionAffinity: ClientIP`), shared
+    /// with the L7 path.
+    affinity: Arc<Affinity>,
     /// The trust domain identities live in.
     trust_domain: String,
     /// Tunnels to other nodes.
@@ -199,6 +203,7 @@ impl Outbound {
             sockets: sockets.filter(|_| config.accel.sk_msg),
             state,
             next: Mutex::new(HashMap::new()),
+            affinity: Arc::default(),
             hbone: None,
             policy: None,
             http: std::sync::OnceLock::new(),
@@ -426,6 +431,7 @@ impl Outbound {
                     sockets: self.sockets.clone(),
                     metrics: self.metrics.clone(),
                     tracer: self.tracer.clone(),
+                    affinity: self.affinity.clone(),
                 },
                 self.config.connect_timeout,
                 self.config.busy_poll,
@@ -544,10 +550,24 @@ impl Outbound {
             return Err(no_backend(svc.id()));
         }
         let usable = self.egress_allowed(&snapshot, peer, dst, usable)?;
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = next.entry((svc.id(), port.port)).or_insert(0);
-        let backend = usable[*slot % usable.len()];
-        *slot = slot.wrapping_add(1);
+        let id = svc.id();
+        let client = peer.ip().to_canonical();
+        let now = std::time::Instant::now();
+        let held = svc.client_ip_affinity.and_then(|timeout| {
+            self.affinity
+                .held(&id, port.port, client, timeout, &usable, now)
+        });
+        let backend = held.unwrap_or_else(|| {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = next.entry((id.clone(), port.port)).or_insert(0);
+            let backend = usable[*slot % usable.len()];
+            *slot = slot.wrapping_add(1);
+            backend
+        });
+        if let Some(timeout) = svc.client_ip_affinity {
+            self.affinity
+                .hold(&id, port.port, client, backend, timeout, now);
+        }
         Ok(route(backend))
     }
 

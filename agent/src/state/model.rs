@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use k8s_openapi::{
@@ -156,6 +157,20 @@ pub struct ServiceView {
     pub ports: Vec<ServicePort>,
     /// Backends by service port number.
     pub backends: BTreeMap<u16, Vec<Backend>>,
+    /// `sessionAffinity: ClientIP`: how long a client stays on its backend
+    /// after its last call.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
+    pub client_ip_affinity: Option<Duration>,
+}
+
+/// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY: Duration = Duration::from_secs(10_800);
+
+fn seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_u64(d.as_secs()),
+        None => s.serialize_none(),
+    }
 }
 
 impl ServiceView {
@@ -721,6 +736,13 @@ fn service_view(
         vips,
         ports,
         backends,
+        client_ip_affinity: (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref()?.timeout_seconds)
+                .and_then(|t| u64::try_from(t).ok())
+                .map_or(DEFAULT_AFFINITY, Duration::from_secs)
+        }),
     }
 }
 
@@ -1090,6 +1112,51 @@ mod tests {
             ["10.1.1.12:8080", "10.1.1.13:8080"],
             "only usable ones take connections"
         );
+    }
+
+    #[test]
+    fn session_affinity_is_read_and_checked_as_the_api_server_does() {
+        let service = |spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+                 spec: {{clusterIP: 10.96.0.30, {spec}selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let affinity = |spec: &str| {
+            let parsed = parse_file(Path::new("svc.yaml"), &service(spec)).expect("yaml");
+            if let Some((_, e)) = parsed.rejected.first() {
+                return Err((e.field.clone(), e.reason.clone()));
+            }
+            let snap = Snapshot::build("node-a", &parsed.objects);
+            Ok(snap.service("shop/web").expect("web").client_ip_affinity)
+        };
+        let secs = |s| Ok(Some(Duration::from_secs(s)));
+        assert_eq!(affinity(""), Ok(None));
+        assert_eq!(affinity("sessionAffinity: None, "), Ok(None));
+        assert_eq!(affinity("sessionAffinity: ClientIP, "), secs(10_800));
+        assert_eq!(
+            affinity(
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, "
+            ),
+            secs(60)
+        );
+        let field = |spec: &str| affinity(spec).map_err(|(field, _)| field);
+        assert_eq!(
+            field("sessionAffinity: Cookie, "),
+            Err("spec.sessionAffinity".into())
+        );
+        for bad in [
+            "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ",
+            "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}, ",
+            "sessionAffinity: None, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ",
+            "sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ",
+        ] {
+            assert_eq!(
+                field(bad),
+                Err("spec.sessionAffinityConfig.clientIP.timeoutSeconds".into()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

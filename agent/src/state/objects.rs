@@ -603,6 +603,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
                     parse_ip(&format!("spec.clusterIPs[{i}]"), ip)?;
                 }
             }
+            check_session_affinity(spec)?;
             for (i, port) in spec.ports.iter().flatten().enumerate() {
                 check_port(&format!("spec.ports[{i}].port"), port.port)?;
                 if let Some(IntOrString::Int(t)) = &port.target_port {
@@ -640,6 +641,34 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// `sessionAffinity` as the API server takes it: `None` or `ClientIP`, a
+/// timeout only with `ClientIP`, of 1 s to a day.
+fn check_session_affinity(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<(), Invalid> {
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match spec.session_affinity.as_deref() {
+        None | Some("None") if timeout.is_some() => Err(invalid(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            "only with sessionAffinity: ClientIP",
+        )),
+        None | Some("None") => Ok(()),
+        Some("ClientIP") => match timeout {
+            Some(t) if !(1..=86_400).contains(&t) => Err(invalid(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                format!("{t} is not within 1 to 86400"),
+            )),
+            _ => Ok(()),
+        },
+        Some(other) => Err(invalid(
+            "spec.sessionAffinity",
+            format!("{other:?} is not one of [\"None\", \"ClientIP\"]"),
+        )),
+    }
 }
 
 fn validate_label(
