@@ -135,7 +135,7 @@ pub fn render_status(doc: &Value) -> String {
     let o = &doc["outbound"];
     let _ = writeln!(
         out,
-        "outbound:      {} accepted, {} completed, {} accelerated, {} spliced, {} refused (no original destination), {} no backend, {} connect failures, {} idle timeouts",
+        "outbound:      {} accepted, {} completed, {} accelerated, {} spliced, {} refused (no original destination), {} no backend, {} connect failures, {} idle timeouts, {} sniffed ({} timed out)",
         s(&o["accepted"]),
         s(&o["completed"]),
         s(&o["accelerated"]),
@@ -144,6 +144,8 @@ pub fn render_status(doc: &Value) -> String {
         s(&o["no_backend"]),
         s(&o["connect_failed"]),
         s(&o["idle_timeouts"]),
+        s(&o["sniffed"]),
+        s(&o["sniff_timeouts"]),
     );
     let _ = writeln!(out, "\nPROGRAMS");
     for p in doc["programs"].as_array().into_iter().flatten() {

@@ -4,7 +4,7 @@
 //! `trafficDistribution: PreferSameNode` prefers the node's endpoints and
 //! falls back to the others.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use trellis_tests::{Lab, Pod, mesh, py};
 
@@ -233,4 +233,81 @@ fn session_affinity_keeps_each_client_on_one_endpoint() {
         .and_then(|s| s.iter().find(|s| s["name"] == "sticky"))
         .map(|s| s["client_ip_affinity"].clone());
     assert_eq!(timeout, Some(serde_json::json!(600)), "{services:#}");
+}
+
+/// Reads one line from a server that speaks first, COUNT times, each on a
+/// new connection; prints each. Args: HOST PORT COUNT.
+const READ_BANNER: &str = r#"
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    print(s.makefile().readline().strip())
+    s.close()
+"#;
+
+/// A Service port that declares its protocol, by `appProtocol` or by its
+/// name as Istio reads it (`tcp-who`), is not peeked at: a server that
+/// speaks first gets its client at once. An undeclared one is peeked at
+/// until the sniffing gives up, which `trellis status` counts.
+#[test]
+fn declared_ports_are_not_sniffed() {
+    let mut lab = Lab::new("svc_declared").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let who = lab.add_pod(&a, "a2").expect("pod");
+    let _server = who
+        .serve(py::WHOAMI_SERVER, &["7001"], 7001)
+        .expect("server");
+    let port = |service: &str, vip: &str, port: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: shop}}\n\
+             spec: {{clusterIP: {vip}, selector: {{app: who}}, ports: [{{{port}, port: 7001}}]}}\n"
+        )
+    };
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&who, "shop", &[("app", "who")], &[], ""),
+            port("who", "10.96.0.100", "name: who"),
+            port("who-tcp", "10.96.0.101", "name: tcp-who"),
+            port("who-db", "10.96.0.102", "name: db, appProtocol: mysql"),
+        ],
+    )
+    .expect("agents");
+    let sniffs = || {
+        let status = cluster.agents[0].cli_json("status").expect("status");
+        let o = &status["outbound"];
+        [o["sniffed"].as_u64(), o["sniff_timeouts"].as_u64()].map(|v| v.expect("counter"))
+    };
+    let banners = |vip: &str| {
+        client
+            .exec()
+            .python_output(READ_BANNER, &[vip, "7001", "3"], Duration::from_secs(30))
+            .expect("banner client")
+    };
+    // The server's banner (the address it sees) on each connection.
+    let served = |out: String| {
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines.len() == 3 && lines.iter().all(|l| l.parse::<std::net::IpAddr>().is_ok()),
+            "{out}"
+        );
+    };
+    for vip in ["10.96.0.101", "10.96.0.102"] {
+        let before = sniffs();
+        served(banners(vip));
+        assert_eq!(sniffs(), before, "{vip} was peeked at");
+    }
+    let before = sniffs();
+    served(banners("10.96.0.100"));
+    let after = sniffs();
+    assert_eq!(
+        [after[0] - before[0], after[1] - before[1]],
+        [3, 3],
+        "{before:?} -> {after:?}"
+    );
 }

@@ -33,15 +33,48 @@ impl Protocol {
     }
 }
 
-/// What a Service port's `appProtocol` declares: `Some(true)` for HTTP (the
-/// version is still read from the first bytes), `Some(false)` for opaque TCP,
-/// `None` when sniffing decides.
-pub fn declared(app_protocol: Option<&str>) -> Option<bool> {
-    match app_protocol? {
-        "http" | "http2" | "grpc" | "kubernetes.io/h2c" | "h2c" => Some(true),
-        "tcp" | "https" | "tls" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(false),
-        _ => None,
+/// Protocols a Service port may declare that the agent serves as HTTP.
+const HTTP: &[&str] = &[
+    "http",
+    "http2",
+    "grpc",
+    "grpc-web",
+    "h2c",
+    "kubernetes.io/h2c",
+];
+/// Protocols it relays as opaque TCP without peeking: TLS from the app,
+/// and the server-first and binary ones Istio names (a server that speaks
+/// first would wait out the sniffing timeout on every connection).
+const OPAQUE: &[&str] = &[
+    "tcp",
+    "https",
+    "tls",
+    "mongo",
+    "mysql",
+    "redis",
+    "kubernetes.io/ws",
+    "kubernetes.io/wss",
+];
+
+/// What a Service port declares, read as Istio reads it: its `appProtocol`,
+/// else its name as `<protocol>[-<suffix>]` (`http-web`, `tcp-db`, `mysql`).
+/// `Some(true)` for HTTP (the version is still read from the first bytes),
+/// `Some(false)` for opaque TCP, `None` when sniffing decides.
+pub fn declared(app_protocol: Option<&str>, port_name: &str) -> Option<bool> {
+    let kind = |p: &str| {
+        if HTTP.iter().any(|h| h.eq_ignore_ascii_case(p)) {
+            Some(true)
+        } else if OPAQUE.iter().any(|o| o.eq_ignore_ascii_case(p)) {
+            Some(false)
+        } else {
+            None
+        }
+    };
+    if let Some(declared) = app_protocol.and_then(kind) {
+        return Some(declared);
     }
+    let name = port_name.to_ascii_lowercase();
+    kind(&name).or_else(|| kind(name.split_once('-')?.0))
 }
 
 /// The HTTP/2 client connection preface (RFC 9113, 3.4).
@@ -98,16 +131,23 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
 /// Peeks at the connection until its first bytes decide, the client closes,
 /// or `timeout` passes (opaque: the server may be the one to speak first).
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
+    sniff(stream, timeout).await.unwrap_or(Protocol::Opaque)
+}
+
+/// [`detect`], with `None` when `timeout` passed before the first bytes
+/// decided (a server that speaks first, or a slow client).
+pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; PREFACE.len()];
     let mut seen = 0;
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         match peeked {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Protocol::Opaque,
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(Protocol::Opaque),
             Ok(Ok(n)) => {
                 if let Some(p) = classify(&buf[..n]) {
-                    return p;
+                    return Some(p);
                 }
                 if n == seen {
                     // Nothing new since the last look: peek returns at once
@@ -119,7 +159,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
                     .await
                     .is_err()
                     {
-                        return Protocol::Opaque;
+                        return None;
                     }
                 }
                 seen = n;
@@ -177,13 +217,40 @@ mod tests {
     }
 
     #[test]
-    fn app_protocol_overrides() {
-        assert_eq!(declared(Some("http")), Some(true));
-        assert_eq!(declared(Some("grpc")), Some(true));
-        assert_eq!(declared(Some("kubernetes.io/h2c")), Some(true));
-        assert_eq!(declared(Some("tcp")), Some(false));
-        assert_eq!(declared(Some("mysql")), None);
-        assert_eq!(declared(None), None);
+    fn app_protocol_then_the_port_name_declare() {
+        assert_eq!(declared(Some("http"), ""), Some(true));
+        assert_eq!(declared(Some("grpc"), ""), Some(true));
+        assert_eq!(declared(Some("HTTP2"), ""), Some(true));
+        assert_eq!(declared(Some("kubernetes.io/h2c"), ""), Some(true));
+        assert_eq!(declared(Some("tcp"), ""), Some(false));
+        assert_eq!(declared(Some("mysql"), ""), Some(false));
+        assert_eq!(declared(None, ""), None);
+        // appProtocol wins over the name; an unknown one leaves it to the name.
+        assert_eq!(declared(Some("tcp"), "http-web"), Some(false));
+        assert_eq!(declared(Some("example.com/custom"), "http-web"), Some(true));
+        // Istio's port names: `<protocol>[-<suffix>]`.
+        for (name, want) in [
+            ("http", Some(true)),
+            ("http-web", Some(true)),
+            ("HTTP-Web", Some(true)),
+            ("http2-api", Some(true)),
+            ("grpc", Some(true)),
+            ("grpc-web", Some(true)),
+            ("grpc-web-ui", Some(true)),
+            ("tcp-db", Some(false)),
+            ("mysql", Some(false)),
+            ("mysql-primary", Some(false)),
+            ("https-admin", Some(false)),
+            ("tls", Some(false)),
+            ("redis-cache", Some(false)),
+            ("web", None),
+            ("httpx", None),
+            ("http_web", None),
+            ("metrics-http", None),
+            ("", None),
+        ] {
+            assert_eq!(declared(None, name), want, "{name}");
+        }
     }
 
     #[tokio::test]

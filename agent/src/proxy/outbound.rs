@@ -143,6 +143,12 @@ pub struct OutboundStats {
     pub adopted: AtomicU64,
     /// Service backends left out of a pick because egress policy denies them.
     pub policy_dropped_backends: AtomicU64,
+    /// Connections to a Service port peeked at for their protocol, and
+    /// those whose client sent nothing decisive in time: many of these
+    /// on one port mean a server-first protocol that its Service should
+    /// declare (`appProtocol` or the port's name), to skip the wait.
+    pub sniffed: AtomicU64,
+    pub sniff_timeouts: AtomicU64,
 }
 
 /// The outbound proxy's shared state.
@@ -453,8 +459,9 @@ impl Outbound {
     }
 
     /// A call to a Service port from a local pod, which the L7 path may
-    /// take: the call, whether `appProtocol` declares HTTP (`Some(true)`) or
-    /// opaque TCP, and whether routes apply to this client.
+    /// take: the call, whether the port declares HTTP (`Some(true)`) or
+    /// opaque TCP (`appProtocol`, else its name), and whether routes apply
+    /// to this client.
     fn l7_candidate(&self, peer: SocketAddr) -> Option<(Call, Option<bool>, bool)> {
         let orig = self.orig.get(&ip_port(peer.ip(), peer.port()))?;
         if orig.service_id == 0 {
@@ -480,7 +487,11 @@ impl Outbound {
             port: port.port,
             ipv6: dst.is_ipv6(),
         };
-        Some((call, detect::declared(port.app_protocol.as_deref()), routed))
+        Some((
+            call,
+            detect::declared(port.app_protocol.as_deref(), &port.name),
+            routed,
+        ))
     }
 
     /// The state the proxy routes by.
@@ -698,7 +709,12 @@ impl Outbound {
             } else {
                 self.config.detect_timeout
             };
-            let protocol = detect::detect(&inbound, wait).await;
+            self.stats.sniffed.fetch_add(1, Ordering::Relaxed);
+            let protocol = detect::sniff(&inbound, wait).await.unwrap_or_else(|| {
+                self.stats.sniff_timeouts.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %call.service, port = call.port, "no protocol in time: opaque");
+                Protocol::Opaque
+            });
             // HTTP/2 always (per-request balancing of its multiplexed
             // streams); HTTP/1.1 when routes apply or requests are traced,
             // else the L4 path keeps its kernel shortcuts.
