@@ -311,3 +311,48 @@ fn declared_ports_are_not_sniffed() {
         "{before:?} -> {after:?}"
     );
 }
+
+/// Calls from a pod to a Service's external IP or its load balancer's
+/// address are the Service's, as with kube-proxy: captured and served by
+/// its endpoints; a balancer that proxies (`ipMode: Proxy`) is left alone.
+#[test]
+fn external_and_load_balancer_addresses_reach_the_endpoints() {
+    let mut lab = Lab::new("svc_external").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let web = lab.add_pod(&a, "a2").expect("pod");
+    let _server = web
+        .serve(py::NAME_SERVER, &["web", "8080"], 8080)
+        .expect("server");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&web, "shop", &[("app", "web")], &[], ""),
+            // Documentation addresses: nothing in the lab routes them.
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {type: LoadBalancer, clusterIP: 10.96.0.110, externalIPs: [203.0.113.10], \
+             selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n\
+             status: {loadBalancer: {ingress: [{ip: 198.51.100.7}, {ip: 198.51.100.8, ipMode: Proxy}]}}\n"
+                .to_owned(),
+        ],
+    )
+    .expect("agents");
+    for vip in ["10.96.0.110", "203.0.113.10", "198.51.100.7"] {
+        let seen = answers(&client, &format!("http://{vip}/"), 2);
+        assert_eq!(seen, BTreeMap::from([("web".to_owned(), 2)]), "{vip}");
+    }
+    // The proxying balancer's address is not captured: with no route to
+    // it in the lab, the call fails.
+    let seen = answers(&client, "http://198.51.100.8/", 1);
+    assert_eq!(seen, BTreeMap::from([(String::new(), 1)]));
+    let services = cluster.agents[0].cli_json("services").expect("services");
+    assert_eq!(
+        services[0]["vips"],
+        serde_json::json!(["10.96.0.110", "198.51.100.7", "203.0.113.10"]),
+        "{services:#}"
+    );
+}

@@ -682,12 +682,25 @@ fn service_view(
 ) -> ServiceView {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
     let spec = svc.spec.clone().unwrap_or_default();
+    // Besides the cluster IPs, a pod's calls to the Service's external IPs
+    // and load balancer addresses are the Service's too, as kube-proxy and
+    // Cilium take them inside the cluster; except a load balancer that
+    // proxies (`ipMode: Proxy`), which must see the traffic itself.
+    let balancers = svc
+        .status
+        .iter()
+        .flat_map(|s| s.load_balancer.iter())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.clone());
     let vips: Vec<IpAddr> = spec
         .cluster_ips
         .clone()
         .unwrap_or_default()
         .into_iter()
         .chain(spec.cluster_ip.clone())
+        .chain(spec.external_ips.clone().unwrap_or_default())
+        .chain(balancers)
         .filter_map(|ip| ip.parse().ok())
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -1111,6 +1124,46 @@ mod tests {
             addrs(&svc.backends[&80]),
             ["10.1.1.12:8080", "10.1.1.13:8080"],
             "only usable ones take connections"
+        );
+    }
+
+    #[test]
+    fn external_and_load_balancer_addresses_are_the_services_too() {
+        let service = |status: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+                 spec: {{clusterIP: 10.96.0.30, externalIPs: [203.0.113.10], selector: {{app: web}}, ports: [{{port: 80}}]}}\n\
+                 status: {{loadBalancer: {{ingress: [{status}]}}}}\n"
+            )
+        };
+        let parsed = parse_file(
+            Path::new("svc.yaml"),
+            &service("{ip: 198.51.100.7}, {ip: 198.51.100.8, ipMode: Proxy}, {hostname: lb.example.com}, {ip: '2001:db8::7', ipMode: VIP}"),
+        )
+        .expect("yaml");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let snap = Snapshot::build("node-a", &parsed.objects);
+        let vips: Vec<String> = snap
+            .service("shop/web")
+            .expect("web")
+            .vips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // Not the proxying balancer, which must see its traffic itself.
+        assert_eq!(
+            vips,
+            ["10.96.0.30", "198.51.100.7", "203.0.113.10", "2001:db8::7"]
+        );
+        assert!(
+            snap.service_for("198.51.100.7:80".parse().expect("addr"))
+                .is_some()
+        );
+        let parsed =
+            parse_file(Path::new("svc.yaml"), &service("{ip: 198.51.100.300}")).expect("yaml");
+        assert_eq!(
+            parsed.rejected.first().map(|(_, e)| e.field.as_str()),
+            Some("status.loadBalancer.ingress[0].ip")
         );
     }
 

@@ -604,6 +604,19 @@ fn validate(object: &Object) -> Result<(), Invalid> {
                 }
             }
             check_session_affinity(spec)?;
+            for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+                parse_ip(&format!("spec.externalIPs[{i}]"), ip)?;
+            }
+            let ingress = svc
+                .status
+                .iter()
+                .flat_map(|s| s.load_balancer.iter())
+                .flat_map(|lb| lb.ingress.iter().flatten());
+            for (i, ingress) in ingress.enumerate() {
+                if let Some(ip) = &ingress.ip {
+                    parse_ip(&format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+                }
+            }
             for (i, port) in spec.ports.iter().flatten().enumerate() {
                 check_port(&format!("spec.ports[{i}].port"), port.port)?;
                 if let Some(IntOrString::Int(t)) = &port.target_port {
