@@ -13,7 +13,7 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Service},
-        discovery::v1::EndpointSlice,
+        discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -826,6 +826,7 @@ fn slice_backends(
     pods: &Pods<'_>,
     locality: &Locality<'_>,
 ) -> Vec<Backend> {
+    let hints = hint_mode(slices, locality.here);
     let mut out = Vec::new();
     for slice in slices {
         // The slice's port of the same name carries the resolved number.
@@ -864,12 +865,67 @@ fn slice_backends(
                     ready,
                     terminating,
                     serving,
-                    close: locality.close(node, ep.zone.as_deref()),
+                    close: locality.close(node, ep.zone.as_deref())
+                        || hints.is_some_and(|mode| mode.hinted(ep, locality.here)),
                 });
             }
         }
     }
     out
+}
+
+/// Topology hints the EndpointSlice controller wrote (Topology Aware
+/// Routing, `trafficDistribution`), used as kube-proxy uses them: when
+/// every ready endpoint carries node hints and one is for this node, the
+/// endpoints hinted for it; else, the same with zone hints and this node's
+/// zone; else none.
+#[derive(Clone, Copy)]
+enum HintMode {
+    Node,
+    Zone,
+}
+
+impl HintMode {
+    fn hinted(self, ep: &Endpoint, here: &Here<'_>) -> bool {
+        let hints = ep.hints.as_ref();
+        match self {
+            Self::Node => hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .is_some_and(|n| n.iter().any(|n| n.name == here.node)),
+            Self::Zone => hints
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|z| z.iter().any(|z| Some(z.name.as_str()) == here.zone)),
+        }
+    }
+}
+
+fn hint_mode(slices: &[&Arc<EndpointSlice>], here: &Here<'_>) -> Option<HintMode> {
+    let ready: Vec<&Endpoint> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .collect();
+    let usable = |mode: HintMode, written: fn(&Endpoint) -> bool| {
+        (!ready.is_empty()
+            && ready.iter().all(|ep| written(ep))
+            && ready.iter().any(|ep| mode.hinted(ep, here)))
+        .then_some(mode)
+    };
+    usable(HintMode::Node, |ep| {
+        ep.hints
+            .as_ref()
+            .and_then(|h| h.for_nodes.as_ref())
+            .is_some_and(|n| !n.is_empty())
+    })
+    .or_else(|| {
+        here.zone?;
+        usable(HintMode::Zone, |ep| {
+            ep.hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|z| !z.is_empty())
+        })
+    })
 }
 
 #[cfg(test)]
@@ -1269,6 +1325,77 @@ mod tests {
                 ["10.1.1.12:8080", "10.1.1.13:8080", "10.1.2.19:8080"]
             );
         }
+    }
+
+    #[test]
+    fn topology_hints_pick_endpoints_as_kube_proxy_does() {
+        // Three endpoints whose slice carries `hints` as given.
+        let cluster = |hints: [&str; 3]| {
+            let mut text = String::new();
+            for (node, zone) in [("node-x", "z1"), ("node-y", "z2"), ("node-n", "")] {
+                let labels = if zone.is_empty() {
+                    String::new()
+                } else {
+                    format!(", labels: {{topology.kubernetes.io/zone: {zone}}}")
+                };
+                text.push_str(&format!(
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}{labels}}}\n---\n"
+                ));
+            }
+            text.push_str(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: hinted, namespace: shop}\n\
+                 spec: {clusterIP: 10.96.0.41, ports: [{port: 80}]}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: hinted-1, namespace: shop, labels: {kubernetes.io/service-name: hinted}}\n\
+                 addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+            );
+            for (i, h) in hints.iter().enumerate() {
+                let hints = if h.is_empty() {
+                    String::new()
+                } else {
+                    format!(", hints: {h}")
+                };
+                text.push_str(&format!("- {{addresses: [10.1.4.{}]{hints}}}\n", 31 + i));
+            }
+            let parsed = parse_file(Path::new("hints.yaml"), &text).expect("yaml");
+            assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+            parsed.objects
+        };
+        let picks = |objects: &[Object], node: &str| {
+            let s = Snapshot::build(node, objects);
+            let svc = s.service("shop/hinted").expect("hinted");
+            svc.ready_backends(80, false)
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect::<Vec<_>>()
+        };
+        let all = ["10.1.4.31", "10.1.4.32", "10.1.4.33"];
+        let z1 = "{forZones: [{name: z1}]}";
+        let z2 = "{forZones: [{name: z2}]}";
+        let zones = cluster([z1, z1, z2]);
+        assert_eq!(picks(&zones, "node-x"), ["10.1.4.31", "10.1.4.32"]);
+        assert_eq!(picks(&zones, "node-y"), ["10.1.4.33"]);
+        assert_eq!(picks(&zones, "node-n"), all, "a node without a zone");
+        // An endpoint without hints, or none for the caller's zone: all.
+        assert_eq!(picks(&cluster([z1, z1, ""]), "node-x"), all);
+        assert_eq!(picks(&cluster([z1, z1, z1]), "node-y"), all);
+        // Node hints first (PreferSameNode), when every endpoint has some.
+        let nodes = cluster([
+            "{forNodes: [{name: node-y}], forZones: [{name: z2}]}",
+            "{forNodes: [{name: node-x}], forZones: [{name: z1}]}",
+            "{forNodes: [{name: node-x}], forZones: [{name: z1}]}",
+        ]);
+        assert_eq!(picks(&nodes, "node-y"), ["10.1.4.31"]);
+        assert_eq!(picks(&nodes, "node-x"), ["10.1.4.32", "10.1.4.33"]);
+        assert_eq!(picks(&nodes, "node-n"), all);
+        let no_node = cluster([
+            "{forNodes: [{name: node-y}], forZones: [{name: z2}]}",
+            "{forZones: [{name: z1}]}",
+            "{forZones: [{name: z1}]}",
+        ]);
+        assert_eq!(picks(&no_node, "node-x"), ["10.1.4.32", "10.1.4.33"]);
+        // No hints at all: no preference.
+        assert_eq!(picks(&cluster(["", "", ""]), "node-x"), all);
     }
 
     #[test]
