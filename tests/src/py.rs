@@ -951,20 +951,32 @@ print(json.dumps(out))
 
 /// A backend that misbehaves on purpose: `/reset-before` resets the
 /// connection without an answer, `/reset-mid` sends the head and 1,000 of
-/// the 100,000 body bytes it announced, then resets; anything else gets
-/// `ok` and a clean close. Args: PORT.
+/// the 100,000 body bytes it announced, then resets; `/keep` gets `kept`
+/// on a connection kept open, which closes unanswered at the next request
+/// it carries (a keep-alive timeout racing that request, every time);
+/// anything else gets `ok` and a clean close. Args: PORT.
 pub const RESET_SERVER: &str = r#"
 import socket, struct, sys, threading, time
 srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
 def serve(c):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        b = c.recv(65536)
-        if not b:
+    data, served = b"", False
+    while True:
+        while b"\r\n\r\n" not in data:
+            b = c.recv(65536)
+            if not b:
+                c.close()
+                return
+            data += b
+        head, _, data = data.partition(b"\r\n\r\n")
+        if served:
+            # A keep-alive timeout racing this request, made certain.
             c.close()
             return
-        data += b
-    path = data.split(b" ")[1]
+        served = True
+        path = head.split(b" ")[1]
+        if path != b"/keep":
+            break
+        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nkept")
     if path == b"/reset-mid":
         c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
         time.sleep(0.2)

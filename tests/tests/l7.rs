@@ -198,7 +198,9 @@ fn http_routes_pick_the_backend_of_each_request() {
 
 /// A backend that resets: before answering, the client gets 502
 /// `upstream-reset`; in the middle of a body, the client's connection is
-/// cut short, since its head has gone out.
+/// cut short, since its head has gone out. A pooled connection the backend
+/// closes under a request: an idempotent request without a body goes again
+/// on a new connection, others get 502.
 /// Nothing else is disturbed and the agent keeps serving.
 #[test]
 fn backend_resets_are_reported_and_contained() {
@@ -260,11 +262,27 @@ fn backend_resets_are_reported_and_contained() {
         assert!(["18", "56"].contains(&exit), "cut short: {out}");
         assert_eq!(run(&[&url("/ok")]), "200 0", "the agent keeps serving");
     }
+    // Each /keep after the first takes the pooled connection, which the
+    // backend closes on reading it: sent again on a new one, every time.
+    let keeps: Vec<String> = (0..6).map(|_| url("/keep")).collect();
+    let mut args: Vec<&str> = vec!["-w", " %{http_code}"];
+    args.extend(keeps.iter().map(String::as_str));
+    let out = curl(&client, &args);
+    assert_eq!(out, "kept 200".repeat(6), "{out}");
+    let before = cluster.agents[0].cli_json("status").expect("status")["http"]["upstream_reset"]
+        .as_u64()
+        .expect("counter");
+    // A POST with a body is not sent twice: 502.
+    assert_eq!(run(&["-d", "x", &url("/keep")]), "502 0");
+    assert_eq!(run(&[&url("/ok")]), "200 0");
     let status = cluster.agents[0].cli_json("status").expect("status");
-    assert!(
-        status["http"]["upstream_reset"].as_u64() >= Some(2),
+    assert_eq!(status["http"]["stale_retries"], 5, "{status}");
+    assert_eq!(
+        status["http"]["upstream_reset"].as_u64(),
+        Some(before + 1),
         "{status}"
     );
+    assert!(before >= 2, "{status}");
 }
 
 /// `RequestRedirect`, `URLRewrite` and `RequestMirror` on real requests, a

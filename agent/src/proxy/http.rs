@@ -98,6 +98,9 @@ pub struct HttpStats {
     pub fault_injected: AtomicU64,
     pub header_too_large: AtomicU64,
     pub bad_request: AtomicU64,
+    /// Requests sent again on a new upstream connection because the pooled
+    /// one they took had been closed by the backend under them.
+    pub stale_retries: AtomicU64,
     /// Attempts after the first, and retries the budget refused.
     pub retries: AtomicU64,
     pub retry_budget_exhausted: AtomicU64,
@@ -1127,12 +1130,50 @@ impl HttpProxy {
                     .upgrade(req, protocol, client, key, dst, call, svc)
                     .await;
             }
-            let mut sender = self.h1_sender(&key, dst, call, svc).await?;
-            let sent = sender.send_request(req);
-            let resp = self
-                .answer(local, sent)
-                .await
-                .map_err(|e| (Reason::UpstreamReset, e.to_string()))?;
+            let (mut sender, reused) = self.h1_sender(&key, dst.clone(), call, svc).await?;
+            // A pooled connection the backend closed while it sat idle (its
+            // keep-alive timeout racing this request) fails a request
+            // through no fault of the request's. One that was never written
+            // goes again on a new connection; so does one that was, when it
+            // is idempotent and has no body (RFC 9112 9.3.1), as clients
+            // retry such requests themselves.
+            let again = (reused
+                && req.method().is_idempotent()
+                && hyper::body::Body::is_end_stream(req.body()))
+            .then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                )
+            });
+            let resp = match self.answer(local, sender.try_send_request(req)).await {
+                Ok(resp) => resp,
+                Err(mut e) => {
+                    let closed = e.error().is_incomplete_message() || e.error().is_canceled();
+                    let retry = e.take_message().or_else(|| {
+                        let (method, uri, headers) = again.filter(|_| closed)?;
+                        let mut req = Request::new(
+                            Full::new(Bytes::new())
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                        *req.method_mut() = method;
+                        *req.uri_mut() = uri;
+                        *req.headers_mut() = headers;
+                        Some(req)
+                    });
+                    let Some(req) = retry.filter(|_| reused) else {
+                        return Err((Reason::UpstreamReset, e.into_error().to_string()));
+                    };
+                    self.stats.stale_retries.fetch_add(1, Ordering::Relaxed);
+                    debug!(backend = %key.backend, error = %e.error(), "pooled connection closed under the request: sent again on a new one");
+                    sender = self.h1_connect(&key, dst, call, svc).await?;
+                    self.answer(local, sender.send_request(req))
+                        .await
+                        .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
+                }
+            };
             // Back to the pool: it takes the next request once this
             // response's body has been read.
             let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
@@ -1212,22 +1253,35 @@ impl HttpProxy {
         Ok(resp.map(|b| b.boxed()))
     }
 
+    /// An HTTP/1.1 upstream connection: a pooled one (`true`) when one is
+    /// idle, else a new one.
     async fn h1_sender(
         &self,
         key: &UpstreamKey,
         dst: Option<Identity>,
         call: &Call,
         svc: &ServiceState,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, (Reason, String)> {
+    ) -> Result<(hyper::client::conn::http1::SendRequest<Body>, bool), (Reason, String)> {
         {
             let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(list) = idle.get_mut(key) {
                 list.retain(|s| !s.is_closed());
                 if let Some(i) = list.iter().position(|s| s.is_ready()) {
-                    return Ok(list.swap_remove(i));
+                    return Ok((list.swap_remove(i), true));
                 }
             }
         }
+        Ok((self.h1_connect(key, dst, call, svc).await?, false))
+    }
+
+    /// A new HTTP/1.1 upstream connection.
+    async fn h1_connect(
+        &self,
+        key: &UpstreamKey,
+        dst: Option<Identity>,
+        call: &Call,
+        svc: &ServiceState,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, (Reason, String)> {
         let (io, guard, counted) = self
             .connect_counted(key.backend, dst, call, svc, Some("http/1.1"))
             .await?;
