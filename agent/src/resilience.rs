@@ -457,4 +457,26 @@ mod tests {
         }
         assert!(ea.usable(Instant::now()));
     }
+
+    #[test]
+    fn a_held_endpoint_is_taken_while_usable_and_untried() {
+        let svc = ServiceState::new(outlier_policy());
+        let [a, b, c]: [SocketAddr; 3] =
+            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"].map(|s| s.parse().unwrap());
+        let all = [a, b, c];
+        for _ in 0..6 {
+            assert_eq!(svc.pick(&all, &[], None, Some(b)).map(|p| p.0), Some(b));
+        }
+        // A retry of the request goes elsewhere.
+        assert_ne!(svc.pick(&all, &[b], None, Some(b)).map(|p| p.0), Some(b));
+        // Ejected: another one.
+        let eb = svc.endpoint(b);
+        for _ in 0..3 {
+            svc.record(&eb, Outcome::ServerError, 3);
+        }
+        assert!(!eb.usable(Instant::now()));
+        for _ in 0..6 {
+            assert_ne!(svc.pick(&all, &[], None, Some(b)).map(|p| p.0), Some(b));
+        }
+    }
 }

@@ -356,3 +356,51 @@ fn external_and_load_balancer_addresses_reach_the_endpoints() {
         "{services:#}"
     );
 }
+
+/// A Service call whose endpoint refuses the connection (a pod gone before
+/// its Service's endpoints say so: here, pods with nothing listening, on
+/// the caller's node and across nodes) goes to another endpoint, up to
+/// three tries, before any byte of the client's is sent: every call is
+/// served by the one endpoint that listens.
+#[test]
+fn refused_connections_try_another_endpoint() {
+    let mut lab = Lab::new("svc_refused").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let live = lab.add_pod(&a, "a2").expect("pod");
+    let dead_a = lab.add_pod(&a, "a3").expect("pod");
+    let dead_b = lab.add_pod(&b, "b1").expect("pod");
+    let _server = live
+        .serve(py::NAME_SERVER, &["live", "8080"], 8080)
+        .expect("server");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&live, "shop", &[("app", "web")], &[], ""),
+            mesh::pod(&dead_a, "shop", &[("app", "web")], &[], ""),
+            mesh::pod(&dead_b, "shop", &[("app", "web")], &[], ""),
+            service("web", "10.96.0.120", "", "app: web"),
+        ],
+    )
+    .expect("agents");
+    let seen = answers(&client, "http://10.96.0.120/", 9);
+    assert_eq!(seen, BTreeMap::from([("live".to_owned(), 9)]));
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    let retries = status["outbound"]["connect_retries"].as_u64();
+    // Round robin over the three, the refused left out of each call's
+    // next try: 7 to 11 retries in 9 calls, by where the live one sorts.
+    assert!(retries >= Some(7), "{status:#}");
+    // Both kinds of refusal were met: a pod on this node, and one across
+    // nodes (its node's agent answered the tunnel 503).
+    let remote = cluster.agents[1].cli_json("status").expect("status");
+    assert!(
+        remote["inbound"]["upstream_failed"].as_u64() >= Some(1),
+        "{remote:#}"
+    );
+}

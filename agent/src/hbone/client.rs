@@ -89,6 +89,9 @@ impl Drop for StreamGuard {
     }
 }
 
+/// An open HBONE stream and its hold on the pooled connection.
+pub type Opened = (H2Stream, StreamGuard);
+
 /// One pooled connection, for `trellis status`.
 #[derive(Debug, Serialize)]
 pub struct PoolEntry {
@@ -174,7 +177,7 @@ impl Pool {
         source: Option<IpAddr>,
         client: SocketAddr,
         hint: Option<&'static str>,
-    ) -> Result<(H2Stream, StreamGuard), HboneError> {
+    ) -> Result<Opened, HboneError> {
         let key = PoolKey {
             src: src.clone(),
             dst: dst.clone(),

@@ -53,6 +53,10 @@ use crate::{
     sync::{ip_port, socket_addr},
 };
 
+/// Backends a Service call tries before its client is reset (Envoy's and
+/// Istio's default: the first and two more on connect failure).
+const CONNECT_ATTEMPTS: usize = 3;
+
 /// How long a client of a Service port declared HTTP may take to send its
 /// first bytes before the connection is relayed as opaque TCP.
 const DECLARED_HTTP_WAIT: Duration = Duration::from_secs(10);
@@ -143,6 +147,8 @@ pub struct OutboundStats {
     pub adopted: AtomicU64,
     /// Service backends left out of a pick because egress policy denies them.
     pub policy_dropped_backends: AtomicU64,
+    /// Service calls sent to another backend after theirs refused them.
+    pub connect_retries: AtomicU64,
     /// Connections to a Service port peeked at for their protocol, and
     /// those whose client sent nothing decisive in time: many of these
     /// on one port mean a server-first protocol that its Service should
@@ -313,28 +319,33 @@ impl Outbound {
         Some((Identity::of(src, td), Identity::of(dst, td)))
     }
 
+    /// Opens the HBONE stream for `route`; a failure is recorded.
+    async fn open_tunnel(
+        &self,
+        peer: SocketAddr,
+        route: &Route,
+        (src, dst): &(Identity, Identity),
+    ) -> Result<crate::hbone::client::Opened, OutboundError> {
+        let pool = self.hbone.as_ref().expect("tunnel_identities checked it");
+        pool.open(src, dst, route.backend, route.source, peer, None)
+            .await
+            .map_err(|e| {
+                self.record_failed(self.tcp_labels(peer, route, true).as_ref());
+                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+                e.into()
+            })
+    }
+
     async fn tunnel(
         &self,
         inbound: TcpStream,
         peer: SocketAddr,
         route: &Route,
         (src, dst): (Identity, Identity),
+        (stream, _slot): crate::hbone::client::Opened,
         accel: Option<(SockKey, SockState)>,
     ) -> Result<(), OutboundError> {
-        let pool = self.hbone.as_ref().expect("tunnel_identities checked it");
         let labels = self.tcp_labels(peer, route, true);
-        let (stream, _slot) = match pool
-            .open(&src, &dst, route.backend, route.source, peer, None)
-            .await
-        {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.record_failed(labels.as_ref());
-                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = inbound.set_zero_linger();
-                return Err(e.into());
-            }
-        };
         let _ = inbound.set_nodelay(true);
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         let record = labels.map(|l| self.record_open(l, route.backend));
@@ -519,8 +530,9 @@ impl Outbound {
     }
 
     /// Where the connection from `peer` goes: its original destination, or
-    /// for a service VIP one of its ready backends.
-    pub fn resolve(&self, peer: SocketAddr) -> Result<Route, OutboundError> {
+    /// for a service VIP one of its ready backends, other than those in
+    /// `avoid` (ones that refused it already).
+    pub fn resolve(&self, peer: SocketAddr, avoid: &[SocketAddr]) -> Result<Route, OutboundError> {
         let orig = self
             .orig
             .get(&ip_port(peer.ip(), peer.port()))
@@ -556,7 +568,8 @@ impl Outbound {
         let (svc, port) = snapshot
             .service_for(dst)
             .ok_or_else(|| no_backend(dst.to_string()))?;
-        let usable = svc.ready_backends(port.port, dst.is_ipv6());
+        let mut usable = svc.ready_backends(port.port, dst.is_ipv6());
+        usable.retain(|b| !avoid.contains(b));
         if usable.is_empty() {
             return Err(no_backend(svc.id()));
         }
@@ -732,56 +745,85 @@ impl Outbound {
             }
         }
 
-        let route = match self.resolve(peer) {
-            Ok(route) => route,
-            Err(e) => {
-                // Reset rather than FIN: the client must not mistake this for an answer.
-                let _ = inbound.set_zero_linger();
-                self.forget(inbound_key, None);
-                return Err(e);
-            }
-        };
-        tracing::Span::current().record("dst", tracing::field::display(route.dst));
-        if let Some(ids) = self.tunnel_identities(peer.ip(), route.backend.ip()) {
-            let result = self.tunnel(inbound, peer, &route, ids, inbound_accel).await;
-            self.forget(inbound_key, None);
-            return result;
-        }
-        let inspect = match self.authorize(peer, &route, Layer::Connection) {
-            Ok(inspect) => inspect,
-            Err(e) => {
-                let _ = inbound.set_zero_linger();
-                self.forget(inbound_key, None);
-                return Err(e);
-            }
-        };
-        // L7 authorization rules decide: the first bytes say whether the
-        // client speaks HTTP; if not, L4 rules alone judge it.
-        let inspect = match inspect {
-            None => None,
-            Some(source) => match detect::detect(&inbound, self.config.detect_timeout).await {
-                Protocol::Opaque => {
-                    if let Err(e) = self.authorize(peer, &route, Layer::Opaque) {
-                        let _ = inbound.set_zero_linger();
-                        self.forget(inbound_key, None);
-                        return Err(e);
-                    }
-                    None
+        // A Service call whose backend refuses the connection (a pod gone
+        // before its Service's endpoints say so) goes to another one: nothing
+        // of the client's has been sent yet, so it cannot tell.
+        let mut refused: Vec<SocketAddr> = Vec::new();
+        let (route, inspect, upstream) = loop {
+            let route = match self.resolve(peer, &refused) {
+                Ok(route) => route,
+                Err(e) => {
+                    // Reset rather than FIN: the client must not mistake this for an answer.
+                    let _ = inbound.set_zero_linger();
+                    self.forget(inbound_key, None);
+                    return Err(e);
                 }
-                protocol => Some((source, protocol)),
-            },
+            };
+            tracing::Span::current().record("dst", tracing::field::display(route.dst));
+            let retry = route.dst != route.backend && refused.len() < CONNECT_ATTEMPTS - 1;
+            if let Some(ids) = self.tunnel_identities(peer.ip(), route.backend.ip()) {
+                let result = match self.open_tunnel(peer, &route, &ids).await {
+                    Ok(opened) => {
+                        self.tunnel(inbound, peer, &route, ids, opened, inbound_accel)
+                            .await
+                    }
+                    Err(e) if retry => {
+                        debug!(backend = %route.backend, error = %e, "refused: another backend");
+                        self.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
+                        refused.push(route.backend);
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = inbound.set_zero_linger();
+                        Err(e)
+                    }
+                };
+                self.forget(inbound_key, None);
+                return result;
+            }
+            let inspect = match self.authorize(peer, &route, Layer::Connection) {
+                Ok(inspect) => inspect,
+                Err(e) => {
+                    let _ = inbound.set_zero_linger();
+                    self.forget(inbound_key, None);
+                    return Err(e);
+                }
+            };
+            // L7 authorization rules decide: the first bytes say whether the
+            // client speaks HTTP; if not, L4 rules alone judge it (before any
+            // connection to the pod).
+            let inspect = match inspect {
+                None => None,
+                Some(source) => match detect::detect(&inbound, self.config.detect_timeout).await {
+                    Protocol::Opaque => {
+                        if let Err(e) = self.authorize(peer, &route, Layer::Opaque) {
+                            let _ = inbound.set_zero_linger();
+                            self.forget(inbound_key, None);
+                            return Err(e);
+                        }
+                        None
+                    }
+                    protocol => Some((source, protocol)),
+                },
+            };
+            match self.connect(&route).await {
+                Ok(upstream) => break (route, inspect, upstream),
+                Err(e) => {
+                    self.record_failed(self.tcp_labels(peer, &route, false).as_ref());
+                    self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+                    if retry {
+                        debug!(backend = %route.backend, error = %e, "refused: another backend");
+                        self.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
+                        refused.push(route.backend);
+                        continue;
+                    }
+                    let _ = inbound.set_zero_linger();
+                    self.forget(inbound_key, None);
+                    return Err(e);
+                }
+            }
         };
         let labels = self.tcp_labels(peer, &route, false);
-        let upstream = match self.connect(&route).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.record_failed(labels.as_ref());
-                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = inbound.set_zero_linger();
-                self.forget(inbound_key, None);
-                return Err(e);
-            }
-        };
         let _ = upstream.set_nodelay(true);
         let _ = inbound.set_nodelay(true);
         let record = labels.map(|l| self.record_open(l, route.backend));
