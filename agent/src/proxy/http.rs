@@ -339,15 +339,6 @@ impl HttpProxy {
             );
         }
         let grpc = authz::is_grpc(req.headers());
-        if let Err(why) = settle_host(&mut req) {
-            self.count(Reason::BadRequest);
-            debug!(
-                reason = "bad-request",
-                detail = why,
-                "answered by the agent"
-            );
-            return reply(Reason::BadRequest, why, grpc);
-        }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let answer = |reason: Reason, detail: String| {
@@ -355,6 +346,9 @@ impl HttpProxy {
             debug!(%method, path, reason = reason.text(), detail, "answered by the agent");
             reply(reason, &detail, grpc)
         };
+        if let Err(why) = settle_host(&mut req) {
+            return answer(Reason::BadRequest, why.into());
+        }
         let snapshot = self.state.borrow().clone();
 
         // The rule, and the Service port it sends to.
@@ -466,10 +460,12 @@ impl HttpProxy {
             );
         }
 
-        let candidates = snapshot
-            .service(&service)
+        let view = snapshot.service(&service);
+        let candidates = view
             .map(|svc| svc.ready_backends(port, call.ipv6))
             .unwrap_or_default();
+        // `sessionAffinity: ClientIP` of the Service the rule sends to.
+        let affinity = view.and_then(|s| s.client_ip_affinity);
         if candidates.is_empty() {
             return answer(
                 Reason::NoHealthyUpstream,
@@ -484,10 +480,6 @@ impl HttpProxy {
             );
         }
         let hash = resilience::hash_key(&policy, req.headers(), call.client.ip());
-        // `sessionAffinity: ClientIP` of the Service the rule sends to.
-        let affinity = snapshot
-            .service(&service)
-            .and_then(|s| s.client_ip_affinity);
         let client_ip = call.client.ip().to_canonical();
 
         // The request, and when retries are possible a copy of it (its body

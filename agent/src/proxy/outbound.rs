@@ -559,7 +559,10 @@ impl Outbound {
             return Ok(route(dst));
         }
         let no_backend = |service: String| {
-            self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+            // After refusals, the call is counted as refused, not here.
+            if avoid.is_empty() {
+                self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+            }
             OutboundError::NoBackend {
                 service,
                 port: dst.port(),
@@ -574,23 +577,24 @@ impl Outbound {
             return Err(no_backend(svc.id()));
         }
         let usable = self.egress_allowed(&snapshot, peer, dst, usable)?;
-        let id = svc.id();
+        // `sessionAffinity: ClientIP`: the Service's id and timeout.
+        let affinity = svc.client_ip_affinity.map(|timeout| (svc.id(), timeout));
         let client = peer.ip().to_canonical();
         let now = std::time::Instant::now();
-        let held = svc.client_ip_affinity.and_then(|timeout| {
+        let held = affinity.as_ref().and_then(|(id, timeout)| {
             self.affinity
-                .held(&id, port.port, client, timeout, &usable, now)
+                .held(id, port.port, client, *timeout, &usable, now)
         });
         let backend = held.unwrap_or_else(|| {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = next.entry((id.clone(), port.port)).or_insert(0);
+            let slot = next.entry((svc.id(), port.port)).or_insert(0);
             let backend = usable[*slot % usable.len()];
             *slot = slot.wrapping_add(1);
             backend
         });
-        if let Some(timeout) = svc.client_ip_affinity {
+        if let Some((id, timeout)) = &affinity {
             self.affinity
-                .hold(&id, port.port, client, backend, timeout, now);
+                .hold(id, port.port, client, backend, *timeout, now);
         }
         Ok(route(backend))
     }
@@ -749,6 +753,7 @@ impl Outbound {
         // before its Service's endpoints say so) goes to another one: nothing
         // of the client's has been sent yet, so it cannot tell.
         let mut refused: Vec<SocketAddr> = Vec::new();
+        let mut refusal: Option<OutboundError> = None;
         let (route, inspect, upstream) = loop {
             let route = match self.resolve(peer, &refused) {
                 Ok(route) => route,
@@ -756,9 +761,13 @@ impl Outbound {
                     // Reset rather than FIN: the client must not mistake this for an answer.
                     let _ = inbound.set_zero_linger();
                     self.forget(inbound_key, None);
-                    return Err(e);
+                    // No other backend to try: what failed is the refused one.
+                    return Err(refusal.unwrap_or(e));
                 }
             };
+            if refusal.is_some() {
+                self.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::Span::current().record("dst", tracing::field::display(route.dst));
             let retry = route.dst != route.backend && refused.len() < CONNECT_ATTEMPTS - 1;
             if let Some(ids) = self.tunnel_identities(peer.ip(), route.backend.ip()) {
@@ -769,8 +778,8 @@ impl Outbound {
                     }
                     Err(e) if retry => {
                         debug!(backend = %route.backend, error = %e, "refused: another backend");
-                        self.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
                         refused.push(route.backend);
+                        refusal = Some(e);
                         continue;
                     }
                     Err(e) => {
@@ -813,8 +822,8 @@ impl Outbound {
                     self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
                     if retry {
                         debug!(backend = %route.backend, error = %e, "refused: another backend");
-                        self.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
                         refused.push(route.backend);
+                        refusal = Some(e);
                         continue;
                     }
                     let _ = inbound.set_zero_linger();

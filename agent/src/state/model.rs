@@ -639,6 +639,8 @@ struct Locality<'a> {
     only_node: bool,
     /// `trafficDistribution`: the endpoints to prefer while any is usable.
     prefer: Prefer,
+    /// The EndpointSlices' topology hints, when they apply to [`Here`].
+    hints: Option<HintMode>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -686,11 +688,7 @@ fn service_view(
     // and load balancer addresses are the Service's too, as kube-proxy and
     // Cilium take them inside the cluster; except a load balancer that
     // proxies (`ipMode: Proxy`), which must see the traffic itself.
-    let balancers = svc
-        .status
-        .iter()
-        .flat_map(|s| s.load_balancer.iter())
-        .flat_map(|lb| lb.ingress.iter().flatten())
+    let balancers = super::objects::load_balancer_ingress(svc)
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.clone());
     let vips: Vec<IpAddr> = spec
@@ -728,6 +726,7 @@ fn service_view(
             Some("PreferSameNode") => Prefer::SameNode,
             _ => Prefer::Any,
         },
+        hints: hint_mode(slices, here),
     };
     let mut backends = BTreeMap::new();
     for port in &ports {
@@ -826,7 +825,6 @@ fn slice_backends(
     pods: &Pods<'_>,
     locality: &Locality<'_>,
 ) -> Vec<Backend> {
-    let hints = hint_mode(slices, locality.here);
     let mut out = Vec::new();
     for slice in slices {
         // The slice's port of the same name carries the resolved number.
@@ -866,7 +864,9 @@ fn slice_backends(
                     terminating,
                     serving,
                     close: locality.close(node, ep.zone.as_deref())
-                        || hints.is_some_and(|mode| mode.hinted(ep, locality.here)),
+                        || locality
+                            .hints
+                            .is_some_and(|mode| mode.hinted(ep, locality.here)),
                 });
             }
         }
@@ -886,6 +886,20 @@ enum HintMode {
 }
 
 impl HintMode {
+    /// Whether `ep` carries hints of this kind.
+    fn written(self, ep: &Endpoint) -> bool {
+        let hints = ep.hints.as_ref();
+        match self {
+            Self::Node => hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .is_some_and(|n| !n.is_empty()),
+            Self::Zone => hints
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|z| !z.is_empty()),
+        }
+    }
+
+    /// Whether `ep`'s hints of this kind name `here`.
     fn hinted(self, ep: &Endpoint, here: &Here<'_>) -> bool {
         let hints = ep.hints.as_ref();
         match self {
@@ -905,26 +919,15 @@ fn hint_mode(slices: &[&Arc<EndpointSlice>], here: &Here<'_>) -> Option<HintMode
         .flat_map(|s| s.endpoints.iter())
         .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
         .collect();
-    let usable = |mode: HintMode, written: fn(&Endpoint) -> bool| {
+    let usable = |mode: HintMode| {
         (!ready.is_empty()
-            && ready.iter().all(|ep| written(ep))
+            && ready.iter().all(|ep| mode.written(ep))
             && ready.iter().any(|ep| mode.hinted(ep, here)))
         .then_some(mode)
     };
-    usable(HintMode::Node, |ep| {
-        ep.hints
-            .as_ref()
-            .and_then(|h| h.for_nodes.as_ref())
-            .is_some_and(|n| !n.is_empty())
-    })
-    .or_else(|| {
+    usable(HintMode::Node).or_else(|| {
         here.zone?;
-        usable(HintMode::Zone, |ep| {
-            ep.hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .is_some_and(|z| !z.is_empty())
-        })
+        usable(HintMode::Zone)
     })
 }
 

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{LoadBalancerIngress, Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -607,12 +607,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
             for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
                 parse_ip(&format!("spec.externalIPs[{i}]"), ip)?;
             }
-            let ingress = svc
-                .status
-                .iter()
-                .flat_map(|s| s.load_balancer.iter())
-                .flat_map(|lb| lb.ingress.iter().flatten());
-            for (i, ingress) in ingress.enumerate() {
+            for (i, ingress) in load_balancer_ingress(svc).enumerate() {
                 if let Some(ip) = &ingress.ip {
                     parse_ip(&format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
                 }
@@ -654,6 +649,15 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// The addresses a Service's load balancer reports
+/// (`status.loadBalancer.ingress`).
+pub fn load_balancer_ingress(svc: &Service) -> impl Iterator<Item = &LoadBalancerIngress> {
+    svc.status
+        .iter()
+        .flat_map(|s| s.load_balancer.iter())
+        .flat_map(|lb| lb.ingress.iter().flatten())
 }
 
 /// `sessionAffinity` as the API server takes it: `None` or `ClientIP`, a
