@@ -991,6 +991,69 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
+/// An HTTP/2 server (cleartext, prior knowledge) that goes away as
+/// servers do in a rolling restart or at gRPC's MaxConnectionAge, and sheds
+/// streams. Each connection answers `conn<N>` (N counts connections).
+/// `/slow` answers its head and a first chunk, then a GOAWAY naming that
+/// stream as the last it takes, and ends the answer 1.5 s later. `/refused`
+/// on a connection that has answered anything is reset with
+/// REFUSED_STREAM. The connection closes when the client closes it. Args:
+/// PORT.
+pub const GOAWAY_SERVER: &str = r#"
+import socket, struct, sys, threading, time
+import h2.config, h2.connection, h2.errors, h2.events
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
+lock, count = threading.Lock(), [0]
+def serve(sock):
+    with lock:
+        count[0] += 1
+        n = count[0]
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    c.initiate_connection()
+    sock.sendall(c.data_to_send())
+    sock.settimeout(0.05)
+    served, slow = 0, None
+    while True:
+        if slow and time.monotonic() >= slow[1]:
+            c.send_data(slow[0], b"done", end_stream=True)
+            sock.sendall(c.data_to_send())
+            slow = None
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        for ev in c.receive_data(data):
+            if not isinstance(ev, h2.events.RequestReceived):
+                continue
+            sid, path = ev.stream_id, dict(ev.headers)[":path"]
+            if path == "/refused" and served:
+                c.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+                continue
+            served += 1
+            c.send_headers(sid, [(":status", "200")])
+            if path == "/slow":
+                c.send_data(sid, b"slow ")
+                # GOAWAY(last stream = this one, NO_ERROR), written by hand:
+                # the library sends nothing more after its own GOAWAY.
+                goaway = struct.pack(">I", 8)[1:] + bytes([7, 0]) + struct.pack(">III", 0, sid, 0)
+                sock.sendall(c.data_to_send() + goaway)
+                slow = (sid, time.monotonic() + 1.5)
+            else:
+                c.send_data(sid, f"conn{n}".encode(), end_stream=True)
+        try:
+            sock.sendall(c.data_to_send())
+        except OSError:
+            break
+    sock.close()
+while True:
+    s, _ = srv.accept()
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+"#;
+
 /// An HTTP/2 client that breaks the protocol: after the preface and its
 /// SETTINGS, a DATA frame on stream 0. Prints `goaway CODE` for the
 /// GOAWAY the peer answers with, or `closed` / `nothing`. Args: HOST PORT.

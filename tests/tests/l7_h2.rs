@@ -190,3 +190,131 @@ fn http2_and_grpc_keep_streams_trailers_and_status() {
     assert!(text.contains("status codes: 400 2xx"), "h2load: {text}");
     drop(roots);
 }
+
+/// A backend's HTTP/2 connection going away (GOAWAY, as in a rolling
+/// restart or at gRPC's MaxConnectionAge) or refusing a stream
+/// (REFUSED_STREAM) costs no request the backend did not process: the agent
+/// sends it again on a new connection. A request sent on a connection that
+/// had gone away under a stream still answering, and a refused GET, both
+/// get 200 from the next connection, while the held stream finishes on the
+/// old one; a refused POST with a body is not sent twice (502). The
+/// backends are across nodes, so their GOAWAYs come through the HBONE
+/// tunnel; one has HTTP authorization rules, so the destination's agent
+/// serves its requests and passes the refusals back as REFUSED_STREAM.
+#[test]
+fn a_backend_going_away_loses_no_request() {
+    const PLAIN: &str = "10.96.0.33";
+    const GUARDED: &str = "10.96.0.34";
+    let mut lab = Lab::new("l7_goaway").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let plain = lab.add_pod(&b, "b1").expect("pod");
+    let guarded = lab.add_pod(&b, "b2").expect("pod");
+    let _servers = [&plain, &guarded].map(|pod| {
+        pod.serve(py::GOAWAY_SERVER, &["8080"], 8080)
+            .expect("server")
+    });
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&plain, "shop", &[("app", "plain")], &[], ""),
+            mesh::pod(&guarded, "shop", &[("app", "guarded")], &[], ""),
+            mesh::service_with_protocol(
+                "shop",
+                "plain",
+                PLAIN,
+                80,
+                "8080",
+                "http2",
+                &[("app", "plain")],
+            ),
+            mesh::service_with_protocol(
+                "shop",
+                "guarded",
+                GUARDED,
+                80,
+                "8080",
+                "http2",
+                &[("app", "guarded")],
+            ),
+            mesh::authorization_policy(
+                "shop",
+                "guarded-paths",
+                "{selector: {matchLabels: {app: guarded}}, action: ALLOW, rules: [\
+                 {to: [{operation: {paths: ['/*']}}]}]}",
+            ),
+            // No policy retries: only the resending under test.
+            mesh::traffic_policy("shop", "plain", "retry: {attempts: 0}"),
+            mesh::traffic_policy("shop", "guarded", "retry: {attempts: 0}"),
+        ],
+    )
+    .expect("mesh");
+    let curl = |args: &[&str]| {
+        let mut all = vec!["--http2-prior-knowledge", "-m", "10", "-w", " %{http_code}"];
+        all.extend_from_slice(args);
+        client.exec().curl(&all).expect("curl")
+    };
+    for vip in [PLAIN, GUARDED] {
+        let url = |p: &str| format!("http://{vip}{p}");
+        // Connections are numbered by the server (its readiness probe took one).
+        let first = curl(&[&url("/")]);
+        let n: u32 = first
+            .strip_prefix("conn")
+            .and_then(|r| r.strip_suffix(" 200"))
+            .and_then(|n| n.parse().ok())
+            .expect(&first);
+        let conn = |k: u32| format!("conn{} 200", n + k);
+
+        // A stream held open on the pooled connection, which then goes away.
+        let held = std::env::temp_dir().join(format!("{}-{vip}-slow", lab.name()));
+        let _ = std::fs::remove_file(&held);
+        let mut slow = trellis_tests::ChildGuard::spawn(
+            client
+                .exec()
+                .command("curl")
+                .expect("curl")
+                .args(["-s", "-N", "--http2-prior-knowledge", "-m", "10", "-o"])
+                .arg(&held)
+                .arg(url("/slow")),
+        )
+        .expect("curl /slow");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&held).unwrap_or_default() != "slow " {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{vip}: /slow's first chunk"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            curl(&[&url("/")]),
+            conn(1),
+            "{vip}: sent on a new connection"
+        );
+        let exit = slow
+            .wait_timeout(Duration::from_secs(10))
+            .expect("/slow ends");
+        assert!(exit.success(), "{vip}: {exit}");
+        let body = std::fs::read_to_string(&held).unwrap_or_default();
+        let _ = std::fs::remove_file(&held);
+        assert_eq!(
+            body, "slow done",
+            "{vip}: the held stream finished on the old connection"
+        );
+
+        assert_eq!(curl(&[&url("/refused")]), conn(2), "{vip}: sent again");
+        assert_eq!(
+            curl(&["-o", "/dev/null", "-d", "x", &url("/refused")]),
+            " 502",
+            "{vip}: a body is not sent twice"
+        );
+    }
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert_eq!(status["http"]["refused_retries"], 4, "{status}");
+}

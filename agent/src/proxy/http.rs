@@ -101,6 +101,9 @@ pub struct HttpStats {
     /// Requests sent again on a new upstream connection because the pooled
     /// one they took had been closed by the backend under them.
     pub stale_retries: AtomicU64,
+    /// Requests sent again on a new upstream HTTP/2 connection because the
+    /// backend had not processed them (GOAWAY, REFUSED_STREAM).
+    pub refused_retries: AtomicU64,
     /// Attempts after the first, and retries the budget refused.
     pub retries: AtomicU64,
     pub retry_budget_exhausted: AtomicU64,
@@ -1090,12 +1093,47 @@ impl HttpProxy {
             {
                 *req.uri_mut() = uri;
             }
-            let mut sender = self.h2_sender(&key, dst, call, svc).await?;
-            let sent = sender.send_request(req);
-            let resp = self
-                .answer(local, sent)
-                .await
-                .map_err(|e| (Reason::UpstreamReset, e.to_string()))?;
+            // A backend going away (GOAWAY: graceful restart, gRPC's
+            // MaxConnectionAge) or shedding streams (REFUSED_STREAM) leaves
+            // requests it never processed (RFC 9113 8.7, 6.8): those go
+            // again on a new connection. hyper hands back a request it had
+            // not started; one without a body is rebuilt from its head.
+            let again = hyper::body::Body::is_end_stream(req.body()).then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                )
+            });
+            let mut sender = self.h2_sender(&key, dst.clone(), call, svc).await?;
+            let resp = match self.answer(local, sender.try_send_request(req)).await {
+                Ok(resp) => resp,
+                Err(mut e) => {
+                    let unprocessed = refused(e.error());
+                    let retry = e.take_message().or_else(|| {
+                        let (method, uri, headers) = again.filter(|_| unprocessed)?;
+                        let mut req = Request::new(
+                            Full::new(Bytes::new())
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                        *req.method_mut() = method;
+                        *req.uri_mut() = uri;
+                        *req.version_mut() = Version::HTTP_2;
+                        *req.headers_mut() = headers;
+                        Some(req)
+                    });
+                    let Some(req) = retry else {
+                        return Err((Reason::UpstreamReset, e.into_error().to_string()));
+                    };
+                    self.stats.refused_retries.fetch_add(1, Ordering::Relaxed);
+                    debug!(backend = %key.backend, error = %e.error(), "request not processed by the backend's HTTP/2 connection: sent again on a new one");
+                    let mut sender = self.h2_connect(&key, dst, call, svc).await?;
+                    self.answer(local, sender.send_request(req))
+                        .await
+                        .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
+                }
+            };
             Ok(resp.map(|b| b.boxed()))
         } else {
             // HTTP/1.1 upstream: origin-form target, the authority in Host.
@@ -1300,6 +1338,18 @@ impl HttpProxy {
         {
             return Ok(s.clone());
         }
+        self.h2_connect(key, dst, call, svc).await
+    }
+
+    /// A new HTTP/2 connection to the backend, pooled in place of any
+    /// before it.
+    async fn h2_connect(
+        &self,
+        key: &UpstreamKey,
+        dst: Option<Identity>,
+        call: &Call,
+        svc: &ServiceState,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, (Reason, String)> {
         let (io, guard, counted) = self
             .connect_counted(key.backend, dst, call, svc, Some("h2"))
             .await?;
@@ -1711,6 +1761,18 @@ pub(super) fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue>
     asked
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
+}
+
+/// Whether an HTTP/2 backend left the request unprocessed, so that it may
+/// go again whatever its method: its stream was above a GOAWAY's last
+/// stream (or opened after one) or reset with REFUSED_STREAM (RFC 9113
+/// 6.8, 8.7). A stream cut by a closing connection is not: the backend may
+/// have acted on it.
+pub(super) fn refused(e: &hyper::Error) -> bool {
+    let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// Connection-level headers are the hop's, not the request's (RFC 9110 7.6.1).

@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, Mutex},
@@ -204,7 +203,7 @@ where
         let (judge, upstream, telemetry) = (judge.clone(), upstream.clone(), telemetry.clone());
         async move {
             let Some(t) = telemetry else {
-                return Ok::<_, Infallible>(handle(req, judge.as_ref(), upstream, None).await);
+                return handle(req, judge.as_ref(), upstream, None).await;
             };
             let start = telemetry::Start::new(
                 &mut req,
@@ -224,7 +223,7 @@ where
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_owned)
                 });
-            let resp = handle(req, judge.as_ref(), upstream, Some(start.body.clone())).await;
+            let resp = handle(req, judge.as_ref(), upstream, Some(start.body.clone())).await?;
             let labels = t.labels(host.as_deref(), start.grpc(), &resp);
             Ok(resp.map(|body| {
                 start
@@ -251,20 +250,38 @@ where
     );
 }
 
+/// Handles one request. `Err` resets an HTTP/2 request's stream with
+/// REFUSED_STREAM: the pod did not process it (its connection had gone
+/// away, or it refused the stream), and the caller may send it again, on
+/// another connection, which gets a new one to the pod.
 async fn handle(
+    req: Request<Incoming>,
+    judge: Option<&Judge>,
+    upstream: Upstream,
+    count: Option<Arc<telemetry::BodyCount>>,
+) -> Result<Response<Body>, h2::Error> {
+    let refused = match handle_or_refuse(req, judge, upstream, count).await {
+        Ok(resp) => return Ok(resp),
+        Err(refused) => refused,
+    };
+    debug!(error = %refused, "the pod did not process the request: refused to the caller");
+    Err(h2::Error::from(h2::Reason::REFUSED_STREAM))
+}
+
+async fn handle_or_refuse(
     mut req: Request<Incoming>,
     judge: Option<&Judge>,
     upstream: Upstream,
     count: Option<Arc<telemetry::BodyCount>>,
-) -> Response<Body> {
+) -> Result<Response<Body>, hyper::Error> {
     let grpc = authz::is_grpc(req.headers());
     normalize_uri(&mut req);
     if let Some(size) = oversized(&req) {
-        return reply(
+        return Ok(reply(
             Reason::HeaderTooLarge,
             &format!("{size} bytes of request line and headers, over {MAX_HEADER_BYTES}"),
             grpc,
-        );
+        ));
     }
     if let Err(why) = settle_host(&mut req) {
         debug!(
@@ -272,10 +289,10 @@ async fn handle(
             detail = why,
             "answered by the agent"
         );
-        return reply(Reason::BadRequest, why, grpc);
+        return Ok(reply(Reason::BadRequest, why, grpc));
     }
     if let Some(Err(policy)) = judge.map(|judge| judge(authz::Request::of(&req))) {
-        return reply(Reason::Denied, &format!("denied by {policy}"), grpc);
+        return Ok(reply(Reason::Denied, &format!("denied by {policy}"), grpc));
     }
     let upgrade = match &upstream {
         Upstream::Http1(_) => upgrade_protocol(req.headers()).and_then(|p| {
@@ -315,7 +332,14 @@ async fn handle(
                     *req.uri_mut() = uri;
                 }
             }
-            sender.send_request(req).await
+            match sender.try_send_request(req).await {
+                Ok(resp) => Ok(resp),
+                // Never sent (hyper hands it back), or not processed.
+                Err(e) if e.message().is_some() || super::http::refused(e.error()) => {
+                    return Err(e.into_error());
+                }
+                Err(e) => Err(e.into_error()),
+            }
         }
         Upstream::Http1(sender) => {
             *req.version_mut() = Version::HTTP_11;
@@ -331,7 +355,7 @@ async fn handle(
     };
     let mut resp = match sent {
         Ok(resp) => resp,
-        Err(e) => return reply(Reason::UpstreamReset, &e.to_string(), grpc),
+        Err(e) => return Ok(reply(Reason::UpstreamReset, &e.to_string(), grpc)),
     };
     if let Some((_, client)) = upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -351,7 +375,7 @@ async fn handle(
             .in_current_span(),
         );
     }
-    resp.map(|b| b.boxed())
+    Ok(resp.map(|b| b.boxed()))
 }
 
 /// An HTTP/1.1 answer for the client, without the pod's hop-by-hop
