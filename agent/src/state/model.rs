@@ -130,9 +130,11 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Whether it may take new connections.
+    /// Whether it may take new connections: `ready`, as kube-proxy reads
+    /// it (the EndpointSlice controller clears it for terminating pods
+    /// unless the Service publishes not-ready addresses).
     pub fn usable(&self) -> bool {
-        self.ready && !self.terminating
+        self.ready
     }
 
     /// Which backends a call takes: only those of the highest tier present.
@@ -734,6 +736,7 @@ fn service_view(
             selector_backends(
                 port,
                 spec.selector.as_ref(),
+                spec.publish_not_ready_addresses == Some(true),
                 pods.in_namespace(&namespace),
                 &locality,
             )
@@ -774,10 +777,14 @@ fn target_port(port: &ServicePort, workload: Option<&Workload>) -> Option<u16> {
 }
 
 /// The backends a selector picks among the Service's namespace's
-/// `workloads` (those `locality` keeps).
+/// `workloads` (those `locality` keeps), with the conditions the
+/// EndpointSlice controller would give them: ready when the pod is and is
+/// not terminating, or always when the Service publishes not-ready
+/// addresses (`publish_not_ready`).
 fn selector_backends(
     port: &ServicePort,
     selector: Option<&BTreeMap<String, String>>,
+    publish_not_ready: bool,
     workloads: &[&Workload],
     locality: &Locality<'_>,
 ) -> Vec<Backend> {
@@ -797,7 +804,7 @@ fn selector_backends(
                 Some(Backend {
                     addr: SocketAddr::new(*ip, target?),
                     workload: Some(w.id()),
-                    ready: w.ready,
+                    ready: (w.ready && !w.terminating) || publish_not_ready,
                     terminating: w.terminating,
                     serving: w.ready,
                     close,
@@ -1183,6 +1190,42 @@ mod tests {
             addrs(&svc.backends[&80]),
             ["10.1.1.12:8080", "10.1.1.13:8080"],
             "only usable ones take connections"
+        );
+    }
+
+    #[test]
+    fn a_service_publishing_not_ready_addresses_takes_them() {
+        let pods = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-a4, namespace: shop, labels: {app: web}, deletionTimestamp: '2026-01-01T00:00:00Z'}\n\
+             spec: {nodeName: node-a, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {podIP: 10.1.1.14}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web-a5, namespace: shop, labels: {app: web}}\n\
+             spec: {nodeName: node-a, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}\n\
+             status: {podIP: 10.1.1.15, conditions: [{type: Ready, status: 'False'}]}";
+        let usable = |publish: bool| {
+            let s = snapshot(&format!(
+                "{pods}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: peers, namespace: shop}}\n\
+                 spec: {{clusterIP: 10.96.0.40, publishNotReadyAddresses: {publish}, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}"
+            ));
+            let (svc, port) = s
+                .service_for("10.96.0.40:80".parse().expect("addr"))
+                .expect("peers");
+            let mut all = svc.ready_backends(port.port, false);
+            all.sort();
+            all.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            usable(false),
+            ["10.1.1.12:8080", "10.1.1.13:8080"],
+            "ready pods only"
+        );
+        assert_eq!(
+            usable(true),
+            [
+                "10.1.1.12:8080",
+                "10.1.1.13:8080",
+                "10.1.1.14:8080",
+                "10.1.1.15:8080"
+            ],
+            "the unready and the terminating pods too, as their EndpointSlice would say"
         );
     }
 
