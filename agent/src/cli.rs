@@ -313,7 +313,8 @@ pub struct AgentArgs {
     #[arg(long, env = env::PROTOCOL_DETECT_TIMEOUT, default_value = "100ms")]
     pub protocol_detect_timeout: String,
 
-    /// Close a proxied connection after this long without a byte either way.
+    /// Close a proxied connection after this long without a byte either way,
+    /// and a pooled upstream HTTP connection after this long without a request.
     #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]
     pub idle_timeout: String,
 

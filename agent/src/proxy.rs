@@ -6,6 +6,7 @@ pub mod detect;
 pub mod http;
 pub mod inbound_http;
 pub mod outbound;
+mod pool;
 pub mod relay;
 pub mod telemetry;
 

@@ -557,3 +557,85 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         "{status}"
     );
 }
+
+/// Pooled upstream connections that carry no request for the agent's
+/// `--idle-timeout` are let go, HTTP/1.1 and HTTP/2 alike, and the
+/// backends see them close; until then they are kept for the next request.
+/// The backends are on the client's node, where the agent's own sweep is
+/// all that ends them (across nodes the destination's tunnel relay has the
+/// same timeout).
+#[test]
+fn idle_upstream_connections_are_let_go() {
+    const H1: &str = "10.96.0.51";
+    const H2: &str = "10.96.0.52";
+    let mut lab = Lab::new("l7_idle").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let h1 = lab.add_pod(&a, "a2").expect("pod");
+    let h2 = lab.add_pod(&a, "a3").expect("pod");
+    let _servers = [
+        h1.serve(py::STEERED_SERVER, &["a2", "8080"], 8080)
+            .expect("server"),
+        h2.serve(py::GOAWAY_SERVER, &["8080"], 8080)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start_with(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&h1, "shop", &[("app", "h1")], &[], ""),
+            mesh::pod(&h2, "shop", &[("app", "h2")], &[], ""),
+            mesh::service("shop", "h1", H1, 80, "8080", &[("app", "h1")]),
+            // A policy puts HTTP/1.1 on the L7 path.
+            mesh::traffic_policy("shop", "h1", "retry: {attempts: 1}"),
+            mesh::service_with_protocol("shop", "h2", H2, 80, "8080", "http2", &[("app", "h2")]),
+        ],
+        mesh::Certs::SharedCa,
+        &["--idle-timeout", "4s"],
+    )
+    .expect("mesh");
+    // Connections to the backend's port open in its pod.
+    let open = |pod: &Pod| {
+        pod.exec()
+            .run("ss", &["-Htn", "state", "established", "( sport = :8080 )"])
+            .expect("ss")
+            .lines()
+            .count()
+    };
+    assert_eq!(curl(&client, &[&format!("http://{H1}/")]), "a2");
+    assert!(
+        curl(
+            &client,
+            &["--http2-prior-knowledge", &format!("http://{H2}/")]
+        )
+        .starts_with("conn")
+    );
+    let pools = |agent: &trellis_tests::Agent| {
+        let status = agent.cli_json("status").expect("status");
+        (
+            status["http_pools"]["http1_idle"].as_u64(),
+            status["http_pools"]["http2"].as_u64(),
+            status["http"]["pool_idle_closed"].as_u64(),
+        )
+    };
+    // Kept for the next request while the client has gone.
+    assert_eq!(pools(&cluster.agents[0]), (Some(1), Some(1), Some(0)));
+    assert_eq!((open(&h1), open(&h2)), (1, 1), "pooled upstreams");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pools(&cluster.agents[0]) != (Some(0), Some(0), Some(2)) || open(&h1) + open(&h2) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle connections let go: {:?}, open {} {}",
+            pools(&cluster.agents[0]),
+            open(&h1),
+            open(&h2)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A new request opens a new connection.
+    assert_eq!(curl(&client, &[&format!("http://{H1}/")]), "a2");
+}

@@ -255,6 +255,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "maps": occupancy,
         "outbound": state.outbound.stats,
         "http": state.outbound.http_stats(),
+        "http_pools": state.outbound.http_pools(),
         "routes": snapshot.routes.status,
         "trafficPolicies": snapshot.traffic,
         "endpoints": state.outbound.http_endpoints(),

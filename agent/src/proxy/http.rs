@@ -34,7 +34,12 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug};
 
-use super::{busy_poll::Poller, detect::Protocol, telemetry};
+use super::{
+    busy_poll::Poller,
+    detect::Protocol,
+    pool::{self, Pools, UpstreamKey},
+    telemetry,
+};
 use crate::metrics::{
     IstioMetrics,
     istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
@@ -62,9 +67,6 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// A client must send a request's headers within this (slowloris): the
 /// connection is closed otherwise.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Upstream HTTP/1.1 connections kept idle per backend.
-const IDLE_PER_BACKEND: usize = 64;
 
 /// One client connection the L7 path serves.
 #[derive(Clone, Debug)]
@@ -104,6 +106,8 @@ pub struct HttpStats {
     /// Requests sent again on a new upstream HTTP/2 connection because the
     /// backend had not processed them (GOAWAY, REFUSED_STREAM).
     pub refused_retries: AtomicU64,
+    /// Pooled upstream connections let go after `--idle-timeout` unused.
+    pub pool_idle_closed: AtomicU64,
     /// Attempts after the first, and retries the budget refused.
     pub retries: AtomicU64,
     pub retry_budget_exhausted: AtomicU64,
@@ -120,13 +124,6 @@ pub struct HttpStats {
     /// them (`--busy-poll-us`), and those it slept for.
     pub answers_while_polling: AtomicU64,
     pub answers_after_sleeping: AtomicU64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct UpstreamKey {
-    backend: SocketAddr,
-    /// The tunnel's source identity; `None` for plain connections.
-    src: Option<Identity>,
 }
 
 /// Why a request could not be forwarded: the reason the client reads.
@@ -219,8 +216,9 @@ pub struct HttpProxy {
     connect_timeout: Duration,
     /// Polls for same-node upstreams' answers before sleeping.
     poller: Poller,
-    h1: Mutex<HashMap<UpstreamKey, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
-    h2: Mutex<HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<Body>>>,
+    /// Upstream connections, and how long one may sit unused.
+    pools: Pools<Body>,
+    pool_idle: Duration,
     /// Per Service: its policy's run-time state.
     services: Mutex<HashMap<String, Arc<ServiceState>>>,
     /// Clients held to a backend, shared with the L4 path.
@@ -249,6 +247,7 @@ impl HttpProxy {
         shared: Shared,
         connect_timeout: Duration,
         busy_poll: Duration,
+        pool_idle: Duration,
     ) -> Self {
         Self {
             node: node.into(),
@@ -262,8 +261,8 @@ impl HttpProxy {
             traffic: Mutex::default(),
             connect_timeout,
             poller: Poller::new(busy_poll),
-            h1: Mutex::default(),
-            h2: Mutex::default(),
+            pools: Pools::default(),
+            pool_idle,
             services: Mutex::default(),
             affinity: shared.affinity,
             checks: Mutex::default(),
@@ -832,6 +831,28 @@ impl HttpProxy {
         }
     }
 
+    /// Pooled upstream connections: idle HTTP/1.1 ones, shared HTTP/2 ones.
+    pub fn pooled(&self) -> (usize, usize) {
+        self.pools.len()
+    }
+
+    /// Lets go of pooled upstream connections idle past the idle timeout
+    /// and of closed ones, until the task is dropped.
+    pub async fn sweep_pools(self: Arc<Self>) {
+        let mut every = tokio::time::interval(pool::sweep_every(self.pool_idle));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let swept = self.pools.sweep(std::time::Instant::now(), self.pool_idle);
+            if swept.idle > 0 {
+                self.stats
+                    .pool_idle_closed
+                    .fetch_add(swept.idle as u64, Ordering::Relaxed);
+                debug!(connections = swept.idle, "idle upstream connections let go");
+            }
+        }
+    }
+
     fn reconcile_checks(self: &Arc<Self>, snapshot: &Snapshot) {
         let mut wanted = HashMap::new();
         for (service, policy) in &snapshot.traffic {
@@ -1204,13 +1225,7 @@ impl HttpProxy {
                         .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
                 }
             };
-            // Back to the pool: it takes the next request once this
-            // response's body has been read.
-            let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-            let list = idle.entry(key).or_default();
-            if list.len() < IDLE_PER_BACKEND {
-                list.push(sender);
-            }
+            self.pools.put_h1(key, sender);
             Ok(resp.map(|b| b.boxed()))
         }
     }
@@ -1292,14 +1307,8 @@ impl HttpProxy {
         call: &Call,
         svc: &ServiceState,
     ) -> Result<(hyper::client::conn::http1::SendRequest<Body>, bool), (Reason, String)> {
-        {
-            let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(list) = idle.get_mut(key) {
-                list.retain(|s| !s.is_closed());
-                if let Some(i) = list.iter().position(|s| s.is_ready()) {
-                    return Ok((list.swap_remove(i), true));
-                }
-            }
+        if let Some(sender) = self.pools.take_h1(key) {
+            return Ok((sender, true));
         }
         Ok((self.h1_connect(key, dst, call, svc).await?, false))
     }
@@ -1329,14 +1338,8 @@ impl HttpProxy {
         call: &Call,
         svc: &ServiceState,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, (Reason, String)> {
-        if let Some(s) = self
-            .h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .filter(|s| !s.is_closed())
-        {
-            return Ok(s.clone());
+        if let Some(sender) = self.pools.h2(key) {
+            return Ok(sender);
         }
         self.h2_connect(key, dst, call, svc).await
     }
@@ -1358,10 +1361,7 @@ impl HttpProxy {
                 .await
                 .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         drive(conn, (guard, counted), "upstream HTTP/2 connection");
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), sender.clone());
+        self.pools.put_h2(key.clone(), sender.clone());
         Ok(sender)
     }
 

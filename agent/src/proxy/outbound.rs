@@ -452,6 +452,7 @@ impl Outbound {
                 },
                 self.config.connect_timeout,
                 self.config.busy_poll,
+                self.config.idle_timeout,
             ))
         })
     }
@@ -459,6 +460,13 @@ impl Outbound {
     /// Counters of the L7 path.
     pub fn http_stats(&self) -> &HttpStats {
         &self.http().stats
+    }
+
+    /// The L7 path's pooled upstream connections: idle HTTP/1.1 ones and
+    /// shared HTTP/2 ones.
+    pub fn http_pools(&self) -> serde_json::Value {
+        let (http1_idle, http2) = self.http().pooled();
+        serde_json::json!({ "http1_idle": http1_idle, "http2": http2 })
     }
 
     /// The L7 path's endpoint records (requests in flight, health,
@@ -516,6 +524,8 @@ impl Outbound {
         // the first request could pick it; they end with this task.
         let checks = tokio::spawn(self.http().clone().run_health_checks());
         let _checks = AbortOnDrop(checks.abort_handle());
+        let sweeps = tokio::spawn(self.http().clone().sweep_pools());
+        let _sweeps = AbortOnDrop(sweeps.abort_handle());
         let span = |peer| info_span!("outbound", src = %peer, dst = tracing::field::Empty);
         super::accept_loop(listener, "outbound", span, |stream, peer| {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);

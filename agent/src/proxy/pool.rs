@@ -1,0 +1,233 @@
+//! The L7 path's upstream connections, pooled per (endpoint, source
+//! identity): idle HTTP/1.1 connections, one request at a time each, and
+//! one shared HTTP/2 connection per key. Connections that carry no request
+//! for the agent's idle timeout (`--idle-timeout`, as Envoy's upstream
+//! `idle_timeout`) are let go: an idle HTTP/1.1 one closes, an HTTP/2 one
+//! closes once its streams end. A sweep also drops the entries of
+//! connections the backend closed, so endpoints that come and go (every
+//! rollout's pods) leave nothing behind.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use hyper::client::conn::{http1, http2};
+
+use crate::identity::Identity;
+
+/// What a pooled connection is kept under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct UpstreamKey {
+    pub backend: SocketAddr,
+    /// The tunnel's source identity; `None` for plain connections.
+    pub src: Option<Identity>,
+}
+
+/// Idle HTTP/1.1 connections kept per key.
+const IDLE_PER_BACKEND: usize = 64;
+
+/// Sweeps come at least this often, so closed connections' entries go
+/// however long the idle timeout.
+const MAX_SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Connections let go by the last sweeps.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Swept {
+    /// Idle past the timeout.
+    pub idle: usize,
+    /// Closed by the backend (or its connection failed) while pooled.
+    pub closed: usize,
+}
+
+/// A pooled connection and when it last took a request.
+type Used<S> = (S, Instant);
+
+/// The pools of one L7 proxy.
+pub(super) struct Pools<B> {
+    h1: Mutex<HashMap<UpstreamKey, Vec<Used<http1::SendRequest<B>>>>>,
+    h2: Mutex<HashMap<UpstreamKey, Used<http2::SendRequest<B>>>>,
+}
+
+impl<B> Default for Pools<B> {
+    fn default() -> Self {
+        Self {
+            h1: Mutex::default(),
+            h2: Mutex::default(),
+        }
+    }
+}
+
+impl<B> Pools<B> {
+    /// An idle HTTP/1.1 connection ready for a request, taken out of the
+    /// pool while it carries one.
+    pub fn take_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<B>> {
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        list.retain(|(s, _)| !s.is_closed());
+        let i = list.iter().position(|(s, _)| s.is_ready())?;
+        Some(list.swap_remove(i).0)
+    }
+
+    /// Back to the pool after a request (it takes the next one once this
+    /// response's body has been read), unless enough are idle already.
+    pub fn put_h1(&self, key: UpstreamKey, sender: http1::SendRequest<B>) {
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        if list.len() < IDLE_PER_BACKEND {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    /// The key's HTTP/2 connection, unless it has closed; its use resets
+    /// its idle time.
+    pub fn h2(&self, key: &UpstreamKey) -> Option<http2::SendRequest<B>> {
+        let mut shared = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let (sender, last) = shared.get_mut(key).filter(|(s, _)| !s.is_closed())?;
+        *last = Instant::now();
+        Some(sender.clone())
+    }
+
+    /// Makes `sender` the key's HTTP/2 connection, in place of any before.
+    pub fn put_h2(&self, key: UpstreamKey, sender: http2::SendRequest<B>) {
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (sender, Instant::now()));
+    }
+
+    /// Lets go of connections unused since `now - idle` and of closed
+    /// ones, and of keys left with none.
+    pub fn sweep(&self, now: Instant, idle: Duration) -> Swept {
+        let mut swept = Swept::default();
+        let mut fresh = |closed: bool, last: Instant| {
+            if closed {
+                swept.closed += 1;
+                false
+            } else if now.saturating_duration_since(last) >= idle {
+                swept.idle += 1;
+                false
+            } else {
+                true
+            }
+        };
+        {
+            let mut h1 = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+            h1.retain(|_, list| {
+                list.retain(|(s, last)| fresh(s.is_closed(), *last));
+                !list.is_empty()
+            });
+        }
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        h2.retain(|_, (s, last)| fresh(s.is_closed(), *last));
+        swept
+    }
+
+    /// Pooled connections: HTTP/1.1 idle ones, HTTP/2 shared ones.
+    pub fn len(&self) -> (usize, usize) {
+        let h1 = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        (h1.values().map(Vec::len).sum(), h2.len())
+    }
+}
+
+/// How often pools idle for `idle` are swept: often enough that a
+/// connection goes within half the timeout after it.
+pub(super) fn sweep_every(idle: Duration) -> Duration {
+    (idle / 2).clamp(Duration::from_millis(100), MAX_SWEEP_EVERY)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    use super::*;
+
+    fn key(port: u16) -> UpstreamKey {
+        UpstreamKey {
+            backend: SocketAddr::from(([10, 1, 1, 12], port)),
+            src: None,
+        }
+    }
+
+    /// A client connection over an in-memory pipe, and the pipe's far end
+    /// (dropping it closes the connection).
+    async fn h1() -> (http1::SendRequest<Empty<Bytes>>, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(4096);
+        let (sender, conn) = http1::handshake(TokioIo::new(near)).await.expect("h1");
+        tokio::spawn(conn);
+        (sender, far)
+    }
+
+    #[tokio::test]
+    async fn idle_and_closed_connections_are_let_go_and_used_ones_kept() {
+        let pools = Pools::default();
+        let (a, _a_far) = h1().await;
+        let (b, b_far) = h1().await;
+        let (c, _c_far) = h1().await;
+        pools.put_h1(key(1), a);
+        pools.put_h1(key(2), b);
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(60);
+        assert_eq!(pools.sweep(t0, idle), Swept::default(), "all fresh");
+        assert_eq!(pools.len(), (2, 0));
+
+        // The backend closes one: swept, and its key goes with it.
+        drop(b_far);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pools.sweep(Instant::now(), idle).closed == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the closed connection is noticed");
+        assert_eq!(pools.len(), (1, 0));
+        assert!(pools.take_h1(&key(2)).is_none());
+
+        // One used just before the sweep stays; the other, idle past the
+        // timeout, goes.
+        let later = Instant::now() + idle;
+        pools.put_h1(key(3), c);
+        let swept = pools.sweep(later, idle);
+        assert_eq!(swept, Swept { idle: 1, closed: 0 });
+        assert!(pools.take_h1(&key(1)).is_none());
+        assert!(pools.take_h1(&key(3)).is_some(), "used within the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_shared_http2_connection_stays_while_it_is_used() {
+        let pools = Pools::<Empty<Bytes>>::default();
+        let (near, _far) = tokio::io::duplex(65536);
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(near))
+            .await
+            .expect("h2");
+        tokio::spawn(conn);
+        pools.put_h2(key(1), sender);
+        let idle = Duration::from_secs(60);
+        let start = Instant::now();
+        // Used now: its idle time starts again.
+        assert!(pools.h2(&key(1)).is_some());
+        assert_eq!(pools.sweep(start + idle / 2, idle), Swept::default());
+        assert!(pools.h2(&key(1)).is_some());
+        assert_eq!(
+            pools.sweep(Instant::now() + idle, idle),
+            Swept { idle: 1, closed: 0 }
+        );
+        assert!(pools.h2(&key(1)).is_none());
+        assert_eq!(pools.len(), (0, 0));
+    }
+
+    #[test]
+    fn sweeps_come_within_half_the_timeout() {
+        assert_eq!(sweep_every(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(sweep_every(Duration::from_secs(3600)), MAX_SWEEP_EVERY);
+        assert_eq!(
+            sweep_every(Duration::from_millis(10)),
+            Duration::from_millis(100)
+        );
+    }
+}
