@@ -3,6 +3,7 @@
 pub mod affinity;
 pub mod busy_poll;
 pub mod detect;
+mod head_timer;
 pub mod http;
 pub mod inbound_http;
 pub mod outbound;

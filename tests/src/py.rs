@@ -1054,6 +1054,33 @@ while True:
     threading.Thread(target=serve, args=(s,), daemon=True).start()
 "#;
 
+/// An HTTP/1.1 client keeping its connection: a GET, a pause of PAUSE
+/// seconds, a GET on the same connection. Prints each answer's status, or
+/// `closed` when the connection was gone. Args: HOST PORT PAUSE.
+pub const KEEPALIVE_CLIENT: &str = r#"
+import re, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+def get():
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            b = s.recv(65536)
+            if not b:
+                return "closed"
+            data += b
+        head, _, body = data.partition(b"\r\n\r\n")
+        n = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < n:
+            body += s.recv(65536)
+        return head.split(b" ")[1].decode()
+    except OSError:
+        return "closed"
+first = get()
+time.sleep(float(sys.argv[3]))
+print(first, get())
+"#;
+
 /// An HTTP/2 client that breaks the protocol: after the preface and its
 /// SETTINGS, a DATA frame on stream 0. Prints `goaway CODE` for the
 /// GOAWAY the peer answers with, or `closed` / `nothing`. Args: HOST PORT.

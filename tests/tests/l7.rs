@@ -639,3 +639,42 @@ fn idle_upstream_connections_are_let_go() {
     // A new request opens a new connection.
     assert_eq!(curl(&client, &[&format!("http://{H1}/")]), "a2");
 }
+
+/// An HTTP/1.1 client's idle keep-alive connection on the L7 path stays
+/// open past the 10 s the agent gives a request's headers (slowloris): the
+/// agent closes a client connection only after `--idle-timeout` without a
+/// request, as Envoy does, so it adds no keep-alive timeout of its own for
+/// clients to race.
+#[test]
+fn an_idle_keep_alive_client_connection_stays_open() {
+    let mut lab = Lab::new("l7_keepalive").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&a, "a2").expect("pod");
+    let _server = server
+        .serve(py::STEERED_SERVER, &["a2", "8080"], 8080)
+        .expect("server");
+    let _cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::service("shop", "web", VIP, 80, "8080", &[("app", "web")]),
+            // A policy puts HTTP/1.1 on the L7 path.
+            mesh::traffic_policy("shop", "web", "retry: {attempts: 1}"),
+        ],
+    )
+    .expect("mesh");
+    let out = client
+        .exec()
+        .python_output(
+            py::KEEPALIVE_CLIENT,
+            &[VIP, "80", "12"],
+            Duration::from_secs(60),
+        )
+        .expect("client");
+    assert_eq!(out.trim(), "200 200");
+}

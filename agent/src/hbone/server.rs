@@ -583,12 +583,13 @@ impl Inbound {
                     (client.unwrap_or(remote), target),
                     true,
                 );
+                let idle = self.idle_timeout;
                 Box::pin(async move {
                     let upstream: std::pin::Pin<Box<dyn Io>> = match accel {
                         Some((maps, side)) => Box::pin(relay::Tracked::new(upstream, maps, side)),
                         None => Box::pin(upstream),
                     };
-                    inbound_http::serve(tunnel, protocol, upstream, judge, telemetry)
+                    inbound_http::serve(tunnel, protocol, upstream, judge, telemetry, idle)
                         .await
                         .map(|()| (0, 0))
                         .map_err(|e| e.to_string())

@@ -37,6 +37,7 @@ use tracing::{Instrument as _, debug};
 use super::{
     busy_poll::Poller,
     detect::Protocol,
+    head_timer,
     pool::{self, Pools, UpstreamKey},
     telemetry,
 };
@@ -216,7 +217,8 @@ pub struct HttpProxy {
     connect_timeout: Duration,
     /// Polls for same-node upstreams' answers before sleeping.
     poller: Poller,
-    /// Upstream connections, and how long one may sit unused.
+    /// Upstream connections; how long one, or a client's HTTP/1.1
+    /// connection, may sit unused.
     pools: Pools<Body>,
     pool_idle: Duration,
     /// Per Service: its policy's run-time state.
@@ -279,7 +281,7 @@ impl HttpProxy {
     ) -> Result<(), hyper::Error> {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(LingeringClose(Some(stream)));
+        let client = LingeringClose(Some(stream));
         let this = self.clone();
         // Shared by the connection's requests, not copied for each.
         let call = Arc::new(call);
@@ -319,7 +321,7 @@ impl HttpProxy {
                 }))
             }
         });
-        serve_client(io, protocol, service).await
+        serve_client(client, protocol, service, self.pool_idle).await
     }
 
     async fn handle(
@@ -1558,11 +1560,13 @@ impl Drop for Gauge {
 }
 
 /// Serves one client connection in `protocol` with the client limits
-/// (header size, header read timeout; upgrades for HTTP/1.1).
+/// (header size; for HTTP/1.1 the header read timeout from a request's
+/// first byte, and `idle` between requests; upgrades).
 pub(super) async fn serve_client<I, S, B>(
-    io: TokioIo<I>,
+    client: I,
     protocol: Protocol,
     service: S,
+    idle: Duration,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -1577,16 +1581,17 @@ where
         Protocol::Http2 => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service)
+                .serve_connection(TokioIo::new(client), service)
                 .await
         }
         _ => {
+            let (client, reads) = head_timer::Counted::new(client);
             hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .max_buf_size(MAX_HEADER_BYTES)
-                .timer(hyper_util::rt::TokioTimer::new())
+                .timer(head_timer::HeadTimer::new(reads, idle))
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, service)
+                .serve_connection(TokioIo::new(client), service)
                 .with_upgrades()
                 .await
         }

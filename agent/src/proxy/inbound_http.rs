@@ -13,6 +13,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -171,14 +172,16 @@ fn service_of(snapshot: &Snapshot, host: &str, namespace: &str) -> Option<String
     snapshot.service(&id).map(|_| id)
 }
 
-/// Serves `client` (which speaks `protocol`) until it closes, forwarding
-/// the requests `judge` allows (all, without one) to `upstream`.
+/// Serves `client` (which speaks `protocol`) until it closes, or sits
+/// `idle` between HTTP/1.1 requests, forwarding the requests `judge` allows
+/// (all, without one) to `upstream`.
 pub async fn serve<I>(
     client: I,
     protocol: Protocol,
     upstream: Pin<Box<dyn Io>>,
     judge: Option<Judge>,
     telemetry: Option<Telemetry>,
+    idle: Duration,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -232,7 +235,7 @@ where
             }))
         }
     });
-    super::http::serve_client(TokioIo::new(client), protocol, service).await
+    super::http::serve_client(client, protocol, service, idle).await
 }
 
 fn spawn_conn<F, E>(conn: F)

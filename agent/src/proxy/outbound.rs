@@ -1063,7 +1063,14 @@ impl Outbound {
         let client = super::http::LingeringClose::new(inbound);
         let _ = upstream.set_nodelay(true);
         let upstream = Box::pin(upstream);
-        let served = super::inbound_http::serve(client, protocol, upstream, Some(judge), None);
+        let served = super::inbound_http::serve(
+            client,
+            protocol,
+            upstream,
+            Some(judge),
+            None,
+            self.config.idle_timeout,
+        );
         if let Err(e) = self.unless_revoked(served, &standing, resets).await? {
             debug!(error = %e, "HTTP connection ended with an error");
         }
