@@ -18,8 +18,8 @@ use std::{
 /// Sweeps start at this many entries, then at twice what a sweep left.
 const FIRST_SWEEP: usize = 1024;
 
-/// (`namespace/name` of the Service, its port, the client's address).
-type Key = (String, u16, IpAddr);
+/// Within a Service (`namespace/name`): its port, the client's address.
+type Key = (u16, IpAddr);
 
 #[derive(Debug)]
 struct Stuck {
@@ -28,9 +28,11 @@ struct Stuck {
     timeout: Duration,
 }
 
+/// By Service, so that a lookup by its name allocates nothing.
 #[derive(Debug)]
 struct Table {
-    entries: HashMap<Key, Stuck>,
+    entries: HashMap<String, HashMap<Key, Stuck>>,
+    len: usize,
     sweep_at: usize,
 }
 
@@ -45,6 +47,7 @@ impl Default for Affinity {
         Self {
             table: Mutex::new(Table {
                 entries: HashMap::new(),
+                len: 0,
                 sweep_at: FIRST_SWEEP,
             }),
         }
@@ -64,7 +67,7 @@ impl Affinity {
         now: Instant,
     ) -> Option<SocketAddr> {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let stuck = table.entries.get(&(service.to_owned(), port, client))?;
+        let stuck = table.entries.get(service)?.get(&(port, client))?;
         (now.saturating_duration_since(stuck.last) < timeout && usable.contains(&stuck.backend))
             .then_some(stuck.backend)
     }
@@ -80,19 +83,28 @@ impl Affinity {
         now: Instant,
     ) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.entries.insert(
-            (service.to_owned(), port, client),
-            Stuck {
-                backend,
-                last: now,
-                timeout,
-            },
-        );
-        if table.entries.len() >= table.sweep_at {
-            table
-                .entries
-                .retain(|_, s| now.saturating_duration_since(s.last) < s.timeout);
-            table.sweep_at = (table.entries.len() * 2).max(FIRST_SWEEP);
+        let stuck = Stuck {
+            backend,
+            last: now,
+            timeout,
+        };
+        // The Service's name is copied only for its first entry.
+        let clients = match table.entries.get_mut(service) {
+            Some(clients) => clients,
+            None => table.entries.entry(service.to_owned()).or_default(),
+        };
+        if clients.insert((port, client), stuck).is_none() {
+            table.len += 1;
+        }
+        if table.len >= table.sweep_at {
+            let mut len = 0;
+            table.entries.retain(|_, clients| {
+                clients.retain(|_, s| now.saturating_duration_since(s.last) < s.timeout);
+                len += clients.len();
+                !clients.is_empty()
+            });
+            table.len = len;
+            table.sweep_at = (len * 2).max(FIRST_SWEEP);
         }
     }
 
@@ -100,7 +112,7 @@ impl Affinity {
     #[cfg(test)]
     fn clients(&self) -> usize {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.entries.len()
+        table.len
     }
 }
 
