@@ -314,7 +314,8 @@ pub struct AgentArgs {
     pub protocol_detect_timeout: String,
 
     /// Close a proxied connection after this long without a byte either way,
-    /// and a pooled upstream HTTP connection after this long without a request.
+    /// and an HTTP client connection or pooled upstream connection after
+    /// this long without a request.
     #[arg(long, env = env::IDLE_TIMEOUT, default_value = "1h")]
     pub idle_timeout: String,
 

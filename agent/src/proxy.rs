@@ -2,8 +2,8 @@
 
 pub mod affinity;
 pub mod busy_poll;
+mod client_idle;
 pub mod detect;
-mod head_timer;
 pub mod http;
 pub mod inbound_http;
 pub mod outbound;

@@ -1081,6 +1081,60 @@ time.sleep(float(sys.argv[3]))
 print(first, get())
 "#;
 
+/// An HTTP/2 client (cleartext, prior knowledge) that keeps its
+/// connection: a GET, another a second later, then it waits (up to 20 s)
+/// for the peer to end the connection. Prints both statuses and `goaway`
+/// (a GOAWAY came), `closed` (the connection closed without one) or `open`.
+/// Args: HOST PORT.
+pub const H2_IDLE_CLIENT: &str = r#"
+import socket, sys, time
+import h2.config, h2.connection, h2.events, h2.exceptions
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+def get():
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], end_stream=True)
+    s.sendall(c.data_to_send())
+    status = None
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return "closed"
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                status = dict(ev.headers)[":status"]
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                s.sendall(c.data_to_send())
+                return status
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                return "goaway"
+        s.sendall(c.data_to_send())
+first = get()
+time.sleep(1)
+second = get()
+end, deadline = "open", time.monotonic() + 20
+try:
+    while time.monotonic() < deadline:
+        data = s.recv(65536)
+        if not data:
+            end = "closed" if end == "open" else end
+            break
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.ConnectionTerminated):
+                end = "goaway"
+        s.sendall(c.data_to_send())
+except h2.exceptions.ProtocolError:
+    # The library takes no frame after a GOAWAY (the PING that follows
+    # hyper's), and loses that batch's events as it raises.
+    if c.state_machine.state == h2.connection.ConnectionState.CLOSED:
+        end = "goaway"
+except OSError:
+    pass
+print(first, second, end)
+"#;
+
 /// An HTTP/2 client that breaks the protocol: after the preface and its
 /// SETTINGS, a DATA frame on stream 0. Prints `goaway CODE` for the
 /// GOAWAY the peer answers with, or `closed` / `nothing`. Args: HOST PORT.

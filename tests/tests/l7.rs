@@ -678,3 +678,36 @@ fn an_idle_keep_alive_client_connection_stays_open() {
         .expect("client");
     assert_eq!(out.trim(), "200 200");
 }
+
+/// A client's HTTP/2 connection on the L7 path that sends nothing for the
+/// agent's `--idle-timeout` is shut gracefully (GOAWAY), as Envoy's idle
+/// timeout does, while one in use is left alone.
+#[test]
+fn an_idle_http2_client_connection_is_shut_gracefully() {
+    let mut lab = Lab::new("l7_h2_idle").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&a, "a2").expect("pod");
+    let _server = server
+        .serve(py::GOAWAY_SERVER, &["8080"], 8080)
+        .expect("server");
+    let _cluster = mesh::Cluster::start_with(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::service_with_protocol("shop", "web", VIP, 80, "8080", "http2", &[("app", "web")]),
+        ],
+        mesh::Certs::SharedCa,
+        &["--idle-timeout", "3s"],
+    )
+    .expect("mesh");
+    let out = client
+        .exec()
+        .python_output(py::H2_IDLE_CLIENT, &[VIP, "80"], Duration::from_secs(60))
+        .expect("client");
+    assert_eq!(out.trim(), "200 200 goaway");
+}

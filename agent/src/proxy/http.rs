@@ -36,8 +36,8 @@ use tracing::{Instrument as _, debug};
 
 use super::{
     busy_poll::Poller,
+    client_idle,
     detect::Protocol,
-    head_timer,
     pool::{self, Pools, UpstreamKey},
     telemetry,
 };
@@ -1561,7 +1561,7 @@ impl Drop for Gauge {
 
 /// Serves one client connection in `protocol` with the client limits
 /// (header size; for HTTP/1.1 the header read timeout from a request's
-/// first byte, and `idle` between requests; upgrades).
+/// first byte; upgrades), until it closes or sits `idle` (`client_idle`).
 pub(super) async fn serve_client<I, S, B>(
     client: I,
     protocol: Protocol,
@@ -1579,17 +1579,26 @@ where
 {
     match protocol {
         Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let (client, reads) = client_idle::Counted::new(client);
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(TokioIo::new(client), service)
-                .await
+                .serve_connection(TokioIo::new(client), service);
+            let mut conn = std::pin::pin!(conn);
+            let mut quiet = client_idle::Quiet::new(reads, idle);
+            tokio::select! {
+                done = conn.as_mut() => return done,
+                () = quiet.elapsed() => {}
+            }
+            debug!("client's HTTP/2 connection idle: shut gracefully");
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
         _ => {
-            let (client, reads) = head_timer::Counted::new(client);
+            let (client, reads) = client_idle::Counted::new(client);
             hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .max_buf_size(MAX_HEADER_BYTES)
-                .timer(head_timer::HeadTimer::new(reads, idle))
+                .timer(client_idle::HeadTimer::new(reads, idle))
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(client), service)
                 .with_upgrades()

@@ -1,13 +1,20 @@
-//! The clock of an HTTP/1.1 client connection's request-head timeout.
+//! Idle client connections on the L7 path, closed after the agent's idle
+//! timeout (`--idle-timeout`) as Envoy's `idle_timeout` closes them, and
+//! never sooner.
 //!
-//! hyper arms its header read timeout as soon as it waits for a request,
-//! so a keep-alive connection idle between requests would be closed after
-//! that timeout (10 s here): a keep-alive limit of the agent's own, which
-//! the application's server does not have and its clients would race
-//! (a request written as the agent closes is lost). This timer gives hyper
-//! sleeps that start the head's time at its first byte: until one comes the
-//! connection is idle, and an idle one is closed after the agent's idle
-//! timeout instead, as Envoy's `idle_timeout` does.
+//! HTTP/1.1: hyper arms its header read timeout as soon as it waits for a
+//! request, so a keep-alive connection idle between requests would be
+//! closed after that timeout (10 s here): a keep-alive limit of the agent's
+//! own, which the application's server does not have and its clients would
+//! race (a request written as the agent closes is lost). [`HeadTimer`]
+//! gives hyper sleeps that start the head's time at its first byte: until
+//! one comes the connection is idle, and an idle one is closed after the
+//! idle timeout instead.
+//!
+//! HTTP/2: hyper's server has no idle timeout. [`Quiet`] notices a
+//! connection the client has sent nothing on for the idle timeout, and the
+//! connection is then shut gracefully (GOAWAY): streams still answering
+//! finish, and the client opens a new connection for its next request.
 
 use std::{
     future::Future,
@@ -97,6 +104,40 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
     }
 }
 
+/// Waits for a client connection to go quiet: no read for `idle`.
+pub(super) struct Quiet {
+    reads: Arc<Reads>,
+    idle: Duration,
+    seen: u64,
+    since: tokio::time::Instant,
+}
+
+impl Quiet {
+    pub fn new(reads: Arc<Reads>, idle: Duration) -> Self {
+        Self {
+            seen: reads.count(),
+            reads,
+            idle,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Resolves once a whole `idle` has passed without a read. Reads are
+    /// looked at only when a period ends (no timer per read), so that is
+    /// between one and two periods after the last one.
+    pub async fn elapsed(&mut self) {
+        loop {
+            tokio::time::sleep_until(self.since + self.idle).await;
+            let count = self.reads.count();
+            if count == self.seen {
+                return;
+            }
+            self.seen = count;
+            self.since = tokio::time::Instant::now();
+        }
+    }
+}
+
 /// hyper's timer for one client connection (it uses it for the header
 /// read timeout only).
 #[derive(Clone, Debug)]
@@ -160,6 +201,29 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_quiet_after_a_whole_period_without_a_read() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (mut conn, reads) = Counted::new(near);
+        let idle = Duration::from_secs(60);
+        let mut quiet = Quiet::new(reads, idle);
+        let start = tokio::time::Instant::now();
+        // A read 30 s in restarts the wait.
+        let reader = async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            far.write_all(b"x").await.expect("write");
+            let mut buf = [0u8; 1];
+            conn.read_exact(&mut buf).await.expect("read");
+        };
+        tokio::join!(quiet.elapsed(), reader);
+        let waited = start.elapsed();
+        assert!(waited > idle && waited <= 2 * idle, "{waited:?}");
+        // Nothing read since: the next period ends it.
+        let start = tokio::time::Instant::now();
+        quiet.elapsed().await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "already quiet");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_waits_out_the_idle_timeout_and_a_head_its_own() {
