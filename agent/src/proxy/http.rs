@@ -719,7 +719,7 @@ impl HttpProxy {
     fn mirror(
         self: &Arc<Self>,
         mirrors: &[routes::table::Mirror],
-        head: &(http::Method, Uri, http::HeaderMap),
+        head: &Head,
         version: Version,
         replay: &Replay,
         call: &Call,
@@ -1121,30 +1121,14 @@ impl HttpProxy {
             // requests it never processed (RFC 9113 8.7, 6.8): those go
             // again on a new connection. hyper hands back a request it had
             // not started; one without a body is rebuilt from its head.
-            let again = hyper::body::Body::is_end_stream(req.body()).then(|| {
-                (
-                    req.method().clone(),
-                    req.uri().clone(),
-                    req.headers().clone(),
-                )
-            });
+            let again = hyper::body::Body::is_end_stream(req.body()).then(|| head_of(&req));
             let mut sender = self.h2_sender(&key, dst.clone(), call, svc).await?;
             let resp = match self.answer(local, sender.try_send_request(req)).await {
                 Ok(resp) => resp,
                 Err(mut e) => {
                     let unprocessed = refused(e.error());
                     let retry = e.take_message().or_else(|| {
-                        let (method, uri, headers) = again.filter(|_| unprocessed)?;
-                        let mut req = Request::new(
-                            Full::new(Bytes::new())
-                                .map_err(|never| match never {})
-                                .boxed(),
-                        );
-                        *req.method_mut() = method;
-                        *req.uri_mut() = uri;
-                        *req.version_mut() = Version::HTTP_2;
-                        *req.headers_mut() = headers;
-                        Some(req)
+                        Some(bodiless(again.filter(|_| unprocessed)?, Version::HTTP_2))
                     });
                     let Some(req) = retry else {
                         return Err((Reason::UpstreamReset, e.into_error().to_string()));
@@ -1193,29 +1177,14 @@ impl HttpProxy {
             let again = (reused
                 && req.method().is_idempotent()
                 && hyper::body::Body::is_end_stream(req.body()))
-            .then(|| {
-                (
-                    req.method().clone(),
-                    req.uri().clone(),
-                    req.headers().clone(),
-                )
-            });
+            .then(|| head_of(&req));
             let resp = match self.answer(local, sender.try_send_request(req)).await {
                 Ok(resp) => resp,
                 Err(mut e) => {
                     let closed = e.error().is_incomplete_message() || e.error().is_canceled();
-                    let retry = e.take_message().or_else(|| {
-                        let (method, uri, headers) = again.filter(|_| closed)?;
-                        let mut req = Request::new(
-                            Full::new(Bytes::new())
-                                .map_err(|never| match never {})
-                                .boxed(),
-                        );
-                        *req.method_mut() = method;
-                        *req.uri_mut() = uri;
-                        *req.headers_mut() = headers;
-                        Some(req)
-                    });
+                    let retry = e
+                        .take_message()
+                        .or_else(|| Some(bodiless(again.filter(|_| closed)?, Version::HTTP_11)));
                     let Some(req) = retry.filter(|_| reused) else {
                         return Err((Reason::UpstreamReset, e.into_error().to_string()));
                     };
@@ -1775,6 +1744,31 @@ pub(super) fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue>
     asked
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
+}
+
+/// What is kept of a request to send it again without its body.
+type Head = (http::Method, Uri, http::HeaderMap);
+
+fn head_of<B>(req: &Request<B>) -> Head {
+    (
+        req.method().clone(),
+        req.uri().clone(),
+        req.headers().clone(),
+    )
+}
+
+/// A request without a body, from a kept head.
+fn bodiless((method, uri, headers): Head, version: Version) -> Request<Body> {
+    let mut req = Request::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    req
 }
 
 /// Whether an HTTP/2 backend left the request unprocessed, so that it may
