@@ -200,7 +200,9 @@ fn http2_and_grpc_keep_streams_trailers_and_status() {
 /// old one; a refused POST with a body is not sent twice (502). The
 /// backends are across nodes, so their GOAWAYs come through the HBONE
 /// tunnel; one has HTTP authorization rules, so the destination's agent
-/// serves its requests and passes the refusals back as REFUSED_STREAM.
+/// serves its requests and passes the refusals back as REFUSED_STREAM. Their
+/// ports declare HTTP/2, so an HTTP/1.1 client's request reaches these
+/// HTTP/2-only backends too.
 #[test]
 fn a_backend_going_away_loses_no_request() {
     const PLAIN: &str = "10.96.0.33";
@@ -313,6 +315,17 @@ fn a_backend_going_away_loses_no_request() {
             curl(&["-o", "/dev/null", "-d", "x", &url("/refused")]),
             " 502",
             "{vip}: a body is not sent twice"
+        );
+
+        // The port declares HTTP/2 and the backend speaks nothing else:
+        // an HTTP/1.1 client's request goes to it as HTTP/2.
+        let out = client
+            .exec()
+            .curl(&["-m", "10", "-w", " %{http_code} %{http_version}", &url("/")])
+            .expect("curl");
+        assert!(
+            out.starts_with("conn") && out.ends_with(" 200 1.1"),
+            "{vip}: {out}"
         );
     }
     let status = cluster.agents[0].cli_json("status").expect("status");

@@ -77,6 +77,19 @@ pub fn declared(app_protocol: Option<&str>, port_name: &str) -> Option<bool> {
     kind(&name).or_else(|| kind(name.split_once('-')?.0))
 }
 
+/// Whether a Service port declares HTTP/2 (`http2`, `grpc`, `h2c`), read
+/// as [`declared`] reads it: then its backends speak HTTP/2, and HTTP/1.1
+/// requests go to them as HTTP/2, as Istio sends them.
+pub fn declares_http2(app_protocol: Option<&str>, port_name: &str) -> bool {
+    const H2: &[&str] = &["http2", "grpc", "h2c", "kubernetes.io/h2c"];
+    let is_h2 = |p: &str| H2.iter().any(|h| h.eq_ignore_ascii_case(p));
+    if let Some(p) = app_protocol.filter(|p| declared(Some(p), "").is_some()) {
+        return is_h2(p);
+    }
+    let name = port_name.to_ascii_lowercase();
+    is_h2(&name) || name.split_once('-').is_some_and(|(p, _)| is_h2(p))
+}
+
 /// The HTTP/2 client connection preface (RFC 9113, 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -228,6 +241,16 @@ mod tests {
         // appProtocol wins over the name; an unknown one leaves it to the name.
         assert_eq!(declared(Some("tcp"), "http-web"), Some(false));
         assert_eq!(declared(Some("example.com/custom"), "http-web"), Some(true));
+        assert!(declares_http2(Some("grpc"), ""));
+        assert!(declares_http2(Some("kubernetes.io/h2c"), "http-web"));
+        assert!(declares_http2(None, "grpc-api"));
+        assert!(declares_http2(Some("example.com/custom"), "http2"));
+        assert!(!declares_http2(Some("http"), "grpc"), "appProtocol first");
+        assert!(
+            !declares_http2(Some("grpc-web"), ""),
+            "gRPC-Web is HTTP/1.1"
+        );
+        assert!(!declares_http2(None, "http-grpc"));
         // Istio's port names: `<protocol>[-<suffix>]`.
         for (name, want) in [
             ("http", Some(true)),

@@ -82,6 +82,9 @@ pub struct Call {
     pub port: u16,
     /// Whether the VIP called is IPv6: backends are of its family.
     pub ipv6: bool,
+    /// The port declares HTTP/2 (`detect::declares_http2`): requests go
+    /// upstream as HTTP/2 whatever the client speaks.
+    pub upstream_h2: bool,
 }
 
 /// Requests the agent answered itself, by reason, and forwarded ones.
@@ -938,6 +941,7 @@ impl HttpProxy {
             service: String::new(),
             port: 0,
             ipv6: backend.is_ipv6(),
+            upstream_h2: false,
         };
         let dst = self.tunnel(&snapshot, &call, backend);
         let (io, _guard) = self
@@ -1085,7 +1089,10 @@ impl HttpProxy {
             backend,
             src: dst.as_ref().and(call.client_identity.clone()),
         };
-        let h2 = req.version() == Version::HTTP_2;
+        let from_h2 = req.version() == Version::HTTP_2;
+        let asks_upgrade = !from_h2 && upgrade_protocol(req.headers()).is_some();
+        // An upgrade keeps its HTTP/1.1 connection.
+        let h2 = from_h2 || (call.upstream_h2 && !asks_upgrade);
         let upgrade = (!h2)
             .then(|| upgrade_protocol(req.headers()))
             .flatten()
@@ -1097,12 +1104,18 @@ impl HttpProxy {
             });
         strip_hop_by_hop(req.headers_mut());
         if h2 {
-            // hyper's HTTP/2 client wants the scheme and authority.
+            // hyper's HTTP/2 client wants the scheme and authority; from
+            // HTTP/1.1, `Host` becomes `:authority` (RFC 9113 8.3.1).
+            let host = (!from_h2)
+                .then(|| req.headers_mut().remove(header::HOST))
+                .flatten();
             let authority = req
                 .uri()
                 .authority()
                 .map(|a| a.to_string())
+                .or_else(|| host.and_then(|h| h.to_str().ok().map(str::to_owned)))
                 .unwrap_or_else(|| backend.to_string());
+            *req.version_mut() = Version::HTTP_2;
             let pq = req
                 .uri()
                 .path_and_query()

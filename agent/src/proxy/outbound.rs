@@ -505,6 +505,7 @@ impl Outbound {
             service: svc.id(),
             port: port.port,
             ipv6: dst.is_ipv6(),
+            upstream_h2: detect::declares_http2(port.app_protocol.as_deref(), &port.name),
         };
         Some((
             call,
@@ -746,7 +747,12 @@ impl Outbound {
             // streams); HTTP/1.1 when routes apply or requests are traced,
             // else the L4 path keeps its kernel shortcuts.
             let traced = self.tracer.is_some();
-            if protocol == Protocol::Http2 || (protocol == Protocol::Http1 && (routed || traced)) {
+            // HTTP/1.1 to a port that declares HTTP/2 is carried there as
+            // HTTP/2, on the L7 path.
+            let upgrade = call.upstream_h2;
+            if protocol == Protocol::Http2
+                || (protocol == Protocol::Http1 && (routed || traced || upgrade))
+            {
                 tracing::Span::current().record("dst", tracing::field::display(&call.service));
                 debug!(protocol = protocol.name(), service = %call.service, "serving as HTTP");
                 let served = self.http().clone().serve(inbound, call, protocol).await;
