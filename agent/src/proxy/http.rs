@@ -1090,18 +1090,17 @@ impl HttpProxy {
             src: dst.as_ref().and(call.client_identity.clone()),
         };
         let from_h2 = req.version() == Version::HTTP_2;
-        let asks_upgrade = !from_h2 && upgrade_protocol(req.headers()).is_some();
-        // An upgrade keeps its HTTP/1.1 connection.
-        let h2 = from_h2 || (call.upstream_h2 && !asks_upgrade);
-        let upgrade = (!h2)
+        let asked = (!from_h2)
             .then(|| upgrade_protocol(req.headers()))
-            .flatten()
-            .and_then(|p| {
-                Some((
-                    p,
-                    req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()?,
-                ))
-            });
+            .flatten();
+        // An upgrade keeps its HTTP/1.1 connection.
+        let h2 = from_h2 || (call.upstream_h2 && asked.is_none());
+        let upgrade = asked.and_then(|p| {
+            Some((
+                p,
+                req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()?,
+            ))
+        });
         strip_hop_by_hop(req.headers_mut());
         if h2 {
             // hyper's HTTP/2 client wants the scheme and authority; from
