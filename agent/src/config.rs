@@ -92,6 +92,10 @@ pub(crate) mod humantime_serde {
     }
 }
 
+/// The longest duration a setting takes: a deadline made from a longer one
+/// could overflow the clock's type.
+const MAX_SETTING_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Parses `500ms`, `5s`, `2m`, `1h` (a number and a unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -102,13 +106,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| "starts with a whole number, as in 500ms or 5s".to_string())?;
+    let secs = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| "longer than 10 years".to_string())
+    };
     let d = match unit {
         "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "s" => secs(1)?,
+        "m" => secs(60)?,
+        "h" => secs(3600)?,
         other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
     };
+    if d.as_secs() > MAX_SETTING_SECS {
+        return Err("longer than 10 years".into());
+    }
     if d.is_zero() {
         return Err("must be more than zero".into());
     }
@@ -369,6 +381,13 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("3d").is_err());
+        for huge in ["99999999999999999h", "18446744073709551615ms", "87601h"] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
+        assert_eq!(
+            parse_duration("87600h"),
+            Ok(Duration::from_secs(MAX_SETTING_SECS))
+        );
     }
 
     #[test]

@@ -548,8 +548,12 @@ pub fn validate_backends(at: &str, backends: &[BackendRef]) -> Result<(), (Strin
     Ok(())
 }
 
-/// A Gateway API duration: `1h`, `10s`, `500ms`, or combinations (`1m30s`);
-/// `0s` means none.
+/// A Gateway API duration (GEP-2257): one to four parts, each one to five
+/// digits and a unit (`1h`, `10s`, `500ms`, `1m30s`); `0s` means none. The
+/// limits are the API server's (the CRD pattern `crds::schema::DURATION`);
+/// files skip that check, and without them a value could overflow the
+/// sum, or a deadline taken from it (a panic in the state thread or on a
+/// request). The largest is about 45 years.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{text:?} is not a duration such as 10s, 500ms or 1m30s");
     if text.is_empty() {
@@ -557,10 +561,18 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     }
     let mut total = std::time::Duration::ZERO;
     let mut rest = text;
+    let mut parts = 0;
     while !rest.is_empty() {
+        parts += 1;
+        if parts > 4 {
+            return Err(format!("{text:?} has more than 4 parts"));
+        }
         let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
         if digits == 0 {
             return Err(bad());
+        }
+        if digits > 5 {
+            return Err(format!("{text:?}: at most 5 digits before a unit"));
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
@@ -589,8 +601,29 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap().as_secs(), 90);
         assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
         assert_eq!(parse_duration("1h").unwrap().as_secs(), 3600);
-        for bad in ["", "10", "s", "1.5s", "10x", "-1s"] {
+        assert_eq!(
+            parse_duration("99999h1m1s1ms").unwrap().as_secs(),
+            359_996_461
+        );
+        // Past the API's limits: files are not checked by the API server,
+        // and these overflowed a sum or a deadline.
+        for bad in [
+            "",
+            "10",
+            "s",
+            "1.5s",
+            "10x",
+            "-1s",
+            "100000h",
+            "99999999999999999h",
+            "2562047788015216h",
+            "18446744073709551615s1s",
+            "1s1s1s1s1s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        // The largest is a deadline that can be taken.
+        let most = parse_duration("99999h99999h99999h99999h").unwrap();
+        let _ = tokio::time::Instant::now() + most;
     }
 }
