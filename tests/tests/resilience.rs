@@ -5,7 +5,8 @@
 //! health checks taking a dead backend out before a request fails, the
 //! local rate limit (429 with `retry-after`), fault injection at its
 //! percentages, and session affinity by ring hash (header) and Maglev
-//! (cookie set by the agent).
+//! (cookie set by the agent); and an `HTTPRoute` rule's own `retry` and
+//! `timeouts` (GEP-1731, GEP-1742).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -98,6 +99,28 @@ fn traffic_policies_retry_limit_eject_and_balance() {
             svc("fault", "10.96.0.47", &one),
             svc("hash", "10.96.0.48", &steer),
             svc("maglev", "10.96.0.49", &steer),
+            svc("routed", "10.96.0.50", &one),
+            // A rule's own retries (GEP-1731) and per-try timeout
+            // (GEP-1742), winning over the Service's policy.
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: routed, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: routed, port: 80}]\n  rules:\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /fail-first}}]\n\
+             \x20   retry: {codes: [503], attempts: 2, backoff: 5ms}\n\
+             \x20   backendRefs: [{name: routed, port: 80}]\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /fail-first/1}}]\n\
+             \x20   retry: {codes: [500], attempts: 2}\n\
+             \x20   backendRefs: [{name: routed, port: 80}]\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /slow-first}}]\n\
+             \x20   timeouts: {request: 4s, backendRequest: 300ms}\n\
+             \x20   retry: {attempts: 1, backoff: 5ms}\n\
+             \x20   backendRefs: [{name: routed, port: 80}]\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /slow}}]\n\
+             \x20   timeouts: {request: 1s, backendRequest: 400ms}\n\
+             \x20   retry: {attempts: 10, backoff: 5ms}\n\
+             \x20   backendRefs: [{name: routed, port: 80}]\n"
+                .to_owned(),
+            mesh::traffic_policy("shop", "routed", "retry: {attempts: 4, retryOn: [5xx]}"),
             mesh::traffic_policy(
                 "shop",
                 "retry",
@@ -159,6 +182,36 @@ fn traffic_policies_retry_limit_eject_and_balance() {
         0,
     );
     assert_eq!(count(&out, "body", "s1 attempt 2"), 1, "{out}");
+
+    // A route rule's retries: two 503s retried; three exhaust its 2
+    // retries (3 attempts, not the policy's 5); a status it does not list
+    // is answered as is, though the Service's policy would retry it.
+    let out = load(&client, "http://10.96.0.50/fail-first/2/r1", 1, 1, "{}", 0);
+    assert_eq!(count(&out, "body", "s1 attempt 3"), 1, "{out}");
+    let before = served(&client, &s1);
+    let out = load(&client, "http://10.96.0.50/fail-first/3/r2", 1, 1, "{}", 0);
+    assert_eq!(count(&out, "body", "503 s1 attempt 3"), 1, "{out}");
+    assert_eq!(served(&client, &s1) - before, 3, "1 + 2 attempts");
+    let out = load(&client, "http://10.96.0.50/fail-first/1/r3", 1, 1, "{}", 0);
+    assert_eq!(count(&out, "body", "503 s1 attempt 1"), 1, "{out}");
+    // `backendRequest` limits each attempt, `request` all of them: the
+    // first hangs for 5 s, the retry after 300 ms answers.
+    let out = load(
+        &client,
+        "http://10.96.0.50/slow-first/5000/r4",
+        1,
+        1,
+        "{}",
+        0,
+    );
+    assert_eq!(count(&out, "body", "s1 attempt 2"), 1, "{out}");
+    // Every attempt hangs: tries of 400 ms fit 3 times in the request's
+    // 1 s, not 11, and the answer is the agent's 504.
+    let before = served(&client, &s1);
+    let out = load(&client, "http://10.96.0.50/slow/3000", 1, 1, "{}", 0);
+    assert_eq!(count(&out, "reason", "timeout"), 1, "{out}");
+    let tries = served(&client, &s1) - before;
+    assert!((2..=3).contains(&tries), "{tries} attempts in 1 s");
 
     // Every attempt fails: without a budget each of 100 requests makes 4
     // attempts; with 10 % of requests in flight (at least 1), far fewer.

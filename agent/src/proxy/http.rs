@@ -501,7 +501,12 @@ impl HttpProxy {
         }
         let mirrors = rule.as_ref().map_or(&[][..], |(r, _)| &r.mirrors[..]);
         let version = parts.version;
-        let (mut next, again) = if policy.retry.attempts == 0 && mirrors.is_empty() {
+        // A rule's own retries win over the policy's.
+        let retries = rule
+            .as_ref()
+            .and_then(|(r, _)| r.retry.as_ref())
+            .unwrap_or(&policy.retry);
+        let (mut next, again) = if retries.attempts == 0 && mirrors.is_empty() {
             (Some(Request::from_parts(parts, body.boxed())), None)
         } else {
             let replay = if hyper::body::Body::is_end_stream(&body) {
@@ -518,13 +523,17 @@ impl HttpProxy {
             (Some(first), Some((head, replay)))
         };
 
-        let timeout =
-            rule.as_ref()
-                .and_then(|(r, _)| match (r.request_timeout, r.backend_timeout) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                });
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // The route's `request` timeout bounds all attempts; its
+        // `backendRequest` each one, as a policy's per-try timeout does
+        // (GEP-1742), so an attempt that outlives it can be retried.
+        let deadline = rule
+            .as_ref()
+            .and_then(|(r, _)| r.request_timeout)
+            .map(|t| tokio::time::Instant::now() + t);
+        let per_try = rule
+            .as_ref()
+            .and_then(|(r, _)| r.backend_timeout)
+            .or(retries.per_try_timeout);
         let mut tried = Vec::new();
         let mut retry_permit = None;
         loop {
@@ -551,7 +560,7 @@ impl HttpProxy {
             }
             let active = Gauge::enter(Counter::Endpoint(endpoint.clone()));
             let attempt = self.forward(&snapshot, req, call, backend, &svc);
-            let limit = match (policy.retry.per_try_timeout, deadline) {
+            let limit = match (per_try, deadline) {
                 (Some(t), Some(d)) => Some((tokio::time::Instant::now() + t).min(d)),
                 (Some(t), None) => Some(tokio::time::Instant::now() + t),
                 (None, d) => d,
@@ -582,12 +591,12 @@ impl HttpProxy {
                 tracing::info!(%backend, service, "ejected by outlier detection");
             }
             let done = circuit
-                || tried.len() > policy.retry.attempts as usize
-                || !retry::retriable(&policy.retry, kind)
+                || tried.len() > retries.attempts as usize
+                || !retry::retriable(retries, kind)
                 || deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             if !done {
                 drop(retry_permit.take());
-                match retry::admit(&policy.retry, policy.limits.max_retries, &svc.gauges) {
+                match retry::admit(retries, policy.limits.max_retries, &svc.gauges) {
                     None => {
                         self.stats
                             .retry_budget_exhausted
@@ -608,8 +617,7 @@ impl HttpProxy {
                             retry_permit = Some(permit);
                             self.stats.retries.fetch_add(1, Ordering::Relaxed);
                             debug!(%backend, attempt = tried.len(), ?kind, "retrying");
-                            tokio::time::sleep(retry::backoff(&policy.retry, tried.len() as u32))
-                                .await;
+                            tokio::time::sleep(retry::backoff(retries, tried.len() as u32)).await;
                             continue;
                         }
                     }

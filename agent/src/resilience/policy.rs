@@ -385,6 +385,9 @@ pub struct Retry {
     pub on_gateway_error: bool,
     pub on_reset: bool,
     pub on_connect_failure: bool,
+    /// An attempt that outlived its per-try timeout, whatever else is set
+    /// (otherwise retried with `on_5xx` or `on_gateway_error`, as Envoy).
+    pub on_timeout: bool,
     pub statuses: Vec<u16>,
     pub grpc_codes: Vec<u8>,
     pub base_interval: Duration,
@@ -475,6 +478,7 @@ impl Default for Retry {
             on_gateway_error: true,
             on_reset: true,
             on_connect_failure: true,
+            on_timeout: false,
             statuses: Vec::new(),
             grpc_codes: Vec::new(),
             base_interval: Duration::from_millis(25),

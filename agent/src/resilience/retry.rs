@@ -37,7 +37,7 @@ pub fn retriable(policy: &Retry, attempt: Attempt) -> bool {
     match attempt {
         Attempt::ConnectFailure => policy.on_connect_failure || policy.on_gateway_error,
         Attempt::Reset => policy.on_reset || policy.on_5xx,
-        Attempt::Timeout => policy.on_gateway_error || policy.on_5xx,
+        Attempt::Timeout => policy.on_timeout || policy.on_gateway_error || policy.on_5xx,
         Attempt::Response(status, grpc) => {
             (policy.on_5xx && (500..=599).contains(&status))
                 || (policy.on_gateway_error && (502..=504).contains(&status))

@@ -5,6 +5,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
+use crate::resilience::policy::Retry;
+
 /// The object as written in the config folder or the API server.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -64,6 +66,9 @@ pub struct HttpRouteRule {
     pub backend_refs: Vec<BackendRef>,
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
+    /// GEP-1731 (experimental channel).
+    #[serde(default)]
+    pub retry: Option<HttpRouteRetry>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -251,6 +256,79 @@ pub struct Timeouts {
     pub backend_request: Option<String>,
 }
 
+/// A rule's own retries (GEP-1731): on the listed statuses, on a failed
+/// connect or a refused stream, and on an attempt that outlives
+/// `timeouts.backendRequest`; not on a reset after the request went out,
+/// which the GEP leaves off by default as unsafe for non-idempotent
+/// requests. Envoy's backoff curve (full jitter, capped at 10 × `backoff`)
+/// and the default retry budget (TrafficPolicy's) apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    #[serde(default)]
+    pub codes: Vec<i64>,
+    /// Retries after the first attempt; 2 when absent (Istio's default), 0
+    /// for none.
+    #[serde(default)]
+    pub attempts: Option<i64>,
+    /// The base interval; 25 ms when absent (Envoy's).
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// Retries a rule gets from a `retry` stanza without `attempts`.
+pub const DEFAULT_ROUTE_RETRIES: u32 = 2;
+
+/// The most retries a rule may ask for (as a TrafficPolicy).
+const MAX_ROUTE_RETRIES: i64 = 10;
+
+impl HttpRouteRetry {
+    /// The retry policy the proxy applies; `(field under retry, reason)`
+    /// when the stanza cannot be honoured.
+    pub fn compile(&self) -> Result<Retry, (String, String)> {
+        let attempts = match self.attempts {
+            None => DEFAULT_ROUTE_RETRIES,
+            Some(n @ 0..=MAX_ROUTE_RETRIES) => n as u32,
+            Some(n) => {
+                return Err((
+                    "attempts".into(),
+                    format!("{n} is not between 0 and {MAX_ROUTE_RETRIES}"),
+                ));
+            }
+        };
+        let mut statuses = Vec::with_capacity(self.codes.len());
+        for (i, code) in self.codes.iter().enumerate() {
+            match u16::try_from(*code) {
+                Ok(c @ 400..=599) => statuses.push(c),
+                _ => {
+                    return Err((
+                        format!("codes[{i}]"),
+                        format!("{code} is not an HTTP status from 400 to 599"),
+                    ));
+                }
+            }
+        }
+        let mut retry = Retry {
+            attempts,
+            on_5xx: false,
+            on_gateway_error: false,
+            on_reset: false,
+            on_connect_failure: true,
+            on_timeout: true,
+            statuses,
+            ..Retry::default()
+        };
+        if let Some(b) = &self.backoff {
+            let base = parse_duration(b).map_err(|e| ("backoff".to_owned(), e))?;
+            if !base.is_zero() {
+                retry.base_interval = base;
+                retry.max_interval = base.saturating_mul(10);
+            }
+        }
+        Ok(retry)
+    }
+}
+
 /// Filters this agent applies; the others (`ExtensionRef`) leave the route
 /// `Accepted=False`.
 pub const SUPPORTED_FILTERS: &[&str] = &[
@@ -327,14 +405,33 @@ pub fn validate(route: &HttpRoute) -> Result<(), (String, String)> {
         }
         validate_backends(&at, &rule.backend_refs)?;
         if let Some(t) = &rule.timeouts {
-            for (name, v) in [
+            let mut parsed = [None, None];
+            for (k, (name, v)) in [
                 ("request", &t.request),
                 ("backendRequest", &t.backend_request),
-            ] {
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 if let Some(v) = v {
-                    parse_duration(v).map_err(|e| (format!("{at}.timeouts.{name}"), e))?;
+                    parsed[k] =
+                        Some(parse_duration(v).map_err(|e| (format!("{at}.timeouts.{name}"), e))?);
                 }
             }
+            // GEP-1742: a try cannot be given longer than the whole request.
+            if let [Some(request), Some(backend)] = parsed
+                && !request.is_zero()
+                && backend > request
+            {
+                return Err((
+                    format!("{at}.timeouts.backendRequest"),
+                    "longer than timeouts.request".into(),
+                ));
+            }
+        }
+        if let Some(r) = &rule.retry {
+            r.compile()
+                .map_err(|(field, why)| (format!("{at}.retry.{field}"), why))?;
         }
     }
     Ok(())
@@ -625,5 +722,59 @@ mod tests {
         // The largest is a deadline that can be taken.
         let most = parse_duration("99999h99999h99999h99999h").unwrap();
         let _ = tokio::time::Instant::now() + most;
+    }
+
+    fn rule(yaml: &str) -> Result<(), (String, String)> {
+        let route: HttpRoute = serde_yaml_ng::from_str(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: r, namespace: shop}}\n\
+             spec: {{parentRefs: [{{kind: Service, name: web}}], rules: [{yaml}]}}"
+        ))
+        .expect("yaml");
+        validate(&route)
+    }
+
+    #[test]
+    fn a_rule_retry_compiles_as_gep_1731_says() {
+        let retry: HttpRouteRetry =
+            serde_yaml_ng::from_str("{codes: [500, 503], attempts: 3, backoff: 100ms}").unwrap();
+        let r = retry.compile().unwrap();
+        assert_eq!(r.attempts, 3);
+        assert_eq!(r.statuses, [500, 503]);
+        assert_eq!(r.base_interval, std::time::Duration::from_millis(100));
+        assert_eq!(r.max_interval, std::time::Duration::from_secs(1));
+        // Connect failures and per-try timeouts, not resets after sending
+        // nor statuses not listed.
+        use crate::resilience::retry::{Attempt, retriable};
+        assert!(retriable(&r, Attempt::ConnectFailure));
+        assert!(retriable(&r, Attempt::Timeout));
+        assert!(retriable(&r, Attempt::Response(503, None)));
+        assert!(!retriable(&r, Attempt::Response(502, None)));
+        assert!(!retriable(&r, Attempt::Reset));
+        // Defaults: 2 retries, Envoy's backoff.
+        let r = HttpRouteRetry::default().compile().unwrap();
+        assert_eq!((r.attempts, r.base_interval.as_millis()), (2, 25));
+        let off: HttpRouteRetry = serde_yaml_ng::from_str("{attempts: 0}").unwrap();
+        assert_eq!(off.compile().unwrap().attempts, 0);
+
+        assert!(rule("{retry: {codes: [503], attempts: 2, backoff: 5ms}}").is_ok());
+        for (yaml, field) in [
+            ("{retry: {attempts: -1}}", "spec.rules[0].retry.attempts"),
+            ("{retry: {attempts: 11}}", "spec.rules[0].retry.attempts"),
+            ("{retry: {codes: [200]}}", "spec.rules[0].retry.codes[0]"),
+            (
+                "{retry: {codes: [503, 600]}}",
+                "spec.rules[0].retry.codes[1]",
+            ),
+            ("{retry: {backoff: 1.5s}}", "spec.rules[0].retry.backoff"),
+            (
+                "{timeouts: {request: 1s, backendRequest: 2s}}",
+                "spec.rules[0].timeouts.backendRequest",
+            ),
+        ] {
+            assert_eq!(rule(yaml).map_err(|e| e.0), Err(field.to_owned()), "{yaml}");
+        }
+        // A zero request timeout means none: any try limit fits.
+        assert!(rule("{timeouts: {request: 0s, backendRequest: 2s}}").is_ok());
     }
 }

@@ -19,13 +19,13 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 use super::{
     grpc_route::{self, GrpcRoute},
     http_route::{
-        BackendRef, HeaderModifier, HttpRoute, HttpRouteFilter, ParentRef, PathMatchKind,
-        PathModifier, PathModifierKind, SUPPORTED_FILTERS, Timeouts, ValueMatchKind,
+        BackendRef, HeaderModifier, HttpRoute, HttpRouteFilter, HttpRouteRetry, ParentRef,
+        PathMatchKind, PathModifier, PathModifierKind, SUPPORTED_FILTERS, Timeouts, ValueMatchKind,
         parse_duration,
     },
     reference_grant::{self, ReferenceGrant},
 };
-use crate::state::ServiceView;
+use crate::{resilience::policy::Retry, state::ServiceView};
 
 /// Services by namespace and name, while routes are compiled.
 type ServicesByName<'a> = std::collections::HashMap<(&'a str, &'a str), &'a ServiceView>;
@@ -402,8 +402,12 @@ pub struct Rule {
     pub unresolved_weight: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_timeout: Option<Duration>,
+    /// Each attempt's limit (GEP-1742), `request_timeout` all of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_timeout: Option<Duration>,
+    /// The rule's own `retry`: it wins over a TrafficPolicy's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redirect: Option<Redirect>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -710,6 +714,8 @@ impl RouteTable {
                         backend_timeout: timeout(
                             r.timeouts.and_then(|t| t.backend_request.as_ref()),
                         ),
+                        // Validation made it compile.
+                        retry: r.retry.and_then(|r| r.compile().ok()),
                         redirect,
                         rewrite,
                         mirrors,
@@ -831,6 +837,7 @@ struct RuleSource<'a> {
     filters: &'a [HttpRouteFilter],
     backend_refs: &'a [BackendRef],
     timeouts: Option<&'a Timeouts>,
+    retry: Option<&'a HttpRouteRetry>,
 }
 
 /// A compiled match and its rank.
@@ -866,6 +873,7 @@ impl<'a> Source<'a> {
                     filters: &r.filters,
                     backend_refs: &r.backend_refs,
                     timeouts: r.timeouts.as_ref(),
+                    retry: r.retry.as_ref(),
                 })
                 .collect(),
         }
@@ -913,6 +921,7 @@ impl<'a> Source<'a> {
                     filters: &r.filters,
                     backend_refs: &r.backend_refs,
                     timeouts: None,
+                    retry: None,
                 })
                 .collect(),
         }
