@@ -4,6 +4,7 @@ pub mod affinity;
 pub mod busy_poll;
 mod client_idle;
 pub mod detect;
+mod grpc_deadline;
 pub mod http;
 pub mod inbound_http;
 pub mod outbound;

@@ -1323,3 +1323,99 @@ writer.join()
 out["exact"] = out["received"] == out["sent"] and got_hash.digest() == sent_hash.digest()
 print(json.dumps(out))
 "#;
+
+/// A gRPC server (Python h2, no gRPC library) that ignores deadlines, as a
+/// server with none of its own would: `.../Stall` never answers, `.../Stream`
+/// sends its head and one message and then nothing. It records each call's
+/// `grpc-timeout` and each stream reset it gets; `.../Log` answers that
+/// record as JSON in one message. Args: PORT.
+pub const DEADLINE_SERVER: &str = r#"
+import json, socket, sys, threading
+import h2.config, h2.connection, h2.events
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
+lock = threading.Lock()
+seen = {"timeouts": [], "resets": 0}
+def message(b):
+    return b"\x00" + len(b).to_bytes(4, "big") + b
+def serve(sock):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    c.initiate_connection()
+    sock.sendall(c.data_to_send())
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.StreamReset):
+                with lock:
+                    seen["resets"] += 1
+            elif isinstance(ev, h2.events.DataReceived):
+                c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.RequestReceived):
+                h = dict(ev.headers)
+                head = [(":status", "200"), ("content-type", "application/grpc")]
+                if h[":path"].endswith("/Log"):
+                    with lock:
+                        body = json.dumps(seen).encode()
+                    c.send_headers(ev.stream_id, head)
+                    c.send_data(ev.stream_id, message(body))
+                    c.send_headers(ev.stream_id, [("grpc-status", "0")], end_stream=True)
+                    continue
+                with lock:
+                    seen["timeouts"].append(h.get("grpc-timeout", ""))
+                if h[":path"].endswith("/Stream"):
+                    c.send_headers(ev.stream_id, head)
+                    c.send_data(ev.stream_id, message(b"first"))
+        try:
+            sock.sendall(c.data_to_send())
+        except OSError:
+            break
+    sock.close()
+while True:
+    s, _ = srv.accept()
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+"#;
+
+/// One gRPC call by hand (Python h2), so no client library enforces the
+/// deadline it sends: POST PATH with `grpc-timeout: TIMEOUT` (none for
+/// `-`) and a one-message body; reads until the stream ends (at most 20 s).
+/// Prints JSON: the answer's head, its messages' text, its trailers,
+/// whether the stream was reset. Args: HOST PORT PATH TIMEOUT.
+pub const DEADLINE_CLIENT: &str = r#"
+import json, socket, sys
+import h2.config, h2.connection, h2.events
+host, port, path, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, port), timeout=20)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+c.initiate_connection()
+head = [(":method", "POST"), (":scheme", "http"), (":authority", host), (":path", path),
+        ("content-type", "application/grpc"), ("te", "trailers")]
+if timeout != "-":
+    head.append(("grpc-timeout", timeout))
+c.send_headers(1, head)
+c.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+s.sendall(c.data_to_send())
+out = {"head": {}, "data": "", "trailers": {}, "reset": False}
+done = False
+while not done:
+    data = s.recv(65536)
+    if not data:
+        break
+    for ev in c.receive_data(data):
+        if isinstance(ev, h2.events.ResponseReceived):
+            out["head"] = dict(ev.headers)
+        elif isinstance(ev, h2.events.DataReceived):
+            c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            out["data"] += ev.data[5:].decode(errors="replace")
+        elif isinstance(ev, h2.events.TrailersReceived):
+            out["trailers"] = dict(ev.headers)
+        elif isinstance(ev, h2.events.StreamReset):
+            out["reset"] = done = True
+        if isinstance(ev, h2.events.StreamEnded):
+            done = True
+    s.sendall(c.data_to_send())
+print(json.dumps(out))
+"#;

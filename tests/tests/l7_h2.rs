@@ -331,3 +331,97 @@ fn a_backend_going_away_loses_no_request() {
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert_eq!(status["http"]["refused_retries"], 4, "{status}");
 }
+
+/// A gRPC client's deadline (`grpc-timeout`) is held by the agent, as
+/// Istio's Envoy holds it, against a server that ignores it: a call with no
+/// answer gets DEADLINE_EXCEEDED from the agent, one whose answer stalls
+/// midway is ended with DEADLINE_EXCEEDED trailers, the server is told the
+/// time left and sees both streams reset; a call without a deadline is
+/// left alone. The client is hand-written, so no library enforces the
+/// deadline on its side.
+#[test]
+fn a_grpc_deadline_is_held_for_the_client() {
+    const VIP: &str = "10.96.0.32";
+    let mut lab = Lab::new("l7_dl").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let _server = server
+        .serve(py::DEADLINE_SERVER, &["8080"], 8080)
+        .expect("server");
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "stall")], &[], ""),
+            mesh::service_with_protocol(
+                "shop",
+                "stall",
+                VIP,
+                80,
+                "8080",
+                "grpc",
+                &[("app", "stall")],
+            ),
+        ],
+    )
+    .expect("mesh");
+    let call = |method: &str, timeout: &str| -> serde_json::Value {
+        let path = format!("/trellis.test.Stall/{method}");
+        let out = client
+            .exec()
+            .python_output(
+                py::DEADLINE_CLIENT,
+                &[VIP, "80", &path, timeout],
+                Duration::from_secs(30),
+            )
+            .expect("client");
+        serde_json::from_str(&out).expect(&out)
+    };
+
+    // No answer in 300 ms: the agent's trailers-only DEADLINE_EXCEEDED.
+    let out = call("Stall", "300m");
+    assert_eq!(out["head"][":status"], "200", "{out}");
+    assert_eq!(out["head"]["grpc-status"], "4", "{out}");
+    assert_eq!(out["head"]["x-trellis-reason"], "timeout", "{out}");
+
+    // An answer that stalls after its first message: what came is
+    // delivered, then trailers end the call.
+    let out = call("Stream", "500m");
+    assert_eq!(out["head"][":status"], "200", "{out}");
+    assert_eq!(out["data"], "first", "{out}");
+    assert_eq!(out["trailers"]["grpc-status"], "4", "{out}");
+    assert_eq!(
+        out["trailers"]["grpc-message"], "deadline exceeded in the mesh",
+        "{out}"
+    );
+
+    // The server was told the time left (less than the client's), and both
+    // of its streams were reset when the deadline passed.
+    let log = call("Log", "-");
+    let seen: serde_json::Value =
+        serde_json::from_str(log["data"].as_str().expect("log")).expect("the server's record");
+    let timeouts: Vec<&str> = seen["timeouts"]
+        .as_array()
+        .expect("timeouts")
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(timeouts.len(), 2, "{seen}");
+    for (t, most) in timeouts.iter().zip([300_000u64, 500_000]) {
+        let micros: u64 = t
+            .strip_suffix('u')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{t:?} in microseconds"));
+        assert!(micros > 0 && micros <= most, "{t} of {most}u");
+    }
+    assert_eq!(seen["resets"], 2, "{seen}");
+
+    let status = cluster.agents[0].cli_json("status").expect("status");
+    assert_eq!(status["http"]["timeout"], 2, "{}", status["http"]);
+}

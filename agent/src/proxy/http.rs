@@ -38,6 +38,7 @@ use super::{
     busy_poll::Poller,
     client_idle,
     detect::Protocol,
+    grpc_deadline,
     pool::{self, Pools, UpstreamKey},
     telemetry,
 };
@@ -492,6 +493,10 @@ impl HttpProxy {
         // The request, and when retries are possible a copy of it (its body
         // recorded as it streams) to send again.
         let (mut parts, body) = req.into_parts();
+        let client_deadline = grpc
+            .then(|| grpc_deadline::parse(&parts.headers))
+            .flatten()
+            .map(|t| tokio::time::Instant::now() + t);
         let body = telemetry::Counted::new(body, chosen.body.clone());
         if let Some((rule, matched)) = &rule {
             rule.request_headers.apply(&mut parts.headers);
@@ -526,10 +531,14 @@ impl HttpProxy {
         // The route's `request` timeout bounds all attempts; its
         // `backendRequest` each one, as a policy's per-try timeout does
         // (GEP-1742), so an attempt that outlives it can be retried.
+        // A gRPC client's own deadline bounds them too.
         let deadline = rule
             .as_ref()
             .and_then(|(r, _)| r.request_timeout)
-            .map(|t| tokio::time::Instant::now() + t);
+            .map(|t| tokio::time::Instant::now() + t)
+            .into_iter()
+            .chain(client_deadline)
+            .min();
         let per_try = rule
             .as_ref()
             .and_then(|(r, _)| r.backend_timeout)
@@ -537,7 +546,13 @@ impl HttpProxy {
         let mut tried = Vec::new();
         let mut retry_permit = None;
         loop {
-            let Some(req) = next.take() else { break };
+            let Some(mut req) = next.take() else { break };
+            // Each attempt tells the server the time its client has left.
+            if let Some(at) = client_deadline {
+                let left = at.saturating_duration_since(tokio::time::Instant::now());
+                req.headers_mut()
+                    .insert(grpc_deadline::GRPC_TIMEOUT, grpc_deadline::encode(left));
+            }
             let now = std::time::Instant::now();
             let held = affinity.and_then(|timeout| {
                 self.affinity
@@ -651,13 +666,22 @@ impl HttpProxy {
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
                     // In flight until the response body ends.
-                    resp.map(|b| {
-                        Guarded {
-                            inner: b,
-                            _gauges: (in_flight, active),
+                    let resp = resp.map(|b| Guarded {
+                        inner: b,
+                        _gauges: (in_flight, active),
+                    });
+                    match client_deadline {
+                        None => resp.map(|b| b.boxed()),
+                        Some(at) => {
+                            let proxy = self.clone();
+                            resp.map(|b| {
+                                grpc_deadline::Bounded::new(b, at, move || {
+                                    proxy.count(Reason::Timeout);
+                                })
+                                .boxed()
+                            })
                         }
-                        .boxed()
-                    })
+                    }
                 }
                 Err((reason, detail)) => answer(reason, format!("{backend}: {detail}")),
             };
