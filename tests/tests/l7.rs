@@ -285,7 +285,8 @@ fn backend_resets_are_reported_and_contained() {
     assert!(before >= 2, "{status}");
 }
 
-/// `RequestRedirect`, `URLRewrite` and `RequestMirror` on real requests, a
+/// `RequestRedirect`, `URLRewrite`, `RequestMirror` and a backend
+/// reference's header filters on real requests, a
 /// `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
 /// (which `trellis config` shows `Accepted=False (Conflicted)`).
 #[test]
@@ -374,6 +375,28 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 "split",
                 80,
                 "[{backendRefs: [{name: main, port: 80}, {name: gone, port: 80}]}]",
+            ),
+            // A backend reference's own header filters; one it cannot
+            // honour keeps its route from being accepted.
+            mesh::service("shop", "tagged", "10.96.0.48", 80, "8080", &[("app", "main")]),
+            route(
+                "HTTPRoute",
+                "tagged",
+                "tagged",
+                80,
+                "[{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-tag, value: by-rule}]}}], \
+                 backendRefs: [{name: main, port: 80, filters: [\
+                 {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-tag, value: by-backend}]}}, \
+                 {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-backend, value: main}]}}]}]}]",
+            ),
+            mesh::service("shop", "odd", "10.96.0.49", 80, "8080", &[("app", "main")]),
+            route(
+                "HTTPRoute",
+                "odd",
+                "odd",
+                80,
+                "[{matches: [{path: {type: Exact, value: /only}}], backendRefs: [{name: main, port: 80, filters: [\
+                 {type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /x}}}]}]}]",
             ),
             // Loses the port to the GRPCRoute.
             route(
@@ -476,6 +499,21 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         "the mirror saw exactly the rewritten requests"
     );
 
+    // The backend's filters apply after the rule's, to its requests.
+    let out = curl(&client, &["-i", "http://10.96.0.48/t"]);
+    assert!(
+        out.to_ascii_lowercase().contains("x-backend: main"),
+        "{out}"
+    );
+    let body = out.rsplit("\r\n\r\n").next().unwrap_or_default();
+    let got: serde_json::Value = serde_json::from_str(body).expect(&out);
+    assert_eq!(got["tag"], "by-backend", "{got}");
+    // The route with a filter it cannot honour on a backend is not
+    // applied (a path its rule does not match still gets an answer).
+    let out = curl(&client, &["http://10.96.0.49/other"]);
+    let got: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(got["path"], "/other", "{got}");
+
     // The route's policy applies to its requests, not to its backend's
     // other callers.
     let code = |url: &str| curl(&client, &["-o", "/dev/null", "-w", "%{http_code}", url]);
@@ -529,6 +567,12 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     );
     assert!(
         text.contains("GRPCRoute shop/grpc-by-method\n    Accepted=True"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "Accepted=False (UnsupportedValue): filters not supported on a backendRef: URLRewrite"
+        ),
         "{text}"
     );
     let doc = cluster.agents[0].cli_json("config").expect("config json");

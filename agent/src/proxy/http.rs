@@ -370,7 +370,7 @@ impl HttpProxy {
             .routes
             .port(&call.service, call.port)
             .and_then(|p| p.for_client(&call.client_namespace));
-        let (rule, service, port): (Option<(Arc<Rule>, PathRule)>, String, u16) = match entries {
+        let (rule, service, port): (Option<Picked>, String, u16) = match entries {
             None => (None, call.service.clone(), call.port),
             Some(entries) => match routes::route(entries, &view) {
                 None => {
@@ -395,21 +395,24 @@ impl HttpProxy {
                             format!("rule {} of {} {what}", e.rule.index, e.rule.route),
                         );
                     }
-                    Some(b) => {
+                    Some(backend) => {
                         chosen.route = Some(e.rule.route.clone());
-                        (
-                            Some((e.rule.clone(), e.request.path.clone())),
-                            b.service.clone(),
-                            b.port,
-                        )
+                        let b = &e.rule.backends[backend];
+                        let (service, port) = (b.service.clone(), b.port);
+                        let picked = Picked {
+                            rule: e.rule.clone(),
+                            matched: e.request.path.clone(),
+                            backend,
+                        };
+                        (Some(picked), service, port)
                     }
                 },
             },
         };
         // A policy on the route that matched applies to what it sends, with
         // its own records; else the Service's.
-        let route_policy = rule.as_ref().and_then(|(r, _)| {
-            let key = crate::state::model::traffic_key(r.kind, &r.route);
+        let route_policy = rule.as_ref().and_then(|p| {
+            let key = crate::state::model::traffic_key(p.rule.kind, &p.rule.route);
             Some((snapshot.traffic.get(&key)?.clone(), key))
         });
         chosen.service = Some(service.clone());
@@ -498,18 +501,19 @@ impl HttpProxy {
             .flatten()
             .map(|t| tokio::time::Instant::now() + t);
         let body = telemetry::Counted::new(body, chosen.body.clone());
-        if let Some((rule, matched)) = &rule {
-            rule.request_headers.apply(&mut parts.headers);
-            if let Some(rewrite) = &rule.rewrite {
-                rewrite_request(&mut parts, rewrite, matched);
+        if let Some(p) = &rule {
+            p.rule.request_headers.apply(&mut parts.headers);
+            p.backend().request_headers.apply(&mut parts.headers);
+            if let Some(rewrite) = &p.rule.rewrite {
+                rewrite_request(&mut parts, rewrite, &p.matched);
             }
         }
-        let mirrors = rule.as_ref().map_or(&[][..], |(r, _)| &r.mirrors[..]);
+        let mirrors = rule.as_ref().map_or(&[][..], |p| &p.rule.mirrors[..]);
         let version = parts.version;
         // A rule's own retries win over the policy's.
         let retries = rule
             .as_ref()
-            .and_then(|(r, _)| r.retry.as_ref())
+            .and_then(|p| p.rule.retry.as_ref())
             .unwrap_or(&policy.retry);
         let (mut next, again) = if retries.attempts == 0 && mirrors.is_empty() {
             (Some(Request::from_parts(parts, body.boxed())), None)
@@ -534,14 +538,14 @@ impl HttpProxy {
         // A gRPC client's own deadline bounds them too.
         let deadline = rule
             .as_ref()
-            .and_then(|(r, _)| r.request_timeout)
+            .and_then(|p| p.rule.request_timeout)
             .map(|t| tokio::time::Instant::now() + t)
             .into_iter()
             .chain(client_deadline)
             .min();
         let per_try = rule
             .as_ref()
-            .and_then(|(r, _)| r.backend_timeout)
+            .and_then(|p| p.rule.backend_timeout)
             .or(retries.per_try_timeout);
         let mut tried = Vec::new();
         let mut retry_permit = None;
@@ -657,8 +661,9 @@ impl HttpProxy {
                         // is not the client's to act on.
                         strip_hop_by_hop(resp.headers_mut());
                     }
-                    if let Some((rule, _)) = &rule {
-                        rule.response_headers.apply(resp.headers_mut());
+                    if let Some(p) = &rule {
+                        p.rule.response_headers.apply(resp.headers_mut());
+                        p.backend().response_headers.apply(resp.headers_mut());
                     }
                     if let Some(resilience::HashInput::NewCookie(_, cookie)) = &hash
                         && let Ok(v) = HeaderValue::from_str(cookie)
@@ -1961,19 +1966,30 @@ fn rewrite_request(
 /// out when compiled), or `None` for the share of the rule's invalid
 /// references (`unresolved`), which the Gateway API answers with 500, and
 /// when there is no backend at all.
-fn pick_weighted(
-    backends: &[routes::table::WeightedBackend],
-    unresolved: u32,
-) -> Option<&routes::table::WeightedBackend> {
+/// The rule a request matched, what its match matched of the path, and
+/// the backend reference it picked.
+struct Picked {
+    rule: Arc<Rule>,
+    matched: PathRule,
+    backend: usize,
+}
+
+impl Picked {
+    fn backend(&self) -> &routes::table::WeightedBackend {
+        &self.rule.backends[self.backend]
+    }
+}
+
+fn pick_weighted(backends: &[routes::table::WeightedBackend], unresolved: u32) -> Option<usize> {
     let total: u64 =
         backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() + u64::from(unresolved);
     if total == 0 {
         return None;
     }
     let mut n = random_below(total);
-    for b in backends {
+    for (i, b) in backends.iter().enumerate() {
         if n < u64::from(b.weight) {
-            return Some(b);
+            return Some(i);
         }
         n -= u64::from(b.weight);
     }
@@ -1990,11 +2006,13 @@ mod tests {
             service: format!("ns/s{w}"),
             port: 80,
             weight: w,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         };
         let backends = [b(90), b(10)];
         let n = 100_000;
         let heavy = (0..n)
-            .filter(|_| pick_weighted(&backends, 0).is_some_and(|b| b.weight == 90))
+            .filter(|_| pick_weighted(&backends, 0) == Some(0))
             .count();
         // Binomial(100000, 0.9): sd ≈ 95; 6 sd either side.
         assert!((89_430..=90_570).contains(&heavy), "{heavy}");

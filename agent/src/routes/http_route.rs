@@ -191,7 +191,7 @@ pub enum PathModifierKind {
 
 /// A copy of each request (or of `percent` / `fraction` of them) goes to
 /// another Service; its answer is dropped.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestMirror {
     pub backend_ref: BackendRef,
@@ -230,7 +230,7 @@ pub struct HeaderValue {
     pub value: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendRef {
     #[serde(default)]
@@ -245,6 +245,10 @@ pub struct BackendRef {
     /// Share of requests against the rule's other backends; 1 when absent.
     #[serde(default)]
     pub weight: Option<u32>,
+    /// Applied only to requests sent to this backend: header modifiers
+    /// (see [`SUPPORTED_BACKEND_FILTERS`]).
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -338,6 +342,10 @@ pub const SUPPORTED_FILTERS: &[&str] = &[
     "URLRewrite",
     "RequestMirror",
 ];
+
+/// Filters this agent applies on a backend reference (Istio's set); a
+/// route with others there is `Accepted=False`.
+pub const SUPPORTED_BACKEND_FILTERS: &[&str] = &["RequestHeaderModifier", "ResponseHeaderModifier"];
 
 /// The Gateway API's cap on a backend weight.
 const MAX_WEIGHT: u32 = 1_000_000;
@@ -641,6 +649,7 @@ pub fn validate_backends(at: &str, backends: &[BackendRef]) -> Result<(), (Strin
                 "required for a Service backend".into(),
             ));
         }
+        validate_filters(&at, &b.filters)?;
     }
     Ok(())
 }

@@ -20,8 +20,8 @@ use super::{
     grpc_route::{self, GrpcRoute},
     http_route::{
         BackendRef, HeaderModifier, HttpRoute, HttpRouteFilter, HttpRouteRetry, ParentRef,
-        PathMatchKind, PathModifier, PathModifierKind, SUPPORTED_FILTERS, Timeouts, ValueMatchKind,
-        parse_duration,
+        PathMatchKind, PathModifier, PathModifierKind, SUPPORTED_BACKEND_FILTERS,
+        SUPPORTED_FILTERS, Timeouts, ValueMatchKind, parse_duration,
     },
     reference_grant::{self, ReferenceGrant},
 };
@@ -313,6 +313,11 @@ pub struct WeightedBackend {
     pub service: String,
     pub port: u16,
     pub weight: u32,
+    /// The reference's own filters, after the rule's.
+    #[serde(skip_serializing_if = "HeaderEdits::is_empty")]
+    pub request_headers: HeaderEdits,
+    #[serde(skip_serializing_if = "HeaderEdits::is_empty")]
+    pub response_headers: HeaderEdits,
 }
 
 /// A new path: the whole of it, or in place of the prefix a `PathPrefix`
@@ -584,12 +589,33 @@ impl RouteTable {
             .map(|f| f.kind.as_str())
             .filter(|k| !SUPPORTED_FILTERS.contains(k))
             .collect();
-        if !unsupported.is_empty() {
+        let unsupported_on_backends: Vec<&str> = route
+            .rules
+            .iter()
+            .flat_map(|r| r.backend_refs)
+            .flat_map(|b| &b.filters)
+            .map(|f| f.kind.as_str())
+            .filter(|k| !SUPPORTED_BACKEND_FILTERS.contains(k))
+            .collect();
+        if !unsupported.is_empty() || !unsupported_on_backends.is_empty() {
+            let mut message = Vec::new();
+            if !unsupported.is_empty() {
+                message.push(format!(
+                    "filters not supported yet: {}",
+                    unsupported.join(", ")
+                ));
+            }
+            if !unsupported_on_backends.is_empty() {
+                message.push(format!(
+                    "filters not supported on a backendRef: {}",
+                    unsupported_on_backends.join(", ")
+                ));
+            }
             conditions.push(Condition {
                 kind: "Accepted",
                 status: false,
                 reason: "UnsupportedValue",
-                message: format!("filters not supported yet: {}", unsupported.join(", ")),
+                message: message.join("; "),
             });
             self.status.push(RouteStatus {
                 kind: route.kind,
@@ -637,6 +663,8 @@ impl RouteTable {
                             service,
                             port,
                             weight,
+                            request_headers: edits(&b.filters, "RequestHeaderModifier"),
+                            response_headers: edits(&b.filters, "ResponseHeaderModifier"),
                         }),
                         Some(_) => {}
                         None => unresolved_weight = unresolved_weight.saturating_add(weight),
@@ -679,18 +707,6 @@ impl RouteTable {
                         hostname: x.hostname.clone(),
                         path: x.path.as_ref().and_then(PathEdit::of),
                     });
-                let edits = |kind: &str| {
-                    r.filters
-                        .iter()
-                        .filter(|f| f.kind == kind)
-                        .filter_map(|f| match kind {
-                            "RequestHeaderModifier" => f.request_header_modifier.as_ref(),
-                            _ => f.response_header_modifier.as_ref(),
-                        })
-                        .map(HeaderEdits::from_modifier)
-                        .next()
-                        .unwrap_or_default()
-                };
                 let timeout = |v: Option<&String>| {
                     v.and_then(|v| parse_duration(v).ok())
                         .filter(|d| !d.is_zero())
@@ -705,8 +721,8 @@ impl RouteTable {
                         kind: route.kind,
                         route: id.clone(),
                         index,
-                        request_headers: edits("RequestHeaderModifier"),
-                        response_headers: edits("ResponseHeaderModifier"),
+                        request_headers: edits(r.filters, "RequestHeaderModifier"),
+                        response_headers: edits(r.filters, "ResponseHeaderModifier"),
                         backends,
                         unresolved: all_invalid,
                         unresolved_weight,
@@ -821,6 +837,21 @@ impl RouteTable {
             conditions,
         });
     }
+}
+
+/// The header edits of the `kind` filter among `filters` (validation
+/// allows one of each).
+fn edits(filters: &[HttpRouteFilter], kind: &str) -> HeaderEdits {
+    filters
+        .iter()
+        .filter(|f| f.kind == kind)
+        .filter_map(|f| match kind {
+            "RequestHeaderModifier" => f.request_header_modifier.as_ref(),
+            _ => f.response_header_modifier.as_ref(),
+        })
+        .map(HeaderEdits::from_modifier)
+        .next()
+        .unwrap_or_default()
 }
 
 /// A route of either kind, as the table compiles it.
