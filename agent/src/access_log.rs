@@ -48,6 +48,76 @@ pub struct Entry<'a> {
     pub flags: &'a str,
     /// The W3C or B3 trace id the request carried.
     pub trace_id: Option<&'a str>,
+    /// An HTTP request's line and the headers named (none for L4).
+    pub request: Option<&'a RequestLine>,
+}
+
+/// What a line names of an HTTP request, as Envoy's default access log
+/// does; taken when the request comes in, and only for a sampled one.
+#[derive(Debug)]
+pub struct RequestLine {
+    pub method: http::Method,
+    /// The path and query as the client sent them.
+    pub path: String,
+    pub authority: Option<String>,
+    pub version: http::Version,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl RequestLine {
+    pub fn of<B>(req: &http::Request<B>) -> Self {
+        let header = |name: http::header::HeaderName| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| header(http::header::HOST)),
+            version: req.version(),
+            user_agent: header(http::header::USER_AGENT),
+            request_id: header(http::HeaderName::from_static(REQUEST_ID)),
+        }
+    }
+}
+
+/// The header that names a request across the hops that log it.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Gives a request without an `x-request-id` a new one (a random UUID), as
+/// Envoy does, so each hop's log lines, the trace and the app's own logs
+/// can be joined; one the request has is kept.
+pub fn ensure_request_id(headers: &mut http::HeaderMap) {
+    if headers.contains_key(REQUEST_ID) {
+        return;
+    }
+    use crate::resilience::balance::random_u64;
+    let bits = (u128::from(random_u64()) << 64) | u128::from(random_u64());
+    // Version 4 and the RFC 9562 variant.
+    let bits = (bits & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let mut text = [0u8; 36];
+    let mut nibble = 32;
+    for (i, c) in text.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *c = b'-';
+            continue;
+        }
+        nibble -= 1;
+        *c = b"0123456789abcdef"[((bits >> (nibble * 4)) & 0xf) as usize];
+    }
+    if let Ok(v) = http::HeaderValue::from_bytes(&text) {
+        headers.insert(REQUEST_ID, v);
+    }
 }
 
 /// Writes one line (the caller checked [`sampled`]).
@@ -55,6 +125,7 @@ pub fn write(e: &Entry<'_>) {
     let t = e.traffic;
     let (source, destination, service) = (t.source(), t.destination(), t.service());
     let start = humantime_rfc3339(e.start);
+    let r = e.request;
     tracing::info!(
         target: "access",
         start = %start,
@@ -77,8 +148,24 @@ pub fn write(e: &Entry<'_>) {
         flags = e.flags,
         mtls = t.mtls(),
         trace_id = e.trace_id.unwrap_or("-"),
+        method = r.map_or("-", |r| r.method.as_str()),
+        path = r.map_or("-", |r| r.path.as_str()),
+        authority = r.and_then(|r| r.authority.as_deref()).unwrap_or("-"),
+        http_version = r.map_or("-", |r| version_name(r.version)),
+        user_agent = r.and_then(|r| r.user_agent.as_deref()).unwrap_or("-"),
+        request_id = r.and_then(|r| r.request_id.as_deref()).unwrap_or("-"),
         "access"
     );
+}
+
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// A trace id from `traceparent` (W3C) or `x-b3-traceid` (B3).
@@ -133,6 +220,33 @@ mod tests {
         );
         h.insert("traceparent", "00-xyz-00f067aa0ba902b7-01".parse().unwrap());
         assert_eq!(trace_id(&h), None);
+    }
+
+    #[test]
+    fn request_ids_are_made_when_missing_and_kept_when_given() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let mut h = http::HeaderMap::new();
+            ensure_request_id(&mut h);
+            let id = h[REQUEST_ID].to_str().unwrap().to_owned();
+            let b = id.as_bytes();
+            assert_eq!(b.len(), 36, "{id}");
+            assert!(
+                [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')
+                    && b[14] == b'4'
+                    && matches!(b[19], b'8' | b'9' | b'a' | b'b')
+                    && id
+                        .bytes()
+                        .filter(|c| *c != b'-')
+                        .all(|c| c.is_ascii_hexdigit()),
+                "a version 4 UUID: {id}"
+            );
+            assert!(seen.insert(id), "unique");
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert(REQUEST_ID, "from-the-caller".parse().unwrap());
+        ensure_request_id(&mut h);
+        assert_eq!(h[REQUEST_ID], "from-the-caller");
     }
 
     #[test]

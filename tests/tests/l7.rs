@@ -508,6 +508,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     let body = out.rsplit("\r\n\r\n").next().unwrap_or_default();
     let got: serde_json::Value = serde_json::from_str(body).expect(&out);
     assert_eq!(got["tag"], "by-backend", "{got}");
+    // The pod gets the request id the agent gave the request.
+    assert!(got["rid"].as_str().is_some_and(|r| r.len() == 36), "{got}");
     // The route with a filter it cannot honour on a backend is not
     // applied (a path its rule does not match still gets an answer).
     let out = curl(&client, &["http://10.96.0.49/other"]);

@@ -150,6 +150,8 @@ fn metrics_count_what_ran() {
                 "%{http_code}",
                 "-H",
                 "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "-H",
+                "x-request-id: from-the-caller",
                 &format!("http://{WEB}/"),
             ],
             Duration::from_secs(30),
@@ -406,6 +408,28 @@ fn metrics_count_what_ran() {
             "{l}"
         );
         assert!(l["bytes_out"] == 5 || l["bytes_out"] == 6, "{l}");
+        // The request line and headers Envoy's default log names.
+        assert_eq!(
+            (
+                &l["method"],
+                &l["path"],
+                &l["http_version"],
+                &l["authority"]
+            ),
+            (
+                &Value::from("GET"),
+                &Value::from("/"),
+                &Value::from("HTTP/1.1"),
+                &Value::from(WEB)
+            ),
+            "{l}"
+        );
+        assert!(
+            l["user_agent"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("curl/")),
+            "{l}"
+        );
     }
     assert_eq!(
         web_lines
@@ -414,6 +438,22 @@ fn metrics_count_what_ran() {
             .count(),
         1
     );
+    // A request's own x-request-id is kept; the others got a new one each
+    // (a version 4 UUID), as Envoy gives them.
+    let ids: Vec<&str> = web_lines
+        .iter()
+        .filter_map(|l| l["request_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids.iter().filter(|i| **i == "from-the-caller").count(),
+        1,
+        "{ids:?}"
+    );
+    let made: std::collections::BTreeSet<&&str> = ids
+        .iter()
+        .filter(|i| i.len() == 36 && i.as_bytes()[14] == b'4')
+        .collect();
+    assert_eq!(made.len(), 9, "{ids:?}");
     let tcp_lines: Vec<Value> = access(&cluster.agents[1])
         .into_iter()
         .filter(|l| l["protocol"] == "tcp" && l["dst_workload"] == "b2")

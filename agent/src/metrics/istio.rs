@@ -490,6 +490,7 @@ impl Drop for OpenConnection {
                 grpc_status: None,
                 flags: self.labels.flags,
                 trace_id: None,
+                request: None,
             });
         }
     }

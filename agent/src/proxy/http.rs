@@ -293,6 +293,7 @@ impl HttpProxy {
             let this = this.clone();
             let call = call.clone();
             async move {
+                crate::access_log::ensure_request_id(req.headers_mut());
                 if this.metrics.is_none() && this.tracer.is_none() {
                     return Ok::<_, Infallible>(
                         this.handle(req, &call, &mut Chosen::default()).await,

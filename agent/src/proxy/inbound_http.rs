@@ -205,6 +205,7 @@ where
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (judge, upstream, telemetry) = (judge.clone(), upstream.clone(), telemetry.clone());
         async move {
+            crate::access_log::ensure_request_id(req.headers_mut());
             let Some(t) = telemetry else {
                 return handle(req, judge.as_ref(), upstream, None).await;
             };

@@ -123,8 +123,8 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
 pub struct Start {
     at: tokio::time::Instant,
     grpc: bool,
-    /// Sampled for the access log: when it came and its trace id.
-    logged: Option<(SystemTime, Option<String>)>,
+    /// Sampled for the access log: when it came, its trace id, its line.
+    logged: Option<(SystemTime, Option<String>, crate::access_log::RequestLine)>,
     span: Option<RequestSpan>,
     /// The request body's bytes and messages (it gets wrapped in
     /// [`Counted`]).
@@ -150,6 +150,7 @@ impl Start {
                     || crate::access_log::trace_id(req.headers()),
                     |s| Some(s.trace_id()),
                 ),
+                crate::access_log::RequestLine::of(req),
             )
         });
         Self {
@@ -243,7 +244,7 @@ impl Drop for Recorded {
         };
         let duration = self.start.at.elapsed();
         let request_bytes = self.start.body.bytes.load(Ordering::Relaxed);
-        if let Some((at, trace_id)) = self.start.logged.take() {
+        if let Some((at, trace_id, request)) = self.start.logged.take() {
             crate::access_log::write(&crate::access_log::Entry {
                 traffic: &labels.traffic,
                 start: at,
@@ -256,6 +257,7 @@ impl Drop for Recorded {
                 grpc_status: labels.grpc_status,
                 flags: labels.flags,
                 trace_id: trace_id.as_deref(),
+                request: Some(&request),
             });
         }
         if let Some(span) = self.start.span.take() {

@@ -114,6 +114,16 @@ impl Maglev {
 /// A fast, non-cryptographic random number below `n` (load balancing and
 /// fault percentages need spread, not secrecy).
 pub fn random_below(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    // Multiply-shift: unbiased enough for weights and shares.
+    ((u128::from(random_u64()) * u128::from(n)) >> 64) as u64
+}
+
+/// 64 fast, non-cryptographic random bits (xorshift, seeded per thread
+/// from the OS).
+pub fn random_u64() -> u64 {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<u64> = Cell::new(seed());
@@ -123,17 +133,13 @@ pub fn random_below(n: u64) -> u64 {
         let _ = getrandom::fill(&mut b);
         u64::from_le_bytes(b) | 1
     }
-    if n == 0 {
-        return 0;
-    }
     STATE.with(|s| {
         let mut x = s.get();
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         s.set(x);
-        // Multiply-shift: unbiased enough for weights and shares.
-        ((u128::from(x) * u128::from(n)) >> 64) as u64
+        x
     })
 }
 
