@@ -3,6 +3,7 @@
 pub mod affinity;
 pub mod busy_poll;
 mod client_idle;
+mod deadline;
 pub mod detect;
 mod grpc_deadline;
 pub mod http;

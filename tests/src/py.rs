@@ -635,7 +635,8 @@ print(json.dumps(out))
 /// it serves (not `/count`, `/control/*` or `/healthz`):
 /// `/fail-first/N/KEY` 503 for the first N requests with that KEY, then 200;
 /// `/slow-first/MS/KEY` the first request with KEY waits MS ms; `/status/C`
-/// answers C; `/slow/MS` waits MS ms; `/control/bad` and `/control/good`
+/// answers C; `/slow/MS` waits MS ms; `/trickle/MS` sends its head and
+/// part of its body, then the rest MS ms later; `/control/bad` and `/control/good`
 /// make every other request 500 or not; `/count` gives the count. Bodies:
 /// `NAME attempt N` (N per KEY) or `NAME`. Args: NAME PORT.
 pub const STEERED_SERVER: &str = r#"
@@ -675,6 +676,16 @@ class H(http.server.BaseHTTPRequestHandler):
             time.sleep(int(parts[1]) / 1000)
         if parts[0] == "status":
             return self.answer(int(parts[1]), name)
+        if parts[0] == "trickle":
+            body = ("%s-trickle" % name).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:4])
+            self.wfile.flush()
+            time.sleep(int(parts[1]) / 1000)
+            self.wfile.write(body[4:])
+            return
         self.answer(200, "%s attempt %d" % (name, n) if n else name)
     def log_message(self, *a):
         pass

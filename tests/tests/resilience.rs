@@ -115,6 +115,9 @@ fn traffic_policies_retry_limit_eject_and_balance() {
              \x20   timeouts: {request: 4s, backendRequest: 300ms}\n\
              \x20   retry: {attempts: 1, backoff: 5ms}\n\
              \x20   backendRefs: [{name: routed, port: 80}]\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /trickle}}]\n\
+             \x20   timeouts: {request: 1s}\n\
+             \x20   backendRefs: [{name: routed, port: 80}]\n\
              \x20 - matches: [{path: {type: PathPrefix, value: /slow}}]\n\
              \x20   timeouts: {request: 1s, backendRequest: 400ms}\n\
              \x20   retry: {attempts: 10, backoff: 5ms}\n\
@@ -212,6 +215,15 @@ fn traffic_policies_retry_limit_eject_and_balance() {
     assert_eq!(count(&out, "reason", "timeout"), 1, "{out}");
     let tries = served(&client, &s1) - before;
     assert!((2..=3).contains(&tries), "{tries} attempts in 1 s");
+
+    // `request` covers the whole answer (GEP-1742, as Envoy's route
+    // timeout): a body still coming after 1 s is cut, not left to look
+    // whole; one that ends in time is untouched.
+    let out = load(&client, "http://10.96.0.50/trickle/3000", 1, 1, "{}", 0);
+    assert_eq!(out["errors"], 1, "{out}");
+    assert_eq!(out["status"], serde_json::json!({}), "{out}");
+    let out = load(&client, "http://10.96.0.50/trickle/100", 1, 1, "{}", 0);
+    assert_eq!(count(&out, "body", "s1-trickle"), 1, "{out}");
 
     // Every attempt fails: without a budget each of 100 requests makes 4
     // attempts; with 10 % of requests in flight (at least 1), far fewer.

@@ -3,19 +3,12 @@
 //! `grpc_timeout_header_max: 0`): all attempts and backoffs fit in it, each
 //! attempt tells the server the time left, and an answer still streaming
 //! when it passes is ended with DEADLINE_EXCEEDED and its upstream stream
-//! reset, so a server that ignores deadlines stops being asked to work for
-//! a client that has given up.
+//! reset (`super::deadline`), so a server that ignores deadlines stops
+//! being asked to work for a client that has given up.
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
 
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
@@ -65,76 +58,8 @@ pub fn encode(left: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{value}{unit}")).unwrap_or(HeaderValue::from_static("0n"))
 }
 
-/// An answer's body held to the call's deadline: past it, the upstream body
-/// is dropped (its stream reset) and the client gets trailers with
-/// DEADLINE_EXCEEDED in place of the rest.
-pub struct Bounded<B, F> {
-    inner: Option<B>,
-    deadline: Pin<Box<Sleep>>,
-    /// Called when the deadline ends an answer (to count it).
-    on_expiry: Option<F>,
-}
-
-impl<B, F> Bounded<B, F> {
-    pub fn new(inner: B, deadline: Instant, on_expiry: F) -> Self {
-        Self {
-            inner: Some(inner),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            on_expiry: Some(on_expiry),
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin, F: FnOnce() + Unpin> Body for Bounded<B, F> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        // What the server has sent is delivered first.
-        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
-            if frame.is_none() {
-                self.inner = None;
-            }
-            return Poll::Ready(frame);
-        }
-        if self.deadline.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        self.inner = None;
-        if let Some(counted) = self.on_expiry.take() {
-            counted();
-        }
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("4"));
-        trailers.insert(
-            "grpc-message",
-            HeaderValue::from_static("deadline exceeded in the mesh"),
-        );
-        trailers.insert("x-trellis-reason", HeaderValue::from_static("timeout"));
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use http_body_util::{BodyExt as _, StreamBody};
-
     use super::*;
 
     fn header(v: &str) -> HeaderMap {
@@ -181,39 +106,5 @@ mod tests {
                 "{d:?}"
             );
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_answer_past_the_deadline_ends_with_deadline_exceeded() {
-        let (tx, rx) =
-            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
-        let body = StreamBody::new(tokio_stream_of(rx));
-        let expired = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = expired.clone();
-        let mut bounded = Bounded::new(body, Instant::now() + Duration::from_secs(1), move || {
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        });
-        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
-            .await
-            .unwrap();
-        let frame = bounded.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), "first");
-        // The server goes quiet; the deadline ends the answer.
-        let frame = bounded.frame().await.unwrap().unwrap();
-        let trailers = frame.into_trailers().unwrap();
-        assert_eq!(trailers["grpc-status"], "4");
-        assert!(bounded.frame().await.is_none());
-        assert_eq!(expired.load(std::sync::atomic::Ordering::Relaxed), 1);
-        // The upstream body was dropped: the server's side sees it gone.
-        assert!(tx.is_closed());
-    }
-
-    /// A receiver as a stream of frames.
-    fn tokio_stream_of<T>(
-        rx: tokio::sync::mpsc::Receiver<T>,
-    ) -> impl futures_util::Stream<Item = T> + Unpin {
-        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        }))
     }
 }

@@ -36,7 +36,7 @@ use tracing::{Instrument as _, debug};
 
 use super::{
     busy_poll::Poller,
-    client_idle,
+    client_idle, deadline,
     detect::Protocol,
     grpc_deadline,
     pool::{self, Pools, UpstreamKey},
@@ -59,7 +59,10 @@ use crate::{
     state::Snapshot,
 };
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// Why a body ended early: hyper's own errors, or the agent's (a deadline).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The request line and headers of a request from a client, at most
 /// (Envoy's default is 60 KiB): beyond, HTTP/1.1 gets 431 and HTTP/2 a
@@ -517,7 +520,13 @@ impl HttpProxy {
             .and_then(|p| p.rule.retry.as_ref())
             .unwrap_or(&policy.retry);
         let (mut next, again) = if retries.attempts == 0 && mirrors.is_empty() {
-            (Some(Request::from_parts(parts, body.boxed())), None)
+            (
+                Some(Request::from_parts(
+                    parts,
+                    body.map_err(BodyError::from).boxed(),
+                )),
+                None,
+            )
         } else {
             let replay = if hyper::body::Body::is_end_stream(&body) {
                 Replay::empty()
@@ -529,7 +538,8 @@ impl HttpProxy {
                 parts.uri.clone(),
                 parts.headers.clone(),
             );
-            let first = Request::from_parts(parts, replay.tee(body).boxed());
+            let first =
+                Request::from_parts(parts, replay.tee(body).map_err(BodyError::from).boxed());
             (Some(first), Some((head, replay)))
         };
 
@@ -676,12 +686,14 @@ impl HttpProxy {
                         inner: b,
                         _gauges: (in_flight, active),
                     });
-                    match client_deadline {
+                    // The route's timeouts and a gRPC client's deadline
+                    // cover the whole answer (not an upgraded connection).
+                    match limit.filter(|_| resp.status() != StatusCode::SWITCHING_PROTOCOLS) {
                         None => resp.map(|b| b.boxed()),
                         Some(at) => {
                             let proxy = self.clone();
                             resp.map(|b| {
-                                grpc_deadline::Bounded::new(b, at, move || {
+                                deadline::Bounded::new(b, at, grpc, move || {
                                     proxy.count(Reason::Timeout);
                                 })
                                 .boxed()
@@ -1191,7 +1203,7 @@ impl HttpProxy {
                         .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
                 }
             };
-            Ok(resp.map(|b| b.boxed()))
+            Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
         } else {
             // HTTP/1.1 upstream: origin-form target, the authority in Host.
             if req.headers().get(header::HOST).is_none()
@@ -1247,7 +1259,7 @@ impl HttpProxy {
                 }
             };
             self.pools.put_h1(key, sender);
-            Ok(resp.map(|b| b.boxed()))
+            Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
         }
     }
 
@@ -1316,7 +1328,7 @@ impl HttpProxy {
                 .in_current_span(),
             );
         }
-        Ok(resp.map(|b| b.boxed()))
+        Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
     }
 
     /// An HTTP/1.1 upstream connection: a pooled one (`true`) when one is

@@ -29,8 +29,8 @@ use tracing::{Instrument as _, debug, info};
 use super::{
     detect::Protocol,
     http::{
-        Body, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply, settle_host,
-        strip_hop_by_hop, upgrade_protocol,
+        Body, BodyError, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply,
+        settle_host, strip_hop_by_hop, upgrade_protocol,
     },
     telemetry,
 };
@@ -319,8 +319,13 @@ async fn handle_or_refuse(
             .insert(http::header::UPGRADE, protocol.clone());
     }
     let mut req = match count {
-        Some(count) => Request::from_parts(parts, telemetry::Counted::new(body, count).boxed()),
-        None => Request::from_parts(parts, body.boxed()),
+        Some(count) => Request::from_parts(
+            parts,
+            telemetry::Counted::new(body, count)
+                .map_err(BodyError::from)
+                .boxed(),
+        ),
+        None => Request::from_parts(parts, body.map_err(BodyError::from).boxed()),
     };
     let sent = match upstream {
         Upstream::Http2(mut sender) => {
@@ -379,7 +384,7 @@ async fn handle_or_refuse(
             .in_current_span(),
         );
     }
-    Ok(resp.map(|b| b.boxed()))
+    Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
 }
 
 /// An HTTP/1.1 answer for the client, without the pod's hop-by-hop
