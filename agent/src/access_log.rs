@@ -53,42 +53,40 @@ pub struct Entry<'a> {
 }
 
 /// What a line names of an HTTP request, as Envoy's default access log
-/// does; taken when the request comes in, and only for a sampled one.
+/// does; taken when the request comes in, and only for a sampled one. The
+/// parts share the request's buffers (no copies on the request path).
 #[derive(Debug)]
 pub struct RequestLine {
     pub method: http::Method,
     /// The path and query as the client sent them.
-    pub path: String,
-    pub authority: Option<String>,
+    pub path: Option<http::uri::PathAndQuery>,
+    pub authority: Option<http::HeaderValue>,
     pub version: http::Version,
-    pub user_agent: Option<String>,
-    pub request_id: Option<String>,
+    pub user_agent: Option<http::HeaderValue>,
+    pub request_id: Option<http::HeaderValue>,
 }
 
 impl RequestLine {
     pub fn of<B>(req: &http::Request<B>) -> Self {
-        let header = |name: http::header::HeaderName| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| req.headers().get(name).cloned();
         Self {
             method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            path: req.uri().path_and_query().cloned(),
             authority: req
                 .uri()
                 .authority()
-                .map(|a| a.as_str().to_owned())
-                .or_else(|| header(http::header::HOST)),
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+                .or_else(|| header("host")),
             version: req.version(),
-            user_agent: header(http::header::USER_AGENT),
-            request_id: header(http::HeaderName::from_static(REQUEST_ID)),
+            user_agent: header("user-agent"),
+            request_id: header(REQUEST_ID),
         }
     }
+}
+
+/// A header's text for a log line.
+fn text(v: Option<&http::HeaderValue>) -> &str {
+    v.and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
 
 /// The header that names a request across the hops that log it.
@@ -149,11 +147,11 @@ pub fn write(e: &Entry<'_>) {
         mtls = t.mtls(),
         trace_id = e.trace_id.unwrap_or("-"),
         method = r.map_or("-", |r| r.method.as_str()),
-        path = r.map_or("-", |r| r.path.as_str()),
-        authority = r.and_then(|r| r.authority.as_deref()).unwrap_or("-"),
+        path = r.map_or("-", |r| r.path.as_ref().map_or("/", |p| p.as_str())),
+        authority = text(r.and_then(|r| r.authority.as_ref())),
         http_version = r.map_or("-", |r| version_name(r.version)),
-        user_agent = r.and_then(|r| r.user_agent.as_deref()).unwrap_or("-"),
-        request_id = r.and_then(|r| r.request_id.as_deref()).unwrap_or("-"),
+        user_agent = text(r.and_then(|r| r.user_agent.as_ref())),
+        request_id = text(r.and_then(|r| r.request_id.as_ref())),
         "access"
     );
 }
