@@ -1975,10 +1975,6 @@ fn rewrite_request(
     }
 }
 
-/// A backend by weight (weights are positive: zero-weight ones were left
-/// out when compiled), or `None` for the share of the rule's invalid
-/// references (`unresolved`), which the Gateway API answers with 500, and
-/// when there is no backend at all.
 /// The rule a request matched, what its match matched of the path, and
 /// the backend reference it picked.
 struct Picked {
@@ -1993,6 +1989,10 @@ impl Picked {
     }
 }
 
+/// The index of a backend by weight (weights are positive: zero-weight
+/// ones were left out when compiled), or `None` for the share of the
+/// rule's invalid references (`unresolved`), which the Gateway API answers
+/// with 500, and when there is no backend at all.
 fn pick_weighted(backends: &[routes::table::WeightedBackend], unresolved: u32) -> Option<usize> {
     let total: u64 =
         backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() + u64::from(unresolved);
