@@ -96,7 +96,9 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Envoy does, so each hop's log lines, the trace and the app's own logs
 /// can be joined; one the request has is kept.
 pub fn ensure_request_id(headers: &mut http::HeaderMap) {
-    if headers.contains_key(REQUEST_ID) {
+    // Named once: a `&str` key is parsed on every call.
+    const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID);
+    if headers.contains_key(&NAME) {
         return;
     }
     use crate::resilience::balance::random_u64;
@@ -114,7 +116,7 @@ pub fn ensure_request_id(headers: &mut http::HeaderMap) {
         *c = b"0123456789abcdef"[((bits >> (nibble * 4)) & 0xf) as usize];
     }
     if let Ok(v) = http::HeaderValue::from_bytes(&text) {
-        headers.insert(REQUEST_ID, v);
+        headers.insert(NAME, v);
     }
 }
 
