@@ -349,7 +349,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                  {matches: [{path: {type: PathPrefix, value: /api/v1}}], filters: [\
                  {type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}, \
                  {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}], \
-                 backendRefs: [{name: main, port: 80}]}, \
+                 backendRefs: [{name: main, port: 80, filters: [{type: RequestHeaderModifier, \
+                 requestHeaderModifier: {set: [{name: x-tag, value: to-main}]}}]}]}, \
                  {backendRefs: [{name: main, port: 80}]}]",
             ),
             route(
@@ -427,6 +428,7 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     assert_eq!(got["name"], "main", "{got}");
     assert_eq!(got["path"], "/users?id=7", "{got}");
     assert_eq!(got["host"], "api.internal", "{got}");
+    assert_eq!(got["tag"], "to-main", "the backend's own filter: {got}");
     let out = curl(
         &client,
         &["-d", "hello mirror", &format!("http://{WEB}/api/v1/items")],
@@ -474,6 +476,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = log.as_array().cloned().unwrap_or_default();
+    // The main backend's filter stays off the copies.
+    assert!(log.iter().all(|r| r["tag"].is_null()), "{log:?}");
     // Copies go on their own: in any order.
     let mut seen: Vec<(String, String, u64)> = log
         .iter()

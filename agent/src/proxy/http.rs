@@ -507,7 +507,6 @@ impl HttpProxy {
         let body = telemetry::Counted::new(body, chosen.body.clone());
         if let Some(p) = &rule {
             p.rule.request_headers.apply(&mut parts.headers);
-            p.backend().request_headers.apply(&mut parts.headers);
             if let Some(rewrite) = &p.rule.rewrite {
                 rewrite_request(&mut parts, rewrite, &p.matched);
             }
@@ -562,6 +561,12 @@ impl HttpProxy {
         let mut retry_permit = None;
         loop {
             let Some(mut req) = next.take() else { break };
+            // The backend reference's own edits go on each attempt, not on
+            // the head kept for retries and mirrors (a mirror is another
+            // backend).
+            if let Some(p) = &rule {
+                p.backend().request_headers.apply(req.headers_mut());
+            }
             // Each attempt tells the server the time its client has left.
             if let Some(at) = client_deadline {
                 let left = at.saturating_duration_since(tokio::time::Instant::now());
