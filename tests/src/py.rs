@@ -1395,16 +1395,18 @@ while True:
 /// deadline it sends: POST PATH with `grpc-timeout: TIMEOUT` (none for
 /// `-`) and a one-message body; reads until the stream ends (at most 20 s).
 /// Prints JSON: the answer's head, its messages' text, its trailers,
-/// whether the stream was reset. Args: HOST PORT PATH TIMEOUT.
+/// whether the stream was reset. Args: HOST PORT PATH TIMEOUT
+/// [CONTENT-TYPE, default application/grpc].
 pub const DEADLINE_CLIENT: &str = r#"
 import json, socket, sys
 import h2.config, h2.connection, h2.events
 host, port, path, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+content_type = sys.argv[5] if len(sys.argv) > 5 else "application/grpc"
 s = socket.create_connection((host, port), timeout=20)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
 c.initiate_connection()
 head = [(":method", "POST"), (":scheme", "http"), (":authority", host), (":path", path),
-        ("content-type", "application/grpc"), ("te", "trailers")]
+        ("content-type", content_type), ("te", "trailers")]
 if timeout != "-":
     head.append(("grpc-timeout", timeout))
 c.send_headers(1, head)

@@ -371,18 +371,19 @@ fn a_grpc_deadline_is_held_for_the_client() {
         ],
     )
     .expect("mesh");
-    let call = |method: &str, timeout: &str| -> serde_json::Value {
+    let call_as = |method: &str, timeout: &str, content_type: &str| -> serde_json::Value {
         let path = format!("/trellis.test.Stall/{method}");
         let out = client
             .exec()
             .python_output(
                 py::DEADLINE_CLIENT,
-                &[VIP, "80", &path, timeout],
+                &[VIP, "80", &path, timeout, content_type],
                 Duration::from_secs(30),
             )
             .expect("client");
         serde_json::from_str(&out).expect(&out)
     };
+    let call = |method: &str, timeout: &str| call_as(method, timeout, "application/grpc");
 
     // No answer in 300 ms: the agent's trailers-only DEADLINE_EXCEEDED.
     let out = call("Stall", "300m");
@@ -401,7 +402,14 @@ fn a_grpc_deadline_is_held_for_the_client() {
         "{out}"
     );
 
-    // The server was told the time left (less than the client's), and both
+    // gRPC-Web carries its status in the body, where HTTP trailers would
+    // go unread: its stalled call is reset, not made to look whole.
+    let out = call_as("Stream", "300m", "application/grpc-web+proto");
+    assert_eq!(out["data"], "first", "{out}");
+    assert_eq!(out["reset"], true, "{out}");
+    assert_eq!(out["trailers"], serde_json::json!({}), "{out}");
+
+    // The server was told the time left (less than the client's), and all
     // of its streams were reset when the deadline passed.
     let log = call("Log", "-");
     let seen: serde_json::Value =
@@ -412,16 +420,16 @@ fn a_grpc_deadline_is_held_for_the_client() {
         .iter()
         .filter_map(|t| t.as_str())
         .collect();
-    assert_eq!(timeouts.len(), 2, "{seen}");
-    for (t, most) in timeouts.iter().zip([300_000u64, 500_000]) {
+    assert_eq!(timeouts.len(), 3, "{seen}");
+    for (t, most) in timeouts.iter().zip([300_000u64, 500_000, 300_000]) {
         let micros: u64 = t
             .strip_suffix('u')
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{t:?} in microseconds"));
         assert!(micros > 0 && micros <= most, "{t} of {most}u");
     }
-    assert_eq!(seen["resets"], 2, "{seen}");
+    assert_eq!(seen["resets"], 3, "{seen}");
 
     let status = cluster.agents[0].cli_json("status").expect("status");
-    assert_eq!(status["http"]["timeout"], 2, "{}", status["http"]);
+    assert_eq!(status["http"]["timeout"], 3, "{}", status["http"]);
 }

@@ -3,10 +3,11 @@
 //! when the full response has been received"), as Envoy's route timeout
 //! does, and a gRPC client's `grpc-timeout` the whole call. Past the
 //! deadline the upstream body is dropped, which resets its stream (or
-//! closes its connection) so the server stops sending; a gRPC client gets
-//! trailers with DEADLINE_EXCEEDED after what had come, any other client an
-//! aborted answer (HTTP/1.1: the connection closes before the body's end;
-//! HTTP/2: the stream is reset), never a short body that looks whole.
+//! closes its connection) so the server stops sending; a gRPC client over
+//! HTTP/2 gets trailers with DEADLINE_EXCEEDED after what had come, any
+//! other client (gRPC-Web's status is in the body) an aborted answer
+//! (HTTP/1.1: the connection closes before the body's end; HTTP/2: the
+//! stream is reset), never a short body that looks whole.
 
 use std::{
     pin::Pin,

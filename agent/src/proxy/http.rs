@@ -351,6 +351,15 @@ impl HttpProxy {
             );
         }
         let grpc = authz::is_grpc(req.headers());
+        // gRPC over HTTP/2 ends a call in HTTP trailers; gRPC-Web (and any
+        // HTTP/1.1 client, whose trailers hyper may drop) carries its status
+        // in the body, so a call cut midway there is aborted instead.
+        let grpc_trailers = grpc
+            && req.version() == Version::HTTP_2
+            && !req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc-web"));
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let answer = |reason: Reason, detail: String| {
@@ -698,7 +707,7 @@ impl HttpProxy {
                         Some(at) => {
                             let proxy = self.clone();
                             resp.map(|b| {
-                                deadline::Bounded::new(b, at, grpc, move || {
+                                deadline::Bounded::new(b, at, grpc_trailers, move || {
                                     proxy.count(Reason::Timeout);
                                 })
                                 .boxed()
