@@ -72,15 +72,20 @@ impl RequestLine {
         Self {
             method: req.method().clone(),
             path: req.uri().path_and_query().cloned(),
-            authority: req
-                .uri()
-                .authority()
-                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-                .or_else(|| header("host")),
+            authority: authority(req),
             version: req.version(),
             user_agent: header("user-agent"),
             request_id: header(REQUEST_ID),
         }
+    }
+}
+
+/// The authority a request names: its URI's (HTTP/2, absolute form), else
+/// its `Host` header (shared, not copied).
+pub fn authority<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => http::HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(http::header::HOST).cloned(),
     }
 }
 

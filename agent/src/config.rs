@@ -106,16 +106,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| "starts with a whole number, as in 500ms or 5s".to_string())?;
-    let secs = |per: u64| {
-        n.checked_mul(per)
-            .map(Duration::from_secs)
-            .ok_or_else(|| "longer than 10 years".to_string())
-    };
     let d = match unit {
         "ms" => Duration::from_millis(n),
-        "s" => secs(1)?,
-        "m" => secs(60)?,
-        "h" => secs(3600)?,
+        "s" => Duration::from_secs(n),
+        // Saturating: an overflow is too long, as the check below says.
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
         other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
     };
     if d.as_secs() > MAX_SETTING_SECS {

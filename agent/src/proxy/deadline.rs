@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::http::BodyError;
+use super::http::{BodyError, Reason, grpc_status_fields};
 
 /// The error an HTTP answer is aborted with.
 #[derive(Debug, thiserror::Error)]
@@ -79,12 +79,15 @@ where
             return Poll::Ready(Some(Err(Box::new(Expired))));
         }
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("4"));
-        trailers.insert(
-            "grpc-message",
-            HeaderValue::from_static("deadline exceeded in the mesh"),
+        grpc_status_fields(
+            &mut trailers,
+            Reason::Timeout,
+            "deadline exceeded in the mesh",
         );
-        trailers.insert("x-trellis-reason", HeaderValue::from_static("timeout"));
+        trailers.insert(
+            "x-trellis-reason",
+            HeaderValue::from_static(Reason::Timeout.text()),
+        );
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 

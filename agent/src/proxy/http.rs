@@ -152,7 +152,7 @@ pub(super) enum Reason {
 }
 
 impl Reason {
-    fn text(self) -> &'static str {
+    pub(super) fn text(self) -> &'static str {
         match self {
             Self::NoRoute => "no-route",
             Self::BackendNotFound => "backend-not-found",
@@ -1700,13 +1700,7 @@ pub(super) fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> 
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert(
-            "grpc-status",
-            HeaderValue::from(u16::from(reason.grpc_status())),
-        );
-        if let Ok(v) = HeaderValue::from_str(&format!("{}: {detail}", reason.text())) {
-            h.insert("grpc-message", v);
-        }
+        grpc_status_fields(h, reason, &format!("{}: {detail}", reason.text()));
         r
     } else {
         let mut r = Response::new(Full::new(Bytes::from(format!(
@@ -1721,6 +1715,18 @@ pub(super) fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> 
     resp.headers_mut()
         .insert("x-trellis-reason", HeaderValue::from_static(reason.text()));
     resp.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+/// The gRPC status of the agent's own answer for `reason`: in a
+/// trailers-only answer's headers, or in the trailers that end a call.
+pub(super) fn grpc_status_fields(fields: &mut http::HeaderMap, reason: Reason, message: &str) {
+    fields.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(reason.grpc_status())),
+    );
+    if let Ok(v) = HeaderValue::from_str(message) {
+        fields.insert("grpc-message", v);
+    }
 }
 
 /// A client connection that, when dropped, is shut for writing and drained

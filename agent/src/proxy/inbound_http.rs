@@ -217,18 +217,10 @@ where
                 t.peer,
                 t.metrics.is_some(),
             );
-            let host = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_owned())
-                .or_else(|| {
-                    req.headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_owned)
-                });
+            let host = crate::access_log::authority(&req);
             let resp = handle(req, judge.as_ref(), upstream, Some(start.body.clone())).await?;
-            let labels = t.labels(host.as_deref(), start.grpc(), &resp);
+            let host = host.as_ref().and_then(|h| h.to_str().ok());
+            let labels = t.labels(host, start.grpc(), &resp);
             Ok(resp.map(|body| {
                 start
                     .record(body, t.metrics.clone(), labels, Some(t.target), None)

@@ -413,21 +413,15 @@ pub fn validate(route: &HttpRoute) -> Result<(), (String, String)> {
         }
         validate_backends(&at, &rule.backend_refs)?;
         if let Some(t) = &rule.timeouts {
-            let mut parsed = [None, None];
-            for (k, (name, v)) in [
-                ("request", &t.request),
-                ("backendRequest", &t.backend_request),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                if let Some(v) = v {
-                    parsed[k] =
-                        Some(parse_duration(v).map_err(|e| (format!("{at}.timeouts.{name}"), e))?);
-                }
-            }
+            let parse = |name: &str, v: &Option<String>| {
+                v.as_deref()
+                    .map(|v| parse_duration(v).map_err(|e| (format!("{at}.timeouts.{name}"), e)))
+                    .transpose()
+            };
+            let request = parse("request", &t.request)?;
+            let backend = parse("backendRequest", &t.backend_request)?;
             // GEP-1742: a try cannot be given longer than the whole request.
-            if let [Some(request), Some(backend)] = parsed
+            if let (Some(request), Some(backend)) = (request, backend)
                 && !request.is_zero()
                 && backend > request
             {
