@@ -433,6 +433,26 @@ mod tests {
     }
 
     #[test]
+    fn retry_conditions_written_replace_the_defaults() {
+        let retry = |on: &str| {
+            let spec: policy::TrafficPolicySpec = serde_yaml_ng::from_str(&format!(
+                "{{targetRefs: [{{kind: Service, name: s}}], retry: {{attempts: 1{on}}}}}"
+            ))
+            .unwrap();
+            Resilience::compile(&spec).map(|r| r.retry)
+        };
+        let r = retry("").unwrap();
+        assert!(r.on_refused_stream && r.on_reset && r.on_connect_failure && r.on_gateway_error);
+        let r = retry(", retryOn: [refused-stream]").unwrap();
+        assert!(r.on_refused_stream && !r.on_reset && !r.on_connect_failure);
+        let r = retry(", retryOn: [5xx]").unwrap();
+        assert!(!r.on_refused_stream && r.on_5xx);
+        let (field, reason) = retry(", retryOn: [refused]").unwrap_err();
+        assert!(field.ends_with("retryOn[0]"), "{field}");
+        assert!(reason.contains("refused-stream"), "{reason}");
+    }
+
+    #[test]
     fn consecutive_errors_eject_an_endpoint_within_the_cap() {
         let svc = ServiceState::new(outlier_policy());
         let a: SocketAddr = "10.0.0.1:80".parse().unwrap();

@@ -197,7 +197,10 @@ fn http2_and_grpc_keep_streams_trailers_and_status() {
 /// sends it again on a new connection. A request sent on a connection that
 /// had gone away under a stream still answering, and a refused GET, both
 /// get 200 from the next connection, while the held stream finishes on the
-/// old one; a refused POST with a body is not sent twice (502). The
+/// old one. A refused POST whose body had gone out is not sent again
+/// without a retry policy, which records bodies (503 `upstream-refused`:
+/// not processed), and is with one, even a route's rule whose retries
+/// leave resets alone (GEP-1731): refused is not reset. The
 /// backends are across nodes, so their GOAWAYs come through the HBONE
 /// tunnel; one has HTTP authorization rules, so the destination's agent
 /// serves its requests and passes the refusals back as REFUSED_STREAM. Their
@@ -207,6 +210,7 @@ fn http2_and_grpc_keep_streams_trailers_and_status() {
 fn a_backend_going_away_loses_no_request() {
     const PLAIN: &str = "10.96.0.33";
     const GUARDED: &str = "10.96.0.34";
+    const ROUTED: &str = "10.96.0.35";
     let mut lab = Lab::new("l7_goaway").expect("lab");
     let a = lab.add_node("a").expect("node");
     let b = lab.add_node("b").expect("node");
@@ -251,6 +255,21 @@ fn a_backend_going_away_loses_no_request() {
                 "{selector: {matchLabels: {app: guarded}}, action: ALLOW, rules: [\
                  {to: [{operation: {paths: ['/*']}}]}]}",
             ),
+            mesh::service_with_protocol(
+                "shop",
+                "routed",
+                ROUTED,
+                80,
+                "8080",
+                "http2",
+                &[("app", "plain")],
+            ),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: routed, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: routed, port: 80}]\n  rules:\n\
+             \x20 - retry: {attempts: 1, backoff: 5ms}\n\
+             \x20   backendRefs: [{name: routed, port: 80}]\n"
+                .to_owned(),
             // No policy retries: only the resending under test.
             mesh::traffic_policy("shop", "plain", "retry: {attempts: 0}"),
             mesh::traffic_policy("shop", "guarded", "retry: {attempts: 0}"),
@@ -313,8 +332,8 @@ fn a_backend_going_away_loses_no_request() {
         assert_eq!(curl(&[&url("/refused")]), conn(2), "{vip}: sent again");
         assert_eq!(
             curl(&["-o", "/dev/null", "-d", "x", &url("/refused")]),
-            " 502",
-            "{vip}: a body is not sent twice"
+            " 503",
+            "{vip}: a body not recorded is not sent again"
         );
 
         // The port declares HTTP/2 and the backend speaks nothing else:
@@ -328,8 +347,16 @@ fn a_backend_going_away_loses_no_request() {
             "{vip}: {out}"
         );
     }
+    // The rule's retry sends the recorded body again, on a new connection.
+    let out = curl(&["-d", "x", &format!("http://{ROUTED}/refused")]);
+    assert!(
+        out.starts_with("conn") && out.ends_with(" 200"),
+        "a refused POST retried by the route's rule: {out}"
+    );
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert_eq!(status["http"]["refused_retries"], 4, "{status}");
+    assert_eq!(status["http"]["upstream_refused"], 2, "{status}");
+    assert_eq!(status["http"]["retries"], 1, "{status}");
 }
 
 /// A gRPC client's deadline (`grpc-timeout`) is held by the agent, as

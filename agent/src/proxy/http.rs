@@ -101,6 +101,7 @@ pub struct HttpStats {
     pub no_healthy_upstream: AtomicU64,
     pub upstream_connect_failed: AtomicU64,
     pub upstream_reset: AtomicU64,
+    pub upstream_refused: AtomicU64,
     pub timeout: AtomicU64,
     pub denied: AtomicU64,
     pub circuit_open: AtomicU64,
@@ -142,6 +143,9 @@ pub(super) enum Reason {
     NoHealthyUpstream,
     UpstreamConnectFailed,
     UpstreamReset,
+    /// The backend turned the request away unprocessed (REFUSED_STREAM,
+    /// or past its GOAWAY) and it could not be sent again.
+    UpstreamRefused,
     Timeout,
     Denied,
     CircuitOpen,
@@ -159,6 +163,7 @@ impl Reason {
             Self::NoHealthyUpstream => "no-healthy-upstream",
             Self::UpstreamConnectFailed => "upstream-connect-failed",
             Self::UpstreamReset => "upstream-reset",
+            Self::UpstreamRefused => "upstream-refused",
             Self::Timeout => "timeout",
             Self::Denied => "denied",
             Self::CircuitOpen => "circuit-open",
@@ -173,7 +178,8 @@ impl Reason {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::NoHealthyUpstream | Self::UpstreamConnectFailed => {
+            // Not processed: the client may send it again (RFC 9113 8.7).
+            Self::NoHealthyUpstream | Self::UpstreamConnectFailed | Self::UpstreamRefused => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamReset => StatusCode::BAD_GATEWAY,
@@ -621,6 +627,7 @@ impl HttpProxy {
                     telemetry::grpc_status(resp.headers()),
                 ),
                 Err((Reason::UpstreamConnectFailed, _)) => Attempt::ConnectFailure,
+                Err((Reason::UpstreamRefused, _)) => Attempt::Refused,
                 Err((Reason::UpstreamReset, _)) => Attempt::Reset,
                 Err((Reason::Timeout, _)) => Attempt::Timeout,
                 Err(_) => Attempt::Reset,
@@ -1054,6 +1061,7 @@ impl HttpProxy {
             Reason::NoHealthyUpstream => &self.stats.no_healthy_upstream,
             Reason::UpstreamConnectFailed => &self.stats.upstream_connect_failed,
             Reason::UpstreamReset => &self.stats.upstream_reset,
+            Reason::UpstreamRefused => &self.stats.upstream_refused,
             Reason::Timeout => &self.stats.timeout,
             Reason::Denied => &self.stats.denied,
             Reason::CircuitOpen => &self.stats.circuit_open,
@@ -1206,15 +1214,22 @@ impl HttpProxy {
                     let retry = e.take_message().or_else(|| {
                         Some(bodiless(again.filter(|_| unprocessed)?, Version::HTTP_2))
                     });
+                    // A refused request whose body had started out is
+                    // the retry policy's to send again, from its record,
+                    // on a new connection as the others are.
                     let Some(req) = retry else {
-                        return Err((Reason::UpstreamReset, e.into_error().to_string()));
+                        let reason = upstream_error(e.error());
+                        if reason == Reason::UpstreamRefused {
+                            self.pools.forget_h2(&key);
+                        }
+                        return Err((reason, e.into_error().to_string()));
                     };
                     self.stats.refused_retries.fetch_add(1, Ordering::Relaxed);
                     debug!(backend = %key.backend, error = %e.error(), "request not processed by the backend's HTTP/2 connection: sent again on a new one");
                     let mut sender = self.h2_connect(&key, dst, call, svc).await?;
                     self.answer(local, sender.send_request(req))
                         .await
-                        .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
+                        .map_err(|e| (upstream_error(&e), e.to_string()))?
                 }
             };
             Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
@@ -1863,6 +1878,16 @@ pub(super) fn refused(e: &hyper::Error) -> bool {
         return false;
     };
     h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// The reason for a request an HTTP/2 backend failed: refused when it was
+/// not processed, so that a retry policy may send it again safely.
+fn upstream_error(e: &hyper::Error) -> Reason {
+    if refused(e) {
+        Reason::UpstreamRefused
+    } else {
+        Reason::UpstreamReset
+    }
 }
 
 /// Connection-level headers are the hop's, not the request's (RFC 9110 7.6.1).

@@ -98,6 +98,15 @@ impl<B> Pools<B> {
             .insert(key, (sender, Instant::now()));
     }
 
+    /// Stops handing out the key's HTTP/2 connection (its streams go on),
+    /// so the next request opens a new one.
+    pub fn forget_h2(&self, key: &UpstreamKey) {
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
     /// Lets go of connections unused since `now - idle` and of closed
     /// ones, and of keys left with none.
     pub fn sweep(&self, now: Instant, idle: Duration) -> Swept {

@@ -94,7 +94,7 @@ pub fn response_flags(reason: &str) -> &'static str {
         "backend-not-found" => "NC",
         "no-healthy-upstream" => "UH",
         "upstream-connect-failed" => "UF",
-        "upstream-reset" => "UR",
+        "upstream-reset" | "upstream-refused" => "UR",
         "timeout" => "UT",
         "denied" => "RBAC",
         "circuit-open" => "UO",

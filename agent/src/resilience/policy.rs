@@ -136,8 +136,8 @@ pub struct RetrySpec {
     #[schemars(pattern(DURATION))]
     pub per_try_timeout: Option<String>,
     /// `5xx`, `gateway-error`, `reset`, `connect-failure`,
-    /// `retriable-status-codes`; default `connect-failure, reset,
-    /// gateway-error`.
+    /// `refused-stream`, `retriable-status-codes`; default
+    /// `connect-failure, refused-stream, reset, gateway-error`.
     #[serde(default)]
     #[schemars(schema_with = "retry_on_schema")]
     pub retry_on: Vec<String>,
@@ -302,6 +302,7 @@ pub const RETRY_ON: &[&str] = &[
     "gateway-error",
     "reset",
     "connect-failure",
+    "refused-stream",
     "retriable-status-codes",
 ];
 
@@ -385,6 +386,10 @@ pub struct Retry {
     pub on_gateway_error: bool,
     pub on_reset: bool,
     pub on_connect_failure: bool,
+    /// A stream the backend refused unprocessed (REFUSED_STREAM, or past
+    /// its GOAWAY), which is safe to send again whatever the method; also
+    /// retried with `on_reset` or `on_5xx`, as Envoy.
+    pub on_refused_stream: bool,
     /// An attempt that outlived its per-try timeout, whatever else is set
     /// (otherwise retried with `on_5xx` or `on_gateway_error`, as Envoy).
     pub on_timeout: bool,
@@ -478,6 +483,7 @@ impl Default for Retry {
             on_gateway_error: true,
             on_reset: true,
             on_connect_failure: true,
+            on_refused_stream: true,
             on_timeout: false,
             statuses: Vec::new(),
             grpc_codes: Vec::new(),
@@ -587,6 +593,7 @@ impl Resilience {
                 retry.on_gateway_error = false;
                 retry.on_reset = false;
                 retry.on_connect_failure = false;
+                retry.on_refused_stream = false;
             }
             for (i, on) in r.retry_on.iter().enumerate() {
                 match on.as_str() {
@@ -594,6 +601,7 @@ impl Resilience {
                     "gateway-error" => retry.on_gateway_error = true,
                     "reset" => retry.on_reset = true,
                     "connect-failure" => retry.on_connect_failure = true,
+                    "refused-stream" => retry.on_refused_stream = true,
                     "retriable-status-codes" => {}
                     other => {
                         return Err((

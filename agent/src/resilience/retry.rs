@@ -27,6 +27,8 @@ pub enum Attempt {
     /// trailers-only gRPC response).
     Response(u16, Option<u8>),
     ConnectFailure,
+    /// The backend refused the stream before processing it.
+    Refused,
     Reset,
     /// The per-try timeout.
     Timeout,
@@ -36,6 +38,7 @@ pub enum Attempt {
 pub fn retriable(policy: &Retry, attempt: Attempt) -> bool {
     match attempt {
         Attempt::ConnectFailure => policy.on_connect_failure || policy.on_gateway_error,
+        Attempt::Refused => policy.on_refused_stream || policy.on_reset || policy.on_5xx,
         Attempt::Reset => policy.on_reset || policy.on_5xx,
         Attempt::Timeout => policy.on_timeout || policy.on_gateway_error || policy.on_5xx,
         Attempt::Response(status, grpc) => {
@@ -264,6 +267,19 @@ mod tests {
         assert!(retriable(&p, Attempt::Response(409, None)));
         assert!(retriable(&p, Attempt::Response(200, Some(14))));
         assert!(!retriable(&p, Attempt::Response(200, Some(5))));
+    }
+
+    #[test]
+    fn a_refused_stream_is_retried_unless_its_condition_and_resets_are_off() {
+        let mut p = policy();
+        assert!(retriable(&p, Attempt::Refused));
+        p.on_reset = false;
+        assert!(retriable(&p, Attempt::Refused), "its own condition");
+        assert!(!retriable(&p, Attempt::Reset));
+        p.on_refused_stream = false;
+        assert!(!retriable(&p, Attempt::Refused));
+        p.on_5xx = true;
+        assert!(retriable(&p, Attempt::Refused), "5xx covers resets");
     }
 
     #[test]

@@ -318,6 +318,7 @@ impl HttpRouteRetry {
             on_gateway_error: false,
             on_reset: false,
             on_connect_failure: true,
+            on_refused_stream: true,
             on_timeout: true,
             statuses,
             ..Retry::default()
