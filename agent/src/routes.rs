@@ -2,6 +2,7 @@
 //! them (GAMMA), read from the config objects and compiled into a
 //! per-Service-port table the HTTP proxy consults on every request.
 
+pub mod cors;
 pub mod grpc_route;
 pub mod http_route;
 pub mod reference_grant;

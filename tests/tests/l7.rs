@@ -285,7 +285,7 @@ fn backend_resets_are_reported_and_contained() {
     assert!(before >= 2, "{status}");
 }
 
-/// `RequestRedirect`, `URLRewrite`, `RequestMirror` and a backend
+/// `RequestRedirect`, `URLRewrite`, `RequestMirror`, `CORS` and a backend
 /// reference's header filters on real requests, a
 /// `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
 /// (which `trellis config` shows `Accepted=False (Conflicted)`).
@@ -398,6 +398,21 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 80,
                 "[{matches: [{path: {type: Exact, value: /only}}], backendRefs: [{name: main, port: 80, filters: [\
                  {type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /x}}}]}]}]",
+            ),
+            // CORS (GEP-1767): preflights answered by the agent, answers to
+            // allowed origins marked; a redirect rule behind it.
+            mesh::service("shop", "cors", "10.96.0.50", 80, "8080", &[("app", "main")]),
+            route(
+                "HTTPRoute",
+                "cors",
+                "cors",
+                80,
+                "[{matches: [{path: {type: PathPrefix, value: /moved}}], filters: [\
+                 {type: CORS, cors: {allowOrigins: ['*']}}, \
+                 {type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /}}}]}, \
+                 {filters: [{type: CORS, cors: {allowOrigins: ['https://shop.example', 'http://*.example.org:8080'], \
+                 allowMethods: [GET, PUT], allowHeaders: [x-token], exposeHeaders: [x-echo], \
+                 allowCredentials: true, maxAge: 600}}], backendRefs: [{name: main, port: 80}]}]",
             ),
             // Loses the port to the GRPCRoute.
             route(
@@ -520,6 +535,85 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     let got: serde_json::Value = serde_json::from_str(&out).expect(&out);
     assert_eq!(got["path"], "/other", "{got}");
 
+    // CORS: a preflight from an allowed origin is answered by the agent
+    // (204, no body from the pod) with the rule's lists; one from another
+    // origin gets no CORS headers, so the browser stops there.
+    let headers = |args: &[&str]| -> (String, String) {
+        let mut all = vec!["-i"];
+        all.extend_from_slice(args);
+        let out = curl(&client, &all);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (head.to_ascii_lowercase(), body.to_owned())
+    };
+    let preflight = |origin: &str| {
+        headers(&[
+            "-X",
+            "OPTIONS",
+            "-H",
+            &format!("origin: {origin}"),
+            "-H",
+            "access-control-request-method: PUT",
+            "-H",
+            "access-control-request-headers: x-token",
+            "http://10.96.0.50/items",
+        ])
+    };
+    let (head, body) = preflight("https://shop.example");
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    assert_eq!(body, "", "answered by the agent");
+    for line in [
+        "access-control-allow-origin: https://shop.example",
+        "access-control-allow-credentials: true",
+        "access-control-allow-methods: get, put",
+        "access-control-allow-headers: x-token",
+        "access-control-max-age: 600",
+        "vary: origin",
+    ] {
+        assert!(head.contains(line), "{line}: {head}");
+    }
+    let (head, _) = preflight("https://evil.example");
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    assert!(!head.contains("access-control-"), "{head}");
+    // The request itself goes to the pod; an allowed origin's answer is
+    // marked, another's and one without an origin are not.
+    let (head, body) = headers(&[
+        "-H",
+        "origin: http://a.b.example.org:8080",
+        "http://10.96.0.50/items",
+    ]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(body.contains("\"name\": \"main\""), "{body}");
+    for line in [
+        "access-control-allow-origin: http://a.b.example.org:8080",
+        "access-control-allow-credentials: true",
+        "access-control-expose-headers: x-echo",
+    ] {
+        assert!(head.contains(line), "{line}: {head}");
+    }
+    for origin in ["origin: http://example.org:8080", "x-none: 1"] {
+        let (head, _) = headers(&["-H", origin, "http://10.96.0.50/items"]);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("access-control-"), "{origin}: {head}");
+    }
+    // A preflight is answered before a redirect; the request is redirected.
+    let (head, _) = headers(&[
+        "-X",
+        "OPTIONS",
+        "-H",
+        "origin: https://any.example",
+        "-H",
+        "access-control-request-method: GET",
+        "http://10.96.0.50/moved",
+    ]);
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    let (head, _) = headers(&[
+        "-H",
+        "origin: https://any.example",
+        "http://10.96.0.50/moved",
+    ]);
+    assert!(head.starts_with("http/1.1 302"), "{head}");
+
     // The route's policy applies to its requests, not to its backend's
     // other callers.
     let code = |url: &str| curl(&client, &["-o", "/dev/null", "-w", "%{http_code}", url]);
@@ -594,7 +688,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         "{web}"
     );
     let status = cluster.agents[0].cli_json("status").expect("status");
-    assert_eq!(status["http"]["redirects"], 1, "{status}");
+    assert_eq!(status["http"]["redirects"], 2, "{status}");
+    assert_eq!(status["http"]["cors_preflights"], 3, "{status}");
     // The upstream connections to a2 (on a1's node) went into the sockhash.
     assert!(
         status["http"]["accelerated_upstreams"].as_u64() >= Some(1),

@@ -125,6 +125,8 @@ pub struct HttpStats {
     /// Redirects answered, requests copied to mirrors, and copies skipped
     /// (body not complete or too large, no endpoint, denied).
     pub redirects: AtomicU64,
+    /// CORS preflights the agent answered for a route's CORS filter.
+    pub cors_preflights: AtomicU64,
     pub mirrored: AtomicU64,
     pub mirror_skipped: AtomicU64,
     /// Upstream connections to pods on this node put in the sockhash.
@@ -398,6 +400,20 @@ impl HttpProxy {
                         format!("no route of {} matches", call.service),
                     );
                 }
+                // A browser's preflight is the CORS filter's to answer,
+                // before a redirect would (Envoy's filter runs first).
+                Some(e)
+                    if e.rule.cors.is_some()
+                        && routes::cors::is_preflight(req.method(), req.headers()) =>
+                {
+                    self.stats.cors_preflights.fetch_add(1, Ordering::Relaxed);
+                    let mut resp = Response::new(empty_body());
+                    *resp.status_mut() = StatusCode::NO_CONTENT;
+                    if let Some(cors) = &e.rule.cors {
+                        *resp.headers_mut() = cors.preflight(req.headers());
+                    }
+                    return resp;
+                }
                 Some(e) if e.rule.redirect.is_some() => {
                     self.stats.redirects.fetch_add(1, Ordering::Relaxed);
                     return redirect(&req, e, call.port);
@@ -428,6 +444,10 @@ impl HttpProxy {
                 },
             },
         };
+        // What the answer gets when the rule allows the request's origin.
+        let cors = rule
+            .as_ref()
+            .and_then(|p| p.rule.cors.as_ref()?.response_headers(req.headers()));
         // A policy on the route that matched applies to what it sends, with
         // its own records; else the Service's.
         let route_policy = rule.as_ref().and_then(|p| {
@@ -696,6 +716,9 @@ impl HttpProxy {
                     if let Some(p) = &rule {
                         p.rule.response_headers.apply(resp.headers_mut());
                         p.backend().response_headers.apply(resp.headers_mut());
+                    }
+                    if let Some(cors) = cors {
+                        routes::cors::Cors::apply(cors, resp.headers_mut());
                     }
                     if let Some(resilience::HashInput::NewCookie(_, cookie)) = &hash
                         && let Ok(v) = HeaderValue::from_str(cookie)
@@ -1940,6 +1963,13 @@ pub(super) fn settle_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
 }
 
 /// The agent's answer to a request a `RequestRedirect` rule matched.
+/// The body of an answer that has none.
+fn empty_body() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 fn redirect(req: &Request<Incoming>, entry: &routes::Entry, port: u16) -> Response<Body> {
     let r = entry.rule.redirect.as_ref().expect("a redirect rule");
     let host_header = req
@@ -1975,11 +2005,7 @@ fn redirect(req: &Request<Incoming>, entry: &routes::Entry, port: u16) -> Respon
         Some(q) => format!("{scheme}://{authority}{path}?{q}"),
         None => format!("{scheme}://{authority}{path}"),
     };
-    let mut resp = Response::new(
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut resp = Response::new(empty_body());
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);

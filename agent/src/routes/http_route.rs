@@ -143,6 +143,9 @@ pub struct HttpRouteFilter {
     pub url_rewrite: Option<UrlRewrite>,
     #[serde(default)]
     pub request_mirror: Option<RequestMirror>,
+    /// GEP-1767 (experimental channel).
+    #[serde(default)]
+    pub cors: Option<super::cors::CorsFilter>,
 }
 
 /// The agent answers with a redirect; absent parts keep the request's.
@@ -342,6 +345,7 @@ pub const SUPPORTED_FILTERS: &[&str] = &[
     "RequestRedirect",
     "URLRewrite",
     "RequestMirror",
+    "CORS",
 ];
 
 /// Filters this agent applies on a backend reference (Istio's set); a
@@ -475,6 +479,7 @@ pub fn validate_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), (St
         "ResponseHeaderModifier",
         "RequestRedirect",
         "URLRewrite",
+        "CORS",
     ] {
         if count(kind) > 1 {
             return Err((format!("{at}.filters"), format!("{kind} at most once")));
@@ -500,6 +505,7 @@ pub fn validate_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), (St
             }
             "URLRewrite" if f.url_rewrite.is_none() => return missing("urlRewrite"),
             "RequestMirror" if f.request_mirror.is_none() => return missing("requestMirror"),
+            "CORS" if f.cors.is_none() => return missing("cors"),
             _ => {}
         }
         for (name, m) in [
@@ -575,6 +581,10 @@ pub fn validate_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), (St
             if let Some(p) = &r.path {
                 validate_path_modifier(&format!("{at}.urlRewrite.path"), p)?;
             }
+        }
+        if let Some(c) = &f.cors {
+            c.compile()
+                .map_err(|(field, reason)| (format!("{at}.cors.{field}"), reason))?;
         }
         if let Some(m) = &f.request_mirror {
             validate_backends(

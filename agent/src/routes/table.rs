@@ -17,6 +17,7 @@ use serde::{Serialize, Serializer};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp};
 
 use super::{
+    cors::Cors,
     grpc_route::{self, GrpcRoute},
     http_route::{
         BackendRef, HeaderModifier, HttpRoute, HttpRouteFilter, HttpRouteRetry, ParentRef,
@@ -419,6 +420,8 @@ pub struct Rule {
     pub rewrite: Option<Rewrite>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<Mirror>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
 }
 
 /// A match and the rule it leads to, in precedence order.
@@ -735,6 +738,11 @@ impl RouteTable {
                         redirect,
                         rewrite,
                         mirrors,
+                        // Validation made it compile.
+                        cors: r
+                            .filters
+                            .iter()
+                            .find_map(|f| f.cors.as_ref()?.compile().ok()),
                     }),
                     r.matches.as_slice(),
                 )

@@ -807,6 +807,16 @@ mod tests {
                 "PathPrefix",
             ),
             (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: CORS, cors: {allowOrigins: ['https://a.test', 'a.test']}}]}]}",
+                "spec.rules[0].filters[0].cors.allowOrigins[1]",
+                "is not <scheme>://<host>",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: CORS}]}]}",
+                "spec.rules[0].filters[0].cors",
+                "required by type CORS",
+            ),
+            (
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 200}}]}]}",
                 "spec.rules[0].filters[0].requestRedirect.statusCode",
                 "301",
