@@ -6,6 +6,7 @@ pub mod cors;
 pub mod grpc_route;
 pub mod http_route;
 pub mod reference_grant;
+pub mod session;
 pub mod table;
 
 #[cfg(test)]

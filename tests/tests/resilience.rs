@@ -5,8 +5,8 @@
 //! health checks taking a dead backend out before a request fails, the
 //! local rate limit (429 with `retry-after`), fault injection at its
 //! percentages, and session affinity by ring hash (header) and Maglev
-//! (cookie set by the agent); and an `HTTPRoute` rule's own `retry` and
-//! `timeouts` (GEP-1731, GEP-1742).
+//! (cookie set by the agent); and an `HTTPRoute` rule's own `retry`,
+//! `timeouts` and `sessionPersistence` (GEP-1731, GEP-1742, GEP-1619).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -124,6 +124,20 @@ fn traffic_policies_retry_limit_eject_and_balance() {
              \x20   backendRefs: [{name: routed, port: 80}]\n"
                 .to_owned(),
             mesh::traffic_policy("shop", "routed", "retry: {attempts: 4, retryOn: [5xx]}"),
+            // Session persistence (GEP-1619) by cookie and by header.
+            svc("sticky", "10.96.0.51", &steer),
+            svc("sticky-header", "10.96.0.52", &steer),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: sticky, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: sticky, port: 80}]\n  rules:\n\
+             \x20 - sessionPersistence: {sessionName: shop-session, absoluteTimeout: 1h}\n\
+             \x20   backendRefs: [{name: sticky, port: 80}]\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: sticky-header, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: sticky-header, port: 80}]\n  rules:\n\
+             \x20 - sessionPersistence: {sessionName: X-Session, type: Header, idleTimeout: 1s}\n\
+             \x20   backendRefs: [{name: sticky-header, port: 80}]\n"
+                .to_owned(),
             mesh::traffic_policy(
                 "shop",
                 "retry",
@@ -350,6 +364,104 @@ fn traffic_policies_retry_limit_eject_and_balance() {
         out["cookies"].as_array().is_some_and(|c| c.is_empty()),
         "{out}"
     );
+
+    // Session persistence by cookie: each request without one is balanced
+    // (both backends serve) and starts a session; with the cookie every
+    // request goes where the session began, and no new cookie is needed.
+    let out = load(&client, "http://10.96.0.51/", 1, 10, "{}", 0);
+    assert_eq!(out["body"].as_object().map(|b| b.len()), Some(2), "{out}");
+    let cookies: Vec<&str> = out["cookies"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(cookies.len(), 10, "{out}");
+    let cookie = cookies[0];
+    assert!(
+        cookie.starts_with("shop-session=")
+            && cookie.ends_with("; Path=/; HttpOnly")
+            && !cookie.contains("Max-Age"),
+        "a session cookie: {cookie}"
+    );
+    let value = cookie.split(';').next().unwrap_or_default();
+    for _ in 0..2 {
+        let out = load(
+            &client,
+            "http://10.96.0.51/",
+            1,
+            10,
+            &format!("{{\"cookie\": \"other=1; {value}\"}}"),
+            0,
+        );
+        assert_eq!(out["body"].as_object().map(|b| b.len()), Some(1), "{out}");
+        assert_eq!(out["cookies"], serde_json::json!([]), "{out}");
+    }
+    // A token naming no endpoint of the Service starts a new session.
+    use base64::Engine as _;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("10.1.99.99:8080|{wall}|{wall}"));
+    let out = load(
+        &client,
+        "http://10.96.0.51/",
+        1,
+        1,
+        &format!("{{\"cookie\": \"shop-session={forged}\"}}"),
+        0,
+    );
+    assert_eq!(count(&out, "status", "200"), 1, "{out}");
+    assert!(
+        out["cookies"][0]
+            .as_str()
+            .is_some_and(|c| c.starts_with("shop-session=") && !c.contains(&forged)),
+        "{out}"
+    );
+    // By header, with an idle timeout of 1 s: the answer carries the token
+    // (its last use moved on each time) and the client sends it back; once
+    // idle past 1 s the session is over and a new one begins.
+    let get = |token: Option<&str>| -> (String, String) {
+        let mut args = vec!["-s", "-m", "10", "-i"];
+        let header = token.map(|t| format!("x-session: {t}"));
+        if let Some(h) = &header {
+            args.extend(["-H", h]);
+        }
+        args.push("http://10.96.0.52/");
+        let out = client.exec().run("curl", &args).expect("curl");
+        let token = out
+            .lines()
+            .find_map(|l| l.strip_prefix("x-session: "))
+            .map(|t| t.trim().to_owned())
+            .expect(&out);
+        let body = out
+            .rsplit("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        (body, token)
+    };
+    let decode = |t: &str| -> Vec<String> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t)
+            .expect("base64url");
+        String::from_utf8_lossy(&raw)
+            .split('|')
+            .map(str::to_owned)
+            .collect()
+    };
+    let (home, first) = get(None);
+    let started = decode(&first)[1].clone();
+    let mut token = first.clone();
+    for _ in 0..5 {
+        let (body, next) = get(Some(&token));
+        assert_eq!(body, home, "held to its endpoint");
+        assert_eq!(decode(&next)[1], started, "the same session");
+        token = next;
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_, after) = get(Some(&token));
+    assert_ne!(decode(&after)[1], started, "idle past 1 s: a new session");
 
     // The agent counted what it did, and shows the endpoints' state.
     let status = cluster.agents[0].cli_json("status").expect("status");

@@ -448,6 +448,11 @@ impl HttpProxy {
         let cors = rule
             .as_ref()
             .and_then(|p| p.rule.cors.as_ref()?.response_headers(req.headers()));
+        // The rule's session persistence (GEP-1619): a request whose
+        // token is still good goes to the endpoint it names.
+        let session = rule.as_ref().and_then(|p| p.rule.session.as_ref());
+        let wall = routes::session::now();
+        let token = session.and_then(|s| s.of(req.headers(), wall));
         // A policy on the route that matched applies to what it sends, with
         // its own records; else the Service's.
         let route_policy = rule.as_ref().and_then(|p| {
@@ -609,9 +614,11 @@ impl HttpProxy {
                     .insert(grpc_deadline::GRPC_TIMEOUT, grpc_deadline::encode(left));
             }
             let now = std::time::Instant::now();
-            let held = affinity.and_then(|timeout| {
-                self.affinity
-                    .held(&service, port, client_ip, timeout, &candidates, now)
+            let held = token.map(|t| t.endpoint).or_else(|| {
+                affinity.and_then(|timeout| {
+                    self.affinity
+                        .held(&service, port, client_ip, timeout, &candidates, now)
+                })
             });
             let Some((backend, endpoint)) =
                 svc.pick(&candidates, &tried, hash.as_ref().map(|h| h.key()), held)
@@ -724,6 +731,11 @@ impl HttpProxy {
                         && let Ok(v) = HeaderValue::from_str(cookie)
                     {
                         resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                    if let Some(s) = session
+                        && let Some(t) = s.next(token, backend, wall)
+                    {
+                        s.set(t, resp.headers_mut());
                     }
                     // In flight until the response body ends.
                     let resp = resp.map(|b| Guarded {

@@ -41,6 +41,9 @@ pub struct GrpcRouteRule {
     pub filters: Vec<HttpRouteFilter>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    /// GEP-1619 (experimental channel).
+    #[serde(default)]
+    pub session_persistence: Option<super::session::SessionPersistence>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -104,6 +107,7 @@ pub fn validate(route: &GrpcRoute) -> Result<(), (String, String)> {
         let at = format!("spec.rules[{i}]");
         super::http_route::validate_filters(&at, &rule.filters)?;
         super::http_route::validate_backends(&at, &rule.backend_refs)?;
+        super::http_route::validate_session(&at, rule.session_persistence.as_ref())?;
     }
     Ok(())
 }

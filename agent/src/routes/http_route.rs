@@ -69,6 +69,9 @@ pub struct HttpRouteRule {
     /// GEP-1731 (experimental channel).
     #[serde(default)]
     pub retry: Option<HttpRouteRetry>,
+    /// GEP-1619 (experimental channel).
+    #[serde(default)]
+    pub session_persistence: Option<super::session::SessionPersistence>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -417,6 +420,7 @@ pub fn validate(route: &HttpRoute) -> Result<(), (String, String)> {
             }
         }
         validate_backends(&at, &rule.backend_refs)?;
+        validate_session(&at, rule.session_persistence.as_ref())?;
         if let Some(t) = &rule.timeouts {
             let parse = |name: &str, v: &Option<String>| {
                 v.as_deref()
@@ -638,6 +642,17 @@ fn validate_path_modifier(at: &str, p: &PathModifier) -> Result<(), (String, Str
             ))
         }
         Some(_) => Ok(()),
+    }
+}
+
+/// A rule's `sessionPersistence`.
+pub fn validate_session(
+    at: &str,
+    session: Option<&super::session::SessionPersistence>,
+) -> Result<(), (String, String)> {
+    match session.map(super::session::SessionPersistence::compile) {
+        Some(Err((field, reason))) => Err((format!("{at}.sessionPersistence.{field}"), reason)),
+        _ => Ok(()),
     }
 }
 

@@ -25,6 +25,7 @@ use super::{
         SUPPORTED_FILTERS, Timeouts, ValueMatchKind, parse_duration,
     },
     reference_grant::{self, ReferenceGrant},
+    session::{Session, SessionPersistence},
 };
 use crate::{resilience::policy::Retry, state::ServiceView};
 
@@ -422,6 +423,8 @@ pub struct Rule {
     pub mirrors: Vec<Mirror>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors: Option<Cors>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
 }
 
 /// A match and the rule it leads to, in precedence order.
@@ -743,6 +746,7 @@ impl RouteTable {
                             .filters
                             .iter()
                             .find_map(|f| f.cors.as_ref()?.compile().ok()),
+                        session: r.session.and_then(|s| s.compile().ok()),
                     }),
                     r.matches.as_slice(),
                 )
@@ -877,6 +881,7 @@ struct RuleSource<'a> {
     backend_refs: &'a [BackendRef],
     timeouts: Option<&'a Timeouts>,
     retry: Option<&'a HttpRouteRetry>,
+    session: Option<&'a SessionPersistence>,
 }
 
 /// A compiled match and its rank.
@@ -913,6 +918,7 @@ impl<'a> Source<'a> {
                     backend_refs: &r.backend_refs,
                     timeouts: r.timeouts.as_ref(),
                     retry: r.retry.as_ref(),
+                    session: r.session_persistence.as_ref(),
                 })
                 .collect(),
         }
@@ -961,6 +967,7 @@ impl<'a> Source<'a> {
                     backend_refs: &r.backend_refs,
                     timeouts: None,
                     retry: None,
+                    session: r.session_persistence.as_ref(),
                 })
                 .collect(),
         }

@@ -812,6 +812,16 @@ mod tests {
                 "is not <scheme>://<host>",
             ),
             (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{sessionPersistence: {cookieConfig: {lifetimeType: Permanent}}}]}",
+                "spec.rules[0].sessionPersistence.absoluteTimeout",
+                "required when cookieConfig.lifetimeType is Permanent",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{sessionPersistence: {idleTimeout: 1d}}]}",
+                "spec.rules[0].sessionPersistence.idleTimeout",
+                "is not a duration",
+            ),
+            (
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: CORS}]}]}",
                 "spec.rules[0].filters[0].cors",
                 "required by type CORS",
