@@ -5,6 +5,7 @@ pub mod busy_poll;
 mod client_idle;
 mod deadline;
 pub mod detect;
+mod ext_auth;
 mod grpc_deadline;
 pub mod http;
 pub mod inbound_http;

@@ -938,6 +938,52 @@ class S(http.server.ThreadingHTTPServer):
 S(("::", int(sys.argv[2])), H).serve_forever()
 "#;
 
+/// An authorization service speaking Envoy's HTTP `ext_authz` protocol, as
+/// oauth2-proxy or OPA would: `Authorization: Bearer alice` is allowed
+/// (200 with `x-auth-user: alice`, `x-tag: authz-alice` and `x-noise`),
+/// `Bearer <other>` refused with 403 and `not you`, none with 401,
+/// `www-authenticate: Bearer` and `who are you`. `/__last` answers the last
+/// check it got: method, path and header names as JSON. Args: PORT.
+pub const AUTHZ_SERVER: &str = r#"
+import http.server, json, socket, sys, threading
+last, lock = {}, threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        if self.path == "/__last":
+            with lock:
+                out = json.dumps(last).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
+        with lock:
+            last.clear()
+            last.update({"method": self.command, "path": self.path, "headers": sorted(k.lower() for k in self.headers.keys())})
+        auth = self.headers.get("authorization") or ""
+        if auth == "Bearer alice":
+            self.send_response(200)
+            self.send_header("x-auth-user", "alice")
+            self.send_header("x-tag", "authz-alice")
+            self.send_header("x-noise", "1")
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        body, status = (b"not you", 403) if auth else (b"who are you", 401)
+        self.send_response(status)
+        if not auth:
+            self.send_header("www-authenticate", "Bearer")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_DELETE = answer
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+S(("::", int(sys.argv[1])), H).serve_forever()
+"#;
+
 /// gRPC Say calls to [`GRPC_SERVER`]s and an unknown method: prints JSON,
 /// per call `[code, served-by]`. Args: TARGET.
 pub const GRPC_WHO: &str = r#"

@@ -285,8 +285,9 @@ fn backend_resets_are_reported_and_contained() {
     assert!(before >= 2, "{status}");
 }
 
-/// `RequestRedirect`, `URLRewrite`, `RequestMirror`, `CORS` and a backend
-/// reference's header filters on real requests, a
+/// `RequestRedirect`, `URLRewrite`, `RequestMirror`, `CORS`,
+/// `ExternalAuth` and a backend reference's header filters on real
+/// requests, a
 /// `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
 /// (which `trellis config` shows `Accepted=False (Conflicted)`).
 #[test]
@@ -306,6 +307,9 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
             .expect("server"),
         shadow
             .serve(py::REQUEST_ECHO_SERVER, &["shadow", "8080"], 8080)
+            .expect("server"),
+        shadow
+            .serve(py::AUTHZ_SERVER, &["9000"], 9000)
             .expect("server"),
         grpc_a
             .serve(py::GRPC_SERVER, &["grpc-a", "50051"], 50051)
@@ -413,6 +417,28 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                  {filters: [{type: CORS, cors: {allowOrigins: ['https://shop.example', 'http://*.example.org:8080'], \
                  allowMethods: [GET, PUT], allowHeaders: [x-token], exposeHeaders: [x-echo], \
                  allowCredentials: true, maxAge: 600}}], backendRefs: [{name: main, port: 80}]}]",
+            ),
+            // External authorization (GEP-1494, HTTP): the service is on
+            // the other node; one route names a service that is not there.
+            mesh::service("shop", "auth", "10.96.0.51", 80, "9000", &[("app", "shadow")]),
+            mesh::service("shop", "guarded", "10.96.0.52", 80, "8080", &[("app", "main")]),
+            mesh::service("shop", "closed", "10.96.0.53", 80, "8080", &[("app", "main")]),
+            route(
+                "HTTPRoute",
+                "guarded",
+                "guarded",
+                80,
+                "[{filters: [{type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: auth, port: 80}, \
+                 http: {path: /check, allowedHeaders: [x-client], allowedResponseHeaders: [x-tag, x-auth-user]}}}], \
+                 backendRefs: [{name: main, port: 80}]}]",
+            ),
+            route(
+                "HTTPRoute",
+                "closed",
+                "closed",
+                80,
+                "[{filters: [{type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: nowhere, port: 80}, http: {}}}], \
+                 backendRefs: [{name: main, port: 80}]}]",
             ),
             // Loses the port to the GRPCRoute.
             route(
@@ -614,6 +640,56 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     ]);
     assert!(head.starts_with("http/1.1 302"), "{head}");
 
+    // External authorization: no credentials get the service's 401 with its
+    // challenge and body; another user its 403; alice goes through with the
+    // service's headers in place of her own forged one, and the check
+    // carried the method, the prefixed path and only the headers it may.
+    let guarded = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("http://10.96.0.52/items?x=1");
+        headers(&all)
+    };
+    let (head, body) = guarded(&["-H", "cookie: secret=1"]);
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert!(head.contains("x-trellis-reason: ext-auth-denied"), "{head}");
+    assert_eq!(body, "who are you");
+    let (head, body) = guarded(&["-H", "authorization: Bearer mallory"]);
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert_eq!(body, "not you");
+    let (head, body) = guarded(&[
+        "-H",
+        "authorization: Bearer alice",
+        "-H",
+        "x-tag: forged",
+        "-H",
+        "x-client: c1",
+        "-H",
+        "cookie: secret=1",
+    ]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let got: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(got["name"], "main", "{got}");
+    assert_eq!(got["tag"], "authz-alice", "the service's header: {got}");
+    let last = curl(&client, &[&format!("http://{}:9000/__last", shadow.ip)]);
+    let last: serde_json::Value = serde_json::from_str(&last).expect(&last);
+    assert_eq!(last["method"], "GET", "{last}");
+    assert_eq!(last["path"], "/check/items?x=1", "{last}");
+    let names: Vec<&str> = last["headers"]
+        .as_array()
+        .map(|h| h.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    for name in ["host", "authorization", "x-client"] {
+        assert!(names.contains(&name), "{name}: {last}");
+    }
+    for name in ["cookie", "x-tag"] {
+        assert!(!names.contains(&name), "{name} went to the check: {last}");
+    }
+    // A route whose authorization service does not resolve fails closed.
+    let (head, _) = headers(&["-H", "authorization: Bearer alice", "http://10.96.0.53/x"]);
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("x-trellis-reason: ext-auth-error"), "{head}");
+
     // The route's policy applies to its requests, not to its backend's
     // other callers.
     let code = |url: &str| curl(&client, &["-o", "/dev/null", "-w", "%{http_code}", url]);
@@ -690,6 +766,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert_eq!(status["http"]["redirects"], 2, "{status}");
     assert_eq!(status["http"]["cors_preflights"], 3, "{status}");
+    assert_eq!(status["http"]["ext_auth_denied"], 2, "{status}");
+    assert_eq!(status["http"]["ext_auth_error"], 1, "{status}");
     // The upstream connections to a2 (on a1's node) went into the sockhash.
     assert!(
         status["http"]["accelerated_upstreams"].as_u64() >= Some(1),

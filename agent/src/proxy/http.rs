@@ -38,7 +38,7 @@ use super::{
     busy_poll::Poller,
     client_idle, deadline,
     detect::Protocol,
-    grpc_deadline,
+    ext_auth, grpc_deadline,
     pool::{self, Pools, UpstreamKey},
     telemetry,
 };
@@ -105,6 +105,10 @@ pub struct HttpStats {
     pub timeout: AtomicU64,
     pub denied: AtomicU64,
     pub circuit_open: AtomicU64,
+    /// Requests a route's authorization Service refused, and those refused
+    /// because it could not be asked.
+    pub ext_auth_denied: AtomicU64,
+    pub ext_auth_error: AtomicU64,
     pub rate_limited: AtomicU64,
     pub fault_injected: AtomicU64,
     pub header_too_large: AtomicU64,
@@ -150,6 +154,10 @@ pub(super) enum Reason {
     UpstreamRefused,
     Timeout,
     Denied,
+    /// A route's authorization Service refused the request (its own answer
+    /// goes back), or could not be asked (refused all the same).
+    ExtAuthDenied,
+    ExtAuthError,
     CircuitOpen,
     RateLimited,
     FaultInjected,
@@ -168,6 +176,8 @@ impl Reason {
             Self::UpstreamRefused => "upstream-refused",
             Self::Timeout => "timeout",
             Self::Denied => "denied",
+            Self::ExtAuthDenied => "ext-auth-denied",
+            Self::ExtAuthError => "ext-auth-error",
             Self::CircuitOpen => "circuit-open",
             Self::RateLimited => "rate-limited",
             Self::FaultInjected => "fault-injected",
@@ -186,7 +196,8 @@ impl Reason {
             }
             Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Denied => StatusCode::FORBIDDEN,
+            Self::Denied | Self::ExtAuthDenied => StatusCode::FORBIDDEN,
+            Self::ExtAuthError => ext_auth::ON_ERROR,
             Self::CircuitOpen | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -197,12 +208,12 @@ impl Reason {
     /// The gRPC status a gRPC client gets instead.
     fn grpc_status(self) -> u8 {
         match self {
-            Self::NoRoute => 12,                            // UNIMPLEMENTED
-            Self::BackendNotFound | Self::BadRequest => 13, // INTERNAL
-            Self::Timeout => 4,                             // DEADLINE_EXCEEDED
-            Self::Denied => 7,                              // PERMISSION_DENIED
-            Self::RateLimited | Self::HeaderTooLarge => 8,  // RESOURCE_EXHAUSTED
-            _ => 14,                                        // UNAVAILABLE
+            Self::NoRoute => 12,                                          // UNIMPLEMENTED
+            Self::BackendNotFound | Self::BadRequest => 13,               // INTERNAL
+            Self::Timeout => 4,                                           // DEADLINE_EXCEEDED
+            Self::Denied | Self::ExtAuthDenied | Self::ExtAuthError => 7, // PERMISSION_DENIED
+            Self::RateLimited | Self::HeaderTooLarge => 8,                // RESOURCE_EXHAUSTED
+            _ => 14,                                                      // UNAVAILABLE
         }
     }
 }
@@ -391,8 +402,8 @@ impl HttpProxy {
             .routes
             .port(&call.service, call.port)
             .and_then(|p| p.for_client(&call.client_namespace));
-        let (rule, service, port): (Option<Picked>, String, u16) = match entries {
-            None => (None, call.service.clone(), call.port),
+        let matched = match entries {
+            None => None,
             Some(entries) => match routes::route(entries, &view) {
                 None => {
                     return answer(
@@ -400,48 +411,57 @@ impl HttpProxy {
                         format!("no route of {} matches", call.service),
                     );
                 }
-                // A browser's preflight is the CORS filter's to answer,
-                // before a redirect would (Envoy's filter runs first).
-                Some(e)
-                    if e.rule.cors.is_some()
-                        && routes::cors::is_preflight(req.method(), req.headers()) =>
-                {
-                    self.stats.cors_preflights.fetch_add(1, Ordering::Relaxed);
-                    let mut resp = Response::new(empty_body());
-                    *resp.status_mut() = StatusCode::NO_CONTENT;
-                    if let Some(cors) = &e.rule.cors {
-                        *resp.headers_mut() = cors.preflight(req.headers());
-                    }
-                    return resp;
+                Some(e) => Some(e),
+            },
+        };
+        if let Some(e) = matched {
+            // A browser's preflight is the CORS filter's to answer, before
+            // authorization or a redirect (Envoy's filter runs first).
+            if let Some(cors) = &e.rule.cors
+                && routes::cors::is_preflight(req.method(), req.headers())
+            {
+                self.stats.cors_preflights.fetch_add(1, Ordering::Relaxed);
+                let mut resp = Response::new(empty_body());
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                *resp.headers_mut() = cors.preflight(req.headers());
+                return resp;
+            }
+            if let Some(auth) = &e.rule.external_auth {
+                match self.external_auth(&snapshot, auth, &req, call).await {
+                    Ok(add) => ext_auth::apply(add, req.headers_mut()),
+                    Err(resp) => return resp,
                 }
-                Some(e) if e.rule.redirect.is_some() => {
-                    self.stats.redirects.fetch_add(1, Ordering::Relaxed);
-                    return redirect(&req, e, call.port);
+            }
+            if e.rule.redirect.is_some() {
+                self.stats.redirects.fetch_add(1, Ordering::Relaxed);
+                return redirect(&req, e, call.port);
+            }
+        }
+        let (rule, service, port): (Option<Picked>, String, u16) = match matched {
+            None => (None, call.service.clone(), call.port),
+            Some(e) => match pick_weighted(&e.rule.backends, e.rule.unresolved_weight) {
+                None => {
+                    let what = if e.rule.backends.is_empty() {
+                        "has no valid backend"
+                    } else {
+                        "sent this request to the share of its invalid backends"
+                    };
+                    return answer(
+                        Reason::BackendNotFound,
+                        format!("rule {} of {} {what}", e.rule.index, e.rule.route),
+                    );
                 }
-                Some(e) => match pick_weighted(&e.rule.backends, e.rule.unresolved_weight) {
-                    None => {
-                        let what = if e.rule.backends.is_empty() {
-                            "has no valid backend"
-                        } else {
-                            "sent this request to the share of its invalid backends"
-                        };
-                        return answer(
-                            Reason::BackendNotFound,
-                            format!("rule {} of {} {what}", e.rule.index, e.rule.route),
-                        );
-                    }
-                    Some(backend) => {
-                        chosen.route = Some(e.rule.route.clone());
-                        let b = &e.rule.backends[backend];
-                        let (service, port) = (b.service.clone(), b.port);
-                        let picked = Picked {
-                            rule: e.rule.clone(),
-                            matched: e.request.path.clone(),
-                            backend,
-                        };
-                        (Some(picked), service, port)
-                    }
-                },
+                Some(backend) => {
+                    chosen.route = Some(e.rule.route.clone());
+                    let b = &e.rule.backends[backend];
+                    let (service, port) = (b.service.clone(), b.port);
+                    let picked = Picked {
+                        rule: e.rule.clone(),
+                        matched: e.request.path.clone(),
+                        backend,
+                    };
+                    (Some(picked), service, port)
+                }
             },
         };
         // What the answer gets when the rule allows the request's origin.
@@ -865,34 +885,113 @@ impl HttpProxy {
             tokio::spawn(
                 async move {
                     let snapshot = this.state.borrow().clone();
-                    let svc = this.service_state(&snapshot, &m.service);
-                    let candidates = snapshot
-                        .service(&m.service)
-                        .map(|s| s.ready_backends(m.port, call.ipv6))
-                        .unwrap_or_default();
-                    let candidates = this.egress_allowed(&snapshot, &call, candidates);
-                    let Some((backend, _)) = svc.pick(&candidates, &[], None, None) else {
-                        this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
-                        return;
+                    let sent = this
+                        .send_to_service(&snapshot, &m.service, m.port, req, &call)
+                        .await;
+                    let counter = match &sent {
+                        Err((Reason::NoHealthyUpstream | Reason::Denied, _)) => {
+                            &this.stats.mirror_skipped
+                        }
+                        _ => &this.stats.mirrored,
                     };
-                    if this
-                        .authorize(&snapshot, &call, backend, authz::Request::of(&req))
-                        .is_err()
-                    {
-                        this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    this.stats.mirrored.fetch_add(1, Ordering::Relaxed);
-                    match this.forward(&snapshot, req, &call, backend, &svc).await {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    match sent {
                         // Read to the end, so the connection can be pooled.
                         Ok(resp) => drop(resp.into_body().collect().await),
                         Err((reason, detail)) => {
-                            debug!(%backend, reason = reason.text(), detail, "mirrored request failed");
+                            debug!(
+                                service = m.service,
+                                reason = reason.text(),
+                                detail,
+                                "mirrored request not answered"
+                            );
                         }
                     }
                 }
                 .in_current_span(),
             );
+        }
+    }
+
+    /// Sends `req` to an endpoint of `service:port`, as a mirror's copies
+    /// and a route's authorization checks go: balanced by the Service's
+    /// policy, within the client's egress policy and authorized for it.
+    async fn send_to_service(
+        &self,
+        snapshot: &Snapshot,
+        service: &str,
+        port: u16,
+        req: Request<Body>,
+        call: &Call,
+    ) -> Result<Response<Body>, (Reason, String)> {
+        let svc = self.service_state(snapshot, service);
+        let candidates = snapshot
+            .service(service)
+            .map(|s| s.ready_backends(port, call.ipv6))
+            .unwrap_or_default();
+        let candidates = self.egress_allowed(snapshot, call, candidates);
+        let Some((backend, _)) = svc.pick(&candidates, &[], None, None) else {
+            return Err((
+                Reason::NoHealthyUpstream,
+                format!("{service}:{port} has no usable endpoint"),
+            ));
+        };
+        if let Err(policy) = self.authorize(snapshot, call, backend, authz::Request::of(&req)) {
+            return Err((Reason::Denied, format!("{backend}: denied by {policy}")));
+        }
+        self.forward(snapshot, req, call, backend, &svc).await
+    }
+
+    /// Asks a route's authorization Service about a request: the headers
+    /// to put on it when allowed, else the answer the client gets (the
+    /// service's own, or 403 when it could not be asked: fail closed).
+    async fn external_auth(
+        &self,
+        snapshot: &Snapshot,
+        auth: &routes::table::ExternalAuth,
+        req: &Request<Incoming>,
+        call: &Call,
+    ) -> Result<http::HeaderMap, Response<Body>> {
+        let grpc = authz::is_grpc(req.headers());
+        let error = |detail: String| {
+            self.count(Reason::ExtAuthError);
+            tracing::info!(
+                path = req.uri().path(),
+                detail,
+                "request refused: its route's authorization service could not be asked"
+            );
+            reply(Reason::ExtAuthError, &detail, grpc)
+        };
+        let Some((service, port)) = &auth.service else {
+            return Err(error("the authorization service does not resolve".into()));
+        };
+        let check = ext_auth::check(auth, req.method(), req.uri(), req.headers());
+        let sent = tokio::time::timeout(
+            ext_auth::CHECK_TIMEOUT,
+            self.send_to_service(snapshot, service, *port, check, call),
+        )
+        .await;
+        let answer = match sent {
+            Err(_) => return Err(error(format!("{service}:{port} did not answer in time"))),
+            Ok(Err((reason, detail))) => {
+                return Err(error(format!(
+                    "{service}:{port}: {}: {detail}",
+                    reason.text()
+                )));
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        match ext_auth::verdict(auth, answer).await {
+            ext_auth::Verdict::Allow(add) => Ok(add),
+            ext_auth::Verdict::Deny(mut resp) => {
+                self.count(Reason::ExtAuthDenied);
+                debug!(path = req.uri().path(), status = %resp.status(), "request refused by its route's authorization service");
+                resp.headers_mut().insert(
+                    "x-trellis-reason",
+                    HeaderValue::from_static(Reason::ExtAuthDenied.text()),
+                );
+                Err(resp)
+            }
         }
     }
 
@@ -1099,6 +1198,8 @@ impl HttpProxy {
             Reason::UpstreamRefused => &self.stats.upstream_refused,
             Reason::Timeout => &self.stats.timeout,
             Reason::Denied => &self.stats.denied,
+            Reason::ExtAuthDenied => &self.stats.ext_auth_denied,
+            Reason::ExtAuthError => &self.stats.ext_auth_error,
             Reason::CircuitOpen => &self.stats.circuit_open,
             Reason::RateLimited => &self.stats.rate_limited,
             Reason::FaultInjected => &self.stats.fault_injected,

@@ -97,6 +97,7 @@ pub fn response_flags(reason: &str) -> &'static str {
         "upstream-reset" | "upstream-refused" => "UR",
         "timeout" => "UT",
         "denied" => "RBAC",
+        "ext-auth-denied" | "ext-auth-error" => "UAEX",
         "circuit-open" => "UO",
         "rate-limited" => "RL",
         "fault-injected" => "FI",

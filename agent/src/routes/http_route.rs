@@ -149,6 +149,67 @@ pub struct HttpRouteFilter {
     /// GEP-1767 (experimental channel).
     #[serde(default)]
     pub cors: Option<super::cors::CorsFilter>,
+    /// GEP-1494 (experimental channel).
+    #[serde(default)]
+    pub external_auth: Option<ExternalAuth>,
+}
+
+/// An authorization service asked about each request before it goes on
+/// (`type: ExternalAuth`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAuth {
+    /// `HTTP` or `GRPC`.
+    pub protocol: String,
+    pub backend_ref: BackendRef,
+    #[serde(default)]
+    pub http: Option<ExternalAuthHttp>,
+    #[serde(default)]
+    pub grpc: Option<ExternalAuthGrpc>,
+    #[serde(default)]
+    pub forward_body: Option<ForwardBody>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAuthHttp {
+    /// Put before the request's path in the check.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Request headers the check carries besides those it always does.
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+    /// The check's answer headers put on the request; all when empty.
+    #[serde(default)]
+    pub allowed_response_headers: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAuthGrpc {
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardBody {
+    #[serde(default)]
+    pub max_size: u16,
+}
+
+impl ExternalAuth {
+    /// What this agent cannot do of it: Envoy's gRPC check protocol and
+    /// forwarding the body.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        if self.protocol == "GRPC" {
+            Some("ExternalAuth with protocol GRPC")
+        } else if self.forward_body.is_some_and(|b| b.max_size > 0) {
+            Some("ExternalAuth with forwardBody")
+        } else {
+            None
+        }
+    }
 }
 
 /// The agent answers with a redirect; absent parts keep the request's.
@@ -349,6 +410,7 @@ pub const SUPPORTED_FILTERS: &[&str] = &[
     "URLRewrite",
     "RequestMirror",
     "CORS",
+    "ExternalAuth",
 ];
 
 /// Filters this agent applies on a backend reference (Istio's set); a
@@ -510,6 +572,7 @@ pub fn validate_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), (St
             "URLRewrite" if f.url_rewrite.is_none() => return missing("urlRewrite"),
             "RequestMirror" if f.request_mirror.is_none() => return missing("requestMirror"),
             "CORS" if f.cors.is_none() => return missing("cors"),
+            "ExternalAuth" if f.external_auth.is_none() => return missing("externalAuth"),
             _ => {}
         }
         for (name, m) in [
@@ -584,6 +647,54 @@ pub fn validate_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), (St
             hostname("urlRewrite", &r.hostname)?;
             if let Some(p) = &r.path {
                 validate_path_modifier(&format!("{at}.urlRewrite.path"), p)?;
+            }
+        }
+        if let Some(e) = &f.external_auth {
+            let at = format!("{at}.externalAuth");
+            if !matches!(e.protocol.as_str(), "HTTP" | "GRPC") {
+                return Err((format!("{at}.protocol"), "HTTP or GRPC".into()));
+            }
+            // The API's rules: `http` with HTTP and only then, `grpc` likewise.
+            for (name, wanted, set) in [
+                ("http", "HTTP", e.http.is_some()),
+                ("grpc", "GRPC", e.grpc.is_some()),
+            ] {
+                if (e.protocol == wanted) != set {
+                    let why = if set {
+                        "only with protocol "
+                    } else {
+                        "required by protocol "
+                    };
+                    return Err((format!("{at}.{name}"), format!("{why}{wanted}")));
+                }
+            }
+            validate_backends(&at, std::slice::from_ref(&e.backend_ref)).map_err(
+                |(field, reason)| (field.replace(".backendRefs[0]", ".backendRef"), reason),
+            )?;
+            if let Some(h) = &e.http {
+                if let Some(p) = &h.path
+                    && (!p.starts_with('/')
+                        || p.contains(['?', '#'])
+                        || http::uri::PathAndQuery::try_from(p.as_str()).is_err())
+                {
+                    return Err((
+                        format!("{at}.http.path"),
+                        format!("{p:?} is not a path starting with '/'"),
+                    ));
+                }
+                for (list, names) in [
+                    ("allowedHeaders", &h.allowed_headers),
+                    ("allowedResponseHeaders", &h.allowed_response_headers),
+                ] {
+                    for (k, n) in names.iter().enumerate() {
+                        if http::HeaderName::try_from(n.as_str()).is_err() {
+                            return Err((
+                                format!("{at}.http.{list}[{k}]"),
+                                "not a valid header name".into(),
+                            ));
+                        }
+                    }
+                }
             }
         }
         if let Some(c) = &f.cors {

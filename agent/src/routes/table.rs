@@ -425,6 +425,24 @@ pub struct Rule {
     pub cors: Option<Cors>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<Session>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_auth: Option<ExternalAuth>,
+}
+
+/// An authorization service asked about each request (GEP-1494, HTTP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ExternalAuth {
+    /// `namespace/name` and port; `None` when the reference did not
+    /// resolve (requests then fail closed).
+    pub service: Option<(String, u16)>,
+    /// Put before the request's path.
+    pub path_prefix: String,
+    /// Request headers the check carries besides the ones it always does
+    /// (lower case).
+    pub allowed_headers: Vec<String>,
+    /// The answer's headers put on the request; all but framing ones when
+    /// empty (lower case).
+    pub allowed_response_headers: Vec<String>,
 }
 
 /// A match and the rule it leads to, in precedence order.
@@ -592,8 +610,12 @@ impl RouteTable {
             .rules
             .iter()
             .flat_map(|r| r.filters)
-            .map(|f| f.kind.as_str())
-            .filter(|k| !SUPPORTED_FILTERS.contains(k))
+            .filter_map(
+                |f| match f.external_auth.as_ref().and_then(|e| e.unsupported()) {
+                    Some(what) => Some(what),
+                    None => Some(f.kind.as_str()).filter(|k| !SUPPORTED_FILTERS.contains(k)),
+                },
+            )
             .collect();
         let unsupported_on_backends: Vec<&str> = route
             .rules
@@ -705,6 +727,25 @@ impl RouteTable {
                         path: x.path.as_ref().and_then(PathEdit::of),
                         status: x.status_code.unwrap_or(302),
                     });
+                let external_auth =
+                    r.filters
+                        .iter()
+                        .find_map(|f| f.external_auth.as_ref())
+                        .map(|e| {
+                            let http = e.http.clone().unwrap_or_default();
+                            let lower =
+                                |l: &[String]| l.iter().map(|h| h.to_ascii_lowercase()).collect();
+                            ExternalAuth {
+                                service: resolve(&e.backend_ref),
+                                path_prefix: http
+                                    .path
+                                    .unwrap_or_default()
+                                    .trim_end_matches('/')
+                                    .to_owned(),
+                                allowed_headers: lower(&http.allowed_headers),
+                                allowed_response_headers: lower(&http.allowed_response_headers),
+                            }
+                        });
                 let rewrite = r
                     .filters
                     .iter()
@@ -747,6 +788,7 @@ impl RouteTable {
                             .iter()
                             .find_map(|f| f.cors.as_ref()?.compile().ok()),
                         session: r.session.and_then(|s| s.compile().ok()),
+                        external_auth,
                     }),
                     r.matches.as_slice(),
                 )

@@ -1109,6 +1109,75 @@ mod tests {
     }
 
     #[test]
+    fn external_auth_compiles_and_what_it_cannot_do_is_not_accepted() {
+        let route = |name: &str, auth: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{parentRefs: [{{group: '', kind: Service, name: web, port: 80}}], rules: [\
+                 {{filters: [{{type: ExternalAuth, externalAuth: {auth}}}], backendRefs: [{{name: web-v1, port: 80}}]}}]}}\n"
+            )
+        };
+        let snap = snapshot(&format!(
+            "{}---\n{}---\n{}---\n{}",
+            route(
+                "http",
+                "{protocol: HTTP, backendRef: {name: web-v2, port: 80}, http: {path: /auth/, allowedHeaders: [X-User], allowedResponseHeaders: [X-Id]}}"
+            ),
+            route(
+                "grpc",
+                "{protocol: GRPC, backendRef: {name: web-v2, port: 80}, grpc: {}}"
+            ),
+            route(
+                "body",
+                "{protocol: HTTP, backendRef: {name: web-v2, port: 80}, http: {}, forwardBody: {maxSize: 1024}}"
+            ),
+            route(
+                "gone",
+                "{protocol: HTTP, backendRef: {name: gone, port: 80}, http: {}}"
+            ),
+        ));
+        let condition = |name: &str, kind: &str| {
+            route_status(&snap, "HTTPRoute", name)
+                .conditions
+                .iter()
+                .find(|c| c.kind == kind)
+                .map(|c| (c.status, c.reason, c.message.clone()))
+                .expect(kind)
+        };
+        assert!(condition("http", "Accepted").0);
+        for (name, what) in [
+            ("grpc", "ExternalAuth with protocol GRPC"),
+            ("body", "ExternalAuth with forwardBody"),
+        ] {
+            let (ok, reason, message) = condition(name, "Accepted");
+            assert!(
+                !ok && reason == "UnsupportedValue" && message.contains(what),
+                "{message}"
+            );
+        }
+        assert_eq!(condition("gone", "ResolvedRefs").0, false);
+        let entries = snap
+            .routes
+            .port("shop/web", 80)
+            .and_then(|p| p.for_client("shop"))
+            .expect("routes");
+        let auths: Vec<_> = entries
+            .iter()
+            .filter_map(|e| e.rule.external_auth.clone())
+            .collect();
+        assert_eq!(auths.len(), 2, "{auths:?}");
+        let http = auths
+            .iter()
+            .find(|a| a.service.is_some())
+            .expect("the resolved one");
+        assert_eq!(http.service, Some(("shop/web-v2".to_owned(), 80)));
+        assert_eq!(http.path_prefix, "/auth");
+        assert_eq!(http.allowed_headers, ["x-user"]);
+        assert_eq!(http.allowed_response_headers, ["x-id"]);
+        assert!(auths.iter().any(|a| a.service.is_none()), "fails closed");
+    }
+
+    #[test]
     fn workloads_by_address() {
         let snap = snapshot("");
         for w in &snap.workloads {

@@ -822,6 +822,16 @@ mod tests {
                 "is not a duration",
             ),
             (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: a}}}]}]}",
+                "spec.rules[0].filters[0].externalAuth.http",
+                "required by protocol HTTP",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: a, port: 80}, http: {path: check}}}]}]}",
+                "spec.rules[0].filters[0].externalAuth.http.path",
+                "is not a path",
+            ),
+            (
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}], rules: [{filters: [{type: CORS}]}]}",
                 "spec.rules[0].filters[0].cors",
                 "required by type CORS",
