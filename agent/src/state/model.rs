@@ -1155,7 +1155,7 @@ mod tests {
                 "{message}"
             );
         }
-        assert_eq!(condition("gone", "ResolvedRefs").0, false);
+        assert!(!condition("gone", "ResolvedRefs").0);
         let entries = snap
             .routes
             .port("shop/web", 80)
