@@ -428,7 +428,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 "guarded",
                 "guarded",
                 80,
-                "[{filters: [{type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: auth, port: 80}, \
+                "[{filters: [{type: CORS, cors: {allowOrigins: ['https://shop.example']}}, \
+                 {type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: auth, port: 80}, \
                  http: {path: /check, allowedHeaders: [x-client], allowedResponseHeaders: [x-tag, x-auth-user]}}}], \
                  backendRefs: [{name: main, port: 80}]}]",
             ),
@@ -649,11 +650,33 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         all.push("http://10.96.0.52/items?x=1");
         headers(&all)
     };
-    let (head, body) = guarded(&["-H", "cookie: secret=1"]);
+    let (head, body) = guarded(&[
+        "-H",
+        "cookie: secret=1",
+        "-H",
+        "origin: https://shop.example",
+    ]);
     assert!(head.starts_with("http/1.1 401"), "{head}");
     assert!(head.contains("www-authenticate: bearer"), "{head}");
     assert!(head.contains("x-trellis-reason: ext-auth-denied"), "{head}");
+    // The rule's CORS headers go on the refusal too, so the page can read
+    // it (and send its user to log in).
+    assert!(
+        head.contains("access-control-allow-origin: https://shop.example"),
+        "{head}"
+    );
     assert_eq!(body, "who are you");
+    // A browser's preflight carries no credentials: it is answered before
+    // the check.
+    let (head, _) = guarded(&[
+        "-X",
+        "OPTIONS",
+        "-H",
+        "origin: https://shop.example",
+        "-H",
+        "access-control-request-method: GET",
+    ]);
+    assert!(head.starts_with("http/1.1 204"), "{head}");
     let (head, body) = guarded(&["-H", "authorization: Bearer mallory"]);
     assert!(head.starts_with("http/1.1 403"), "{head}");
     assert_eq!(body, "not you");
@@ -765,7 +788,7 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     );
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert_eq!(status["http"]["redirects"], 2, "{status}");
-    assert_eq!(status["http"]["cors_preflights"], 3, "{status}");
+    assert_eq!(status["http"]["cors_preflights"], 4, "{status}");
     assert_eq!(status["http"]["ext_auth_denied"], 2, "{status}");
     assert_eq!(status["http"]["ext_auth_error"], 1, "{status}");
     // The upstream connections to a2 (on a1's node) went into the sockhash.

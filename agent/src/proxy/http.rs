@@ -353,6 +353,20 @@ impl HttpProxy {
 
     async fn handle(
         self: &Arc<Self>,
+        req: Request<Incoming>,
+        call: &Call,
+        chosen: &mut Chosen,
+    ) -> Response<Body> {
+        let mut resp = self.answer_request(req, call, chosen).await;
+        if let Some(cors) = chosen.cors.take() {
+            routes::cors::Cors::apply(cors, resp.headers_mut());
+        }
+        resp
+    }
+
+    /// A request's answer: the route's, the backend's or the agent's own.
+    async fn answer_request(
+        self: &Arc<Self>,
         mut req: Request<Incoming>,
         call: &Call,
         chosen: &mut Chosen,
@@ -426,6 +440,11 @@ impl HttpProxy {
                 *resp.headers_mut() = cors.preflight(req.headers());
                 return resp;
             }
+            chosen.cors = e
+                .rule
+                .cors
+                .as_ref()
+                .and_then(|c| c.response_headers(req.headers()));
             if let Some(auth) = &e.rule.external_auth {
                 match self.external_auth(&snapshot, auth, &req, call).await {
                     Ok(add) => ext_auth::apply(add, req.headers_mut()),
@@ -464,10 +483,6 @@ impl HttpProxy {
                 }
             },
         };
-        // What the answer gets when the rule allows the request's origin.
-        let cors = rule
-            .as_ref()
-            .and_then(|p| p.rule.cors.as_ref()?.response_headers(req.headers()));
         // The rule's session persistence (GEP-1619): a request whose
         // token is still good goes to the endpoint it names.
         let session = rule.as_ref().and_then(|p| p.rule.session.as_ref());
@@ -743,9 +758,6 @@ impl HttpProxy {
                     if let Some(p) = &rule {
                         p.rule.response_headers.apply(resp.headers_mut());
                         p.backend().response_headers.apply(resp.headers_mut());
-                    }
-                    if let Some(cors) = cors {
-                        routes::cors::Cors::apply(cors, resp.headers_mut());
                     }
                     if let Some(resilience::HashInput::NewCookie(_, cookie)) = &hash
                         && let Ok(v) = HeaderValue::from_str(cookie)
@@ -1707,6 +1719,10 @@ struct Chosen {
     body: Arc<telemetry::BodyCount>,
     /// `namespace/name` of the route that matched.
     route: Option<String>,
+    /// What the answer gets when the rule's CORS filter allows the
+    /// request's origin, whoever answers (the agent's own refusals too, so
+    /// a page can read why).
+    cors: Option<http::HeaderMap>,
 }
 
 /// One count in a gauge, taken back when dropped.
