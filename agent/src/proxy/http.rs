@@ -897,26 +897,18 @@ impl HttpProxy {
             tokio::spawn(
                 async move {
                     let snapshot = this.state.borrow().clone();
-                    let sent = this
-                        .send_to_service(&snapshot, &m.service, m.port, req, &call)
-                        .await;
-                    let counter = match &sent {
-                        Err((Reason::NoHealthyUpstream | Reason::Denied, _)) => {
-                            &this.stats.mirror_skipped
-                        }
-                        _ => &this.stats.mirrored,
+                    let Ok((backend, svc)) =
+                        this.endpoint_for(&snapshot, &m.service, m.port, &req, &call)
+                    else {
+                        this.stats.mirror_skipped.fetch_add(1, Ordering::Relaxed);
+                        return;
                     };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    match sent {
+                    this.stats.mirrored.fetch_add(1, Ordering::Relaxed);
+                    match this.forward(&snapshot, req, &call, backend, &svc).await {
                         // Read to the end, so the connection can be pooled.
                         Ok(resp) => drop(resp.into_body().collect().await),
                         Err((reason, detail)) => {
-                            debug!(
-                                service = m.service,
-                                reason = reason.text(),
-                                detail,
-                                "mirrored request not answered"
-                            );
+                            debug!(%backend, reason = reason.text(), detail, "mirrored request failed");
                         }
                     }
                 }
@@ -925,17 +917,18 @@ impl HttpProxy {
         }
     }
 
-    /// Sends `req` to an endpoint of `service:port`, as a mirror's copies
-    /// and a route's authorization checks go: balanced by the Service's
-    /// policy, within the client's egress policy and authorized for it.
-    async fn send_to_service(
+    /// The endpoint of `service:port` that a request of the agent's own
+    /// (a mirror's copy, an authorization check) goes to: balanced by the
+    /// Service's policy, within the client's egress policy and authorized
+    /// for it.
+    fn endpoint_for(
         &self,
         snapshot: &Snapshot,
         service: &str,
         port: u16,
-        req: Request<Body>,
+        req: &Request<Body>,
         call: &Call,
-    ) -> Result<Response<Body>, (Reason, String)> {
+    ) -> Result<(SocketAddr, Arc<ServiceState>), (Reason, String)> {
         let svc = self.service_state(snapshot, service);
         let candidates = snapshot
             .service(service)
@@ -948,10 +941,10 @@ impl HttpProxy {
                 format!("{service}:{port} has no usable endpoint"),
             ));
         };
-        if let Err(policy) = self.authorize(snapshot, call, backend, authz::Request::of(&req)) {
+        if let Err(policy) = self.authorize(snapshot, call, backend, authz::Request::of(req)) {
             return Err((Reason::Denied, format!("{backend}: denied by {policy}")));
         }
-        self.forward(snapshot, req, call, backend, &svc).await
+        Ok((backend, svc))
     }
 
     /// Asks a route's authorization Service about a request: the headers
@@ -978,9 +971,14 @@ impl HttpProxy {
             return Err(error("the authorization service does not resolve".into()));
         };
         let check = ext_auth::check(auth, req.method(), req.uri(), req.headers());
+        let (backend, svc) = self
+            .endpoint_for(snapshot, service, *port, &check, call)
+            .map_err(|(reason, detail)| {
+                error(format!("{service}:{port}: {}: {detail}", reason.text()))
+            })?;
         let sent = tokio::time::timeout(
             ext_auth::CHECK_TIMEOUT,
-            self.send_to_service(snapshot, service, *port, check, call),
+            self.forward(snapshot, check, call, backend, &svc),
         )
         .await;
         let answer = match sent {
