@@ -943,7 +943,7 @@ S(("::", int(sys.argv[2])), H).serve_forever()
 /// (200 with `x-auth-user: alice`, `x-tag: authz-alice` and `x-noise`),
 /// `Bearer <other>` refused with 403 and `not you`, none with 401,
 /// `www-authenticate: Bearer` and `who are you`. `/__last` answers the last
-/// check it got: method, path and header names as JSON. Args: PORT.
+/// check it got: method, path, header names and body as JSON. Args: PORT.
 pub const AUTHZ_SERVER: &str = r#"
 import http.server, json, socket, sys, threading
 last, lock = {}, threading.Lock()
@@ -957,9 +957,11 @@ class H(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(out)
             return
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n).decode(errors="replace") if n else ""
         with lock:
             last.clear()
-            last.update({"method": self.command, "path": self.path, "headers": sorted(k.lower() for k in self.headers.keys())})
+            last.update({"method": self.command, "path": self.path, "headers": sorted(k.lower() for k in self.headers.keys()), "body": body})
         auth = self.headers.get("authorization") or ""
         if auth == "Bearer alice":
             self.send_response(200)

@@ -430,7 +430,8 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 80,
                 "[{filters: [{type: CORS, cors: {allowOrigins: ['https://shop.example']}}, \
                  {type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: auth, port: 80}, \
-                 http: {path: /check, allowedHeaders: [x-client], allowedResponseHeaders: [x-tag, x-auth-user]}}}], \
+                 http: {path: /check, allowedHeaders: [x-client], allowedResponseHeaders: [x-tag, x-auth-user]}, \
+                 forwardBody: {maxSize: 8}}}], \
                  backendRefs: [{name: main, port: 80}]}]",
             ),
             route(
@@ -708,6 +709,28 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     for name in ["cookie", "x-tag"] {
         assert!(!names.contains(&name), "{name} went to the check: {last}");
     }
+    // forwardBody: the check gets the body's first 8 bytes, the pod all of
+    // it.
+    let (head, body) = guarded(&[
+        "-H",
+        "authorization: Bearer alice",
+        "--data-binary",
+        "hello wide world",
+    ]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let got: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(
+        (got["method"].as_str(), got["body"].as_u64()),
+        (Some("POST"), Some(16)),
+        "{got}"
+    );
+    let last = curl(&client, &[&format!("http://{}:9000/__last", shadow.ip)]);
+    let last: serde_json::Value = serde_json::from_str(&last).expect(&last);
+    assert_eq!(
+        (last["method"].as_str(), last["body"].as_str()),
+        (Some("POST"), Some("hello wi")),
+        "{last}"
+    );
     // A route whose authorization service does not resolve fails closed.
     let (head, _) = headers(&["-H", "authorization: Bearer alice", "http://10.96.0.53/x"]);
     assert!(head.starts_with("http/1.1 403"), "{head}");

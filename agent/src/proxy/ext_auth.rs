@@ -5,11 +5,17 @@
 //! answer lets it through with the answer's headers added (a user name, a
 //! token), any other answer goes back to the client as the denial.
 
-use std::time::Duration;
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Frame, SizeHint};
 
 use super::http::{Body, BodyError};
 use crate::routes::table::ExternalAuth;
@@ -39,13 +45,15 @@ const NOT_COPIED: &[HeaderName] = &[
 ];
 
 /// The check for a request with this head: its method, the path after
-/// `path_prefix`, no body, and the headers the API always sends (`Host`,
-/// `Authorization`) with the allowed ones.
+/// `path_prefix`, the first `forward_body` bytes of its body (none by
+/// default), and the headers the API always sends (`Host`, `Authorization`)
+/// with the allowed ones.
 pub(super) fn check(
     auth: &ExternalAuth,
     method: &http::Method,
     uri: &Uri,
     headers: &HeaderMap,
+    body: Bytes,
 ) -> Request<Body> {
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
     let target = format!("{}{pq}", auth.path_prefix);
@@ -59,7 +67,12 @@ pub(super) fn check(
         None => Uri::try_from(target).map_err(http::Error::from),
     }
     .unwrap_or_else(|_| Uri::from_static("/"));
-    let mut req = Request::new(empty());
+    let length = body.len();
+    let mut req = Request::new(
+        Full::new(body)
+            .map_err(|never| -> BodyError { match never {} })
+            .boxed(),
+    );
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     let asked = headers;
@@ -75,8 +88,88 @@ pub(super) fn check(
             }
         }
     }
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     req
+}
+
+/// Frames of a request's body read for its check, to go on before the rest.
+pub(super) type Read = VecDeque<Frame<Bytes>>;
+
+/// Reads the start of a request's body for its check: the frames read
+/// (all of them go on to the backend) and their first `max` bytes (what
+/// the check carries, as the API says a longer body is truncated).
+pub(super) async fn read_start<B>(body: &mut B, max: usize) -> Result<(Read, Bytes), B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut frames = VecDeque::new();
+    let mut start = BytesMut::new();
+    while start.len() < max {
+        let Some(frame) = body.frame().await.transpose()? else {
+            break;
+        };
+        if let Some(data) = frame.data_ref() {
+            let take = data.len().min(max - start.len());
+            start.extend_from_slice(&data[..take]);
+        }
+        frames.push_back(frame);
+    }
+    Ok((frames, start.freeze()))
+}
+
+/// A request body whose first frames were read for its check: those, then
+/// the rest as it comes. With none read it is the body itself.
+pub(super) struct Prefixed<B> {
+    read: Read,
+    rest: B,
+}
+
+impl<B> Prefixed<B> {
+    pub fn new(read: Read, rest: B) -> Self {
+        Self { read, rest }
+    }
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(frame) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.rest.size_hint();
+        if self.read.is_empty() {
+            return inner;
+        }
+        let read: u64 = self
+            .read
+            .iter()
+            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+            .sum();
+        match inner.exact() {
+            Some(n) => SizeHint::with_exact(n + read),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + read);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
+        }
+    }
 }
 
 /// What the authorization Service said.
@@ -163,12 +256,6 @@ pub(super) fn apply(add: HeaderMap, request: &mut HeaderMap) {
     }
 }
 
-fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| -> BodyError { match never {} })
-        .boxed()
-}
-
 /// The status of a request refused because the check could not be made
 /// (Envoy's `status_on_error`): the service is not there, fails or is
 /// late. Fails closed.
@@ -184,6 +271,7 @@ mod tests {
             path_prefix: "/check".into(),
             allowed_headers: allowed.iter().map(|s| (*s).to_owned()).collect(),
             allowed_response_headers: response.iter().map(|s| (*s).to_owned()).collect(),
+            forward_body: 0,
         }
     }
 
@@ -195,7 +283,13 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        check(auth, &http::Method::POST, &uri.parse().unwrap(), &map)
+        check(
+            auth,
+            &http::Method::POST,
+            &uri.parse().unwrap(),
+            &map,
+            Bytes::new(),
+        )
     }
 
     #[test]
@@ -218,6 +312,38 @@ mod tests {
         assert_eq!(req.headers()[header::CONTENT_LENGTH], "0");
         let h2 = check_of(&auth(&[], &[]), "http://web.shop/a", &[]);
         assert_eq!(h2.uri(), "http://web.shop/check/a");
+    }
+
+    #[tokio::test]
+    async fn the_start_of_a_body_is_read_for_the_check_and_all_of_it_goes_on() {
+        use http_body_util::StreamBody;
+        let chunks = ["hello ", "wide ", "world"];
+        let stream = futures_util::stream::iter(chunks.iter().map(|c| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c.as_bytes())))
+        }));
+        let mut body = StreamBody::new(stream);
+        let (read, start) = read_start(&mut body, 8).await.unwrap();
+        assert_eq!(start, "hello wi", "truncated to 8 bytes");
+        assert_eq!(read.len(), 2, "the frames it took to get them");
+        let whole = Prefixed::new(read, body)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(whole, "hello wide world");
+        let req = check(
+            &auth(&[], &[]),
+            &http::Method::POST,
+            &"/x".parse().unwrap(),
+            &HeaderMap::new(),
+            start,
+        );
+        assert_eq!(req.headers()[header::CONTENT_LENGTH], "8");
+        let sized = Prefixed::new(
+            VecDeque::from([Frame::data(Bytes::from_static(b"abc"))]),
+            Full::new(Bytes::from_static(b"defg")),
+        );
+        assert_eq!(hyper::body::Body::size_hint(&sized).exact(), Some(7));
     }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &'static str) -> Response<Body> {

@@ -428,6 +428,8 @@ impl HttpProxy {
                 Some(e) => Some(e),
             },
         };
+        // Frames of the body an authorization check read (forwardBody).
+        let mut read_for_check = ext_auth::Read::default();
         if let Some(e) = matched {
             // A browser's preflight is the CORS filter's to answer, before
             // authorization or a redirect (Envoy's filter runs first).
@@ -446,8 +448,11 @@ impl HttpProxy {
                 .as_ref()
                 .and_then(|c| c.response_headers(req.headers()));
             if let Some(auth) = &e.rule.external_auth {
-                match self.external_auth(&snapshot, auth, &req, call).await {
-                    Ok(add) => ext_auth::apply(add, req.headers_mut()),
+                match self.external_auth(&snapshot, auth, &mut req, call).await {
+                    Ok((add, read)) => {
+                        ext_auth::apply(add, req.headers_mut());
+                        read_for_check = read;
+                    }
                     Err(resp) => return resp,
                 }
             }
@@ -579,7 +584,10 @@ impl HttpProxy {
             .then(|| grpc_deadline::parse(&parts.headers))
             .flatten()
             .map(|t| tokio::time::Instant::now() + t);
-        let body = telemetry::Counted::new(body, chosen.body.clone());
+        let body = telemetry::Counted::new(
+            ext_auth::Prefixed::new(read_for_check, body),
+            chosen.body.clone(),
+        );
         if let Some(p) = &rule {
             p.rule.request_headers.apply(&mut parts.headers);
             if let Some(rewrite) = &p.rule.rewrite {
@@ -954,14 +962,15 @@ impl HttpProxy {
         &self,
         snapshot: &Snapshot,
         auth: &routes::table::ExternalAuth,
-        req: &Request<Incoming>,
+        req: &mut Request<Incoming>,
         call: &Call,
-    ) -> Result<http::HeaderMap, Response<Body>> {
+    ) -> Result<(http::HeaderMap, ext_auth::Read), Response<Body>> {
         let grpc = authz::is_grpc(req.headers());
+        let path = req.uri().path().to_owned();
         let error = |detail: String| {
             self.count(Reason::ExtAuthError);
             tracing::info!(
-                path = req.uri().path(),
+                path,
                 detail,
                 "request refused: its route's authorization service could not be asked"
             );
@@ -970,7 +979,19 @@ impl HttpProxy {
         let Some((service, port)) = &auth.service else {
             return Err(error("the authorization service does not resolve".into()));
         };
-        let check = ext_auth::check(auth, req.method(), req.uri(), req.headers());
+        // The start of the body, when the check is to carry it; what was
+        // read goes on to the backend.
+        let (read, start) = if auth.forward_body > 0 {
+            let reading = ext_auth::read_start(req.body_mut(), auth.forward_body);
+            match tokio::time::timeout(ext_auth::CHECK_TIMEOUT, reading).await {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => return Err(error(format!("the request's body broke: {e}"))),
+                Err(_) => return Err(error("the request's body did not come in time".into())),
+            }
+        } else {
+            Default::default()
+        };
+        let check = ext_auth::check(auth, req.method(), req.uri(), req.headers(), start);
         let (backend, svc) = self
             .endpoint_for(snapshot, service, *port, &check, call)
             .map_err(|(reason, detail)| {
@@ -992,10 +1013,10 @@ impl HttpProxy {
             Ok(Ok(answer)) => answer,
         };
         match ext_auth::verdict(auth, answer).await {
-            ext_auth::Verdict::Allow(add) => Ok(add),
+            ext_auth::Verdict::Allow(add) => Ok((add, read)),
             ext_auth::Verdict::Deny(mut resp) => {
                 self.count(Reason::ExtAuthDenied);
-                debug!(path = req.uri().path(), status = %resp.status(), "request refused by its route's authorization service");
+                debug!(path, status = %resp.status(), "request refused by its route's authorization service");
                 resp.headers_mut().insert(
                     "x-trellis-reason",
                     HeaderValue::from_static(Reason::ExtAuthDenied.text()),

@@ -199,16 +199,9 @@ pub struct ForwardBody {
 }
 
 impl ExternalAuth {
-    /// What this agent cannot do of it: Envoy's gRPC check protocol and
-    /// forwarding the body.
+    /// What this agent cannot do of it: Envoy's gRPC check protocol.
     pub fn unsupported(&self) -> Option<&'static str> {
-        if self.protocol == "GRPC" {
-            Some("ExternalAuth with protocol GRPC")
-        } else if self.forward_body.is_some_and(|b| b.max_size > 0) {
-            Some("ExternalAuth with forwardBody")
-        } else {
-            None
-        }
+        (self.protocol == "GRPC").then_some("ExternalAuth with protocol GRPC")
     }
 }
 

@@ -443,6 +443,9 @@ pub struct ExternalAuth {
     /// The answer's headers put on the request; all but framing ones when
     /// empty (lower case).
     pub allowed_response_headers: Vec<String>,
+    /// The most of the request's body the check carries (`forwardBody`);
+    /// 0 for none.
+    pub forward_body: usize,
 }
 
 /// A match and the rule it leads to, in precedence order.
@@ -744,6 +747,7 @@ impl RouteTable {
                                     .to_owned(),
                                 allowed_headers: lower(&http.allowed_headers),
                                 allowed_response_headers: lower(&http.allowed_response_headers),
+                                forward_body: e.forward_body.map_or(0, |b| usize::from(b.max_size)),
                             }
                         });
                 let rewrite = r

@@ -1145,16 +1145,13 @@ mod tests {
                 .expect(kind)
         };
         assert!(condition("http", "Accepted").0);
-        for (name, what) in [
-            ("grpc", "ExternalAuth with protocol GRPC"),
-            ("body", "ExternalAuth with forwardBody"),
-        ] {
-            let (ok, reason, message) = condition(name, "Accepted");
-            assert!(
-                !ok && reason == "UnsupportedValue" && message.contains(what),
-                "{message}"
-            );
-        }
+        assert!(condition("body", "Accepted").0);
+        let (ok, reason, message) = condition("grpc", "Accepted");
+        assert!(
+            !ok && reason == "UnsupportedValue"
+                && message.contains("ExternalAuth with protocol GRPC"),
+            "{message}"
+        );
         assert!(!condition("gone", "ResolvedRefs").0);
         let entries = snap
             .routes
@@ -1165,10 +1162,11 @@ mod tests {
             .iter()
             .filter_map(|e| e.rule.external_auth.clone())
             .collect();
-        assert_eq!(auths.len(), 2, "{auths:?}");
+        assert_eq!(auths.len(), 3, "{auths:?}");
+        assert!(auths.iter().any(|a| a.forward_body == 1024), "{auths:?}");
         let http = auths
             .iter()
-            .find(|a| a.service.is_some())
+            .find(|a| a.service.is_some() && a.forward_body == 0)
             .expect("the resolved one");
         assert_eq!(http.service, Some(("shop/web-v2".to_owned(), 80)));
         assert_eq!(http.path_prefix, "/auth");
