@@ -187,22 +187,17 @@ pub(super) async fn verdict(auth: &ExternalAuth, answer: Response<Body>) -> Verd
         // Read to the end, so that its connection can be pooled.
         drop(read(body).await);
         let mut add = HeaderMap::new();
-        let mut last: Option<HeaderName> = None;
-        for (name, value) in parts.headers {
-            let Some(name) = name.or(last.take()) else {
-                continue;
-            };
+        for (name, value) in &parts.headers {
             let wanted = if auth.allowed_response_headers.is_empty() {
-                !NOT_COPIED.contains(&name) && !name.as_str().starts_with("proxy-")
+                !NOT_COPIED.contains(name) && !name.as_str().starts_with("proxy-")
             } else {
                 auth.allowed_response_headers
                     .iter()
                     .any(|h| h == name.as_str())
             };
             if wanted {
-                add.append(name.clone(), value);
+                add.append(name, value.clone());
             }
-            last = Some(name);
         }
         return Verdict::Allow(add);
     }
@@ -242,17 +237,11 @@ async fn read(mut body: Body) -> Option<Bytes> {
 
 /// Puts the allowed headers on the request, in place of its own.
 pub(super) fn apply(add: HeaderMap, request: &mut HeaderMap) {
-    let mut last: Option<HeaderName> = None;
-    for (name, value) in add {
-        let fresh = name.is_some();
-        let Some(name) = name.or(last.take()) else {
-            continue;
-        };
-        if fresh {
-            request.remove(&name);
-        }
-        request.append(name.clone(), value);
-        last = Some(name);
+    for name in add.keys() {
+        request.remove(name);
+    }
+    for (name, value) in &add {
+        request.append(name, value.clone());
     }
 }
 

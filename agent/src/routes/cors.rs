@@ -289,16 +289,12 @@ impl Cors {
     /// Puts `headers` (from [`Self::response_headers`]) on an answer, in
     /// place of the backend's own CORS headers; `Vary` is added to.
     pub fn apply(headers: HeaderMap, answer: &mut HeaderMap) {
-        let mut last = None;
-        for (name, value) in headers {
-            let name = name.or(last.clone());
-            let Some(name) = name else { continue };
+        for (name, value) in &headers {
             if name == header::VARY {
-                answer.append(header::VARY, value);
+                answer.append(name, value.clone());
             } else {
-                answer.insert(name.clone(), value);
+                answer.insert(name, value.clone());
             }
-            last = Some(name);
         }
     }
 }
