@@ -1176,6 +1176,40 @@ mod tests {
     }
 
     #[test]
+    fn the_route_example_in_docs_l7_is_accepted_as_written() {
+        let doc = include_str!("../../../docs/l7.md");
+        let start = doc
+            .find("    apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {name: api,")
+            .expect("the example in docs/l7.md");
+        let example: Vec<&str> = doc[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    "))
+            .map(|l| &l[4..])
+            .collect();
+        let services = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.98, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: authz, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.97, selector: {app: authz}, ports: [{name: http, port: 8080}]}\n";
+        let snap = snapshot(&format!("{services}---\n{}\n", example.join("\n")));
+        assert!(
+            route_status(&snap, "HTTPRoute", "api").healthy(),
+            "{:?}",
+            snap.routes.status
+        );
+        let entries = snap
+            .routes
+            .port("shop/api", 80)
+            .and_then(|p| p.for_client("shop"))
+            .expect("the route");
+        let rule = &entries[0].rule;
+        assert!(rule.cors.is_some() && rule.session.is_some() && rule.retry.is_some());
+        assert_eq!(
+            rule.external_auth.as_ref().and_then(|a| a.service.clone()),
+            Some(("shop/authz".to_owned(), 8080))
+        );
+    }
+
+    #[test]
     fn workloads_by_address() {
         let snap = snapshot("");
         for w in &snap.workloads {
