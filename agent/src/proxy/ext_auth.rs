@@ -14,10 +14,10 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper::body::{Frame, SizeHint};
 
-use super::http::{Body, BodyError};
+use super::http::{Body, full_body};
 use crate::routes::table::ExternalAuth;
 
 /// How long the authorization Service has to answer before the request is
@@ -68,11 +68,7 @@ pub(super) fn check(
     }
     .unwrap_or_else(|_| Uri::from_static("/"));
     let length = body.len();
-    let mut req = Request::new(
-        Full::new(body)
-            .map_err(|never| -> BodyError { match never {} })
-            .boxed(),
-    );
+    let mut req = Request::new(full_body(body));
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     let asked = headers;
@@ -202,11 +198,7 @@ pub(super) async fn verdict(auth: &ExternalAuth, answer: Response<Body>) -> Verd
         return Verdict::Allow(add);
     }
     let body = read(body).await.unwrap_or_default();
-    let mut deny = Response::new(
-        Full::new(body)
-            .map_err(|never| -> BodyError { match never {} })
-            .boxed(),
-    );
+    let mut deny = Response::new(full_body(body));
     *deny.status_mut() = parts.status;
     for (name, value) in &parts.headers {
         if !matches!(
@@ -330,17 +322,13 @@ mod tests {
         assert_eq!(req.headers()[header::CONTENT_LENGTH], "8");
         let sized = Prefixed::new(
             VecDeque::from([Frame::data(Bytes::from_static(b"abc"))]),
-            Full::new(Bytes::from_static(b"defg")),
+            http_body_util::Full::new(Bytes::from_static(b"defg")),
         );
         assert_eq!(hyper::body::Body::size_hint(&sized).exact(), Some(7));
     }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &'static str) -> Response<Body> {
-        let mut r = Response::new(
-            Full::new(Bytes::from_static(body.as_bytes()))
-                .map_err(|never| -> BodyError { match never {} })
-                .boxed(),
-        );
+        let mut r = Response::new(full_body(Bytes::from_static(body.as_bytes())));
         *r.status_mut() = StatusCode::from_u16(status).unwrap();
         for (k, v) in headers {
             r.headers_mut().append(

@@ -490,9 +490,11 @@ impl HttpProxy {
         };
         // The rule's session persistence (GEP-1619): a request whose
         // token is still good goes to the endpoint it names.
-        let session = rule.as_ref().and_then(|p| p.rule.session.as_ref());
-        let wall = routes::session::now();
-        let token = session.and_then(|s| s.of(req.headers(), wall));
+        let session = rule
+            .as_ref()
+            .and_then(|p| p.rule.session.as_ref())
+            .map(|s| (s, routes::session::now()));
+        let token = session.and_then(|(s, wall)| s.of(req.headers(), wall));
         // A policy on the route that matched applies to what it sends, with
         // its own records; else the Service's.
         let route_policy = rule.as_ref().and_then(|p| {
@@ -772,7 +774,7 @@ impl HttpProxy {
                     {
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
-                    if let Some(s) = session
+                    if let Some((s, wall)) = session
                         && let Some(t) = s.next(token, backend, wall)
                     {
                         s.set(t, resp.headers_mut());
@@ -1192,11 +1194,7 @@ impl HttpProxy {
         let req = Request::get(path)
             .header(header::HOST, backend.to_string())
             .header(header::USER_AGENT, "trellis-health-check")
-            .body(
-                Full::new(Bytes::new())
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
+            .body(empty_body())
             .map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string());
         conn.abort();
@@ -2027,11 +2025,7 @@ fn head_of<B>(req: &Request<B>) -> Head {
 
 /// A request without a body, from a kept head.
 fn bodiless((method, uri, headers): Head, version: Version) -> Request<Body> {
-    let mut req = Request::new(
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut req = Request::new(empty_body());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
@@ -2110,14 +2104,17 @@ pub(super) fn settle_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The agent's answer to a request a `RequestRedirect` rule matched.
-/// The body of an answer that has none.
-fn empty_body() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+/// A body of these bytes, whole.
+pub(super) fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
+/// The body of a message that has none.
+pub(super) fn empty_body() -> Body {
+    full_body(Bytes::new())
+}
+
+/// The agent's answer to a request a `RequestRedirect` rule matched.
 fn redirect(req: &Request<Incoming>, entry: &routes::Entry, port: u16) -> Response<Body> {
     let r = entry.rule.redirect.as_ref().expect("a redirect rule");
     let host_header = req
