@@ -962,6 +962,14 @@ mod tests {
             .collect()
     }
 
+    /// The route entries on `service` port 80 for clients in `shop`.
+    fn route_entries<'a>(snap: &'a Snapshot, service: &str) -> &'a [crate::routes::Entry] {
+        snap.routes
+            .port(service, 80)
+            .and_then(|p| p.for_client("shop"))
+            .unwrap_or_else(|| panic!("routes on {service}: {:?}", snap.routes.status))
+    }
+
     fn route_status<'a>(
         snap: &'a Snapshot,
         kind: &str,
@@ -999,11 +1007,7 @@ mod tests {
         );
         assert!(route_status(&snap, "GRPCRoute", "g").healthy());
 
-        let entries = snap
-            .routes
-            .port("shop/web", 80)
-            .and_then(|p| p.for_client("shop"))
-            .expect("routes");
+        let entries = route_entries(&snap, "shop/web");
         let pick = |path: &str| {
             let headers = http::HeaderMap::new();
             let view = crate::routes::RequestView {
@@ -1049,11 +1053,7 @@ mod tests {
         };
         let snap = snapshot(&grant("shop", ""));
         assert_eq!(resolved(&snap), (true, "ResolvedRefs"));
-        let entries = snap
-            .routes
-            .port("shop/web", 80)
-            .and_then(|p| p.for_client("shop"))
-            .expect("routes");
+        let entries = route_entries(&snap, "shop/web");
         assert_eq!(entries[0].rule.backends[0].service, "other/api2");
         assert_eq!(
             resolved(&snapshot(&grant("dev", ""))),
@@ -1083,11 +1083,7 @@ mod tests {
             "{:?}",
             snap.routes.status
         );
-        let entries = snap
-            .routes
-            .port("shop/web", 80)
-            .and_then(|p| p.for_client("shop"))
-            .expect("routes");
+        let entries = route_entries(&snap, "shop/web");
         let redirect = entries
             .iter()
             .find_map(|e| e.rule.redirect.as_ref().map(|r| (e, r)))
@@ -1153,11 +1149,7 @@ mod tests {
             "{message}"
         );
         assert!(!condition("gone", "ResolvedRefs").0);
-        let entries = snap
-            .routes
-            .port("shop/web", 80)
-            .and_then(|p| p.for_client("shop"))
-            .expect("routes");
+        let entries = route_entries(&snap, "shop/web");
         let auths: Vec<_> = entries
             .iter()
             .filter_map(|e| e.rule.external_auth.clone())
@@ -1196,11 +1188,7 @@ mod tests {
             "{:?}",
             snap.routes.status
         );
-        let entries = snap
-            .routes
-            .port("shop/api", 80)
-            .and_then(|p| p.for_client("shop"))
-            .expect("the route");
+        let entries = route_entries(&snap, "shop/api");
         let rule = &entries[0].rule;
         assert!(rule.cors.is_some() && rule.session.is_some() && rule.retry.is_some());
         assert_eq!(
