@@ -22,6 +22,7 @@ pub mod netlink;
 #[expect(unsafe_code, reason = "setns and getsockopt(SO_NETNS_COOKIE)")]
 pub mod netns;
 pub mod policy;
+pub mod protobuf;
 pub mod proxy;
 pub mod resilience;
 pub mod routes;

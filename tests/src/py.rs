@@ -986,6 +986,83 @@ class S(http.server.ThreadingHTTPServer):
 S(("::", int(sys.argv[1])), H).serve_forever()
 "#;
 
+/// Where `cargo xtask setup` puts Envoy's generated Python messages
+/// (`xds-protos`), apart from the other packages (xtask/src/setup.rs).
+pub const ENVOY_PROTOS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/tools/python/xds-protos-1.85.0"
+);
+
+/// An authorization service speaking Envoy's gRPC `ext_authz` protocol
+/// (`envoy.service.auth.v3.Authorization/Check`, with Envoy's own generated
+/// messages), as OPA's Envoy plugin would: `Bearer alice` is allowed with
+/// `x-tag: authz-alice` set on the request, `x-authz: grpc` on the answer,
+/// the query's `user` set to alice and its `token` taken off; `Bearer bob`
+/// is allowed with `x-tag` taken off; `Bearer crash` fails the call
+/// (INTERNAL); another user is denied 403 `not you` with
+/// `x-denied-by: grpc-authz`; none gets 401, `www-authenticate: Bearer` and
+/// `who are you`. `GET /` on the HTTP port answers the last check's
+/// attributes as JSON. Args: ENVOY_PROTOS GRPC_PORT HTTP_PORT.
+pub const GRPC_AUTHZ_SERVER: &str = r#"
+import grpc, http.server, json, socket, sys, threading
+from concurrent import futures
+sys.path.append(sys.argv[1])
+from envoy.service.auth.v3 import external_auth_pb2 as ext, external_auth_pb2_grpc as ext_grpc
+from envoy.config.core.v3 import base_pb2 as base
+from envoy.type.v3 import http_status_pb2 as http_status
+from google.rpc import status_pb2
+last, lock = {}, threading.Lock()
+def header(k, v):
+    return base.HeaderValueOption(header=base.HeaderValue(key=k, value=v))
+def denied(code, status, body, headers):
+    return ext.CheckResponse(status=status_pb2.Status(code=code), denied_response=ext.DeniedHttpResponse(
+        status=http_status.HttpStatus(code=status), body=body, headers=headers))
+class Authz(ext_grpc.AuthorizationServicer):
+    def Check(self, request, context):
+        a = request.attributes
+        h = a.request.http
+        with lock:
+            last.clear()
+            last.update({"id": h.id, "method": h.method, "path": h.path, "host": h.host, "scheme": h.scheme,
+                         "protocol": h.protocol, "size": h.size, "headers": dict(h.headers), "body": h.body,
+                         "raw_body": h.raw_body.hex(), "principal": a.source.principal,
+                         "source": a.source.address.socket_address.address,
+                         "destination": a.destination.service, "time": a.request.time.seconds})
+        auth = h.headers.get("authorization", "")
+        if auth == "Bearer crash":
+            context.abort(grpc.StatusCode.INTERNAL, "boom")
+        if auth == "Bearer alice":
+            return ext.CheckResponse(status=status_pb2.Status(code=0), ok_response=ext.OkHttpResponse(
+                headers=[header("x-tag", "authz-alice")],
+                response_headers_to_add=[header("x-authz", "grpc")],
+                query_parameters_to_set=[base.QueryParameter(key="user", value="alice")],
+                query_parameters_to_remove=["token"]))
+        if auth == "Bearer bob":
+            return ext.CheckResponse(status=status_pb2.Status(code=0), ok_response=ext.OkHttpResponse(headers_to_remove=["x-tag"]))
+        if auth:
+            return denied(7, 403, "not you", [header("x-denied-by", "grpc-authz")])
+        return denied(16, 401, "who are you", [header("www-authenticate", "Bearer")])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with lock:
+            out = json.dumps(last).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+web = S(("::", int(sys.argv[3])), H)
+threading.Thread(target=web.serve_forever, daemon=True).start()
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+ext_grpc.add_AuthorizationServicer_to_server(Authz(), server)
+server.add_insecure_port("[::]:" + sys.argv[2])
+server.start()
+server.wait_for_termination()
+"#;
+
 /// gRPC Say calls to [`GRPC_SERVER`]s and an unknown method: prints JSON,
 /// per call `[code, served-by]`. Args: TARGET.
 pub const GRPC_WHO: &str = r#"

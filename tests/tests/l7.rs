@@ -286,9 +286,8 @@ fn backend_resets_are_reported_and_contained() {
 }
 
 /// `RequestRedirect`, `URLRewrite`, `RequestMirror`, `CORS`,
-/// `ExternalAuth` and a backend reference's header filters on real
-/// requests, a
-/// `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
+/// `ExternalAuth` (HTTP and gRPC) and a backend reference's header filters
+/// on real requests, a `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
 /// (which `trellis config` shows `Accepted=False (Conflicted)`).
 #[test]
 fn redirect_rewrite_mirror_and_grpc_routes() {
@@ -310,6 +309,13 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
             .expect("server"),
         shadow
             .serve(py::AUTHZ_SERVER, &["9000"], 9000)
+            .expect("server"),
+        shadow
+            .serve(
+                py::GRPC_AUTHZ_SERVER,
+                &[py::ENVOY_PROTOS, "9001", "9002"],
+                9001,
+            )
             .expect("server"),
         grpc_a
             .serve(py::GRPC_SERVER, &["grpc-a", "50051"], 50051)
@@ -440,6 +446,19 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                 "closed",
                 80,
                 "[{filters: [{type: ExternalAuth, externalAuth: {protocol: HTTP, backendRef: {name: nowhere, port: 80}, http: {}}}], \
+                 backendRefs: [{name: main, port: 80}]}]",
+            ),
+            // External authorization over Envoy's gRPC check protocol,
+            // the service on the other node.
+            mesh::service_with_protocol("shop", "grpc-auth", "10.96.0.54", 9001, "9001", "grpc", &[("app", "shadow")]),
+            mesh::service("shop", "guarded-grpc", "10.96.0.55", 80, "8080", &[("app", "main")]),
+            route(
+                "HTTPRoute",
+                "guarded-grpc",
+                "guarded-grpc",
+                80,
+                "[{filters: [{type: ExternalAuth, externalAuth: {protocol: GRPC, backendRef: {name: grpc-auth, port: 9001}, \
+                 grpc: {allowedHeaders: [authorization, x-client]}, forwardBody: {maxSize: 8}}}], \
                  backendRefs: [{name: main, port: 80}]}]",
             ),
             // Loses the port to the GRPCRoute.
@@ -736,6 +755,115 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     assert!(head.starts_with("http/1.1 403"), "{head}");
     assert!(head.contains("x-trellis-reason: ext-auth-error"), "{head}");
 
+    // External authorization over gRPC: the service's denials come back
+    // as it wrote them; alice goes through with the request changed as it
+    // said (a header set, the query's token off and her user on) and its
+    // header on the answer; bob with his forged header taken off; a failed
+    // check is refused, fail closed. The CheckRequest, read by Envoy's own
+    // generated messages, carried the request's attributes.
+    let guarded = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("http://10.96.0.55/items?token=t&x=1");
+        headers(&all)
+    };
+    let (head, body) = guarded(&[]);
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert!(head.contains("x-trellis-reason: ext-auth-denied"), "{head}");
+    assert_eq!(body, "who are you");
+    let (head, body) = guarded(&["-H", "authorization: Bearer mallory"]);
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("x-denied-by: grpc-authz"), "{head}");
+    assert_eq!(body, "not you");
+    let (head, body) = guarded(&[
+        "-H",
+        "authorization: Bearer alice",
+        "-H",
+        "x-tag: forged",
+        "-H",
+        "x-client: c1",
+        "-H",
+        "cookie: secret=1",
+    ]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("x-authz: grpc"), "{head}");
+    let got: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(
+        (
+            got["name"].as_str(),
+            got["tag"].as_str(),
+            got["path"].as_str()
+        ),
+        (
+            Some("main"),
+            Some("authz-alice"),
+            Some("/items?x=1&user=alice")
+        ),
+        "{got}"
+    );
+    let last = curl(&client, &[&format!("http://{}:9002/", shadow.ip)]);
+    let last: serde_json::Value = serde_json::from_str(&last).expect(&last);
+    assert_eq!(last["method"], "GET", "{last}");
+    assert_eq!(last["path"], "/items?token=t&x=1", "{last}");
+    assert_eq!(last["host"], "10.96.0.55", "{last}");
+    assert_eq!(last["protocol"], "HTTP/1.1", "{last}");
+    assert_eq!(last["source"], client.ip.to_string(), "{last}");
+    assert_eq!(last["destination"], "shop/guarded-grpc", "{last}");
+    assert!(
+        last["principal"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("spiffe://cluster.local/ns/shop/sa/")),
+        "{last}"
+    );
+    assert!(
+        last["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{last}"
+    );
+    let mut names: Vec<&str> = last["headers"]
+        .as_object()
+        .map(|h| h.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            ":authority",
+            ":method",
+            ":path",
+            ":scheme",
+            "authorization",
+            "x-client"
+        ],
+        "only the allowed headers: {last}"
+    );
+    let (head, body) = guarded(&["-H", "authorization: Bearer bob", "-H", "x-tag: forged"]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let got: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert!(got["tag"].is_null(), "taken off: {got}");
+    let (head, body) = guarded(&[
+        "-H",
+        "authorization: Bearer alice",
+        "--data-binary",
+        "hello wide world",
+    ]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let got: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(got["body"].as_u64(), Some(16), "{got}");
+    let last = curl(&client, &[&format!("http://{}:9002/", shadow.ip)]);
+    let last: serde_json::Value = serde_json::from_str(&last).expect(&last);
+    assert_eq!(
+        (
+            last["method"].as_str(),
+            last["body"].as_str(),
+            last["size"].as_i64()
+        ),
+        (Some("POST"), Some("hello wi"), Some(16)),
+        "{last}"
+    );
+    let (head, _) = guarded(&["-H", "authorization: Bearer crash"]);
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("x-trellis-reason: ext-auth-error"), "{head}");
+
     // The route's policy applies to its requests, not to its backend's
     // other callers.
     let code = |url: &str| curl(&client, &["-o", "/dev/null", "-w", "%{http_code}", url]);
@@ -812,8 +940,9 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     let status = cluster.agents[0].cli_json("status").expect("status");
     assert_eq!(status["http"]["redirects"], 2, "{status}");
     assert_eq!(status["http"]["cors_preflights"], 4, "{status}");
-    assert_eq!(status["http"]["ext_auth_denied"], 2, "{status}");
-    assert_eq!(status["http"]["ext_auth_error"], 1, "{status}");
+    // Two denials and one failed check over each protocol.
+    assert_eq!(status["http"]["ext_auth_denied"], 4, "{status}");
+    assert_eq!(status["http"]["ext_auth_error"], 2, "{status}");
     // The upstream connections to a2 (on a1's node) went into the sockhash.
     assert!(
         status["http"]["accelerated_upstreams"].as_u64() >= Some(1),

@@ -40,6 +40,7 @@ pub fn run() -> anyhow::Result<()> {
     toolchain()?;
     debian_tools().context("setup step `Debian packages`")?;
     python_packages().context("setup step `Python packages`")?;
+    envoy_protos().context("setup step `Envoy's Python messages`")?;
     helm().context("setup step `helm`")?;
     bpffs().context("setup step `bpffs`")?;
     eprintln!("setup: ok");
@@ -214,6 +215,65 @@ fn python_package(module: &str, pin: &str, debian: Option<&str>) -> anyhow::Resu
         .with_context(|| format!("apt-get install {debian}"))?;
     }
     anyhow::ensure!(importable(), "python3 still cannot import {module}");
+    Ok(())
+}
+
+/// Envoy's generated Python messages (`xds-protos`), for the tests' gRPC
+/// `ext_authz` server: an independent reader of the agent's
+/// `CheckRequest`. Kept apart under target/ (tests/src/py.rs puts it on
+/// the path), as the wheel also carries its own copy of OpenTelemetry's
+/// messages, which must not replace the collector's; that copy is removed.
+const XDS_PROTOS: &str = "xds-protos==1.85.0";
+
+fn envoy_protos_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target/tools/python/xds-protos-1.85.0")
+}
+
+fn envoy_protos() -> anyhow::Result<()> {
+    let path = envoy_protos_path();
+    let importable = || {
+        Command::new("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import sys; sys.path.append({:?}); \
+                     import envoy.service.auth.v3.external_auth_pb2_grpc",
+                    path.display().to_string()
+                ),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if importable() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing Python {XDS_PROTOS} into {}",
+        path.display()
+    );
+    status(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+            ])
+            .arg(&path)
+            .arg(XDS_PROTOS),
+    )?;
+    let copy = path.join("opentelemetry");
+    if copy.exists() {
+        std::fs::remove_dir_all(&copy).with_context(|| format!("removing {}", copy.display()))?;
+    }
+    anyhow::ensure!(importable(), "python3 still cannot import Envoy's messages");
     Ok(())
 }
 

@@ -1,9 +1,11 @@
 //! A route's external authorization (the Gateway API's `ExternalAuth`
-//! filter, GEP-1494, with Envoy's HTTP `ext_authz` protocol, which
-//! oauth2-proxy, OPA and Authorino speak): before a request goes on, the
-//! agent sends its head to an authorization Service through the mesh; a 2xx
-//! answer lets it through with the answer's headers added (a user name, a
-//! token), any other answer goes back to the client as the denial.
+//! filter, GEP-1494): before a request goes on, the agent asks an
+//! authorization Service about it through the mesh; an allowing answer lets
+//! it through with the changes the service asks for (a user name, a token),
+//! any other answer goes back to the client as the denial. Two protocols,
+//! both Envoy's `ext_authz` (oauth2-proxy, OPA and Authorino speak them):
+//! HTTP, here, sends the request's head itself; gRPC ([`grpc`]) sends a
+//! `CheckRequest`.
 
 use std::{
     collections::VecDeque,
@@ -19,6 +21,8 @@ use hyper::body::{Frame, SizeHint};
 
 use super::http::{Body, full_body};
 use crate::routes::table::ExternalAuth;
+
+pub(super) mod grpc;
 
 /// How long the authorization Service has to answer before the request is
 /// refused (Envoy's default is 200 ms; this allows a remote node and a
@@ -170,19 +174,136 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Prefixed<
 
 /// What the authorization Service said.
 pub(super) enum Verdict {
-    /// Through, with these headers set on the request.
-    Allow(HeaderMap),
+    /// Through, with these changes.
+    Allow(Allowed),
     /// Its own answer, for the client.
     Deny(Response<Body>),
 }
 
-/// Reads the check's answer.
+/// What an allowing answer changes.
+#[derive(Debug, Default)]
+pub(super) struct Allowed {
+    /// Headers put on the request, in order.
+    pub headers: Vec<Put>,
+    /// Request headers taken off.
+    pub remove: Vec<HeaderName>,
+    /// Query parameters set (any of the name replaced) and taken off.
+    pub query_set: Vec<(String, String)>,
+    pub query_remove: Vec<String>,
+    /// Headers put on the client's answer.
+    pub answer: Vec<Put>,
+}
+
+/// A header to put on, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Put {
+    pub name: HeaderName,
+    pub value: HeaderValue,
+    pub how: How,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum How {
+    /// In place of any the message had (more than one of the same name in
+    /// one answer: all of them).
+    Replace,
+    /// Besides any it had.
+    Append,
+    /// Only if it had none.
+    IfAbsent,
+    /// Only in place of one it had.
+    IfPresent,
+}
+
+/// Puts `puts` on `headers`.
+pub(super) fn put(puts: &[Put], headers: &mut HeaderMap) {
+    let mut replaced: Vec<&HeaderName> = Vec::new();
+    for p in puts {
+        let present = headers.contains_key(&p.name);
+        let again = replaced.contains(&&p.name);
+        let set = match p.how {
+            How::Append => {
+                headers.append(&p.name, p.value.clone());
+                continue;
+            }
+            How::Replace => true,
+            How::IfAbsent => !present || again,
+            How::IfPresent => present,
+        };
+        if !set {
+            continue;
+        }
+        if again {
+            headers.append(&p.name, p.value.clone());
+        } else {
+            headers.insert(&p.name, p.value.clone());
+            replaced.push(&p.name);
+        }
+    }
+}
+
+/// Makes an allowing answer's changes to the request.
+pub(super) fn apply(allowed: &Allowed, headers: &mut HeaderMap, uri: &mut Uri) {
+    for name in &allowed.remove {
+        headers.remove(name);
+    }
+    put(&allowed.headers, headers);
+    if allowed.query_set.is_empty() && allowed.query_remove.is_empty() {
+        return;
+    }
+    let Some(pq) = uri.path_and_query() else {
+        return;
+    };
+    let mut pairs: Vec<String> = pq
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(k, _)| k);
+            !allowed.query_remove.iter().any(|r| r == name)
+                && !allowed.query_set.iter().any(|(k, _)| k == name)
+        })
+        .map(str::to_owned)
+        .collect();
+    for (k, v) in &allowed.query_set {
+        pairs.push(format!("{}={}", query_escape(k), query_escape(v)));
+    }
+    let pq = if pairs.is_empty() {
+        pq.path().to_owned()
+    } else {
+        format!("{}?{}", pq.path(), pairs.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(new) = Uri::from_parts(parts) {
+            *uri = new;
+        }
+    }
+}
+
+/// A query parameter's name or value, with what would end or break it
+/// percent-encoded.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$'()*,;:@/?".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reads the check's answer (HTTP).
 pub(super) async fn verdict(auth: &ExternalAuth, answer: Response<Body>) -> Verdict {
     let (parts, body) = answer.into_parts();
     if parts.status.is_success() {
         // Read to the end, so that its connection can be pooled.
         drop(read(body).await);
-        let mut add = HeaderMap::new();
+        let mut allowed = Allowed::default();
         for (name, value) in &parts.headers {
             let wanted = if auth.allowed_response_headers.is_empty() {
                 !NOT_COPIED.contains(name) && !name.as_str().starts_with("proxy-")
@@ -192,10 +313,14 @@ pub(super) async fn verdict(auth: &ExternalAuth, answer: Response<Body>) -> Verd
                     .any(|h| h == name.as_str())
             };
             if wanted {
-                add.append(name, value.clone());
+                allowed.headers.push(Put {
+                    name: name.clone(),
+                    value: value.clone(),
+                    how: How::Replace,
+                });
             }
         }
-        return Verdict::Allow(add);
+        return Verdict::Allow(allowed);
     }
     let body = read(body).await.unwrap_or_default();
     let mut deny = Response::new(full_body(body));
@@ -227,16 +352,6 @@ async fn read(mut body: Body) -> Option<Bytes> {
     Some(out.freeze())
 }
 
-/// Puts the allowed headers on the request, in place of its own.
-pub(super) fn apply(add: HeaderMap, request: &mut HeaderMap) {
-    for name in add.keys() {
-        request.remove(name);
-    }
-    for (name, value) in &add {
-        request.append(name, value.clone());
-    }
-}
-
 /// The status of a request refused because the check could not be made
 /// (Envoy's `status_on_error`): the service is not there, fails or is
 /// late. Fails closed.
@@ -248,6 +363,7 @@ mod tests {
 
     fn auth(allowed: &[&str], response: &[&str]) -> ExternalAuth {
         ExternalAuth {
+            protocol: crate::routes::table::AuthProtocol::Http,
             service: Some(("shop/auth".into(), 80)),
             path_prefix: "/check".into(),
             allowed_headers: allowed.iter().map(|s| (*s).to_owned()).collect(),
@@ -352,13 +468,15 @@ mod tests {
             ],
             "ok",
         );
-        let Verdict::Allow(add) = verdict(&auth(&[], &[]), ok).await else {
+        let Verdict::Allow(allowed) = verdict(&auth(&[], &[]), ok).await else {
             panic!("allowed")
         };
         let mut request = HeaderMap::new();
         request.insert("x-auth-user", HeaderValue::from_static("forged"));
         request.insert("content-length", HeaderValue::from_static("5"));
-        apply(add, &mut request);
+        let mut uri = Uri::from_static("/a?b=1");
+        apply(&allowed, &mut request, &mut uri);
+        assert_eq!(uri, "/a?b=1");
         assert_eq!(
             request["x-auth-user"], "alice",
             "the service's, not the client's"
@@ -370,10 +488,10 @@ mod tests {
         let groups: Vec<_> = request.get_all("x-auth-group").iter().collect();
         assert_eq!(groups, ["a", "b"]);
         let only = answer(204, &[("x-auth-user", "bob"), ("x-other", "1")], "");
-        let Verdict::Allow(add) = verdict(&auth(&[], &["x-auth-user"]), only).await else {
+        let Verdict::Allow(allowed) = verdict(&auth(&[], &["x-auth-user"]), only).await else {
             panic!("allowed")
         };
-        assert_eq!(add.len(), 1, "{add:?}");
+        assert_eq!(allowed.headers.len(), 1, "{allowed:?}");
 
         let no = answer(
             401,
@@ -388,5 +506,69 @@ mod tests {
         assert!(resp.headers().get("content-length").is_none());
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "go 'way");
+    }
+
+    #[test]
+    fn changes_are_put_as_asked_and_the_query_is_edited() {
+        let p = |name: &'static str, value: &'static str, how| Put {
+            name: HeaderName::from_static(name),
+            value: HeaderValue::from_static(value),
+            how,
+        };
+        let allowed = Allowed {
+            headers: vec![
+                p("x-user", "alice", How::Replace),
+                p("x-group", "a", How::Replace),
+                p("x-group", "b", How::Replace),
+                p("x-trace", "2", How::Append),
+                p("x-new", "1", How::IfAbsent),
+                p("x-kept", "service", How::IfAbsent),
+                p("x-missing", "1", How::IfPresent),
+                p("x-kept-too", "service", How::IfPresent),
+            ],
+            remove: vec![HeaderName::from_static("cookie")],
+            query_set: vec![("user".into(), "alice smith&co".into())],
+            query_remove: vec!["token".into()],
+            answer: Vec::new(),
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("x-user", "forged"),
+            ("x-group", "forged"),
+            ("x-trace", "1"),
+            ("x-kept", "client"),
+            ("x-kept-too", "client"),
+            ("cookie", "secret"),
+        ] {
+            headers.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let mut uri = Uri::from_static("http://web.shop/items?token=t&user=mallory&page=2&token=u");
+        apply(&allowed, &mut headers, &mut uri);
+        let all = |name: &str| -> Vec<&str> {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all("x-user"), ["alice"]);
+        assert_eq!(all("x-group"), ["a", "b"]);
+        assert_eq!(all("x-trace"), ["1", "2"]);
+        assert_eq!(all("x-new"), ["1"]);
+        assert_eq!(all("x-kept"), ["client"]);
+        assert!(all("x-missing").is_empty());
+        assert_eq!(all("x-kept-too"), ["service"]);
+        assert!(all("cookie").is_empty());
+        assert_eq!(uri, "http://web.shop/items?page=2&user=alice%20smith%26co");
+        let mut uri = Uri::from_static("/only?token=t");
+        apply(&allowed, &mut HeaderMap::new(), &mut uri);
+        assert_eq!(uri, "/only?user=alice%20smith%26co");
+        let removing = Allowed {
+            query_remove: vec!["token".into()],
+            ..Allowed::default()
+        };
+        let mut uri = Uri::from_static("/only?token=t");
+        apply(&removing, &mut HeaderMap::new(), &mut uri);
+        assert_eq!(uri, "/only");
     }
 }

@@ -55,7 +55,10 @@ use crate::{
     hbone::client::Pool,
     identity::Identity,
     policy::authz::{self, Verdict},
-    routes::{self, RequestView, Rule, table::PathRule},
+    routes::{
+        self, RequestView, Rule,
+        table::{AuthProtocol, PathRule},
+    },
     state::Snapshot,
 };
 
@@ -361,6 +364,7 @@ impl HttpProxy {
         if let Some(cors) = chosen.cors.take() {
             routes::cors::Cors::apply(cors, resp.headers_mut());
         }
+        ext_auth::put(&chosen.auth_answer, resp.headers_mut());
         resp
     }
 
@@ -449,8 +453,11 @@ impl HttpProxy {
                 .and_then(|c| c.response_headers(req.headers()));
             if let Some(auth) = &e.rule.external_auth {
                 match self.external_auth(&snapshot, auth, &mut req, call).await {
-                    Ok((add, read)) => {
-                        ext_auth::apply(add, req.headers_mut());
+                    Ok((allowed, read)) => {
+                        let (mut parts, body) = req.into_parts();
+                        ext_auth::apply(&allowed, &mut parts.headers, &mut parts.uri);
+                        req = Request::from_parts(parts, body);
+                        chosen.auth_answer = allowed.answer;
                         read_for_check = read;
                     }
                     Err(resp) => return resp,
@@ -957,8 +964,8 @@ impl HttpProxy {
         Ok((backend, svc))
     }
 
-    /// Asks a route's authorization Service about a request: the headers
-    /// to put on it when allowed, else the answer the client gets (the
+    /// Asks a route's authorization Service about a request: the changes
+    /// to make to it when allowed, else the answer the client gets (the
     /// service's own, or 403 when it could not be asked: fail closed).
     async fn external_auth(
         &self,
@@ -966,7 +973,7 @@ impl HttpProxy {
         auth: &routes::table::ExternalAuth,
         req: &mut Request<Incoming>,
         call: &Call,
-    ) -> Result<(http::HeaderMap, ext_auth::Read), Response<Body>> {
+    ) -> Result<(ext_auth::Allowed, ext_auth::Read), Response<Body>> {
         let grpc = authz::is_grpc(req.headers());
         let path = req.uri().path().to_owned();
         let error = |detail: String| {
@@ -993,29 +1000,42 @@ impl HttpProxy {
         } else {
             Default::default()
         };
-        let check = ext_auth::check(auth, req.method(), req.uri(), req.headers(), start);
+        let check = match auth.protocol {
+            AuthProtocol::Http => {
+                ext_auth::check(auth, req.method(), req.uri(), req.headers(), start)
+            }
+            AuthProtocol::Grpc => {
+                let peers = ext_auth::grpc::Peers {
+                    source: call.client,
+                    source_principal: call.client_identity.as_ref().map(ToString::to_string),
+                    destination_service: &call.service,
+                };
+                ext_auth::grpc::check(auth, req, &start, &peers, std::time::SystemTime::now())
+            }
+        };
         let (backend, svc) = self
             .endpoint_for(snapshot, service, *port, &check, call)
             .map_err(|(reason, detail)| {
                 error(format!("{service}:{port}: {}: {detail}", reason.text()))
             })?;
-        let sent = tokio::time::timeout(
-            ext_auth::CHECK_TIMEOUT,
-            self.forward(snapshot, check, call, backend, &svc),
-        )
-        .await;
-        let answer = match sent {
-            Err(_) => return Err(error(format!("{service}:{port} did not answer in time"))),
-            Ok(Err((reason, detail))) => {
-                return Err(error(format!(
-                    "{service}:{port}: {}: {detail}",
-                    reason.text()
-                )));
+        // The answer's body is read within the time too: a service that
+        // sends its head and stalls is as late as one that says nothing.
+        let asked = async {
+            let answer = self.forward(snapshot, check, call, backend, &svc).await;
+            let answer =
+                answer.map_err(|(reason, detail)| format!("{}: {detail}", reason.text()))?;
+            match auth.protocol {
+                AuthProtocol::Http => Ok(ext_auth::verdict(auth, answer).await),
+                AuthProtocol::Grpc => ext_auth::grpc::verdict(answer).await,
             }
-            Ok(Ok(answer)) => answer,
         };
-        match ext_auth::verdict(auth, answer).await {
-            ext_auth::Verdict::Allow(add) => Ok((add, read)),
+        let verdict = match tokio::time::timeout(ext_auth::CHECK_TIMEOUT, asked).await {
+            Err(_) => return Err(error(format!("{service}:{port} did not answer in time"))),
+            Ok(Err(detail)) => return Err(error(format!("{service}:{port}: {detail}"))),
+            Ok(Ok(verdict)) => verdict,
+        };
+        match verdict {
+            ext_auth::Verdict::Allow(allowed) => Ok((allowed, read)),
             ext_auth::Verdict::Deny(mut resp) => {
                 self.count(Reason::ExtAuthDenied);
                 debug!(path, status = %resp.status(), "request refused by its route's authorization service");
@@ -1740,6 +1760,8 @@ struct Chosen {
     /// request's origin, whoever answers (the agent's own refusals too, so
     /// a page can read why).
     cors: Option<http::HeaderMap>,
+    /// Headers the route's authorization service put on the answer.
+    auth_answer: Vec<ext_auth::Put>,
 }
 
 /// One count in a gauge, taken back when dropped.

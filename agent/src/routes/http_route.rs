@@ -198,13 +198,6 @@ pub struct ForwardBody {
     pub max_size: u16,
 }
 
-impl ExternalAuth {
-    /// What this agent cannot do of it: Envoy's gRPC check protocol.
-    pub fn unsupported(&self) -> Option<&'static str> {
-        (self.protocol == "GRPC").then_some("ExternalAuth with protocol GRPC")
-    }
-}
-
 /// The agent answers with a redirect; absent parts keep the request's.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -429,23 +429,35 @@ pub struct Rule {
     pub external_auth: Option<ExternalAuth>,
 }
 
-/// An authorization service asked about each request (GEP-1494, HTTP).
+/// An authorization service asked about each request (GEP-1494).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ExternalAuth {
+    pub protocol: AuthProtocol,
     /// `namespace/name` and port; `None` when the reference did not
     /// resolve (requests then fail closed).
     pub service: Option<(String, u16)>,
-    /// Put before the request's path.
+    /// Put before the request's path (HTTP).
     pub path_prefix: String,
     /// Request headers the check carries besides the ones it always does
-    /// (lower case).
+    /// (lower case). Over gRPC an empty list means all of them, as the API
+    /// says.
     pub allowed_headers: Vec<String>,
     /// The answer's headers put on the request; all but framing ones when
-    /// empty (lower case).
+    /// empty (lower case; HTTP: over gRPC the answer names its headers).
     pub allowed_response_headers: Vec<String>,
     /// The most of the request's body the check carries (`forwardBody`);
     /// 0 for none.
     pub forward_body: usize,
+}
+
+/// How the authorization service is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthProtocol {
+    /// The request's head itself (Envoy's HTTP `ext_authz` service).
+    Http,
+    /// `envoy.service.auth.v3.Authorization/Check`.
+    Grpc,
 }
 
 /// A match and the rule it leads to, in precedence order.
@@ -613,12 +625,8 @@ impl RouteTable {
             .rules
             .iter()
             .flat_map(|r| r.filters)
-            .filter_map(
-                |f| match f.external_auth.as_ref().and_then(|e| e.unsupported()) {
-                    Some(what) => Some(what),
-                    None => Some(f.kind.as_str()).filter(|k| !SUPPORTED_FILTERS.contains(k)),
-                },
-            )
+            .map(|f| f.kind.as_str())
+            .filter(|k| !SUPPORTED_FILTERS.contains(k))
             .collect();
         let unsupported_on_backends: Vec<&str> = route
             .rules
@@ -738,14 +746,21 @@ impl RouteTable {
                             let http = e.http.clone().unwrap_or_default();
                             let lower =
                                 |l: &[String]| l.iter().map(|h| h.to_ascii_lowercase()).collect();
+                            let (protocol, allowed) = match &e.grpc {
+                                Some(grpc) if e.protocol == "GRPC" => {
+                                    (AuthProtocol::Grpc, lower(&grpc.allowed_headers))
+                                }
+                                _ => (AuthProtocol::Http, lower(&http.allowed_headers)),
+                            };
                             ExternalAuth {
+                                protocol,
                                 service: resolve(&e.backend_ref),
                                 path_prefix: http
                                     .path
                                     .unwrap_or_default()
                                     .trim_end_matches('/')
                                     .to_owned(),
-                                allowed_headers: lower(&http.allowed_headers),
+                                allowed_headers: allowed,
                                 allowed_response_headers: lower(&http.allowed_response_headers),
                                 forward_body: e.forward_body.map_or(0, |b| usize::from(b.max_size)),
                             }

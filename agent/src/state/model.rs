@@ -943,6 +943,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::routes::table::AuthProtocol;
     use crate::state::objects::parse_file;
 
     const MESH: &str = include_str!("testdata/mesh.yaml");
@@ -1105,7 +1106,7 @@ mod tests {
     }
 
     #[test]
-    fn external_auth_compiles_and_what_it_cannot_do_is_not_accepted() {
+    fn external_auth_compiles_over_http_and_grpc() {
         let route = |name: &str, auth: &str| {
             format!(
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\n\
@@ -1121,7 +1122,7 @@ mod tests {
             ),
             route(
                 "grpc",
-                "{protocol: GRPC, backendRef: {name: web-v2, port: 80}, grpc: {}}"
+                "{protocol: GRPC, backendRef: {name: web-v2, port: 80}, grpc: {allowedHeaders: [X-Grpc]}}"
             ),
             route(
                 "body",
@@ -1140,25 +1141,27 @@ mod tests {
                 .map(|c| (c.status, c.reason, c.message.clone()))
                 .expect(kind)
         };
-        assert!(condition("http", "Accepted").0);
-        assert!(condition("body", "Accepted").0);
-        let (ok, reason, message) = condition("grpc", "Accepted");
-        assert!(
-            !ok && reason == "UnsupportedValue"
-                && message.contains("ExternalAuth with protocol GRPC"),
-            "{message}"
-        );
+        for name in ["http", "grpc", "body"] {
+            assert!(condition(name, "Accepted").0, "{name}");
+        }
         assert!(!condition("gone", "ResolvedRefs").0);
         let entries = route_entries(&snap, "shop/web");
         let auths: Vec<_> = entries
             .iter()
             .filter_map(|e| e.rule.external_auth.clone())
             .collect();
-        assert_eq!(auths.len(), 3, "{auths:?}");
+        assert_eq!(auths.len(), 4, "{auths:?}");
+        let grpc = auths
+            .iter()
+            .find(|a| a.protocol == AuthProtocol::Grpc)
+            .expect("the gRPC one");
+        assert_eq!(grpc.allowed_headers, ["x-grpc"]);
         assert!(auths.iter().any(|a| a.forward_body == 1024), "{auths:?}");
         let http = auths
             .iter()
-            .find(|a| a.service.is_some() && a.forward_body == 0)
+            .find(|a| {
+                a.service.is_some() && a.forward_body == 0 && a.protocol == AuthProtocol::Http
+            })
             .expect("the resolved one");
         assert_eq!(http.service, Some(("shop/web-v2".to_owned(), 80)));
         assert_eq!(http.path_prefix, "/auth");

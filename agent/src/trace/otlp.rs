@@ -1,12 +1,12 @@
 //! OTLP export of finished spans: `ExportTraceServiceRequest` in protobuf
-//! (encoded here: a dozen fields of opentelemetry-proto's `trace/v1`, not
-//! worth a code generator), sent over gRPC (HTTP/2,
+//! (a dozen fields of opentelemetry-proto's `trace/v1`, written with
+//! [`crate::protobuf`]), sent over gRPC (HTTP/2,
 //! `TraceService/Export`) or HTTP/protobuf (`POST /v1/traces`) to a
 //! plaintext collector, in batches.
 
 use std::{collections::BTreeMap, sync::Arc, sync::atomic::Ordering, time::Duration};
 
-use bytes::{BufMut as _, Bytes};
+use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{Finished, Kind, Resource, TraceStats, Value};
+use crate::protobuf::{self, bytes, fixed32, fixed64, message, string, varint_field};
 
 /// Spans sent in one request at most.
 const MAX_BATCH: usize = 512;
@@ -150,11 +151,7 @@ async fn send(endpoint: &Endpoint, conn: &mut Option<Conn>, message: Bytes) -> R
     let exchange = async {
         match conn.as_mut().expect("connected above") {
             Conn::H2(send) => {
-                // gRPC framing: uncompressed, 4-byte big-endian length.
-                let mut framed = bytes::BytesMut::with_capacity(5 + message.len());
-                framed.put_u8(0);
-                framed.put_u32(message.len() as u32);
-                framed.put_slice(&message);
+                let framed = protobuf::grpc_frame(&message);
                 let uri = Uri::builder()
                     .scheme("http")
                     .authority(authority)
@@ -164,7 +161,7 @@ async fn send(endpoint: &Endpoint, conn: &mut Option<Conn>, message: Bytes) -> R
                 let request = Request::post(uri)
                     .header(http::header::CONTENT_TYPE, "application/grpc")
                     .header(http::header::TE, "trailers")
-                    .body(Full::new(framed.freeze()))
+                    .body(Full::new(framed))
                     .map_err(|e| e.to_string())?;
                 send.ready().await.map_err(|e| e.to_string())?;
                 let response = send
@@ -311,8 +308,7 @@ fn encode_span(out: &mut Vec<u8>, span: &Finished) {
         });
     }
     // W3C trace flags: sampled (only sampled spans are recorded).
-    tag(out, 16, 5);
-    out.extend_from_slice(&1u32.to_le_bytes());
+    fixed32(out, 16, 1);
 }
 
 /// `KeyValue { key = 1; AnyValue value = 2 }`.
@@ -327,68 +323,14 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
     });
 }
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn tag(out: &mut Vec<u8>, field: u32, wire: u8) {
-    varint(out, u64::from(field) << 3 | u64::from(wire));
-}
-
-fn varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
-    tag(out, field, 0);
-    varint(out, v);
-}
-
-fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
-    tag(out, field, 1);
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
-    tag(out, field, 2);
-    varint(out, b.len() as u64);
-    out.extend_from_slice(b);
-}
-
-fn string(out: &mut Vec<u8>, field: u32, s: &str) {
-    bytes(out, field, s.as_bytes());
-}
-
-/// A nested message: written after its length, which is known only once
-/// it is written, so it is built apart first.
-fn message(out: &mut Vec<u8>, field: u32, build: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    build(&mut inner);
-    bytes(out, field, &inner);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn varints_and_fields_follow_the_protobuf_wire_format() {
+    fn a_negative_attribute_is_a_ten_byte_varint() {
         let mut out = Vec::new();
-        varint(&mut out, 300);
-        assert_eq!(out, [0xac, 0x02]);
-        out.clear();
-        string(&mut out, 5, "GET");
-        assert_eq!(out, [0x2a, 3, b'G', b'E', b'T']);
-        out.clear();
-        fixed64(&mut out, 7, 1);
-        assert_eq!(out, [0x39, 1, 0, 0, 0, 0, 0, 0, 0]);
-        out.clear();
-        // Field 16 needs a two-byte tag.
-        tag(&mut out, 16, 5);
-        assert_eq!(out, [0x85, 0x01]);
-        out.clear();
         key_value(&mut out, 9, "a", &Value::Int(-1));
-        // Negative int64: ten-byte varint.
         assert_eq!(out.len(), 2 + 3 + 2 + 11);
         assert_eq!(out[..5], [0x4a, 16, 0x0a, 1, b'a']);
     }
