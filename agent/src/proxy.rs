@@ -7,6 +7,7 @@ mod deadline;
 pub mod detect;
 mod ext_auth;
 mod grpc_deadline;
+mod grpc_web;
 pub mod http;
 pub mod inbound_http;
 pub mod outbound;

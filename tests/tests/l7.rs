@@ -287,7 +287,7 @@ fn backend_resets_are_reported_and_contained() {
 
 /// `RequestRedirect`, `URLRewrite`, `RequestMirror`, `CORS`,
 /// `ExternalAuth` (HTTP and gRPC) and a backend reference's header filters
-/// on real requests, a `GRPCRoute` routing by method and winning its port over an `HTTPRoute`
+/// on real requests, a `GRPCRoute` routing by method (gRPC-Web too) and winning its port over an `HTTPRoute`
 /// (which `trellis config` shows `Accepted=False (Conflicted)`).
 #[test]
 fn redirect_rewrite_mirror_and_grpc_routes() {
@@ -899,6 +899,94 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
         assert_eq!(out["Say"], serde_json::json!(["OK", "grpc-b"]), "{out}");
         assert_eq!(out["Count"], serde_json::json!(["OK", "grpc-a"]), "{out}");
     }
+
+    // gRPC-Web, as a browser sends it (HTTP/1.1; curl here): the call goes
+    // on as gRPC, routed by the GRPCRoute (Say to b); the answer's trailers
+    // come back as a last message flagged 0x80; the text form in base64.
+    let message = |flag: u8, m: &[u8]| -> Vec<u8> {
+        let mut f = vec![flag];
+        f.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        f.extend_from_slice(m);
+        f
+    };
+    let request_file = std::env::temp_dir().join(format!("{}-grpc-web", lab.name()));
+    std::fs::write(&request_file, message(0, b"hello")).expect("request file");
+    let grpc_web = |content_type: &str, data: &str| -> (String, Vec<u8>) {
+        let out = client
+            .exec()
+            .output(
+                "curl",
+                &[
+                    "-s",
+                    "-m",
+                    "20",
+                    "-i",
+                    "--http1.1",
+                    "-H",
+                    &format!("content-type: {content_type}"),
+                    "-H",
+                    "x-grpc-web: 1",
+                    "--data-binary",
+                    data,
+                    &format!("http://{GRPC}:50051/trellis.test.Echo/Say"),
+                ],
+                Duration::from_secs(60),
+            )
+            .expect("curl");
+        let at = out
+            .stdout
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head");
+        let head = String::from_utf8_lossy(&out.stdout[..at]).to_ascii_lowercase();
+        (head, out.stdout[at + 4..].to_vec())
+    };
+    let (head, body) = grpc_web(
+        "application/grpc-web+proto",
+        &format!("@{}", request_file.display()),
+    );
+    std::fs::remove_file(&request_file).ok();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc-web+proto"),
+        "{head}"
+    );
+    let answer = message(0, b"grpc-b hello");
+    assert_eq!(&body[..answer.len()], &answer[..], "{body:?}");
+    let trailers = &body[answer.len()..];
+    assert_eq!(trailers[0], 0x80, "{body:?}");
+    let block = String::from_utf8_lossy(&trailers[5..]);
+    assert_eq!(
+        u32::from_be_bytes(trailers[1..5].try_into().unwrap()) as usize,
+        block.len()
+    );
+    for line in ["grpc-status:0\r\n", "x-served-by:grpc-b\r\n"] {
+        assert!(block.contains(line), "{line}: {block}");
+    }
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (head, body) = grpc_web("application/grpc-web-text", &b64.encode(message(0, b"hi")));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc-web-text"),
+        "{head}"
+    );
+    let body = b64.decode(&body).expect("base64");
+    let answer = message(0, b"grpc-b hi");
+    assert_eq!(&body[..answer.len()], &answer[..], "{body:?}");
+    assert_eq!(body[answer.len()], 0x80, "{body:?}");
+    let block = String::from_utf8_lossy(&body[answer.len() + 5..]);
+    assert!(block.contains("grpc-status:0\r\n"), "{block}");
+    // A call that fails before any message is trailers-only: its status in
+    // the headers, as gRPC-Web has it too.
+    let (head, body) = grpc_web(
+        "application/grpc-web-text",
+        &b64.encode(message(0, b"fail:NOT_FOUND:no such thing")),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("grpc-status: 5"), "{head}");
+    assert!(head.contains("grpc-message: no such thing"), "{head}");
+    assert!(body.is_empty(), "{body:?}");
 
     // The log and `trellis config` report each route's conditions.
     let log = cluster.agents[0].log_text();

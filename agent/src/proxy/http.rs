@@ -38,7 +38,7 @@ use super::{
     busy_poll::Poller,
     client_idle, deadline,
     detect::Protocol,
-    ext_auth, grpc_deadline,
+    ext_auth, grpc_deadline, grpc_web,
     pool::{self, Pools, UpstreamKey},
     telemetry,
 };
@@ -319,10 +319,22 @@ impl HttpProxy {
             let call = call.clone();
             async move {
                 crate::access_log::ensure_request_id(req.headers_mut());
+                // A browser's gRPC-Web goes on as gRPC; its answer is turned
+                // back last, after the metrics have read its trailers.
+                let web = grpc_web::request(&mut req);
+                let to_client = |resp: Response<Body>| match &web {
+                    Some(web) => web.clone().response(resp),
+                    None => resp,
+                };
+                let web_text = web.as_ref().is_some_and(|w| w.text);
                 if this.metrics.is_none() && this.tracer.is_none() {
-                    return Ok::<_, Infallible>(
-                        this.handle(req, &call, &mut Chosen::default()).await,
-                    );
+                    let mut chosen = Chosen {
+                        web_text,
+                        ..Chosen::default()
+                    };
+                    return Ok::<_, Infallible>(to_client(
+                        this.handle(req, &call, &mut chosen).await,
+                    ));
                 }
                 let start = telemetry::Start::new(
                     &mut req,
@@ -334,11 +346,12 @@ impl HttpProxy {
                 );
                 let mut chosen = Chosen {
                     body: start.body.clone(),
+                    web_text,
                     ..Chosen::default()
                 };
                 let resp = this.handle(req, &call, &mut chosen).await;
                 let labels = this.request_labels(&call, &chosen, start.grpc(), &resp);
-                Ok(resp.map(|body| {
+                Ok(to_client(resp.map(|body| {
                     start
                         .record(
                             body,
@@ -348,7 +361,7 @@ impl HttpProxy {
                             chosen.route.take(),
                         )
                         .boxed()
-                }))
+                })))
             }
         });
         serve_client(client, protocol, service, self.pool_idle).await
@@ -388,9 +401,10 @@ impl HttpProxy {
             );
         }
         let grpc = authz::is_grpc(req.headers());
-        // gRPC over HTTP/2 ends a call in HTTP trailers; gRPC-Web (and any
-        // HTTP/1.1 client, whose trailers hyper may drop) carries its status
-        // in the body, so a call cut midway there is aborted instead.
+        // gRPC over HTTP/2 ends a call in HTTP trailers (gRPC-Web has been
+        // made gRPC by now, its trailers to become its last message); an
+        // HTTP/1.1 client's trailers hyper may drop, so a call cut midway
+        // there is aborted instead.
         let grpc_trailers = grpc
             && req.version() == Version::HTTP_2
             && !req
@@ -594,7 +608,10 @@ impl HttpProxy {
             .flatten()
             .map(|t| tokio::time::Instant::now() + t);
         let body = telemetry::Counted::new(
-            ext_auth::Prefixed::new(read_for_check, body),
+            grpc_web::Decoded::new(
+                ext_auth::Prefixed::new(read_for_check, body),
+                chosen.web_text,
+            ),
             chosen.body.clone(),
         );
         if let Some(p) = &rule {
@@ -1762,6 +1779,8 @@ struct Chosen {
     cors: Option<http::HeaderMap>,
     /// Headers the route's authorization service put on the answer.
     auth_answer: Vec<ext_auth::Put>,
+    /// The request is gRPC-Web's text form: its body is base64.
+    web_text: bool,
 }
 
 /// One count in a gauge, taken back when dropped.
