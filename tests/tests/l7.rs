@@ -461,6 +461,9 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
                  grpc: {allowedHeaders: [authorization, x-client]}, forwardBody: {maxSize: 8}}}], \
                  backendRefs: [{name: main, port: 80}]}]",
             ),
+            // A server that speaks gRPC-Web itself, over HTTP/1.1.
+            mesh::service_with_protocol("shop", "web-native", "10.96.0.56", 80, "8080", "grpc-web", &[("app", "main")]),
+            route("HTTPRoute", "web-native", "web-native", 80, "[{backendRefs: [{name: main, port: 80}]}]"),
             // Loses the port to the GRPCRoute.
             route(
                 "HTTPRoute",
@@ -987,6 +990,28 @@ fn redirect_rewrite_mirror_and_grpc_routes() {
     assert!(head.contains("grpc-status: 5"), "{head}");
     assert!(head.contains("grpc-message: no such thing"), "{head}");
     assert!(body.is_empty(), "{body:?}");
+
+    // A port whose appProtocol is grpc-web has a server that speaks it
+    // itself: the request goes to it as it is, in HTTP/1.1.
+    let (head, body) = headers(&[
+        "-H",
+        "content-type: application/grpc-web",
+        "--data-binary",
+        "abc",
+        "http://10.96.0.56/s/M",
+    ]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let got: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(
+        (
+            got["method"].as_str(),
+            got["path"].as_str(),
+            got["host"].as_str(),
+            got["body"].as_u64()
+        ),
+        (Some("POST"), Some("/s/M"), Some("10.96.0.56"), Some(3)),
+        "{got}"
+    );
 
     // The log and `trellis config` report each route's conditions.
     let log = cluster.agents[0].log_text();

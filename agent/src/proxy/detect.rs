@@ -90,6 +90,13 @@ pub fn declares_http2(app_protocol: Option<&str>, port_name: &str) -> bool {
     is_h2(&name) || name.split_once('-').is_some_and(|(p, _)| is_h2(p))
 }
 
+/// Whether the port's `appProtocol` is `grpc-web`: its server speaks
+/// gRPC-Web itself (over HTTP/1.1, see [`declares_http2`]), so the agent
+/// passes it through rather than making it gRPC.
+pub fn declares_grpc_web(app_protocol: Option<&str>) -> bool {
+    app_protocol.is_some_and(|p| p.eq_ignore_ascii_case("grpc-web"))
+}
+
 /// The HTTP/2 client connection preface (RFC 9113, 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -250,6 +257,8 @@ mod tests {
             !declares_http2(Some("grpc-web"), ""),
             "gRPC-Web is HTTP/1.1"
         );
+        assert!(declares_grpc_web(Some("GRPC-Web")));
+        assert!(!declares_grpc_web(Some("grpc")) && !declares_grpc_web(None));
         assert!(!declares_http2(None, "http-grpc"));
         // Istio's port names: `<protocol>[-<suffix>]`.
         for (name, want) in [

@@ -92,6 +92,9 @@ pub struct Call {
     /// The port declares HTTP/2 (`detect::declares_http2`): requests go
     /// upstream as HTTP/2 whatever the client speaks.
     pub upstream_h2: bool,
+    /// The port's server speaks gRPC-Web itself (`appProtocol: grpc-web`):
+    /// such requests are passed through, not made gRPC.
+    pub grpc_web_upstream: bool,
 }
 
 /// Requests the agent answered itself, by reason, and forwarded ones.
@@ -321,7 +324,11 @@ impl HttpProxy {
                 crate::access_log::ensure_request_id(req.headers_mut());
                 // A browser's gRPC-Web goes on as gRPC; its answer is turned
                 // back last, after the metrics have read its trailers.
-                let web = grpc_web::request(&mut req);
+                let web = if call.grpc_web_upstream {
+                    None
+                } else {
+                    grpc_web::request(&mut req)
+                };
                 let to_client = |resp: Response<Body>| match &web {
                     Some(web) => web.clone().response(resp),
                     None => resp,
@@ -1217,6 +1224,7 @@ impl HttpProxy {
             port: 0,
             ipv6: backend.is_ipv6(),
             upstream_h2: false,
+            grpc_web_upstream: false,
         };
         let dst = self.tunnel(&snapshot, &call, backend);
         let (io, _guard) = self

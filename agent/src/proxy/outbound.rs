@@ -506,6 +506,7 @@ impl Outbound {
             port: port.port,
             ipv6: dst.is_ipv6(),
             upstream_h2: detect::declares_http2(port.app_protocol.as_deref(), &port.name),
+            grpc_web_upstream: detect::declares_grpc_web(port.app_protocol.as_deref()),
         };
         Some((
             call,
