@@ -409,9 +409,10 @@ impl HttpProxy {
         }
         let grpc = authz::is_grpc(req.headers());
         // gRPC over HTTP/2 ends a call in HTTP trailers (gRPC-Web has been
-        // made gRPC by now, its trailers to become its last message); an
-        // HTTP/1.1 client's trailers hyper may drop, so a call cut midway
-        // there is aborted instead.
+        // made gRPC by now, its trailers to become its last message, unless
+        // its server speaks it); gRPC-Web passed through and an HTTP/1.1
+        // client (whose trailers hyper may drop) carry the status in the
+        // body, so a call cut midway there is aborted instead.
         let grpc_trailers = grpc
             && req.version() == Version::HTTP_2
             && !req
