@@ -10,14 +10,21 @@ use std::path::Path;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
 
-use crate::{policy::authz::AuthorizationPolicy, resilience::TrafficPolicy};
+use crate::{
+    policy::{authn::RequestAuthentication, authz::AuthorizationPolicy},
+    resilience::TrafficPolicy,
+};
 
 /// Where the chart keeps them, from the repository root.
 pub const CHART_DIR: &str = "deploy/helm/trellis/crds";
 
 /// Every CRD of the project.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![AuthorizationPolicy::crd(), TrafficPolicy::crd()]
+    vec![
+        AuthorizationPolicy::crd(),
+        RequestAuthentication::crd(),
+        TrafficPolicy::crd(),
+    ]
 }
 
 /// A CRD's file name: its singular name.

@@ -3,13 +3,17 @@
 //! (connect, sendmsg, the pod interfaces); [`verdict`] reads the same maps
 //! for the connections the agent delivers, and [`explain`] for `trellis
 //! policy POD` and `trellis policy explain`.
-//! [`authz`]: Trellis `AuthorizationPolicy` (L4 for now: who may connect to
-//! which workload and port), checked on every connection the agent
-//! delivers to a local pod, through HBONE or on the same node.
+//! [`authz`]: Trellis `AuthorizationPolicy` (who may connect to which
+//! workload and port, and which HTTP requests it may send), checked on
+//! every connection and request the agent delivers to a local pod, through
+//! HBONE or on the same node; [`authn`]: `RequestAuthentication`, the JSON
+//! Web Tokens ([`jwt`]) those requests may carry, checked before them.
 
+pub mod authn;
 pub mod authz;
 pub mod compiler;
 pub mod explain;
+pub mod jwt;
 pub mod network;
 #[cfg(test)]
 mod reference;

@@ -77,6 +77,7 @@ fn examples(file: &str) -> Vec<Value> {
 fn the_examples_pass_the_schemas_and_the_agent() {
     for (file, kind) in [
         ("authorizationpolicy.yaml", "AuthorizationPolicy"),
+        ("requestauthentication.yaml", "RequestAuthentication"),
         ("trafficpolicy.yaml", "TrafficPolicy"),
     ] {
         let objects = examples(file);
@@ -458,6 +459,79 @@ fn broken_traffic_policies() -> Vec<(&'static str, Value, bool)> {
             true,
         ),
     ]
+}
+
+fn broken_request_authentications() -> Vec<(&'static str, Value, bool)> {
+    let base = examples("requestauthentication.yaml");
+    let (idp, partner) = (base[0].clone(), base[1].clone());
+    vec![
+        (
+            "an issuer is not empty",
+            with(idp.clone(), "spec.jwtRules.0.issuer", json!("")),
+            true,
+        ),
+        (
+            "a rule needs its issuer",
+            without(idp.clone(), "spec.jwtRules.0.issuer"),
+            true,
+        ),
+        (
+            "an audience is not empty",
+            with(idp.clone(), "spec.jwtRules.0.audiences", json!([""])),
+            true,
+        ),
+        (
+            "a token header needs its name",
+            without(partner.clone(), "spec.jwtRules.0.fromHeaders.0.name"),
+            true,
+        ),
+        (
+            "a claim header needs its claim",
+            without(idp.clone(), "spec.jwtRules.0.outputClaimToHeaders.0.claim"),
+            true,
+        ),
+        (
+            "forwardOriginalToken is a boolean",
+            with(
+                partner,
+                "spec.jwtRules.0.forwardOriginalToken",
+                json!("yes"),
+            ),
+            true,
+        ),
+        (
+            "no unknown fields",
+            with(idp, "spec.jwtRules.0.fromCookies", json!(["session"])),
+            true,
+        ),
+    ]
+}
+
+#[test]
+fn each_request_authentication_rule_refuses_its_breach() {
+    check_broken("RequestAuthentication", broken_request_authentications());
+    // What only the agent can check: the key set itself, and a jwksUri it
+    // will not fetch, each refused with the field that says so.
+    let idp = examples("requestauthentication.yaml")[0].clone();
+    for (object, field, reason) in [
+        (
+            with(idp.clone(), "spec.jwtRules.0.jwks", json!("{\"keys\": []}")),
+            "spec.jwtRules[0].jwks",
+            "no signing key",
+        ),
+        (
+            with(
+                without(idp.clone(), "spec.jwtRules.0.jwks"),
+                "spec.jwtRules.0.jwksUri",
+                json!("https://idp.example.com/keys"),
+            ),
+            "spec.jwtRules[0].jwksUri",
+            "does not fetch",
+        ),
+    ] {
+        let err = agent_verdict(&object).expect_err(field);
+        assert!(err.starts_with(field) && err.contains(reason), "{err}");
+    }
 }
 
 fn check_broken(kind: &str, cases: Vec<(&'static str, Value, bool)>) {

@@ -899,8 +899,8 @@ except (ConnectionResetError, BrokenPipeError):
 "#;
 
 /// HTTP server answering any GET or POST with JSON `{name, path, host,
-/// body, tag, rid}` (the path with its query, the body's length, the
-/// `x-tag` and `x-request-id` headers) and keeping a log of
+/// body, tag, rid, authz}` (the path with its query, the body's length, the
+/// `x-tag`, `x-request-id` and `authorization` headers) and keeping a log of
 /// them, which `GET /__log` returns (not logged). Paths under `/hop` are
 /// answered with hop-by-hop headers (`Connection: close, x-hop`,
 /// `Keep-Alive`, `x-hop`). Args: NAME PORT.
@@ -916,7 +916,7 @@ class H(http.server.BaseHTTPRequestHandler):
             with lock:
                 out = json.dumps(log).encode()
         else:
-            rec = {"name": name, "method": self.command, "path": self.path, "host": self.headers.get("host"), "body": len(body), "tag": self.headers.get("x-tag"), "rid": self.headers.get("x-request-id")}
+            rec = {"name": name, "method": self.command, "path": self.path, "host": self.headers.get("host"), "body": len(body), "tag": self.headers.get("x-tag"), "rid": self.headers.get("x-request-id"), "authz": self.headers.get("authorization")}
             with lock:
                 log.append(rec)
             out = json.dumps(rec).encode()

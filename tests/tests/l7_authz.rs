@@ -330,3 +330,316 @@ fn egress_network_policy_limits_service_endpoints() {
         "{flows:?}"
     );
 }
+
+/// An identity provider made with `openssl` alone (no Trellis code): an
+/// RSA key, its JWKS, and RS256 tokens signed by `openssl dgst`.
+struct TokenIssuer {
+    dir: std::path::PathBuf,
+    kid: String,
+    jwks: String,
+}
+
+impl TokenIssuer {
+    fn new(dir: std::path::PathBuf, kid: &str) -> Self {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("issuer dir");
+        let key = dir.join("key.pem");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl runs");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+            out.stdout
+        };
+        run(&["genrsa", "-out", key.to_str().expect("utf-8"), "2048"]);
+        let modulus = String::from_utf8(run(&[
+            "rsa",
+            "-in",
+            key.to_str().expect("utf-8"),
+            "-noout",
+            "-modulus",
+        ]))
+        .expect("text");
+        let hex = modulus.trim().trim_start_matches("Modulus=");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+            "n": URL_SAFE_NO_PAD.encode(n), "e": "AQAB",
+        }]})
+        .to_string();
+        Self {
+            dir,
+            kid: kid.into(),
+            jwks,
+        }
+    }
+
+    /// A token of `claims`, `exp` an hour away unless they set it.
+    fn token(&self, mut claims: serde_json::Value) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        if claims.get("exp").is_none() {
+            claims["exp"] = (now + 3600).into();
+        }
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": self.kid});
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let input = self.dir.join("signed");
+        std::fs::write(&input, &signed).expect("write");
+        let out = std::process::Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(self.dir.join("key.pem"))
+            .arg(&input)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl dgst: {out:?}");
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(out.stdout))
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `RequestAuthentication` with tokens from an independent issuer, enforced
+/// by the server's agent on each request wherever the caller is (another
+/// node, inside HBONE; the same node on the pod IP or, through the L7 path,
+/// on the VIP): a request without a token passes where policy allows it, a
+/// token that does not verify (forged, expired, another audience, garbage)
+/// gets 401 `unauthenticated` with a bearer challenge, a verified one gives
+/// the request principal and claims to `AuthorizationPolicy`, is taken off
+/// the request (header or query parameter) and its claim is put in the
+/// header the rule names, which a client cannot forge.
+#[test]
+fn request_authentication_with_jwt() {
+    const JWT_VIP: &str = "10.96.0.31";
+    const ISSUER: &str = "https://idp.trellis.test";
+    let idp = TokenIssuer::new(std::env::temp_dir().join("l7_jwt-idp"), "k1");
+    let rogue = TokenIssuer::new(std::env::temp_dir().join("l7_jwt-rogue"), "k1");
+    let mut lab = Lab::new("l7_jwt").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let remote = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let local = lab.add_pod(&b, "b2").expect("pod");
+    let plain = lab.add_pod(&b, "b3").expect("pod");
+    let _servers = [
+        server
+            .serve(py::REQUEST_ECHO_SERVER, &["web", "8080"], 8080)
+            .expect("server"),
+        plain
+            .serve(py::REQUEST_ECHO_SERVER, &["plain", "8080"], 8080)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&remote, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::pod(&local, "shop", &[], &[], ""),
+            mesh::pod(&plain, "shop", &[("app", "plain")], &[], ""),
+            mesh::service("shop", "web", JWT_VIP, 80, "8080", &[("app", "web")]),
+            mesh::traffic_policy("shop", "web", "retry: {attempts: 1, retryOn: [connect-failure]}"),
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: RequestAuthentication\n\
+                 metadata: {{name: jwt, namespace: shop}}\n\
+                 spec: {{jwtRules: [{{issuer: '{ISSUER}', \
+                 audiences: [shop], jwks: '{}', outputClaimToHeaders: [{{header: x-tag, claim: team}}]}}]}}\n",
+                idp.jwks
+            ),
+            // /api needs a token of team red; /public is open.
+            mesh::authorization_policy(
+                "shop",
+                "api",
+                &format!(
+                    "{{selector: {{matchLabels: {{app: web}}}}, action: ALLOW, rules: [\
+                     {{from: [{{source: {{requestPrincipals: ['{ISSUER}/*']}}}}], to: [{{operation: {{paths: ['/api/*']}}}}], \
+                     when: [{{key: 'request.auth.claims[team]', values: [red]}}]}}, \
+                     {{to: [{{operation: {{paths: ['/public/*']}}}}]}}]}}"
+                ),
+            ),
+        ],
+    )
+    .expect("mesh");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let red = idp
+        .token(serde_json::json!({"iss": ISSUER, "sub": "alice", "aud": ["shop"], "team": "red"}));
+    let blue =
+        idp.token(serde_json::json!({"iss": ISSUER, "sub": "bob", "aud": "shop", "team": "blue"}));
+    let expired = idp.token(serde_json::json!({"iss": ISSUER, "sub": "alice", "aud": "shop", "team": "red", "exp": now - 600}));
+    let other_audience =
+        idp.token(serde_json::json!({"iss": ISSUER, "sub": "alice", "aud": "bank", "team": "red"}));
+    let forged = rogue
+        .token(serde_json::json!({"iss": ISSUER, "sub": "mallory", "aud": "shop", "team": "red"}));
+    let unknown_issuer =
+        rogue.token(serde_json::json!({"iss": "https://rogue.test", "sub": "m", "aud": "shop"}));
+
+    // (status, reason header, body) of one request.
+    let call = |client: &Pod, url: &str, headers: &[String]| -> (String, String, String) {
+        let mut args = vec![
+            "-s".to_string(),
+            "-m".into(),
+            "10".into(),
+            "-D".into(),
+            "-".into(),
+        ];
+        for h in headers {
+            args.extend(["-H".into(), h.clone()]);
+        }
+        args.push(url.into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = client
+            .exec()
+            .output("curl", &args, Duration::from_secs(30))
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or("000")
+            .to_string();
+        let reason = head
+            .lines()
+            .find_map(|l| {
+                l.to_lowercase()
+                    .strip_prefix("x-trellis-reason: ")
+                    .map(String::from)
+            })
+            .unwrap_or_default();
+        let challenge = head
+            .lines()
+            .any(|l| l.to_lowercase().starts_with("www-authenticate: bearer"));
+        assert_eq!(challenge, status == "401", "{url}: {head}");
+        (status, reason, body.to_string())
+    };
+    let bearer = |t: &str| format!("authorization: Bearer {t}");
+
+    let pod_url = format!("http://{}:8080", server.ip);
+    let vip_url = format!("http://{JWT_VIP}");
+    for (client, how, base) in [
+        (&remote, "cross-node, pod IP", &pod_url),
+        (&remote, "cross-node, VIP", &vip_url),
+        (&local, "same node, pod IP", &pod_url),
+        (&local, "same node, VIP", &vip_url),
+    ] {
+        // No token: open paths pass (a forged claim header taken off),
+        // the API is denied.
+        let (status, _, body) = call(client, &format!("{base}/public/x"), &["x-tag: red".into()]);
+        assert_eq!(status, "200", "{how}: {body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(
+            echo["tag"],
+            serde_json::Value::Null,
+            "{how}: a client's own x-tag is dropped: {echo}"
+        );
+        let (status, reason, _) = call(client, &format!("{base}/api/x"), &[]);
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("403", "denied"),
+            "{how}"
+        );
+
+        // A verified token: the principal and claim decide; the token is
+        // taken off and its claim put in x-tag.
+        let (status, _, body) = call(
+            client,
+            &format!("{base}/api/x"),
+            &[bearer(&red), "x-tag: forged".into()],
+        );
+        assert_eq!(status, "200", "{how}: {body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(echo["tag"], "red", "{how}: {echo}");
+        assert_eq!(
+            echo["authz"],
+            serde_json::Value::Null,
+            "{how}: the token is taken off: {echo}"
+        );
+        let (status, reason, _) = call(client, &format!("{base}/api/x"), &[bearer(&blue)]);
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("403", "denied"),
+            "{how}: team blue"
+        );
+        // In the access_token query parameter, taken off the path.
+        let (status, _, body) = call(client, &format!("{base}/api/y?a=1&access_token={red}"), &[]);
+        assert_eq!(status, "200", "{how}: {body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(echo["path"], "/api/y?a=1", "{how}: {echo}");
+
+        // Tokens that do not verify: 401, even on an open path.
+        for (token, why) in [
+            (&expired, "expired"),
+            (&other_audience, "audiences"),
+            (&forged, "signature"),
+            (&unknown_issuer, "issuer"),
+            (&"a.b.c".to_string(), "not header.payload.signature"),
+        ] {
+            let (status, reason, body) =
+                call(client, &format!("{base}/public/x"), &[bearer(token)]);
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("401", "unauthenticated"),
+                "{how}: {why}: {body}"
+            );
+            assert!(body.contains(why), "{how}: {why}: {body}");
+        }
+    }
+
+    // A pod no AuthorizationPolicy selects: the token alone is checked,
+    // which is enough to read its connections as HTTP.
+    for client in [&remote, &local] {
+        let url = format!("http://{}:8080/any", plain.ip);
+        let (status, reason, _) = call(client, &url, &[bearer(&forged)]);
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("401", "unauthenticated")
+        );
+        let (status, _, body) = call(client, &url, &[bearer(&blue)]);
+        assert_eq!(status, "200", "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(
+            (&echo["tag"], &echo["authz"]),
+            (&"blue".into(), &serde_json::Value::Null),
+            "{echo}"
+        );
+    }
+
+    // Counted where decided: b's HBONE server for a1's pod-IP and VIP
+    // calls, b's outbound proxy for b2's pod-IP calls, its L7 path for
+    // b2's VIP calls.
+    let status = cluster.agents[1].cli_json("status").expect("status");
+    for (counter, at_least) in [
+        (&status["inbound"]["requests_unauthenticated"], 11),
+        (&status["outbound"]["requests_unauthenticated"], 6),
+        (&status["http"]["unauthenticated"], 5),
+        (&status["inbound"]["requests_denied"], 4),
+    ] {
+        assert!(
+            counter.as_u64().unwrap_or(0) >= at_least,
+            "{counter} < {at_least}: {status}"
+        );
+    }
+}

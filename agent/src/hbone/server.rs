@@ -88,6 +88,8 @@ pub struct InboundStats {
     /// metrics (tracing on, and the calling agent said they carry HTTP).
     pub http_traced: AtomicU64,
     pub requests_denied: AtomicU64,
+    /// Requests refused because their token did not verify.
+    pub requests_unauthenticated: AtomicU64,
     pub opaque_denied: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -96,6 +98,17 @@ pub struct InboundStats {
     pub accelerated: AtomicU64,
     /// Connections closed because the client stopped answering pings.
     pub keepalive_timeouts: AtomicU64,
+}
+
+impl InboundStats {
+    /// Counts a request refused by the destination's policies.
+    pub fn count_refusal(&self, refusal: &crate::policy::authz::Refusal) {
+        match refusal {
+            crate::policy::authz::Refusal::Denied { .. } => &self.requests_denied,
+            crate::policy::authz::Refusal::Unauthenticated(_) => &self.requests_unauthenticated,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 pub struct Inbound {
@@ -565,9 +578,12 @@ impl Inbound {
                 let judge = inspect.then(|| {
                     self.stats.http_inspected.fetch_add(1, Ordering::Relaxed);
                     let this = self.clone();
-                    inbound_http::judge(self.state.clone(), peer_id.clone(), target, move || {
-                        this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
-                    })
+                    inbound_http::judge(
+                        self.state.clone(),
+                        peer_id.clone(),
+                        target,
+                        move |refusal| this.stats.count_refusal(refusal),
+                    )
                 });
                 if !inspect {
                     self.stats.http_traced.fetch_add(1, Ordering::Relaxed);

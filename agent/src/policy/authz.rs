@@ -24,6 +24,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::authn::{self, Authenticated};
 use crate::{crds::schema, identity::Identity, state::Workload};
 
 /// Who may connect to which meshed workloads: L4 rules (source principal,
@@ -92,12 +93,19 @@ pub struct Rule {
     pub when: Vec<Condition>,
 }
 
-/// Istio's `when`: `key` is `request.headers[<name>]`; the header must have
-/// one of `values` and none of `notValues` (an absent header has none).
+/// Istio's `when`: `key` is `request.headers[<name>]`, or an attribute of
+/// the request's verified token (`RequestAuthentication`):
+/// `request.auth.principal` (`<iss>/<sub>`), `request.auth.audiences`,
+/// `request.auth.presenter` (`azp`) or `request.auth.claims[<name>]`
+/// (nested: `[<name>][<name>]`; a list claim matches by any element). The
+/// attribute must have one of `values` and none of `notValues` (an absent
+/// one has none).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
-    #[schemars(regex(pattern = r"^request\.headers\[[^\]]+\]$"))]
+    #[schemars(regex(
+        pattern = r"^(request\.headers\[[^\]]+\]|request\.auth\.(principal|audiences|presenter)|request\.auth\.claims(\[[^\]]+\])+)$"
+    ))]
     pub key: String,
     #[serde(default)]
     #[schemars(inner(length(min = 1)))]
@@ -132,6 +140,14 @@ pub struct Source {
     #[serde(default)]
     #[schemars(inner(length(min = 1)))]
     pub not_namespaces: Vec<String>,
+    /// Request principals (`<iss>/<sub>` of a token a
+    /// `RequestAuthentication` verified); `*` is any verified token.
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub not_request_principals: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -207,6 +223,8 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
                 ("notPrincipals", &s.not_principals),
                 ("namespaces", &s.namespaces),
                 ("notNamespaces", &s.not_namespaces),
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
             ] {
                 for (i, pattern) in list.iter().enumerate() {
                     check_pattern(pattern).map_err(|reason| {
@@ -257,11 +275,12 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
         }
         for (c, cond) in rule.when.iter().enumerate() {
             let field = format!("spec.rules[{r}].when[{c}]");
-            header_key(&cond.key).ok_or_else(|| {
+            Attribute::parse(&cond.key).ok_or_else(|| {
                 (
                     format!("{field}.key"),
                     format!(
-                        "{:?}: the supported key is request.headers[<name>]",
+                        "{:?}: the supported keys are request.headers[<name>], request.auth.principal, \
+                         request.auth.audiences, request.auth.presenter and request.auth.claims[<name>]",
                         cond.key
                     ),
                 )
@@ -280,10 +299,79 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
     Ok(())
 }
 
-/// The header name of a `request.headers[<name>]` key, lower-cased.
-fn header_key(key: &str) -> Option<http::HeaderName> {
-    let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
-    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).ok()
+/// What a `when` condition reads of a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attribute {
+    /// A header, its name lower-cased.
+    Header(http::HeaderName),
+    Principal,
+    Audiences,
+    Presenter,
+    /// A claim's path.
+    Claim(Vec<String>),
+}
+
+impl Attribute {
+    fn parse(key: &str) -> Option<Self> {
+        if let Some(name) = key
+            .strip_prefix("request.headers[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            return http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+                .ok()
+                .map(Self::Header);
+        }
+        match key {
+            "request.auth.principal" => return Some(Self::Principal),
+            "request.auth.audiences" => return Some(Self::Audiences),
+            "request.auth.presenter" => return Some(Self::Presenter),
+            _ => {}
+        }
+        let path = key
+            .strip_prefix("request.auth.claims[")?
+            .strip_suffix(']')?;
+        let path: Vec<String> = path.split("][").map(String::from).collect();
+        (!path.iter().any(|p| p.is_empty() || p.contains(['[', ']']))).then_some(Self::Claim(path))
+    }
+
+    /// The attribute's values in `request`.
+    fn values<'r>(&self, request: &Request<'r>) -> Vec<std::borrow::Cow<'r, str>> {
+        use serde_json::Value;
+        let auth = request.auth;
+        match self {
+            Self::Header(name) => request
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(Into::into)
+                .collect(),
+            Self::Principal => auth
+                .map(|a| a.principal.as_str().into())
+                .into_iter()
+                .collect(),
+            Self::Audiences => auth
+                .into_iter()
+                .flat_map(|a| super::jwt::strings(a.claims.get("aud")))
+                .map(Into::into)
+                .collect(),
+            Self::Presenter => auth
+                .and_then(|a| a.claims.get("azp")?.as_str())
+                .map(Into::into)
+                .into_iter()
+                .collect(),
+            Self::Claim(path) => match auth.and_then(|a| a.claim(path)) {
+                Some(Value::String(s)) => vec![s.as_str().into()],
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(Into::into)
+                    .collect(),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => vec![v.to_string().into()],
+                _ => Vec::new(),
+            },
+        }
+    }
 }
 
 fn check_pattern(pattern: &str) -> Result<(), String> {
@@ -316,7 +404,7 @@ pub struct Policy {
 pub struct CompiledRule {
     pub from: Vec<Source>,
     pub to: Vec<CompiledOperation>,
-    pub when: Vec<HeaderCondition>,
+    pub when: Vec<CompiledCondition>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -332,15 +420,13 @@ pub struct CompiledOperation {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct HeaderCondition {
-    #[serde(serialize_with = "header_name")]
-    pub name: http::HeaderName,
+pub struct CompiledCondition {
+    /// As written.
+    pub key: String,
+    #[serde(skip)]
+    pub attribute: Attribute,
     pub values: Vec<String>,
     pub not_values: Vec<String>,
-}
-
-fn header_name<S: serde::Serializer>(name: &http::HeaderName, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(name.as_str())
 }
 
 impl Policy {
@@ -380,8 +466,9 @@ impl Policy {
                         .when
                         .iter()
                         .filter_map(|c| {
-                            Some(HeaderCondition {
-                                name: header_key(&c.key)?,
+                            Some(CompiledCondition {
+                                key: c.key.clone(),
+                                attribute: Attribute::parse(&c.key)?,
                                 values: c.values.clone(),
                                 not_values: c.not_values.clone(),
                             })
@@ -432,12 +519,16 @@ impl std::convert::From<bool> for Match {
 
 impl CompiledRule {
     fn matches(&self, check: &Check<'_>, principal: &str) -> Match {
-        let from = self.from.is_empty()
-            || self
-                .from
+        let from = if self.from.is_empty() {
+            Match::Yes
+        } else {
+            self.from
                 .iter()
-                .any(|s| source_matches(s, principal, &check.source.namespace));
-        if !from {
+                .map(|s| source_matches(s, principal, &check.source.namespace, check.request))
+                .max()
+                .unwrap_or(Match::No)
+        };
+        if from == Match::No {
             return Match::No;
         }
         let to = if self.to.is_empty() {
@@ -453,10 +544,10 @@ impl CompiledRule {
             ([], _) => Match::Yes,
             (_, None) => Match::Unknown,
             (conditions, Some(request)) => {
-                Match::from(conditions.iter().all(|c| c.holds(request.headers)))
+                Match::from(conditions.iter().all(|c| c.holds(&request)))
             }
         };
-        to.min(when)
+        from.min(to).min(when)
     }
 }
 
@@ -492,26 +583,47 @@ impl CompiledOperation {
     }
 }
 
-impl HeaderCondition {
-    fn holds(&self, headers: &http::HeaderMap) -> bool {
-        let values = || {
-            headers
-                .get_all(&self.name)
+impl CompiledCondition {
+    fn holds(&self, request: &Request<'_>) -> bool {
+        let values = self.attribute.values(request);
+        let any = |patterns: &[String]| {
+            values
                 .iter()
-                .filter_map(|v| v.to_str().ok())
+                .any(|v| patterns.iter().any(|p| pattern_matches(p, v)))
         };
-        let any =
-            |patterns: &[String]| values().any(|v| patterns.iter().any(|p| pattern_matches(p, v)));
         (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
     }
 }
 
-fn source_matches(source: &Source, principal: &str, ns: &str) -> bool {
+/// A source's L4 fields decide at once; its request principals only with a
+/// request to read (a request without a verified token has none, so it
+/// matches no `requestPrincipals` and every `notRequestPrincipals`).
+fn source_matches(
+    source: &Source,
+    principal: &str,
+    ns: &str,
+    request: Option<Request<'_>>,
+) -> Match {
     let any = |patterns: &[String], value: &str| patterns.iter().any(|p| pattern_matches(p, value));
-    (source.principals.is_empty() || any(&source.principals, principal))
+    let l4 = (source.principals.is_empty() || any(&source.principals, principal))
         && !any(&source.not_principals, principal)
         && (source.namespaces.is_empty() || any(&source.namespaces, ns))
-        && !any(&source.not_namespaces, ns)
+        && !any(&source.not_namespaces, ns);
+    if !l4 {
+        return Match::No;
+    }
+    if source.request_principals.is_empty() && source.not_request_principals.is_empty() {
+        return Match::Yes;
+    }
+    let Some(request) = request else {
+        return Match::Unknown;
+    };
+    let token = request.auth.map(|a| a.principal.as_str());
+    Match::from(
+        (source.request_principals.is_empty()
+            || token.is_some_and(|t| any(&source.request_principals, t)))
+            && !token.is_some_and(|t| any(&source.not_request_principals, t)),
+    )
 }
 
 fn pattern_matches(pattern: &str, value: &str) -> bool {
@@ -536,6 +648,8 @@ pub struct Request<'a> {
     pub headers: &'a http::HeaderMap,
     /// A gRPC call (`content-type: application/grpc...`).
     pub grpc: bool,
+    /// Its verified token (`RequestAuthentication`), if it carries one.
+    pub auth: Option<&'a Authenticated>,
 }
 
 impl<'a> Request<'a> {
@@ -545,6 +659,7 @@ impl<'a> Request<'a> {
             path: req.uri().path(),
             headers: req.headers(),
             grpc: is_grpc(req.headers()),
+            auth: None,
         }
     }
 }
@@ -672,15 +787,96 @@ pub fn authorize(
         .workload_by_ip(destination.ip().to_canonical())
         .filter(|w| w.meshed)
     {
-        Some(workload) => evaluate(
-            snapshot.policies_in(&workload.namespace),
-            source,
-            workload,
-            destination.port(),
-            layer,
-        ),
+        Some(workload) => {
+            let verdict = evaluate(
+                snapshot.policies_in(&workload.namespace),
+                source,
+                workload,
+                destination.port(),
+                layer,
+            );
+            // Tokens are checked per request: a connection to a workload
+            // that a RequestAuthentication selects is read as HTTP.
+            match (verdict, layer) {
+                (Verdict::Allow, Layer::Connection)
+                    if !snapshot.jwt_rules_for(workload).is_empty() =>
+                {
+                    Verdict::Inspect
+                }
+                (verdict, _) => verdict,
+            }
+        }
         None => Verdict::Allow,
     }
+}
+
+/// Why a request to a local pod is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its token did not verify (401, `UNAUTHENTICATED` for gRPC).
+    Unauthenticated(super::jwt::Error),
+    /// An authorization policy denies it (403, `PERMISSION_DENIED`).
+    Denied {
+        policy: String,
+        reason: &'static str,
+    },
+}
+
+/// Admits one request from `source` to the local pod at `destination`:
+/// its token checked by the `RequestAuthentication`s selecting the pod,
+/// then the request authorized with it. An admitted request gets the
+/// edits authentication makes (the token taken off, claims put in headers).
+pub fn admit<B>(
+    snapshot: &crate::state::Snapshot,
+    source: &Identity,
+    destination: std::net::SocketAddr,
+    req: &mut http::Request<B>,
+) -> Result<(), Refusal> {
+    let Some(workload) = snapshot
+        .workload_by_ip(destination.ip().to_canonical())
+        .filter(|w| w.meshed)
+    else {
+        return Ok(());
+    };
+    let rules = snapshot.jwt_rules_for(workload);
+    let auth = if rules.is_empty() {
+        None
+    } else {
+        authn::authenticate(
+            &rules,
+            req.headers(),
+            req.uri(),
+            std::time::SystemTime::now(),
+        )
+        .map_err(Refusal::Unauthenticated)?
+    };
+    let request = Request {
+        auth: auth.as_ref(),
+        ..Request::of(req)
+    };
+    match evaluate(
+        snapshot.policies_in(&workload.namespace),
+        source,
+        workload,
+        destination.port(),
+        Layer::Request(request),
+    ) {
+        Verdict::Allow => {}
+        Verdict::Deny { policy, reason } => return Err(Refusal::Denied { policy, reason }),
+        // A request leaves nothing undecided.
+        Verdict::Inspect => {
+            return Err(Refusal::Denied {
+                policy: "an undecided policy".into(),
+                reason: "undecided",
+            });
+        }
+    }
+    if !rules.is_empty() {
+        let mut uri = req.uri().clone();
+        authn::edit(&rules, auth.as_ref(), req.headers_mut(), &mut uri);
+        *req.uri_mut() = uri;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -814,8 +1010,92 @@ mod tests {
             path,
             headers: &map,
             grpc: is_grpc(&map),
+            auth: None,
         };
         evaluate(policies, &source, &web(), 80, Layer::Request(request))
+    }
+
+    #[test]
+    fn request_principals_and_token_claims_decide_requests() {
+        use crate::policy::authn::tests::authenticated;
+        use serde_json::json;
+        let p = policy(
+            "shop",
+            "rules: [{from: [{source: {requestPrincipals: ['https://idp.example/*']}}], \
+             when: [{key: 'request.auth.claims[groups]', values: [admins]}, \
+                    {key: 'request.auth.claims[org][tier]', notValues: [free]}, \
+                    {key: request.auth.audiences, values: [shop]}]}]",
+        );
+        let deny_anonymous = policy(
+            "shop",
+            "action: DENY\nrules: [{from: [{source: {notRequestPrincipals: ['*']}}], to: [{operation: {paths: [/admin*]}}]}]",
+        );
+        let ps = [p, deny_anonymous];
+        let judge = |claims: Option<serde_json::Value>, path: &str| {
+            let auth = claims.map(authenticated);
+            let map = http::HeaderMap::new();
+            let request = Request {
+                method: "GET",
+                path,
+                headers: &map,
+                grpc: false,
+                auth: auth.as_ref(),
+            };
+            let source = Identity::new("cluster.local", "shop", "client");
+            evaluate(&ps, &source, &web(), 80, Layer::Request(request)) == Verdict::Allow
+        };
+        let admin = json!({"sub": "alice", "groups": ["dev", "admins"], "org": {"tier": "gold"}, "aud": "shop"});
+        assert!(judge(Some(admin.clone()), "/admin/x"));
+        let mut free = admin.clone();
+        free["org"]["tier"] = json!("free");
+        assert!(!judge(Some(free), "/x"));
+        let mut other_aud = admin.clone();
+        other_aud["aud"] = json!(["bank"]);
+        assert!(!judge(Some(other_aud), "/x"));
+        let mut dev = admin;
+        dev["groups"] = json!("dev");
+        assert!(!judge(Some(dev), "/x"));
+        assert!(!judge(None, "/x"));
+
+        // Without a request to read, request principals wait for one.
+        let source = Identity::new("cluster.local", "shop", "client");
+        assert_eq!(
+            evaluate(&ps, &source, &web(), 80, Layer::Connection),
+            Verdict::Inspect
+        );
+        assert!(matches!(
+            evaluate(&ps, &source, &web(), 80, Layer::Opaque),
+            Verdict::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn token_condition_keys_are_validated() {
+        for key in [
+            "request.auth.principal",
+            "request.auth.presenter",
+            "request.auth.claims[a]",
+            "request.auth.claims[a][b]",
+        ] {
+            let spec: AuthorizationPolicySpec = serde_yaml_ng::from_str(&format!(
+                "rules: [{{when: [{{key: '{key}', values: [x]}}]}}]"
+            ))
+            .expect("spec");
+            assert_eq!(validate(&spec), Ok(()), "{key}");
+        }
+        for key in [
+            "request.auth.claims[]",
+            "request.auth.claims",
+            "request.auth.subject",
+            "request.auth.claims[a]b]",
+        ] {
+            let spec: AuthorizationPolicySpec = serde_yaml_ng::from_str(&format!(
+                "rules: [{{when: [{{key: '{key}', values: [x]}}]}}]"
+            ))
+            .expect("spec");
+            let (field, _) = validate(&spec).expect_err(key);
+            assert_eq!(field, "spec.rules[0].when[0].key", "{key}");
+        }
     }
 
     fn connection_verdict(policies: &[Policy], sa: &str, layer: Layer<'_>) -> Verdict {

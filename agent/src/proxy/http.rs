@@ -54,7 +54,7 @@ use crate::resilience::{
 use crate::{
     hbone::client::Pool,
     identity::Identity,
-    policy::authz::{self, Verdict},
+    policy::authz::{self, Refusal},
     routes::{
         self, RequestView, Rule,
         table::{AuthProtocol, PathRule},
@@ -110,6 +110,8 @@ pub struct HttpStats {
     pub upstream_refused: AtomicU64,
     pub timeout: AtomicU64,
     pub denied: AtomicU64,
+    /// Requests whose token did not verify.
+    pub unauthenticated: AtomicU64,
     pub circuit_open: AtomicU64,
     /// Requests a route's authorization Service refused, and those refused
     /// because it could not be asked.
@@ -160,6 +162,8 @@ pub(super) enum Reason {
     UpstreamRefused,
     Timeout,
     Denied,
+    /// The request's token did not verify (`RequestAuthentication`).
+    Unauthenticated,
     /// A route's authorization Service refused the request (its own answer
     /// goes back), or could not be asked (refused all the same).
     ExtAuthDenied,
@@ -182,6 +186,7 @@ impl Reason {
             Self::UpstreamRefused => "upstream-refused",
             Self::Timeout => "timeout",
             Self::Denied => "denied",
+            Self::Unauthenticated => "unauthenticated",
             Self::ExtAuthDenied => "ext-auth-denied",
             Self::ExtAuthError => "ext-auth-error",
             Self::CircuitOpen => "circuit-open",
@@ -203,6 +208,7 @@ impl Reason {
             Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Denied | Self::ExtAuthDenied => StatusCode::FORBIDDEN,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::ExtAuthError => ext_auth::ON_ERROR,
             Self::CircuitOpen | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -217,6 +223,7 @@ impl Reason {
             Self::NoRoute => 12,                                          // UNIMPLEMENTED
             Self::BackendNotFound | Self::BadRequest => 13,               // INTERNAL
             Self::Timeout => 4,                                           // DEADLINE_EXCEEDED
+            Self::Unauthenticated => 16,                                  // UNAUTHENTICATED
             Self::Denied | Self::ExtAuthDenied | Self::ExtAuthError => 7, // PERMISSION_DENIED
             Self::RateLimited | Self::HeaderTooLarge => 8,                // RESOURCE_EXHAUSTED
             _ => 14,                                                      // UNAVAILABLE
@@ -708,9 +715,8 @@ impl HttpProxy {
             }
             tried.push(backend);
             chosen.backend = Some(backend);
-            if let Err(policy) = self.authorize(&snapshot, call, backend, authz::Request::of(&req))
-            {
-                return answer(Reason::Denied, format!("denied by {policy}"));
+            if let Err((reason, detail)) = self.authorize(&snapshot, call, backend, &mut req) {
+                return answer(reason, detail);
             }
             let active = Gauge::enter(Counter::Endpoint(endpoint.clone()));
             let attempt = self.forward(&snapshot, req, call, backend, &svc);
@@ -983,8 +989,14 @@ impl HttpProxy {
                 format!("{service}:{port} has no usable endpoint"),
             ));
         };
-        if let Err(policy) = self.authorize(snapshot, call, backend, authz::Request::of(req)) {
-            return Err((Reason::Denied, format!("{backend}: denied by {policy}")));
+        // The agent's own request is judged on a copy of its head: it is
+        // sent as it is.
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.headers_mut() = req.headers().clone();
+        if let Err((reason, detail)) = self.authorize(snapshot, call, backend, &mut head) {
+            return Err((reason, format!("{backend}: {detail}")));
         }
         Ok((backend, svc))
     }
@@ -1273,6 +1285,7 @@ impl HttpProxy {
             Reason::UpstreamRefused => &self.stats.upstream_refused,
             Reason::Timeout => &self.stats.timeout,
             Reason::Denied => &self.stats.denied,
+            Reason::Unauthenticated => &self.stats.unauthenticated,
             Reason::ExtAuthDenied => &self.stats.ext_auth_denied,
             Reason::ExtAuthError => &self.stats.ext_auth_error,
             Reason::CircuitOpen => &self.stats.circuit_open,
@@ -1302,28 +1315,35 @@ impl HttpProxy {
         }
     }
 
-    /// Same-node delivery: the destination's authorization policies apply
-    /// here (across nodes the destination's agent decides).
-    fn authorize(
+    /// Same-node delivery: the destination's request authentication and
+    /// authorization policies apply here (across nodes the destination's
+    /// agent decides). An admitted request gets authentication's edits.
+    fn authorize<B>(
         &self,
         snapshot: &Snapshot,
         call: &Call,
         backend: SocketAddr,
-        request: authz::Request<'_>,
-    ) -> Result<(), String> {
-        match (&call.client_identity, self.on_this_node(snapshot, backend)) {
-            (Some(src), true) => {
-                match authz::authorize(snapshot, src, backend, authz::Layer::Request(request)) {
-                    Verdict::Allow => Ok(()),
-                    Verdict::Deny { policy, reason } => {
-                        tracing::info!(%src, dst = %backend, method = request.method, path = request.path, %policy, reason, "request denied by authorization policy");
-                        Err(policy)
-                    }
-                    Verdict::Inspect => Err("an undecided policy".into()),
+        req: &mut Request<B>,
+    ) -> Result<(), (Reason, String)> {
+        let Some(src) = &call.client_identity else {
+            return Ok(());
+        };
+        if !self.on_this_node(snapshot, backend) {
+            return Ok(());
+        }
+        authz::admit(snapshot, src, backend, req).map_err(|refusal| {
+            let (method, path) = (req.method().as_str(), req.uri().path());
+            match refusal {
+                Refusal::Denied { policy, reason } => {
+                    tracing::info!(%src, dst = %backend, method, path, %policy, reason, "request denied by authorization policy");
+                    (Reason::Denied, format!("denied by {policy}"))
+                }
+                Refusal::Unauthenticated(why) => {
+                    tracing::info!(%src, dst = %backend, method, path, reason = %why, "request refused: its token does not verify");
+                    (Reason::Unauthenticated, why.to_string())
                 }
             }
-            _ => Ok(()),
-        }
+        })
     }
 
     /// Whether `backend` is a pod on this node.
@@ -1948,6 +1968,13 @@ pub(super) fn reply(reason: Reason, detail: &str, grpc: bool) -> Response<Body> 
     };
     resp.headers_mut()
         .insert("x-trellis-reason", HeaderValue::from_static(reason.text()));
+    if reason == Reason::Unauthenticated {
+        // RFC 6750 section 3: the challenge of a refused bearer token.
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
     resp.map(|b| b.map_err(|never| match never {}).boxed())
 }
 

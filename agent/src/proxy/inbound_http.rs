@@ -40,35 +40,34 @@ use crate::{
         IstioMetrics,
         istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
     },
-    policy::authz::{self, Verdict},
+    policy::authz::{self, Refusal},
     state::Snapshot,
     trace::{Kind, Tracer},
 };
 
-/// Decides one request: `Err` names the policy that denies it.
-pub type Judge = Arc<dyn Fn(authz::Request<'_>) -> Result<(), String> + Send + Sync>;
+/// Admits one request (authentication's edits made to it), or says why not.
+pub type Judge = Arc<dyn Fn(&mut Request<Incoming>) -> Result<(), Refusal> + Send + Sync>;
 
 /// The judge of requests from `source` to the local pod at `target`, under
-/// the policies of the current state; `on_deny` counts a denial.
+/// the policies of the current state; `on_refuse` counts a refusal.
 pub fn judge(
     state: watch::Receiver<Arc<Snapshot>>,
     source: Identity,
     target: SocketAddr,
-    on_deny: impl Fn() + Send + Sync + 'static,
+    on_refuse: impl Fn(&Refusal) + Send + Sync + 'static,
 ) -> Judge {
-    Arc::new(move |request: authz::Request<'_>| {
+    Arc::new(move |req: &mut Request<Incoming>| {
         let snapshot = state.borrow().clone();
-        match authz::authorize(&snapshot, &source, target, authz::Layer::Request(request)) {
-            Verdict::Allow => Ok(()),
-            Verdict::Deny { policy, reason } => {
-                on_deny();
-                info!(src = %source, dst = %target, method = request.method, path = request.path,
-                    %policy, reason, "request denied by authorization policy");
-                Err(policy)
+        authz::admit(&snapshot, &source, target, req).inspect_err(|refusal| {
+            on_refuse(refusal);
+            let (method, path) = (req.method().as_str(), req.uri().path());
+            match refusal {
+                Refusal::Denied { policy, reason } => info!(src = %source, dst = %target,
+                    method, path, %policy, reason, "request denied by authorization policy"),
+                Refusal::Unauthenticated(why) => info!(src = %source, dst = %target,
+                    method, path, reason = %why, "request refused: its token does not verify"),
             }
-            // A request leaves nothing undecided.
-            Verdict::Inspect => Err("an undecided policy".into()),
-        }
+        })
     })
 }
 
@@ -287,8 +286,14 @@ async fn handle_or_refuse(
         );
         return Ok(reply(Reason::BadRequest, why, grpc));
     }
-    if let Some(Err(policy)) = judge.map(|judge| judge(authz::Request::of(&req))) {
-        return Ok(reply(Reason::Denied, &format!("denied by {policy}"), grpc));
+    match judge.map(|judge| judge(&mut req)) {
+        Some(Err(Refusal::Denied { policy, .. })) => {
+            return Ok(reply(Reason::Denied, &format!("denied by {policy}"), grpc));
+        }
+        Some(Err(Refusal::Unauthenticated(why))) => {
+            return Ok(reply(Reason::Unauthenticated, &why.to_string(), grpc));
+        }
+        _ => {}
     }
     let upgrade = match &upstream {
         Upstream::Http1(_) => upgrade_protocol(req.headers()).and_then(|p| {

@@ -138,6 +138,8 @@ pub struct OutboundStats {
     /// apply to each request, and requests those rules denied.
     pub http_inspected: AtomicU64,
     pub requests_denied: AtomicU64,
+    /// Requests refused because their token did not verify.
+    pub requests_unauthenticated: AtomicU64,
     /// Same-node connections refused by the destination's ingress network
     /// policy, or to a service none of whose backends egress policy allows.
     pub policy_denied: AtomicU64,
@@ -155,6 +157,17 @@ pub struct OutboundStats {
     /// declare (`appProtocol` or the port's name), to skip the wait.
     pub sniffed: AtomicU64,
     pub sniff_timeouts: AtomicU64,
+}
+
+impl OutboundStats {
+    /// Counts a request refused by the destination's policies.
+    pub fn count_refusal(&self, refusal: &crate::policy::authz::Refusal) {
+        match refusal {
+            crate::policy::authz::Refusal::Denied { .. } => &self.requests_denied,
+            crate::policy::authz::Refusal::Unauthenticated(_) => &self.requests_unauthenticated,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The outbound proxy's shared state.
@@ -1064,8 +1077,8 @@ impl Outbound {
         let resets = resets(&standing, &[inbound.as_fd(), upstream.as_fd()]);
         let this = self.clone();
         let judge =
-            super::inbound_http::judge(self.state.clone(), source, route.backend, move || {
-                this.stats.requests_denied.fetch_add(1, Ordering::Relaxed);
+            super::inbound_http::judge(self.state.clone(), source, route.backend, move |refusal| {
+                this.stats.count_refusal(refusal)
             });
         let client = super::http::LingeringClose::new(inbound);
         let _ = upstream.set_nodelay(true);

@@ -110,6 +110,12 @@ const KINDS: &[Kind] = &[
         plural: "authorizationpolicies",
     },
     Kind {
+        kind: "RequestAuthentication",
+        group: "trellis.dev",
+        version: "v1alpha1",
+        plural: "requestauthentications",
+    },
+    Kind {
         kind: "TrafficPolicy",
         group: "trellis.dev",
         version: "v1alpha1",

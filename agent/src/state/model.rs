@@ -20,7 +20,11 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use crate::{
-    policy::{authz::Policy, network::NetworkPolicy},
+    policy::{
+        authn::{self, Authentication},
+        authz::Policy,
+        network::NetworkPolicy,
+    },
     resilience::{Resilience, TrafficPolicy},
     routes::RouteTable,
 };
@@ -215,6 +219,8 @@ pub struct Snapshot {
     pub policies: Vec<Policy>,
     /// Kubernetes network policies of every namespace.
     pub network_policies: Vec<NetworkPolicy>,
+    /// Request authentication policies, by namespace.
+    pub authentications: BTreeMap<String, Vec<Authentication>>,
     /// Namespace labels, by name (for namespace selectors).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Every node of the cluster, this one included.
@@ -337,6 +343,7 @@ impl Snapshot {
         let mut slices: BTreeMap<(String, String), Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
         let mut counts = BTreeMap::new();
         let mut policies = Vec::new();
+        let mut authentications: BTreeMap<String, Vec<Authentication>> = BTreeMap::new();
         let mut network_policies = Vec::new();
         let mut http_routes = Vec::new();
         let mut grpc_routes = Vec::new();
@@ -356,6 +363,13 @@ impl Snapshot {
                 Object::ReferenceGrant(g) => grants.push(g.as_ref()),
                 Object::TrafficPolicy(p) => traffic_policies.push(p.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
+                Object::RequestAuthentication(a) => {
+                    let a = Authentication::compile(a);
+                    authentications
+                        .entry(a.namespace.clone())
+                        .or_default()
+                        .push(a);
+                }
                 // Validated when parsed: an error here cannot happen.
                 Object::NetworkPolicy(p) => {
                     network_policies.extend(NetworkPolicy::from_object(p).ok())
@@ -467,6 +481,7 @@ impl Snapshot {
             services,
             policies,
             network_policies,
+            authentications,
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
             routes,
@@ -505,6 +520,18 @@ impl Snapshot {
             .get(namespace)
             .and_then(|r| self.policies.get(r.clone()))
             .unwrap_or_default()
+    }
+
+    /// The JWT rules of the `RequestAuthentication`s selecting `workload`
+    /// (none, without allocating, when its namespace has none).
+    pub fn jwt_rules_for(&self, workload: &Workload) -> Vec<Arc<authn::Rule>> {
+        self.authentications
+            .get(&workload.namespace)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.applies_to(workload))
+            .flat_map(|a| a.rules.iter().cloned())
+            .collect()
     }
 
     /// The workload `namespace/name`.

@@ -14,7 +14,7 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 
 use crate::{
-    policy::authz::AuthorizationPolicy,
+    policy::{authn::RequestAuthentication, authz::AuthorizationPolicy},
     resilience::TrafficPolicy,
     routes::{grpc_route::GrpcRoute, http_route::HttpRoute, reference_grant::ReferenceGrant},
 };
@@ -39,6 +39,7 @@ pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    RequestAuthentication(Arc<RequestAuthentication>),
     NetworkPolicy(Arc<NetworkPolicy>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
@@ -234,6 +235,7 @@ impl Object {
             Self::Service(_) => "Service",
             Self::EndpointSlice(_) => "EndpointSlice",
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Self::RequestAuthentication(_) => "RequestAuthentication",
             Self::NetworkPolicy(_) => "NetworkPolicy",
             Self::HttpRoute(_) => "HTTPRoute",
             Self::GrpcRoute(_) => "GRPCRoute",
@@ -250,6 +252,7 @@ impl Object {
             Self::Service(o) => &o.metadata,
             Self::EndpointSlice(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
+            Self::RequestAuthentication(o) => &o.metadata,
             Self::NetworkPolicy(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
             Self::GrpcRoute(o) => &o.metadata,
@@ -444,6 +447,12 @@ fn parse_object(
             "trellis.dev/v1alpha1",
             namespaced
         ),
+        "RequestAuthentication" => typed!(
+            RequestAuthentication,
+            RequestAuthentication,
+            "trellis.dev/v1alpha1",
+            namespaced
+        ),
         "HTTPRoute" => typed!(
             HttpRoute,
             HttpRoute,
@@ -625,6 +634,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         Object::AuthorizationPolicy(policy) => {
             crate::policy::authz::validate(&policy.spec)?;
+        }
+        Object::RequestAuthentication(policy) => {
+            crate::policy::authn::validate(&policy.spec)?;
         }
         Object::NetworkPolicy(policy) => {
             crate::policy::network::NetworkPolicy::from_object(policy)?;

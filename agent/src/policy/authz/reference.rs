@@ -689,6 +689,7 @@ fn check_case(seed: u64) -> usize {
                             path: req.path,
                             headers,
                             grpc: is_grpc(headers),
+                            auth: None,
                         });
                         let verdict = evaluate(&compiled, &who, &dest, port, layer);
                         let decision = decide(&model, &who, &dest, port, Seen::Request(req));

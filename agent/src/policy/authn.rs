@@ -1,0 +1,663 @@
+//! `RequestAuthentication` (`trellis.dev/v1alpha1`, Istio's shape): which
+//! JSON Web Tokens the selected workloads accept, checked by the
+//! destination's agent on each HTTP request before authorization.
+//!
+//! As in Istio: a request with a token that does not verify (signature,
+//! issuer, time window, audience) is refused with 401; a request without a
+//! token passes with no request principal, so an `AuthorizationPolicy` with
+//! `requestPrincipals` is what makes a token required. A verified token
+//! gives the request principal `<iss>/<sub>` and its claims to
+//! `AuthorizationPolicy` (`requestPrincipals`, `request.auth.*`
+//! conditions). The token is taken off the request before it reaches the
+//! pod unless `forwardOriginalToken` says otherwise, and the headers
+//! `outputPayloadToHeader` and `outputClaimToHeaders` name are always
+//! replaced, so a client cannot send them itself.
+//!
+//! Keys are given inline (`jwks`); `jwksUri` is refused with a reason, as
+//! the agent fetches nothing from outside the cluster's API.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{
+    authz::Selector,
+    jwt::{self, KeySet, Unverified},
+};
+use crate::state::Workload;
+
+/// Which JSON Web Tokens requests to the selected workloads may carry: a
+/// token that fails its checks gets 401; one that passes gives the request
+/// a principal (`<iss>/<sub>`) and claims for `AuthorizationPolicy`.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "RequestAuthentication",
+    doc = "Trellis RequestAuthentication: the JSON Web Tokens a workload accepts.",
+    namespaced,
+    shortname = "tra",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    /// Which pods of the namespace it applies to; all of them when absent.
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    /// One per issuer; a token is checked by the rule of its `iss`.
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    /// The token's `iss` this rule checks.
+    #[schemars(length(min = 1))]
+    pub issuer: String,
+    /// The token's `aud` must name one of these, when given.
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub audiences: Vec<String>,
+    /// The issuer's JSON Web Key Set, as JSON.
+    #[serde(default)]
+    pub jwks: Option<String>,
+    /// Not fetched by Trellis (the agent reaches only the API server): an
+    /// object giving it is refused; put the set in `jwks`.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Where the token is; `Authorization: Bearer <token>` and the
+    /// `access_token` query parameter when neither this nor `fromParams`
+    /// is given.
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub from_params: Vec<String>,
+    /// A header the verified payload (base64url, as in the token) is put in.
+    #[serde(default)]
+    pub output_payload_to_header: Option<String>,
+    /// Keep the token on the request to the pod (taken off by default).
+    #[serde(default)]
+    pub forward_original_token: bool,
+    /// Headers set to a claim's value (a string, number or boolean).
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeader {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Taken off the value before the token, as `Bearer `.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimToHeader {
+    #[schemars(length(min = 1))]
+    pub header: String,
+    /// A top-level claim, or a nested one as `a.b`.
+    #[schemars(length(min = 1))]
+    pub claim: String,
+}
+
+fn header_name(name: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+        .map_err(|_| format!("{name:?} is not a header name"))
+}
+
+/// Checks what the schema cannot say: a field path and a reason.
+pub fn validate(spec: &RequestAuthenticationSpec) -> Result<(), (String, String)> {
+    for (r, rule) in spec.jwt_rules.iter().enumerate() {
+        compile_rule(rule)
+            .map_err(|(field, reason)| (format!("spec.jwtRules[{r}].{field}"), reason))?;
+    }
+    Ok(())
+}
+
+/// Where a token may be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Location {
+    Header { name: String, prefix: String },
+    Param(String),
+}
+
+/// A rule ready to check tokens.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub kids: Vec<String>,
+    pub locations: Vec<Location>,
+    pub forward_original_token: bool,
+    #[serde(skip)]
+    keys: KeySet,
+    #[serde(skip)]
+    payload_header: Option<HeaderName>,
+    #[serde(skip)]
+    claim_headers: Vec<(HeaderName, Vec<String>)>,
+}
+
+fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
+    if rule.issuer.is_empty() {
+        return Err(("issuer".into(), "empty".into()));
+    }
+    if let Some(i) = rule.audiences.iter().position(String::is_empty) {
+        return Err((format!("audiences[{i}]"), "empty".into()));
+    }
+    let Some(jwks) = &rule.jwks else {
+        let reason = if rule.jwks_uri.is_some() {
+            "Trellis does not fetch key sets (the agent reaches only the API server): give the set inline in jwks"
+        } else {
+            "give the issuer's key set in jwks"
+        };
+        return Err((
+            if rule.jwks_uri.is_some() {
+                "jwksUri"
+            } else {
+                "jwks"
+            }
+            .into(),
+            reason.into(),
+        ));
+    };
+    if rule.jwks_uri.is_some() {
+        return Err(("jwksUri".into(), "give jwks or jwksUri, not both".into()));
+    }
+    let keys = KeySet::parse(jwks).map_err(|why| ("jwks".to_string(), why))?;
+    let mut locations = Vec::new();
+    for (i, h) in rule.from_headers.iter().enumerate() {
+        let name = header_name(&h.name).map_err(|why| (format!("fromHeaders[{i}].name"), why))?;
+        let prefix = h.prefix.clone().unwrap_or_default();
+        locations.push(Location::Header {
+            name: name.as_str().into(),
+            prefix,
+        });
+    }
+    for (i, p) in rule.from_params.iter().enumerate() {
+        if p.is_empty() {
+            return Err((format!("fromParams[{i}]"), "empty".into()));
+        }
+        locations.push(Location::Param(p.clone()));
+    }
+    if locations.is_empty() {
+        locations = vec![
+            Location::Header {
+                name: "authorization".into(),
+                prefix: "Bearer ".into(),
+            },
+            Location::Param("access_token".into()),
+        ];
+    }
+    let payload_header = rule
+        .output_payload_to_header
+        .as_deref()
+        .map(header_name)
+        .transpose()
+        .map_err(|why| ("outputPayloadToHeader".to_string(), why))?;
+    let mut claim_headers = Vec::new();
+    for (i, c) in rule.output_claim_to_headers.iter().enumerate() {
+        let name = header_name(&c.header)
+            .map_err(|why| (format!("outputClaimToHeaders[{i}].header"), why))?;
+        let path: Vec<String> = c.claim.split('.').map(String::from).collect();
+        if path.iter().any(String::is_empty) {
+            return Err((
+                format!("outputClaimToHeaders[{i}].claim"),
+                format!("{:?}: a claim name, or names joined by `.`", c.claim),
+            ));
+        }
+        claim_headers.push((name, path));
+    }
+    Ok(Rule {
+        issuer: rule.issuer.clone(),
+        audiences: rule.audiences.clone(),
+        kids: keys.kids(),
+        locations,
+        forward_original_token: rule.forward_original_token,
+        keys,
+        payload_header,
+        claim_headers,
+    })
+}
+
+/// A policy ready to check requests, as the state snapshot holds it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Authentication {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub rules: Vec<Arc<Rule>>,
+    /// What it was compiled from: two are equal when this is.
+    #[serde(skip)]
+    spec: RequestAuthenticationSpec,
+}
+
+impl PartialEq for Authentication {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.name, &self.spec) == (&other.namespace, &other.name, &other.spec)
+    }
+}
+
+impl Eq for Authentication {}
+
+impl Authentication {
+    /// Compiles a validated object (a rule that does not compile, which
+    /// validation has refused already, is left out).
+    pub fn compile(object: &RequestAuthentication) -> Self {
+        Self {
+            namespace: object.metadata.namespace.clone().unwrap_or_default(),
+            name: object.metadata.name.clone().unwrap_or_default(),
+            selector: object
+                .spec
+                .selector
+                .as_ref()
+                .map(|s| s.match_labels.clone()),
+            rules: object
+                .spec
+                .jwt_rules
+                .iter()
+                .filter_map(|r| compile_rule(r).ok().map(Arc::new))
+                .collect(),
+            spec: object.spec.clone(),
+        }
+    }
+
+    /// Whether it selects `workload`.
+    pub fn applies_to(&self, workload: &Workload) -> bool {
+        self.namespace == workload.namespace
+            && self.selector.as_ref().is_none_or(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
+            })
+    }
+}
+
+/// A request's verified token.
+#[derive(Debug)]
+pub struct Authenticated {
+    /// `<iss>/<sub>`, as Istio's request principal.
+    pub principal: String,
+    pub claims: Map<String, Value>,
+    rule: Arc<Rule>,
+    location: Location,
+    payload: String,
+}
+
+impl Authenticated {
+    /// A claim, nested ones named by their path.
+    pub fn claim(&self, path: &[impl AsRef<str>]) -> Option<&Value> {
+        let (first, rest) = path.split_first()?;
+        rest.iter()
+            .try_fold(self.claims.get(first.as_ref())?, |v, key| {
+                v.as_object()?.get(key.as_ref())
+            })
+    }
+}
+
+/// The value of query parameter `name` in `query`.
+fn param<'q>(query: &'q str, name: &str) -> Option<std::borrow::Cow<'q, str>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+/// Tokens are base64url with dots, so this only needs the escapes a client
+/// may still have used.
+fn percent_decode(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains('%') {
+        return v.into();
+    }
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
+impl Location {
+    fn find(&self, headers: &HeaderMap, uri: &Uri) -> Option<String> {
+        match self {
+            Self::Header { name, prefix } => headers.get_all(name.as_str()).iter().find_map(|v| {
+                let v = v.to_str().ok()?;
+                // The scheme is case-insensitive (RFC 9110 11.1).
+                let token = match v.get(..prefix.len()) {
+                    Some(p) if p.eq_ignore_ascii_case(prefix) => &v[prefix.len()..],
+                    _ => return None,
+                };
+                Some(token.trim().to_string())
+            }),
+            Self::Param(name) => param(uri.query()?, name).map(|t| t.into_owned()),
+        }
+        .filter(|t| !t.is_empty())
+    }
+}
+
+/// Checks the token of a request to a workload that `rules` apply to:
+/// `None` when it carries none, the verified token, or why it is refused.
+pub fn authenticate(
+    rules: &[Arc<Rule>],
+    headers: &HeaderMap,
+    uri: &Uri,
+    now: SystemTime,
+) -> Result<Option<Authenticated>, jwt::Error> {
+    let found = rules.iter().find_map(|rule| {
+        rule.locations
+            .iter()
+            .find_map(|l| Some((l, l.find(headers, uri)?)))
+    });
+    let Some((location, token)) = found else {
+        return Ok(None);
+    };
+    let unverified = Unverified::parse(&token)?;
+    let issuer = unverified.issuer().unwrap_or_default();
+    let rule = rules
+        .iter()
+        .find(|r| r.issuer == issuer && r.locations.contains(location))
+        .ok_or_else(|| jwt::Error::UnknownIssuer(issuer.into()))?;
+    unverified.verify(&rule.keys, &rule.audiences, now)?;
+    let sub = unverified
+        .claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Ok(Some(Authenticated {
+        principal: format!("{issuer}/{sub}"),
+        payload: unverified.payload_b64.to_string(),
+        claims: unverified.claims,
+        rule: rule.clone(),
+        location: location.clone(),
+    }))
+}
+
+/// The changes authentication makes to an admitted request: the headers
+/// the rules output are cleared (a client may not set them), then, with a
+/// verified token, set from it, and the token taken off unless its rule
+/// forwards it.
+pub fn edit(
+    rules: &[Arc<Rule>],
+    auth: Option<&Authenticated>,
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+) {
+    for rule in rules {
+        for name in rule
+            .payload_header
+            .iter()
+            .chain(rule.claim_headers.iter().map(|(n, _)| n))
+        {
+            headers.remove(name);
+        }
+    }
+    let Some(auth) = auth else { return };
+    let rule = &auth.rule;
+    if !rule.forward_original_token {
+        match &auth.location {
+            Location::Header { name, .. } => {
+                headers.remove(name.as_str());
+            }
+            Location::Param(name) => *uri = without_param(uri, name),
+        }
+    }
+    if let Some(name) = &rule.payload_header
+        && let Ok(value) = HeaderValue::from_str(&auth.payload)
+    {
+        headers.insert(name.clone(), value);
+    }
+    for (name, path) in &rule.claim_headers {
+        let text = match auth.claim(path) {
+            Some(Value::String(s)) => s.clone(),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+            _ => continue,
+        };
+        if let Ok(value) = HeaderValue::from_str(&text) {
+            headers.insert(name.clone(), value);
+        }
+    }
+}
+
+/// `uri` without the query parameter `name`.
+fn without_param(uri: &Uri, name: &str) -> Uri {
+    let Some(query) = uri.query() else {
+        return uri.clone();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    match pq.parse() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return uri.clone(),
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::jwt::tests::{es256, sign_es256};
+
+    fn compile(yaml: &str) -> Result<Authentication, (String, String)> {
+        let spec: RequestAuthenticationSpec = serde_yaml_ng::from_str(yaml).expect("spec");
+        validate(&spec)?;
+        Ok(Authentication::compile(&RequestAuthentication {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some("jwt".into()),
+                ..kube::api::ObjectMeta::default()
+            },
+            spec,
+        }))
+    }
+
+    /// A verified token with `claims` (and the issuer `https://idp.example`).
+    pub(crate) fn authenticated(claims: serde_json::Value) -> Authenticated {
+        let (key, jwks) = es256("k");
+        let a = compile(&spec(&jwks, "")).expect("valid");
+        let mut claims = claims;
+        claims["iss"] = json!("https://idp.example");
+        let token = sign_es256(&key, "k", &claims);
+        let (headers, uri) = request(&[("authorization", &format!("Bearer {token}"))], "/");
+        authenticate(&a.rules, &headers, &uri, SystemTime::now())
+            .expect("verifies")
+            .expect("a token")
+    }
+
+    fn spec(jwks: &str, extra: &str) -> String {
+        format!("jwtRules: [{{issuer: https://idp.example, jwks: '{jwks}'{extra}}}]")
+    }
+
+    fn request(headers: &[(&str, &str)], uri: &str) -> (HeaderMap, Uri) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        (map, uri.parse().expect("uri"))
+    }
+
+    #[test]
+    fn a_verified_token_gives_principal_and_claims_and_is_taken_off() {
+        let (key, jwks) = es256("k");
+        let a = compile(&spec(&jwks, ", outputPayloadToHeader: x-jwt, outputClaimToHeaders: [{header: x-group, claim: org.team}, {header: x-level, claim: level}]")).expect("valid");
+        let token = sign_es256(
+            &key,
+            "k",
+            &json!({"iss": "https://idp.example", "sub": "alice", "org": {"team": "red"}, "level": 3}),
+        );
+        let (mut headers, mut uri) = request(
+            &[
+                ("authorization", &format!("bearer {token}")),
+                ("x-group", "forged"),
+            ],
+            "/p?x=1",
+        );
+        let auth = authenticate(&a.rules, &headers, &uri, SystemTime::now())
+            .expect("verifies")
+            .expect("a token");
+        assert_eq!(auth.principal, "https://idp.example/alice");
+        assert_eq!(auth.claim(&["org", "team"]), Some(&json!("red")));
+        edit(&a.rules, Some(&auth), &mut headers, &mut uri);
+        assert!(headers.get("authorization").is_none());
+        assert_eq!(headers["x-group"], "red");
+        assert_eq!(headers["x-level"], "3");
+        assert_eq!(headers["x-jwt"], token.split('.').nth(1).expect("payload"));
+
+        // No token: passes, and the output headers are still cleared.
+        let (mut headers, mut uri) = request(&[("x-group", "forged"), ("x-jwt", "e30")], "/");
+        assert!(
+            authenticate(&a.rules, &headers, &uri, SystemTime::now())
+                .expect("ok")
+                .is_none()
+        );
+        edit(&a.rules, None, &mut headers, &mut uri);
+        assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn tokens_in_query_parameters_and_custom_headers() {
+        let (key, jwks) = es256("k");
+        let token = sign_es256(
+            &key,
+            "k",
+            &json!({"iss": "https://idp.example", "sub": "bob"}),
+        );
+        // The default locations: the access_token parameter, taken off.
+        let a = compile(&spec(&jwks, "")).expect("valid");
+        let (mut headers, mut uri) = request(&[], &format!("/p?a=1&access_token={token}&b=2"));
+        let auth = authenticate(&a.rules, &headers, &uri, SystemTime::now()).expect("ok");
+        edit(&a.rules, auth.as_ref(), &mut headers, &mut uri);
+        assert_eq!(uri, "/p?a=1&b=2");
+
+        // Only the locations given; kept when forwarded.
+        let a = compile(&spec(
+            &jwks,
+            ", fromHeaders: [{name: x-token}], forwardOriginalToken: true",
+        ))
+        .expect("valid");
+        let (headers, uri) = request(&[("authorization", &format!("Bearer {token}"))], "/");
+        assert!(
+            authenticate(&a.rules, &headers, &uri, SystemTime::now())
+                .expect("ok")
+                .is_none()
+        );
+        let (mut headers, mut uri) = request(&[("x-token", &token)], "/");
+        let auth = authenticate(&a.rules, &headers, &uri, SystemTime::now()).expect("ok");
+        assert_eq!(
+            auth.as_ref().map(|a| a.principal.as_str()),
+            Some("https://idp.example/bob")
+        );
+        edit(&a.rules, auth.as_ref(), &mut headers, &mut uri);
+        assert_eq!(headers["x-token"], token);
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let (key, jwks) = es256("k");
+        let a = compile(&spec(&jwks, ", audiences: [shop]")).expect("valid");
+        let check = |token: &str| {
+            let (headers, uri) = request(&[("authorization", &format!("Bearer {token}"))], "/");
+            authenticate(&a.rules, &headers, &uri, SystemTime::now())
+                .map(|a| a.map(|a| a.principal))
+        };
+        let ok = sign_es256(
+            &key,
+            "k",
+            &json!({"iss": "https://idp.example", "sub": "s", "aud": "shop"}),
+        );
+        assert_eq!(check(&ok), Ok(Some("https://idp.example/s".into())));
+        let other_aud = sign_es256(
+            &key,
+            "k",
+            &json!({"iss": "https://idp.example", "aud": "bank"}),
+        );
+        assert_eq!(check(&other_aud), Err(jwt::Error::Audience));
+        let other_iss = sign_es256(
+            &key,
+            "k",
+            &json!({"iss": "https://evil.example", "aud": "shop"}),
+        );
+        assert_eq!(
+            check(&other_iss),
+            Err(jwt::Error::UnknownIssuer("https://evil.example".into()))
+        );
+        assert_eq!(check("garbage"), Err(jwt::Error::Malformed));
+    }
+
+    #[test]
+    fn invalid_rules_name_their_field() {
+        let (_, jwks) = es256("k");
+        for (yaml, field, reason) in [
+            (
+                "jwtRules: [{issuer: i}]".to_string(),
+                "spec.jwtRules[0].jwks",
+                "key set",
+            ),
+            (
+                "jwtRules: [{issuer: i, jwksUri: 'https://idp/keys'}]".into(),
+                "spec.jwtRules[0].jwksUri",
+                "does not fetch",
+            ),
+            (
+                "jwtRules: [{issuer: i, jwks: '{}'}]".into(),
+                "spec.jwtRules[0].jwks",
+                "not a JSON Web Key Set",
+            ),
+            (
+                spec(&jwks, ", fromHeaders: [{name: 'bad header'}]"),
+                "spec.jwtRules[0].fromHeaders[0].name",
+                "not a header name",
+            ),
+            (
+                spec(
+                    &jwks,
+                    ", outputClaimToHeaders: [{header: x, claim: 'a..b'}]",
+                ),
+                "spec.jwtRules[0].outputClaimToHeaders[0].claim",
+                "claim name",
+            ),
+        ] {
+            let (f, r) = compile(&yaml).expect_err(&yaml);
+            assert_eq!(f, field, "{yaml}");
+            assert!(r.contains(reason), "{yaml}: {r}");
+        }
+    }
+}
