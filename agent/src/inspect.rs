@@ -261,6 +261,39 @@ pub fn render_policies(doc: &Value) -> String {
             }
         );
     }
+    if let Some(authentication) = doc["authentication"].as_array().filter(|a| !a.is_empty()) {
+        let _ = writeln!(out, "\nREQUEST AUTHENTICATION (JWT)");
+        let _ = writeln!(
+            out,
+            "  {:<36} {:<40} KEYS  SELECTS ON THIS NODE",
+            "POLICY", "ISSUER"
+        );
+        for a in authentication {
+            let selects: Vec<String> = a["selects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            for rule in a["rules"].as_array().into_iter().flatten() {
+                let keys = match rule["jwksUri"].as_str() {
+                    Some(uri) => uri.to_string(),
+                    None => format!("inline {}", s(&rule["kids"])),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<36} {:<40} {keys}  {}",
+                    s(&a["policy"]),
+                    s(&rule["issuer"]),
+                    if selects.is_empty() {
+                        "-".into()
+                    } else {
+                        selects.join(" ")
+                    }
+                );
+            }
+        }
+    }
     if let Some(network) = doc["network"].as_array() {
         let _ = writeln!(out, "\nNETWORK POLICIES");
         let _ = writeln!(

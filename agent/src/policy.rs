@@ -7,12 +7,14 @@
 //! workload and port, and which HTTP requests it may send), checked on
 //! every connection and request the agent delivers to a local pod, through
 //! HBONE or on the same node; [`authn`]: `RequestAuthentication`, the JSON
-//! Web Tokens ([`jwt`]) those requests may carry, checked before them.
+//! Web Tokens ([`jwt`]) those requests may carry, checked before them, with
+//! key sets inline or fetched ([`jwks`]).
 
 pub mod authn;
 pub mod authz;
 pub mod compiler;
 pub mod explain;
+pub mod jwks;
 pub mod jwt;
 pub mod network;
 #[cfg(test)]

@@ -401,6 +401,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let mut outbound_tasks = vec![tokio::spawn(outbound.clone().serve(outbound_listener))];
         let namer = Namer { state: state_rx.clone(), verdicts: verdicts.clone() };
         let flow_reader = tokio::spawn(flows::read_kernel(PinLayout::new(&cfg.bpffs).open_map(MAP_FLOWS)?, namer, flows.clone()));
+        // Identity providers' key sets (RequestAuthentication jwksUri) for this node's pods.
+        tokio::spawn(crate::policy::jwks::run(state_rx.clone(), cfg.node.clone(), crate::policy::jwks::REFRESH));
         let admin_state = AdminState {
             config: cfg.clone(),
             readiness: readiness.clone(),

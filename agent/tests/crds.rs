@@ -510,8 +510,8 @@ fn broken_request_authentications() -> Vec<(&'static str, Value, bool)> {
 #[test]
 fn each_request_authentication_rule_refuses_its_breach() {
     check_broken("RequestAuthentication", broken_request_authentications());
-    // What only the agent can check: the key set itself, and a jwksUri it
-    // will not fetch, each refused with the field that says so.
+    // What only the agent can check: the key set itself, and a jwksUri that
+    // is not a URL it can fetch, each refused with the field that says so.
     let idp = examples("requestauthentication.yaml")[0].clone();
     for (object, field, reason) in [
         (
@@ -523,10 +523,10 @@ fn each_request_authentication_rule_refuses_its_breach() {
             with(
                 without(idp.clone(), "spec.jwtRules.0.jwks"),
                 "spec.jwtRules.0.jwksUri",
-                json!("https://idp.example.com/keys"),
+                json!("idp.example.com/keys"),
             ),
             "spec.jwtRules[0].jwksUri",
-            "does not fetch",
+            "http or https",
         ),
     ] {
         let err = agent_verdict(&object).expect_err(field);

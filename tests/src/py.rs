@@ -938,6 +938,25 @@ class S(http.server.ThreadingHTTPServer):
 S(("::", int(sys.argv[2])), H).serve_forever()
 "#;
 
+/// HTTP server answering every GET with one file, as JSON (an identity
+/// provider's key set). Args: FILE PORT.
+pub const FILE_SERVER: &str = r#"
+import http.server, socket, sys
+body = open(sys.argv[1], "rb").read()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+S(("::", int(sys.argv[2])), H).serve_forever()
+"#;
+
 /// An authorization service speaking Envoy's HTTP `ext_authz` protocol, as
 /// oauth2-proxy or OPA would: `Authorization: Bearer alice` is allowed
 /// (200 with `x-auth-user: alice`, `x-tag: authz-alice` and `x-noise`),
@@ -1083,6 +1102,24 @@ for name, kind in [("Say", ch.unary_unary), ("Count", ch.unary_stream)]:
         out[name] = ["OK", dict(md or ()).get("x-served-by", "?")]
     except grpc.RpcError as e:
         out[name] = [e.code().name, e.details()]
+print(json.dumps(out))
+"#;
+
+/// Say calls to a [`GRPC_SERVER`], one per token given, each with
+/// `authorization: Bearer <token>`: prints JSON, per call `[code, details]`.
+/// Args: TARGET TOKEN...
+pub const GRPC_BEARER: &str = r#"
+import grpc, json, sys
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+grpc.channel_ready_future(ch).result(timeout=20)
+say = ch.unary_unary("/trellis.test.Echo/Say")
+out = []
+for token in sys.argv[2:]:
+    try:
+        say(b"hi", timeout=10, metadata=[("authorization", "Bearer " + token)])
+        out.append(["OK", ""])
+    except grpc.RpcError as e:
+        out.append([e.code().name, e.details()])
 print(json.dumps(out))
 "#;
 

@@ -429,6 +429,11 @@ fn request_authentication_with_jwt() {
     const ISSUER: &str = "https://idp.trellis.test";
     let idp = TokenIssuer::new(std::env::temp_dir().join("l7_jwt-idp"), "k1");
     let rogue = TokenIssuer::new(std::env::temp_dir().join("l7_jwt-rogue"), "k1");
+    // A provider whose key set the agent fetches (jwksUri), from a pod.
+    const PARTNER: &str = "https://partner.trellis.test";
+    let partner = TokenIssuer::new(std::env::temp_dir().join("l7_jwt-partner"), "p1");
+    let partner_jwks = partner.dir.join("jwks.json");
+    std::fs::write(&partner_jwks, &partner.jwks).expect("jwks file");
     let mut lab = Lab::new("l7_jwt").expect("lab");
     let a = lab.add_node("a").expect("node");
     let b = lab.add_node("b").expect("node");
@@ -436,12 +441,16 @@ fn request_authentication_with_jwt() {
     let server = lab.add_pod(&b, "b1").expect("pod");
     let local = lab.add_pod(&b, "b2").expect("pod");
     let plain = lab.add_pod(&b, "b3").expect("pod");
+    let keys = lab.add_pod(&b, "b4").expect("pod");
     let _servers = [
         server
             .serve(py::REQUEST_ECHO_SERVER, &["web", "8080"], 8080)
             .expect("server"),
         plain
             .serve(py::REQUEST_ECHO_SERVER, &["plain", "8080"], 8080)
+            .expect("server"),
+        plain
+            .serve(py::GRPC_SERVER, &["plain", "50051"], 50051)
             .expect("server"),
     ];
     let cluster = mesh::Cluster::start(
@@ -455,6 +464,14 @@ fn request_authentication_with_jwt() {
             mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
             mesh::pod(&local, "shop", &[], &[], ""),
             mesh::pod(&plain, "shop", &[("app", "plain")], &[], ""),
+            mesh::pod(&keys, "shop", &[("app", "keys")], &[], ""),
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: RequestAuthentication\n\
+                 metadata: {{name: partner, namespace: shop}}\n\
+                 spec: {{selector: {{matchLabels: {{app: plain}}}}, jwtRules: [{{issuer: '{PARTNER}', \
+                 jwksUri: 'http://{}:8080/keys'}}]}}\n",
+                keys.ip
+            ),
             mesh::service("shop", "web", JWT_VIP, 80, "8080", &[("app", "web")]),
             mesh::traffic_policy("shop", "web", "retry: {attempts: 1, retryOn: [connect-failure]}"),
             format!(
@@ -627,13 +644,96 @@ fn request_authentication_with_jwt() {
         );
     }
 
+    // gRPC: a token that does not verify is UNAUTHENTICATED, with why.
+    for client in [&remote, &local] {
+        let out = client
+            .exec()
+            .python_output(
+                py::GRPC_BEARER,
+                &[&format!("{}:50051", plain.ip), &blue, &forged],
+                Duration::from_secs(60),
+            )
+            .expect("grpc");
+        let out: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(out[0][0], "OK", "{out}");
+        assert_eq!(out[1][0], "UNAUTHENTICATED", "{out}");
+        assert!(
+            out[1][1].as_str().is_some_and(|d| d.contains("signature")),
+            "{out}"
+        );
+    }
+
+    // The partner's keys come from its provider, which is down at first:
+    // its tokens are refused, as Envoy refuses them, until the agent has
+    // fetched the set (again within a second of a token needing it).
+    let url = format!("http://{}:8080/any", plain.ip);
+    let token = partner.token(serde_json::json!({"iss": PARTNER, "sub": "p"}));
+    let (status, _, body) = call(&remote, &url, &[bearer(&token)]);
+    assert_eq!(status, "401", "{body}");
+    assert!(body.contains("has not been fetched"), "{body}");
+    let _provider = keys
+        .serve(
+            py::FILE_SERVER,
+            &[partner_jwks.to_str().expect("utf-8"), "8080"],
+            8080,
+        )
+        .expect("key set server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body) = call(&remote, &url, &[bearer(&token)]);
+        if status == "200" {
+            let echo: serde_json::Value = serde_json::from_str(&body).expect(&body);
+            assert_eq!(echo["authz"], serde_json::Value::Null, "{echo}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never fetched: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The agent's status says how the fetches went.
+    let status = cluster.agents[1].cli_json("status").expect("status");
+    let fetches = &status["jwks"][format!("http://{}:8080/keys", keys.ip)];
+    assert!(fetches["fetched"].as_u64() >= Some(1), "{fetches}");
+    assert!(fetches["failed"].as_u64() >= Some(1), "{fetches}");
+    assert_eq!(fetches["kids"], serde_json::json!(["p1"]), "{fetches}");
+    // `trellis policy` lists both, with the pods each selects on b.
+    let policies = cluster.agents[1].cli_json("policy").expect("policy");
+    let selects = |name: &str| {
+        policies["authentication"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["policy"] == name)
+            .map(|p| p["selects"].clone())
+    };
+    assert_eq!(
+        selects("shop/partner"),
+        Some(serde_json::json!(["shop/b3"])),
+        "{policies}"
+    );
+    assert_eq!(
+        selects("shop/jwt").and_then(|s| s.as_array().map(Vec::len)),
+        Some(4),
+        "{policies}"
+    );
+    let text = cluster.agents[1].cli(&["policy"]).expect("policy");
+    assert!(
+        text.contains("REQUEST AUTHENTICATION") && text.contains(PARTNER),
+        "{text}"
+    );
+    // Another provider's token is still refused there.
+    let (status, _, _) = call(&remote, &url, &[bearer(&forged)]);
+    assert_eq!(status, "401");
+
     // Counted where decided: b's HBONE server for a1's pod-IP and VIP
     // calls, b's outbound proxy for b2's pod-IP calls, its L7 path for
     // b2's VIP calls.
     let status = cluster.agents[1].cli_json("status").expect("status");
     for (counter, at_least) in [
-        (&status["inbound"]["requests_unauthenticated"], 11),
-        (&status["outbound"]["requests_unauthenticated"], 6),
+        (&status["inbound"]["requests_unauthenticated"], 12),
+        (&status["outbound"]["requests_unauthenticated"], 7),
         (&status["http"]["unauthenticated"], 5),
         (&status["inbound"]["requests_denied"], 4),
     ] {

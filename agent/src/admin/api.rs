@@ -260,6 +260,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "trafficPolicies": snapshot.traffic,
         "endpoints": state.outbound.http_endpoints(),
         "inbound": state.inbound.stats,
+        "jwks": crate::policy::jwks::status(),
         "hbone_pool": { "stats": state.pool.stats, "connections": state.pool.list() },
     })
 }
@@ -313,7 +314,30 @@ pub fn policies(state: &AdminState) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "node": state.config.node, "authorization": policies, "network": network })
+    let authentication: Vec<serde_json::Value> = snapshot
+        .authentications
+        .values()
+        .flatten()
+        .map(|a| {
+            let selects: Vec<String> = local
+                .iter()
+                .filter(|w| a.applies_to(w))
+                .map(|w| w.id())
+                .collect();
+            serde_json::json!({
+                "policy": format!("{}/{}", a.namespace, a.name),
+                "selector": a.selector,
+                "rules": a.rules,
+                "selects": selects,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": state.config.node,
+        "authorization": policies,
+        "authentication": authentication,
+        "network": network,
+    })
 }
 
 /// `GET /workloads`.

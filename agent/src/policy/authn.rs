@@ -13,8 +13,8 @@
 //! `outputPayloadToHeader` and `outputClaimToHeaders` name are always
 //! replaced, so a client cannot send them itself.
 //!
-//! Keys are given inline (`jwks`); `jwksUri` is refused with a reason, as
-//! the agent fetches nothing from outside the cluster's API.
+//! Keys are given inline (`jwks`) or fetched from `jwksUri` by the agent of
+//! each node with pods the rule selects ([`super::jwks`]).
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
@@ -68,11 +68,11 @@ pub struct JwtRule {
     #[serde(default)]
     #[schemars(inner(length(min = 1)))]
     pub audiences: Vec<String>,
-    /// The issuer's JSON Web Key Set, as JSON.
+    /// The issuer's JSON Web Key Set, as JSON; or give `jwksUri`.
     #[serde(default)]
     pub jwks: Option<String>,
-    /// Not fetched by Trellis (the agent reaches only the API server): an
-    /// object giving it is refused; put the set in `jwks`.
+    /// Where the agent fetches the key set (`http` or `https`; again every
+    /// 20 minutes).
     #[serde(default)]
     pub jwks_uri: Option<String>,
     /// Where the token is; `Authorization: Bearer <token>` and the
@@ -142,11 +142,15 @@ pub enum Location {
 pub struct Rule {
     pub issuer: String,
     pub audiences: Vec<String>,
+    /// The inline set's key ids.
     pub kids: Vec<String>,
+    /// Where the keys are fetched from, when not inline.
+    pub jwks_uri: Option<String>,
     pub locations: Vec<Location>,
     pub forward_original_token: bool,
+    /// The inline set.
     #[serde(skip)]
-    keys: KeySet,
+    keys: Option<KeySet>,
     #[serde(skip)]
     payload_header: Option<HeaderName>,
     #[serde(skip)]
@@ -160,26 +164,22 @@ fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
     if let Some(i) = rule.audiences.iter().position(String::is_empty) {
         return Err((format!("audiences[{i}]"), "empty".into()));
     }
-    let Some(jwks) = &rule.jwks else {
-        let reason = if rule.jwks_uri.is_some() {
-            "Trellis does not fetch key sets (the agent reaches only the API server): give the set inline in jwks"
-        } else {
-            "give the issuer's key set in jwks"
-        };
-        return Err((
-            if rule.jwks_uri.is_some() {
-                "jwksUri"
-            } else {
-                "jwks"
-            }
-            .into(),
-            reason.into(),
-        ));
+    let keys = match (&rule.jwks, &rule.jwks_uri) {
+        (Some(_), Some(_)) => {
+            return Err(("jwksUri".into(), "give jwks or jwksUri, not both".into()));
+        }
+        (Some(jwks), None) => Some(KeySet::parse(jwks).map_err(|why| ("jwks".to_string(), why))?),
+        (None, Some(uri)) => {
+            super::jwks::check_uri(uri).map_err(|why| ("jwksUri".to_string(), why))?;
+            None
+        }
+        (None, None) => {
+            return Err((
+                "jwks".into(),
+                "give the issuer's key set in jwks, or its URL in jwksUri".into(),
+            ));
+        }
     };
-    if rule.jwks_uri.is_some() {
-        return Err(("jwksUri".into(), "give jwks or jwksUri, not both".into()));
-    }
-    let keys = KeySet::parse(jwks).map_err(|why| ("jwks".to_string(), why))?;
     let mut locations = Vec::new();
     for (i, h) in rule.from_headers.iter().enumerate() {
         let name = header_name(&h.name).map_err(|why| (format!("fromHeaders[{i}].name"), why))?;
@@ -226,7 +226,8 @@ fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
     Ok(Rule {
         issuer: rule.issuer.clone(),
         audiences: rule.audiences.clone(),
-        kids: keys.kids(),
+        kids: keys.as_ref().map(KeySet::kids).unwrap_or_default(),
+        jwks_uri: rule.jwks_uri.clone().filter(|_| keys.is_none()),
         locations,
         forward_original_token: rule.forward_original_token,
         keys,
@@ -383,7 +384,17 @@ pub fn authenticate(
         .iter()
         .find(|r| r.issuer == issuer && r.locations.contains(location))
         .ok_or_else(|| jwt::Error::UnknownIssuer(issuer.into()))?;
-    unverified.verify(&rule.keys, &rule.audiences, now)?;
+    let fetched;
+    let keys = match (&rule.keys, &rule.jwks_uri) {
+        (Some(keys), _) => keys,
+        (None, Some(uri)) => {
+            fetched =
+                super::jwks::get(uri).ok_or_else(|| jwt::Error::KeysUnavailable(uri.clone()))?;
+            &fetched
+        }
+        (None, None) => return Err(jwt::Error::NoKey),
+    };
+    unverified.verify(keys, &rule.audiences, now)?;
     let sub = unverified
         .claims
         .get("sub")
@@ -632,9 +643,14 @@ pub(crate) mod tests {
                 "key set",
             ),
             (
-                "jwtRules: [{issuer: i, jwksUri: 'https://idp/keys'}]".into(),
+                "jwtRules: [{issuer: i, jwksUri: 'ftp://idp/keys'}]".into(),
                 "spec.jwtRules[0].jwksUri",
-                "does not fetch",
+                "http or https",
+            ),
+            (
+                spec(&jwks, ", jwksUri: 'https://idp/keys'"),
+                "spec.jwtRules[0].jwksUri",
+                "not both",
             ),
             (
                 "jwtRules: [{issuer: i, jwks: '{}'}]".into(),

@@ -38,6 +38,8 @@ pub enum Error {
     UnknownIssuer(String),
     #[error("no key of the issuer's set matches the token's kid and alg")]
     NoKey,
+    #[error("the issuer's key set at {0} has not been fetched")]
+    KeysUnavailable(String),
     #[error("the token's signature does not verify")]
     Signature,
     #[error("the token has expired")]

@@ -1,0 +1,321 @@
+//! Key sets a `RequestAuthentication` names by `jwksUri`, fetched by the
+//! agent for the rules that select pods of its node, as istiod fetches them
+//! for Envoy: again every refresh period (20 minutes, Istio's default), and
+//! after a failure with a growing pause (1 s to 1 min) while the last good
+//! set keeps serving. A token whose issuer's set has never been fetched is
+//! refused (401), as Envoy refuses it, and has the set fetched again within
+//! a second of the last try, so a provider that comes up late is used as
+//! soon as it answers.
+//!
+//! The cache is process-wide: rules are compiled from state snapshots, and
+//! many snapshots share one issuer's keys.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, OnceLock, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::{sync::watch, time::Instant};
+use tracing::{info, warn};
+
+use super::jwt::KeySet;
+use crate::state::Snapshot;
+
+/// How often a fetched set is fetched again.
+pub const REFRESH: Duration = Duration::from_secs(20 * 60);
+/// One fetch, from connecting to the last byte.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A key set is small; more than this is not one.
+const MAX_BYTES: usize = 1 << 20;
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(60);
+
+/// What `trellis status` shows of one URI's fetches.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct FetchStatus {
+    /// The key ids of the set in use, when there is one.
+    pub kids: Vec<String>,
+    pub fetched: u64,
+    pub failed: u64,
+    pub last_error: Option<String>,
+}
+
+fn statuses() -> &'static RwLock<BTreeMap<String, FetchStatus>> {
+    static STATUS: OnceLock<RwLock<BTreeMap<String, FetchStatus>>> = OnceLock::new();
+    STATUS.get_or_init(RwLock::default)
+}
+
+/// Each wanted URI's fetches.
+pub fn status() -> BTreeMap<String, FetchStatus> {
+    statuses().read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn record(uri: &str, result: Result<&KeySet, &str>) {
+    let mut all = statuses().write().unwrap_or_else(|e| e.into_inner());
+    let status = all.entry(uri.to_string()).or_default();
+    match result {
+        Ok(keys) => {
+            status.kids = keys.kids();
+            status.fetched += 1;
+        }
+        Err(why) => {
+            status.failed += 1;
+            status.last_error = Some(why.to_string());
+        }
+    }
+}
+
+fn cache() -> &'static RwLock<HashMap<String, Arc<KeySet>>> {
+    static CACHE: OnceLock<RwLock<HashMap<String, Arc<KeySet>>>> = OnceLock::new();
+    CACHE.get_or_init(RwLock::default)
+}
+
+/// Wakes the fetcher when a token needs a set it does not have.
+fn wanted_now() -> &'static tokio::sync::Notify {
+    static NOTIFY: OnceLock<tokio::sync::Notify> = OnceLock::new();
+    NOTIFY.get_or_init(tokio::sync::Notify::new)
+}
+
+/// The last good key set fetched from `uri`.
+pub fn get(uri: &str) -> Option<Arc<KeySet>> {
+    let keys = cache()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(uri)
+        .cloned();
+    if keys.is_none() {
+        wanted_now().notify_one();
+    }
+    keys
+}
+
+/// Checks a `jwksUri` as written: `http` or `https`, with a host.
+pub fn check_uri(uri: &str) -> Result<Uri, String> {
+    let wrong = || format!("{uri:?} is not an http or https URL with a host");
+    let parsed: Uri = uri.parse().map_err(|_| wrong())?;
+    match (parsed.scheme_str(), parsed.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(parsed),
+        _ => Err(wrong()),
+    }
+}
+
+/// The key set URIs of the rules that select pods of `node`.
+fn wanted(snapshot: &Snapshot, node: &str) -> BTreeSet<String> {
+    snapshot
+        .local_workloads(node)
+        .flat_map(|w| snapshot.jwt_rules_for(w))
+        .filter_map(|r| r.jwks_uri.clone())
+        .collect()
+}
+
+/// When each URI is due, the pause after its last failure, and its last try.
+struct Due {
+    at: Instant,
+    backoff: Duration,
+    last: Option<Instant>,
+}
+
+/// Keeps the cache filled for the rules of this node's pods, until the
+/// state channel closes.
+pub async fn run(mut state: watch::Receiver<Arc<Snapshot>>, node: String, refresh: Duration) {
+    let mut due: HashMap<String, Due> = HashMap::new();
+    loop {
+        let wanted = wanted(&state.borrow_and_update(), &node);
+        due.retain(|uri, _| wanted.contains(uri));
+        cache()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uri, _| wanted.contains(uri));
+        statuses()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uri, _| wanted.contains(uri));
+        let now = Instant::now();
+        for uri in &wanted {
+            let entry = due.entry(uri.clone()).or_insert(Due {
+                at: now,
+                backoff: FIRST_RETRY,
+                last: None,
+            });
+            if entry.at > now {
+                continue;
+            }
+            entry.last = Some(now);
+            match fetch(uri).await {
+                Ok(keys) => {
+                    info!(uri = %uri, kids = ?keys.kids(), "key set fetched");
+                    record(uri, Ok(&keys));
+                    cache()
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(uri.clone(), Arc::new(keys));
+                    entry.at = Instant::now() + refresh;
+                    entry.backoff = FIRST_RETRY;
+                }
+                Err(why) => {
+                    warn!(uri = %uri, reason = %why, retry_in = ?entry.backoff, "key set not fetched; the last good one, if any, stays");
+                    record(uri, Err(&why));
+                    entry.at = Instant::now() + entry.backoff;
+                    entry.backoff = (entry.backoff * 2).min(LAST_RETRY);
+                }
+            }
+        }
+        let next = due.values().map(|d| d.at).min();
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            () = wanted_now().notified() => {
+                let fetched = cache().read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<BTreeSet<_>>();
+                for (_, d) in due.iter_mut().filter(|(uri, _)| !fetched.contains(*uri)) {
+                    let soonest = d.last.map_or_else(Instant::now, |l| l + FIRST_RETRY);
+                    d.at = d.at.min(soonest);
+                }
+            }
+            () = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
+
+/// One GET of `uri`, its body read as a key set.
+async fn fetch(uri: &str) -> Result<KeySet, String> {
+    let uri = check_uri(uri)?;
+    let body = tokio::time::timeout(FETCH_TIMEOUT, get_body(&uri))
+        .await
+        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;
+    let text = std::str::from_utf8(&body).map_err(|_| "the answer is not UTF-8".to_string())?;
+    KeySet::parse(text)
+}
+
+async fn get_body(uri: &Uri) -> Result<Bytes, String> {
+    let host = uri.host().unwrap_or_default();
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    // A bracketed IPv6 literal connects without its brackets.
+    let address = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = tokio::net::TcpStream::connect((address, port))
+        .await
+        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+    let request = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(
+            http::header::HOST,
+            uri.authority().map_or(host, |a| a.as_str()),
+        )
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = if https {
+        let name = rustls_pki_types::ServerName::try_from(address.to_string())
+            .map_err(|e| format!("{host}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(client_config()?)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {host}: {e}"))?;
+        send(TokioIo::new(tls), request).await?
+    } else {
+        send(TokioIo::new(tcp), request).await?
+    };
+    if response.status() != StatusCode::OK {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    Limited::new(response.into_body(), MAX_BYTES)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| format!("reading the answer: {e}"))
+}
+
+async fn send<T>(
+    io: TokioIo<T>,
+    request: Request<Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// TLS to an identity provider: the system's roots (and `SSL_CERT_FILE`
+/// or `SSL_CERT_DIR` when set), loaded once.
+fn client_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err("no trusted root certificates on this system".into());
+            }
+            rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_are_http_or_https_with_a_host() {
+        assert!(check_uri("https://idp.example/keys").is_ok());
+        assert!(check_uri("http://10.1.2.3:8080/jwks.json").is_ok());
+        for bad in ["ftp://idp/keys", "/keys", "idp.example", "https://"] {
+            assert!(check_uri(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_set_is_fetched_over_http_and_bad_answers_are_errors() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let jwks = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "e1", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            for answer in [
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{jwks}",
+                    jwks.len()
+                ),
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string(),
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_string(),
+            ] {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = [0; 4096];
+                let n = s.read(&mut buf).await.expect("read");
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(head.starts_with("GET /keys HTTP/1.1"), "{head}");
+                s.write_all(answer.as_bytes()).await.expect("write");
+            }
+        });
+        let uri = format!("http://{addr}/keys");
+        assert_eq!(fetch(&uri).await.expect("fetched").kids(), ["e1"]);
+        assert_eq!(fetch(&uri).await.expect_err("404"), "HTTP 404 Not Found");
+        assert!(
+            fetch(&uri)
+                .await
+                .expect_err("not a set")
+                .contains("Key Set")
+        );
+    }
+}
