@@ -16,7 +16,11 @@
 //! Keys are given inline (`jwks`) or fetched from `jwksUri` by the agent of
 //! each node with pods the rule selects ([`super::jwks`]).
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use kube::CustomResource;
@@ -152,6 +156,8 @@ pub struct Rule {
     #[serde(skip)]
     keys: Option<KeySet>,
     #[serde(skip)]
+    verified: VerifiedCache,
+    #[serde(skip)]
     payload_header: Option<HeaderName>,
     #[serde(skip)]
     claim_headers: Vec<(HeaderName, Vec<String>)>,
@@ -233,6 +239,7 @@ fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
         keys,
         payload_header,
         claim_headers,
+        verified: VerifiedCache::default(),
     })
 }
 
@@ -289,23 +296,76 @@ impl Authentication {
     }
 }
 
+/// What a verified token says, kept for its next use.
+#[derive(Debug)]
+struct Verified {
+    principal: String,
+    claims: Map<String, Value>,
+    /// The payload as sent (base64url), for `outputPayloadToHeader`.
+    payload: String,
+    /// The fetched set it was verified with (`jwksUri`): a new set
+    /// verifies it again.
+    keys: Option<Arc<KeySet>>,
+}
+
+/// Tokens a rule has verified, so that a client sending the same token on
+/// each request pays for its signature once, as Envoy's jwt_authn cache
+/// does: a hit still checks the time window. Bounded; emptied when full.
+#[derive(Default)]
+struct VerifiedCache(std::sync::Mutex<HashMap<Box<str>, Arc<Verified>>>);
+
+/// Entries per rule.
+const CACHE_SIZE: usize = 1024;
+
+impl std::fmt::Debug for VerifiedCache {
+    // Tokens are credentials: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = self.0.lock().map_or(0, |m| m.len());
+        write!(f, "{len} verified tokens")
+    }
+}
+
+impl VerifiedCache {
+    fn get(&self, token: &str) -> Option<Arc<Verified>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    fn put(&self, token: &str, verified: Arc<Verified>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= CACHE_SIZE {
+            map.clear();
+        }
+        map.insert(token.into(), verified);
+    }
+}
+
 /// A request's verified token.
 #[derive(Debug)]
 pub struct Authenticated {
-    /// `<iss>/<sub>`, as Istio's request principal.
-    pub principal: String,
-    pub claims: Map<String, Value>,
+    verified: Arc<Verified>,
     rule: Arc<Rule>,
     location: Location,
-    payload: String,
 }
 
 impl Authenticated {
+    /// `<iss>/<sub>`, as Istio's request principal.
+    pub fn principal(&self) -> &str {
+        &self.verified.principal
+    }
+
+    pub fn claims(&self) -> &Map<String, Value> {
+        &self.verified.claims
+    }
+
     /// A claim, nested ones named by their path.
     pub fn claim(&self, path: &[impl AsRef<str>]) -> Option<&Value> {
         let (first, rest) = path.split_first()?;
         rest.iter()
-            .try_fold(self.claims.get(first.as_ref())?, |v, key| {
+            .try_fold(self.claims().get(first.as_ref())?, |v, key| {
                 v.as_object()?.get(key.as_ref())
             })
     }
@@ -378,20 +438,40 @@ pub fn authenticate(
     let Some((location, token)) = found else {
         return Ok(None);
     };
+    let fetched_keys = |rule: &Rule| rule.jwks_uri.as_deref().and_then(super::jwks::get);
+    for rule in rules.iter().filter(|r| r.locations.contains(location)) {
+        let Some(verified) = rule.verified.get(&token) else {
+            continue;
+        };
+        let current = match &verified.keys {
+            Some(keys) => fetched_keys(rule).is_some_and(|now| Arc::ptr_eq(keys, &now)),
+            None => true,
+        };
+        if current {
+            jwt::check_time(&verified.claims, now)?;
+            return Ok(Some(Authenticated {
+                verified,
+                rule: rule.clone(),
+                location: location.clone(),
+            }));
+        }
+    }
     let unverified = Unverified::parse(&token)?;
     let issuer = unverified.issuer().unwrap_or_default();
     let rule = rules
         .iter()
         .find(|r| r.issuer == issuer && r.locations.contains(location))
         .ok_or_else(|| jwt::Error::UnknownIssuer(issuer.into()))?;
-    let fetched;
-    let keys = match (&rule.keys, &rule.jwks_uri) {
-        (Some(keys), _) => keys,
+    let fetched = match (&rule.keys, &rule.jwks_uri) {
+        (Some(_), _) => None,
         (None, Some(uri)) => {
-            fetched =
-                super::jwks::get(uri).ok_or_else(|| jwt::Error::KeysUnavailable(uri.clone()))?;
-            &fetched
+            Some(super::jwks::get(uri).ok_or_else(|| jwt::Error::KeysUnavailable(uri.clone()))?)
         }
+        (None, None) => return Err(jwt::Error::NoKey),
+    };
+    let keys = match (&rule.keys, &fetched) {
+        (Some(keys), _) => keys,
+        (None, Some(keys)) => keys,
         (None, None) => return Err(jwt::Error::NoKey),
     };
     unverified.verify(keys, &rule.audiences, now)?;
@@ -400,10 +480,15 @@ pub fn authenticate(
         .get("sub")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    Ok(Some(Authenticated {
+    let verified = Arc::new(Verified {
         principal: format!("{issuer}/{sub}"),
         payload: unverified.payload_b64.to_string(),
         claims: unverified.claims,
+        keys: fetched,
+    });
+    rule.verified.put(&token, verified.clone());
+    Ok(Some(Authenticated {
+        verified,
         rule: rule.clone(),
         location: location.clone(),
     }))
@@ -439,7 +524,7 @@ pub fn edit(
         }
     }
     if let Some(name) = &rule.payload_header
-        && let Ok(value) = HeaderValue::from_str(&auth.payload)
+        && let Ok(value) = HeaderValue::from_str(&auth.verified.payload)
     {
         headers.insert(name.clone(), value);
     }
@@ -544,7 +629,7 @@ pub(crate) mod tests {
         let auth = authenticate(&a.rules, &headers, &uri, SystemTime::now())
             .expect("verifies")
             .expect("a token");
-        assert_eq!(auth.principal, "https://idp.example/alice");
+        assert_eq!(auth.principal(), "https://idp.example/alice");
         assert_eq!(auth.claim(&["org", "team"]), Some(&json!("red")));
         edit(&a.rules, Some(&auth), &mut headers, &mut uri);
         assert!(headers.get("authorization").is_none());
@@ -561,6 +646,46 @@ pub(crate) mod tests {
         );
         edit(&a.rules, None, &mut headers, &mut uri);
         assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn a_verified_token_is_kept_and_its_time_window_checked_again() {
+        let (key, jwks) = es256("k");
+        let a = compile(&spec(&jwks, "")).expect("valid");
+        let exp = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 10;
+        let token = sign_es256(
+            &key,
+            "k",
+            &json!({"iss": "https://idp.example", "sub": "c", "exp": exp}),
+        );
+        let (headers, uri) = request(&[("authorization", &format!("Bearer {token}"))], "/");
+        let first = authenticate(&a.rules, &headers, &uri, SystemTime::now())
+            .expect("ok")
+            .expect("token");
+        let again = authenticate(&a.rules, &headers, &uri, SystemTime::now())
+            .expect("ok")
+            .expect("token");
+        assert!(
+            Arc::ptr_eq(&first.verified, &again.verified),
+            "the second use is a cache hit"
+        );
+        let later = SystemTime::now() + std::time::Duration::from_secs(120);
+        assert_eq!(
+            authenticate(&a.rules, &headers, &uri, later).map(|a| a.is_some()),
+            Err(jwt::Error::Expired)
+        );
+        // Bounded: a full cache starts again.
+        for i in 0..CACHE_SIZE {
+            a.rules[0]
+                .verified
+                .put(&format!("t{i}"), first.verified.clone());
+        }
+        assert!(a.rules[0].verified.0.lock().expect("lock").len() <= CACHE_SIZE);
+        assert_eq!(format!("{:?}", a.rules[0].verified), "1 verified tokens");
     }
 
     #[test]
@@ -593,7 +718,7 @@ pub(crate) mod tests {
         let (mut headers, mut uri) = request(&[("x-token", &token)], "/");
         let auth = authenticate(&a.rules, &headers, &uri, SystemTime::now()).expect("ok");
         assert_eq!(
-            auth.as_ref().map(|a| a.principal.as_str()),
+            auth.as_ref().map(|a| a.principal()),
             Some("https://idp.example/bob")
         );
         edit(&a.rules, auth.as_ref(), &mut headers, &mut uri);
@@ -607,7 +732,7 @@ pub(crate) mod tests {
         let check = |token: &str| {
             let (headers, uri) = request(&[("authorization", &format!("Bearer {token}"))], "/");
             authenticate(&a.rules, &headers, &uri, SystemTime::now())
-                .map(|a| a.map(|a| a.principal))
+                .map(|a| a.map(|a| a.principal().to_string()))
         };
         let ok = sign_es256(
             &key,

@@ -346,17 +346,14 @@ impl Attribute {
                 .filter_map(|v| v.to_str().ok())
                 .map(Into::into)
                 .collect(),
-            Self::Principal => auth
-                .map(|a| a.principal.as_str().into())
-                .into_iter()
-                .collect(),
+            Self::Principal => auth.map(|a| a.principal().into()).into_iter().collect(),
             Self::Audiences => auth
                 .into_iter()
-                .flat_map(|a| super::jwt::strings(a.claims.get("aud")))
+                .flat_map(|a| super::jwt::strings(a.claims().get("aud")))
                 .map(Into::into)
                 .collect(),
             Self::Presenter => auth
-                .and_then(|a| a.claims.get("azp")?.as_str())
+                .and_then(|a| a.claims().get("azp")?.as_str())
                 .map(Into::into)
                 .into_iter()
                 .collect(),
@@ -618,7 +615,7 @@ fn source_matches(
     let Some(request) = request else {
         return Match::Unknown;
     };
-    let token = request.auth.map(|a| a.principal.as_str());
+    let token = request.auth.map(|a| a.principal());
     Match::from(
         (source.request_principals.is_empty()
             || token.is_some_and(|t| any(&source.request_principals, t)))

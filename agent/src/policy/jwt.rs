@@ -299,18 +299,7 @@ impl<'t> Unverified<'t> {
         }) {
             return Err(Error::Signature);
         }
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let skew = CLOCK_SKEW.as_secs_f64();
-        let time = |claim: &str| self.claims.get(claim).and_then(Value::as_f64);
-        if time("exp").is_some_and(|exp| now > exp + skew) {
-            return Err(Error::Expired);
-        }
-        if time("nbf").is_some_and(|nbf| now + skew < nbf) {
-            return Err(Error::NotYetValid);
-        }
+        check_time(&self.claims, now)?;
         if !audiences.is_empty() && !self.audiences().any(|a| audiences.iter().any(|w| w == a)) {
             return Err(Error::Audience);
         }
@@ -321,6 +310,24 @@ impl<'t> Unverified<'t> {
     pub fn audiences(&self) -> impl Iterator<Item = &str> {
         strings(self.claims.get("aud"))
     }
+}
+
+/// Checks the time window of verified `claims` at `now`: `exp` and `nbf`,
+/// each with [`CLOCK_SKEW`].
+pub fn check_time(claims: &Map<String, Value>, now: SystemTime) -> Result<(), Error> {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let skew = CLOCK_SKEW.as_secs_f64();
+    let time = |claim: &str| claims.get(claim).and_then(Value::as_f64);
+    if time("exp").is_some_and(|exp| now > exp + skew) {
+        return Err(Error::Expired);
+    }
+    if time("nbf").is_some_and(|nbf| now + skew < nbf) {
+        return Err(Error::NotYetValid);
+    }
+    Ok(())
 }
 
 /// A claim read as strings: a string, or the strings of a list.
