@@ -938,13 +938,13 @@ class S(http.server.ThreadingHTTPServer):
 S(("::", int(sys.argv[2])), H).serve_forever()
 "#;
 
-/// HTTP server answering every GET with one file, as JSON (an identity
-/// provider's key set). Args: FILE PORT.
+/// HTTP server answering every GET with one file as it is then, as JSON
+/// (an identity provider's key set). Args: FILE PORT.
 pub const FILE_SERVER: &str = r#"
 import http.server, socket, sys
-body = open(sys.argv[1], "rb").read()
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        body = open(sys.argv[1], "rb").read()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

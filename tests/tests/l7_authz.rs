@@ -692,12 +692,34 @@ fn request_authentication_with_jwt() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The provider turns to a new signing key: the first token it signs is
+    // refused (no key for its kid) and has the set fetched again, so the
+    // next ones pass without waiting for the 20-minute refresh; tokens of
+    // the retired key are refused from then on.
+    let rotated = TokenIssuer::new(std::env::temp_dir().join("l7_jwt-partner2"), "p2");
+    std::fs::write(&partner_jwks, &rotated.jwks).expect("jwks file");
+    let new_token = rotated.token(serde_json::json!({"iss": PARTNER, "sub": "p"}));
+    let (status, _, body) = call(&remote, &url, &[bearer(&new_token)]);
+    assert_eq!(status, "401", "{body}");
+    assert!(body.contains("no key"), "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while call(&remote, &url, &[bearer(&new_token)]).0 != "200" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never fetched"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (status, _, body) = call(&remote, &url, &[bearer(&token)]);
+    assert_eq!(status, "401", "the retired key's token: {body}");
+
     // The agent's status says how the fetches went.
     let status = cluster.agents[1].cli_json("status").expect("status");
     let fetches = &status["jwks"][format!("http://{}:8080/keys", keys.ip)];
     assert!(fetches["fetched"].as_u64() >= Some(1), "{fetches}");
     assert!(fetches["failed"].as_u64() >= Some(1), "{fetches}");
-    assert_eq!(fetches["kids"], serde_json::json!(["p1"]), "{fetches}");
+    assert_eq!(fetches["kids"], serde_json::json!(["p2"]), "{fetches}");
+    assert!(fetches["fetched"].as_u64() >= Some(2), "{fetches}");
     // `trellis policy` lists both, with the pods each selects on b.
     let policies = cluster.agents[1].cli_json("policy").expect("policy");
     let selects = |name: &str| {

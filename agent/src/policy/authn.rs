@@ -474,7 +474,12 @@ pub fn authenticate(
         (None, Some(keys)) => keys,
         (None, None) => return Err(jwt::Error::NoKey),
     };
-    unverified.verify(keys, &rule.audiences, now)?;
+    let checked = unverified.verify(keys, &rule.audiences, now);
+    if let (Err(jwt::Error::NoKey), Some(uri)) = (&checked, &rule.jwks_uri) {
+        // The provider may have a new signing key.
+        super::jwks::refresh(uri);
+    }
+    checked?;
     let sub = unverified
         .claims
         .get("sub")

@@ -5,7 +5,10 @@
 //! set keeps serving. A token whose issuer's set has never been fetched is
 //! refused (401), as Envoy refuses it, and has the set fetched again within
 //! a second of the last try, so a provider that comes up late is used as
-//! soon as it answers.
+//! soon as it answers. A token naming a key the set lacks has it fetched
+//! again too, at most every 10 s, so a provider's new signing key is
+//! picked up without waiting for the refresh (a flood of such tokens costs
+//! the provider one request per 10 s).
 //!
 //! The cache is process-wide: rules are compiled from state snapshots, and
 //! many snapshots share one issuer's keys.
@@ -34,6 +37,9 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BYTES: usize = 1 << 20;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(60);
+/// The least time between fetches of a set because a token named a key
+/// it lacks.
+const KID_REFRESH: Duration = Duration::from_secs(10);
 
 /// What `trellis status` shows of one URI's fetches.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -79,6 +85,21 @@ fn cache() -> &'static RwLock<HashMap<String, Arc<KeySet>>> {
 fn wanted_now() -> &'static tokio::sync::Notify {
     static NOTIFY: OnceLock<tokio::sync::Notify> = OnceLock::new();
     NOTIFY.get_or_init(tokio::sync::Notify::new)
+}
+
+/// URIs whose set lacked a key a token named.
+fn stale() -> &'static std::sync::Mutex<BTreeSet<String>> {
+    static STALE: OnceLock<std::sync::Mutex<BTreeSet<String>>> = OnceLock::new();
+    STALE.get_or_init(Default::default)
+}
+
+/// Asks for `uri`'s set again: a token named a key it lacks.
+pub fn refresh(uri: &str) {
+    stale()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(uri.to_string());
+    wanted_now().notify_one();
 }
 
 /// The last good key set fetched from `uri`.
@@ -170,9 +191,16 @@ pub async fn run(mut state: watch::Receiver<Arc<Snapshot>>, node: String, refres
             changed = state.changed() => if changed.is_err() { return },
             () = wanted_now().notified() => {
                 let fetched = cache().read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<BTreeSet<_>>();
-                for (_, d) in due.iter_mut().filter(|(uri, _)| !fetched.contains(*uri)) {
-                    let soonest = d.last.map_or_else(Instant::now, |l| l + FIRST_RETRY);
-                    d.at = d.at.min(soonest);
+                let stale = std::mem::take(&mut *stale().lock().unwrap_or_else(|e| e.into_inner()));
+                for (uri, d) in &mut due {
+                    let gap = if !fetched.contains(uri) {
+                        FIRST_RETRY
+                    } else if stale.contains(uri) {
+                        KID_REFRESH
+                    } else {
+                        continue;
+                    };
+                    d.at = d.at.min(d.last.map_or_else(Instant::now, |l| l + gap));
                 }
             }
             () = async {
