@@ -938,6 +938,26 @@ class S(http.server.ThreadingHTTPServer):
 S(("::", int(sys.argv[2])), H).serve_forever()
 "#;
 
+/// HTTP/1.1 server keeping connections alive, answering every GET with
+/// JSON `{"peer": <the client's port>}`: one port per connection. Args: PORT.
+pub const PEER_PORT_SERVER: &str = r#"
+import http.server, json, socket, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = json.dumps({"peer": self.client_address[1]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+S(("::", int(sys.argv[1])), H).serve_forever()
+"#;
+
 /// HTTP server answering every GET with one file as it is then, as JSON
 /// (an identity provider's key set). Args: FILE PORT.
 pub const FILE_SERVER: &str = r#"

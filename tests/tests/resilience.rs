@@ -487,3 +487,77 @@ fn traffic_policies_retry_limit_eject_and_balance() {
         status["endpoints"]
     );
 }
+
+/// `connectionPool.maxRequestsPerConnection`: the L7 path's upstream
+/// HTTP/1.1 connections to the Service's endpoint carry that many requests
+/// each (the server counts the connections by their ports), while the
+/// client keeps its one connection; without the setting one connection
+/// carries them all.
+#[test]
+fn upstream_connections_retire_after_max_requests() {
+    let mut lab = Lab::new("pool_max").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&a, "a2").expect("pod");
+    let _server = server
+        .serve(py::PEER_PORT_SERVER, &["8080"], 8080)
+        .expect("server");
+    let _cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::pod(&client, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::service(
+                "shop",
+                "capped",
+                "10.96.0.80",
+                80,
+                "8080",
+                &[("app", "web")],
+            ),
+            mesh::service("shop", "open", "10.96.0.81", 80, "8080", &[("app", "web")]),
+            mesh::traffic_policy(
+                "shop",
+                "capped",
+                "connectionPool: {maxRequestsPerConnection: 2}",
+            ),
+            mesh::traffic_policy("shop", "open", "loadBalancer: {type: RoundRobin}"),
+        ],
+    )
+    .expect("mesh");
+    // Six requests on one client connection; the upstream connections the
+    // server saw, and the client's.
+    let connections = |vip: &str| -> (usize, String) {
+        let url = format!("http://{vip}/x");
+        let mut args = vec!["-s", "-m", "10", "-w", "\\n%{num_connects}\\n"];
+        for _ in 0..6 {
+            args.push(&url);
+        }
+        let out = client
+            .exec()
+            .output("curl", &args, Duration::from_secs(60))
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let peers: std::collections::BTreeSet<u64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["peer"].as_u64())
+            .collect();
+        let client_connects: u32 = text
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .sum();
+        assert_eq!(
+            client_connects, 1,
+            "the client keeps one connection: {text}"
+        );
+        (peers.len(), text)
+    };
+    let (capped, text) = connections("10.96.0.80");
+    assert_eq!(capped, 3, "two requests per upstream connection: {text}");
+    let (open, text) = connections("10.96.0.81");
+    assert_eq!(open, 1, "one upstream connection for all: {text}");
+}

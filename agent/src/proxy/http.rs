@@ -1489,7 +1489,8 @@ impl HttpProxy {
                     .upgrade(req, protocol, client, key, dst, call, svc)
                     .await;
             }
-            let (mut sender, reused) = self.h1_sender(&key, dst.clone(), call, svc).await?;
+            let (mut sender, mut served) = self.h1_sender(&key, dst.clone(), call, svc).await?;
+            let reused = served > 0;
             // A pooled connection the backend closed while it sat idle (its
             // keep-alive timeout racing this request) fails a request
             // through no fault of the request's. One that was never written
@@ -1513,12 +1514,14 @@ impl HttpProxy {
                     self.stats.stale_retries.fetch_add(1, Ordering::Relaxed);
                     debug!(backend = %key.backend, error = %e.error(), "pooled connection closed under the request: sent again on a new one");
                     sender = self.h1_connect(&key, dst, call, svc).await?;
+                    served = 0;
                     self.answer(local, sender.send_request(req))
                         .await
                         .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
                 }
             };
-            self.pools.put_h1(key, sender);
+            let max = svc.policy.max_requests_per_connection;
+            self.pools.put_h1(key, sender, served + 1, max);
             Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
         }
     }
@@ -1591,19 +1594,19 @@ impl HttpProxy {
         Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
     }
 
-    /// An HTTP/1.1 upstream connection: a pooled one (`true`) when one is
-    /// idle, else a new one.
+    /// An HTTP/1.1 upstream connection: a pooled one when one is idle, with
+    /// the requests it has carried, else a new one (none).
     async fn h1_sender(
         &self,
         key: &UpstreamKey,
         dst: Option<Identity>,
         call: &Call,
         svc: &ServiceState,
-    ) -> Result<(hyper::client::conn::http1::SendRequest<Body>, bool), (Reason, String)> {
-        if let Some(sender) = self.pools.take_h1(key) {
-            return Ok((sender, true));
+    ) -> Result<(hyper::client::conn::http1::SendRequest<Body>, u32), (Reason, String)> {
+        if let Some(pooled) = self.pools.take_h1(key) {
+            return Ok(pooled);
         }
-        Ok((self.h1_connect(key, dst, call, svc).await?, false))
+        Ok((self.h1_connect(key, dst, call, svc).await?, 0))
     }
 
     /// A new HTTP/1.1 upstream connection.
@@ -1631,7 +1634,7 @@ impl HttpProxy {
         call: &Call,
         svc: &ServiceState,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, (Reason, String)> {
-        if let Some(sender) = self.pools.h2(key) {
+        if let Some(sender) = self.pools.h2(key, svc.policy.max_requests_per_connection) {
             return Ok(sender);
         }
         self.h2_connect(key, dst, call, svc).await
@@ -1654,7 +1657,11 @@ impl HttpProxy {
                 .await
                 .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         drive(conn, (guard, counted), "upstream HTTP/2 connection");
-        self.pools.put_h2(key.clone(), sender.clone());
+        self.pools.put_h2(
+            key.clone(),
+            sender.clone(),
+            svc.policy.max_requests_per_connection,
+        );
         Ok(sender)
     }
 

@@ -5,7 +5,9 @@
 //! `idle_timeout`) are let go: an idle HTTP/1.1 one closes, an HTTP/2 one
 //! closes once its streams end. A sweep also drops the entries of
 //! connections the backend closed, so endpoints that come and go (every
-//! rollout's pods) leave nothing behind.
+//! rollout's pods) leave nothing behind. A Service's
+//! `connectionPool.maxRequestsPerConnection` retires a connection after
+//! that many requests (its last one runs to its end).
 
 use std::{
     collections::HashMap,
@@ -42,8 +44,8 @@ pub(super) struct Swept {
     pub closed: usize,
 }
 
-/// A pooled connection and when it last took a request.
-type Used<S> = (S, Instant);
+/// A pooled connection, when it last took a request, and how many it took.
+type Used<S> = (S, Instant, u32);
 
 /// The pools of one L7 proxy.
 pub(super) struct Pools<B> {
@@ -62,40 +64,60 @@ impl<B> Default for Pools<B> {
 
 impl<B> Pools<B> {
     /// An idle HTTP/1.1 connection ready for a request, taken out of the
-    /// pool while it carries one.
-    pub fn take_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<B>> {
+    /// pool while it carries one, with the number it has carried.
+    pub fn take_h1(&self, key: &UpstreamKey) -> Option<(http1::SendRequest<B>, u32)> {
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
-        list.retain(|(s, _)| !s.is_closed());
-        let i = list.iter().position(|(s, _)| s.is_ready())?;
-        Some(list.swap_remove(i).0)
+        list.retain(|(s, _, _)| !s.is_closed());
+        let i = list.iter().position(|(s, _, _)| s.is_ready())?;
+        let (sender, _, served) = list.swap_remove(i);
+        Some((sender, served))
     }
 
-    /// Back to the pool after a request (it takes the next one once this
-    /// response's body has been read), unless enough are idle already.
-    pub fn put_h1(&self, key: UpstreamKey, sender: http1::SendRequest<B>) {
+    /// Back to the pool after its `served`th request (it takes the next one
+    /// once this response's body has been read), unless enough are idle
+    /// already or it has served `max`: then it closes after this response.
+    pub fn put_h1(
+        &self,
+        key: UpstreamKey,
+        sender: http1::SendRequest<B>,
+        served: u32,
+        max: Option<u32>,
+    ) {
+        if max.is_some_and(|m| served >= m) {
+            return;
+        }
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < IDLE_PER_BACKEND {
-            list.push((sender, Instant::now()));
+            list.push((sender, Instant::now(), served));
         }
     }
 
-    /// The key's HTTP/2 connection, unless it has closed; its use resets
-    /// its idle time.
-    pub fn h2(&self, key: &UpstreamKey) -> Option<http2::SendRequest<B>> {
+    /// The key's HTTP/2 connection for one more request, unless it has
+    /// closed; its use resets its idle time. At its `max`th request it
+    /// leaves the pool (its streams go on), so the next opens a new one.
+    pub fn h2(&self, key: &UpstreamKey, max: Option<u32>) -> Option<http2::SendRequest<B>> {
         let mut shared = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        let (sender, last) = shared.get_mut(key).filter(|(s, _)| !s.is_closed())?;
+        let (sender, last, served) = shared.get_mut(key).filter(|(s, _, _)| !s.is_closed())?;
         *last = Instant::now();
-        Some(sender.clone())
+        *served += 1;
+        let sender = sender.clone();
+        if max.is_some_and(|m| *served >= m) {
+            shared.remove(key);
+        }
+        Some(sender)
     }
 
-    /// Makes `sender` the key's HTTP/2 connection, in place of any before.
-    pub fn put_h2(&self, key: UpstreamKey, sender: http2::SendRequest<B>) {
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (sender, Instant::now()));
+    /// Makes `sender`, about to carry its first request, the key's HTTP/2
+    /// connection in place of any before (unless that request is its last).
+    pub fn put_h2(&self, key: UpstreamKey, sender: http2::SendRequest<B>, max: Option<u32>) {
+        let mut shared = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if max.is_some_and(|m| m <= 1) {
+            shared.remove(&key);
+        } else {
+            shared.insert(key, (sender, Instant::now(), 1));
+        }
     }
 
     /// Stops handing out the key's HTTP/2 connection (its streams go on),
@@ -125,12 +147,12 @@ impl<B> Pools<B> {
         {
             let mut h1 = self.h1.lock().unwrap_or_else(|e| e.into_inner());
             h1.retain(|_, list| {
-                list.retain(|(s, last)| fresh(s.is_closed(), *last));
+                list.retain(|(s, last, _)| fresh(s.is_closed(), *last));
                 !list.is_empty()
             });
         }
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        h2.retain(|_, (s, last)| fresh(s.is_closed(), *last));
+        h2.retain(|_, (s, last, _)| fresh(s.is_closed(), *last));
         swept
     }
 
@@ -178,8 +200,8 @@ mod tests {
         let (a, _a_far) = h1().await;
         let (b, b_far) = h1().await;
         let (c, _c_far) = h1().await;
-        pools.put_h1(key(1), a);
-        pools.put_h1(key(2), b);
+        pools.put_h1(key(1), a, 1, None);
+        pools.put_h1(key(2), b, 1, None);
         let t0 = Instant::now();
         let idle = Duration::from_secs(60);
         assert_eq!(pools.sweep(t0, idle), Swept::default(), "all fresh");
@@ -200,7 +222,7 @@ mod tests {
         // One used just before the sweep stays; the other, idle past the
         // timeout, goes.
         let later = Instant::now() + idle;
-        pools.put_h1(key(3), c);
+        pools.put_h1(key(3), c, 1, None);
         let swept = pools.sweep(later, idle);
         assert_eq!(swept, Swept { idle: 1, closed: 0 });
         assert!(pools.take_h1(&key(1)).is_none());
@@ -215,19 +237,48 @@ mod tests {
             .await
             .expect("h2");
         tokio::spawn(conn);
-        pools.put_h2(key(1), sender);
+        pools.put_h2(key(1), sender, None);
         let idle = Duration::from_secs(60);
         let start = Instant::now();
         // Used now: its idle time starts again.
-        assert!(pools.h2(&key(1)).is_some());
+        assert!(pools.h2(&key(1), None).is_some());
         assert_eq!(pools.sweep(start + idle / 2, idle), Swept::default());
-        assert!(pools.h2(&key(1)).is_some());
+        assert!(pools.h2(&key(1), None).is_some());
         assert_eq!(
             pools.sweep(Instant::now() + idle, idle),
             Swept { idle: 1, closed: 0 }
         );
-        assert!(pools.h2(&key(1)).is_none());
+        assert!(pools.h2(&key(1), None).is_none());
         assert_eq!(pools.len(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn connections_retire_after_max_requests() {
+        let pools = Pools::default();
+        // HTTP/1.1: back in the pool after its first request, not after
+        // its second.
+        let (mut a, _a_far) = h1().await;
+        a.ready().await.expect("ready");
+        pools.put_h1(key(1), a, 1, Some(2));
+        let (a, served) = pools.take_h1(&key(1)).expect("pooled");
+        assert_eq!(served, 1);
+        pools.put_h1(key(1), a, served + 1, Some(2));
+        assert!(pools.take_h1(&key(1)).is_none(), "retired");
+
+        // HTTP/2: its first request at put_h2, the second and third through
+        // h2(); the third is its last.
+        let (near, _far) = tokio::io::duplex(65536);
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(near))
+            .await
+            .expect("h2");
+        tokio::spawn(conn);
+        pools.put_h2(key(2), sender.clone(), Some(3));
+        assert!(pools.h2(&key(2), Some(3)).is_some());
+        assert!(pools.h2(&key(2), Some(3)).is_some());
+        assert!(pools.h2(&key(2), Some(3)).is_none(), "retired");
+        // One request per connection: never pooled.
+        pools.put_h2(key(3), sender, Some(1));
+        assert!(pools.h2(&key(3), Some(1)).is_none());
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct TrafficPolicySpec {
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
     #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    #[serde(default)]
     pub outlier_detection: Option<OutlierSpec>,
     #[serde(default)]
     pub health_check: Option<HealthCheckSpec>,
@@ -174,6 +176,18 @@ pub struct BudgetSpec {
     /// Retries in flight always allowed, however few requests there are.
     #[serde(default)]
     pub min_retry_concurrency: Option<u32>,
+}
+
+/// The L7 path's upstream connections to the Service's endpoints, as
+/// Istio's `connectionPool.http`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSpec {
+    /// Requests a connection carries before it is closed (1: none is kept
+    /// alive); unlimited when absent.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub max_requests_per_connection: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -467,6 +481,9 @@ pub struct Resilience {
     pub rate_limit: Option<RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Requests an upstream connection carries before it is closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Envoy's retry budget defaults: 20 % of active requests, at least 3.
@@ -657,6 +674,12 @@ impl Resilience {
                 max_requests: positive(&at("maxRequests"), c.max_requests)?,
                 max_retries: c.max_retries,
             };
+        }
+        if let Some(p) = &spec.connection_pool {
+            out.max_requests_per_connection = positive(
+                "spec.connectionPool.maxRequestsPerConnection",
+                p.max_requests_per_connection,
+            )?;
         }
         if let Some(o) = &spec.outlier_detection {
             let at = |f: &str| format!("spec.outlierDetection.{f}");
