@@ -488,11 +488,12 @@ fn traffic_policies_retry_limit_eject_and_balance() {
     );
 }
 
-/// `connectionPool.maxRequestsPerConnection`: the L7 path's upstream
+/// `connectionPool`: with `maxRequestsPerConnection` the L7 path's upstream
 /// HTTP/1.1 connections to the Service's endpoint carry that many requests
 /// each (the server counts the connections by their ports), while the
-/// client keeps its one connection; without the setting one connection
-/// carries them all.
+/// client keeps its one connection; without it one connection carries them
+/// all. With `idleTimeout` a connection unused that long is closed (the
+/// next call opens another), where the agent's own hour keeps it.
 #[test]
 fn upstream_connections_retire_after_max_requests() {
     let mut lab = Lab::new("pool_max").expect("lab");
@@ -525,6 +526,8 @@ fn upstream_connections_retire_after_max_requests() {
                 "connectionPool: {maxRequestsPerConnection: 2}",
             ),
             mesh::traffic_policy("shop", "open", "loadBalancer: {type: RoundRobin}"),
+            mesh::service("shop", "brief", "10.96.0.82", 80, "8080", &[("app", "web")]),
+            mesh::traffic_policy("shop", "brief", "connectionPool: {idleTimeout: 1s}"),
         ],
     )
     .expect("mesh");
@@ -560,4 +563,24 @@ fn upstream_connections_retire_after_max_requests() {
     assert_eq!(capped, 3, "two requests per upstream connection: {text}");
     let (open, text) = connections("10.96.0.81");
     assert_eq!(open, 1, "one upstream connection for all: {text}");
+
+    // Two calls 3 s apart: the upstream port each reached.
+    let apart = |vip: &str| -> (u64, u64) {
+        let url = format!("http://{vip}/x");
+        let port = || {
+            let out = client
+                .exec()
+                .output("curl", &["-s", "-m", "10", &url], Duration::from_secs(30))
+                .expect("curl");
+            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+            v["peer"].as_u64().expect("peer")
+        };
+        let first = port();
+        std::thread::sleep(Duration::from_secs(3));
+        (first, port())
+    };
+    let (first, second) = apart("10.96.0.82");
+    assert_ne!(first, second, "idle past 1s: a new upstream connection");
+    let (first, second) = apart("10.96.0.81");
+    assert_eq!(first, second, "the agent's idle timeout keeps it");
 }

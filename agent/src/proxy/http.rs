@@ -231,6 +231,14 @@ impl Reason {
     }
 }
 
+/// A Service's policy's settings for its pooled connections.
+fn pool_limits(policy: &resilience::Resilience) -> pool::Limits {
+    pool::Limits {
+        max_requests: policy.max_requests_per_connection,
+        idle: policy.idle_timeout,
+    }
+}
+
 /// An upstream connection of either kind (TCP, possibly in the sockhash, or
 /// an HBONE stream): one type, so hyper's client code is compiled once.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -1137,12 +1145,36 @@ impl HttpProxy {
     }
 
     /// Lets go of pooled upstream connections idle past the idle timeout
-    /// and of closed ones, until the task is dropped.
+    /// (theirs, or the agent's) and of closed ones, until the task is
+    /// dropped; as often as the shortest of those timeouts needs.
     pub async fn sweep_pools(self: Arc<Self>) {
-        let mut every = tokio::time::interval(pool::sweep_every(self.pool_idle));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state = self.state.clone();
+        let every = |snapshot: &Snapshot| {
+            let shortest = snapshot
+                .traffic
+                .values()
+                .filter_map(|p| p.idle_timeout)
+                .chain([self.pool_idle])
+                .min()
+                .unwrap_or(self.pool_idle);
+            pool::sweep_every(shortest)
+        };
+        let mut next = tokio::time::Instant::now() + every(&state.borrow_and_update());
         loop {
-            every.tick().await;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // A policy with a shorter idle timeout is swept for
+                    // soon; a sweep due already stays due.
+                    let soonest = tokio::time::Instant::now() + every(&state.borrow_and_update());
+                    next = next.min(soonest);
+                    continue;
+                }
+            }
+            next = tokio::time::Instant::now() + every(&state.borrow());
             let swept = self.pools.sweep(std::time::Instant::now(), self.pool_idle);
             if swept.idle > 0 {
                 self.stats
@@ -1520,8 +1552,8 @@ impl HttpProxy {
                         .map_err(|e| (Reason::UpstreamReset, e.to_string()))?
                 }
             };
-            let max = svc.policy.max_requests_per_connection;
-            self.pools.put_h1(key, sender, served + 1, max);
+            self.pools
+                .put_h1(key, sender, served + 1, pool_limits(&svc.policy));
             Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
         }
     }
@@ -1634,7 +1666,7 @@ impl HttpProxy {
         call: &Call,
         svc: &ServiceState,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, (Reason, String)> {
-        if let Some(sender) = self.pools.h2(key, svc.policy.max_requests_per_connection) {
+        if let Some(sender) = self.pools.h2(key, pool_limits(&svc.policy)) {
             return Ok(sender);
         }
         self.h2_connect(key, dst, call, svc).await
@@ -1657,11 +1689,8 @@ impl HttpProxy {
                 .await
                 .map_err(|e| (Reason::UpstreamConnectFailed, e.to_string()))?;
         drive(conn, (guard, counted), "upstream HTTP/2 connection");
-        self.pools.put_h2(
-            key.clone(),
-            sender.clone(),
-            svc.policy.max_requests_per_connection,
-        );
+        self.pools
+            .put_h2(key.clone(), sender.clone(), pool_limits(&svc.policy));
         Ok(sender)
     }
 

@@ -7,7 +7,8 @@
 //! connections the backend closed, so endpoints that come and go (every
 //! rollout's pods) leave nothing behind. A Service's
 //! `connectionPool.maxRequestsPerConnection` retires a connection after
-//! that many requests (its last one runs to its end).
+//! that many requests (its last one runs to its end), and its
+//! `connectionPool.idleTimeout` replaces the agent's for its connections.
 
 use std::{
     collections::HashMap,
@@ -44,8 +45,18 @@ pub(super) struct Swept {
     pub closed: usize,
 }
 
-/// A pooled connection, when it last took a request, and how many it took.
-type Used<S> = (S, Instant, u32);
+/// A Service's settings for its pooled connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Limits {
+    /// Requests a connection carries before it is closed.
+    pub max_requests: Option<u32>,
+    /// In place of the agent's idle timeout.
+    pub idle: Option<Duration>,
+}
+
+/// A pooled connection, when it last took a request, how many it took, and
+/// its own idle timeout.
+type Used<S> = (S, Instant, u32, Option<Duration>);
 
 /// The pools of one L7 proxy.
 pub(super) struct Pools<B> {
@@ -68,42 +79,44 @@ impl<B> Pools<B> {
     pub fn take_h1(&self, key: &UpstreamKey) -> Option<(http1::SendRequest<B>, u32)> {
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
-        list.retain(|(s, _, _)| !s.is_closed());
-        let i = list.iter().position(|(s, _, _)| s.is_ready())?;
-        let (sender, _, served) = list.swap_remove(i);
+        list.retain(|(s, ..)| !s.is_closed());
+        let i = list.iter().position(|(s, ..)| s.is_ready())?;
+        let (sender, _, served, _) = list.swap_remove(i);
         Some((sender, served))
     }
 
     /// Back to the pool after its `served`th request (it takes the next one
     /// once this response's body has been read), unless enough are idle
-    /// already or it has served `max`: then it closes after this response.
+    /// already or it has served its maximum: then it closes after this
+    /// response.
     pub fn put_h1(
         &self,
         key: UpstreamKey,
         sender: http1::SendRequest<B>,
         served: u32,
-        max: Option<u32>,
+        limits: Limits,
     ) {
-        if max.is_some_and(|m| served >= m) {
+        if limits.max_requests.is_some_and(|m| served >= m) {
             return;
         }
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < IDLE_PER_BACKEND {
-            list.push((sender, Instant::now(), served));
+            list.push((sender, Instant::now(), served, limits.idle));
         }
     }
 
     /// The key's HTTP/2 connection for one more request, unless it has
-    /// closed; its use resets its idle time. At its `max`th request it
+    /// closed; its use resets its idle time. At its last request it
     /// leaves the pool (its streams go on), so the next opens a new one.
-    pub fn h2(&self, key: &UpstreamKey, max: Option<u32>) -> Option<http2::SendRequest<B>> {
+    pub fn h2(&self, key: &UpstreamKey, limits: Limits) -> Option<http2::SendRequest<B>> {
         let mut shared = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        let (sender, last, served) = shared.get_mut(key).filter(|(s, _, _)| !s.is_closed())?;
+        let (sender, last, served, idle) = shared.get_mut(key).filter(|(s, ..)| !s.is_closed())?;
         *last = Instant::now();
         *served += 1;
+        *idle = limits.idle;
         let sender = sender.clone();
-        if max.is_some_and(|m| *served >= m) {
+        if limits.max_requests.is_some_and(|m| *served >= m) {
             shared.remove(key);
         }
         Some(sender)
@@ -111,12 +124,12 @@ impl<B> Pools<B> {
 
     /// Makes `sender`, about to carry its first request, the key's HTTP/2
     /// connection in place of any before (unless that request is its last).
-    pub fn put_h2(&self, key: UpstreamKey, sender: http2::SendRequest<B>, max: Option<u32>) {
+    pub fn put_h2(&self, key: UpstreamKey, sender: http2::SendRequest<B>, limits: Limits) {
         let mut shared = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        if max.is_some_and(|m| m <= 1) {
+        if limits.max_requests.is_some_and(|m| m <= 1) {
             shared.remove(&key);
         } else {
-            shared.insert(key, (sender, Instant::now(), 1));
+            shared.insert(key, (sender, Instant::now(), 1, limits.idle));
         }
     }
 
@@ -129,15 +142,16 @@ impl<B> Pools<B> {
             .remove(key);
     }
 
-    /// Lets go of connections unused since `now - idle` and of closed
-    /// ones, and of keys left with none.
+    /// Lets go of connections unused for their idle timeout (`idle`
+    /// unless their Service gave its own) and of closed ones, and of keys
+    /// left with none.
     pub fn sweep(&self, now: Instant, idle: Duration) -> Swept {
         let mut swept = Swept::default();
-        let mut fresh = |closed: bool, last: Instant| {
+        let mut fresh = |closed: bool, last: Instant, own: Option<Duration>| {
             if closed {
                 swept.closed += 1;
                 false
-            } else if now.saturating_duration_since(last) >= idle {
+            } else if now.saturating_duration_since(last) >= own.unwrap_or(idle) {
                 swept.idle += 1;
                 false
             } else {
@@ -147,12 +161,12 @@ impl<B> Pools<B> {
         {
             let mut h1 = self.h1.lock().unwrap_or_else(|e| e.into_inner());
             h1.retain(|_, list| {
-                list.retain(|(s, last, _)| fresh(s.is_closed(), *last));
+                list.retain(|(s, last, _, own)| fresh(s.is_closed(), *last, *own));
                 !list.is_empty()
             });
         }
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        h2.retain(|_, (s, last, _)| fresh(s.is_closed(), *last));
+        h2.retain(|_, (s, last, _, own)| fresh(s.is_closed(), *last, *own));
         swept
     }
 
@@ -200,8 +214,8 @@ mod tests {
         let (a, _a_far) = h1().await;
         let (b, b_far) = h1().await;
         let (c, _c_far) = h1().await;
-        pools.put_h1(key(1), a, 1, None);
-        pools.put_h1(key(2), b, 1, None);
+        pools.put_h1(key(1), a, 1, Limits::default());
+        pools.put_h1(key(2), b, 1, Limits::default());
         let t0 = Instant::now();
         let idle = Duration::from_secs(60);
         assert_eq!(pools.sweep(t0, idle), Swept::default(), "all fresh");
@@ -222,7 +236,7 @@ mod tests {
         // One used just before the sweep stays; the other, idle past the
         // timeout, goes.
         let later = Instant::now() + idle;
-        pools.put_h1(key(3), c, 1, None);
+        pools.put_h1(key(3), c, 1, Limits::default());
         let swept = pools.sweep(later, idle);
         assert_eq!(swept, Swept { idle: 1, closed: 0 });
         assert!(pools.take_h1(&key(1)).is_none());
@@ -237,18 +251,18 @@ mod tests {
             .await
             .expect("h2");
         tokio::spawn(conn);
-        pools.put_h2(key(1), sender, None);
+        pools.put_h2(key(1), sender, Limits::default());
         let idle = Duration::from_secs(60);
         let start = Instant::now();
         // Used now: its idle time starts again.
-        assert!(pools.h2(&key(1), None).is_some());
+        assert!(pools.h2(&key(1), Limits::default()).is_some());
         assert_eq!(pools.sweep(start + idle / 2, idle), Swept::default());
-        assert!(pools.h2(&key(1), None).is_some());
+        assert!(pools.h2(&key(1), Limits::default()).is_some());
         assert_eq!(
             pools.sweep(Instant::now() + idle, idle),
             Swept { idle: 1, closed: 0 }
         );
-        assert!(pools.h2(&key(1), None).is_none());
+        assert!(pools.h2(&key(1), Limits::default()).is_none());
         assert_eq!(pools.len(), (0, 0));
     }
 
@@ -259,10 +273,14 @@ mod tests {
         // its second.
         let (mut a, _a_far) = h1().await;
         a.ready().await.expect("ready");
-        pools.put_h1(key(1), a, 1, Some(2));
+        let two = Limits {
+            max_requests: Some(2),
+            idle: None,
+        };
+        pools.put_h1(key(1), a, 1, two);
         let (a, served) = pools.take_h1(&key(1)).expect("pooled");
         assert_eq!(served, 1);
-        pools.put_h1(key(1), a, served + 1, Some(2));
+        pools.put_h1(key(1), a, served + 1, two);
         assert!(pools.take_h1(&key(1)).is_none(), "retired");
 
         // HTTP/2: its first request at put_h2, the second and third through
@@ -272,13 +290,45 @@ mod tests {
             .await
             .expect("h2");
         tokio::spawn(conn);
-        pools.put_h2(key(2), sender.clone(), Some(3));
-        assert!(pools.h2(&key(2), Some(3)).is_some());
-        assert!(pools.h2(&key(2), Some(3)).is_some());
-        assert!(pools.h2(&key(2), Some(3)).is_none(), "retired");
+        let (three, one) = (
+            Limits {
+                max_requests: Some(3),
+                idle: None,
+            },
+            Limits {
+                max_requests: Some(1),
+                idle: None,
+            },
+        );
+        pools.put_h2(key(2), sender.clone(), three);
+        assert!(pools.h2(&key(2), three).is_some());
+        assert!(pools.h2(&key(2), three).is_some());
+        assert!(pools.h2(&key(2), three).is_none(), "retired");
         // One request per connection: never pooled.
-        pools.put_h2(key(3), sender, Some(1));
-        assert!(pools.h2(&key(3), Some(1)).is_none());
+        pools.put_h2(key(3), sender, one);
+        assert!(pools.h2(&key(3), one).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_service_idle_timeout_replaces_the_agents() {
+        let pools = Pools::default();
+        let (mut a, _a_far) = h1().await;
+        let (mut b, _b_far) = h1().await;
+        a.ready().await.expect("ready");
+        b.ready().await.expect("ready");
+        let short = Limits {
+            max_requests: None,
+            idle: Some(Duration::from_secs(1)),
+        };
+        pools.put_h1(key(1), a, 1, short);
+        pools.put_h1(key(2), b, 1, Limits::default());
+        let swept = pools.sweep(
+            Instant::now() + Duration::from_secs(2),
+            Duration::from_secs(60),
+        );
+        assert_eq!(swept, Swept { idle: 1, closed: 0 });
+        assert!(pools.take_h1(&key(1)).is_none());
+        assert!(pools.take_h1(&key(2)).is_some());
     }
 
     #[test]

@@ -188,6 +188,11 @@ pub struct ConnectionPoolSpec {
     #[serde(default)]
     #[schemars(range(min = 1))]
     pub max_requests_per_connection: Option<u32>,
+    /// How long a connection may sit unused before it is closed, in place
+    /// of the agent's `--idle-timeout` (a Gateway API duration).
+    #[serde(default)]
+    #[schemars(pattern(DURATION))]
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -484,6 +489,9 @@ pub struct Resilience {
     /// Requests an upstream connection carries before it is closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
+    /// How long an upstream connection may sit unused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Envoy's retry budget defaults: 20 % of active requests, at least 3.
@@ -680,6 +688,17 @@ impl Resilience {
                 "spec.connectionPool.maxRequestsPerConnection",
                 p.max_requests_per_connection,
             )?;
+            out.idle_timeout =
+                duration("spec.connectionPool.idleTimeout", p.idle_timeout.as_ref())?;
+            if out
+                .idle_timeout
+                .is_some_and(|d| d < Duration::from_millis(100))
+            {
+                return Err((
+                    "spec.connectionPool.idleTimeout".into(),
+                    "shorter than 100ms".into(),
+                ));
+            }
         }
         if let Some(o) = &spec.outlier_detection {
             let at = |f: &str| format!("spec.outlierDetection.{f}");
