@@ -100,17 +100,6 @@ pub struct InboundStats {
     pub keepalive_timeouts: AtomicU64,
 }
 
-impl InboundStats {
-    /// Counts a request refused by the destination's policies.
-    pub fn count_refusal(&self, refusal: &crate::policy::authz::Refusal) {
-        match refusal {
-            crate::policy::authz::Refusal::Denied { .. } => &self.requests_denied,
-            crate::policy::authz::Refusal::Unauthenticated(_) => &self.requests_unauthenticated,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 pub struct Inbound {
     node: String,
     trust_domain: String,
@@ -582,7 +571,14 @@ impl Inbound {
                         self.state.clone(),
                         peer_id.clone(),
                         target,
-                        move |refusal| this.stats.count_refusal(refusal),
+                        move |refusal| {
+                            refusal
+                                .counter(
+                                    &this.stats.requests_denied,
+                                    &this.stats.requests_unauthenticated,
+                                )
+                                .fetch_add(1, Ordering::Relaxed);
+                        },
                     )
                 });
                 if !inspect {

@@ -287,12 +287,7 @@ impl Authentication {
 
     /// Whether it selects `workload`.
     pub fn applies_to(&self, workload: &Workload) -> bool {
-        self.namespace == workload.namespace
-            && self.selector.as_ref().is_none_or(|labels| {
-                labels
-                    .iter()
-                    .all(|(k, v)| workload.labels.get(k) == Some(v))
-            })
+        super::authz::selects(&self.namespace, self.selector.as_ref(), workload)
     }
 }
 
@@ -463,17 +458,16 @@ pub fn authenticate(
         .find(|r| r.issuer == issuer && r.locations.contains(location))
         .ok_or_else(|| jwt::Error::UnknownIssuer(issuer.into()))?;
     let fetched = match (&rule.keys, &rule.jwks_uri) {
-        (Some(_), _) => None,
         (None, Some(uri)) => {
             Some(super::jwks::get(uri).ok_or_else(|| jwt::Error::KeysUnavailable(uri.clone()))?)
         }
-        (None, None) => return Err(jwt::Error::NoKey),
+        _ => None,
     };
-    let keys = match (&rule.keys, &fetched) {
-        (Some(keys), _) => keys,
-        (None, Some(keys)) => keys,
-        (None, None) => return Err(jwt::Error::NoKey),
-    };
+    let keys = rule
+        .keys
+        .as_ref()
+        .or(fetched.as_deref())
+        .ok_or(jwt::Error::NoKey)?;
     let checked = unverified.verify(keys, &rule.audiences, now);
     if let (Err(jwt::Error::NoKey), Some(uri)) = (&checked, &rule.jwks_uri) {
         // The provider may have a new signing key.

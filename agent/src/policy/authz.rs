@@ -482,12 +482,7 @@ impl Policy {
 
     /// Whether it selects `workload`.
     pub fn applies_to(&self, workload: &Workload) -> bool {
-        self.namespace == workload.namespace
-            && self.selector.as_ref().is_none_or(|labels| {
-                labels
-                    .iter()
-                    .all(|(k, v)| workload.labels.get(k) == Some(v))
-            })
+        selects(&self.namespace, self.selector.as_ref(), workload)
     }
 
     fn matches(&self, check: &Check<'_>, principal: &str) -> Match {
@@ -497,6 +492,22 @@ impl Policy {
             .max()
             .unwrap_or(Match::No)
     }
+}
+
+/// Whether a policy of `namespace` with `selector` (the whole namespace
+/// without one) applies to `workload`: the rule of `AuthorizationPolicy`
+/// and `RequestAuthentication` alike.
+pub fn selects(
+    namespace: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    workload: &Workload,
+) -> bool {
+    namespace == workload.namespace
+        && selector.is_none_or(|labels| {
+            labels
+                .iter()
+                .all(|(k, v)| workload.labels.get(k) == Some(v))
+        })
 }
 
 /// Whether a rule matches; `Unknown` while its L7 conditions wait for a
@@ -780,10 +791,7 @@ pub fn authorize(
     destination: std::net::SocketAddr,
     layer: Layer<'_>,
 ) -> Verdict {
-    match snapshot
-        .workload_by_ip(destination.ip().to_canonical())
-        .filter(|w| w.meshed)
-    {
+    match meshed_workload(snapshot, destination) {
         Some(workload) => {
             let verdict = evaluate(
                 snapshot.policies_in(&workload.namespace),
@@ -807,6 +815,16 @@ pub fn authorize(
     }
 }
 
+/// The meshed pod at `destination`: policies apply only to those.
+fn meshed_workload(
+    snapshot: &crate::state::Snapshot,
+    destination: std::net::SocketAddr,
+) -> Option<&Workload> {
+    snapshot
+        .workload_by_ip(destination.ip().to_canonical())
+        .filter(|w| w.meshed)
+}
+
 /// Why a request to a local pod is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -819,22 +837,53 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// Of two counters, the one this refusal counts in.
+    pub fn counter<'c, T>(&self, denied: &'c T, unauthenticated: &'c T) -> &'c T {
+        match self {
+            Self::Denied { .. } => denied,
+            Self::Unauthenticated(_) => unauthenticated,
+        }
+    }
+}
+
 /// Admits one request from `source` to the local pod at `destination`:
 /// its token checked by the `RequestAuthentication`s selecting the pod,
 /// then the request authorized with it. An admitted request gets the
-/// edits authentication makes (the token taken off, claims put in headers).
+/// edits authentication makes (the token taken off, claims put in headers);
+/// a refused one is logged, with why.
 pub fn admit<B>(
     snapshot: &crate::state::Snapshot,
     source: &Identity,
     destination: std::net::SocketAddr,
     req: &mut http::Request<B>,
 ) -> Result<(), Refusal> {
-    let Some(workload) = snapshot
-        .workload_by_ip(destination.ip().to_canonical())
-        .filter(|w| w.meshed)
-    else {
+    let Some(workload) = meshed_workload(snapshot, destination) else {
         return Ok(());
     };
+    let refusal = check_request(snapshot, source, destination, workload, req);
+    if let Err(refusal) = &refusal {
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        match refusal {
+            Refusal::Denied { policy, reason } => tracing::info!(src = %source,
+                dst = %destination, method, path, %policy, reason,
+                "request denied by authorization policy"),
+            Refusal::Unauthenticated(why) => tracing::info!(src = %source,
+                dst = %destination, method, path, reason = %why,
+                "request refused: its token does not verify"),
+        }
+    }
+    refusal
+}
+
+/// [`admit`] for the meshed pod `workload` at `destination`.
+fn check_request<B>(
+    snapshot: &crate::state::Snapshot,
+    source: &Identity,
+    destination: std::net::SocketAddr,
+    workload: &Workload,
+    req: &mut http::Request<B>,
+) -> Result<(), Refusal> {
     let rules = snapshot.jwt_rules_for(workload);
     let auth = if rules.is_empty() {
         None

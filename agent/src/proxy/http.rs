@@ -231,6 +231,14 @@ impl Reason {
     }
 }
 
+/// The agent's answer to a request the destination's policies refused.
+pub(super) fn refused_answer(refusal: Refusal) -> (Reason, String) {
+    match refusal {
+        Refusal::Denied { policy, .. } => (Reason::Denied, format!("denied by {policy}")),
+        Refusal::Unauthenticated(why) => (Reason::Unauthenticated, why.to_string()),
+    }
+}
+
 /// A Service's policy's settings for its pooled connections.
 fn pool_limits(policy: &resilience::Resilience) -> pool::Limits {
     pool::Limits {
@@ -1363,19 +1371,7 @@ impl HttpProxy {
         if !self.on_this_node(snapshot, backend) {
             return Ok(());
         }
-        authz::admit(snapshot, src, backend, req).map_err(|refusal| {
-            let (method, path) = (req.method().as_str(), req.uri().path());
-            match refusal {
-                Refusal::Denied { policy, reason } => {
-                    tracing::info!(%src, dst = %backend, method, path, %policy, reason, "request denied by authorization policy");
-                    (Reason::Denied, format!("denied by {policy}"))
-                }
-                Refusal::Unauthenticated(why) => {
-                    tracing::info!(%src, dst = %backend, method, path, reason = %why, "request refused: its token does not verify");
-                    (Reason::Unauthenticated, why.to_string())
-                }
-            }
-        })
+        authz::admit(snapshot, src, backend, req).map_err(refused_answer)
     }
 
     /// Whether `backend` is a pod on this node.

@@ -24,13 +24,13 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
 };
-use tracing::{Instrument as _, debug, info};
+use tracing::{Instrument as _, debug};
 
 use super::{
     detect::Protocol,
     http::{
-        Body, BodyError, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized, reply,
-        settle_host, strip_hop_by_hop, upgrade_protocol,
+        Body, BodyError, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized,
+        refused_answer, reply, settle_host, strip_hop_by_hop, upgrade_protocol,
     },
     telemetry,
 };
@@ -58,16 +58,7 @@ pub fn judge(
 ) -> Judge {
     Arc::new(move |req: &mut Request<Incoming>| {
         let snapshot = state.borrow().clone();
-        authz::admit(&snapshot, &source, target, req).inspect_err(|refusal| {
-            on_refuse(refusal);
-            let (method, path) = (req.method().as_str(), req.uri().path());
-            match refusal {
-                Refusal::Denied { policy, reason } => info!(src = %source, dst = %target,
-                    method, path, %policy, reason, "request denied by authorization policy"),
-                Refusal::Unauthenticated(why) => info!(src = %source, dst = %target,
-                    method, path, reason = %why, "request refused: its token does not verify"),
-            }
-        })
+        authz::admit(&snapshot, &source, target, req).inspect_err(&on_refuse)
     })
 }
 
@@ -286,14 +277,9 @@ async fn handle_or_refuse(
         );
         return Ok(reply(Reason::BadRequest, why, grpc));
     }
-    match judge.map(|judge| judge(&mut req)) {
-        Some(Err(Refusal::Denied { policy, .. })) => {
-            return Ok(reply(Reason::Denied, &format!("denied by {policy}"), grpc));
-        }
-        Some(Err(Refusal::Unauthenticated(why))) => {
-            return Ok(reply(Reason::Unauthenticated, &why.to_string(), grpc));
-        }
-        _ => {}
+    if let Some(Err(refusal)) = judge.map(|judge| judge(&mut req)) {
+        let (reason, detail) = refused_answer(refusal);
+        return Ok(reply(reason, &detail, grpc));
     }
     let upgrade = match &upstream {
         Upstream::Http1(_) => upgrade_protocol(req.headers()).and_then(|p| {

@@ -159,17 +159,6 @@ pub struct OutboundStats {
     pub sniff_timeouts: AtomicU64,
 }
 
-impl OutboundStats {
-    /// Counts a request refused by the destination's policies.
-    pub fn count_refusal(&self, refusal: &crate::policy::authz::Refusal) {
-        match refusal {
-            crate::policy::authz::Refusal::Denied { .. } => &self.requests_denied,
-            crate::policy::authz::Refusal::Unauthenticated(_) => &self.requests_unauthenticated,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// The outbound proxy's shared state.
 pub struct Outbound {
     node: String,
@@ -1078,7 +1067,12 @@ impl Outbound {
         let this = self.clone();
         let judge =
             super::inbound_http::judge(self.state.clone(), source, route.backend, move |refusal| {
-                this.stats.count_refusal(refusal)
+                refusal
+                    .counter(
+                        &this.stats.requests_denied,
+                        &this.stats.requests_unauthenticated,
+                    )
+                    .fetch_add(1, Ordering::Relaxed);
             });
         let client = super::http::LingeringClose::new(inbound);
         let _ = upstream.set_nodelay(true);
