@@ -366,39 +366,6 @@ impl Authenticated {
     }
 }
 
-/// The value of query parameter `name` in `query`.
-fn param<'q>(query: &'q str, name: &str) -> Option<std::borrow::Cow<'q, str>> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-/// Tokens are base64url with dots, so this only needs the escapes a client
-/// may still have used.
-fn percent_decode(v: &str) -> std::borrow::Cow<'_, str> {
-    if !v.contains('%') {
-        return v.into();
-    }
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned().into()
-}
-
 impl Location {
     fn find(&self, headers: &HeaderMap, uri: &Uri) -> Option<String> {
         match self {
@@ -411,7 +378,7 @@ impl Location {
                 };
                 Some(token.trim().to_string())
             }),
-            Self::Param(name) => param(uri.query()?, name).map(|t| t.into_owned()),
+            Self::Param(name) => crate::routes::table::query_value(uri.query(), name),
         }
         .filter(|t| !t.is_empty())
     }

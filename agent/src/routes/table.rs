@@ -226,8 +226,9 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// The first value of query parameter `name`, percent-decoded.
-fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+/// The first value of query parameter `name`, percent-decoded (route
+/// matches, and tokens in a query parameter).
+pub(crate) fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(k) == name).then(|| percent_decode(v))
