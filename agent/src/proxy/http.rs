@@ -780,10 +780,17 @@ impl HttpProxy {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                     Some(permit) => {
-                        if let Some(((method, uri, headers), body)) = again
-                            .as_ref()
-                            .and_then(|(head, replay)| Some((head.clone(), replay.body()?)))
-                        {
+                        // A body the client is still sending is read to
+                        // its end first, within the request's time.
+                        let until = deadline
+                            .unwrap_or_else(|| tokio::time::Instant::now() + retry::REPLAY_WAIT);
+                        let body = match &again {
+                            Some((_, replay)) => replay.complete(until).await,
+                            None => None,
+                        };
+                        if let (Some(((method, uri, headers), _)), Some(body)) = (&again, body) {
+                            let (method, uri, headers) =
+                                (method.clone(), uri.clone(), headers.clone());
                             let mut req =
                                 Request::new(body.map_err(|never| match never {}).boxed());
                             *req.method_mut() = method;

@@ -20,6 +20,11 @@ use super::{Gauges, balance::random_below, policy::Retry};
 /// per-request buffer limit).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// How long a retry waits for the rest of a body its client is still
+/// sending, when the request has no timeout of its own (Envoy's default
+/// route timeout).
+pub const REPLAY_WAIT: Duration = Duration::from_secs(15);
+
 /// What an attempt produced, as retry conditions see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attempt {
@@ -101,18 +106,67 @@ pub fn admit(
 }
 
 /// What the first attempt's body has streamed so far.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Recording {
     data: Vec<Bytes>,
     size: usize,
     trailers: Option<HeaderMap>,
     done: bool,
     overflow: bool,
+    /// The part of the body the first attempt never read: its sender let go
+    /// of it (the backend refused or reset the stream before the client
+    /// had sent everything), so a retry reads it from here.
+    rest: Option<Rest>,
+}
+
+type Rest = http_body_util::combinators::UnsyncBoxBody<Bytes, ()>;
+
+impl Recording {
+    fn add(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.size += data.len();
+            if self.size > REPLAY_LIMIT {
+                self.overflow = true;
+                self.data.clear();
+            } else if !self.overflow {
+                self.data.push(data.clone());
+            }
+        } else if let Some(t) = frame.trailers_ref() {
+            self.trailers = Some(t.clone());
+        }
+    }
+
+    fn replay(&self) -> Option<ReplayBody> {
+        (self.done && !self.overflow).then(|| ReplayBody {
+            data: self.data.clone().into(),
+            trailers: self.trailers.clone(),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    recording: Mutex<Recording>,
+    /// Woken when the record ends (complete or over the limit) or the rest
+    /// is handed back.
+    changed: tokio::sync::Notify,
 }
 
 /// A shared record of a request body, for replays.
-#[derive(Clone, Debug, Default)]
-pub struct Replay(Arc<Mutex<Recording>>);
+#[derive(Clone, Default)]
+pub struct Replay(Arc<Shared>);
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self.lock();
+        f.debug_struct("Replay")
+            .field("size", &r.size)
+            .field("done", &r.done)
+            .field("overflow", &r.overflow)
+            .field("rest", &r.rest.is_some())
+            .finish()
+    }
+}
 
 impl Replay {
     /// A record already complete: the request has no body.
@@ -123,36 +177,86 @@ impl Replay {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.recording.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The body again, when the whole of it was seen and kept.
     pub fn body(&self) -> Option<ReplayBody> {
-        let r = self.lock();
-        (r.done && !r.overflow).then(|| ReplayBody {
-            data: r.data.clone().into(),
-            trailers: r.trailers.clone(),
-        })
+        self.lock().replay()
+    }
+
+    /// The body again for a retry, reading what the first attempt left
+    /// unread until `until`: a backend may refuse a stream on its headers,
+    /// before the client has sent its body, and that request is the one a
+    /// retry exists for. `None` when the body outgrows the record's limit,
+    /// fails, or does not end in time.
+    pub async fn complete(&self, until: tokio::time::Instant) -> Option<ReplayBody> {
+        tokio::time::timeout_at(until, self.read_rest())
+            .await
+            .ok()?
+    }
+
+    async fn read_rest(&self) -> Option<ReplayBody> {
+        use http_body_util::BodyExt as _;
+        // The first attempt's sender drops the body soon after its stream
+        // fails; until then it may still be reading it itself.
+        let mut rest = loop {
+            let changed = self.0.changed.notified();
+            {
+                let mut r = self.lock();
+                if r.done || r.overflow {
+                    return r.replay();
+                }
+                if let Some(rest) = r.rest.take() {
+                    break rest;
+                }
+            }
+            changed.await;
+        };
+        loop {
+            match rest.frame().await {
+                Some(Ok(frame)) => {
+                    let mut r = self.lock();
+                    r.add(&frame);
+                    if r.overflow {
+                        return None;
+                    }
+                }
+                Some(Err(())) => return None,
+                None => {
+                    let mut r = self.lock();
+                    r.done = true;
+                    return r.replay();
+                }
+            }
+        }
     }
 
     /// Wraps the original body so that what it streams is recorded.
-    pub fn tee<B>(&self, inner: B) -> Tee<B> {
+    pub fn tee<B>(&self, inner: B) -> Tee<B>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+    {
         Tee {
-            inner,
+            inner: Some(inner),
             record: self.clone(),
         }
     }
 }
 
 /// The original body, recording as it streams.
-pub struct Tee<B> {
-    inner: B,
+pub struct Tee<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    /// Taken only on drop.
+    inner: Option<B>,
     record: Replay,
 }
 
 impl<B> Body for Tee<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -161,25 +265,17 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         // A sender that knows the length stops polling after the last
         // byte: the body is complete once it says so, without a `None`.
-        let ended = self.inner.is_end_stream();
+        let ended = inner.is_end_stream();
         let mut r = self.record.lock();
+        let was_open = !r.done && !r.overflow;
         match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    r.size += data.len();
-                    if r.size > REPLAY_LIMIT {
-                        r.overflow = true;
-                        r.data.clear();
-                    } else if !r.overflow {
-                        r.data.push(data.clone());
-                    }
-                } else if let Some(t) = frame.trailers_ref() {
-                    r.trailers = Some(t.clone());
-                }
-            }
+            Poll::Ready(Some(Ok(frame))) => r.add(frame),
             Poll::Ready(None) => r.done = true,
             Poll::Ready(Some(Err(_))) => r.overflow = true,
             Poll::Pending => {}
@@ -187,16 +283,44 @@ where
         if ended {
             r.done = true;
         }
+        let settled = was_open && (r.done || r.overflow);
         drop(r);
+        if settled {
+            self.record.0.changed.notify_waiters();
+        }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl<B> Drop for Tee<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let mut r = self.record.lock();
+        if r.done || r.overflow {
+            return;
+        }
+        // Handed back, not dropped: dropping it would lose the client's
+        // unread bytes, and with them the retry.
+        r.rest = Some(http_body_util::BodyExt::boxed_unsync(
+            http_body_util::BodyExt::map_err(inner, |_| ()),
+        ));
+        drop(r);
+        self.record.0.changed.notify_waiters();
     }
 }
 
@@ -333,8 +457,12 @@ mod tests {
         assert!(replay.body().is_none());
 
         let replay = Replay::default();
-        let _unread = replay.tee(Full::new(Bytes::from_static(b"x")));
+        let unread = replay.tee(Full::new(Bytes::from_static(b"x")));
         assert!(replay.body().is_none(), "not seen to its end");
+        drop(unread);
+        let soon = tokio::time::Instant::now() + Duration::from_secs(5);
+        let again = replay.complete(soon).await.expect("the rest read");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "x");
         assert!(Replay::empty().body().is_some());
 
         // A sender that stops at the last byte (hyper, with a length):
@@ -345,5 +473,73 @@ mod tests {
         assert_eq!(frame.into_data().ok().as_deref(), Some(&b"sized"[..]));
         let again = replay.body().expect("complete after its last frame");
         assert_eq!(again.collect().await.unwrap().to_bytes(), "sized");
+    }
+
+    /// A body fed by the test, frame by frame.
+    fn channel() -> (
+        tokio::sync::mpsc::Sender<Bytes>,
+        impl Body<Data = Bytes, Error = std::convert::Infallible> + Send + Unpin + 'static,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok(Frame::data(data)), rx))
+        });
+        (tx, http_body_util::StreamBody::new(Box::pin(frames)))
+    }
+
+    #[tokio::test]
+    async fn a_retry_reads_what_the_first_attempt_left_unread() {
+        let soon = || tokio::time::Instant::now() + Duration::from_secs(5);
+
+        // The sender read one frame, then let go (a refused stream); the
+        // client's last bytes come later.
+        let replay = Replay::default();
+        let (tx, body) = channel();
+        let mut first = replay.tee(body);
+        tx.send(Bytes::from_static(b"head ")).await.unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "head "
+        );
+        drop(first);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(Bytes::from_static(b"tail")).await.unwrap();
+        });
+        let again = replay.complete(soon()).await.expect("the whole body");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "head tail");
+        assert!(replay.body().is_some(), "complete from now on");
+
+        // The sender lets go only after the retry began waiting for it.
+        let replay = Replay::default();
+        let (tx, body) = channel();
+        let first = replay.tee(body);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(first);
+            tx.send(Bytes::from_static(b"late")).await.unwrap();
+        });
+        let again = replay.complete(soon()).await.expect("handed back");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "late");
+
+        // A body that does not end in time, and one over the limit.
+        let replay = Replay::default();
+        let (_tx, body) = channel();
+        drop(replay.tee(body));
+        let quickly = tokio::time::Instant::now() + Duration::from_millis(50);
+        assert!(replay.complete(quickly).await.is_none());
+
+        let replay = Replay::default();
+        let (tx, body) = channel();
+        drop(replay.tee(body));
+        tokio::spawn(async move {
+            for _ in 0..=REPLAY_LIMIT / 1024 {
+                if tx.send(Bytes::from(vec![0u8; 1024])).await.is_err() {
+                    break;
+                }
+            }
+        });
+        assert!(replay.complete(soon()).await.is_none(), "over the limit");
     }
 }
