@@ -4,7 +4,6 @@
 //! on 127.0.0.1:15000 is in [`api`].
 
 pub mod api;
-pub mod query;
 
 use std::{
     collections::BTreeMap,

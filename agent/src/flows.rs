@@ -21,7 +21,7 @@ use tokio::{
 use tracing::{debug, warn};
 use trellis_common::{FlowEvent, direction, hook, identity, reason};
 
-use crate::{admin::query, policy::verdict::Verdicts, state::Snapshot};
+use crate::{policy::verdict::Verdicts, query, state::Snapshot};
 
 /// Flows kept for `trellis flows`; older ones are dropped first.
 pub const CAPACITY: usize = 16_384;

@@ -24,6 +24,7 @@ pub mod netns;
 pub mod policy;
 pub mod protobuf;
 pub mod proxy;
+pub mod query;
 pub mod resilience;
 pub mod routes;
 pub mod run;

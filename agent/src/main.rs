@@ -104,7 +104,7 @@ fn admin_view(
 }
 
 fn policy(args: &PolicyArgs) -> anyhow::Result<()> {
-    use trellis_agent::admin::query::escape;
+    use trellis_agent::query::escape;
     match (&args.explain, &args.pod) {
         (
             Some(PolicyCommand::Explain {

@@ -25,7 +25,8 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use super::{Readiness, query, reply};
+use super::{Readiness, reply};
+use crate::query;
 use crate::{
     bpf::{self, AttachedProgram},
     config::AgentConfig,

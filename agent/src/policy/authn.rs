@@ -146,21 +146,42 @@ pub enum Location {
 pub struct Rule {
     pub issuer: String,
     pub audiences: Vec<String>,
-    /// The inline set's key ids.
-    pub kids: Vec<String>,
-    /// Where the keys are fetched from, when not inline.
-    pub jwks_uri: Option<String>,
+    #[serde(flatten)]
+    pub keys: Keys,
     pub locations: Vec<Location>,
     pub forward_original_token: bool,
-    /// The inline set.
-    #[serde(skip)]
-    keys: Option<KeySet>,
     #[serde(skip)]
     verified: VerifiedCache,
     #[serde(skip)]
     payload_header: Option<HeaderName>,
     #[serde(skip)]
     claim_headers: Vec<(HeaderName, Vec<String>)>,
+}
+
+/// Where a rule's keys come from (shown as `kids` or `jwksUri`).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Keys {
+    /// Written in the policy (`jwks`).
+    Inline {
+        kids: Vec<String>,
+        #[serde(skip)]
+        set: KeySet,
+    },
+    /// Fetched by [`super::jwks`] from this URL (`jwksUri`).
+    Fetched {
+        #[serde(rename = "jwksUri")]
+        uri: String,
+    },
+}
+
+impl Keys {
+    pub fn uri(&self) -> Option<&str> {
+        match self {
+            Self::Inline { .. } => None,
+            Self::Fetched { uri } => Some(uri),
+        }
+    }
 }
 
 fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
@@ -174,10 +195,16 @@ fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
         (Some(_), Some(_)) => {
             return Err(("jwksUri".into(), "give jwks or jwksUri, not both".into()));
         }
-        (Some(jwks), None) => Some(KeySet::parse(jwks).map_err(|why| ("jwks".to_string(), why))?),
+        (Some(jwks), None) => {
+            let set = KeySet::parse(jwks).map_err(|why| ("jwks".to_string(), why))?;
+            Keys::Inline {
+                kids: set.kids(),
+                set,
+            }
+        }
         (None, Some(uri)) => {
             super::jwks::check_uri(uri).map_err(|why| ("jwksUri".to_string(), why))?;
-            None
+            Keys::Fetched { uri: uri.clone() }
         }
         (None, None) => {
             return Err((
@@ -232,8 +259,6 @@ fn compile_rule(rule: &JwtRule) -> Result<Rule, (String, String)> {
     Ok(Rule {
         issuer: rule.issuer.clone(),
         audiences: rule.audiences.clone(),
-        kids: keys.as_ref().map(KeySet::kids).unwrap_or_default(),
-        jwks_uri: rule.jwks_uri.clone().filter(|_| keys.is_none()),
         locations,
         forward_original_token: rule.forward_original_token,
         keys,
@@ -378,7 +403,7 @@ impl Location {
                 };
                 Some(token.trim().to_string())
             }),
-            Self::Param(name) => crate::routes::table::query_value(uri.query(), name),
+            Self::Param(name) => crate::query::value(uri.query(), name),
         }
         .filter(|t| !t.is_empty())
     }
@@ -400,7 +425,7 @@ pub fn authenticate(
     let Some((location, token)) = found else {
         return Ok(None);
     };
-    let fetched_keys = |rule: &Rule| rule.jwks_uri.as_deref().and_then(super::jwks::get);
+    let fetched_keys = |rule: &Rule| rule.keys.uri().and_then(super::jwks::get);
     for rule in rules.iter().filter(|r| r.locations.contains(location)) {
         let Some(verified) = rule.verified.get(&token) else {
             continue;
@@ -424,19 +449,18 @@ pub fn authenticate(
         .iter()
         .find(|r| r.issuer == issuer && r.locations.contains(location))
         .ok_or_else(|| jwt::Error::UnknownIssuer(issuer.into()))?;
-    let fetched = match (&rule.keys, &rule.jwks_uri) {
-        (None, Some(uri)) => {
+    let fetched = match &rule.keys {
+        Keys::Inline { .. } => None,
+        Keys::Fetched { uri } => {
             Some(super::jwks::get(uri).ok_or_else(|| jwt::Error::KeysUnavailable(uri.clone()))?)
         }
-        _ => None,
     };
-    let keys = rule
-        .keys
-        .as_ref()
-        .or(fetched.as_deref())
-        .ok_or(jwt::Error::NoKey)?;
+    let keys = match &rule.keys {
+        Keys::Inline { set, .. } => set,
+        Keys::Fetched { .. } => fetched.as_deref().ok_or(jwt::Error::NoKey)?,
+    };
     let checked = unverified.verify(keys, &rule.audiences, now);
-    if let (Err(jwt::Error::NoKey), Some(uri)) = (&checked, &rule.jwks_uri) {
+    if let (Err(jwt::Error::NoKey), Some(uri)) = (&checked, rule.keys.uri()) {
         // The provider may have a new signing key.
         super::jwks::refresh(uri);
     }
@@ -495,12 +519,9 @@ pub fn edit(
         headers.insert(name.clone(), value);
     }
     for (name, path) in &rule.claim_headers {
-        let text = match auth.claim(path) {
-            Some(Value::String(s)) => s.clone(),
-            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-            _ => continue,
-        };
-        if let Ok(value) = HeaderValue::from_str(&text) {
+        if let Some(text) = auth.claim(path).and_then(jwt::claim_text)
+            && let Ok(value) = HeaderValue::from_str(&text)
+        {
             headers.insert(name.clone(), value);
         }
     }

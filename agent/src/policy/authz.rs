@@ -357,15 +357,13 @@ impl Attribute {
                 .map(Into::into)
                 .into_iter()
                 .collect(),
+            // A list claim matches by any of its elements.
             Self::Claim(path) => match auth.and_then(|a| a.claim(path)) {
-                Some(Value::String(s)) => vec![s.as_str().into()],
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(Into::into)
-                    .collect(),
-                Some(v @ (Value::Number(_) | Value::Bool(_))) => vec![v.to_string().into()],
-                _ => Vec::new(),
+                Some(Value::Array(list)) => {
+                    list.iter().filter_map(super::jwt::claim_text).collect()
+                }
+                Some(v) => super::jwt::claim_text(v).into_iter().collect(),
+                None => Vec::new(),
             },
         }
     }
@@ -804,7 +802,7 @@ pub fn authorize(
             // that a RequestAuthentication selects is read as HTTP.
             match (verdict, layer) {
                 (Verdict::Allow, Layer::Connection)
-                    if !snapshot.jwt_rules_for(workload).is_empty() =>
+                    if snapshot.jwt_rules_for(workload).next().is_some() =>
                 {
                     Verdict::Inspect
                 }
@@ -884,7 +882,7 @@ fn check_request<B>(
     workload: &Workload,
     req: &mut http::Request<B>,
 ) -> Result<(), Refusal> {
-    let rules = snapshot.jwt_rules_for(workload);
+    let rules: Vec<_> = snapshot.jwt_rules_for(workload).cloned().collect();
     let auth = if rules.is_empty() {
         None
     } else {

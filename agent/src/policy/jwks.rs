@@ -51,66 +51,86 @@ pub struct FetchStatus {
     pub last_error: Option<String>,
 }
 
-fn statuses() -> &'static RwLock<BTreeMap<String, FetchStatus>> {
-    static STATUS: OnceLock<RwLock<BTreeMap<String, FetchStatus>>> = OnceLock::new();
-    STATUS.get_or_init(RwLock::default)
+/// One URI's last good set and its fetches.
+#[derive(Default)]
+struct Fetched {
+    keys: Option<Arc<KeySet>>,
+    status: FetchStatus,
 }
 
-/// Each wanted URI's fetches.
-pub fn status() -> BTreeMap<String, FetchStatus> {
-    statuses().read().unwrap_or_else(|e| e.into_inner()).clone()
+/// The process-wide cache and what asks the fetcher for work.
+#[derive(Default)]
+struct Registry {
+    sets: RwLock<HashMap<String, Fetched>>,
+    /// URIs whose set lacked a key a token named.
+    stale: std::sync::Mutex<BTreeSet<String>>,
+    /// Wakes the fetcher when a token needs a set it does not have.
+    wanted_now: tokio::sync::Notify,
 }
 
-fn record(uri: &str, result: Result<&KeySet, &str>) {
-    let mut all = statuses().write().unwrap_or_else(|e| e.into_inner());
-    let status = all.entry(uri.to_string()).or_default();
-    match result {
-        Ok(keys) => {
-            status.kids = keys.kids();
-            status.fetched += 1;
-        }
-        Err(why) => {
-            status.failed += 1;
-            status.last_error = Some(why.to_string());
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::default)
+}
+
+impl Registry {
+    fn sets(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Fetched>> {
+        self.sets.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sets_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Fetched>> {
+        self.sets.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_stale(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Keeps `uri`'s fetch's outcome: a new set replaces the last good one;
+    /// a failure leaves it serving.
+    fn record(&self, uri: &str, result: Result<KeySet, &str>) {
+        let mut sets = self.sets_mut();
+        let fetched = sets.entry(uri.to_string()).or_default();
+        match result {
+            Ok(keys) => {
+                fetched.status.kids = keys.kids();
+                fetched.status.fetched += 1;
+                fetched.keys = Some(Arc::new(keys));
+            }
+            Err(why) => {
+                fetched.status.failed += 1;
+                fetched.status.last_error = Some(why.to_string());
+            }
         }
     }
 }
 
-fn cache() -> &'static RwLock<HashMap<String, Arc<KeySet>>> {
-    static CACHE: OnceLock<RwLock<HashMap<String, Arc<KeySet>>>> = OnceLock::new();
-    CACHE.get_or_init(RwLock::default)
-}
-
-/// Wakes the fetcher when a token needs a set it does not have.
-fn wanted_now() -> &'static tokio::sync::Notify {
-    static NOTIFY: OnceLock<tokio::sync::Notify> = OnceLock::new();
-    NOTIFY.get_or_init(tokio::sync::Notify::new)
-}
-
-/// URIs whose set lacked a key a token named.
-fn stale() -> &'static std::sync::Mutex<BTreeSet<String>> {
-    static STALE: OnceLock<std::sync::Mutex<BTreeSet<String>>> = OnceLock::new();
-    STALE.get_or_init(Default::default)
+/// Each wanted URI's fetches.
+pub fn status() -> BTreeMap<String, FetchStatus> {
+    registry()
+        .sets()
+        .iter()
+        .map(|(uri, f)| (uri.clone(), f.status.clone()))
+        .collect()
 }
 
 /// Asks for `uri`'s set again: a token named a key it lacks.
 pub fn refresh(uri: &str) {
-    stale()
+    let registry = registry();
+    registry
+        .stale
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(uri.to_string());
-    wanted_now().notify_one();
+    registry.wanted_now.notify_one();
 }
 
 /// The last good key set fetched from `uri`.
 pub fn get(uri: &str) -> Option<Arc<KeySet>> {
-    let keys = cache()
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(uri)
-        .cloned();
+    let registry = registry();
+    let keys = registry.sets().get(uri).and_then(|f| f.keys.clone());
     if keys.is_none() {
-        wanted_now().notify_one();
+        registry.wanted_now.notify_one();
     }
     keys
 }
@@ -130,7 +150,7 @@ fn wanted(snapshot: &Snapshot, node: &str) -> BTreeSet<String> {
     snapshot
         .local_workloads(node)
         .flat_map(|w| snapshot.jwt_rules_for(w))
-        .filter_map(|r| r.jwks_uri.clone())
+        .filter_map(|r| r.keys.uri().map(str::to_owned))
         .collect()
 }
 
@@ -144,18 +164,12 @@ struct Due {
 /// Keeps the cache filled for the rules of this node's pods, until the
 /// state channel closes.
 pub async fn run(mut state: watch::Receiver<Arc<Snapshot>>, node: String, refresh: Duration) {
+    let registry = registry();
     let mut due: HashMap<String, Due> = HashMap::new();
     loop {
         let wanted = wanted(&state.borrow_and_update(), &node);
         due.retain(|uri, _| wanted.contains(uri));
-        cache()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|uri, _| wanted.contains(uri));
-        statuses()
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|uri, _| wanted.contains(uri));
+        registry.sets_mut().retain(|uri, _| wanted.contains(uri));
         let now = Instant::now();
         for uri in &wanted {
             let entry = due.entry(uri.clone()).or_insert(Due {
@@ -170,17 +184,13 @@ pub async fn run(mut state: watch::Receiver<Arc<Snapshot>>, node: String, refres
             match fetch(uri).await {
                 Ok(keys) => {
                     info!(uri = %uri, kids = ?keys.kids(), "key set fetched");
-                    record(uri, Ok(&keys));
-                    cache()
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(uri.clone(), Arc::new(keys));
+                    registry.record(uri, Ok(keys));
                     entry.at = Instant::now() + refresh;
                     entry.backoff = FIRST_RETRY;
                 }
                 Err(why) => {
                     warn!(uri = %uri, reason = %why, retry_in = ?entry.backoff, "key set not fetched; the last good one, if any, stays");
-                    record(uri, Err(&why));
+                    registry.record(uri, Err(&why));
                     entry.at = Instant::now() + entry.backoff;
                     entry.backoff = (entry.backoff * 2).min(LAST_RETRY);
                 }
@@ -189,11 +199,11 @@ pub async fn run(mut state: watch::Receiver<Arc<Snapshot>>, node: String, refres
         let next = due.values().map(|d| d.at).min();
         tokio::select! {
             changed = state.changed() => if changed.is_err() { return },
-            () = wanted_now().notified() => {
-                let fetched = cache().read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<BTreeSet<_>>();
-                let stale = std::mem::take(&mut *stale().lock().unwrap_or_else(|e| e.into_inner()));
+            () = registry.wanted_now.notified() => {
+                let stale = registry.take_stale();
+                let sets = registry.sets();
                 for (uri, d) in &mut due {
-                    let gap = if !fetched.contains(uri) {
+                    let gap = if sets.get(uri).is_none_or(|f| f.keys.is_none()) {
                         FIRST_RETRY
                     } else if stale.contains(uri) {
                         KID_REFRESH

@@ -340,6 +340,16 @@ pub fn strings(value: Option<&Value>) -> impl Iterator<Item = &str> {
     one.into_iter().chain(many.into_iter().flatten())
 }
 
+/// A claim's value as text for a header or a match: a string as it is, a
+/// number or boolean as JSON writes it; objects, lists and null have none.
+pub fn claim_text(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match value {
+        Value::String(s) => Some(s.as_str().into()),
+        Value::Number(_) | Value::Bool(_) => Some(value.to_string().into()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use aws_lc_rs::{

@@ -142,10 +142,9 @@ impl RequestMatch {
             && self.headers.iter().all(|(name, rule)| {
                 header_value(req.headers, name).is_some_and(|v| rule.matches(&v))
             })
-            && self
-                .query
-                .iter()
-                .all(|(name, rule)| query_value(req.query, name).is_some_and(|v| rule.matches(&v)))
+            && self.query.iter().all(|(name, rule)| {
+                crate::query::value(req.query, name).is_some_and(|v| rule.matches(&v))
+            })
     }
 
     /// An `HTTPRoute` match's precedence: exact path, then the longest
@@ -224,40 +223,6 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
     path.strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
-/// The first value of query parameter `name`, percent-decoded (route
-/// matches, and tokens in a query parameter).
-pub(crate) fn query_value(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Header changes of a `RequestHeaderModifier` or `ResponseHeaderModifier`.

@@ -522,16 +522,17 @@ impl Snapshot {
             .unwrap_or_default()
     }
 
-    /// The JWT rules of the `RequestAuthentication`s selecting `workload`
-    /// (none, without allocating, when its namespace has none).
-    pub fn jwt_rules_for(&self, workload: &Workload) -> Vec<Arc<authn::Rule>> {
+    /// The JWT rules of the `RequestAuthentication`s selecting `workload`.
+    pub fn jwt_rules_for<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Arc<authn::Rule>> + 'a {
         self.authentications
             .get(&workload.namespace)
             .into_iter()
             .flatten()
             .filter(|a| a.applies_to(workload))
-            .flat_map(|a| a.rules.iter().cloned())
-            .collect()
+            .flat_map(|a| a.rules.iter())
     }
 
     /// The workload `namespace/name`.

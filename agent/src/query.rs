@@ -1,4 +1,6 @@
-//! Query strings of the admin API: `key=value&…`, values percent-escaped.
+//! Query strings, `key=value&…` with percent-escapes and `+` for a space:
+//! the admin API's, and those of proxied requests (route matches, a token
+//! in a parameter).
 
 /// The pairs of `query`, values unescaped; a key without `=` has an empty value.
 pub fn pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
@@ -6,6 +8,11 @@ pub fn pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (unescape(key), unescape(value))
     })
+}
+
+/// The first value of parameter `name` in `query`, unescaped.
+pub fn value(query: Option<&str>, name: &str) -> Option<String> {
+    pairs(query?).find_map(|(k, v)| (k == name).then_some(v))
 }
 
 /// Percent-escapes what a query value may not hold as is.
@@ -25,8 +32,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        // Two hex digits, no sign (`from_str_radix` would take "+1").
         let hex = bytes
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
@@ -61,5 +70,12 @@ mod tests {
             [("k".into(), value.into()), ("flag".into(), String::new())]
         );
         assert_eq!(unescape("a+b%2"), "a b%2");
+        assert_eq!(unescape("%+1%2b"), "% 1+", "a sign is not a hex digit");
+        assert_eq!(
+            super::value(Some("a=1&tok=x%2Fy&tok=2"), "tok").as_deref(),
+            Some("x/y")
+        );
+        assert_eq!(super::value(Some("a=1"), "tok"), None);
+        assert_eq!(super::value(None, "tok"), None);
     }
 }
