@@ -20,6 +20,7 @@ pub mod env {
     pub const WORKER_THREADS: &str = "TRELLIS_WORKER_THREADS";
     pub const BUSY_POLL_US: &str = "TRELLIS_BUSY_POLL_US";
     pub const TRUST_DOMAIN: &str = "TRELLIS_TRUST_DOMAIN";
+    pub const MESH_NAMESPACE: &str = "TRELLIS_MESH_NAMESPACE";
     pub const LOG_LEVEL: &str = "TRELLIS_LOG_LEVEL";
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
     pub const READINESS_ADDR: &str = "TRELLIS_READINESS_ADDR";
@@ -208,6 +209,11 @@ pub struct AgentArgs {
     /// account), or the kubeconfig of `--kubeconfig` / `KUBECONFIG`.
     #[arg(long, env = env::KUBERNETES, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub kubernetes: bool,
+
+    /// Where the mesh configuration (the ConfigMap `trellis-mesh`) is read
+    /// from the API server: the agent's own namespace in the DaemonSet.
+    #[arg(long, env = env::MESH_NAMESPACE, default_value = "trellis-system")]
+    pub mesh_namespace: String,
 
     /// The kubeconfig file for `--kubernetes` outside a cluster.
     #[arg(long, env = env::KUBECONFIG, requires = "kubernetes")]

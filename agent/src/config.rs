@@ -18,6 +18,8 @@ pub struct AgentConfig {
     pub kubernetes: bool,
     /// Its kubeconfig outside a cluster; else in-cluster or `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
+    /// The namespace of the mesh configuration's ConfigMap (API source).
+    pub mesh_namespace: String,
     /// cgroup v2 folder the cgroup programs attach to.
     pub cgroup_root: PathBuf,
     /// The host's /proc, where local pods' network namespaces are found.
@@ -159,6 +161,13 @@ impl AgentConfig {
                 value: args.trust_domain.clone(),
                 reason: "a SPIFFE trust domain is lowercase letters, digits, '-', '.' and '_'"
                     .into(),
+            });
+        }
+        if !is_dns_label(&args.mesh_namespace) {
+            return Err(ConfigError::Invalid {
+                flag: "mesh-namespace",
+                value: args.mesh_namespace.clone(),
+                reason: "a namespace name is a DNS label: lowercase letters, digits and '-'".into(),
             });
         }
         for (flag, path) in [("cgroup-root", &args.cgroup_root), ("bpffs", &args.bpffs)] {
@@ -303,6 +312,7 @@ impl AgentConfig {
             config_dir: args.config_dir.clone(),
             kubernetes: args.kubernetes,
             kubeconfig: args.kubeconfig.clone(),
+            mesh_namespace: args.mesh_namespace.clone(),
             cgroup_root: args.cgroup_root.clone(),
             proc_root: args.proc_root.clone(),
             bpffs: args.bpffs.clone(),
@@ -343,6 +353,16 @@ fn is_dns_subdomain(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
+}
+
+/// RFC 1123 label, as namespace names are.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 #[cfg(test)]

@@ -260,6 +260,9 @@ pub fn render_policies(doc: &Value) -> String {
                 selects.join(" ")
             }
         );
+        if let Some(provider) = p["provider"].as_str() {
+            let _ = writeln!(out, "    asks provider {provider}");
+        }
     }
     if let Some(authentication) = doc["authentication"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(out, "\nREQUEST AUTHENTICATION (JWT)");

@@ -8,7 +8,8 @@
 //! every connection and request the agent delivers to a local pod, through
 //! HBONE or on the same node; [`authn`]: `RequestAuthentication`, the JSON
 //! Web Tokens ([`jwt`]) those requests may carry, checked before them, with
-//! key sets inline or fetched ([`jwks`]).
+//! key sets inline or fetched ([`jwks`]); [`providers`]: the external
+//! authorization services `CUSTOM` policies ask, from the mesh config.
 
 pub mod authn;
 pub mod authz;
@@ -17,6 +18,7 @@ pub mod explain;
 pub mod jwks;
 pub mod jwt;
 pub mod network;
+pub mod providers;
 #[cfg(test)]
 mod reference;
 pub mod verdict;

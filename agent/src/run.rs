@@ -189,7 +189,7 @@ async fn state_source(cfg: &AgentConfig) -> Result<Option<crate::state::Source>,
         })?,
     };
     info!(api_server = %config.cluster_url, "state from the Kubernetes API");
-    let source = crate::state::kube::KubeSource::connect(config)
+    let source = crate::state::kube::KubeSource::connect(config, &cfg.mesh_namespace)
         .map_err(|e| AgentError::Kubernetes(e.to_string()))?;
     Ok(Some(crate::state::Source::Kubernetes(source)))
 }
@@ -385,7 +385,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             outbound = outbound.with_tracer(tracer.clone());
             inbound = inbound.with_tracer(tracer.clone());
         }
-        let (outbound, inbound) = (Arc::new(outbound), Arc::new(inbound));
+        let outbound = Arc::new(outbound);
+        let inbound = Arc::new(inbound.with_authorizer(outbound.authorizer()));
         registry.register_collector(Box::new(NodeCollector {
             bpffs: cfg.bpffs.clone(),
             certs: certs.clone(),

@@ -146,10 +146,25 @@ fn without(mut object: Value, path: &str) -> Value {
 fn broken_authorization_policies() -> Vec<(&'static str, Value, bool)> {
     let base = examples("authorizationpolicy.yaml");
     let (l4, l7, deny) = (base[0].clone(), base[1].clone(), base[2].clone());
+    let custom = base
+        .iter()
+        .find(|p| p["spec"]["action"] == "CUSTOM")
+        .expect("a CUSTOM example")
+        .clone();
     vec![
         (
-            "action is ALLOW or DENY",
+            "action is ALLOW, DENY or CUSTOM",
             with(l4.clone(), "spec.action", json!("AUDIT")),
+            true,
+        ),
+        (
+            "a provider has a name",
+            with(custom.clone(), "spec.provider", json!({})),
+            true,
+        ),
+        (
+            "a provider's name is a string",
+            with(custom.clone(), "spec.provider.name", json!(3)),
             true,
         ),
         (

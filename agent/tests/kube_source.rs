@@ -187,7 +187,7 @@ async fn the_api_source_follows_lists_watches_410s_and_outages() {
     server.apply("services", &service(80));
 
     let config = kube::Config::new(format!("http://127.0.0.1:{}", server.port).parse().unwrap());
-    let mut source = KubeSource::connect(config).expect("client");
+    let mut source = KubeSource::connect(config, "trellis-system").expect("client");
 
     // The first list of every kind (routes: absent) gives the state.
     let snapshot = until(&mut source, "first list", |s| {
@@ -265,6 +265,36 @@ async fn the_api_source_follows_lists_watches_410s_and_outages() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The mesh configuration: the ConfigMap of the agent's namespace, not
+    // one of the same name elsewhere; a broken one keeps the last good.
+    let mesh = |namespace: &str, port: u16| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "trellis-mesh", "namespace": namespace},
+               "data": {"mesh": format!("extensionProviders: [{{name: authz, \
+                   envoyExtAuthzHttp: {{service: authz.auth.svc.cluster.local, port: {port}}}}}]")}})
+    };
+    server.apply("configmaps", &mesh("elsewhere", 1));
+    server.apply("configmaps", &mesh("trellis-system", 8000));
+    let port_of = |s: &Snapshot| s.providers.get("authz").and_then(|p| p.service.clone());
+    until(&mut source, "the mesh configuration", |s| {
+        port_of(s) == Some(("auth/authz".into(), 8000))
+    })
+    .await;
+    server.apply("configmaps", &mesh("trellis-system", 0));
+    server.apply("configmaps", &mesh("elsewhere", 2));
+    server.apply("pods", &pod("web-7d9c5b-eeeee", "10.1.1.16", "v3"));
+    let s = until(
+        &mut source,
+        "a pod after a broken mesh configuration",
+        |s| backends(s).len() == 3,
+    )
+    .await;
+    assert_eq!(
+        port_of(&s),
+        Some(("auth/authz".into(), 8000)),
+        "the last good one"
+    );
+
     // The protocol as a real client speaks it: lists, then watches from a
     // version with bookmarks, and the routes' 404s.
     let log = server.requests();
@@ -283,5 +313,12 @@ async fn the_api_source_follows_lists_watches_410s_and_outages() {
     assert!(
         log.iter()
             .any(|r| r.starts_with("/apis/gateway.networking.k8s.io/v1/httproutes"))
+    );
+    assert!(
+        log.iter().any(
+            |r| r.starts_with("/api/v1/namespaces/trellis-system/configmaps?")
+                && r.contains("fieldSelector=metadata.name%3Dtrellis-mesh")
+        ),
+        "{log:?}"
     );
 }

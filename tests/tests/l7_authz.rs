@@ -765,3 +765,299 @@ fn request_authentication_with_jwt() {
         );
     }
 }
+
+/// `AuthorizationPolicy` with `action: CUSTOM`: requests its rules match
+/// are put to the policy's provider, an external authorization service
+/// named in the mesh configuration (the `trellis-mesh` ConfigMap's
+/// `extensionProviders`, as Istio writes them), by the destination's
+/// agent, as the destination pod, through the mesh: an HTTP provider on the
+/// other node, a gRPC one (Envoy's check protocol) on the server's node;
+/// from a caller on each node, to the pod IP and to a Service VIP. The
+/// provider's denial is the client's answer; its allowing answer's changes
+/// reach the server; DENY policies still apply after it; a provider the
+/// configuration lacks denies; a broken configuration keeps the last good
+/// one serving.
+#[test]
+fn custom_policies_ask_their_providers() {
+    const WEB_VIP: &str = "10.96.0.36";
+    let mut lab = Lab::new("l7_custom").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let remote = lab.add_pod(&a, "a1").expect("pod");
+    let http_authz = lab.add_pod(&a, "a2").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let local = lab.add_pod(&b, "b2").expect("pod");
+    let grpc_authz = lab.add_pod(&b, "b3").expect("pod");
+    let _servers = [
+        server
+            .serve(py::REQUEST_ECHO_SERVER, &["web", "8080"], 8080)
+            .expect("server"),
+        http_authz
+            .serve(py::AUTHZ_SERVER, &["9000"], 9000)
+            .expect("server"),
+        grpc_authz
+            .serve(
+                py::GRPC_AUTHZ_SERVER,
+                &[py::ENVOY_PROTOS, "9001", "9002"],
+                9001,
+            )
+            .expect("server"),
+    ];
+    let mesh_config = |providers: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-mesh, namespace: trellis-system}}\n\
+             data:\n  mesh: |\n    extensionProviders:\n{providers}"
+        )
+    };
+    const HTTP_PROVIDER: &str = "    - name: http-authz\n      envoyExtAuthzHttp:\n\
+        \x20       service: http-authz.auth.svc.cluster.local\n        port: 8000\n\
+        \x20       pathPrefix: /check\n        includeRequestHeadersInCheck: [x-client]\n\
+        \x20       headersToUpstreamOnAllow: [x-tag, x-auth-user]\n";
+    const GRPC_PROVIDER: &str =
+        "    - name: grpc-authz\n      envoyExtAuthzGrpc: {service: auth/grpc-authz, port: 9191}\n";
+    let custom = |name: &str, provider: &str, paths: &str| {
+        mesh::authorization_policy(
+            "shop",
+            name,
+            &format!(
+                "{{selector: {{matchLabels: {{app: web}}}}, action: CUSTOM, provider: {{name: {provider}}}, \
+                 rules: [{{to: [{{operation: {{paths: [{paths}]}}}}]}}]}}"
+            ),
+        )
+    };
+    let mut docs = vec![
+        mesh::node(&a),
+        mesh::node(&b),
+        mesh::namespace("shop", true),
+        mesh::namespace("auth", true),
+        mesh::pod(&remote, "shop", &[], &[], ""),
+        mesh::pod(&local, "shop", &[], &[], ""),
+        mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+        mesh::pod(&http_authz, "auth", &[("app", "http-authz")], &[], ""),
+        mesh::pod(&grpc_authz, "auth", &[("app", "grpc-authz")], &[], ""),
+        mesh::service("shop", "web", WEB_VIP, 80, "8080", &[("app", "web")]),
+        // The Service's calls take the L7 path.
+        mesh::traffic_policy(
+            "shop",
+            "web",
+            "retry: {attempts: 1, retryOn: [connect-failure]}",
+        ),
+        mesh::service(
+            "auth",
+            "http-authz",
+            "10.96.0.37",
+            8000,
+            "9000",
+            &[("app", "http-authz")],
+        ),
+        mesh::service_with_protocol(
+            "auth",
+            "grpc-authz",
+            "10.96.0.38",
+            9191,
+            "9001",
+            "grpc",
+            &[("app", "grpc-authz")],
+        ),
+        custom("admin", "http-authz", "'/admin*'"),
+        custom("ops", "grpc-authz", "'/ops*'"),
+        custom("missing", "missing", "'/missing*'"),
+        mesh::authorization_policy(
+            "shop",
+            "no-secrets",
+            "{selector: {matchLabels: {app: web}}, action: DENY, rules: [{to: [{operation: {paths: [/admin/secret]}}]}]}",
+        ),
+    ];
+    let mesh_at = docs.len();
+    docs.push(mesh_config(&format!("{HTTP_PROVIDER}{GRPC_PROVIDER}")));
+    let cluster = mesh::Cluster::start(lab.name(), &[&a, &b], &docs).expect("mesh");
+
+    // (status, head, body) of one request.
+    let call = |client: &Pod, url: &str, headers: &[&str]| -> (String, String, String) {
+        let mut args = vec!["-s", "-m", "10", "-D", "-"];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        args.push(url);
+        let out = client
+            .exec()
+            .output("curl", &args, Duration::from_secs(30))
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout)
+            .replace('\r', "")
+            .to_lowercase();
+        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or("000")
+            .to_string();
+        (status, head.to_string(), body.to_string())
+    };
+    let echo = |body: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    const ALICE: &str = "authorization: Bearer alice";
+
+    let pod_url = format!("http://{}:8080", server.ip);
+    let vip_url = format!("http://{WEB_VIP}");
+    for (client, how, base) in [
+        (&remote, "cross-node, pod IP", &pod_url),
+        (&remote, "cross-node, VIP", &vip_url),
+        (&local, "same node, pod IP", &pod_url),
+        (&local, "same node, VIP", &vip_url),
+    ] {
+        let url = |p: &str| format!("{base}{p}");
+        let (status, _, body) = call(client, &url("/public"), &[]);
+        assert_eq!(status, "200", "{how}: no CUSTOM rule matches: {body}");
+
+        // The HTTP provider: its denials are the client's answers.
+        let (status, head, body) = call(client, &url("/admin/x"), &[]);
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("401", "who are you"),
+            "{how}: {head}"
+        );
+        assert!(head.contains("www-authenticate: bearer"), "{how}: {head}");
+        assert!(
+            head.contains("x-trellis-reason: ext-auth-denied"),
+            "{how}: {head}"
+        );
+        let (status, _, body) = call(client, &url("/admin/x"), &["authorization: Bearer bob"]);
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("403", "not you"),
+            "{how}"
+        );
+        // Allowed: the provider's headers replace the client's forged one.
+        let (status, _, body) = call(client, &url("/admin/x"), &[ALICE, "x-tag: forged"]);
+        assert_eq!(status, "200", "{how}: {body}");
+        assert_eq!(echo(&body)["tag"], "authz-alice", "{how}: {body}");
+        // DENY policies still apply once the provider allows.
+        let (status, head, _) = call(client, &url("/admin/secret"), &[ALICE]);
+        assert_eq!(status, "403", "{how}: {head}");
+        assert!(head.contains("x-trellis-reason: denied"), "{how}: {head}");
+
+        // The gRPC provider, on the server's node: its changes to the
+        // request and to the answer.
+        let (status, head, body) = call(client, &url("/ops/run?token=t&x=1"), &[ALICE]);
+        assert_eq!(status, "200", "{how}: {head}{body}");
+        assert!(head.contains("x-authz: grpc"), "{how}: {head}");
+        let got = echo(&body);
+        assert_eq!(got["tag"], "authz-alice", "{how}: {got}");
+        let path = got["path"].as_str().unwrap_or_default();
+        assert!(
+            path.starts_with("/ops/run?") && path.contains("user=alice") && !path.contains("token"),
+            "{how}: {path}"
+        );
+        let (status, head, body) = call(client, &url("/ops/run"), &["authorization: Bearer eve"]);
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("403", "not you"),
+            "{how}: {head}"
+        );
+        assert!(head.contains("x-denied-by: grpc-authz"), "{how}: {head}");
+
+        // A provider the mesh configuration does not define cannot allow.
+        let (status, head, _) = call(client, &url("/missing"), &[ALICE]);
+        assert_eq!(status, "403", "{how}: {head}");
+        assert!(head.contains("x-trellis-reason: denied"), "{how}: {head}");
+    }
+
+    // What the providers were asked: the HTTP one the prefixed path and the
+    // headers it may see; the gRPC one the caller's own identity and
+    // address (the destination's agent asks, for the pod).
+    let (status, _, _) = call(
+        &remote,
+        &format!("{pod_url}/admin/last"),
+        &[ALICE, "x-client: 1", "x-other: 1"],
+    );
+    assert_eq!(status, "200");
+    let (_, _, last) = call(
+        &remote,
+        &format!("http://{}:9000/__last", http_authz.ip),
+        &[],
+    );
+    let last = echo(&last);
+    assert_eq!(last["path"], "/check/admin/last", "{last}");
+    let names: Vec<&str> = last["headers"]
+        .as_array()
+        .expect("header names")
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert!(
+        names.contains(&"x-client") && names.contains(&"authorization"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"x-other"), "{names:?}");
+    let (status, _, _) = call(&remote, &format!("{pod_url}/ops/last"), &[ALICE]);
+    assert_eq!(status, "200");
+    let (_, _, last) = call(&remote, &format!("http://{}:9002/", grpc_authz.ip), &[]);
+    let last = echo(&last);
+    assert_eq!(last["path"], "/ops/last", "{last}");
+    assert_eq!(
+        last["principal"], "spiffe://cluster.local/ns/shop/sa/a1",
+        "{last}"
+    );
+    assert_eq!(last["source"], remote.ip.to_string(), "{last}");
+
+    // A broken configuration is refused, named in the log, and the last
+    // good one keeps serving.
+    let admin = || call(&remote, &format!("{pod_url}/admin/x"), &[ALICE]).0;
+    docs[mesh_at] = mesh_config(&HTTP_PROVIDER.replace("port: 8000", "port: 0"));
+    cluster
+        .config()
+        .write("mesh.yaml", &mesh::docs(&docs))
+        .expect("write");
+    let field = "data.mesh.extensionProviders[0].envoyExtAuthzHttp.port";
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !cluster.agents[1].log_text().contains(field) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken mesh configuration's error"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(admin(), "200", "the last good configuration serves");
+    // Without the provider, its policy's requests are denied.
+    docs[mesh_at] = mesh_config(GRPC_PROVIDER);
+    cluster
+        .config()
+        .write("mesh.yaml", &mesh::docs(&docs))
+        .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while admin() != "403" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the provider's removal"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = cluster.agents[1].cli_json("status").expect("status");
+    assert!(
+        status["http"]["ext_auth_denied"].as_u64().unwrap_or(0) >= 4,
+        "{}",
+        status["http"]
+    );
+    // What `trellis policy` and `trellis config` show of them.
+    let policies = cluster.agents[1].cli_json("policy").expect("policy");
+    assert!(
+        policies["authorization"]
+            .as_array()
+            .expect("policies")
+            .iter()
+            .any(|p| p["policy"] == "shop/ops"
+                && p["action"] == "CUSTOM"
+                && p["provider"] == "grpc-authz"
+                && p["selects"] == serde_json::json!(["shop/b1"])),
+        "{policies}"
+    );
+    let text = cluster.agents[1].cli(&["policy"]).expect("policy text");
+    assert!(text.contains("asks provider grpc-authz"), "{text}");
+    let config = cluster.agents[1].cli_json("config").expect("config");
+    let providers = &config["extensionProviders"];
+    assert_eq!(providers["grpc-authz"]["protocol"], "GRPC", "{providers}");
+    assert!(providers.get("http-authz").is_none(), "{providers}");
+}

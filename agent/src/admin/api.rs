@@ -212,7 +212,8 @@ fn policy_fingerprint(snapshot: &Snapshot) -> String {
 
 /// `GET /config`: the agent's settings and the configuration it applies
 /// from objects: routes with their status conditions (Accepted,
-/// ResolvedRefs) and compiled rules, traffic and authorization policies.
+/// ResolvedRefs) and compiled rules, traffic and authorization policies,
+/// and the mesh configuration's extension providers.
 pub fn config(state: &AdminState) -> serde_json::Value {
     let snapshot = state.snapshot.borrow().clone();
     serde_json::json!({
@@ -223,6 +224,7 @@ pub fn config(state: &AdminState) -> serde_json::Value {
         },
         "trafficPolicies": snapshot.traffic,
         "authorizationPolicies": snapshot.policies,
+        "extensionProviders": snapshot.providers,
     })
 }
 
@@ -283,6 +285,7 @@ pub fn policies(state: &AdminState) -> serde_json::Value {
             serde_json::json!({
                 "policy": p.id(),
                 "action": p.action,
+                "provider": p.provider,
                 "selector": p.selector,
                 "rules": p.rules.len(),
                 "selects": selects,

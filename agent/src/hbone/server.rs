@@ -117,6 +117,8 @@ pub struct Inbound {
     policy: Option<Arc<Verdicts>>,
     metrics: Option<Arc<IstioMetrics>>,
     tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Asks CUSTOM policies' providers.
+    authorizer: Option<crate::proxy::outbound::Authorizer>,
     /// The sockhash, when sk_msg is on.
     sockets: Option<Arc<SocketMaps>>,
     pub stats: InboundStats,
@@ -165,9 +167,18 @@ impl Inbound {
             policy: None,
             metrics: None,
             tracer: None,
+            authorizer: None,
             sockets: None,
             stats: InboundStats::default(),
         }
+    }
+
+    /// Requests that CUSTOM policies match are put to their providers with
+    /// `authorizer` (without one they are refused).
+    #[must_use]
+    pub fn with_authorizer(mut self, authorizer: crate::proxy::outbound::Authorizer) -> Self {
+        self.authorizer = Some(authorizer);
+        self
     }
 
     #[must_use]
@@ -569,8 +580,9 @@ impl Inbound {
                     let this = self.clone();
                     inbound_http::judge(
                         self.state.clone(),
-                        peer_id.clone(),
+                        (peer_id.clone(), client.unwrap_or(remote)),
                         target,
+                        self.authorizer.clone(),
                         move |refusal| {
                             refusal
                                 .counter(

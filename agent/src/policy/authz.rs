@@ -58,6 +58,9 @@ pub struct AuthorizationPolicySpec {
     pub selector: Option<Selector>,
     #[serde(default)]
     pub action: Action,
+    /// The external authorization service a CUSTOM policy asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
     /// Any one rule matching is enough. An ALLOW policy without rules allows
     /// nothing (Istio's "allow-nothing").
     #[serde(default)]
@@ -77,6 +80,19 @@ pub enum Action {
     #[default]
     Allow,
     Deny,
+    /// The request goes to the policy's `provider` (an external
+    /// authorization service of the mesh configuration) when a rule matches;
+    /// its answer decides, before DENY and ALLOW policies are applied.
+    Custom,
+}
+
+/// The extension provider a CUSTOM policy asks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Provider {
+    /// An `extensionProviders` name of the mesh configuration (the
+    /// `trellis-mesh` ConfigMap).
+    pub name: String,
 }
 
 /// Matches when one of `from` matches (or there is none) and one of `to`
@@ -215,6 +231,24 @@ impl PortValue {
 
 /// Checks what the schema cannot say: a field path and a reason.
 pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> {
+    match (spec.action, &spec.provider) {
+        (Action::Custom, None) => {
+            return Err((
+                "spec.provider".into(),
+                "a CUSTOM policy names the provider to ask".into(),
+            ));
+        }
+        (Action::Custom, Some(p)) if p.name.is_empty() => {
+            return Err(("spec.provider.name".into(), "empty".into()));
+        }
+        (Action::Allow | Action::Deny, Some(_)) => {
+            return Err((
+                "spec.provider".into(),
+                "only a CUSTOM policy names a provider".into(),
+            ));
+        }
+        _ => {}
+    }
     for (r, rule) in spec.rules.iter().enumerate() {
         for (f, from) in rule.from.iter().enumerate() {
             let s = &from.source;
@@ -392,6 +426,9 @@ pub struct Policy {
     pub name: String,
     pub selector: Option<BTreeMap<String, String>>,
     pub action: Action,
+    /// A CUSTOM policy's provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub rules: Vec<CompiledRule>,
 }
 
@@ -450,6 +487,7 @@ impl Policy {
                 .as_ref()
                 .map(|s| s.match_labels.clone()),
             action: object.spec.action,
+            provider: object.spec.provider.as_ref().map(|p| p.name.clone()),
             rules: object
                 .spec
                 .rules
@@ -780,6 +818,68 @@ pub fn evaluate(
     }
 }
 
+/// What the CUSTOM policies applying to `destination` ask of one
+/// connection or request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Custom {
+    /// No CUSTOM rule matches.
+    Nothing,
+    /// A CUSTOM rule may match a request: read the connection as HTTP.
+    Inspect,
+    /// A CUSTOM rule matches a connection that is not HTTP: its provider
+    /// judges requests only, so the connection is refused (fail closed).
+    Deny { policy: String },
+    /// Ask each of these providers about the request (one per provider).
+    Ask(Vec<(String, String)>),
+}
+
+/// The providers that CUSTOM policies send a connection or request to:
+/// `(policy, provider)` for each provider, the first policy naming it.
+pub fn custom(
+    policies: &[Policy],
+    source: &Identity,
+    destination: &Workload,
+    port: u16,
+    layer: Layer<'_>,
+) -> Custom {
+    let check = Check {
+        source,
+        port,
+        request: match layer {
+            Layer::Request(r) => Some(r),
+            _ => None,
+        },
+    };
+    let principal = format!(
+        "{}/ns/{}/sa/{}",
+        source.trust_domain, source.namespace, source.service_account
+    );
+    let mut asks: Vec<(String, String)> = Vec::new();
+    for p in policies
+        .iter()
+        .filter(|p| p.action == Action::Custom && p.applies_to(destination))
+    {
+        if p.matches(&check, &principal) == Match::No {
+            continue;
+        }
+        match layer {
+            Layer::Connection => return Custom::Inspect,
+            Layer::Opaque => return Custom::Deny { policy: p.id() },
+            Layer::Request(_) => {
+                let provider = p.provider.clone().unwrap_or_default();
+                if !asks.iter().any(|(_, named)| *named == provider) {
+                    asks.push((p.id(), provider));
+                }
+            }
+        }
+    }
+    if asks.is_empty() {
+        Custom::Nothing
+    } else {
+        Custom::Ask(asks)
+    }
+}
+
 /// Decides a connection (or request) from `source` to `destination` on this
 /// node: policies apply only to meshed pods, so anything else is allowed
 /// here (the kernel's NetworkPolicy still applies).
@@ -791,13 +891,20 @@ pub fn authorize(
 ) -> Verdict {
     match meshed_workload(snapshot, destination) {
         Some(workload) => {
-            let verdict = evaluate(
-                snapshot.policies_in(&workload.namespace),
-                source,
-                workload,
-                destination.port(),
-                layer,
-            );
+            let policies = snapshot.policies_in(&workload.namespace);
+            let verdict = evaluate(policies, source, workload, destination.port(), layer);
+            let verdict = match (
+                verdict,
+                custom(policies, source, workload, destination.port(), layer),
+            ) {
+                (deny @ Verdict::Deny { .. }, _) => deny,
+                (_, Custom::Deny { policy }) => Verdict::Deny {
+                    policy,
+                    reason: "a CUSTOM rule matched a connection that is not HTTP (its provider judges HTTP requests)",
+                },
+                (_, Custom::Inspect | Custom::Ask(_)) => Verdict::Inspect,
+                (verdict, Custom::Nothing) => verdict,
+            };
             // Tokens are checked per request: a connection to a workload
             // that a RequestAuthentication selects is read as HTTP.
             match (verdict, layer) {
@@ -845,19 +952,30 @@ impl Refusal {
     }
 }
 
+/// An external authorization service to ask about an admitted request
+/// before it goes on (a CUSTOM policy matched it).
+#[derive(Clone, Debug)]
+pub struct Ask {
+    /// `namespace/name` of the CUSTOM policy.
+    pub policy: String,
+    pub provider: String,
+    pub service: std::sync::Arc<crate::routes::table::ExternalAuth>,
+}
+
 /// Admits one request from `source` to the local pod at `destination`:
 /// its token checked by the `RequestAuthentication`s selecting the pod,
 /// then the request authorized with it. An admitted request gets the
-/// edits authentication makes (the token taken off, claims put in headers);
-/// a refused one is logged, with why.
+/// edits authentication makes (the token taken off, claims put in headers)
+/// and may still have to be put to the providers of CUSTOM policies (the
+/// caller asks them, in order); a refused one is logged, with why.
 pub fn admit<B>(
     snapshot: &crate::state::Snapshot,
     source: &Identity,
     destination: std::net::SocketAddr,
     req: &mut http::Request<B>,
-) -> Result<(), Refusal> {
+) -> Result<Vec<Ask>, Refusal> {
     let Some(workload) = meshed_workload(snapshot, destination) else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let refusal = check_request(snapshot, source, destination, workload, req);
     if let Err(refusal) = &refusal {
@@ -881,7 +999,7 @@ fn check_request<B>(
     destination: std::net::SocketAddr,
     workload: &Workload,
     req: &mut http::Request<B>,
-) -> Result<(), Refusal> {
+) -> Result<Vec<Ask>, Refusal> {
     let rules: Vec<_> = snapshot.jwt_rules_for(workload).cloned().collect();
     let auth = if rules.is_empty() {
         None
@@ -898,13 +1016,13 @@ fn check_request<B>(
         auth: auth.as_ref(),
         ..Request::of(req)
     };
-    match evaluate(
-        snapshot.policies_in(&workload.namespace),
-        source,
-        workload,
-        destination.port(),
-        Layer::Request(request),
-    ) {
+    let policies = snapshot.policies_in(&workload.namespace);
+    let port = destination.port();
+    let asks = match custom(policies, source, workload, port, Layer::Request(request)) {
+        Custom::Ask(asks) => asks,
+        _ => Vec::new(),
+    };
+    match evaluate(policies, source, workload, port, Layer::Request(request)) {
         Verdict::Allow => {}
         Verdict::Deny { policy, reason } => return Err(Refusal::Denied { policy, reason }),
         // A request leaves nothing undecided.
@@ -915,12 +1033,29 @@ fn check_request<B>(
             });
         }
     }
+    // A provider the mesh configuration lacks cannot allow anything.
+    let asks = asks
+        .into_iter()
+        .map(
+            |(policy, provider)| match snapshot.providers.get(&provider) {
+                Some(service) => Ok(Ask {
+                    policy,
+                    provider,
+                    service: service.clone(),
+                }),
+                None => Err(Refusal::Denied {
+                    policy,
+                    reason: "its CUSTOM provider is not in the mesh configuration",
+                }),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
     if !rules.is_empty() {
         let mut uri = req.uri().clone();
         authn::edit(&rules, auth.as_ref(), req.headers_mut(), &mut uri);
         *req.uri_mut() = uri;
     }
-    Ok(())
+    Ok(asks)
 }
 
 #[cfg(test)]
@@ -950,6 +1085,74 @@ mod tests {
     fn allowed(policies: &[Policy], ns: &str, sa: &str, port: u16) -> bool {
         let source = Identity::new("cluster.local", ns, sa);
         evaluate(policies, &source, &web(), port, Layer::Connection) == Verdict::Allow
+    }
+
+    #[test]
+    fn custom_policies_send_matching_requests_to_their_providers() {
+        let ext = policy(
+            "shop",
+            "action: CUSTOM\nprovider: {name: ext}\nrules: [{to: [{operation: {paths: [/admin*]}}]}]",
+        );
+        let opa = policy(
+            "shop",
+            "action: CUSTOM\nprovider: {name: opa}\nrules: [{from: [{source: {namespaces: [lab]}}]}]",
+        );
+        let other = policy(
+            "shop",
+            "action: CUSTOM\nprovider: {name: ext}\nselector: {matchLabels: {app: db}}\nrules: [{}]",
+        );
+        let ps = [ext, opa, other];
+        let map = http::HeaderMap::new();
+        let ask = |ns: &str, path: &str| {
+            let source = Identity::new("cluster.local", ns, "client");
+            let request = Request {
+                method: "GET",
+                path,
+                headers: &map,
+                grpc: false,
+                auth: None,
+            };
+            match custom(&ps, &source, &web(), 80, Layer::Request(request)) {
+                Custom::Ask(asks) => asks.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
+                Custom::Nothing => Vec::new(),
+                other => panic!("{other:?} for a request"),
+            }
+        };
+        assert_eq!(ask("shop", "/admin/x"), ["ext"]);
+        assert_eq!(ask("lab", "/admin/x"), ["ext", "opa"]);
+        assert_eq!(ask("lab", "/"), ["opa"]);
+        assert!(ask("shop", "/").is_empty());
+        // Before a request: read it as HTTP when a rule may match; a
+        // connection that is not HTTP is refused (fail closed).
+        let source = Identity::new("cluster.local", "shop", "client");
+        assert_eq!(
+            custom(&ps, &source, &web(), 80, Layer::Connection),
+            Custom::Inspect
+        );
+        assert!(matches!(
+            custom(&ps, &source, &web(), 80, Layer::Opaque),
+            Custom::Deny { .. }
+        ));
+        // ALLOW and DENY evaluation leaves CUSTOM policies alone.
+        assert_eq!(
+            evaluate(&ps, &source, &web(), 80, Layer::Connection),
+            Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn a_custom_policy_names_a_provider_and_only_it_does() {
+        let spec =
+            |yaml: &str| serde_yaml_ng::from_str::<AuthorizationPolicySpec>(yaml).expect(yaml);
+        for (yaml, field) in [
+            ("action: CUSTOM\nrules: [{}]", "spec.provider"),
+            ("action: CUSTOM\nprovider: {name: ''}", "spec.provider.name"),
+            ("action: DENY\nprovider: {name: ext}", "spec.provider"),
+            ("provider: {name: ext}", "spec.provider"),
+        ] {
+            assert_eq!(validate(&spec(yaml)).expect_err(yaml).0, field, "{yaml}");
+        }
+        assert!(validate(&spec("action: CUSTOM\nprovider: {name: ext}")).is_ok());
     }
 
     #[test]

@@ -497,7 +497,16 @@ impl HttpProxy {
                 .as_ref()
                 .and_then(|c| c.response_headers(req.headers()));
             if let Some(auth) = &e.rule.external_auth {
-                match self.external_auth(&snapshot, auth, &mut req, call).await {
+                let peers = ext_auth::grpc::Peers {
+                    source: call.client,
+                    source_principal: call.client_identity.as_ref().map(ToString::to_string),
+                    destination_service: &call.service,
+                    destination_principal: None,
+                };
+                match self
+                    .external_auth(&snapshot, auth, &mut req, call, &peers)
+                    .await
+                {
                     Ok((allowed, read)) => {
                         let (mut parts, body) = req.into_parts();
                         ext_auth::apply(&allowed, &mut parts.headers, &mut parts.uri);
@@ -731,8 +740,27 @@ impl HttpProxy {
             }
             tried.push(backend);
             chosen.backend = Some(backend);
-            if let Err((reason, detail)) = self.authorize(&snapshot, call, backend, &mut req) {
-                return answer(reason, detail);
+            match self.authorize(&snapshot, call, backend, &mut req) {
+                Err((reason, detail)) => return answer(reason, detail),
+                Ok(asks) if asks.is_empty() => {}
+                Ok(asks) => {
+                    let source = (call.client, call.client_identity.as_ref());
+                    let asked = match source {
+                        (addr, Some(identity)) => {
+                            self.ask_providers(&snapshot, &asks, req, (addr, identity), backend)
+                                .await
+                        }
+                        // Asks come only for a caller with an identity.
+                        (_, None) => Ok((req, Vec::new())),
+                    };
+                    match asked {
+                        Ok((allowed, puts)) => {
+                            req = allowed;
+                            chosen.auth_answer.extend(puts);
+                        }
+                        Err(resp) => return resp,
+                    }
+                }
             }
             let active = Gauge::enter(Counter::Endpoint(endpoint.clone()));
             let attempt = self.forward(&snapshot, req, call, backend, &svc);
@@ -1013,7 +1041,9 @@ impl HttpProxy {
             ));
         };
         // The agent's own request is judged on a copy of its head: it is
-        // sent as it is.
+        // sent as it is. CUSTOM policies of its destination are not asked
+        // about it: a check or a mirror is not the request itself, and a
+        // provider asking about its own checks would never end.
         let mut head = Request::new(());
         *head.method_mut() = req.method().clone();
         *head.uri_mut() = req.uri().clone();
@@ -1027,13 +1057,18 @@ impl HttpProxy {
     /// Asks a route's authorization Service about a request: the changes
     /// to make to it when allowed, else the answer the client gets (the
     /// service's own, or 403 when it could not be asked: fail closed).
-    async fn external_auth(
+    async fn external_auth<B>(
         &self,
         snapshot: &Snapshot,
         auth: &routes::table::ExternalAuth,
-        req: &mut Request<Incoming>,
+        req: &mut Request<B>,
         call: &Call,
-    ) -> Result<(ext_auth::Allowed, ext_auth::Read), Response<Body>> {
+        peers: &ext_auth::grpc::Peers<'_>,
+    ) -> Result<(ext_auth::Allowed, ext_auth::Read), Response<Body>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let grpc = authz::is_grpc(req.headers());
         let path = req.uri().path().to_owned();
         let error = |detail: String| {
@@ -1065,12 +1100,7 @@ impl HttpProxy {
                 ext_auth::check(auth, req.method(), req.uri(), req.headers(), start)
             }
             AuthProtocol::Grpc => {
-                let peers = ext_auth::grpc::Peers {
-                    source: call.client,
-                    source_principal: call.client_identity.as_ref().map(ToString::to_string),
-                    destination_service: &call.service,
-                };
-                ext_auth::grpc::check(auth, req, &start, &peers, std::time::SystemTime::now())
+                ext_auth::grpc::check(auth, req, &start, peers, std::time::SystemTime::now())
             }
         };
         let (backend, svc) = self
@@ -1371,14 +1401,68 @@ impl HttpProxy {
         call: &Call,
         backend: SocketAddr,
         req: &mut Request<B>,
-    ) -> Result<(), (Reason, String)> {
+    ) -> Result<Vec<authz::Ask>, (Reason, String)> {
         let Some(src) = &call.client_identity else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         if !self.on_this_node(snapshot, backend) {
-            return Ok(());
+            return Ok(Vec::new());
         }
         authz::admit(snapshot, src, backend, req).map_err(refused_answer)
+    }
+
+    /// Puts a request to the local pod at `target` to the providers of the
+    /// CUSTOM policies it matched, in order, asking as that pod (its
+    /// identity, through the mesh), as the pod's own proxy would: the
+    /// request with the changes each allowing answer makes, and the headers
+    /// they put on the client's answer; or the answer the client gets (the
+    /// provider's denial, or 403 `ext-auth-error` when one cannot be asked:
+    /// fail closed).
+    pub(super) async fn ask_providers(
+        &self,
+        snapshot: &Snapshot,
+        asks: &[authz::Ask],
+        mut req: Request<Body>,
+        source: (SocketAddr, &Identity),
+        target: SocketAddr,
+    ) -> Result<(Request<Body>, Vec<ext_auth::Put>), Response<Body>> {
+        let Some(pod) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
+            self.count(Reason::ExtAuthError);
+            return Err(reply(
+                Reason::ExtAuthError,
+                &format!("{target} is no longer a known pod"),
+                authz::is_grpc(req.headers()),
+            ));
+        };
+        let identity = Identity::of(pod, &self.trust_domain);
+        let asker = Call {
+            client: SocketAddr::new(target.ip(), 0),
+            client_namespace: pod.namespace.clone(),
+            client_identity: Some(identity.clone()),
+            service: String::new(),
+            port: 0,
+            ipv6: target.is_ipv6(),
+            upstream_h2: false,
+            grpc_web_upstream: false,
+        };
+        let peers = ext_auth::grpc::Peers {
+            source: source.0,
+            source_principal: Some(source.1.to_string()),
+            destination_service: "",
+            destination_principal: Some(identity.to_string()),
+        };
+        let mut answer = Vec::new();
+        for ask in asks {
+            debug!(policy = %ask.policy, provider = %ask.provider, path = req.uri().path(), "asking a CUSTOM policy's provider");
+            let (allowed, read) = self
+                .external_auth(snapshot, &ask.service, &mut req, &asker, &peers)
+                .await?;
+            let (mut parts, body) = req.into_parts();
+            ext_auth::apply(&allowed, &mut parts.headers, &mut parts.uri);
+            answer.extend(allowed.answer);
+            req = Request::from_parts(parts, ext_auth::Prefixed::new(read, body).boxed());
+        }
+        Ok((req, answer))
     }
 
     /// Whether `backend` is a pod on this node.

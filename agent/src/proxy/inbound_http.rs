@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::{FutureExt as _, future::BoxFuture};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -28,10 +29,12 @@ use tracing::{Instrument as _, debug};
 
 use super::{
     detect::Protocol,
+    ext_auth,
     http::{
         Body, BodyError, Io, MAX_HEADER_BYTES, Reason, connection_tokens, oversized,
         refused_answer, reply, settle_host, strip_hop_by_hop, upgrade_protocol,
     },
+    outbound::Authorizer,
     telemetry,
 };
 use crate::{
@@ -45,20 +48,65 @@ use crate::{
     trace::{Kind, Tracer},
 };
 
-/// Admits one request (authentication's edits made to it), or says why not.
-pub type Judge = Arc<dyn Fn(&mut Request<Incoming>) -> Result<(), Refusal> + Send + Sync>;
+/// A request its judge let through: with authentication's edits and the
+/// changes of the CUSTOM providers that allowed it, and the headers those
+/// put on its answer.
+pub struct Admitted {
+    req: Request<Body>,
+    answer: Vec<ext_auth::Put>,
+}
 
-/// The judge of requests from `source` to the local pod at `target`, under
-/// the policies of the current state; `on_refuse` counts a refusal.
+/// Admits one request, or gives the answer that refuses it.
+pub type Judge = Arc<
+    dyn Fn(Request<Incoming>) -> BoxFuture<'static, Result<Admitted, Response<Body>>> + Send + Sync,
+>;
+
+/// The judge of requests from `source` (at `peer`) to the local pod at
+/// `target`, under the policies of the current state: `authorizer` asks
+/// the providers of CUSTOM policies; `on_refuse` counts a refusal by the
+/// agent's own policies.
 pub fn judge(
     state: watch::Receiver<Arc<Snapshot>>,
-    source: Identity,
+    (source, peer): (Identity, SocketAddr),
     target: SocketAddr,
+    authorizer: Option<Authorizer>,
     on_refuse: impl Fn(&Refusal) + Send + Sync + 'static,
 ) -> Judge {
-    Arc::new(move |req: &mut Request<Incoming>| {
+    Arc::new(move |mut req: Request<Incoming>| {
         let snapshot = state.borrow().clone();
-        authz::admit(&snapshot, &source, target, req).inspect_err(&on_refuse)
+        let grpc = authz::is_grpc(req.headers());
+        let asks = match authz::admit(&snapshot, &source, target, &mut req) {
+            Ok(asks) => asks,
+            Err(refusal) => {
+                on_refuse(&refusal);
+                let (reason, detail) = refused_answer(refusal);
+                return std::future::ready(Err(reply(reason, &detail, grpc))).boxed();
+            }
+        };
+        let req = req.map(|b| b.map_err(BodyError::from).boxed());
+        if asks.is_empty() {
+            let admitted = Admitted {
+                req,
+                answer: Vec::new(),
+            };
+            return std::future::ready(Ok(admitted)).boxed();
+        }
+        let (authorizer, source) = (authorizer.clone(), source.clone());
+        async move {
+            let Some(authorizer) = authorizer else {
+                return Err(reply(
+                    Reason::ExtAuthError,
+                    "no client for CUSTOM providers here",
+                    grpc,
+                ));
+            };
+            let (req, answer) = authorizer
+                .proxy()
+                .ask_providers(&snapshot, &asks, req, (peer, &source), target)
+                .await?;
+            Ok(Admitted { req, answer })
+        }
+        .boxed()
     })
 }
 
@@ -277,10 +325,16 @@ async fn handle_or_refuse(
         );
         return Ok(reply(Reason::BadRequest, why, grpc));
     }
-    if let Some(Err(refusal)) = judge.map(|judge| judge(&mut req)) {
-        let (reason, detail) = refused_answer(refusal);
-        return Ok(reply(reason, &detail, grpc));
-    }
+    let Admitted { mut req, answer } = match judge {
+        Some(judge) => match judge(req).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return Ok(refused),
+        },
+        None => Admitted {
+            req: req.map(|b| b.map_err(BodyError::from).boxed()),
+            answer: Vec::new(),
+        },
+    };
     let upgrade = match &upstream {
         Upstream::Http1(_) => upgrade_protocol(req.headers()).and_then(|p| {
             Some((
@@ -308,7 +362,7 @@ async fn handle_or_refuse(
                 .map_err(BodyError::from)
                 .boxed(),
         ),
-        None => Request::from_parts(parts, body.map_err(BodyError::from).boxed()),
+        None => Request::from_parts(parts, body),
     };
     let sent = match upstream {
         Upstream::Http2(mut sender) => {
@@ -367,6 +421,7 @@ async fn handle_or_refuse(
             .in_current_span(),
         );
     }
+    ext_auth::put(&answer, resp.headers_mut());
     Ok(resp.map(|b| b.map_err(BodyError::from).boxed()))
 }
 

@@ -200,6 +200,18 @@ pub struct Route {
     pub source: Option<IpAddr>,
 }
 
+/// Asks the providers of CUSTOM authorization policies about requests to
+/// local pods, for the HBONE server and same-node deliveries: the L7
+/// path's client (made on first use), as the pods' own proxy.
+#[derive(Clone)]
+pub struct Authorizer(Arc<Outbound>);
+
+impl Authorizer {
+    pub(super) fn proxy(&self) -> &Arc<HttpProxy> {
+        self.0.http()
+    }
+}
+
 impl Outbound {
     pub fn new(
         node: &str,
@@ -435,6 +447,11 @@ impl Outbound {
                     reason: reason.into(),
                 }
             })
+    }
+
+    /// The client of CUSTOM policies' providers, for local pods.
+    pub fn authorizer(self: &Arc<Self>) -> Authorizer {
+        Authorizer(self.clone())
     }
 
     /// The L7 path.
@@ -1065,15 +1082,20 @@ impl Outbound {
         let standing = self.standing(peer, route.backend, "same-node", true);
         let resets = resets(&standing, &[inbound.as_fd(), upstream.as_fd()]);
         let this = self.clone();
-        let judge =
-            super::inbound_http::judge(self.state.clone(), source, route.backend, move |refusal| {
+        let judge = super::inbound_http::judge(
+            self.state.clone(),
+            (source, peer),
+            route.backend,
+            Some(self.authorizer()),
+            move |refusal| {
                 refusal
                     .counter(
                         &this.stats.requests_denied,
                         &this.stats.requests_unauthenticated,
                     )
                     .fetch_add(1, Ordering::Relaxed);
-            });
+            },
+        );
         let client = super::http::LingeringClose::new(inbound);
         let _ = upstream.set_nodelay(true);
         let upstream = Box::pin(upstream);

@@ -46,6 +46,9 @@ struct Kind {
     group: &'static str,
     version: &'static str,
     plural: &'static str,
+    /// Watched in the mesh namespace only, by this name (the mesh
+    /// configuration), not in every namespace.
+    only: Option<&'static str>,
 }
 
 const KINDS: &[Kind] = &[
@@ -54,72 +57,91 @@ const KINDS: &[Kind] = &[
         group: "",
         version: "v1",
         plural: "nodes",
+        only: None,
     },
     Kind {
         kind: "Namespace",
         group: "",
         version: "v1",
         plural: "namespaces",
+        only: None,
     },
     Kind {
         kind: "Pod",
         group: "",
         version: "v1",
         plural: "pods",
+        only: None,
     },
     Kind {
         kind: "Service",
         group: "",
         version: "v1",
         plural: "services",
+        only: None,
     },
     Kind {
         kind: "EndpointSlice",
         group: "discovery.k8s.io",
         version: "v1",
         plural: "endpointslices",
+        only: None,
     },
     Kind {
         kind: "NetworkPolicy",
         group: "networking.k8s.io",
         version: "v1",
         plural: "networkpolicies",
+        only: None,
     },
     Kind {
         kind: "HTTPRoute",
         group: "gateway.networking.k8s.io",
         version: "v1",
         plural: "httproutes",
+        only: None,
     },
     Kind {
         kind: "GRPCRoute",
         group: "gateway.networking.k8s.io",
         version: "v1",
         plural: "grpcroutes",
+        only: None,
     },
     Kind {
         kind: "ReferenceGrant",
         group: "gateway.networking.k8s.io",
         version: "v1beta1",
         plural: "referencegrants",
+        only: None,
     },
     Kind {
         kind: "AuthorizationPolicy",
         group: "trellis.dev",
         version: "v1alpha1",
         plural: "authorizationpolicies",
+        only: None,
     },
     Kind {
         kind: "RequestAuthentication",
         group: "trellis.dev",
         version: "v1alpha1",
         plural: "requestauthentications",
+        only: None,
     },
     Kind {
         kind: "TrafficPolicy",
         group: "trellis.dev",
         version: "v1alpha1",
         plural: "trafficpolicies",
+        only: None,
+    },
+    Kind {
+        kind: "ConfigMap",
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        only: Some(crate::policy::providers::CONFIG_MAP),
     },
 ];
 
@@ -339,19 +361,33 @@ impl KubeSource {
     /// retries are off: kube-client retries a 503 up to 15 times over
     /// minutes, which would hide an outage from the watchers (they back off
     /// on their own) and from the staleness they report.
-    pub fn connect(mut config: kube::Config) -> Result<Self, kube::Error> {
+    pub fn connect(mut config: kube::Config, mesh_namespace: &str) -> Result<Self, kube::Error> {
         config.default_retry = false;
-        Ok(Self::start(&Client::try_from(config)?))
+        Ok(Self::start(&Client::try_from(config)?, mesh_namespace))
     }
 
-    /// Starts a watcher per kind with `client`.
-    pub fn start(client: &Client) -> Self {
+    /// Starts a watcher per kind with `client`; the mesh configuration is
+    /// read from `mesh_namespace`.
+    pub fn start(client: &Client, mesh_namespace: &str) -> Self {
         let store = Arc::new(Mutex::new(Store::default()));
         let tasks = KINDS
             .iter()
             .map(|kind| {
-                let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
-                tokio::spawn(watch(*kind, api, store.clone())).abort_handle()
+                let (api, config) = match kind.only {
+                    None => (
+                        Api::<DynamicObject>::all_with(client.clone(), &kind.resource()),
+                        watcher::Config::default(),
+                    ),
+                    Some(name) => (
+                        Api::<DynamicObject>::namespaced_with(
+                            client.clone(),
+                            mesh_namespace,
+                            &kind.resource(),
+                        ),
+                        watcher::Config::default().fields(&format!("metadata.name={name}")),
+                    ),
+                };
+                tokio::spawn(watch(*kind, api, config, store.clone())).abort_handle()
             })
             .collect();
         Self {
@@ -415,12 +451,15 @@ const PROBE_FIRST: Duration = Duration::from_secs(2);
 const PROBE_MAX: Duration = Duration::from_secs(30);
 
 /// Runs one kind's watcher until aborted.
-async fn watch(kind: Kind, api: Api<DynamicObject>, store: Arc<Mutex<Store>>) {
+async fn watch(
+    kind: Kind,
+    api: Api<DynamicObject>,
+    config: watcher::Config,
+    store: Arc<Mutex<Store>>,
+) {
     let lock = || store.lock().unwrap_or_else(|e| e.into_inner());
     let mut listing: Vec<DynamicObject> = Vec::new();
-    let mut events = watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut events = watcher(api.clone(), config).default_backoff().boxed();
     let mut delay = PROBE_FIRST;
     let probe = tokio::time::sleep(delay);
     tokio::pin!(probe);

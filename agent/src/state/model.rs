@@ -221,6 +221,9 @@ pub struct Snapshot {
     pub network_policies: Vec<NetworkPolicy>,
     /// Request authentication policies, by namespace.
     pub authentications: BTreeMap<String, Vec<Authentication>>,
+    /// The external authorization services CUSTOM policies name, from the
+    /// mesh configuration.
+    pub providers: crate::policy::providers::Providers,
     /// Namespace labels, by name (for namespace selectors).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Every node of the cluster, this one included.
@@ -349,6 +352,7 @@ impl Snapshot {
         let mut grpc_routes = Vec::new();
         let mut grants = Vec::new();
         let mut traffic_policies = Vec::new();
+        let mut mesh_configs = Vec::new();
         for object in objects {
             *counts.entry(object.kind()).or_insert(0) += 1;
             match object {
@@ -362,6 +366,7 @@ impl Snapshot {
                 Object::GrpcRoute(r) => grpc_routes.push(r.as_ref()),
                 Object::ReferenceGrant(g) => grants.push(g.as_ref()),
                 Object::TrafficPolicy(p) => traffic_policies.push(p.as_ref()),
+                Object::MeshConfig(c) => mesh_configs.push(c.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 Object::RequestAuthentication(a) => {
                     let a = Authentication::compile(a);
@@ -482,6 +487,7 @@ impl Snapshot {
             policies,
             network_policies,
             authentications,
+            providers: mesh_providers(&mesh_configs),
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
             routes,
@@ -547,6 +553,20 @@ impl Snapshot {
             .get(*self.index.workload_by_ip.get(&ip)?)
             .map(|w| &**w)
     }
+}
+
+/// The providers of the mesh configuration. The API source watches the
+/// agent's own namespace only; a config folder with the ConfigMap in more
+/// than one namespace has the first namespace's serve. Validated when
+/// parsed, so no error is left here.
+fn mesh_providers(
+    configs: &[&k8s_openapi::api::core::v1::ConfigMap],
+) -> crate::policy::providers::Providers {
+    configs
+        .iter()
+        .min_by_key(|c| c.metadata.namespace.clone())
+        .and_then(|c| crate::policy::providers::parse(super::objects::mesh_yaml(c)).ok())
+        .unwrap_or_default()
 }
 
 impl NodeInfo {
@@ -1131,6 +1151,80 @@ mod tests {
         assert_eq!(edit.apply(&entry.request.path, "/api/v1"), "/");
         assert_eq!(entry.rule.mirrors[0].service, "shop/web-v2");
         assert_eq!(entry.rule.mirrors[0].ppm, 250_000);
+    }
+
+    #[test]
+    fn custom_policies_ask_the_mesh_configurations_providers() {
+        let mesh = |namespace: &str, port: u16| {
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-mesh, namespace: {namespace}}}\n\
+                 data:\n  mesh: |\n    extensionProviders:\n    - name: ext\n      envoyExtAuthzHttp:\n\
+                 \x20       service: authz.auth.svc.cluster.local\n        port: {port}\n"
+            )
+        };
+        let policies = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: ext, namespace: shop}\n\
+             spec: {selector: {matchLabels: {app: web}}, action: CUSTOM, provider: {name: ext}, \
+             rules: [{to: [{operation: {paths: [/admin*]}}]}]}\n---\n\
+             apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: gone, namespace: shop}\n\
+             spec: {selector: {matchLabels: {app: web}}, action: CUSTOM, provider: {name: gone}, \
+             rules: [{to: [{operation: {paths: [/gone*]}}]}]}\n";
+        // Another namespace's copy, and other ConfigMaps, are not read.
+        let other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: other, namespace: shop}\ndata: {mesh: 'nonsense: ['}\n";
+        let snap = snapshot(&format!(
+            "{}---\n{}---\n{policies}---\n{other}",
+            mesh("trellis-system", 8000),
+            mesh("zzz", 9)
+        ));
+        let ext = &snap.providers["ext"];
+        assert_eq!(ext.service, Some(("auth/authz".into(), 8000)));
+        let source = crate::identity::Identity::new("cluster.local", "shop", "client");
+        let web: SocketAddr = "10.1.1.12:8080".parse().unwrap();
+        let admit = |path: &str| {
+            let mut req = http::Request::get(path).body(()).unwrap();
+            crate::policy::authz::admit(&snap, &source, web, &mut req)
+        };
+        // A connection is read as HTTP for the provider, one that is not
+        // HTTP is refused (fail closed).
+        use crate::policy::authz::{Layer, Verdict, authorize};
+        assert_eq!(
+            authorize(&snap, &source, web, Layer::Connection),
+            Verdict::Inspect
+        );
+        assert!(matches!(
+            authorize(&snap, &source, web, Layer::Opaque),
+            Verdict::Deny { .. }
+        ));
+        let asks = admit("/admin/1").expect("admitted");
+        assert_eq!(asks.len(), 1);
+        assert_eq!(
+            (asks[0].policy.as_str(), asks[0].provider.as_str()),
+            ("shop/ext", "ext")
+        );
+        assert!(admit("/").expect("admitted").is_empty());
+        assert!(
+            matches!(
+                admit("/gone/1"),
+                Err(crate::policy::authz::Refusal::Denied { ref policy, .. }) if policy == "shop/gone"
+            ),
+            "a provider the mesh configuration lacks denies"
+        );
+
+        // A broken configuration is refused, naming the field.
+        let parsed = parse_file(
+            Path::new("mesh.yaml"),
+            &mesh("trellis-system", 0).replace("port: 0", "port: 0\n        failOpen: true"),
+        )
+        .expect("yaml");
+        let (_, error) = &parsed.rejected[0];
+        assert_eq!(error.object, "ConfigMap trellis-system/trellis-mesh");
+        assert!(
+            error
+                .field
+                .starts_with("data.mesh.extensionProviders[0].envoyExtAuthzHttp"),
+            "{error}"
+        );
     }
 
     #[test]

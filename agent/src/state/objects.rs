@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{LoadBalancerIngress, Namespace, Node, Pod, Service},
+        core::v1::{ConfigMap, LoadBalancerIngress, Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -14,7 +14,7 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 
 use crate::{
-    policy::{authn::RequestAuthentication, authz::AuthorizationPolicy},
+    policy::{authn::RequestAuthentication, authz::AuthorizationPolicy, providers},
     resilience::TrafficPolicy,
     routes::{grpc_route::GrpcRoute, http_route::HttpRoute, reference_grant::ReferenceGrant},
 };
@@ -45,6 +45,8 @@ pub enum Object {
     GrpcRoute(Arc<GrpcRoute>),
     ReferenceGrant(Arc<ReferenceGrant>),
     TrafficPolicy(Arc<TrafficPolicy>),
+    /// The ConfigMap [`providers::CONFIG_MAP`]: the mesh configuration.
+    MeshConfig(Arc<ConfigMap>),
 }
 
 /// What the agent reads of a Pod, kept instead of the API object: pods are
@@ -241,6 +243,7 @@ impl Object {
             Self::GrpcRoute(_) => "GRPCRoute",
             Self::ReferenceGrant(_) => "ReferenceGrant",
             Self::TrafficPolicy(_) => "TrafficPolicy",
+            Self::MeshConfig(_) => "ConfigMap",
         }
     }
 
@@ -258,6 +261,7 @@ impl Object {
             Self::GrpcRoute(o) => &o.metadata,
             Self::ReferenceGrant(o) => &o.metadata,
             Self::TrafficPolicy(o) => &o.metadata,
+            Self::MeshConfig(o) => &o.metadata,
         }
     }
 }
@@ -477,6 +481,11 @@ fn parse_object(
             "trellis.dev/v1alpha1",
             namespaced
         ),
+        // Of ConfigMaps, only the mesh configuration is the agent's.
+        "ConfigMap" if name.as_deref() == Some(providers::CONFIG_MAP) => {
+            typed!(ConfigMap, MeshConfig, "v1", namespaced)
+        }
+        "ConfigMap" => return Ok(None),
         other => {
             return Err(reject(
                 None,
@@ -488,6 +497,15 @@ fn parse_object(
     let key = object.key();
     validate(&object).map_err(|invalid| rejected(key, invalid))?;
     Ok(Some(object))
+}
+
+/// The mesh configuration's YAML (empty when the key is missing).
+pub fn mesh_yaml(config: &ConfigMap) -> &str {
+    config
+        .data
+        .as_ref()
+        .and_then(|d| d.get(providers::CONFIG_KEY))
+        .map_or("", String::as_str)
 }
 
 /// Namespaced objects without a namespace live in `default`, as kubectl applies them.
@@ -645,6 +663,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         Object::GrpcRoute(route) => crate::routes::grpc_route::validate(route)?,
         Object::ReferenceGrant(grant) => crate::routes::reference_grant::validate(grant)?,
         Object::TrafficPolicy(policy) => crate::resilience::policy::validate(policy)?,
+        Object::MeshConfig(config) => {
+            providers::parse(mesh_yaml(config))?;
+        }
         Object::EndpointSlice(slice) => {
             let labels = slice.metadata.labels.as_ref();
             if labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).is_none() {

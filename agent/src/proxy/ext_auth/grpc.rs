@@ -32,8 +32,10 @@ pub(in crate::proxy) struct Peers<'a> {
     pub source: SocketAddr,
     pub source_principal: Option<String>,
     /// The Service called, `namespace/name` (its endpoint is not chosen
-    /// yet).
+    /// yet); empty when a pod's agent asks for a CUSTOM policy.
     pub destination_service: &'a str,
+    /// The destination pod's SPIFFE ID, when its agent asks (CUSTOM).
+    pub destination_principal: Option<String>,
 }
 
 /// The check for `req`: a gRPC call to the authorization service with a
@@ -152,9 +154,14 @@ fn check_request<B>(
                 string(peer, 4, principal);
             }
         });
-        // destination: Peer { string service = 2; }
+        // destination: Peer { string service = 2; string principal = 4; }
         message(attributes, 2, |peer| {
-            string(peer, 2, peers.destination_service);
+            if !peers.destination_service.is_empty() {
+                string(peer, 2, peers.destination_service);
+            }
+            if let Some(principal) = &peers.destination_principal {
+                string(peer, 4, principal);
+            }
         });
         // request: Request { Timestamp time = 1; HttpRequest http = 2; }
         message(attributes, 4, |request| {
@@ -457,6 +464,7 @@ mod tests {
             source: "[::ffff:10.1.0.2]:40000".parse().unwrap(),
             source_principal: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
             destination_service: "shop/web",
+            destination_principal: None,
         };
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
         let check = check(&auth(&[]), &req, b"\xffbin", &peers, now);

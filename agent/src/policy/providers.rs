@@ -1,0 +1,288 @@
+//! The mesh's extension providers: the external authorization services an
+//! `AuthorizationPolicy` with `action: CUSTOM` names, defined as Istio
+//! defines them, in the mesh configuration's `extensionProviders`. Trellis
+//! reads that configuration from the ConfigMap [`CONFIG_MAP`] (key
+//! [`CONFIG_KEY`], YAML), as istiod reads its `istio` ConfigMap: in the
+//! agent's own namespace from the API server, or in the config folder.
+//!
+//! Both of Istio's ext_authz provider kinds are served, by the code that
+//! serves a route's `ExternalAuth` filter: `envoyExtAuthzHttp` (the
+//! request's head is sent to the service) and `envoyExtAuthzGrpc` (Envoy's
+//! `Authorization/Check`).
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::Deserialize;
+
+use crate::routes::table::{AuthProtocol, ExternalAuth};
+
+/// The ConfigMap holding the mesh configuration.
+pub const CONFIG_MAP: &str = "trellis-mesh";
+/// Its key holding the configuration's YAML.
+pub const CONFIG_KEY: &str = "mesh";
+
+/// The mesh configuration, as far as Trellis reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionProvider {
+    pub name: String,
+    #[serde(default)]
+    pub envoy_ext_authz_http: Option<HttpProvider>,
+    #[serde(default)]
+    pub envoy_ext_authz_grpc: Option<GrpcProvider>,
+}
+
+/// A service asked with the request's head (Envoy's HTTP ext_authz).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpProvider {
+    /// `name.namespace.svc.cluster.local`, or `namespace/name`.
+    pub service: String,
+    pub port: u32,
+    /// Put before the request's path in the check.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Request headers the check carries besides Host and Authorization.
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    /// Headers of an allowing answer put on the request (all but framing
+    /// ones when none are named).
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub include_request_body_in_check: Option<BodyInCheck>,
+}
+
+/// A service asked with `envoy.service.auth.v3.Authorization/Check`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcProvider {
+    pub service: String,
+    pub port: u32,
+    #[serde(default)]
+    pub include_request_body_in_check: Option<BodyInCheck>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BodyInCheck {
+    /// The most of the body the check carries.
+    pub max_request_bytes: u32,
+}
+
+/// Providers by name, ready to ask.
+pub type Providers = BTreeMap<String, Arc<ExternalAuth>>;
+
+/// The providers of the configuration's YAML; an error names the field
+/// (under `data.mesh`) and says why.
+pub fn parse(yaml: &str) -> Result<Providers, (String, String)> {
+    let config: MeshConfig = serde_path_to_error::deserialize(
+        serde_yaml_ng::Deserializer::from_str(yaml),
+    )
+    .map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            format!("data.{CONFIG_KEY}")
+        } else {
+            format!("data.{CONFIG_KEY}.{path}")
+        };
+        (field, e.inner().to_string())
+    })?;
+    compile(&config)
+}
+
+fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
+    let mut providers = Providers::new();
+    for (i, p) in config.extension_providers.iter().enumerate() {
+        let field = |name: &str| format!("data.{CONFIG_KEY}.extensionProviders[{i}].{name}");
+        if p.name.is_empty() {
+            return Err((field("name"), "empty".into()));
+        }
+        let auth = match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
+            (Some(http), None) => {
+                let at = |name: &str| field(&format!("envoyExtAuthzHttp.{name}"));
+                ExternalAuth {
+                    protocol: AuthProtocol::Http,
+                    service: Some((
+                        service_name(&http.service).map_err(|why| (at("service"), why))?,
+                        port(http.port).map_err(|why| (at("port"), why))?,
+                    )),
+                    path_prefix: http.path_prefix.clone().unwrap_or_default(),
+                    allowed_headers: lower(&http.include_request_headers_in_check),
+                    allowed_response_headers: lower(&http.headers_to_upstream_on_allow),
+                    forward_body: body_bytes(http.include_request_body_in_check.as_ref()),
+                }
+            }
+            (None, Some(grpc)) => {
+                let at = |name: &str| field(&format!("envoyExtAuthzGrpc.{name}"));
+                ExternalAuth {
+                    protocol: AuthProtocol::Grpc,
+                    service: Some((
+                        service_name(&grpc.service).map_err(|why| (at("service"), why))?,
+                        port(grpc.port).map_err(|why| (at("port"), why))?,
+                    )),
+                    path_prefix: String::new(),
+                    // Over gRPC the check carries every header.
+                    allowed_headers: Vec::new(),
+                    allowed_response_headers: Vec::new(),
+                    forward_body: body_bytes(grpc.include_request_body_in_check.as_ref()),
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err((
+                    field("envoyExtAuthzGrpc"),
+                    "a provider is envoyExtAuthzHttp or envoyExtAuthzGrpc, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err((
+                    field("name"),
+                    format!(
+                        "{:?} defines no provider Trellis serves (envoyExtAuthzHttp, envoyExtAuthzGrpc)",
+                        p.name
+                    ),
+                ));
+            }
+        };
+        if providers.insert(p.name.clone(), Arc::new(auth)).is_some() {
+            return Err((field("name"), format!("{:?} is defined twice", p.name)));
+        }
+    }
+    Ok(providers)
+}
+
+/// `namespace/name` of a provider's service as Istio writes it: a
+/// cluster host name (`name.namespace.svc.cluster.local`, or shorter down
+/// to `name.namespace`) or `namespace/name`.
+fn service_name(service: &str) -> Result<String, String> {
+    let wrong = || {
+        format!(
+            "{service:?} is not a Service: write name.namespace.svc.cluster.local or namespace/name"
+        )
+    };
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let (namespace, name) = match service.split_once('/') {
+        Some((namespace, host)) => {
+            let name = host.split('.').next().unwrap_or_default();
+            (namespace, name)
+        }
+        None => {
+            let mut labels = service.split('.');
+            let name = labels.next().unwrap_or_default();
+            let namespace = labels.next().ok_or_else(wrong)?;
+            if labels.next().is_some_and(|svc| svc != "svc") {
+                return Err(wrong());
+            }
+            (namespace, name)
+        }
+    };
+    if label(namespace) && label(name) {
+        Ok(format!("{namespace}/{name}"))
+    } else {
+        Err(wrong())
+    }
+}
+
+fn port(port: u32) -> Result<u16, String> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{port} is not a port (1-65535)"))
+}
+
+fn lower(names: &[String]) -> Vec<String> {
+    names.iter().map(|n| n.to_ascii_lowercase()).collect()
+}
+
+fn body_bytes(body: Option<&BodyInCheck>) -> usize {
+    body.map_or(0, |b| b.max_request_bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn providers_are_read_as_istio_writes_them() {
+        let providers = parse(
+            "extensionProviders:\n\
+             - name: http-authz\n  envoyExtAuthzHttp:\n    service: ext-authz.auth.svc.cluster.local\n    port: 8000\n    pathPrefix: /check\n    includeRequestHeadersInCheck: [X-User]\n    headersToUpstreamOnAllow: [x-verdict]\n    includeRequestBodyInCheck: {maxRequestBytes: 512}\n\
+             - name: grpc-authz\n  envoyExtAuthzGrpc: {service: auth/opa, port: 9191}\n",
+        )
+        .expect("valid");
+        let http = &providers["http-authz"];
+        assert_eq!(http.protocol, AuthProtocol::Http);
+        assert_eq!(http.service, Some(("auth/ext-authz".into(), 8000)));
+        assert_eq!(http.path_prefix, "/check");
+        assert_eq!(http.allowed_headers, ["x-user"]);
+        assert_eq!(http.allowed_response_headers, ["x-verdict"]);
+        assert_eq!(http.forward_body, 512);
+        let grpc = &providers["grpc-authz"];
+        assert_eq!(grpc.protocol, AuthProtocol::Grpc);
+        assert_eq!(grpc.service, Some(("auth/opa".into(), 9191)));
+        assert!(parse("").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn service_names_take_istio_forms() {
+        for (written, want) in [
+            ("ext.auth.svc.cluster.local", "auth/ext"),
+            ("ext.auth.svc", "auth/ext"),
+            ("ext.auth", "auth/ext"),
+            ("auth/ext", "auth/ext"),
+            ("auth/ext.auth.svc.cluster.local", "auth/ext"),
+        ] {
+            assert_eq!(service_name(written).as_deref(), Ok(want), "{written}");
+        }
+        for bad in ["ext", "ext.auth.example.com", "/ext", "Auth/ext", ""] {
+            assert!(service_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 0}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.port",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: nowhere, port: 1}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzGrpc.service",
+            ),
+            (
+                "extensionProviders: [{name: a, zipkin: {service: x.y, port: 1}}]",
+                "data.mesh.extensionProviders[0].zipkin",
+            ),
+            (
+                "extensionProviders: [{name: a}]",
+                "data.mesh.extensionProviders[0].name",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.y, port: 1}}, \
+                 {name: a, envoyExtAuthzGrpc: {service: x.y, port: 2}}]",
+                "data.mesh.extensionProviders[1].name",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, failOpen: true}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.failOpen",
+            ),
+            ("extensionProviders: 3", "data.mesh.extensionProviders"),
+        ];
+        for (yaml, field) in cases {
+            let (got, why) = parse(yaml).expect_err(yaml);
+            assert_eq!(got, field, "{yaml}: {why}");
+        }
+    }
+}
