@@ -980,7 +980,8 @@ S(("::", int(sys.argv[2])), H).serve_forever()
 /// An authorization service speaking Envoy's HTTP `ext_authz` protocol, as
 /// oauth2-proxy or OPA would: `Authorization: Bearer alice` is allowed
 /// (200 with `x-auth-user: alice`, `x-tag: authz-alice` and `x-noise`),
-/// `Bearer <other>` refused with 403 and `not you`, none with 401,
+/// `Bearer crash` answered 500, `Bearer <other>` refused with 403 and
+/// `not you`, none with 401,
 /// `www-authenticate: Bearer` and `who are you`. `/__last` answers the last
 /// check it got: method, path, header names and body as JSON. Args: PORT.
 pub const AUTHZ_SERVER: &str = r#"
@@ -1011,6 +1012,8 @@ class H(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         body, status = (b"not you", 403) if auth else (b"who are you", 401)
+        if auth == "Bearer crash":
+            body, status = b"boom", 500
         self.send_response(status)
         if not auth:
             self.send_header("www-authenticate", "Bearer")

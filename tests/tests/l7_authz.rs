@@ -815,6 +815,12 @@ fn custom_policies_ask_their_providers() {
         \x20       headersToUpstreamOnAllow: [x-tag, x-auth-user]\n";
     const GRPC_PROVIDER: &str =
         "    - name: grpc-authz\n      envoyExtAuthzGrpc: {service: auth/grpc-authz, port: 9191}\n";
+    // Failures: the HTTP provider failing open (its 500 too), and a
+    // provider that is not there, failing open or with its own status.
+    const FAILING_PROVIDERS: &str = "    - name: open-authz\n      envoyExtAuthzHttp:\n\
+        \x20       service: http-authz.auth.svc.cluster.local\n        port: 8000\n        failOpen: true\n\
+        \x20   - name: gone-open\n      envoyExtAuthzHttp: {service: nowhere.auth, port: 80, failOpen: true, timeout: 0.5s}\n\
+        \x20   - name: gone-closed\n      envoyExtAuthzGrpc: {service: nowhere.auth, port: 80, statusOnError: '503'}\n";
     let custom = |name: &str, provider: &str, paths: &str| {
         mesh::authorization_policy(
             "shop",
@@ -862,6 +868,9 @@ fn custom_policies_ask_their_providers() {
         custom("admin", "http-authz", "'/admin*'"),
         custom("ops", "grpc-authz", "'/ops*'"),
         custom("missing", "missing", "'/missing*'"),
+        custom("fail-open", "open-authz", "'/fo/*'"),
+        custom("gone-open", "gone-open", "'/fg/*'"),
+        custom("gone-closed", "gone-closed", "'/fc/*'"),
         mesh::authorization_policy(
             "shop",
             "no-secrets",
@@ -869,7 +878,9 @@ fn custom_policies_ask_their_providers() {
         ),
     ];
     let mesh_at = docs.len();
-    docs.push(mesh_config(&format!("{HTTP_PROVIDER}{GRPC_PROVIDER}")));
+    docs.push(mesh_config(&format!(
+        "{HTTP_PROVIDER}{GRPC_PROVIDER}{FAILING_PROVIDERS}"
+    )));
     let cluster = mesh::Cluster::start(lab.name(), &[&a, &b], &docs).expect("mesh");
 
     // (status, head, body) of one request.
@@ -963,6 +974,26 @@ fn custom_policies_ask_their_providers() {
         let (status, head, _) = call(client, &url("/missing"), &[ALICE]);
         assert_eq!(status, "403", "{how}: {head}");
         assert!(head.contains("x-trellis-reason: denied"), "{how}: {head}");
+
+        // failOpen: a provider that fails (500) or is not there lets the
+        // request through; its denials still deny. statusOnError: the
+        // status of a request refused because the check could not be made.
+        let (status, _, body) = call(client, &url("/fo/x"), &["authorization: Bearer crash"]);
+        assert_eq!(status, "200", "{how}: failed open: {body}");
+        let (status, _, body) = call(client, &url("/fo/x"), &["authorization: Bearer bob"]);
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("403", "not you"),
+            "{how}"
+        );
+        let (status, _, body) = call(client, &url("/fg/x"), &[]);
+        assert_eq!(status, "200", "{how}: failed open: {body}");
+        let (status, head, _) = call(client, &url("/fc/x"), &[ALICE]);
+        assert_eq!(status, "503", "{how}: {head}");
+        assert!(
+            head.contains("x-trellis-reason: ext-auth-error"),
+            "{how}: {head}"
+        );
     }
 
     // What the providers were asked: the HTTP one the prefixed path and the
@@ -1036,11 +1067,13 @@ fn custom_policies_ask_their_providers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let status = cluster.agents[1].cli_json("status").expect("status");
+    let http = &status["http"];
+    assert!(http["ext_auth_denied"].as_u64().unwrap_or(0) >= 4, "{http}");
     assert!(
-        status["http"]["ext_auth_denied"].as_u64().unwrap_or(0) >= 4,
-        "{}",
-        status["http"]
+        http["ext_auth_failed_open"].as_u64().unwrap_or(0) >= 4,
+        "{http}"
     );
+    assert!(http["ext_auth_error"].as_u64().unwrap_or(0) >= 2, "{http}");
     // What `trellis policy` and `trellis config` show of them.
     let policies = cluster.agents[1].cli_json("policy").expect("policy");
     assert!(

@@ -58,6 +58,16 @@ pub struct HttpProvider {
     pub headers_to_upstream_on_allow: Vec<String>,
     #[serde(default)]
     pub include_request_body_in_check: Option<BodyInCheck>,
+    /// How long it has to answer (`500ms`, `2s`, `0.5s`; 2 s by default).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Let the request through when it cannot be asked, or answers 5xx.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The status of a request refused because it could not be asked
+    /// (`"403"` by default; Istio writes it as a string).
+    #[serde(default)]
+    pub status_on_error: Option<StatusText>,
 }
 
 /// A service asked with `envoy.service.auth.v3.Authorization/Check`.
@@ -68,6 +78,24 @@ pub struct GrpcProvider {
     pub port: u32,
     #[serde(default)]
     pub include_request_body_in_check: Option<BodyInCheck>,
+    /// How long it has to answer (`500ms`, `2s`, `0.5s`; 2 s by default).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Let the request through when it cannot be asked, or answers 5xx.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The status of a request refused because it could not be asked
+    /// (`"403"` by default; Istio writes it as a string).
+    #[serde(default)]
+    pub status_on_error: Option<StatusText>,
+}
+
+/// A status as Istio writes it (a string), or as a number.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StatusText {
+    Number(u32),
+    Text(String),
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -118,6 +146,7 @@ fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
                     allowed_headers: lower(&http.include_request_headers_in_check),
                     allowed_response_headers: lower(&http.headers_to_upstream_on_allow),
                     forward_body: body_bytes(http.include_request_body_in_check.as_ref()),
+                    ..failure((&http.timeout, http.fail_open, &http.status_on_error), &at)?
                 }
             }
             (None, Some(grpc)) => {
@@ -133,6 +162,7 @@ fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
                     allowed_headers: Vec::new(),
                     allowed_response_headers: Vec::new(),
                     forward_body: body_bytes(grpc.include_request_body_in_check.as_ref()),
+                    ..failure((&grpc.timeout, grpc.fail_open, &grpc.status_on_error), &at)?
                 }
             }
             (Some(_), Some(_)) => {
@@ -194,6 +224,66 @@ fn service_name(service: &str) -> Result<String, String> {
     }
 }
 
+/// What a provider says of failures (`timeout`, `failOpen`,
+/// `statusOnError`), on an `ExternalAuth` otherwise empty (the caller fills
+/// the rest).
+fn failure(
+    (timeout, fail_open, status_on_error): (&Option<String>, bool, &Option<StatusText>),
+    at: &dyn Fn(&str) -> String,
+) -> Result<ExternalAuth, (String, String)> {
+    let timeout = match timeout {
+        None => ExternalAuth::TIMEOUT,
+        Some(text) => duration(text).map_err(|why| (at("timeout"), why))?,
+    };
+    let status = match status_on_error {
+        None => u32::from(ExternalAuth::STATUS_ON_ERROR),
+        Some(StatusText::Number(n)) => *n,
+        Some(StatusText::Text(t)) => t
+            .trim()
+            .parse()
+            .map_err(|_| (at("statusOnError"), format!("{t:?} is not an HTTP status")))?,
+    };
+    let status_on_error = u16::try_from(status)
+        .ok()
+        .filter(|s| (200..=599).contains(s))
+        .ok_or_else(|| {
+            (
+                at("statusOnError"),
+                format!("{status} is not an HTTP status (200-599)"),
+            )
+        })?;
+    Ok(ExternalAuth {
+        protocol: AuthProtocol::Http,
+        service: None,
+        path_prefix: String::new(),
+        allowed_headers: Vec::new(),
+        allowed_response_headers: Vec::new(),
+        forward_body: 0,
+        timeout,
+        fail_open,
+        status_on_error,
+    })
+}
+
+/// A check's time limit as Istio writes it (`0.5s`, protobuf's form) or
+/// as the Gateway API does (`500ms`, `2s`, `1m`): more than nothing, at
+/// most a minute.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let parsed = match text.strip_suffix('s') {
+        Some(seconds) if seconds.contains('.') => seconds
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 60.0)
+            .map(std::time::Duration::from_secs_f64)
+            .ok_or_else(|| format!("{text:?} is not a duration such as 0.5s or 2s")),
+        _ => crate::routes::http_route::parse_duration(text),
+    }?;
+    if parsed.is_zero() || parsed > std::time::Duration::from_secs(60) {
+        return Err(format!("{text:?}: more than 0 and at most 1m"));
+    }
+    Ok(parsed)
+}
+
 fn port(port: u32) -> Result<u16, String> {
     u16::try_from(port)
         .ok()
@@ -218,7 +308,7 @@ mod tests {
         let providers = parse(
             "extensionProviders:\n\
              - name: http-authz\n  envoyExtAuthzHttp:\n    service: ext-authz.auth.svc.cluster.local\n    port: 8000\n    pathPrefix: /check\n    includeRequestHeadersInCheck: [X-User]\n    headersToUpstreamOnAllow: [x-verdict]\n    includeRequestBodyInCheck: {maxRequestBytes: 512}\n\
-             - name: grpc-authz\n  envoyExtAuthzGrpc: {service: auth/opa, port: 9191}\n",
+             - name: grpc-authz\n  envoyExtAuthzGrpc: {service: auth/opa, port: 9191, timeout: 0.5s, failOpen: true, statusOnError: '503'}\n",
         )
         .expect("valid");
         let http = &providers["http-authz"];
@@ -228,9 +318,15 @@ mod tests {
         assert_eq!(http.allowed_headers, ["x-user"]);
         assert_eq!(http.allowed_response_headers, ["x-verdict"]);
         assert_eq!(http.forward_body, 512);
+        assert_eq!(http.timeout, ExternalAuth::TIMEOUT);
+        assert!(!http.fail_open);
+        assert_eq!(http.status_on_error, 403);
         let grpc = &providers["grpc-authz"];
         assert_eq!(grpc.protocol, AuthProtocol::Grpc);
         assert_eq!(grpc.service, Some(("auth/opa".into(), 9191)));
+        assert_eq!(grpc.timeout, std::time::Duration::from_millis(500));
+        assert!(grpc.fail_open);
+        assert_eq!(grpc.status_on_error, 503);
         assert!(parse("").expect("empty").is_empty());
     }
 
@@ -275,8 +371,24 @@ mod tests {
                 "data.mesh.extensionProviders[1].name",
             ),
             (
-                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, failOpen: true}}]",
-                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.failOpen",
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, headersToDownstreamOnDeny: [x]}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.headersToDownstreamOnDeny",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, timeout: 0s}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.timeout",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.y, port: 1, timeout: 2h}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzGrpc.timeout",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.y, port: 1, statusOnError: '99'}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzGrpc.statusOnError",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.y, port: 1, statusOnError: teapot}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzGrpc.statusOnError",
             ),
             ("extensionProviders: 3", "data.mesh.extensionProviders"),
         ];

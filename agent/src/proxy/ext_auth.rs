@@ -11,7 +11,6 @@ use std::{
     collections::VecDeque,
     pin::Pin,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -23,11 +22,6 @@ use super::http::{Body, full_body};
 use crate::routes::table::ExternalAuth;
 
 pub(super) mod grpc;
-
-/// How long the authorization Service has to answer before the request is
-/// refused (Envoy's default is 200 ms; this allows a remote node and a
-/// cold connection).
-pub(super) const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The most of a denial's body passed on to the client.
 const MAX_DENIAL_BODY: usize = 64 * 1024;
@@ -369,6 +363,9 @@ mod tests {
             allowed_headers: allowed.iter().map(|s| (*s).to_owned()).collect(),
             allowed_response_headers: response.iter().map(|s| (*s).to_owned()).collect(),
             forward_body: 0,
+            timeout: ExternalAuth::TIMEOUT,
+            fail_open: false,
+            status_on_error: ExternalAuth::STATUS_ON_ERROR,
         }
     }
 

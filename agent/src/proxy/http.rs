@@ -117,6 +117,9 @@ pub struct HttpStats {
     /// because it could not be asked.
     pub ext_auth_denied: AtomicU64,
     pub ext_auth_error: AtomicU64,
+    /// Requests let through because their authorization service could not
+    /// be asked and it fails open.
+    pub ext_auth_failed_open: AtomicU64,
     pub rate_limited: AtomicU64,
     pub fault_injected: AtomicU64,
     pub header_too_large: AtomicU64,
@@ -1054,9 +1057,11 @@ impl HttpProxy {
         Ok((backend, svc))
     }
 
-    /// Asks a route's authorization Service about a request: the changes
+    /// Asks an authorization service (a route's `ExternalAuth`, a CUSTOM
+    /// policy's provider) about a request: the changes
     /// to make to it when allowed, else the answer the client gets (the
-    /// service's own, or 403 when it could not be asked: fail closed).
+    /// service's own, or its `status_on_error` when it could not be asked,
+    /// unless it fails open).
     async fn external_auth<B>(
         &self,
         snapshot: &Snapshot,
@@ -1076,18 +1081,20 @@ impl HttpProxy {
             tracing::info!(
                 path,
                 detail,
-                "request refused: its route's authorization service could not be asked"
+                "request refused: its authorization service could not be asked"
             );
-            reply(Reason::ExtAuthError, &detail, grpc)
-        };
-        let Some((service, port)) = &auth.service else {
-            return Err(error("the authorization service does not resolve".into()));
+            let mut resp = reply(Reason::ExtAuthError, &detail, grpc);
+            // A gRPC client reads the status in the trailers.
+            if !grpc && let Ok(status) = StatusCode::from_u16(auth.status_on_error) {
+                *resp.status_mut() = status;
+            }
+            resp
         };
         // The start of the body, when the check is to carry it; what was
         // read goes on to the backend.
         let (read, start) = if auth.forward_body > 0 {
             let reading = ext_auth::read_start(req.body_mut(), auth.forward_body);
-            match tokio::time::timeout(ext_auth::CHECK_TIMEOUT, reading).await {
+            match tokio::time::timeout(auth.timeout, reading).await {
                 Ok(Ok(read)) => read,
                 Ok(Err(e)) => return Err(error(format!("the request's body broke: {e}"))),
                 Err(_) => return Err(error("the request's body did not come in time".into())),
@@ -1095,46 +1102,74 @@ impl HttpProxy {
         } else {
             Default::default()
         };
-        let check = match auth.protocol {
-            AuthProtocol::Http => {
-                ext_auth::check(auth, req.method(), req.uri(), req.headers(), start)
-            }
-            AuthProtocol::Grpc => {
-                ext_auth::grpc::check(auth, req, &start, peers, std::time::SystemTime::now())
-            }
-        };
-        let (backend, svc) = self
-            .endpoint_for(snapshot, service, *port, &check, call)
-            .map_err(|(reason, detail)| {
-                error(format!("{service}:{port}: {}: {detail}", reason.text()))
-            })?;
-        // The answer's body is read within the time too: a service that
-        // sends its head and stalls is as late as one that says nothing.
         let asked = async {
-            let answer = self.forward(snapshot, check, call, backend, &svc).await;
-            let answer =
-                answer.map_err(|(reason, detail)| format!("{}: {detail}", reason.text()))?;
-            match auth.protocol {
-                AuthProtocol::Http => Ok(ext_auth::verdict(auth, answer).await),
-                AuthProtocol::Grpc => ext_auth::grpc::verdict(answer).await,
+            let Some((service, port)) = &auth.service else {
+                return Err("the authorization service does not resolve".to_string());
+            };
+            let check = match auth.protocol {
+                AuthProtocol::Http => {
+                    ext_auth::check(auth, req.method(), req.uri(), req.headers(), start)
+                }
+                AuthProtocol::Grpc => {
+                    ext_auth::grpc::check(auth, req, &start, peers, std::time::SystemTime::now())
+                }
+            };
+            let (backend, svc) = self
+                .endpoint_for(snapshot, service, *port, &check, call)
+                .map_err(|(reason, detail)| {
+                    format!("{service}:{port}: {}: {detail}", reason.text())
+                })?;
+            // The answer's body is read within the time too: a service
+            // that sends its head and stalls is as late as one that says
+            // nothing.
+            let answer = async {
+                let answer = self.forward(snapshot, check, call, backend, &svc).await;
+                let answer =
+                    answer.map_err(|(reason, detail)| format!("{}: {detail}", reason.text()))?;
+                match auth.protocol {
+                    AuthProtocol::Http => Ok(ext_auth::verdict(auth, answer).await),
+                    AuthProtocol::Grpc => ext_auth::grpc::verdict(answer).await,
+                }
+            };
+            match tokio::time::timeout(auth.timeout, answer).await {
+                Err(_) => Err(format!("{service}:{port} did not answer in time")),
+                Ok(Err(detail)) => Err(format!("{service}:{port}: {detail}")),
+                Ok(Ok(verdict)) => Ok(verdict),
             }
         };
-        let verdict = match tokio::time::timeout(ext_auth::CHECK_TIMEOUT, asked).await {
-            Err(_) => return Err(error(format!("{service}:{port} did not answer in time"))),
-            Ok(Err(detail)) => return Err(error(format!("{service}:{port}: {detail}"))),
-            Ok(Ok(verdict)) => verdict,
+        let verdict = match asked.await {
+            // Istio's failOpen covers a service that fails as well as one
+            // that cannot be reached.
+            Ok(ext_auth::Verdict::Deny(resp))
+                if auth.fail_open && resp.status().is_server_error() =>
+            {
+                Err(format!("the service answered {}", resp.status()))
+            }
+            other => other,
         };
         match verdict {
-            ext_auth::Verdict::Allow(allowed) => Ok((allowed, read)),
-            ext_auth::Verdict::Deny(mut resp) => {
+            Ok(ext_auth::Verdict::Allow(allowed)) => Ok((allowed, read)),
+            Ok(ext_auth::Verdict::Deny(mut resp)) => {
                 self.count(Reason::ExtAuthDenied);
-                debug!(path, status = %resp.status(), "request refused by its route's authorization service");
+                debug!(path, status = %resp.status(), "request refused by its authorization service");
                 resp.headers_mut().insert(
                     "x-trellis-reason",
                     HeaderValue::from_static(Reason::ExtAuthDenied.text()),
                 );
                 Err(resp)
             }
+            Err(detail) if auth.fail_open => {
+                self.stats
+                    .ext_auth_failed_open
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    path,
+                    detail,
+                    "request let through unchecked: its authorization service could not be asked (failOpen)"
+                );
+                Ok((ext_auth::Allowed::default(), read))
+            }
+            Err(detail) => Err(error(detail)),
         }
     }
 

@@ -414,6 +414,22 @@ pub struct ExternalAuth {
     /// The most of the request's body the check carries (`forwardBody`);
     /// 0 for none.
     pub forward_body: usize,
+    /// How long the service has to answer, body included.
+    pub timeout: std::time::Duration,
+    /// When the service cannot be asked, fails or answers 5xx, the request
+    /// goes on unchanged (Istio's `failOpen`) instead of being refused.
+    pub fail_open: bool,
+    /// The status of a request refused because the check could not be
+    /// made (Envoy's `status_on_error`).
+    pub status_on_error: u16,
+}
+
+impl ExternalAuth {
+    /// How long a service has by default (Envoy's default is 200 ms; this
+    /// allows a remote node and a cold connection).
+    pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+    /// Fails closed by default.
+    pub const STATUS_ON_ERROR: u16 = 403;
 }
 
 /// How the authorization service is asked.
@@ -729,6 +745,9 @@ impl RouteTable {
                                 allowed_headers: allowed,
                                 allowed_response_headers: lower(&http.allowed_response_headers),
                                 forward_body: e.forward_body.map_or(0, |b| usize::from(b.max_size)),
+                                timeout: ExternalAuth::TIMEOUT,
+                                fail_open: false,
+                                status_on_error: ExternalAuth::STATUS_ON_ERROR,
                             }
                         });
                 let rewrite = r

@@ -71,7 +71,7 @@ pub(in crate::proxy) fn check<B>(
         HeaderValue::from_static("application/grpc"),
     );
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    let timeout = super::CHECK_TIMEOUT.as_millis();
+    let timeout = auth.timeout.as_millis();
     if let Ok(v) = HeaderValue::from_str(&format!("{timeout}m")) {
         headers.insert("grpc-timeout", v);
     }
@@ -428,6 +428,9 @@ mod tests {
             allowed_headers: allowed.iter().map(|s| (*s).to_owned()).collect(),
             allowed_response_headers: Vec::new(),
             forward_body: 0,
+            timeout: ExternalAuth::TIMEOUT,
+            fail_open: false,
+            status_on_error: ExternalAuth::STATUS_ON_ERROR,
         }
     }
 
