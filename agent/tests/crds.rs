@@ -573,3 +573,30 @@ fn each_authorization_policy_rule_refuses_its_breach() {
 fn each_traffic_policy_rule_refuses_its_breach() {
     check_broken("TrafficPolicy", broken_traffic_policies());
 }
+
+/// The AuthorizationPolicy CRD's CEL rules (which the validator here does
+/// not run) refuse what the agent refuses, with the agent's own words: one
+/// breach per rule, in order.
+#[test]
+fn the_authorization_policy_cel_rules_say_what_the_agent_says() {
+    let rules = schema("AuthorizationPolicy")["x-kubernetes-validations"]
+        .as_array()
+        .cloned()
+        .expect("CEL rules");
+    let base = examples("authorizationpolicy.yaml");
+    let custom = base
+        .iter()
+        .find(|p| p["spec"]["action"] == "CUSTOM")
+        .expect("a CUSTOM example")
+        .clone();
+    let breaches = [
+        without(custom, "spec.provider"),
+        with(base[0].clone(), "spec.provider", json!({"name": "ext"})),
+    ];
+    assert_eq!(rules.len(), breaches.len(), "{rules:?}");
+    for (rule, breach) in rules.iter().zip(breaches) {
+        let message = rule["message"].as_str().expect("a message");
+        let error = agent_verdict(&breach).expect_err(message);
+        assert!(error.contains(message), "{message}: {error}");
+    }
+}

@@ -49,7 +49,17 @@ use crate::{crds::schema, identity::Identity, state::Workload};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    // The API server refuses what `validate` refuses of the provider (the
+    // agent checks it again, for the config folder).
+    validation = Rule::new(
+        "!has(self.spec.action) || self.spec.action != 'CUSTOM' || has(self.spec.provider)"
     )
+    .message("a CUSTOM policy names the provider to ask"),
+    validation = Rule::new(
+        "!has(self.spec.provider) || (has(self.spec.action) && self.spec.action == 'CUSTOM')"
+    )
+    .message("only a CUSTOM policy names a provider")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
