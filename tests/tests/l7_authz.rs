@@ -812,7 +812,9 @@ fn custom_policies_ask_their_providers() {
     const HTTP_PROVIDER: &str = "    - name: http-authz\n      envoyExtAuthzHttp:\n\
         \x20       service: http-authz.auth.svc.cluster.local\n        port: 8000\n\
         \x20       pathPrefix: /check\n        includeRequestHeadersInCheck: [x-client]\n\
-        \x20       headersToUpstreamOnAllow: [x-tag, x-auth-user]\n";
+        \x20       headersToUpstreamOnAllow: [x-tag, x-auth-user]\n\
+        \x20       headersToDownstreamOnAllow: [x-noise]\n\
+        \x20       includeAdditionalHeadersInCheck: {x-mesh: trellis}\n";
     const GRPC_PROVIDER: &str =
         "    - name: grpc-authz\n      envoyExtAuthzGrpc: {service: auth/grpc-authz, port: 9191}\n";
     // Failures: the HTTP provider failing open (its 500 too), and a
@@ -941,9 +943,11 @@ fn custom_policies_ask_their_providers() {
             ("403", "not you"),
             "{how}"
         );
-        // Allowed: the provider's headers replace the client's forged one.
-        let (status, _, body) = call(client, &url("/admin/x"), &[ALICE, "x-tag: forged"]);
+        // Allowed: the provider's headers replace the client's forged one,
+        // and the one it may hand the client reaches it.
+        let (status, head, body) = call(client, &url("/admin/x"), &[ALICE, "x-tag: forged"]);
         assert_eq!(status, "200", "{how}: {body}");
+        assert!(head.contains("x-noise: 1"), "{how}: {head}");
         assert_eq!(echo(&body)["tag"], "authz-alice", "{how}: {body}");
         // DENY policies still apply once the provider allows.
         let (status, head, _) = call(client, &url("/admin/secret"), &[ALICE]);
@@ -1019,7 +1023,9 @@ fn custom_policies_ask_their_providers() {
         .filter_map(|h| h.as_str())
         .collect();
     assert!(
-        names.contains(&"x-client") && names.contains(&"authorization"),
+        ["x-client", "authorization", "x-mesh"]
+            .iter()
+            .all(|h| names.contains(h)),
         "{names:?}"
     );
     assert!(!names.contains(&"x-other"), "{names:?}");

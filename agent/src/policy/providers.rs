@@ -56,6 +56,15 @@ pub struct HttpProvider {
     /// ones when none are named).
     #[serde(default)]
     pub headers_to_upstream_on_allow: Vec<String>,
+    /// Headers of an allowing answer put on the client's answer.
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+    /// Headers of a denial passed on to the client (all when none named).
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    /// Headers put on the check, whatever the request carries.
+    #[serde(default)]
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
     #[serde(default)]
     pub include_request_body_in_check: Option<BodyInCheck>,
     /// How long it has to answer (`500ms`, `2s`, `0.5s`; 2 s by default).
@@ -146,6 +155,10 @@ fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
                     allowed_headers: lower(&http.include_request_headers_in_check),
                     allowed_response_headers: lower(&http.headers_to_upstream_on_allow),
                     forward_body: body_bytes(http.include_request_body_in_check.as_ref()),
+                    check_headers: check_headers(&http.include_additional_headers_in_check)
+                        .map_err(|why| (at("includeAdditionalHeadersInCheck"), why))?,
+                    downstream_on_allow: lower(&http.headers_to_downstream_on_allow),
+                    downstream_on_deny: lower(&http.headers_to_downstream_on_deny),
                     ..failure((&http.timeout, http.fail_open, &http.status_on_error), &at)?
                 }
             }
@@ -262,6 +275,9 @@ fn failure(
         timeout,
         fail_open,
         status_on_error,
+        check_headers: Vec::new(),
+        downstream_on_allow: Vec::new(),
+        downstream_on_deny: Vec::new(),
     })
 }
 
@@ -291,6 +307,20 @@ fn port(port: u32) -> Result<u16, String> {
         .ok_or_else(|| format!("{port} is not a port (1-65535)"))
 }
 
+/// Valid header names and values, names lower-cased.
+fn check_headers(headers: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, String> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a header name"))?;
+            http::HeaderValue::from_str(value)
+                .map_err(|_| format!("{name}: {value:?} is not a header value"))?;
+            Ok((name.as_str().to_owned(), value.clone()))
+        })
+        .collect()
+}
+
 fn lower(names: &[String]) -> Vec<String> {
     names.iter().map(|n| n.to_ascii_lowercase()).collect()
 }
@@ -307,7 +337,7 @@ mod tests {
     fn providers_are_read_as_istio_writes_them() {
         let providers = parse(
             "extensionProviders:\n\
-             - name: http-authz\n  envoyExtAuthzHttp:\n    service: ext-authz.auth.svc.cluster.local\n    port: 8000\n    pathPrefix: /check\n    includeRequestHeadersInCheck: [X-User]\n    headersToUpstreamOnAllow: [x-verdict]\n    includeRequestBodyInCheck: {maxRequestBytes: 512}\n\
+             - name: http-authz\n  envoyExtAuthzHttp:\n    service: ext-authz.auth.svc.cluster.local\n    port: 8000\n    pathPrefix: /check\n    includeRequestHeadersInCheck: [X-User]\n    headersToUpstreamOnAllow: [x-verdict]\n    includeRequestBodyInCheck: {maxRequestBytes: 512}\n    headersToDownstreamOnAllow: [Set-Cookie]\n    headersToDownstreamOnDeny: [x-why]\n    includeAdditionalHeadersInCheck: {X-Mesh: trellis}\n\
              - name: grpc-authz\n  envoyExtAuthzGrpc: {service: auth/opa, port: 9191, timeout: 0.5s, failOpen: true, statusOnError: '503'}\n",
         )
         .expect("valid");
@@ -321,6 +351,12 @@ mod tests {
         assert_eq!(http.timeout, ExternalAuth::TIMEOUT);
         assert!(!http.fail_open);
         assert_eq!(http.status_on_error, 403);
+        assert_eq!(http.downstream_on_allow, ["set-cookie"]);
+        assert_eq!(http.downstream_on_deny, ["x-why"]);
+        assert_eq!(
+            http.check_headers,
+            [("x-mesh".to_string(), "trellis".to_string())]
+        );
         let grpc = &providers["grpc-authz"];
         assert_eq!(grpc.protocol, AuthProtocol::Grpc);
         assert_eq!(grpc.service, Some(("auth/opa".into(), 9191)));
@@ -371,8 +407,12 @@ mod tests {
                 "data.mesh.extensionProviders[1].name",
             ),
             (
-                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, headersToDownstreamOnDeny: [x]}}]",
-                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.headersToDownstreamOnDeny",
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, includeAdditionalHeadersInCheck: {'a b': c}}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzHttp.includeAdditionalHeadersInCheck",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.y, port: 1, headersToDownstreamOnDeny: [x]}}]",
+                "data.mesh.extensionProviders[0].envoyExtAuthzGrpc.headersToDownstreamOnDeny",
             ),
             (
                 "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: x.y, port: 1, timeout: 0s}}]",

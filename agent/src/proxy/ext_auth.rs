@@ -82,6 +82,14 @@ pub(super) fn check(
             }
         }
     }
+    for (name, value) in &auth.check_headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     req
 }
@@ -313,6 +321,13 @@ pub(super) async fn verdict(auth: &ExternalAuth, answer: Response<Body>) -> Verd
                     how: How::Replace,
                 });
             }
+            if auth.downstream_on_allow.iter().any(|h| h == name.as_str()) {
+                allowed.answer.push(Put {
+                    name: name.clone(),
+                    value: value.clone(),
+                    how: How::Replace,
+                });
+            }
         }
         return Verdict::Allow(allowed);
     }
@@ -320,10 +335,16 @@ pub(super) async fn verdict(auth: &ExternalAuth, answer: Response<Body>) -> Verd
     let mut deny = Response::new(full_body(body));
     *deny.status_mut() = parts.status;
     for (name, value) in &parts.headers {
-        if !matches!(
+        let framing = matches!(
             *name,
             header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION
-        ) {
+        );
+        // As Envoy's allowed_client_headers: the challenge and a redirect's
+        // target always go.
+        let wanted = auth.downstream_on_deny.is_empty()
+            || matches!(*name, header::WWW_AUTHENTICATE | header::LOCATION)
+            || auth.downstream_on_deny.iter().any(|h| h == name.as_str());
+        if !framing && wanted {
             deny.headers_mut().append(name, value.clone());
         }
     }
@@ -366,6 +387,9 @@ mod tests {
             timeout: ExternalAuth::TIMEOUT,
             fail_open: false,
             status_on_error: ExternalAuth::STATUS_ON_ERROR,
+            check_headers: Vec::new(),
+            downstream_on_allow: Vec::new(),
+            downstream_on_deny: Vec::new(),
         }
     }
 
@@ -503,6 +527,47 @@ mod tests {
         assert!(resp.headers().get("content-length").is_none());
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "go 'way");
+    }
+
+    #[tokio::test]
+    async fn a_providers_header_lists_choose_what_reaches_the_client() {
+        let mut provider = auth(&[], &[]);
+        provider.check_headers = vec![("x-mesh".into(), "trellis".into())];
+        provider.downstream_on_allow = vec!["x-session".into()];
+        provider.downstream_on_deny = vec!["x-why".into()];
+        let req = check_of(&provider, "/a", &[("x-mesh", "forged")]);
+        assert_eq!(
+            req.headers()["x-mesh"],
+            "trellis",
+            "the provider's, not the client's"
+        );
+
+        let ok = answer(200, &[("x-session", "s1"), ("x-other", "1")], "");
+        let Verdict::Allow(allowed) = verdict(&provider, ok).await else {
+            panic!("allowed")
+        };
+        let to_client: Vec<&str> = allowed.answer.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(to_client, ["x-session"]);
+
+        let no = answer(
+            302,
+            &[
+                ("location", "/login"),
+                ("x-why", "expired"),
+                ("x-secret", "1"),
+            ],
+            "",
+        );
+        let Verdict::Deny(resp) = verdict(&provider, no).await else {
+            panic!("denied")
+        };
+        let mut names: Vec<&str> = resp.headers().keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["location", "x-why"],
+            "a redirect's target always goes"
+        );
     }
 
     #[test]

@@ -422,6 +422,15 @@ pub struct ExternalAuth {
     /// The status of a request refused because the check could not be
     /// made (Envoy's `status_on_error`).
     pub status_on_error: u16,
+    /// Headers put on the check itself (HTTP; Istio's
+    /// `includeAdditionalHeadersInCheck`), lower-case names.
+    pub check_headers: Vec<(String, String)>,
+    /// Headers of an allowing answer put on the client's answer (HTTP;
+    /// none when empty).
+    pub downstream_on_allow: Vec<String>,
+    /// Headers of a denial passed on to the client (HTTP; all but framing
+    /// ones when empty).
+    pub downstream_on_deny: Vec<String>,
 }
 
 impl ExternalAuth {
@@ -748,6 +757,9 @@ impl RouteTable {
                                 timeout: ExternalAuth::TIMEOUT,
                                 fail_open: false,
                                 status_on_error: ExternalAuth::STATUS_ON_ERROR,
+                                check_headers: Vec::new(),
+                                downstream_on_allow: Vec::new(),
+                                downstream_on_deny: Vec::new(),
                             }
                         });
                 let rewrite = r

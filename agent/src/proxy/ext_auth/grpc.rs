@@ -431,6 +431,9 @@ mod tests {
             timeout: ExternalAuth::TIMEOUT,
             fail_open: false,
             status_on_error: ExternalAuth::STATUS_ON_ERROR,
+            check_headers: Vec::new(),
+            downstream_on_allow: Vec::new(),
+            downstream_on_deny: Vec::new(),
         }
     }
 
