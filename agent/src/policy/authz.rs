@@ -531,10 +531,10 @@ impl Policy {
         selects(&self.namespace, self.selector.as_ref(), workload)
     }
 
-    fn matches(&self, check: &Check<'_>, principal: &str) -> Match {
+    fn matches(&self, check: &Check<'_>) -> Match {
         self.rules
             .iter()
-            .map(|rule| rule.matches(check, principal))
+            .map(|rule| rule.matches(check))
             .max()
             .unwrap_or(Match::No)
     }
@@ -572,13 +572,20 @@ impl std::convert::From<bool> for Match {
 }
 
 impl CompiledRule {
-    fn matches(&self, check: &Check<'_>, principal: &str) -> Match {
+    fn matches(&self, check: &Check<'_>) -> Match {
         let from = if self.from.is_empty() {
             Match::Yes
         } else {
             self.from
                 .iter()
-                .map(|s| source_matches(s, principal, &check.source.namespace, check.request))
+                .map(|s| {
+                    source_matches(
+                        s,
+                        &check.principal,
+                        &check.source.namespace,
+                        check.request(),
+                    )
+                })
                 .max()
                 .unwrap_or(Match::No)
         };
@@ -594,7 +601,7 @@ impl CompiledRule {
                 .max()
                 .unwrap_or(Match::No)
         };
-        let when = match (&self.when[..], check.request) {
+        let when = match (&self.when[..], check.request()) {
             ([], _) => Match::Yes,
             (_, None) => Match::Unknown,
             (conditions, Some(request)) => {
@@ -623,7 +630,7 @@ impl CompiledOperation {
         if !self.is_l7() {
             return Match::Yes;
         }
-        let Some(request) = check.request else {
+        let Some(request) = check.request() else {
             return Match::Unknown;
         };
         let listed = |list: &[String], value: &str| list.iter().any(|p| pattern_matches(p, value));
@@ -738,13 +745,36 @@ pub enum Layer<'a> {
 }
 
 /// One connection or request to authorize.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Check<'a> {
     /// Who connects: from the peer certificate, or the local client pod.
     source: &'a Identity,
+    /// Its SPIFFE ID in Istio's form, made once for every rule to match.
+    principal: String,
     port: u16,
+    layer: Layer<'a>,
+}
+
+impl<'a> Check<'a> {
+    fn new(source: &'a Identity, port: u16, layer: Layer<'a>) -> Self {
+        Self {
+            source,
+            principal: format!(
+                "{}/ns/{}/sa/{}",
+                source.trust_domain, source.namespace, source.service_account
+            ),
+            port,
+            layer,
+        }
+    }
+
     /// The request, when one is being authorized.
-    request: Option<Request<'a>>,
+    fn request(&self) -> Option<Request<'a>> {
+        match self.layer {
+            Layer::Request(r) => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// The outcome, with the policy that decided a denial.
@@ -770,24 +800,16 @@ pub fn evaluate(
     port: u16,
     layer: Layer<'_>,
 ) -> Verdict {
-    let check = Check {
-        source,
-        port,
-        request: match layer {
-            Layer::Request(r) => Some(r),
-            _ => None,
-        },
-    };
-    let opaque = matches!(layer, Layer::Opaque);
-    // Istio's form of the SPIFFE ID, made once for every rule to match.
-    let principal = format!(
-        "{}/ns/{}/sa/{}",
-        source.trust_domain, source.namespace, source.service_account
-    );
+    decide(policies, destination, &Check::new(source, port, layer))
+}
+
+/// [`evaluate`] for a check made.
+fn decide(policies: &[Policy], destination: &Workload, check: &Check<'_>) -> Verdict {
+    let opaque = matches!(check.layer, Layer::Opaque);
     let applying = || policies.iter().filter(|p| p.applies_to(destination));
     let mut deny_unknown = false;
     for p in applying().filter(|p| p.action == Action::Deny) {
-        match p.matches(&check, &principal) {
+        match p.matches(check) {
             Match::Yes => {
                 return Verdict::Deny {
                     policy: p.id(),
@@ -810,7 +832,7 @@ pub fn evaluate(
     } else {
         allow
             .iter()
-            .map(|p| p.matches(&check, &principal))
+            .map(|p| p.matches(check))
             .max()
             .unwrap_or(Match::No)
     };
@@ -852,27 +874,20 @@ pub fn custom(
     port: u16,
     layer: Layer<'_>,
 ) -> Custom {
-    let check = Check {
-        source,
-        port,
-        request: match layer {
-            Layer::Request(r) => Some(r),
-            _ => None,
-        },
-    };
-    let principal = format!(
-        "{}/ns/{}/sa/{}",
-        source.trust_domain, source.namespace, source.service_account
-    );
+    custom_asks(policies, destination, &Check::new(source, port, layer))
+}
+
+/// [`custom`] for a check made.
+fn custom_asks(policies: &[Policy], destination: &Workload, check: &Check<'_>) -> Custom {
     let mut asks: Vec<(String, String)> = Vec::new();
     for p in policies
         .iter()
         .filter(|p| p.action == Action::Custom && p.applies_to(destination))
     {
-        if p.matches(&check, &principal) == Match::No {
+        if p.matches(check) == Match::No {
             continue;
         }
-        match layer {
+        match check.layer {
             Layer::Connection => return Custom::Inspect,
             Layer::Opaque => return Custom::Deny { policy: p.id() },
             Layer::Request(_) => {
@@ -902,10 +917,10 @@ pub fn authorize(
     match meshed_workload(snapshot, destination) {
         Some(workload) => {
             let policies = snapshot.policies_in(&workload.namespace);
-            let verdict = evaluate(policies, source, workload, destination.port(), layer);
+            let check = Check::new(source, destination.port(), layer);
             let verdict = match (
-                verdict,
-                custom(policies, source, workload, destination.port(), layer),
+                decide(policies, workload, &check),
+                custom_asks(policies, workload, &check),
             ) {
                 (deny @ Verdict::Deny { .. }, _) => deny,
                 (_, Custom::Deny { policy }) => Verdict::Deny {
@@ -1027,12 +1042,12 @@ fn check_request<B>(
         ..Request::of(req)
     };
     let policies = snapshot.policies_in(&workload.namespace);
-    let port = destination.port();
-    let asks = match custom(policies, source, workload, port, Layer::Request(request)) {
+    let check = Check::new(source, destination.port(), Layer::Request(request));
+    let asks = match custom_asks(policies, workload, &check) {
         Custom::Ask(asks) => asks,
         _ => Vec::new(),
     };
-    match evaluate(policies, source, workload, port, Layer::Request(request)) {
+    match decide(policies, workload, &check) {
         Verdict::Allow => {}
         Verdict::Deny { policy, reason } => return Err(Refusal::Denied { policy, reason }),
         // A request leaves nothing undecided.
