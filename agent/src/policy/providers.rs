@@ -145,38 +145,37 @@ fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
         let auth = match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
             (Some(http), None) => {
                 let at = |name: &str| field(&format!("envoyExtAuthzHttp.{name}"));
+                let common = Common {
+                    service: &http.service,
+                    port: http.port,
+                    body: http.include_request_body_in_check.as_ref(),
+                    timeout: http.timeout.as_deref(),
+                    fail_open: http.fail_open,
+                    status_on_error: http.status_on_error.as_ref(),
+                };
                 ExternalAuth {
-                    protocol: AuthProtocol::Http,
-                    service: Some((
-                        service_name(&http.service).map_err(|why| (at("service"), why))?,
-                        port(http.port).map_err(|why| (at("port"), why))?,
-                    )),
                     path_prefix: http.path_prefix.clone().unwrap_or_default(),
                     allowed_headers: lower(&http.include_request_headers_in_check),
                     allowed_response_headers: lower(&http.headers_to_upstream_on_allow),
-                    forward_body: body_bytes(http.include_request_body_in_check.as_ref()),
                     check_headers: check_headers(&http.include_additional_headers_in_check)
                         .map_err(|why| (at("includeAdditionalHeadersInCheck"), why))?,
                     downstream_on_allow: lower(&http.headers_to_downstream_on_allow),
                     downstream_on_deny: lower(&http.headers_to_downstream_on_deny),
-                    ..failure((&http.timeout, http.fail_open, &http.status_on_error), &at)?
+                    ..common.auth(AuthProtocol::Http, &at)?
                 }
             }
             (None, Some(grpc)) => {
                 let at = |name: &str| field(&format!("envoyExtAuthzGrpc.{name}"));
-                ExternalAuth {
-                    protocol: AuthProtocol::Grpc,
-                    service: Some((
-                        service_name(&grpc.service).map_err(|why| (at("service"), why))?,
-                        port(grpc.port).map_err(|why| (at("port"), why))?,
-                    )),
-                    path_prefix: String::new(),
-                    // Over gRPC the check carries every header.
-                    allowed_headers: Vec::new(),
-                    allowed_response_headers: Vec::new(),
-                    forward_body: body_bytes(grpc.include_request_body_in_check.as_ref()),
-                    ..failure((&grpc.timeout, grpc.fail_open, &grpc.status_on_error), &at)?
+                // Over gRPC the check carries every header.
+                Common {
+                    service: &grpc.service,
+                    port: grpc.port,
+                    body: grpc.include_request_body_in_check.as_ref(),
+                    timeout: grpc.timeout.as_deref(),
+                    fail_open: grpc.fail_open,
+                    status_on_error: grpc.status_on_error.as_ref(),
                 }
+                .auth(AuthProtocol::Grpc, &at)?
             }
             (Some(_), Some(_)) => {
                 return Err((
@@ -237,48 +236,56 @@ fn service_name(service: &str) -> Result<String, String> {
     }
 }
 
-/// What a provider says of failures (`timeout`, `failOpen`,
-/// `statusOnError`), on an `ExternalAuth` otherwise empty (the caller fills
-/// the rest).
-fn failure(
-    (timeout, fail_open, status_on_error): (&Option<String>, bool, &Option<StatusText>),
-    at: &dyn Fn(&str) -> String,
-) -> Result<ExternalAuth, (String, String)> {
-    let timeout = match timeout {
-        None => ExternalAuth::TIMEOUT,
-        Some(text) => duration(text).map_err(|why| (at("timeout"), why))?,
-    };
-    let status = match status_on_error {
-        None => u32::from(ExternalAuth::STATUS_ON_ERROR),
-        Some(StatusText::Number(n)) => *n,
-        Some(StatusText::Text(t)) => t
-            .trim()
-            .parse()
-            .map_err(|_| (at("statusOnError"), format!("{t:?} is not an HTTP status")))?,
-    };
-    let status_on_error = u16::try_from(status)
-        .ok()
-        .filter(|s| (200..=599).contains(s))
-        .ok_or_else(|| {
-            (
-                at("statusOnError"),
-                format!("{status} is not an HTTP status (200-599)"),
-            )
-        })?;
-    Ok(ExternalAuth {
-        protocol: AuthProtocol::Http,
-        service: None,
-        path_prefix: String::new(),
-        allowed_headers: Vec::new(),
-        allowed_response_headers: Vec::new(),
-        forward_body: 0,
-        timeout,
-        fail_open,
-        status_on_error,
-        check_headers: Vec::new(),
-        downstream_on_allow: Vec::new(),
-        downstream_on_deny: Vec::new(),
-    })
+/// The fields both kinds of provider have. (Each kind spells them out:
+/// serde cannot refuse unknown fields of a struct that flattens another.)
+struct Common<'a> {
+    service: &'a str,
+    port: u32,
+    body: Option<&'a BodyInCheck>,
+    timeout: Option<&'a str>,
+    fail_open: bool,
+    status_on_error: Option<&'a StatusText>,
+}
+
+impl Common<'_> {
+    /// The provider as `protocol` with these fields, the rest empty (the
+    /// caller fills what its kind has); `at` names a field in errors.
+    fn auth(
+        &self,
+        protocol: AuthProtocol,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<ExternalAuth, (String, String)> {
+        let service = service_name(self.service).map_err(|why| (at("service"), why))?;
+        let port = port(self.port).map_err(|why| (at("port"), why))?;
+        let timeout = match self.timeout {
+            None => ExternalAuth::TIMEOUT,
+            Some(text) => duration(text).map_err(|why| (at("timeout"), why))?,
+        };
+        let status = match self.status_on_error {
+            None => u32::from(ExternalAuth::STATUS_ON_ERROR),
+            Some(StatusText::Number(n)) => *n,
+            Some(StatusText::Text(t)) => t
+                .trim()
+                .parse()
+                .map_err(|_| (at("statusOnError"), format!("{t:?} is not an HTTP status")))?,
+        };
+        let status_on_error = u16::try_from(status)
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .ok_or_else(|| {
+                (
+                    at("statusOnError"),
+                    format!("{status} is not an HTTP status (200-599)"),
+                )
+            })?;
+        Ok(ExternalAuth {
+            forward_body: self.body.map_or(0, |b| b.max_request_bytes as usize),
+            timeout,
+            fail_open: self.fail_open,
+            status_on_error,
+            ..ExternalAuth::new(protocol, Some((service, port)))
+        })
+    }
 }
 
 /// A check's time limit as Istio writes it (`0.5s`, protobuf's form) or
@@ -323,10 +330,6 @@ fn check_headers(headers: &BTreeMap<String, String>) -> Result<Vec<(String, Stri
 
 fn lower(names: &[String]) -> Vec<String> {
     names.iter().map(|n| n.to_ascii_lowercase()).collect()
-}
-
-fn body_bytes(body: Option<&BodyInCheck>) -> usize {
-    body.map_or(0, |b| b.max_request_bytes as usize)
 }
 
 #[cfg(test)]

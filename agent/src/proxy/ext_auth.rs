@@ -378,18 +378,13 @@ mod tests {
 
     fn auth(allowed: &[&str], response: &[&str]) -> ExternalAuth {
         ExternalAuth {
-            protocol: crate::routes::table::AuthProtocol::Http,
-            service: Some(("shop/auth".into(), 80)),
             path_prefix: "/check".into(),
             allowed_headers: allowed.iter().map(|s| (*s).to_owned()).collect(),
             allowed_response_headers: response.iter().map(|s| (*s).to_owned()).collect(),
-            forward_body: 0,
-            timeout: ExternalAuth::TIMEOUT,
-            fail_open: false,
-            status_on_error: ExternalAuth::STATUS_ON_ERROR,
-            check_headers: Vec::new(),
-            downstream_on_allow: Vec::new(),
-            downstream_on_deny: Vec::new(),
+            ..ExternalAuth::new(
+                crate::routes::table::AuthProtocol::Http,
+                Some(("shop/auth".into(), 80)),
+            )
         }
     }
 

@@ -439,6 +439,26 @@ impl ExternalAuth {
     pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
     /// Fails closed by default.
     pub const STATUS_ON_ERROR: u16 = 403;
+
+    /// A service asked by `protocol` at `service`, with the defaults: no
+    /// prefix, header lists or body, [`Self::TIMEOUT`], failing closed with
+    /// [`Self::STATUS_ON_ERROR`].
+    pub fn new(protocol: AuthProtocol, service: Option<(String, u16)>) -> Self {
+        Self {
+            protocol,
+            service,
+            path_prefix: String::new(),
+            allowed_headers: Vec::new(),
+            allowed_response_headers: Vec::new(),
+            forward_body: 0,
+            timeout: Self::TIMEOUT,
+            fail_open: false,
+            status_on_error: Self::STATUS_ON_ERROR,
+            check_headers: Vec::new(),
+            downstream_on_allow: Vec::new(),
+            downstream_on_deny: Vec::new(),
+        }
+    }
 }
 
 /// How the authorization service is asked.
@@ -744,8 +764,6 @@ impl RouteTable {
                                 _ => (AuthProtocol::Http, lower(&http.allowed_headers)),
                             };
                             ExternalAuth {
-                                protocol,
-                                service: resolve(&e.backend_ref),
                                 path_prefix: http
                                     .path
                                     .unwrap_or_default()
@@ -754,12 +772,7 @@ impl RouteTable {
                                 allowed_headers: allowed,
                                 allowed_response_headers: lower(&http.allowed_response_headers),
                                 forward_body: e.forward_body.map_or(0, |b| usize::from(b.max_size)),
-                                timeout: ExternalAuth::TIMEOUT,
-                                fail_open: false,
-                                status_on_error: ExternalAuth::STATUS_ON_ERROR,
-                                check_headers: Vec::new(),
-                                downstream_on_allow: Vec::new(),
-                                downstream_on_deny: Vec::new(),
+                                ..ExternalAuth::new(protocol, resolve(&e.backend_ref))
                             }
                         });
                 let rewrite = r

@@ -564,7 +564,7 @@ fn mesh_providers(
 ) -> crate::policy::providers::Providers {
     configs
         .iter()
-        .min_by_key(|c| c.metadata.namespace.clone())
+        .min_by(|a, b| a.metadata.namespace.cmp(&b.metadata.namespace))
         .and_then(|c| crate::policy::providers::parse(super::objects::mesh_yaml(c)).ok())
         .unwrap_or_default()
 }

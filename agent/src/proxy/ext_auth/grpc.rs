@@ -422,18 +422,8 @@ mod tests {
 
     fn auth(allowed: &[&str]) -> ExternalAuth {
         ExternalAuth {
-            protocol: AuthProtocol::Grpc,
-            service: Some(("shop/authz".into(), 9001)),
-            path_prefix: String::new(),
             allowed_headers: allowed.iter().map(|s| (*s).to_owned()).collect(),
-            allowed_response_headers: Vec::new(),
-            forward_body: 0,
-            timeout: ExternalAuth::TIMEOUT,
-            fail_open: false,
-            status_on_error: ExternalAuth::STATUS_ON_ERROR,
-            check_headers: Vec::new(),
-            downstream_on_allow: Vec::new(),
-            downstream_on_deny: Vec::new(),
+            ..ExternalAuth::new(AuthProtocol::Grpc, Some(("shop/authz".into(), 9001)))
         }
     }
 
