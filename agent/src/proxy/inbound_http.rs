@@ -58,7 +58,7 @@ pub struct Admitted {
 
 /// Admits one request, or gives the answer that refuses it.
 pub type Judge = Arc<
-    dyn Fn(Request<Incoming>) -> BoxFuture<'static, Result<Admitted, Response<Body>>> + Send + Sync,
+    dyn Fn(Request<Body>) -> BoxFuture<'static, Result<Admitted, Response<Body>>> + Send + Sync,
 >;
 
 /// The judge of requests from `source` (at `peer`) to the local pod at
@@ -72,7 +72,7 @@ pub fn judge(
     authorizer: Option<Authorizer>,
     on_refuse: impl Fn(&Refusal) + Send + Sync + 'static,
 ) -> Judge {
-    Arc::new(move |mut req: Request<Incoming>| {
+    Arc::new(move |mut req: Request<Body>| {
         let snapshot = state.borrow().clone();
         let grpc = authz::is_grpc(req.headers());
         let asks = match authz::admit(&snapshot, &source, target, &mut req) {
@@ -83,7 +83,6 @@ pub fn judge(
                 return std::future::ready(Err(reply(reason, &detail, grpc))).boxed();
             }
         };
-        let req = req.map(|b| b.map_err(BodyError::from).boxed());
         if asks.is_empty() {
             let admitted = Admitted {
                 req,
@@ -325,13 +324,20 @@ async fn handle_or_refuse(
         );
         return Ok(reply(Reason::BadRequest, why, grpc));
     }
+    // Counted as the pod is sent it (a check reading its start counts it).
+    let req = req.map(|body| match count {
+        Some(count) => telemetry::Counted::new(body, count)
+            .map_err(BodyError::from)
+            .boxed(),
+        None => body.map_err(BodyError::from).boxed(),
+    });
     let Admitted { mut req, answer } = match judge {
         Some(judge) => match judge(req).await {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(refused),
         },
         None => Admitted {
-            req: req.map(|b| b.map_err(BodyError::from).boxed()),
+            req,
             answer: Vec::new(),
         },
     };
@@ -355,15 +361,7 @@ async fn handle_or_refuse(
             .headers
             .insert(http::header::UPGRADE, protocol.clone());
     }
-    let mut req = match count {
-        Some(count) => Request::from_parts(
-            parts,
-            telemetry::Counted::new(body, count)
-                .map_err(BodyError::from)
-                .boxed(),
-        ),
-        None => Request::from_parts(parts, body),
-    };
+    let mut req = Request::from_parts(parts, body);
     let sent = match upstream {
         Upstream::Http2(mut sender) => {
             // hyper's HTTP/2 client wants the scheme and authority.
