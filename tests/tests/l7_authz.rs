@@ -29,6 +29,30 @@ fn curl(client: &Pod, options: &[&str], urls: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `curl -D -` from `client` with request `headers`: the status, the
+/// response head in lower case, and the body (`000` and nothing when no
+/// answer came).
+fn exchange(client: &Pod, url: &str, headers: &[&str]) -> (String, String, String) {
+    let mut args = vec!["-s", "-m", "10", "-D", "-"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = client
+        .exec()
+        .output("curl", &args, Duration::from_secs(30))
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("000")
+        .to_string();
+    (status, head.to_lowercase(), body.to_string())
+}
+
 fn codes(out: &str) -> Vec<&str> {
     out.lines().filter_map(|l| l.split(' ').next()).collect()
 }
@@ -514,43 +538,17 @@ fn request_authentication_with_jwt() {
 
     // (status, reason header, body) of one request.
     let call = |client: &Pod, url: &str, headers: &[String]| -> (String, String, String) {
-        let mut args = vec![
-            "-s".to_string(),
-            "-m".into(),
-            "10".into(),
-            "-D".into(),
-            "-".into(),
-        ];
-        for h in headers {
-            args.extend(["-H".into(), h.clone()]);
-        }
-        args.push(url.into());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = client
-            .exec()
-            .output("curl", &args, Duration::from_secs(30))
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-        let status = head
-            .lines()
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .unwrap_or("000")
-            .to_string();
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let (status, head, body) = exchange(client, url, &headers);
         let reason = head
             .lines()
-            .find_map(|l| {
-                l.to_lowercase()
-                    .strip_prefix("x-trellis-reason: ")
-                    .map(String::from)
-            })
+            .find_map(|l| l.strip_prefix("x-trellis-reason: ").map(String::from))
             .unwrap_or_default();
         let challenge = head
             .lines()
-            .any(|l| l.to_lowercase().starts_with("www-authenticate: bearer"));
+            .any(|l| l.starts_with("www-authenticate: bearer"));
         assert_eq!(challenge, status == "401", "{url}: {head}");
-        (status, reason, body.to_string())
+        (status, reason, body)
     };
     let bearer = |t: &str| format!("authorization: Bearer {t}");
 
@@ -886,28 +884,7 @@ fn custom_policies_ask_their_providers() {
     let cluster = mesh::Cluster::start(lab.name(), &[&a, &b], &docs).expect("mesh");
 
     // (status, head, body) of one request.
-    let call = |client: &Pod, url: &str, headers: &[&str]| -> (String, String, String) {
-        let mut args = vec!["-s", "-m", "10", "-D", "-"];
-        for h in headers {
-            args.extend(["-H", h]);
-        }
-        args.push(url);
-        let out = client
-            .exec()
-            .output("curl", &args, Duration::from_secs(30))
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout)
-            .replace('\r', "")
-            .to_lowercase();
-        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-        let status = head
-            .lines()
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .unwrap_or("000")
-            .to_string();
-        (status, head.to_string(), body.to_string())
-    };
+    let call = exchange;
     let echo = |body: &str| -> serde_json::Value {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
     };
