@@ -18,7 +18,7 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_agent::{
     identity::Identity,
-    policy::authz::{Layer, Verdict, authorize},
+    policy::authz::{Verdict, authorize},
     state::{Object, Snapshot, memo::Memo, objects::parse_file},
 };
 
@@ -142,17 +142,14 @@ fn benches(c: &mut Criterion) {
     // A pod of the last namespace calls one its policies select.
     let source = Identity::new("cluster.local", "ns-99", "default");
     let dst: SocketAddr = format!("{}:8080", pod_ip(99, 0, 0)).parse().expect("addr");
-    assert_eq!(
-        authorize(&snap, &source, dst, Layer::Connection),
-        Verdict::Allow
-    );
+    assert_eq!(authorize(&snap, &source, dst), Verdict::Allow);
     let stranger = Identity::new("cluster.local", "ns-0", "default");
     assert!(matches!(
-        authorize(&snap, &stranger, dst, Layer::Connection),
+        authorize(&snap, &stranger, dst),
         Verdict::Deny { .. }
     ));
     c.bench_function("state/authorize a connection (500 policies)", |b| {
-        b.iter(|| authorize(&snap, black_box(&source), black_box(dst), Layer::Connection))
+        b.iter(|| authorize(&snap, black_box(&source), black_box(dst)))
     });
 }
 

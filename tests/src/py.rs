@@ -1043,8 +1043,10 @@ pub const ENVOY_PROTOS: &str = concat!(
 /// is allowed with `x-tag` taken off; `Bearer crash` fails the call
 /// (INTERNAL); another user is denied 403 `not you` with
 /// `x-denied-by: grpc-authz`; none gets 401, `www-authenticate: Bearer` and
-/// `who are you`. `GET /` on the HTTP port answers the last check's
-/// attributes as JSON. Args: ENVOY_PROTOS GRPC_PORT HTTP_PORT.
+/// `who are you`. A connection's check (no request, as Envoy's network
+/// filter sends) is allowed for service account `a1` only. `GET /` on the
+/// HTTP port answers the last check's attributes as JSON. Args:
+/// ENVOY_PROTOS GRPC_PORT HTTP_PORT.
 pub const GRPC_AUTHZ_SERVER: &str = r#"
 import grpc, http.server, json, socket, sys, threading
 from concurrent import futures
@@ -1063,13 +1065,21 @@ class Authz(ext_grpc.AuthorizationServicer):
     def Check(self, request, context):
         a = request.attributes
         h = a.request.http
+        d = a.destination.address.socket_address
         with lock:
             last.clear()
             last.update({"id": h.id, "method": h.method, "path": h.path, "host": h.host, "scheme": h.scheme,
                          "protocol": h.protocol, "size": h.size, "headers": dict(h.headers), "body": h.body,
                          "raw_body": h.raw_body.hex(), "principal": a.source.principal,
                          "source": a.source.address.socket_address.address,
-                         "destination": a.destination.service, "time": a.request.time.seconds})
+                         "destination": a.destination.service, "time": a.request.time.seconds,
+                         "destination_address": "%s:%d" % (d.address, d.port_value) if d.address else "",
+                         "destination_principal": a.destination.principal})
+        if not h.method:
+            # A connection (Envoy's network check): a1 may connect.
+            if a.source.principal.endswith("/sa/a1"):
+                return ext.CheckResponse(status=status_pb2.Status(code=0))
+            return ext.CheckResponse(status=status_pb2.Status(code=7))
         auth = h.headers.get("authorization", "")
         if auth == "Bearer crash":
             context.abort(grpc.StatusCode.INTERNAL, "boom")

@@ -786,7 +786,10 @@ fn custom_policies_ask_their_providers() {
     let server = lab.add_pod(&b, "b1").expect("pod");
     let local = lab.add_pod(&b, "b2").expect("pod");
     let grpc_authz = lab.add_pod(&b, "b3").expect("pod");
+    let tcp = lab.add_pod(&b, "b4").expect("pod");
     let _servers = [
+        tcp.serve(py::ECHO_SERVER, &["9005"], 9005).expect("server"),
+        tcp.serve(py::ECHO_SERVER, &["9006"], 9006).expect("server"),
         server
             .serve(py::REQUEST_ECHO_SERVER, &["web", "8080"], 8080)
             .expect("server"),
@@ -841,6 +844,7 @@ fn custom_policies_ask_their_providers() {
         mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
         mesh::pod(&http_authz, "auth", &[("app", "http-authz")], &[], ""),
         mesh::pod(&grpc_authz, "auth", &[("app", "grpc-authz")], &[], ""),
+        mesh::pod(&tcp, "shop", &[("app", "tcp")], &[], ""),
         mesh::service("shop", "web", WEB_VIP, 80, "8080", &[("app", "web")]),
         // The Service's calls take the L7 path.
         mesh::traffic_policy(
@@ -871,6 +875,20 @@ fn custom_policies_ask_their_providers() {
         custom("fail-open", "open-authz", "'/fo/*'"),
         custom("gone-open", "gone-open", "'/fg/*'"),
         custom("gone-closed", "gone-closed", "'/fc/*'"),
+        // Connections that are not HTTP: the gRPC provider is asked about
+        // them; the HTTP one cannot judge them.
+        mesh::authorization_policy(
+            "shop",
+            "tcp-grpc",
+            "{selector: {matchLabels: {app: tcp}}, action: CUSTOM, provider: {name: grpc-authz}, \
+             rules: [{to: [{operation: {ports: ['9005']}}]}]}",
+        ),
+        mesh::authorization_policy(
+            "shop",
+            "tcp-http",
+            "{selector: {matchLabels: {app: tcp}}, action: CUSTOM, provider: {name: http-authz}, \
+             rules: [{to: [{operation: {ports: ['9006']}}]}]}",
+        ),
         mesh::authorization_policy(
             "shop",
             "no-secrets",
@@ -1016,6 +1034,62 @@ fn custom_policies_ask_their_providers() {
         "{last}"
     );
     assert_eq!(last["source"], remote.ip.to_string(), "{last}");
+
+    // A connection that is not HTTP is put to the gRPC provider as Envoy's
+    // network filter puts it (its peers, no request): it allows a1 (across
+    // nodes, HBONE) and refuses b2 (same node); the HTTP provider cannot
+    // judge one, so its policy refuses them all.
+    let echo_probe = |client: &Pod, port: &str| {
+        client
+            .exec()
+            .python_output(
+                py::ECHO_PROBE,
+                &[&tcp.ip.to_string(), port],
+                Duration::from_secs(30),
+            )
+            .expect("echo probe")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        echo_probe(&remote, "9005"),
+        "not http at all",
+        "a1, gRPC provider"
+    );
+    let (_, _, last) = call(&remote, &format!("http://{}:9002/", grpc_authz.ip), &[]);
+    let last = echo(&last);
+    assert_eq!(
+        (&last["method"], &last["path"]),
+        (&serde_json::json!(""), &serde_json::json!("")),
+        "{last}"
+    );
+    assert_eq!(
+        last["principal"], "spiffe://cluster.local/ns/shop/sa/a1",
+        "{last}"
+    );
+    assert_eq!(last["source"], remote.ip.to_string(), "{last}");
+    assert_eq!(
+        last["destination_address"],
+        format!("{}:9005", tcp.ip),
+        "{last}"
+    );
+    assert_eq!(
+        last["destination_principal"], "spiffe://cluster.local/ns/shop/sa/b4",
+        "{last}"
+    );
+    assert_eq!(echo_probe(&local, "9005"), "DENIED", "b2, gRPC provider");
+    for (client, who) in [(&remote, "a1"), (&local, "b2")] {
+        assert_eq!(echo_probe(client, "9006"), "DENIED", "{who}, HTTP provider");
+    }
+    let status = cluster.agents[1].cli_json("status").expect("status");
+    assert!(
+        status["inbound"]["opaque_denied"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
+    );
+    assert!(
+        status["outbound"]["denied"].as_u64().unwrap_or(0) >= 2,
+        "{status}"
+    );
 
     // A broken configuration is refused, named in the log, and the last
     // good one keeps serving.

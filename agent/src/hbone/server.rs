@@ -53,7 +53,7 @@ use crate::{
         istio::{OpenConnection, Peer, Reporter, ServiceName, TcpLabels, Traffic},
     },
     policy::{
-        authz::{self, Layer, Verdict},
+        authz::{self, Verdict},
         verdict::{Standing, Verdicts},
     },
     proxy::{Source, connect_from, detect, http::Io, inbound_http, relay},
@@ -466,7 +466,7 @@ impl Inbound {
             return;
         };
         let snapshot = self.state.borrow().clone();
-        let inspect = match authz::authorize(&snapshot, peer_id, target, Layer::Connection) {
+        let inspect = match authz::authorize(&snapshot, peer_id, target) {
             Verdict::Allow => false,
             Verdict::Inspect => true,
             Verdict::Deny { policy, reason } => {
@@ -544,14 +544,19 @@ impl Inbound {
         let protocol = if inspect {
             let (protocol, seen) = detect::detect_read(&mut tunnel, SNIFF_TIMEOUT).await;
             tunnel.unread(seen.into());
-            if protocol == detect::Protocol::Opaque
-                && let Verdict::Deny { policy, reason } =
-                    authz::authorize(&snapshot, peer_id, target, Layer::Opaque)
-            {
-                self.stats.opaque_denied.fetch_add(1, Ordering::Relaxed);
-                info!(src = %peer_id, dst = %target, %policy, reason, "stream reset: denied by authorization policy");
-                tunnel.reset();
-                return;
+            if protocol == detect::Protocol::Opaque {
+                let judged = crate::proxy::outbound::judge_opaque(
+                    &snapshot,
+                    (client.unwrap_or(remote), peer_id),
+                    target,
+                    self.authorizer.as_ref(),
+                );
+                if let Err((policy, reason)) = judged.await {
+                    self.stats.opaque_denied.fetch_add(1, Ordering::Relaxed);
+                    info!(src = %peer_id, dst = %target, %policy, reason, "stream reset: denied by authorization policy");
+                    tunnel.reset();
+                    return;
+                }
             }
             Some(protocol).filter(|p| *p != detect::Protocol::Opaque)
         } else {

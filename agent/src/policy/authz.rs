@@ -788,7 +788,7 @@ pub enum Verdict {
         reason: &'static str,
     },
     /// L7 conditions decide: read the connection as HTTP and authorize each
-    /// request (or judge it with [`Layer::Opaque`] when it is not HTTP).
+    /// request (or [`admit_opaque`] the connection when it is not HTTP).
     Inspect,
 }
 
@@ -858,10 +858,8 @@ pub enum Custom {
     Nothing,
     /// A CUSTOM rule may match a request: read the connection as HTTP.
     Inspect,
-    /// A CUSTOM rule matches a connection that is not HTTP: its provider
-    /// judges requests only, so the connection is refused (fail closed).
-    Deny { policy: String },
-    /// Ask each of these providers about the request (one per provider).
+    /// Ask each of these providers about the request, or about the
+    /// connection when it is not HTTP (one ask per provider).
     Ask(Vec<(String, String)>),
 }
 
@@ -889,8 +887,7 @@ fn custom_asks(policies: &[Policy], destination: &Workload, check: &Check<'_>) -
         }
         match check.layer {
             Layer::Connection => return Custom::Inspect,
-            Layer::Opaque => return Custom::Deny { policy: p.id() },
-            Layer::Request(_) => {
+            Layer::Opaque | Layer::Request(_) => {
                 let provider = p.provider.clone().unwrap_or_default();
                 if !asks.iter().any(|(_, named)| *named == provider) {
                     asks.push((p.id(), provider));
@@ -905,44 +902,89 @@ fn custom_asks(policies: &[Policy], destination: &Workload, check: &Check<'_>) -
     }
 }
 
-/// Decides a connection (or request) from `source` to `destination` on this
-/// node: policies apply only to meshed pods, so anything else is allowed
-/// here (the kernel's NetworkPolicy still applies).
+/// Decides a connection from `source` to `destination` on this node, before
+/// anything is read from it: policies apply only to meshed pods, so
+/// anything else is allowed here (the kernel's NetworkPolicy still
+/// applies). [`Verdict::Inspect`]: what the connection carries decides,
+/// [`admit`] for each request when it is HTTP, else [`admit_opaque`].
 pub fn authorize(
     snapshot: &crate::state::Snapshot,
     source: &Identity,
     destination: std::net::SocketAddr,
-    layer: Layer<'_>,
 ) -> Verdict {
-    match meshed_workload(snapshot, destination) {
-        Some(workload) => {
-            let policies = snapshot.policies_in(&workload.namespace);
-            let check = Check::new(source, destination.port(), layer);
-            let verdict = match (
-                decide(policies, workload, &check),
-                custom_asks(policies, workload, &check),
-            ) {
-                (deny @ Verdict::Deny { .. }, _) => deny,
-                (_, Custom::Deny { policy }) => Verdict::Deny {
-                    policy,
-                    reason: "a CUSTOM rule matched a connection that is not HTTP (its provider judges HTTP requests)",
-                },
-                (_, Custom::Inspect | Custom::Ask(_)) => Verdict::Inspect,
-                (verdict, Custom::Nothing) => verdict,
-            };
-            // Tokens are checked per request: a connection to a workload
-            // that a RequestAuthentication selects is read as HTTP.
-            match (verdict, layer) {
-                (Verdict::Allow, Layer::Connection)
-                    if snapshot.jwt_rules_for(workload).next().is_some() =>
-                {
-                    Verdict::Inspect
-                }
-                (verdict, _) => verdict,
-            }
+    let Some(workload) = meshed_workload(snapshot, destination) else {
+        return Verdict::Allow;
+    };
+    let policies = snapshot.policies_in(&workload.namespace);
+    let check = Check::new(source, destination.port(), Layer::Connection);
+    match (
+        decide(policies, workload, &check),
+        custom_asks(policies, workload, &check),
+    ) {
+        (deny @ Verdict::Deny { .. }, _) => deny,
+        (_, Custom::Inspect | Custom::Ask(_)) => Verdict::Inspect,
+        // Tokens are checked per request: a connection to a workload that
+        // a RequestAuthentication selects is read as HTTP.
+        (Verdict::Allow, Custom::Nothing) if snapshot.jwt_rules_for(workload).next().is_some() => {
+            Verdict::Inspect
         }
-        None => Verdict::Allow,
+        (verdict, Custom::Nothing) => verdict,
     }
+}
+
+/// Admits a connection from `source` to the local pod at `destination`
+/// that turned out not to be HTTP (after [`Verdict::Inspect`]): L4 rules
+/// alone decide it, and the providers of the CUSTOM policies that match it
+/// are to be asked about the connection, as Envoy's network `ext_authz`
+/// filter asks. Only gRPC providers can be: an HTTP one judges requests.
+pub fn admit_opaque(
+    snapshot: &crate::state::Snapshot,
+    source: &Identity,
+    destination: std::net::SocketAddr,
+) -> Result<Vec<Ask>, Refusal> {
+    let Some(workload) = meshed_workload(snapshot, destination) else {
+        return Ok(Vec::new());
+    };
+    let policies = snapshot.policies_in(&workload.namespace);
+    let check = Check::new(source, destination.port(), Layer::Opaque);
+    if let Verdict::Deny { policy, reason } = decide(policies, workload, &check) {
+        return Err(Refusal::Denied { policy, reason });
+    }
+    match custom_asks(policies, workload, &check) {
+        Custom::Ask(asks) => providers(snapshot, asks, true),
+        Custom::Nothing | Custom::Inspect => Ok(Vec::new()),
+    }
+}
+
+/// The providers to ask, `(policy, provider)`, from the mesh
+/// configuration: one it lacks cannot allow anything, nor can an HTTP one
+/// allow a connection that is not HTTP.
+fn providers(
+    snapshot: &crate::state::Snapshot,
+    asks: Vec<(String, String)>,
+    opaque: bool,
+) -> Result<Vec<Ask>, Refusal> {
+    asks.into_iter()
+        .map(|(policy, provider)| {
+            let Some(service) = snapshot.providers.get(&provider) else {
+                return Err(Refusal::Denied {
+                    policy,
+                    reason: "its CUSTOM provider is not in the mesh configuration",
+                });
+            };
+            if opaque && service.protocol != crate::routes::table::AuthProtocol::Grpc {
+                return Err(Refusal::Denied {
+                    policy,
+                    reason: "its CUSTOM provider (envoyExtAuthzHttp) judges HTTP requests and the connection is not HTTP",
+                });
+            }
+            Ok(Ask {
+                policy,
+                provider,
+                service: service.clone(),
+            })
+        })
+        .collect()
 }
 
 /// The meshed pod at `destination`: policies apply only to those.
@@ -1058,23 +1100,7 @@ fn check_request<B>(
             });
         }
     }
-    // A provider the mesh configuration lacks cannot allow anything.
-    let asks = asks
-        .into_iter()
-        .map(
-            |(policy, provider)| match snapshot.providers.get(&provider) {
-                Some(service) => Ok(Ask {
-                    policy,
-                    provider,
-                    service: service.clone(),
-                }),
-                None => Err(Refusal::Denied {
-                    policy,
-                    reason: "its CUSTOM provider is not in the mesh configuration",
-                }),
-            },
-        )
-        .collect::<Result<Vec<_>, _>>()?;
+    let asks = providers(snapshot, asks, false)?;
     if !rules.is_empty() {
         let mut uri = req.uri().clone();
         authn::edit(&rules, auth.as_ref(), req.headers_mut(), &mut uri);
@@ -1147,17 +1173,24 @@ mod tests {
         assert_eq!(ask("lab", "/admin/x"), ["ext", "opa"]);
         assert_eq!(ask("lab", "/"), ["opa"]);
         assert!(ask("shop", "/").is_empty());
-        // Before a request: read it as HTTP when a rule may match; a
-        // connection that is not HTTP is refused (fail closed).
+        // Before a request: read it as HTTP when a rule may match. A
+        // connection that is not HTTP is put to the providers of the rules
+        // that may match it (HTTP conditions cannot be read, so they do not
+        // spare it, as Istio drops them from CUSTOM rules for TCP).
         let source = Identity::new("cluster.local", "shop", "client");
         assert_eq!(
             custom(&ps, &source, &web(), 80, Layer::Connection),
             Custom::Inspect
         );
-        assert!(matches!(
-            custom(&ps, &source, &web(), 80, Layer::Opaque),
-            Custom::Deny { .. }
-        ));
+        let opaque = |ns: &str| {
+            let source = Identity::new("cluster.local", ns, "client");
+            match custom(&ps, &source, &web(), 80, Layer::Opaque) {
+                Custom::Ask(asks) => asks.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
+                other => panic!("{other:?} for a connection that is not HTTP"),
+            }
+        };
+        assert_eq!(opaque("shop"), ["ext"]);
+        assert_eq!(opaque("lab"), ["ext", "opa"]);
         // ALLOW and DENY evaluation leaves CUSTOM policies alone.
         assert_eq!(
             evaluate(&ps, &source, &web(), 80, Layer::Connection),

@@ -504,6 +504,7 @@ impl HttpProxy {
                     source: call.client,
                     source_principal: call.client_identity.as_ref().map(ToString::to_string),
                     destination_service: &call.service,
+                    destination: None,
                     destination_principal: None,
                 };
                 match self
@@ -1102,52 +1103,15 @@ impl HttpProxy {
         } else {
             Default::default()
         };
-        let asked = async {
-            let Some((service, port)) = &auth.service else {
-                return Err("the authorization service does not resolve".to_string());
-            };
-            let check = match auth.protocol {
-                AuthProtocol::Http => {
-                    ext_auth::check(auth, req.method(), req.uri(), req.headers(), start)
-                }
-                AuthProtocol::Grpc => {
-                    ext_auth::grpc::check(auth, req, &start, peers, std::time::SystemTime::now())
-                }
-            };
-            let (backend, svc) = self
-                .endpoint_for(snapshot, service, *port, &check, call)
-                .map_err(|(reason, detail)| {
-                    format!("{service}:{port}: {}: {detail}", reason.text())
-                })?;
-            // The answer's body is read within the time too: a service
-            // that sends its head and stalls is as late as one that says
-            // nothing.
-            let answer = async {
-                let answer = self.forward(snapshot, check, call, backend, &svc).await;
-                let answer =
-                    answer.map_err(|(reason, detail)| format!("{}: {detail}", reason.text()))?;
-                match auth.protocol {
-                    AuthProtocol::Http => Ok(ext_auth::verdict(auth, answer).await),
-                    AuthProtocol::Grpc => ext_auth::grpc::verdict(answer).await,
-                }
-            };
-            match tokio::time::timeout(auth.timeout, answer).await {
-                Err(_) => Err(format!("{service}:{port} did not answer in time")),
-                Ok(Err(detail)) => Err(format!("{service}:{port}: {detail}")),
-                Ok(Ok(verdict)) => Ok(verdict),
+        let check = match auth.protocol {
+            AuthProtocol::Http => {
+                ext_auth::check(auth, req.method(), req.uri(), req.headers(), start)
+            }
+            AuthProtocol::Grpc => {
+                ext_auth::grpc::check(auth, req, &start, peers, std::time::SystemTime::now())
             }
         };
-        let verdict = match asked.await {
-            // Istio's failOpen covers a service that fails as well as one
-            // that cannot be reached.
-            Ok(ext_auth::Verdict::Deny(resp))
-                if auth.fail_open && resp.status().is_server_error() =>
-            {
-                Err(format!("the service answered {}", resp.status()))
-            }
-            other => other,
-        };
-        match verdict {
+        match self.ask(snapshot, auth, check, call).await {
             Ok(ext_auth::Verdict::Allow(allowed)) => Ok((allowed, read)),
             Ok(ext_auth::Verdict::Deny(mut resp)) => {
                 self.count(Reason::ExtAuthDenied);
@@ -1170,6 +1134,46 @@ impl HttpProxy {
                 Ok((ext_auth::Allowed::default(), read))
             }
             Err(detail) => Err(error(detail)),
+        }
+    }
+
+    /// Sends `check` to `auth`'s service, as `call`, and reads its verdict
+    /// within the service's timeout; `Err`: why there is none.
+    async fn ask(
+        &self,
+        snapshot: &Snapshot,
+        auth: &routes::table::ExternalAuth,
+        check: Request<Body>,
+        call: &Call,
+    ) -> Result<ext_auth::Verdict, String> {
+        let Some((service, port)) = &auth.service else {
+            return Err("the authorization service does not resolve".to_string());
+        };
+        let (backend, svc) = self
+            .endpoint_for(snapshot, service, *port, &check, call)
+            .map_err(|(reason, detail)| format!("{service}:{port}: {}: {detail}", reason.text()))?;
+        // The answer's body is read within the time too: a service that
+        // sends its head and stalls is as late as one that says nothing.
+        let answer = async {
+            let answer = self.forward(snapshot, check, call, backend, &svc).await;
+            let answer =
+                answer.map_err(|(reason, detail)| format!("{}: {detail}", reason.text()))?;
+            match auth.protocol {
+                AuthProtocol::Http => Ok(ext_auth::verdict(auth, answer).await),
+                AuthProtocol::Grpc => ext_auth::grpc::verdict(answer).await,
+            }
+        };
+        match tokio::time::timeout(auth.timeout, answer).await {
+            Err(_) => Err(format!("{service}:{port} did not answer in time")),
+            Ok(Err(detail)) => Err(format!("{service}:{port}: {detail}")),
+            // Istio's failOpen covers a service that fails as well as one
+            // that cannot be reached.
+            Ok(Ok(ext_auth::Verdict::Deny(resp)))
+                if auth.fail_open && resp.status().is_server_error() =>
+            {
+                Err(format!("the service answered {}", resp.status()))
+            }
+            Ok(Ok(verdict)) => Ok(verdict),
         }
     }
 
@@ -1461,7 +1465,7 @@ impl HttpProxy {
         source: (SocketAddr, &Identity),
         target: SocketAddr,
     ) -> Result<(Request<Body>, Vec<ext_auth::Put>), Response<Body>> {
-        let Some(pod) = snapshot.workload_by_ip(target.ip().to_canonical()) else {
+        let Some(asker) = self.asker(snapshot, target) else {
             self.count(Reason::ExtAuthError);
             return Err(reply(
                 Reason::ExtAuthError,
@@ -1469,28 +1473,13 @@ impl HttpProxy {
                 authz::is_grpc(req.headers()),
             ));
         };
-        let identity = Identity::of(pod, &self.trust_domain);
-        let asker = Call {
-            client: SocketAddr::new(target.ip(), 0),
-            client_namespace: pod.namespace.clone(),
-            client_identity: Some(identity.clone()),
-            service: String::new(),
-            port: 0,
-            ipv6: target.is_ipv6(),
-            upstream_h2: false,
-            grpc_web_upstream: false,
-        };
-        let peers = ext_auth::grpc::Peers {
-            source: source.0,
-            source_principal: Some(source.1.to_string()),
-            destination_service: "",
-            destination_principal: Some(identity.to_string()),
-        };
+        let peers = asker.peers(source, target);
+        let asker = &asker.call;
         let mut answer = Vec::new();
         for ask in asks {
             debug!(policy = %ask.policy, provider = %ask.provider, path = req.uri().path(), "asking a CUSTOM policy's provider");
             let (allowed, read) = self
-                .external_auth(snapshot, &ask.service, &mut req, &asker, &peers)
+                .external_auth(snapshot, &ask.service, &mut req, asker, &peers)
                 .await?;
             let (mut parts, body) = req.into_parts();
             ext_auth::apply(&allowed, &mut parts.headers, &mut parts.uri);
@@ -1498,6 +1487,77 @@ impl HttpProxy {
             req = Request::from_parts(parts, ext_auth::Prefixed::new(read, body).boxed());
         }
         Ok((req, answer))
+    }
+
+    /// Asks the providers of CUSTOM policies, in order, about a connection
+    /// from `source` to the local pod at `target` that is not HTTP (gRPC
+    /// providers: Envoy's network check). `Err`: the policy whose provider
+    /// refuses it, and why.
+    pub(super) async fn ask_about_connection(
+        &self,
+        snapshot: &Snapshot,
+        asks: &[authz::Ask],
+        source: (SocketAddr, &Identity),
+        target: SocketAddr,
+    ) -> Result<(), (String, String)> {
+        let Some(asker) = self.asker(snapshot, target) else {
+            let policy = asks.first().map(|a| a.policy.clone()).unwrap_or_default();
+            return Err((policy, format!("{target} is no longer a known pod")));
+        };
+        let peers = asker.peers(source, target);
+        for ask in asks {
+            debug!(policy = %ask.policy, provider = %ask.provider, "asking a CUSTOM policy's provider about a connection");
+            let check = ext_auth::grpc::connection_check(
+                &ask.service,
+                &peers,
+                std::time::SystemTime::now(),
+            );
+            let refused = match self.ask(snapshot, &ask.service, check, &asker.call).await {
+                Ok(ext_auth::Verdict::Allow(_)) => continue,
+                Ok(ext_auth::Verdict::Deny(resp)) => {
+                    self.count(Reason::ExtAuthDenied);
+                    format!(
+                        "its provider {} denies it ({})",
+                        ask.provider,
+                        resp.status()
+                    )
+                }
+                Err(detail) if ask.service.fail_open => {
+                    self.stats
+                        .ext_auth_failed_open
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(provider = %ask.provider, detail,
+                        "connection let through unchecked: its authorization service could not be asked (failOpen)");
+                    continue;
+                }
+                Err(detail) => {
+                    self.count(Reason::ExtAuthError);
+                    format!("its provider {} could not be asked: {detail}", ask.provider)
+                }
+            };
+            return Err((ask.policy.clone(), refused));
+        }
+        Ok(())
+    }
+
+    /// How the agent asks providers for the local pod at `target`: as the
+    /// pod, with its identity.
+    fn asker(&self, snapshot: &Snapshot, target: SocketAddr) -> Option<Asker> {
+        let pod = snapshot.workload_by_ip(target.ip().to_canonical())?;
+        let identity = Identity::of(pod, &self.trust_domain);
+        Some(Asker {
+            call: Call {
+                client: SocketAddr::new(target.ip(), 0),
+                client_namespace: pod.namespace.clone(),
+                client_identity: Some(identity.clone()),
+                service: String::new(),
+                port: 0,
+                ipv6: target.is_ipv6(),
+                upstream_h2: false,
+                grpc_web_upstream: false,
+            },
+            principal: identity.to_string(),
+        })
     }
 
     /// Whether `backend` is a pod on this node.
@@ -2458,6 +2518,30 @@ fn pick_weighted(backends: &[routes::table::WeightedBackend], unresolved: u32) -
         n -= u64::from(b.weight);
     }
     None
+}
+
+/// A local pod, as its agent asks providers for it (CUSTOM policies).
+struct Asker {
+    call: Call,
+    /// The pod's SPIFFE ID.
+    principal: String,
+}
+
+impl Asker {
+    /// What the gRPC check says of a caller `source` and the pod at `target`.
+    fn peers(
+        &self,
+        source: (SocketAddr, &Identity),
+        target: SocketAddr,
+    ) -> ext_auth::grpc::Peers<'_> {
+        ext_auth::grpc::Peers {
+            source: source.0,
+            source_principal: Some(source.1.to_string()),
+            destination_service: "",
+            destination: Some(target),
+            destination_principal: Some(self.principal.clone()),
+        }
+    }
 }
 
 #[cfg(test)]

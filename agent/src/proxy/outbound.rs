@@ -46,7 +46,7 @@ use crate::{
     hbone::client::Pool,
     identity::Identity,
     policy::{
-        authz::{self, Layer, Verdict},
+        authz::{self, Verdict},
         verdict::{Standing, Verdicts},
     },
     state::Snapshot,
@@ -209,6 +209,37 @@ pub struct Authorizer(Arc<Outbound>);
 impl Authorizer {
     pub(super) fn proxy(&self) -> &Arc<HttpProxy> {
         self.0.http()
+    }
+}
+
+/// Judges a connection from `source` (at its address) to the local pod at
+/// `target` that turned out not to be HTTP: L4 rules, then the gRPC
+/// providers of the CUSTOM policies matching it, asked through
+/// `authorizer` (without one, a connection they are to judge is refused).
+/// `Err`: the deciding policy and why.
+pub async fn judge_opaque(
+    snapshot: &Snapshot,
+    source: (SocketAddr, &Identity),
+    target: SocketAddr,
+    authorizer: Option<&Authorizer>,
+) -> Result<(), (String, String)> {
+    let asks =
+        authz::admit_opaque(snapshot, source.1, target).map_err(|refusal| match refusal {
+            authz::Refusal::Denied { policy, reason } => (policy, reason.to_owned()),
+            authz::Refusal::Unauthenticated(why) => (String::new(), why.to_string()),
+        })?;
+    match (asks.first(), authorizer) {
+        (None, _) => Ok(()),
+        (Some(_), Some(authorizer)) => {
+            authorizer
+                .proxy()
+                .ask_about_connection(snapshot, &asks, source, target)
+                .await
+        }
+        (Some(ask), None) => Err((
+            ask.policy.clone(),
+            "no client for CUSTOM providers here".into(),
+        )),
     }
 }
 
@@ -693,7 +724,6 @@ impl Outbound {
         &self,
         peer: SocketAddr,
         route: &Route,
-        layer: Layer<'_>,
     ) -> Result<Option<Identity>, OutboundError> {
         if !route.local {
             return Ok(None);
@@ -704,7 +734,7 @@ impl Outbound {
             return Ok(None);
         };
         let source = Identity::of(client, &self.trust_domain);
-        match authz::authorize(&snapshot, &source, route.backend, layer) {
+        match authz::authorize(&snapshot, &source, route.backend) {
             Verdict::Allow => Ok(None),
             Verdict::Inspect => Ok(Some(source)),
             Verdict::Deny { policy, reason } => {
@@ -826,7 +856,7 @@ impl Outbound {
                 self.forget(inbound_key, None);
                 return result;
             }
-            let inspect = match self.authorize(peer, &route, Layer::Connection) {
+            let inspect = match self.authorize(peer, &route) {
                 Ok(inspect) => inspect,
                 Err(e) => {
                     let _ = inbound.set_zero_linger();
@@ -841,10 +871,23 @@ impl Outbound {
                 None => None,
                 Some(source) => match detect::detect(&inbound, self.config.detect_timeout).await {
                     Protocol::Opaque => {
-                        if let Err(e) = self.authorize(peer, &route, Layer::Opaque) {
+                        let snapshot = self.state.borrow().clone();
+                        let authorizer = self.authorizer();
+                        let judged = judge_opaque(
+                            &snapshot,
+                            (peer, &source),
+                            route.backend,
+                            Some(&authorizer),
+                        );
+                        if let Err((policy, reason)) = judged.await {
+                            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                            info!(src = %source, dst = %route.backend, %policy, reason, "connection denied by authorization policy");
                             let _ = inbound.set_zero_linger();
                             self.forget(inbound_key, None);
-                            return Err(e);
+                            return Err(OutboundError::Denied {
+                                backend: route.backend,
+                                policy,
+                            });
                         }
                         None
                     }

@@ -1159,17 +1159,22 @@ mod tests {
             format!(
                 "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-mesh, namespace: {namespace}}}\n\
                  data:\n  mesh: |\n    extensionProviders:\n    - name: ext\n      envoyExtAuthzHttp:\n\
-                 \x20       service: authz.auth.svc.cluster.local\n        port: {port}\n"
+                 \x20       service: authz.auth.svc.cluster.local\n        port: {port}\n\
+                 \x20   - name: opa\n      envoyExtAuthzGrpc: {{service: opa/opa, port: 9191}}\n"
             )
         };
         let policies = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
              metadata: {name: ext, namespace: shop}\n\
              spec: {selector: {matchLabels: {app: web}}, action: CUSTOM, provider: {name: ext}, \
-             rules: [{to: [{operation: {paths: [/admin*]}}]}]}\n---\n\
+             rules: [{to: [{operation: {ports: ['8080'], paths: [/admin*]}}]}]}\n---\n\
              apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
              metadata: {name: gone, namespace: shop}\n\
              spec: {selector: {matchLabels: {app: web}}, action: CUSTOM, provider: {name: gone}, \
-             rules: [{to: [{operation: {paths: [/gone*]}}]}]}\n";
+             rules: [{to: [{operation: {ports: ['8080'], paths: [/gone*]}}]}]}\n---\n\
+             apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: tcp, namespace: shop}\n\
+             spec: {selector: {matchLabels: {app: web}}, action: CUSTOM, provider: {name: opa}, \
+             rules: [{to: [{operation: {ports: ['9000']}}]}]}\n";
         // Another namespace's copy, and other ConfigMaps, are not read.
         let other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: other, namespace: shop}\ndata: {mesh: 'nonsense: ['}\n";
         let snap = snapshot(&format!(
@@ -1185,17 +1190,33 @@ mod tests {
             let mut req = http::Request::get(path).body(()).unwrap();
             crate::policy::authz::admit(&snap, &source, web, &mut req)
         };
-        // A connection is read as HTTP for the provider, one that is not
-        // HTTP is refused (fail closed).
-        use crate::policy::authz::{Layer, Verdict, authorize};
+        // A connection is read as HTTP for the provider. One that is not
+        // HTTP is put to a gRPC provider (Envoy's network check); an HTTP
+        // provider cannot judge it, nor can one the configuration lacks,
+        // so it is refused (fail closed).
+        use crate::policy::authz::{Refusal, Verdict, admit_opaque, authorize};
+        assert_eq!(authorize(&snap, &source, web), Verdict::Inspect);
+        let tcp = SocketAddr::new(web.ip(), 9000);
+        let asks = admit_opaque(&snap, &source, tcp).expect("admitted");
         assert_eq!(
-            authorize(&snap, &source, web, Layer::Connection),
-            Verdict::Inspect
+            asks.iter()
+                .map(|a| (a.policy.as_str(), a.provider.as_str()))
+                .collect::<Vec<_>>(),
+            [("shop/tcp", "opa")]
         );
-        assert!(matches!(
-            authorize(&snap, &source, web, Layer::Opaque),
-            Verdict::Deny { .. }
-        ));
+        assert!(
+            matches!(
+                admit_opaque(&snap, &source, web),
+                Err(Refusal::Denied { ref policy, reason }) if policy == "shop/ext" && reason.contains("envoyExtAuthzHttp")
+            ),
+            "{:?}",
+            admit_opaque(&snap, &source, web)
+        );
+        assert!(
+            admit_opaque(&snap, &source, SocketAddr::new(web.ip(), 7000))
+                .expect("admitted")
+                .is_empty()
+        );
         let asks = admit("/admin/1").expect("admitted");
         assert_eq!(asks.len(), 1);
         assert_eq!(

@@ -34,7 +34,9 @@ pub(in crate::proxy) struct Peers<'a> {
     /// The Service called, `namespace/name` (its endpoint is not chosen
     /// yet); empty when a pod's agent asks for a CUSTOM policy.
     pub destination_service: &'a str,
-    /// The destination pod's SPIFFE ID, when its agent asks (CUSTOM).
+    /// The destination pod's address and SPIFFE ID, when its agent asks
+    /// (CUSTOM).
+    pub destination: Option<SocketAddr>,
     pub destination_principal: Option<String>,
 }
 
@@ -49,14 +51,33 @@ pub(in crate::proxy) fn check<B>(
     peers: &Peers<'_>,
     now: SystemTime,
 ) -> Request<Body> {
-    let message = check_request(auth, req, body, peers, now);
+    call(auth, &check_request(auth, req, body, peers, now))
+}
+
+/// The check for a connection that is not HTTP, as Envoy's network
+/// `ext_authz` filter makes it: a `CheckRequest` of its peers alone.
+pub(in crate::proxy) fn connection_check(
+    auth: &ExternalAuth,
+    peers: &Peers<'_>,
+    now: SystemTime,
+) -> Request<Body> {
+    let mut out = Vec::with_capacity(256);
+    message(&mut out, 1, |attributes| {
+        write_peers(attributes, peers);
+        message(attributes, 4, |request| write_time(request, now));
+    });
+    call(auth, &out)
+}
+
+/// The gRPC call to `auth`'s service carrying the `CheckRequest` `message`.
+fn call(auth: &ExternalAuth, message: &[u8]) -> Request<Body> {
     let (namespace, name) = auth
         .service
         .as_ref()
         .and_then(|(s, _)| s.split_once('/'))
         .unwrap_or(("", ""));
     let port = auth.service.as_ref().map_or(0, |(_, p)| *p);
-    let mut check = Request::new(full_body(protobuf::grpc_frame(&message)));
+    let mut check = Request::new(full_body(protobuf::grpc_frame(message)));
     *check.method_mut() = http::Method::POST;
     *check.version_mut() = Version::HTTP_2;
     *check.uri_mut() = Uri::builder()
@@ -135,40 +156,12 @@ fn check_request<B>(
         Version::HTTP_3 => "HTTP/3",
         _ => "HTTP/1.1",
     };
-    let since = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-
     let mut out = Vec::with_capacity(512);
     message(&mut out, 1, |attributes| {
-        // source: Peer { Address address = 1; string principal = 4; }
-        message(attributes, 1, |peer| {
-            message(peer, 1, |address| {
-                // SocketAddress { string address = 2; uint32 port_value = 3; }
-                message(address, 1, |socket| {
-                    string(socket, 2, &peers.source.ip().to_canonical().to_string());
-                    varint_field(socket, 3, u64::from(peers.source.port()));
-                });
-            });
-            if let Some(principal) = &peers.source_principal {
-                string(peer, 4, principal);
-            }
-        });
-        // destination: Peer { string service = 2; string principal = 4; }
-        message(attributes, 2, |peer| {
-            if !peers.destination_service.is_empty() {
-                string(peer, 2, peers.destination_service);
-            }
-            if let Some(principal) = &peers.destination_principal {
-                string(peer, 4, principal);
-            }
-        });
+        write_peers(attributes, peers);
         // request: Request { Timestamp time = 1; HttpRequest http = 2; }
         message(attributes, 4, |request| {
-            message(request, 1, |time| {
-                varint_field(time, 1, since.as_secs());
-                varint_field(time, 2, u64::from(since.subsec_nanos()));
-            });
+            write_time(request, now);
             message(request, 2, |http| {
                 if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
                     string(http, 1, id);
@@ -194,6 +187,50 @@ fn check_request<B>(
         });
     });
     out
+}
+
+/// `AttributeContext { Peer source = 1; Peer destination = 2; }`, where
+/// `Peer { Address address = 1; string service = 2; string principal = 4; }`.
+fn write_peers(attributes: &mut Vec<u8>, peers: &Peers<'_>) {
+    message(attributes, 1, |peer| {
+        write_address(peer, peers.source);
+        if let Some(principal) = &peers.source_principal {
+            string(peer, 4, principal);
+        }
+    });
+    message(attributes, 2, |peer| {
+        if let Some(address) = peers.destination {
+            write_address(peer, address);
+        }
+        if !peers.destination_service.is_empty() {
+            string(peer, 2, peers.destination_service);
+        }
+        if let Some(principal) = &peers.destination_principal {
+            string(peer, 4, principal);
+        }
+    });
+}
+
+/// `Address { SocketAddress socket_address = 1; }`, where `SocketAddress {
+/// string address = 2; uint32 port_value = 3; }`.
+fn write_address(peer: &mut Vec<u8>, at: SocketAddr) {
+    message(peer, 1, |address| {
+        message(address, 1, |socket| {
+            string(socket, 2, &at.ip().to_canonical().to_string());
+            varint_field(socket, 3, u64::from(at.port()));
+        });
+    });
+}
+
+/// `AttributeContext.Request.time` (a `Timestamp`).
+fn write_time(request: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    message(request, 1, |time| {
+        varint_field(time, 1, since.as_secs());
+        varint_field(time, 2, u64::from(since.subsec_nanos()));
+    });
 }
 
 /// Reads the check's answer: the service's decision, or why there is none
@@ -460,6 +497,7 @@ mod tests {
             source: "[::ffff:10.1.0.2]:40000".parse().unwrap(),
             source_principal: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
             destination_service: "shop/web",
+            destination: None,
             destination_principal: None,
         };
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
@@ -552,6 +590,54 @@ mod tests {
         assert_eq!(text(field(http, 11)), "text");
         assert_eq!(field(http, 9), Value::Varint(u64::MAX));
         assert_eq!(text(field(http, 10)), "HTTP/2");
+    }
+
+    #[tokio::test]
+    async fn a_connection_check_carries_its_peers_and_no_request() {
+        let peers = Peers {
+            source: "10.1.0.2:40000".parse().unwrap(),
+            source_principal: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
+            destination_service: "",
+            destination: Some("10.1.1.12:9000".parse().unwrap()),
+            destination_principal: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+        };
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
+        let check = connection_check(&auth(&[]), &peers, now);
+        assert_eq!(
+            check.uri(),
+            "http://authz.shop:9001/envoy.service.auth.v3.Authorization/Check"
+        );
+        let body = check.into_body().collect().await.expect("body").to_bytes();
+        let message = protobuf::grpc_unframe(&body).expect("one gRPC message");
+        let attributes = field(message, 1).as_bytes().unwrap();
+        fn socket(peer: &[u8]) -> (String, Value<'_>) {
+            let socket = field(field(peer, 1).as_bytes().unwrap(), 1)
+                .as_bytes()
+                .unwrap();
+            (text(field(socket, 2)).to_owned(), field(socket, 3))
+        }
+        let source = field(attributes, 1).as_bytes().unwrap();
+        assert_eq!(socket(source), ("10.1.0.2".into(), Value::Varint(40000)));
+        assert_eq!(
+            text(field(source, 4)),
+            "spiffe://cluster.local/ns/shop/sa/client"
+        );
+        let destination = field(attributes, 2).as_bytes().unwrap();
+        assert_eq!(
+            socket(destination),
+            ("10.1.1.12".into(), Value::Varint(9000))
+        );
+        assert_eq!(
+            text(field(destination, 4)),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert!(fields(destination).iter().all(|(n, _)| *n != 2));
+        // The time, and no HTTP request.
+        let request = field(attributes, 4).as_bytes().unwrap();
+        assert_eq!(
+            fields(request).iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [1]
+        );
     }
 
     fn hex(s: &str) -> Vec<u8> {
