@@ -18,7 +18,7 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_agent::{
     identity::Identity,
-    policy::authz::{Verdict, authorize},
+    policy::authz::{Caller, Verdict, authorize},
     state::{Object, Snapshot, memo::Memo, objects::parse_file},
 };
 
@@ -142,14 +142,18 @@ fn benches(c: &mut Criterion) {
     // A pod of the last namespace calls one its policies select.
     let source = Identity::new("cluster.local", "ns-99", "default");
     let dst: SocketAddr = format!("{}:8080", pod_ip(99, 0, 0)).parse().expect("addr");
-    assert_eq!(authorize(&snap, &source, dst), Verdict::Allow);
+    let from = pod_ip(99, 0, 1).parse().expect("addr");
+    assert_eq!(
+        authorize(&snap, Caller::new(&source, from), dst),
+        Verdict::Allow
+    );
     let stranger = Identity::new("cluster.local", "ns-0", "default");
     assert!(matches!(
-        authorize(&snap, &stranger, dst),
+        authorize(&snap, Caller::new(&stranger, from), dst),
         Verdict::Deny { .. }
     ));
     c.bench_function("state/authorize a connection (500 policies)", |b| {
-        b.iter(|| authorize(&snap, black_box(&source), black_box(dst)))
+        b.iter(|| authorize(&snap, Caller::new(black_box(&source), from), black_box(dst)))
     });
 }
 

@@ -259,8 +259,12 @@ fn broken_authorization_policies() -> Vec<(&'static str, Value, bool)> {
             true,
         ),
         (
-            "a condition's key is request.headers[...]",
-            with(deny.clone(), "spec.rules.0.when.0.key", json!("source.ip")),
+            "a condition's key is one Trellis reads",
+            with(
+                deny.clone(),
+                "spec.rules.0.when.0.key",
+                json!("connection.sni"),
+            ),
             true,
         ),
         (
@@ -282,8 +286,8 @@ fn broken_authorization_policies() -> Vec<(&'static str, Value, bool)> {
             "no unknown fields",
             with(
                 l4.clone(),
-                "spec.rules.0.to.0.operation.hosts",
-                json!(["web"]),
+                "spec.rules.0.to.0.operation.pathz",
+                json!(["/web"]),
             ),
             true,
         ),

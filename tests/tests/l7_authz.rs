@@ -1151,3 +1151,132 @@ fn custom_policies_ask_their_providers() {
     assert_eq!(providers["grpc-authz"]["protocol"], "GRPC", "{providers}");
     assert!(providers.get("http-authz").is_none(), "{providers}");
 }
+
+/// Rules on addresses, hosts and the connection's attributes, as Istio
+/// writes them: `ipBlocks` and `remoteIpBlocks` (the caller pod's own
+/// address, proven across nodes by the HBONE `forwarded` header and the
+/// certificate), `hosts` in any case and with a port, and `when` on
+/// `source.ip` and `destination.port`; from a caller on each node, to the
+/// pod IP and to a Service VIP (the L7 path), and for traffic that is not
+/// HTTP.
+#[test]
+fn addresses_hosts_and_connection_attributes() {
+    const WEB_VIP: &str = "10.96.0.39";
+    let mut lab = Lab::new("l7_addr").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let remote = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let local = lab.add_pod(&b, "b2").expect("pod");
+    let stranger = lab.add_pod(&b, "b3").expect("pod");
+    let _servers = [
+        server
+            .serve(py::NAME_SERVER, &["web", "8080"], 8080)
+            .expect("server"),
+        server
+            .serve(py::ECHO_SERVER, &["9000"], 9000)
+            .expect("server"),
+    ];
+    let web = "{selector: {matchLabels: {app: web}}";
+    let _cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::pod(&remote, "shop", &[], &[], ""),
+            mesh::pod(&local, "shop", &[], &[], ""),
+            mesh::pod(&stranger, "shop", &[], &[], ""),
+            mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+            mesh::service("shop", "web", WEB_VIP, 80, "8080", &[("app", "web")]),
+            mesh::traffic_policy(
+                "shop",
+                "web",
+                "retry: {attempts: 1, retryOn: [connect-failure]}",
+            ),
+            // Only a1 and b2, by address.
+            mesh::authorization_policy(
+                "shop",
+                "callers",
+                &format!(
+                    "{web}, action: ALLOW, rules: [{{from: [{{source: {{remoteIpBlocks: ['{}', '{}/32']}}}}]}}]}}",
+                    remote.ip, local.ip
+                ),
+            ),
+            // a1's address may not use the echo port.
+            mesh::authorization_policy(
+                "shop",
+                "no-remote-echo",
+                &format!(
+                    "{web}, action: DENY, rules: [{{from: [{{source: {{ipBlocks: ['{}']}}}}], to: [{{operation: {{ports: ['9000']}}}}]}}]}}",
+                    remote.ip
+                ),
+            ),
+            // On the web port: a DENY rule's HTTP fields are dropped for
+            // traffic that is not HTTP, so without the port it would refuse
+            // the echo port to everyone.
+            mesh::authorization_policy(
+                "shop",
+                "no-secret-host",
+                &format!("{web}, action: DENY, rules: [{{to: [{{operation: {{ports: ['8080'], hosts: [secret.example]}}}}]}}]}}"),
+            ),
+            // b2's address may not GET /private on the web port.
+            mesh::authorization_policy(
+                "shop",
+                "no-local-private",
+                &format!(
+                    "{web}, action: DENY, rules: [{{to: [{{operation: {{paths: [/private]}}}}], \
+                     when: [{{key: source.ip, values: ['{}']}}, {{key: destination.port, values: ['8080']}}]}}]}}",
+                    local.ip
+                ),
+            ),
+        ],
+    )
+    .expect("mesh");
+
+    let pod_url = format!("http://{}:8080", server.ip);
+    let vip_url = format!("http://{WEB_VIP}");
+    for (client, how, base) in [
+        (&remote, "cross-node, pod IP", &pod_url),
+        (&remote, "cross-node, VIP", &vip_url),
+        (&local, "same node, pod IP", &pod_url),
+        (&local, "same node, VIP", &vip_url),
+    ] {
+        let url = |p: &str| format!("{base}{p}");
+        let (status, _, body) = exchange(client, &url("/"), &[]);
+        assert_eq!(status, "200", "{how}: {body}");
+        // A host in any case, with its port.
+        let (status, head, _) = exchange(client, &url("/"), &["Host: Secret.Example:8080"]);
+        assert_eq!(status, "403", "{how}: {head}");
+        assert!(head.contains("x-trellis-reason: denied"), "{how}: {head}");
+        let (status, _, _) = exchange(client, &url("/"), &["Host: public.example"]);
+        assert_eq!(status, "200", "{how}");
+        let (status, _, _) = exchange(client, &url("/private"), &[]);
+        let expected = if std::ptr::eq(client, &local) {
+            "403"
+        } else {
+            "200"
+        };
+        assert_eq!(status, expected, "{how}: /private");
+    }
+    // Not HTTP: a1's address is refused the echo port, b2's is not.
+    let echo = |client: &Pod| {
+        client
+            .exec()
+            .python_output(
+                py::ECHO_PROBE,
+                &[&server.ip.to_string(), "9000"],
+                Duration::from_secs(30),
+            )
+            .expect("echo probe")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(echo(&remote), "DENIED", "a1 by its address, across nodes");
+    assert_eq!(echo(&local), "not http at all", "b2");
+    // b3's address is in no ALLOW rule: refused at connect.
+    let (status, _, _) = exchange(&stranger, &format!("{pod_url}/"), &[]);
+    assert_eq!(status, "000", "b3, pod IP");
+    assert_eq!(echo(&stranger), "DENIED", "b3, not HTTP");
+}

@@ -466,7 +466,16 @@ impl Inbound {
             return;
         };
         let snapshot = self.state.borrow().clone();
-        let inspect = match authz::authorize(&snapshot, peer_id, target) {
+        let forwarded = request
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let client = self.proven_client(&snapshot, &forwarded, peer_id);
+        // The caller's address, for policies: its pod's when proven.
+        let caller = authz::Caller::new(peer_id, client.unwrap_or(remote).ip());
+        let inspect = match authz::authorize(&snapshot, caller, target) {
             Verdict::Allow => false,
             Verdict::Inspect => true,
             Verdict::Deny { policy, reason } => {
@@ -476,18 +485,11 @@ impl Inbound {
                 return;
             }
         };
-        let forwarded = request
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
         let hinted = match request.headers().get(PROTOCOL_HINT).map(|v| v.as_bytes()) {
             Some(b"http/1.1") => Some(detect::Protocol::Http1),
             Some(b"h2") => Some(detect::Protocol::Http2),
             _ => None,
         };
-        let client = self.proven_client(&snapshot, &forwarded, peer_id);
         if let Some(Err(reason)) = self
             .policy
             .as_ref()

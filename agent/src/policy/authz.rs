@@ -1,7 +1,8 @@
 //! `AuthorizationPolicy` (`trellis.dev/v1alpha1`; its CRD is generated
 //! from these types, see [`crate::crds`]): rules by source principal,
-//! source namespace and destination port (L4), and by HTTP path, method,
-//! gRPC method and request headers (L7), as Istio writes them.
+//! namespace and address, destination port and the connection's attributes
+//! (L4), and by HTTP host, path, method, gRPC method and request headers
+//! (L7), as Istio writes them.
 //!
 //! A policy applies to the pods of its namespace that its `selector` matches
 //! (all of them without one). Semantics, in order: a matching `DENY` rule
@@ -28,8 +29,8 @@ use super::authn::{self, Authenticated};
 use crate::{crds::schema, identity::Identity, state::Workload};
 
 /// Who may connect to which meshed workloads: L4 rules (source principal,
-/// source namespace, destination port) and L7 ones (HTTP paths, methods,
-/// gRPC methods, request headers), in Istio's shape. DENY wins; when ALLOW
+/// namespace and address, destination port) and L7 ones (HTTP hosts,
+/// paths, methods, gRPC methods, request headers), in Istio's shape. DENY wins; when ALLOW
 /// policies select a workload, one of their rules must match; with no
 /// policy everything is allowed. L7 rules are decided per request by the
 /// destination's agent (403, or PERMISSION_DENIED for gRPC).
@@ -119,18 +120,22 @@ pub struct Rule {
     pub when: Vec<Condition>,
 }
 
-/// Istio's `when`: `key` is `request.headers[<name>]`, or an attribute of
+/// Istio's `when`: `key` is `request.headers[<name>]`, an attribute of
 /// the request's verified token (`RequestAuthentication`):
 /// `request.auth.principal` (`<iss>/<sub>`), `request.auth.audiences`,
 /// `request.auth.presenter` (`azp`) or `request.auth.claims[<name>]`
-/// (nested: `[<name>][<name>]`; a list claim matches by any element). The
-/// attribute must have one of `values` and none of `notValues` (an absent
-/// one has none).
+/// (nested: `[<name>][<name>]`; a list claim matches by any element), or
+/// one of the connection: `source.ip`, `remote.ip`, `destination.ip`
+/// (values are addresses or CIDRs), `destination.port`, `source.namespace`,
+/// `source.principal`. The attribute must have one of `values` and none of
+/// `notValues` (an absent one has none).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
+    // The schema's pattern is the keys' shape (a line of a CRD has room for
+    // no more); validation names the keys.
     #[schemars(regex(
-        pattern = r"^(request\.headers\[[^\]]+\]|request\.auth\.(principal|audiences|presenter)|request\.auth\.claims(\[[^\]]+\])+)$"
+        pattern = r"^(request\.(headers|auth\.claims)(\[[^\]]+\])+|request\.auth\.[a-z]+|(source|remote|destination)\.[a-z]+)$"
     ))]
     pub key: String,
     #[serde(default)]
@@ -174,6 +179,23 @@ pub struct Source {
     #[serde(default)]
     #[schemars(inner(length(min = 1)))]
     pub not_request_principals: Vec<String>,
+    /// The caller's address, as `10.1.0.7` or `10.1.0.0/16`: its pod's own
+    /// when the agent has proven it (same node, or HBONE's `forwarded`
+    /// matched to the certificate), else its node's.
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub not_ip_blocks: Vec<String>,
+    /// The original client's address; with no trusted proxies in front
+    /// (Istio's default), the caller's, as `ipBlocks`.
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -189,6 +211,14 @@ pub struct Operation {
     pub ports: Vec<PortValue>,
     #[serde(default)]
     pub not_ports: Vec<PortValue>,
+    /// HTTP hosts (`Host` or `:authority`, with or without its port),
+    /// patterns as for principals, in any case.
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub not_hosts: Vec<String>,
     /// HTTP request paths (no query), patterns as for principals.
     #[serde(default)]
     #[schemars(inner(length(min = 1)))]
@@ -279,6 +309,21 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
                     })?;
                 }
             }
+            for (name, list) in [
+                ("ipBlocks", &s.ip_blocks),
+                ("notIpBlocks", &s.not_ip_blocks),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                for (i, block) in list.iter().enumerate() {
+                    ip_block(block).map_err(|reason| {
+                        (
+                            format!("spec.rules[{r}].from[{f}].source.{name}[{i}]"),
+                            reason,
+                        )
+                    })?;
+                }
+            }
         }
         for (t, to) in rule.to.iter().enumerate() {
             let op = &to.operation;
@@ -292,6 +337,8 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
                 }
             }
             for (name, list) in [
+                ("hosts", &op.hosts),
+                ("notHosts", &op.not_hosts),
                 ("paths", &op.paths),
                 ("notPaths", &op.not_paths),
                 ("methods", &op.methods),
@@ -319,12 +366,14 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
         }
         for (c, cond) in rule.when.iter().enumerate() {
             let field = format!("spec.rules[{r}].when[{c}]");
-            Attribute::parse(&cond.key).ok_or_else(|| {
+            let attribute = Attribute::parse(&cond.key).ok_or_else(|| {
                 (
                     format!("{field}.key"),
                     format!(
                         "{:?}: the supported keys are request.headers[<name>], request.auth.principal, \
-                         request.auth.audiences, request.auth.presenter and request.auth.claims[<name>]",
+                         request.auth.audiences, request.auth.presenter, request.auth.claims[<name>], \
+                         source.ip, remote.ip, destination.ip, destination.port, source.namespace \
+                         and source.principal",
                         cond.key
                     ),
                 )
@@ -333,9 +382,20 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
                 return Err((field, "give values, notValues or both".into()));
             }
             for (name, list) in [("values", &cond.values), ("notValues", &cond.not_values)] {
-                for (i, pattern) in list.iter().enumerate() {
-                    check_pattern(pattern)
-                        .map_err(|reason| (format!("{field}.{name}[{i}]"), reason))?;
+                for (i, value) in list.iter().enumerate() {
+                    match attribute {
+                        Attribute::SourceIp | Attribute::RemoteIp | Attribute::DestinationIp => {
+                            ip_block(value).map(drop)
+                        }
+                        Attribute::DestinationPort => value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|p| *p != 0)
+                            .map(drop)
+                            .ok_or_else(|| format!("{value:?} is not a port (1-65535)")),
+                        _ => check_pattern(value),
+                    }
+                    .map_err(|reason| (format!("{field}.{name}[{i}]"), reason))?;
                 }
             }
         }
@@ -343,7 +403,7 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
     Ok(())
 }
 
-/// What a `when` condition reads of a request.
+/// What a `when` condition reads of a request or connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attribute {
     /// A header, its name lower-cased.
@@ -353,10 +413,26 @@ pub enum Attribute {
     Presenter,
     /// A claim's path.
     Claim(Vec<String>),
+    // Of the connection: known before any request.
+    SourceIp,
+    RemoteIp,
+    DestinationIp,
+    DestinationPort,
+    SourceNamespace,
+    SourcePrincipal,
 }
 
 impl Attribute {
     fn parse(key: &str) -> Option<Self> {
+        match key {
+            "source.ip" => return Some(Self::SourceIp),
+            "remote.ip" => return Some(Self::RemoteIp),
+            "destination.ip" => return Some(Self::DestinationIp),
+            "destination.port" => return Some(Self::DestinationPort),
+            "source.namespace" => return Some(Self::SourceNamespace),
+            "source.principal" => return Some(Self::SourcePrincipal),
+            _ => {}
+        }
         if let Some(name) = key
             .strip_prefix("request.headers[")
             .and_then(|k| k.strip_suffix(']'))
@@ -378,7 +454,27 @@ impl Attribute {
         (!path.iter().any(|p| p.is_empty() || p.contains(['[', ']']))).then_some(Self::Claim(path))
     }
 
-    /// The attribute's values in `request`.
+    /// The address an IP attribute reads.
+    fn address(&self, check: &Check<'_>) -> Option<std::net::IpAddr> {
+        match self {
+            // No trusted proxies: the remote address is the caller's.
+            Self::SourceIp | Self::RemoteIp => Some(check.source_ip),
+            Self::DestinationIp => Some(check.destination.ip().to_canonical()),
+            _ => None,
+        }
+    }
+
+    /// The value a connection attribute reads (not the addresses).
+    fn of_connection(&self, check: &Check<'_>) -> Option<String> {
+        match self {
+            Self::DestinationPort => Some(check.destination.port().to_string()),
+            Self::SourceNamespace => Some(check.source.namespace.clone()),
+            Self::SourcePrincipal => Some(check.principal.clone()),
+            _ => None,
+        }
+    }
+
+    /// The attribute's values in `request` (an attribute of the request).
     fn values<'r>(&self, request: &Request<'r>) -> Vec<std::borrow::Cow<'r, str>> {
         use serde_json::Value;
         let auth = request.auth;
@@ -409,8 +505,39 @@ impl Attribute {
                 Some(v) => super::jwt::claim_text(v).into_iter().collect(),
                 None => Vec::new(),
             },
+            Self::SourceIp
+            | Self::RemoteIp
+            | Self::DestinationIp
+            | Self::DestinationPort
+            | Self::SourceNamespace
+            | Self::SourcePrincipal => Vec::new(),
         }
     }
+}
+
+/// An `ipBlocks` entry: an address (`10.1.0.7`, a block of one) or a
+/// CIDR (`10.1.0.0/16`).
+fn ip_block(text: &str) -> Result<super::network::Cidr, String> {
+    if text.contains('/') {
+        return super::network::cidr(text);
+    }
+    let addr: std::net::IpAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an address or a CIDR"))?;
+    let addr = addr.to_canonical();
+    Ok(super::network::Cidr {
+        addr,
+        len: if addr.is_ipv4() { 32 } else { 128 },
+    })
+}
+
+/// Whether `addr` lies in one of `blocks`.
+fn in_blocks(blocks: &[super::network::Cidr], addr: std::net::IpAddr) -> bool {
+    let one = super::network::Cidr {
+        addr,
+        len: if addr.is_ipv4() { 32 } else { 128 },
+    };
+    blocks.iter().any(|b| b.contains(&one))
 }
 
 fn check_pattern(pattern: &str) -> Result<(), String> {
@@ -444,15 +571,54 @@ pub struct Policy {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CompiledRule {
-    pub from: Vec<Source>,
+    pub from: Vec<CompiledSource>,
     pub to: Vec<CompiledOperation>,
     pub when: Vec<CompiledCondition>,
+}
+
+/// A source as written, with its address blocks parsed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CompiledSource {
+    #[serde(flatten)]
+    pub source: Source,
+    /// `ipBlocks` and `remoteIpBlocks` (one address is both), and their
+    /// `not` lists.
+    #[serde(skip)]
+    blocks: [Vec<super::network::Cidr>; 2],
+    #[serde(skip)]
+    not_blocks: [Vec<super::network::Cidr>; 2],
+}
+
+impl CompiledSource {
+    fn new(source: &Source) -> Self {
+        let parse = |list: &[String]| list.iter().filter_map(|b| ip_block(b).ok()).collect();
+        Self {
+            blocks: [parse(&source.ip_blocks), parse(&source.remote_ip_blocks)],
+            not_blocks: [
+                parse(&source.not_ip_blocks),
+                parse(&source.not_remote_ip_blocks),
+            ],
+            source: source.clone(),
+        }
+    }
+
+    /// Whether the caller's address is in the blocks given and none of
+    /// the `not` ones.
+    fn address_matches(&self, addr: std::net::IpAddr) -> bool {
+        self.blocks
+            .iter()
+            .all(|b| b.is_empty() || in_blocks(b, addr))
+            && !self.not_blocks.iter().any(|b| in_blocks(b, addr))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CompiledOperation {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
+    /// Lower-cased.
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
     pub paths: Vec<String>,
     pub not_paths: Vec<String>,
     pub methods: Vec<String>,
@@ -469,15 +635,21 @@ pub struct CompiledCondition {
     pub attribute: Attribute,
     pub values: Vec<String>,
     pub not_values: Vec<String>,
+    /// `values` and `notValues` parsed, for an address attribute.
+    #[serde(skip)]
+    blocks: [Vec<super::network::Cidr>; 2],
 }
 
 impl Policy {
     /// Compiles a validated object.
     pub fn compile(object: &AuthorizationPolicy) -> Self {
         let ports = |list: &[PortValue]| list.iter().filter_map(PortValue::port).collect();
+        let lower = |list: &[String]| list.iter().map(|h| h.to_ascii_lowercase()).collect();
         let operation = |op: &Operation| CompiledOperation {
             ports: ports(&op.ports),
             not_ports: ports(&op.not_ports),
+            hosts: lower(&op.hosts),
+            not_hosts: lower(&op.not_hosts),
             paths: op.paths.clone(),
             not_paths: op.not_paths.clone(),
             methods: op.methods.clone(),
@@ -503,15 +675,29 @@ impl Policy {
                 .rules
                 .iter()
                 .map(|r| CompiledRule {
-                    from: r.from.iter().map(|f| f.source.clone()).collect(),
+                    from: r
+                        .from
+                        .iter()
+                        .map(|f| CompiledSource::new(&f.source))
+                        .collect(),
                     to: r.to.iter().map(|t| operation(&t.operation)).collect(),
                     when: r
                         .when
                         .iter()
                         .filter_map(|c| {
+                            let attribute = Attribute::parse(&c.key)?;
+                            let blocks = |list: &[String]| match attribute {
+                                Attribute::SourceIp
+                                | Attribute::RemoteIp
+                                | Attribute::DestinationIp => {
+                                    list.iter().filter_map(|b| ip_block(b).ok()).collect()
+                                }
+                                _ => Vec::new(),
+                            };
                             Some(CompiledCondition {
                                 key: c.key.clone(),
-                                attribute: Attribute::parse(&c.key)?,
+                                blocks: [blocks(&c.values), blocks(&c.not_values)],
+                                attribute,
                                 values: c.values.clone(),
                                 not_values: c.not_values.clone(),
                             })
@@ -578,14 +764,7 @@ impl CompiledRule {
         } else {
             self.from
                 .iter()
-                .map(|s| {
-                    source_matches(
-                        s,
-                        &check.principal,
-                        &check.source.namespace,
-                        check.request(),
-                    )
-                })
+                .map(|s| source_matches(s, check))
                 .max()
                 .unwrap_or(Match::No)
         };
@@ -601,20 +780,21 @@ impl CompiledRule {
                 .max()
                 .unwrap_or(Match::No)
         };
-        let when = match (&self.when[..], check.request()) {
-            ([], _) => Match::Yes,
-            (_, None) => Match::Unknown,
-            (conditions, Some(request)) => {
-                Match::from(conditions.iter().all(|c| c.holds(&request)))
-            }
-        };
+        let when = self
+            .when
+            .iter()
+            .map(|c| c.holds(check))
+            .min()
+            .unwrap_or(Match::Yes);
         from.min(to).min(when)
     }
 }
 
 impl CompiledOperation {
     fn is_l7(&self) -> bool {
-        !(self.paths.is_empty()
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.paths.is_empty()
             && self.not_paths.is_empty()
             && self.methods.is_empty()
             && self.not_methods.is_empty()
@@ -622,8 +802,9 @@ impl CompiledOperation {
     }
 
     fn matches(&self, check: &Check<'_>) -> Match {
-        let port = (self.ports.is_empty() || self.ports.contains(&check.port))
-            && !self.not_ports.contains(&check.port);
+        let to = check.destination.port();
+        let port =
+            (self.ports.is_empty() || self.ports.contains(&to)) && !self.not_ports.contains(&to);
         if !port {
             return Match::No;
         }
@@ -634,8 +815,25 @@ impl CompiledOperation {
             return Match::Unknown;
         };
         let listed = |list: &[String], value: &str| list.iter().any(|p| pattern_matches(p, value));
+        // A host matches with or without its port, in any case.
+        let host = request.host.map(str::to_ascii_lowercase);
+        let host_listed = |list: &[String]| {
+            host.as_deref().is_some_and(|h| {
+                let bare = match h.rsplit_once(':') {
+                    Some((name, port))
+                        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        name
+                    }
+                    _ => h,
+                };
+                listed(list, h) || listed(list, bare)
+            })
+        };
         Match::from(
-            (self.paths.is_empty() || listed(&self.paths, request.path))
+            (self.hosts.is_empty() || host_listed(&self.hosts))
+                && !host_listed(&self.not_hosts)
+                && (self.paths.is_empty() || listed(&self.paths, request.path))
                 && !listed(&self.not_paths, request.path)
                 && (self.methods.is_empty() || listed(&self.methods, request.method))
                 && !listed(&self.not_methods, request.method)
@@ -645,38 +843,53 @@ impl CompiledOperation {
 }
 
 impl CompiledCondition {
-    fn holds(&self, request: &Request<'_>) -> bool {
-        let values = self.attribute.values(request);
+    /// Attributes of the connection decide at once; those of a request
+    /// wait for one.
+    fn holds(&self, check: &Check<'_>) -> Match {
+        if let Some(addr) = self.attribute.address(check) {
+            let [yes, no] = &self.blocks;
+            return Match::from(
+                (self.values.is_empty() || in_blocks(yes, addr)) && !in_blocks(no, addr),
+            );
+        }
+        let values: Vec<std::borrow::Cow<'_, str>> = match self.attribute.of_connection(check) {
+            Some(value) => vec![value.into()],
+            None => match check.request() {
+                Some(request) => self.attribute.values(&request),
+                None => return Match::Unknown,
+            },
+        };
         let any = |patterns: &[String]| {
             values
                 .iter()
                 .any(|v| patterns.iter().any(|p| pattern_matches(p, v)))
         };
-        (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
+        Match::from((self.values.is_empty() || any(&self.values)) && !any(&self.not_values))
     }
 }
 
 /// A source's L4 fields decide at once; its request principals only with a
 /// request to read (a request without a verified token has none, so it
 /// matches no `requestPrincipals` and every `notRequestPrincipals`).
-fn source_matches(
-    source: &Source,
-    principal: &str,
-    ns: &str,
-    request: Option<Request<'_>>,
-) -> Match {
+fn source_matches(compiled: &CompiledSource, check: &Check<'_>) -> Match {
+    let (source, principal, ns) = (
+        &compiled.source,
+        check.principal.as_str(),
+        check.source.namespace.as_str(),
+    );
     let any = |patterns: &[String], value: &str| patterns.iter().any(|p| pattern_matches(p, value));
     let l4 = (source.principals.is_empty() || any(&source.principals, principal))
         && !any(&source.not_principals, principal)
         && (source.namespaces.is_empty() || any(&source.namespaces, ns))
-        && !any(&source.not_namespaces, ns);
+        && !any(&source.not_namespaces, ns)
+        && compiled.address_matches(check.source_ip);
     if !l4 {
         return Match::No;
     }
     if source.request_principals.is_empty() && source.not_request_principals.is_empty() {
         return Match::Yes;
     }
-    let Some(request) = request else {
+    let Some(request) = check.request() else {
         return Match::Unknown;
     };
     let token = request.auth.map(|a| a.principal());
@@ -704,6 +917,8 @@ fn pattern_matches(pattern: &str, value: &str) -> bool {
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
     pub method: &'a str,
+    /// `:authority`, else `Host`.
+    pub host: Option<&'a str>,
     /// Without the query.
     pub path: &'a str,
     pub headers: &'a http::HeaderMap,
@@ -717,6 +932,11 @@ impl<'a> Request<'a> {
     pub fn of<B>(req: &'a http::Request<B>) -> Self {
         Self {
             method: req.method().as_str(),
+            host: req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            }),
             path: req.uri().path(),
             headers: req.headers(),
             grpc: is_grpc(req.headers()),
@@ -744,26 +964,43 @@ pub enum Layer<'a> {
     Opaque,
 }
 
+/// Who connects: its identity (from the peer certificate, or the local
+/// client pod's) and its address (its pod's when proven, else its node's).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    pub identity: &'a Identity,
+    pub ip: std::net::IpAddr,
+}
+
+impl<'a> Caller<'a> {
+    pub fn new(identity: &'a Identity, ip: std::net::IpAddr) -> Self {
+        Self { identity, ip }
+    }
+}
+
 /// One connection or request to authorize.
 #[derive(Clone, Debug)]
 struct Check<'a> {
-    /// Who connects: from the peer certificate, or the local client pod.
     source: &'a Identity,
     /// Its SPIFFE ID in Istio's form, made once for every rule to match.
     principal: String,
-    port: u16,
+    source_ip: std::net::IpAddr,
+    /// The pod's address and port.
+    destination: std::net::SocketAddr,
     layer: Layer<'a>,
 }
 
 impl<'a> Check<'a> {
-    fn new(source: &'a Identity, port: u16, layer: Layer<'a>) -> Self {
+    fn new(source: Caller<'a>, destination: std::net::SocketAddr, layer: Layer<'a>) -> Self {
+        let identity = source.identity;
         Self {
-            source,
+            source: identity,
             principal: format!(
                 "{}/ns/{}/sa/{}",
-                source.trust_domain, source.namespace, source.service_account
+                identity.trust_domain, identity.namespace, identity.service_account
             ),
-            port,
+            source_ip: source.ip.to_canonical(),
+            destination,
             layer,
         }
     }
@@ -792,15 +1029,16 @@ pub enum Verdict {
     Inspect,
 }
 
-/// Decides one connection or request against all policies.
+/// Decides one connection or request from `source` to `destination` (at
+/// `to`) against all policies.
 pub fn evaluate(
     policies: &[Policy],
-    source: &Identity,
+    source: Caller<'_>,
     destination: &Workload,
-    port: u16,
+    to: std::net::SocketAddr,
     layer: Layer<'_>,
 ) -> Verdict {
-    decide(policies, destination, &Check::new(source, port, layer))
+    decide(policies, destination, &Check::new(source, to, layer))
 }
 
 /// [`evaluate`] for a check made.
@@ -867,12 +1105,12 @@ pub enum Custom {
 /// `(policy, provider)` for each provider, the first policy naming it.
 pub fn custom(
     policies: &[Policy],
-    source: &Identity,
+    source: Caller<'_>,
     destination: &Workload,
-    port: u16,
+    to: std::net::SocketAddr,
     layer: Layer<'_>,
 ) -> Custom {
-    custom_asks(policies, destination, &Check::new(source, port, layer))
+    custom_asks(policies, destination, &Check::new(source, to, layer))
 }
 
 /// [`custom`] for a check made.
@@ -909,14 +1147,14 @@ fn custom_asks(policies: &[Policy], destination: &Workload, check: &Check<'_>) -
 /// [`admit`] for each request when it is HTTP, else [`admit_opaque`].
 pub fn authorize(
     snapshot: &crate::state::Snapshot,
-    source: &Identity,
+    source: Caller<'_>,
     destination: std::net::SocketAddr,
 ) -> Verdict {
     let Some(workload) = meshed_workload(snapshot, destination) else {
         return Verdict::Allow;
     };
     let policies = snapshot.policies_in(&workload.namespace);
-    let check = Check::new(source, destination.port(), Layer::Connection);
+    let check = Check::new(source, destination, Layer::Connection);
     match (
         decide(policies, workload, &check),
         custom_asks(policies, workload, &check),
@@ -939,14 +1177,14 @@ pub fn authorize(
 /// filter asks. Only gRPC providers can be: an HTTP one judges requests.
 pub fn admit_opaque(
     snapshot: &crate::state::Snapshot,
-    source: &Identity,
+    source: Caller<'_>,
     destination: std::net::SocketAddr,
 ) -> Result<Vec<Ask>, Refusal> {
     let Some(workload) = meshed_workload(snapshot, destination) else {
         return Ok(Vec::new());
     };
     let policies = snapshot.policies_in(&workload.namespace);
-    let check = Check::new(source, destination.port(), Layer::Opaque);
+    let check = Check::new(source, destination, Layer::Opaque);
     if let Verdict::Deny { policy, reason } = decide(policies, workload, &check) {
         return Err(Refusal::Denied { policy, reason });
     }
@@ -1037,7 +1275,7 @@ pub struct Ask {
 /// caller asks them, in order); a refused one is logged, with why.
 pub fn admit<B>(
     snapshot: &crate::state::Snapshot,
-    source: &Identity,
+    source: Caller<'_>,
     destination: std::net::SocketAddr,
     req: &mut http::Request<B>,
 ) -> Result<Vec<Ask>, Refusal> {
@@ -1048,10 +1286,10 @@ pub fn admit<B>(
     if let Err(refusal) = &refusal {
         let (method, path) = (req.method().as_str(), req.uri().path());
         match refusal {
-            Refusal::Denied { policy, reason } => tracing::info!(src = %source,
+            Refusal::Denied { policy, reason } => tracing::info!(src = %source.identity,
                 dst = %destination, method, path, %policy, reason,
                 "request denied by authorization policy"),
-            Refusal::Unauthenticated(why) => tracing::info!(src = %source,
+            Refusal::Unauthenticated(why) => tracing::info!(src = %source.identity,
                 dst = %destination, method, path, reason = %why,
                 "request refused: its token does not verify"),
         }
@@ -1062,7 +1300,7 @@ pub fn admit<B>(
 /// [`admit`] for the meshed pod `workload` at `destination`.
 fn check_request<B>(
     snapshot: &crate::state::Snapshot,
-    source: &Identity,
+    source: Caller<'_>,
     destination: std::net::SocketAddr,
     workload: &Workload,
     req: &mut http::Request<B>,
@@ -1084,7 +1322,7 @@ fn check_request<B>(
         ..Request::of(req)
     };
     let policies = snapshot.policies_in(&workload.namespace);
-    let check = Check::new(source, destination.port(), Layer::Request(request));
+    let check = Check::new(source, destination, Layer::Request(request));
     let asks = match custom_asks(policies, workload, &check) {
         Custom::Ask(asks) => asks,
         _ => Vec::new(),
@@ -1129,13 +1367,29 @@ mod tests {
         })
     }
 
+    /// A caller at a pod address.
+    fn caller(source: &Identity) -> Caller<'_> {
+        Caller::new(source, "10.1.0.5".parse().unwrap())
+    }
+
+    /// The destination pod's address, at `port`.
+    fn at(port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new("10.1.1.12".parse().unwrap(), port)
+    }
+
     fn web() -> Workload {
         crate::testing::workload("shop", "web", "web", &[("app", "web")])
     }
 
     fn allowed(policies: &[Policy], ns: &str, sa: &str, port: u16) -> bool {
         let source = Identity::new("cluster.local", ns, sa);
-        evaluate(policies, &source, &web(), port, Layer::Connection) == Verdict::Allow
+        evaluate(
+            policies,
+            caller(&source),
+            &web(),
+            at(port),
+            Layer::Connection,
+        ) == Verdict::Allow
     }
 
     #[test]
@@ -1158,12 +1412,19 @@ mod tests {
             let source = Identity::new("cluster.local", ns, "client");
             let request = Request {
                 method: "GET",
+                host: None,
                 path,
                 headers: &map,
                 grpc: false,
                 auth: None,
             };
-            match custom(&ps, &source, &web(), 80, Layer::Request(request)) {
+            match custom(
+                &ps,
+                caller(&source),
+                &web(),
+                at(80),
+                Layer::Request(request),
+            ) {
                 Custom::Ask(asks) => asks.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
                 Custom::Nothing => Vec::new(),
                 other => panic!("{other:?} for a request"),
@@ -1179,12 +1440,12 @@ mod tests {
         // spare it, as Istio drops them from CUSTOM rules for TCP).
         let source = Identity::new("cluster.local", "shop", "client");
         assert_eq!(
-            custom(&ps, &source, &web(), 80, Layer::Connection),
+            custom(&ps, caller(&source), &web(), at(80), Layer::Connection),
             Custom::Inspect
         );
         let opaque = |ns: &str| {
             let source = Identity::new("cluster.local", ns, "client");
-            match custom(&ps, &source, &web(), 80, Layer::Opaque) {
+            match custom(&ps, caller(&source), &web(), at(80), Layer::Opaque) {
                 Custom::Ask(asks) => asks.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
                 other => panic!("{other:?} for a connection that is not HTTP"),
             }
@@ -1193,7 +1454,7 @@ mod tests {
         assert_eq!(opaque("lab"), ["ext", "opa"]);
         // ALLOW and DENY evaluation leaves CUSTOM policies alone.
         assert_eq!(
-            evaluate(&ps, &source, &web(), 80, Layer::Connection),
+            evaluate(&ps, caller(&source), &web(), at(80), Layer::Connection),
             Verdict::Allow
         );
     }
@@ -1312,12 +1573,19 @@ mod tests {
         }
         let request = Request {
             method,
+            host: map.get("host").and_then(|h| h.to_str().ok()),
             path,
             headers: &map,
             grpc: is_grpc(&map),
             auth: None,
         };
-        evaluate(policies, &source, &web(), 80, Layer::Request(request))
+        evaluate(
+            policies,
+            caller(&source),
+            &web(),
+            at(80),
+            Layer::Request(request),
+        )
     }
 
     #[test]
@@ -1341,13 +1609,20 @@ mod tests {
             let map = http::HeaderMap::new();
             let request = Request {
                 method: "GET",
+                host: None,
                 path,
                 headers: &map,
                 grpc: false,
                 auth: auth.as_ref(),
             };
             let source = Identity::new("cluster.local", "shop", "client");
-            evaluate(&ps, &source, &web(), 80, Layer::Request(request)) == Verdict::Allow
+            evaluate(
+                &ps,
+                caller(&source),
+                &web(),
+                at(80),
+                Layer::Request(request),
+            ) == Verdict::Allow
         };
         let admin = json!({"sub": "alice", "groups": ["dev", "admins"], "org": {"tier": "gold"}, "aud": "shop"});
         assert!(judge(Some(admin.clone()), "/admin/x"));
@@ -1365,11 +1640,11 @@ mod tests {
         // Without a request to read, request principals wait for one.
         let source = Identity::new("cluster.local", "shop", "client");
         assert_eq!(
-            evaluate(&ps, &source, &web(), 80, Layer::Connection),
+            evaluate(&ps, caller(&source), &web(), at(80), Layer::Connection),
             Verdict::Inspect
         );
         assert!(matches!(
-            evaluate(&ps, &source, &web(), 80, Layer::Opaque),
+            evaluate(&ps, caller(&source), &web(), at(80), Layer::Opaque),
             Verdict::Deny { .. }
         ));
     }
@@ -1405,7 +1680,7 @@ mod tests {
 
     fn connection_verdict(policies: &[Policy], sa: &str, layer: Layer<'_>) -> Verdict {
         let source = Identity::new("cluster.local", "shop", sa);
-        evaluate(policies, &source, &web(), 80, layer)
+        evaluate(policies, caller(&source), &web(), at(80), layer)
     }
 
     #[test]
@@ -1541,9 +1816,22 @@ mod tests {
             field,
             "spec.rules[0].to[0].operation.grpcMethods[0].service"
         );
-        let (field, reason) = bad("rules: [{when: [{key: source.ip, values: [x]}]}]");
+        let (field, reason) = bad("rules: [{when: [{key: connection.sni, values: [x]}]}]");
         assert_eq!(field, "spec.rules[0].when[0].key");
         assert!(reason.contains("request.headers"), "{reason}");
+        let (field, reason) = bad("rules: [{when: [{key: source.ip, values: [x]}]}]");
+        assert_eq!(field, "spec.rules[0].when[0].values[0]");
+        assert!(reason.contains("not an address or a CIDR"), "{reason}");
+        let (field, reason) =
+            bad("rules: [{when: [{key: destination.port, values: ['80'], notValues: [http]}]}]");
+        assert_eq!(field, "spec.rules[0].when[0].notValues[0]");
+        assert!(reason.contains("not a port"), "{reason}");
+        let (field, _) = bad("rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.1.0.0/33]}}]}]");
+        assert_eq!(field, "spec.rules[0].from[0].source.ipBlocks[1]");
+        let (field, _) = bad("rules: [{from: [{source: {notRemoteIpBlocks: [web]}}]}]");
+        assert_eq!(field, "spec.rules[0].from[0].source.notRemoteIpBlocks[0]");
+        let (field, _) = bad("rules: [{to: [{operation: {hosts: ['a.*.b']}}]}]");
+        assert_eq!(field, "spec.rules[0].to[0].operation.hosts[0]");
         let (field, _) = bad("rules: [{when: [{key: 'request.headers[x]'}]}]");
         assert_eq!(field, "spec.rules[0].when[0]");
     }

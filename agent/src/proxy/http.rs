@@ -1447,7 +1447,8 @@ impl HttpProxy {
         if !self.on_this_node(snapshot, backend) {
             return Ok(Vec::new());
         }
-        authz::admit(snapshot, src, backend, req).map_err(refused_answer)
+        let caller = authz::Caller::new(src, call.client.ip());
+        authz::admit(snapshot, caller, backend, req).map_err(refused_answer)
     }
 
     /// Puts a request to the local pod at `target` to the providers of the

@@ -75,7 +75,8 @@ pub fn judge(
     Arc::new(move |mut req: Request<Body>| {
         let snapshot = state.borrow().clone();
         let grpc = authz::is_grpc(req.headers());
-        let asks = match authz::admit(&snapshot, &source, target, &mut req) {
+        let caller = authz::Caller::new(&source, peer.ip());
+        let asks = match authz::admit(&snapshot, caller, target, &mut req) {
             Ok(asks) => asks,
             Err(refusal) => {
                 on_refuse(&refusal);

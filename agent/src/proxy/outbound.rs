@@ -223,11 +223,11 @@ pub async fn judge_opaque(
     target: SocketAddr,
     authorizer: Option<&Authorizer>,
 ) -> Result<(), (String, String)> {
-    let asks =
-        authz::admit_opaque(snapshot, source.1, target).map_err(|refusal| match refusal {
-            authz::Refusal::Denied { policy, reason } => (policy, reason.to_owned()),
-            authz::Refusal::Unauthenticated(why) => (String::new(), why.to_string()),
-        })?;
+    let caller = authz::Caller::new(source.1, source.0.ip());
+    let asks = authz::admit_opaque(snapshot, caller, target).map_err(|refusal| match refusal {
+        authz::Refusal::Denied { policy, reason } => (policy, reason.to_owned()),
+        authz::Refusal::Unauthenticated(why) => (String::new(), why.to_string()),
+    })?;
     match (asks.first(), authorizer) {
         (None, _) => Ok(()),
         (Some(_), Some(authorizer)) => {
@@ -734,7 +734,11 @@ impl Outbound {
             return Ok(None);
         };
         let source = Identity::of(client, &self.trust_domain);
-        match authz::authorize(&snapshot, &source, route.backend) {
+        match authz::authorize(
+            &snapshot,
+            authz::Caller::new(&source, peer.ip()),
+            route.backend,
+        ) {
             Verdict::Allow => Ok(None),
             Verdict::Inspect => Ok(Some(source)),
             Verdict::Deny { policy, reason } => {

@@ -1184,20 +1184,21 @@ mod tests {
         ));
         let ext = &snap.providers["ext"];
         assert_eq!(ext.service, Some(("auth/authz".into(), 8000)));
-        let source = crate::identity::Identity::new("cluster.local", "shop", "client");
+        let client = crate::identity::Identity::new("cluster.local", "shop", "client");
+        let source = crate::policy::authz::Caller::new(&client, "10.1.0.5".parse().unwrap());
         let web: SocketAddr = "10.1.1.12:8080".parse().unwrap();
         let admit = |path: &str| {
             let mut req = http::Request::get(path).body(()).unwrap();
-            crate::policy::authz::admit(&snap, &source, web, &mut req)
+            crate::policy::authz::admit(&snap, source, web, &mut req)
         };
         // A connection is read as HTTP for the provider. One that is not
         // HTTP is put to a gRPC provider (Envoy's network check); an HTTP
         // provider cannot judge it, nor can one the configuration lacks,
         // so it is refused (fail closed).
         use crate::policy::authz::{Refusal, Verdict, admit_opaque, authorize};
-        assert_eq!(authorize(&snap, &source, web), Verdict::Inspect);
+        assert_eq!(authorize(&snap, source, web), Verdict::Inspect);
         let tcp = SocketAddr::new(web.ip(), 9000);
-        let asks = admit_opaque(&snap, &source, tcp).expect("admitted");
+        let asks = admit_opaque(&snap, source, tcp).expect("admitted");
         assert_eq!(
             asks.iter()
                 .map(|a| (a.policy.as_str(), a.provider.as_str()))
@@ -1206,14 +1207,14 @@ mod tests {
         );
         assert!(
             matches!(
-                admit_opaque(&snap, &source, web),
+                admit_opaque(&snap, source, web),
                 Err(Refusal::Denied { ref policy, reason }) if policy == "shop/ext" && reason.contains("envoyExtAuthzHttp")
             ),
             "{:?}",
-            admit_opaque(&snap, &source, web)
+            admit_opaque(&snap, source, web)
         );
         assert!(
-            admit_opaque(&snap, &source, SocketAddr::new(web.ip(), 7000))
+            admit_opaque(&snap, source, SocketAddr::new(web.ip(), 7000))
                 .expect("admitted")
                 .is_empty()
         );

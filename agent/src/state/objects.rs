@@ -820,9 +820,9 @@ mod tests {
                 "Pod is v1 here",
             ),
             (
-                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {hosts: [web]}}]}]}",
-                "spec.rules[0].to[0].operation.hosts",
-                "unknown field `hosts`",
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {pathz: [/a]}}]}]}",
+                "spec.rules[0].to[0].operation.pathz",
+                "unknown field `pathz`",
             ),
             (
                 "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: AUDIT}",

@@ -6,10 +6,13 @@
 //! or one of their rules matches; a rule matches when one of its sources,
 //! one of its operations and all of its conditions do (a missing list is
 //! no condition); each field given must match, patterns being exact,
-//! `prefix*`, `*suffix` or `*`. A connection that is not HTTP is read as
-//! Istio reads a TCP connection under rules with HTTP fields: such a rule
-//! cannot match in an ALLOW policy, and in a DENY policy its HTTP fields
-//! are dropped (the module docs of [`super`] say the same per operation).
+//! `prefix*`, `*suffix` or `*`; hosts in any case, with or without their
+//! port; addresses by the blocks (address or CIDR) that hold them. A
+//! connection that is not HTTP is read as Istio reads a TCP connection
+//! under rules with HTTP fields (hosts, paths, methods, gRPC methods,
+//! conditions on request attributes): such a rule cannot match in an ALLOW
+//! policy, and in a DENY policy its HTTP fields are dropped (the module
+//! docs of [`super`] say the same per operation).
 //!
 //! The same policies, written as the objects a user writes, are parsed,
 //! validated and compiled, and [`evaluate`] answers for every identity,
@@ -29,8 +32,8 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::{
-    AuthorizationPolicy, AuthorizationPolicySpec, Layer, Policy, Request, Verdict, evaluate,
-    is_grpc, validate,
+    AuthorizationPolicy, AuthorizationPolicySpec, Caller, Layer, Policy, Request, Verdict,
+    evaluate, is_grpc, validate,
 };
 use crate::{
     identity::Identity,
@@ -63,6 +66,20 @@ const HEADERS: &[(&str, &[&str])] = &[
     ("x-env", &["prod", "dev"]),
 ];
 const LABELS: &[(&str, &str)] = &[("app", "web"), ("app", "db"), ("tier", "front")];
+const HOSTS: &[&str] = &["web.shop", "web.shop.svc.cluster.local", "api.example.com"];
+/// Callers' addresses and the blocks rules name (addresses and CIDRs).
+const CALLER_IPS: &[&str] = &["10.1.0.5", "10.1.7.9", "192.168.3.4", "fd00::5"];
+const DESTINATION_IPS: &[&str] = &["10.1.1.12", "fd00::c"];
+const BLOCKS: &[&str] = &[
+    "10.1.0.5",
+    "10.1.0.0/16",
+    "10.0.0.0/8",
+    "192.168.0.0/16",
+    "10.1.1.12",
+    "fd00::5",
+    "fd00::/8",
+    "0.0.0.0/0",
+];
 
 #[derive(Clone, Debug, Default)]
 struct Source {
@@ -70,12 +87,18 @@ struct Source {
     not_principals: Vec<String>,
     namespaces: Vec<String>,
     not_namespaces: Vec<String>,
+    ip_blocks: Vec<String>,
+    not_ip_blocks: Vec<String>,
+    remote_ip_blocks: Vec<String>,
+    not_remote_ip_blocks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct Operation {
     ports: Vec<u16>,
     not_ports: Vec<u16>,
+    hosts: Vec<String>,
+    not_hosts: Vec<String>,
     paths: Vec<String>,
     not_paths: Vec<String>,
     methods: Vec<String>,
@@ -88,10 +111,18 @@ struct Operation {
 
 #[derive(Clone, Debug)]
 struct Condition {
-    /// As written in the key: any case.
-    header: String,
+    key: Key,
     values: Vec<String>,
     not_values: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Key {
+    /// `request.headers[<name>]`, the name in any case.
+    Header(String),
+    /// `source.ip`, `remote.ip`, `destination.ip`, `destination.port`,
+    /// `source.namespace` or `source.principal`.
+    Connection(&'static str),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -116,8 +147,20 @@ struct Pol {
 #[derive(Clone, Debug)]
 struct Req {
     method: &'static str,
+    /// In any case, with a port or not.
+    host: String,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
+}
+
+/// Who calls what: the caller's identity and address, the pod's address
+/// and port.
+#[derive(Clone, Copy, Debug)]
+struct Call<'a> {
+    who: &'a Identity,
+    from: std::net::IpAddr,
+    to: std::net::IpAddr,
+    port: u16,
 }
 
 /// What the reference is told of the traffic.
@@ -155,8 +198,34 @@ fn listed(yes: &[String], no: &[String], value: &str) -> bool {
     (yes.is_empty() || yes.iter().any(|p| fits(p, value))) && !no.iter().any(|p| fits(p, value))
 }
 
+/// Whether `block` (an address, or `address/length`) holds `addr`: the
+/// first `length` bits are the same, in the same family.
+fn holds(block: &str, addr: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    let (net, len) = match block.split_once('/') {
+        Some((net, len)) => (net, len.parse::<u32>().expect("length")),
+        None => (block, if block.contains(':') { 128 } else { 32 }),
+    };
+    let bits = |a: IpAddr| -> (u128, u32) {
+        match a {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        }
+    };
+    let (net, width) = bits(net.parse().expect("address"));
+    let (addr, addr_width) = bits(addr);
+    let shift = width - len;
+    width == addr_width && (len == 0 || net >> shift == addr >> shift)
+}
+
+/// A block list given must hold the address; a `not` list must not.
+fn in_list(yes: &[String], no: &[String], addr: std::net::IpAddr) -> bool {
+    (yes.is_empty() || yes.iter().any(|b| holds(b, addr))) && !no.iter().any(|b| holds(b, addr))
+}
+
 impl Source {
-    fn matches(&self, who: &Identity) -> bool {
+    fn matches(&self, call: Call<'_>) -> bool {
+        let who = call.who;
         let principal = format!(
             "{}/ns/{}/sa/{}",
             who.trust_domain, who.namespace, who.service_account
@@ -171,12 +240,20 @@ impl Source {
             &strip(&self.not_principals),
             &principal,
         ) && listed(&self.namespaces, &self.not_namespaces, &who.namespace)
+            && in_list(&self.ip_blocks, &self.not_ip_blocks, call.from)
+            && in_list(
+                &self.remote_ip_blocks,
+                &self.not_remote_ip_blocks,
+                call.from,
+            )
     }
 }
 
 impl Operation {
     fn has_http_fields(&self) -> bool {
-        !(self.paths.is_empty()
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.paths.is_empty()
             && self.not_paths.is_empty()
             && self.methods.is_empty()
             && self.not_methods.is_empty()
@@ -189,7 +266,15 @@ impl Operation {
 
     fn matches(&self, port: u16, request: &Req) -> bool {
         let grpc_call = request_is_grpc(request);
+        let host = request.host.to_ascii_lowercase();
+        let bare = host.split(':').next().unwrap_or_default().to_owned();
+        let lower =
+            |l: &[String]| -> Vec<String> { l.iter().map(|p| p.to_ascii_lowercase()).collect() };
+        let (hosts, not_hosts) = (lower(&self.hosts), lower(&self.not_hosts));
+        let host_in = |list: &[String]| list.iter().any(|p| fits(p, &host) || fits(p, &bare));
         self.port_matches(port)
+            && (hosts.is_empty() || host_in(&hosts))
+            && !host_in(&not_hosts)
             && listed(&self.paths, &self.not_paths, request.path)
             && listed(&self.methods, &self.not_methods, request.method)
             && (self.grpc.is_empty()
@@ -214,11 +299,48 @@ fn request_is_grpc(request: &Req) -> bool {
 }
 
 impl Condition {
+    fn is_http(&self) -> bool {
+        matches!(self.key, Key::Header(_))
+    }
+
+    /// A connection's attribute, in `call`: addresses by block, the rest
+    /// by pattern.
+    fn holds_for(&self, call: Call<'_>) -> bool {
+        let Key::Connection(key) = self.key else {
+            unreachable!("a request's attribute")
+        };
+        let addr = match key {
+            "source.ip" | "remote.ip" => Some(call.from),
+            "destination.ip" => Some(call.to),
+            _ => None,
+        };
+        if let Some(addr) = addr {
+            return in_list(&self.values, &self.not_values, addr);
+        }
+        let value = match key {
+            "destination.port" => call.port.to_string(),
+            "source.namespace" => call.who.namespace.clone(),
+            _ => format!(
+                "{}/ns/{}/sa/{}",
+                call.who.trust_domain, call.who.namespace, call.who.service_account
+            ),
+        };
+        let strip = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_owned())
+                .collect()
+        };
+        listed(&strip(&self.values), &strip(&self.not_values), &value)
+    }
+
     /// Header names are case-blind; the header must have a value in
     /// `values` (if given) and none in `notValues` (an absent header has
     /// none).
-    fn holds(&self, request: &Req) -> bool {
-        let name = self.header.to_ascii_lowercase();
+    fn holds(&self, call: Call<'_>, request: &Req) -> bool {
+        let Key::Header(header) = &self.key else {
+            return self.holds_for(call);
+        };
+        let name = header.to_ascii_lowercase();
         let values: Vec<&str> = request
             .headers
             .iter()
@@ -231,22 +353,29 @@ impl Condition {
 }
 
 impl Rule {
-    fn matches(&self, who: &Identity, port: u16, seen: Seen<'_>, deny: bool) -> bool {
-        if !(self.from.is_empty() || self.from.iter().any(|s| s.matches(who))) {
+    fn matches(&self, call: Call<'_>, seen: Seen<'_>, deny: bool) -> bool {
+        let port = call.port;
+        if !(self.from.is_empty() || self.from.iter().any(|s| s.matches(call))) {
             return false;
         }
         match seen {
             Seen::Request(request) => {
                 (self.to.is_empty() || self.to.iter().any(|op| op.matches(port, request)))
-                    && self.when.iter().all(|c| c.holds(request))
+                    && self.when.iter().all(|c| c.holds(call, request))
             }
-            // DENY: the HTTP fields are dropped, ports still count.
+            // DENY: the HTTP fields are dropped, ports and the
+            // connection's attributes still count.
             Seen::Opaque if deny => {
-                self.to.is_empty() || self.to.iter().any(|op| op.port_matches(port))
+                (self.to.is_empty() || self.to.iter().any(|op| op.port_matches(port)))
+                    && self
+                        .when
+                        .iter()
+                        .filter(|c| !c.is_http())
+                        .all(|c| c.holds_for(call))
             }
             // ALLOW: an HTTP field cannot match.
             Seen::Opaque => {
-                self.when.is_empty()
+                self.when.iter().all(|c| !c.is_http() && c.holds_for(call))
                     && (self.to.is_empty()
                         || self
                             .to
@@ -272,21 +401,15 @@ impl Pol {
     }
 
     fn has_http_fields(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|r| !r.when.is_empty() || r.to.iter().any(Operation::has_http_fields))
+        self.rules.iter().any(|r| {
+            r.when.iter().any(Condition::is_http) || r.to.iter().any(Operation::has_http_fields)
+        })
     }
 }
 
-fn decide(
-    policies: &[Pol],
-    who: &Identity,
-    workload: &Workload,
-    port: u16,
-    seen: Seen<'_>,
-) -> Decision {
+fn decide(policies: &[Pol], call: Call<'_>, workload: &Workload, seen: Seen<'_>) -> Decision {
     let applying: Vec<&Pol> = policies.iter().filter(|p| p.applies_to(workload)).collect();
-    let matched = |p: &Pol| p.rules.iter().any(|r| r.matches(who, port, seen, p.deny));
+    let matched = |p: &Pol| p.rules.iter().any(|r| r.matches(call, seen, p.deny));
     let denied: Vec<String> = applying
         .iter()
         .filter(|p| p.deny && matched(p))
@@ -374,7 +497,36 @@ fn source(rng: &mut Rng) -> Source {
         } else {
             Vec::new()
         },
+        ip_blocks: blocks(rng, 25),
+        not_ip_blocks: blocks(rng, 15),
+        remote_ip_blocks: blocks(rng, 10),
+        not_remote_ip_blocks: blocks(rng, 10),
     }
+}
+
+/// Blocks, `percent` of the time.
+fn blocks(rng: &mut Rng, percent: u64) -> Vec<String> {
+    if rng.chance(percent) {
+        (0..1 + rng.below(2))
+            .map(|_| rng.pick(BLOCKS).to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Host patterns, in any case.
+fn hosts(rng: &mut Rng) -> Vec<String> {
+    maybe(rng, HOSTS)
+        .into_iter()
+        .map(|h| {
+            if rng.chance(20) {
+                h.to_ascii_uppercase()
+            } else {
+                h
+            }
+        })
+        .collect()
 }
 
 fn ports(rng: &mut Rng, from: &[u16]) -> Vec<u16> {
@@ -395,6 +547,8 @@ fn operation(rng: &mut Rng) -> Operation {
         ..Operation::default()
     };
     if http {
+        op.hosts = hosts(rng);
+        op.not_hosts = hosts(rng);
         op.paths = maybe(rng, PATHS);
         op.not_paths = maybe(rng, PATHS);
         op.methods = maybe(rng, METHODS);
@@ -409,6 +563,39 @@ fn operation(rng: &mut Rng) -> Operation {
 }
 
 fn condition(rng: &mut Rng) -> Condition {
+    // A third are of the connection.
+    if rng.chance(33) {
+        let key = rng.pick(&[
+            "source.ip",
+            "remote.ip",
+            "destination.ip",
+            "destination.port",
+            "source.namespace",
+            "source.principal",
+        ]);
+        let values = |rng: &mut Rng| -> Vec<String> {
+            match key {
+                "destination.port" => (0..1 + rng.below(2))
+                    .map(|_| rng.pick(PORTS).to_string())
+                    .collect(),
+                "source.namespace" => some_patterns(rng, NAMESPACES),
+                "source.principal" => principals(rng),
+                _ => (0..1 + rng.below(2))
+                    .map(|_| rng.pick(BLOCKS).to_owned())
+                    .collect(),
+            }
+        };
+        let (yes, no) = match rng.below(3) {
+            0 => (values(rng), Vec::new()),
+            1 => (Vec::new(), values(rng)),
+            _ => (values(rng), values(rng)),
+        };
+        return Condition {
+            key: Key::Connection(key),
+            values: yes,
+            not_values: no,
+        };
+    }
     let (name, values) = rng.pick(HEADERS);
     let header = name
         .chars()
@@ -426,7 +613,7 @@ fn condition(rng: &mut Rng) -> Condition {
         _ => (some_patterns(rng, values), some_patterns(rng, values)),
     };
     Condition {
-        header,
+        key: Key::Header(header),
         values: yes,
         not_values: no,
     }
@@ -495,7 +682,15 @@ fn request(rng: &mut Rng) -> Req {
         2 => headers.push(("content-type", "application/json")),
         _ => {}
     }
+    let mut host = rng.pick(HOSTS).to_owned();
+    if rng.chance(30) {
+        host = host.to_ascii_uppercase();
+    }
+    if rng.chance(40) {
+        host.push_str(":8080");
+    }
     Req {
+        host,
         method: if path.starts_with("/pkg.") || path.starts_with("/ops.") {
             rng.pick(&["POST", "GET"])
         } else {
@@ -517,6 +712,10 @@ fn spec_json(p: &Pol) -> Value {
             ("notPrincipals", &s.not_principals),
             ("namespaces", &s.namespaces),
             ("notNamespaces", &s.not_namespaces),
+            ("ipBlocks", &s.ip_blocks),
+            ("notIpBlocks", &s.not_ip_blocks),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
         ] {
             if !list.is_empty() {
                 o.insert(key.into(), strings(list));
@@ -539,6 +738,8 @@ fn spec_json(p: &Pol) -> Value {
             }
         }
         for (key, list) in [
+            ("hosts", &op.hosts),
+            ("notHosts", &op.not_hosts),
             ("paths", &op.paths),
             ("notPaths", &op.not_paths),
             ("methods", &op.methods),
@@ -563,10 +764,11 @@ fn spec_json(p: &Pol) -> Value {
     };
     let condition = |c: &Condition| {
         let mut o = serde_json::Map::new();
-        o.insert(
-            "key".into(),
-            json!(format!("request.headers[{}]", c.header)),
-        );
+        let key = match &c.key {
+            Key::Header(name) => format!("request.headers[{name}]"),
+            Key::Connection(key) => (*key).to_owned(),
+        };
+        o.insert("key".into(), json!(key));
         if !c.values.is_empty() {
             o.insert("values".into(), strings(&c.values));
         }
@@ -645,6 +847,7 @@ fn check_case(seed: u64) -> usize {
     let model: Vec<Pol> = (0..1 + rng.below(4)).map(|n| policy(&mut rng, n)).collect();
     let compiled: Vec<Policy> = model.iter().map(compile).collect();
     let dest = workload(&mut rng);
+    let to: std::net::IpAddr = rng.pick(DESTINATION_IPS).parse().expect("address");
     let requests: Vec<Req> = (0..16).map(|_| request(&mut rng)).collect();
     let header_maps: Vec<http::HeaderMap> = requests
         .iter()
@@ -674,10 +877,19 @@ fn check_case(seed: u64) -> usize {
         for ns in NAMESPACES {
             for sa in ACCOUNTS {
                 let who = Identity::new(td, ns, sa);
+                let from: std::net::IpAddr = rng.pick(CALLER_IPS).parse().expect("address");
+                let caller = Caller::new(&who, from);
                 for &port in PORTS {
+                    let call = Call {
+                        who: &who,
+                        from,
+                        to,
+                        port,
+                    };
+                    let at = std::net::SocketAddr::new(to, port);
                     let context = || {
                         format!(
-                            "seed {seed}: {td}/ns/{ns}/sa/{sa} to port {port} of {:?}\n  {}",
+                            "seed {seed}: {td}/ns/{ns}/sa/{sa} at {from} to {at} of {:?}\n  {}",
                             dest.labels,
                             written()
                         )
@@ -686,13 +898,14 @@ fn check_case(seed: u64) -> usize {
                     for (req, headers) in requests.iter().zip(&header_maps) {
                         let layer = Layer::Request(Request {
                             method: req.method,
+                            host: Some(&req.host),
                             path: req.path,
                             headers,
                             grpc: is_grpc(headers),
                             auth: None,
                         });
-                        let verdict = evaluate(&compiled, &who, &dest, port, layer);
-                        let decision = decide(&model, &who, &dest, port, Seen::Request(req));
+                        let verdict = evaluate(&compiled, caller, &dest, at, layer);
+                        let decision = decide(&model, call, &dest, Seen::Request(req));
                         assert!(
                             agrees(&verdict, &decision),
                             "{}\n  request {req:?}: agent {verdict:?}, reference {decision:?}",
@@ -700,15 +913,15 @@ fn check_case(seed: u64) -> usize {
                         );
                         decisions.push(decision);
                     }
-                    let verdict = evaluate(&compiled, &who, &dest, port, Layer::Opaque);
-                    let decision = decide(&model, &who, &dest, port, Seen::Opaque);
+                    let verdict = evaluate(&compiled, caller, &dest, at, Layer::Opaque);
+                    let decision = decide(&model, call, &dest, Seen::Opaque);
                     assert!(
                         agrees(&verdict, &decision),
                         "{}\n  not HTTP: agent {verdict:?}, reference {decision:?}",
                         context()
                     );
                     decisions.push(decision);
-                    let connection = evaluate(&compiled, &who, &dest, port, Layer::Connection);
+                    let connection = evaluate(&compiled, caller, &dest, at, Layer::Connection);
                     let all_allowed = decisions.iter().all(|d| *d == Decision::Allow);
                     let none_allowed = decisions.iter().all(|d| *d != Decision::Allow);
                     match connection {
