@@ -11,7 +11,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt as _;
 
 use crate::{
-    policy::{authn::RequestAuthentication, authz::AuthorizationPolicy},
+    policy::{
+        authn::RequestAuthentication, authz::AuthorizationPolicy, peer_auth::PeerAuthentication,
+    },
     resilience::TrafficPolicy,
 };
 
@@ -23,6 +25,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     vec![
         AuthorizationPolicy::crd(),
         RequestAuthentication::crd(),
+        PeerAuthentication::crd(),
         TrafficPolicy::crd(),
     ]
 }

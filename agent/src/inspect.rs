@@ -264,6 +264,45 @@ pub fn render_policies(doc: &Value) -> String {
             let _ = writeln!(out, "    asks provider {provider}");
         }
     }
+    if let Some(peer) = doc["peer_authentication"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+    {
+        let _ = writeln!(out, "\nPEER AUTHENTICATION (mTLS)");
+        let _ = writeln!(
+            out,
+            "  {:<36} {:<11} {:<28} PORTS",
+            "POLICY", "MODE", "SELECTOR"
+        );
+        for p in peer {
+            let selector = match p["selector"].as_object() {
+                Some(labels) => labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", s(v)))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                None => "(whole namespace)".into(),
+            };
+            let ports = p["ports"]
+                .as_object()
+                .map(|ports| {
+                    ports
+                        .iter()
+                        .map(|(port, mode)| format!("{port} {}", s(mode)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "  {:<36} {:<11} {:<28} {ports}",
+                format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
+                s(&p["mode"]),
+                selector
+            );
+        }
+    }
     if let Some(authentication) = doc["authentication"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(out, "\nREQUEST AUTHENTICATION (JWT)");
         let _ = writeln!(
@@ -575,7 +614,12 @@ pub fn render_workloads(doc: &Value) -> String {
         "  {:<28} {:<30} {:<7} {:<11} {:<6} {:>4} {:>8} {:>20} {:<16}",
         "WORKLOAD", "IPS", "MESHED", "MTLS", "READY", "ID", "IDENTITY", "NETNS COOKIE", "INTERFACE"
     );
+    let mut port_modes = Vec::new();
     for e in doc["endpoints"].as_array().into_iter().flatten() {
+        if let Some(ports) = e["mtls_ports"].as_object().filter(|p| !p.is_empty()) {
+            let ports: Vec<String> = ports.iter().map(|(p, m)| format!("{p} {}", s(m))).collect();
+            port_modes.push(format!("{}: {}", s(&e["workload"]), ports.join(", ")));
+        }
         let _ = writeln!(
             out,
             "  {:<28} {:<30} {:<7} {:<11} {:<6} {:>4} {:>8} {:>20} {:<16}",
@@ -583,8 +627,13 @@ pub fn render_workloads(doc: &Value) -> String {
             s(&e["ips"]),
             s(&e["meshed"]),
             format!(
-                "{}{}",
+                "{}{}{}",
                 s(&e["mtls"]),
+                if e["mtls_ports"].as_object().is_some_and(|p| !p.is_empty()) {
+                    "+"
+                } else {
+                    ""
+                },
                 if e["tc_hooked"] == true { "" } else { "*" }
             ),
             s(&e["ready"]),
@@ -598,6 +647,13 @@ pub fn render_workloads(doc: &Value) -> String {
         out,
         "  (* no TC programs on its interface: STRICT not enforced there)"
     );
+    if !port_modes.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (+ ports with their own mode) {}",
+            port_modes.join("; ")
+        );
+    }
     out.push('\n');
     out.push_str(&render_services(doc));
     out

@@ -9,7 +9,9 @@
 //! HBONE or on the same node; [`authn`]: `RequestAuthentication`, the JSON
 //! Web Tokens ([`jwt`]) those requests may carry, checked before them, with
 //! key sets inline or fetched ([`jwks`]); [`providers`]: the external
-//! authorization services `CUSTOM` policies ask, from the mesh config.
+//! authorization services `CUSTOM` policies ask, from the mesh config;
+//! [`peer_auth`]: `PeerAuthentication`, each pod's mTLS mode (STRICT or
+//! PERMISSIVE, per port too).
 
 pub mod authn;
 pub mod authz;
@@ -18,6 +20,7 @@ pub mod explain;
 pub mod jwks;
 pub mod jwt;
 pub mod network;
+pub mod peer_auth;
 pub mod providers;
 #[cfg(test)]
 mod reference;

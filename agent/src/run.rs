@@ -643,7 +643,8 @@ fn state_loop(
         }
         if let Some(objects) = last.as_ref().filter(|_| rebuild) {
             due = false;
-            let mut snapshot = Snapshot::build_with(&cfg.node, objects, &mut memo);
+            let mut snapshot =
+                Snapshot::build_for(&cfg.node, &cfg.mesh_namespace, objects, &mut memo);
             tracing::debug!(reuse = ?memo.last, "snapshot built");
             let missing = netns.fill(&cfg.node, &mut snapshot.workloads);
             if !missing.is_empty() && !unresolved {

@@ -42,6 +42,9 @@ pub struct LocalEndpoint {
     pub ifindex: u32,
     pub meshed: bool,
     pub mtls: MtlsMode,
+    /// Ports with the other mode (PeerAuthentication `portLevelMtls`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mtls_ports: BTreeMap<u16, MtlsMode>,
     /// The pod programs (policy, STRICT, replies to the agent) are on its interface.
     pub tc_hooked: bool,
     /// Network policies isolate it for ingress / egress.
@@ -212,6 +215,10 @@ impl Syncer {
                     flags,
                     ..PodIface::default()
                 };
+                // Validation keeps portLevelMtls within the slots.
+                for (slot, port) in iface.mtls_ports.iter_mut().zip(w.mtls_ports.keys()) {
+                    *slot = *port;
+                }
                 for ip in &w.ips {
                     match ip {
                         IpAddr::V4(v4) => iface.ip4 = v4.octets(),
@@ -228,6 +235,7 @@ impl Syncer {
                 ifindex: ifindex.unwrap_or(0),
                 meshed: w.meshed,
                 mtls: w.mtls,
+                mtls_ports: w.mtls_ports.clone(),
                 tc_hooked: false,
                 ingress_isolated: false,
                 egress_isolated: false,

@@ -90,6 +90,7 @@ pub fn workload(
         netns: None,
         meshed: true,
         mtls: MtlsMode::Permissive,
+        mtls_ports: BTreeMap::new(),
         ready: true,
         terminating: false,
         named_ports: BTreeMap::new(),

@@ -78,6 +78,7 @@ fn the_examples_pass_the_schemas_and_the_agent() {
     for (file, kind) in [
         ("authorizationpolicy.yaml", "AuthorizationPolicy"),
         ("requestauthentication.yaml", "RequestAuthentication"),
+        ("peerauthentication.yaml", "PeerAuthentication"),
         ("trafficpolicy.yaml", "TrafficPolicy"),
     ] {
         let objects = examples(file);
@@ -576,6 +577,61 @@ fn each_authorization_policy_rule_refuses_its_breach() {
 #[test]
 fn each_traffic_policy_rule_refuses_its_breach() {
     check_broken("TrafficPolicy", broken_traffic_policies());
+}
+
+#[test]
+fn each_peer_authentication_rule_refuses_its_breach() {
+    let base = examples("peerauthentication.yaml");
+    let (mesh, web) = (base[0].clone(), base[2].clone());
+    check_broken(
+        "PeerAuthentication",
+        vec![
+            (
+                "a mode is one of UNSET, DISABLE, PERMISSIVE, STRICT",
+                with(mesh.clone(), "spec.mtls.mode", json!("STRICTER")),
+                true,
+            ),
+            (
+                "no unknown fields",
+                with(mesh, "spec.mtls.level", json!(1)),
+                true,
+            ),
+            (
+                "a port's mode is one of the modes",
+                with(web.clone(), "spec.portLevelMtls.9090.mode", json!("OFF")),
+                true,
+            ),
+            (
+                "selectors are label maps",
+                with(web, "spec.selector.matchLabels", json!(["app"])),
+                true,
+            ),
+        ],
+    );
+}
+
+/// The PeerAuthentication CRD's CEL rules refuse what the agent refuses,
+/// with the agent's own words.
+#[test]
+fn the_peer_authentication_cel_rules_say_what_the_agent_says() {
+    let rules = schema("PeerAuthentication")["x-kubernetes-validations"]
+        .as_array()
+        .cloned()
+        .expect("CEL rules");
+    let web = examples("peerauthentication.yaml")[2].clone();
+    let ports: serde_json::Map<String, Value> = (1..=9)
+        .map(|p| (format!("{}", 9000 + p), json!({"mode": "STRICT"})))
+        .collect();
+    let breaches = [
+        without(web.clone(), "spec.selector"),
+        with(web, "spec.portLevelMtls", Value::Object(ports)),
+    ];
+    assert_eq!(rules.len(), breaches.len(), "{rules:?}");
+    for (rule, breach) in rules.iter().zip(breaches) {
+        let message = rule["message"].as_str().expect("a message");
+        let error = agent_verdict(&breach).expect_err(message);
+        assert!(error.contains(message), "{message}: {error}");
+    }
 }
 
 /// The AuthorizationPolicy CRD's CEL rules (which the validator here does

@@ -147,6 +147,14 @@ pub fn network_policy(namespace: &str, name: &str, spec: &str) -> String {
 }
 
 /// Joins documents into one multi-document file.
+/// A Trellis `PeerAuthentication` with `spec` (YAML flow mapping).
+pub fn peer_authentication(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+    )
+}
+
 pub fn docs(docs: &[String]) -> String {
     docs.join("---\n")
 }

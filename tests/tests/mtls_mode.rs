@@ -12,9 +12,14 @@ use trellis_tests::{Exec, Lab, mesh, py};
 /// `GET /` to `ip:7000` from `from`: the server's name, or `DROPPED` when no
 /// connection could be made within two seconds.
 fn call(from: &Exec, ip: &str) -> String {
+    call_port(from, ip, 7000)
+}
+
+/// [`call`] to `port`.
+fn call_port(from: &Exec, ip: &str, port: u16) -> String {
     let script = format!(
         "import socket\n\
-         try:\n    s = socket.create_connection(('{ip}', 7000), timeout=2)\n\
+         try:\n    s = socket.create_connection(('{ip}', {port}), timeout=2)\n\
          except (socket.timeout, TimeoutError):\n    print('DROPPED')\n    raise SystemExit\n\
          s.settimeout(10)\ns.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\ngot = b''\n\
          while True:\n    b = s.recv(4096)\n    if not b:\n        break\n    got += b\n\
@@ -132,4 +137,159 @@ fn strict_pods_drop_plaintext_from_outside_the_mesh_permissive_ones_take_it() {
         .expect("b3");
     // Every local pod gets the pod programs (network policy applies to all).
     assert_eq!(outside_ep["tc_hooked"], true, "{outside_ep:#}");
+}
+
+/// Istio's `PeerAuthentication`: mesh-wide STRICT from the root namespace
+/// (`trellis-system`), a namespace's PERMISSIVE over it, a workload's port
+/// made PERMISSIVE under it (`portLevelMtls`, in the kernel's per-pod
+/// ports), and a change applied to running agents: plaintext from outside
+/// the mesh reaches exactly the pods and ports that allow it.
+#[test]
+fn peer_authentication_sets_modes_per_mesh_namespace_workload_and_port() {
+    let mut lab = Lab::new("mtls_pa").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let meshed_client = lab.add_pod(&a, "a1").expect("pod");
+    let outsider = lab.add_pod(&a, "a2").expect("pod");
+    let web = lab.add_pod(&b, "b1").expect("pod");
+    let db = lab.add_pod(&b, "b2").expect("pod");
+    let lax = lab.add_pod(&b, "b3").expect("pod");
+    let _servers: Vec<_> = [(&web, 7000), (&web, 7001), (&db, 7000), (&lax, 7000)]
+        .iter()
+        .map(|(p, port)| {
+            p.serve(py::NAME_SERVER, &[&p.name, &port.to_string()], *port)
+                .expect("server")
+        })
+        .collect();
+    let web_policy = |spec: &str| mesh::peer_authentication("shop", "web", spec);
+    let mut docs = vec![
+        mesh::node(&a),
+        mesh::node(&b),
+        mesh::namespace("shop", true),
+        mesh::namespace("lax", true),
+        mesh::namespace("outside", false),
+        mesh::pod(&meshed_client, "shop", &[], &[], ""),
+        mesh::pod(&outsider, "outside", &[], &[], ""),
+        mesh::pod(&web, "shop", &[("app", "web")], &[], ""),
+        mesh::pod(&db, "shop", &[("app", "db")], &[], ""),
+        mesh::pod(&lax, "lax", &[], &[], ""),
+        mesh::peer_authentication("trellis-system", "default", "{mtls: {mode: STRICT}}"),
+        mesh::peer_authentication("lax", "lax", "{mtls: {mode: PERMISSIVE}}"),
+        // The pod's mode stays the mesh's (UNSET); its port 7001 is open.
+        web_policy(
+            "{selector: {matchLabels: {app: web}}, portLevelMtls: {'7001': {mode: PERMISSIVE}}}",
+        ),
+    ];
+    let cluster = mesh::Cluster::start(lab.name(), &[&a, &b], &docs).expect("agents");
+    let agent_b = &cluster.agents[1];
+    let (web_ip, db_ip, lax_ip) = (web.ip.to_string(), db.ip.to_string(), lax.ip.to_string());
+    let check = |table: &[(&str, &Exec, &str, u16, &str)]| {
+        let wrong: Vec<String> = table
+            .iter()
+            .filter_map(|(who, exec, ip, port, want)| {
+                let got = call_port(exec, ip, *port);
+                (got != *want).then(|| format!("{who} → {ip}:{port}: got {got}, want {want}"))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{wrong:#?}\n--- b\n{}",
+            agent_b.log_text()
+        );
+    };
+    let (meshed, outside) = (meshed_client.exec(), outsider.exec());
+    check(&[
+        ("meshed pod, HBONE", &meshed, &web_ip, 7000, "b1"),
+        ("meshed pod, HBONE", &meshed, &web_ip, 7001, "b1"),
+        ("outsider, strict pod", &outside, &web_ip, 7000, "DROPPED"),
+        (
+            "outsider, its permissive port",
+            &outside,
+            &web_ip,
+            7001,
+            "b1",
+        ),
+        (
+            "outsider, mesh-wide strict",
+            &outside,
+            &db_ip,
+            7000,
+            "DROPPED",
+        ),
+        (
+            "outsider, permissive namespace",
+            &outside,
+            &lax_ip,
+            7000,
+            "b3",
+        ),
+    ]);
+    let workloads = agent_b.cli_json("workloads").expect("workloads");
+    let endpoint = |name: &str| {
+        workloads["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|e| e["workload"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {workloads:#}"))
+    };
+    let web_ep = endpoint("shop/b1");
+    assert_eq!(web_ep["mtls"], "strict", "{web_ep:#}");
+    assert_eq!(web_ep["mtls_ports"]["7001"], "permissive", "{web_ep:#}");
+    assert_eq!(endpoint("lax/b3")["mtls"], "permissive");
+
+    // The workload's own mode, now PERMISSIVE, with its port 7001 STRICT:
+    // the running agents apply it.
+    let last = docs.len() - 1;
+    docs[last] = web_policy(
+        "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {'7001': {mode: STRICT}}}",
+    );
+    cluster
+        .config()
+        .write("mesh.yaml", &mesh::docs(&docs))
+        .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while call_port(&outside, &web_ip, 7000) != "b1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workload's new mode\n{}",
+            agent_b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check(&[
+        (
+            "outsider, its strict port",
+            &outside,
+            &web_ip,
+            7001,
+            "DROPPED",
+        ),
+        ("meshed pod, its strict port", &meshed, &web_ip, 7001, "b1"),
+        (
+            "outsider, mesh-wide strict",
+            &outside,
+            &db_ip,
+            7000,
+            "DROPPED",
+        ),
+    ]);
+    // What `trellis policy` shows of them.
+    let policies = agent_b.cli_json("policy").expect("policy");
+    assert!(
+        policies["peer_authentication"]
+            .as_array()
+            .expect("peer authentication")
+            .iter()
+            .any(|p| p["name"] == "web"
+                && p["mode"] == "PERMISSIVE"
+                && p["ports"]["7001"] == "STRICT"),
+        "{policies:#}"
+    );
+    let text = agent_b.cli(&["policy"]).expect("policy text");
+    assert!(
+        text.contains("PEER AUTHENTICATION") && text.contains("7001 STRICT"),
+        "{text}"
+    );
 }

@@ -340,6 +340,8 @@ pub fn policies(state: &AdminState) -> serde_json::Value {
         "node": state.config.node,
         "authorization": policies,
         "authentication": authentication,
+        // What each local workload's mode comes out as is in `workloads`.
+        "peer_authentication": snapshot.peer_authentications,
         "network": network,
     })
 }
@@ -359,6 +361,7 @@ pub fn workloads(state: &AdminState) -> serde_json::Value {
                 "service_account": w.map(|w| w.service_account.clone()),
                 "meshed": e.meshed,
                 "mtls": e.mtls,
+                "mtls_ports": e.mtls_ports,
                 "tc_hooked": e.tc_hooked,
                 "ready": w.is_some_and(|w| w.ready && !w.terminating),
                 "endpoint_id": e.endpoint_id,

@@ -130,6 +130,13 @@ const KINDS: &[Kind] = &[
         only: None,
     },
     Kind {
+        kind: "PeerAuthentication",
+        group: "trellis.dev",
+        version: "v1alpha1",
+        plural: "peerauthentications",
+        only: None,
+    },
+    Kind {
         kind: "TrafficPolicy",
         group: "trellis.dev",
         version: "v1alpha1",

@@ -31,6 +31,8 @@ pub(super) struct NamespaceMesh {
     pub meshed: bool,
     /// Its mTLS label, when it has one.
     pub mtls: Option<String>,
+    /// The PeerAuthentications that may apply to its pods.
+    pub peer: crate::policy::peer_auth::Applicable,
 }
 
 /// Hashes an address (the entries' keys) with one multiply: SipHash's

@@ -36,6 +36,9 @@ use super::{
 
 /// Node label naming its zone.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Where mesh-wide policies live when the build is not told (the agent's
+/// `--mesh-namespace` default).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
 
 /// This node, as its `Node` object describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -77,6 +80,9 @@ pub struct Workload {
     /// In the mesh: its namespace is labelled in, and it did not opt out.
     pub meshed: bool,
     pub mtls: MtlsMode,
+    /// Ports whose mode is not `mtls` (PeerAuthentication `portLevelMtls`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mtls_ports: BTreeMap<u16, MtlsMode>,
     /// `Ready` condition (pods without conditions count as ready).
     pub ready: bool,
     /// Being deleted.
@@ -221,6 +227,8 @@ pub struct Snapshot {
     pub network_policies: Vec<NetworkPolicy>,
     /// Request authentication policies, by namespace.
     pub authentications: BTreeMap<String, Vec<Authentication>>,
+    /// Peer authentication policies (mTLS modes), every namespace's.
+    pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuth>,
     /// The external authorization services CUSTOM policies name, from the
     /// mesh configuration.
     pub providers: crate::policy::providers::Providers,
@@ -339,6 +347,17 @@ impl Snapshot {
     /// the objects that did not change, and leaving there what this one
     /// made.
     pub fn build_with(node_name: &str, objects: &[Object], memo: &mut Memo) -> Self {
+        Self::build_for(node_name, DEFAULT_ROOT_NAMESPACE, objects, memo)
+    }
+
+    /// [`Snapshot::build_with`], with mesh-wide policies (PeerAuthentication)
+    /// in `root_namespace`, the agent's own.
+    pub fn build_for(
+        node_name: &str,
+        root_namespace: &str,
+        objects: &[Object],
+        memo: &mut Memo,
+    ) -> Self {
         let mut nodes = Vec::new();
         let mut namespaces = BTreeMap::new();
         let mut pods = Vec::new();
@@ -353,6 +372,7 @@ impl Snapshot {
         let mut grants = Vec::new();
         let mut traffic_policies = Vec::new();
         let mut mesh_configs = Vec::new();
+        let mut peer_authentications = Vec::new();
         for object in objects {
             *counts.entry(object.kind()).or_insert(0) += 1;
             match object {
@@ -368,6 +388,9 @@ impl Snapshot {
                 Object::TrafficPolicy(p) => traffic_policies.push(p.as_ref()),
                 Object::MeshConfig(c) => mesh_configs.push(c.as_ref()),
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
+                Object::PeerAuthentication(p) => {
+                    peer_authentications.push(crate::policy::peer_auth::PeerAuth::compile(p))
+                }
                 Object::RequestAuthentication(a) => {
                     let a = Authentication::compile(a);
                     authentications
@@ -411,9 +434,25 @@ impl Snapshot {
                 .map(|(n, z)| ((*n).to_owned(), (*z).to_owned()))
                 .collect(),
         );
+        let mesh_wide: Vec<_> = peer_authentications
+            .iter()
+            .filter(|p| p.namespace == root_namespace && p.selector.is_none())
+            .cloned()
+            .collect();
         let meshes: HashMap<&str, NamespaceMesh> = namespaces
             .iter()
-            .map(|(name, n)| (name.as_str(), namespace_mesh(n)))
+            .map(|(name, n)| {
+                let mut mesh = namespace_mesh(n);
+                mesh.peer = crate::policy::peer_auth::Applicable {
+                    namespace: peer_authentications
+                        .iter()
+                        .filter(|p| p.namespace == *name)
+                        .cloned()
+                        .collect(),
+                    mesh: mesh_wide.clone(),
+                };
+                (name.as_str(), mesh)
+            })
             .collect();
         let outside = NamespaceMesh::default();
         let workloads: Vec<Arc<Workload>> = pods
@@ -487,6 +526,7 @@ impl Snapshot {
             policies,
             network_policies,
             authentications,
+            peer_authentications,
             providers: mesh_providers(&mesh_configs),
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
@@ -610,6 +650,7 @@ fn namespace_mesh(n: &Namespace) -> NamespaceMesh {
             .and_then(|l| l.get(MESH_LABEL))
             .is_some_and(|v| v == "enabled"),
         mtls: labels.and_then(|l| l.get(MTLS_LABEL)).cloned(),
+        peer: Default::default(),
     }
 }
 
@@ -637,7 +678,7 @@ fn workload(pod: &SlimPod, ns: &NamespaceMesh) -> Option<Workload> {
         Some(v) if v == "strict" => MtlsMode::Strict,
         _ => MtlsMode::Permissive,
     };
-    Some(Workload {
+    let mut workload = Workload {
         label_set: crate::policy::compiler::set_hash(&namespace, &labels),
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
@@ -650,9 +691,19 @@ fn workload(pod: &SlimPod, ns: &NamespaceMesh) -> Option<Workload> {
         ips: pod.ips.clone(),
         meshed,
         mtls,
+        mtls_ports: BTreeMap::new(),
         ready: pod.ready.unwrap_or(true),
         named_ports: pod.named_ports.clone(),
-    })
+    };
+    // PeerAuthentication over the labels, when one sets a mode.
+    let modes = ns.peer.modes(&workload);
+    workload.mtls = modes.mode.unwrap_or(workload.mtls);
+    workload.mtls_ports = modes
+        .ports
+        .into_iter()
+        .filter(|(_, mode)| *mode != workload.mtls)
+        .collect();
+    Some(workload)
 }
 
 /// A snapshot's workloads while its Services are built: what a selector
@@ -1151,6 +1202,71 @@ mod tests {
         assert_eq!(edit.apply(&entry.request.path, "/api/v1"), "/");
         assert_eq!(entry.rule.mirrors[0].service, "shop/web-v2");
         assert_eq!(entry.rule.mirrors[0].ppm, 250_000);
+    }
+
+    #[test]
+    fn peer_authentications_set_the_workloads_mtls_modes() {
+        let pa = |namespace: &str, name: &str, spec: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\n\
+                 metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n---\n"
+            )
+        };
+        let mode = |snap: &Snapshot, name: &str| {
+            let w = snap
+                .workloads
+                .iter()
+                .find(|w| w.name == name)
+                .unwrap_or_else(|| panic!("{name}"));
+            (w.mtls, w.mtls_ports.clone())
+        };
+        // Mesh-wide STRICT from the root namespace; another namespace's
+        // policy without a selector is that namespace's only.
+        let snap = snapshot(&format!(
+            "{}{}",
+            pa("trellis-system", "default", "{mtls: {mode: STRICT}}"),
+            pa("outside", "loose", "{mtls: {mode: PERMISSIVE}}")
+        ));
+        assert_eq!(mode(&snap, "web-a2"), (MtlsMode::Strict, BTreeMap::new()));
+        // The namespace's over the mesh's; a workload's over both, with
+        // its ports (the same mode as the pod's is no exception).
+        let snap = snapshot(&format!(
+            "{}{}{}",
+            pa("trellis-system", "default", "{mtls: {mode: STRICT}}"),
+            pa("shop", "shop", "{mtls: {mode: PERMISSIVE}}"),
+            pa(
+                "shop",
+                "api",
+                "{selector: {matchLabels: {app: api}}, mtls: {mode: STRICT}, \
+                 portLevelMtls: {'9090': {mode: PERMISSIVE}, '8080': {mode: STRICT}}}"
+            )
+        ));
+        assert_eq!(
+            mode(&snap, "web-a2"),
+            (MtlsMode::Permissive, BTreeMap::new())
+        );
+        assert_eq!(
+            mode(&snap, "api-b1"),
+            (
+                MtlsMode::Strict,
+                BTreeMap::from([(9090, MtlsMode::Permissive)])
+            )
+        );
+        // In another root namespace, the same policy is that namespace's.
+        let parsed = parse_file(
+            Path::new("mesh.yaml"),
+            &format!(
+                "{MESH}\n---\n{}",
+                pa("trellis-system", "default", "{mtls: {mode: STRICT}}")
+            ),
+        )
+        .expect("yaml");
+        let snap =
+            Snapshot::build_for("node-a", "mesh-root", &parsed.objects, &mut Memo::default());
+        assert_eq!(
+            mode(&snap, "web-a2"),
+            (MtlsMode::Permissive, BTreeMap::new())
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 
 use crate::{
-    policy::{authn::RequestAuthentication, authz::AuthorizationPolicy, providers},
+    policy::{
+        authn::RequestAuthentication, authz::AuthorizationPolicy, peer_auth::PeerAuthentication,
+        providers,
+    },
     resilience::TrafficPolicy,
     routes::{grpc_route::GrpcRoute, http_route::HttpRoute, reference_grant::ReferenceGrant},
 };
@@ -40,6 +43,7 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     RequestAuthentication(Arc<RequestAuthentication>),
+    PeerAuthentication(Arc<PeerAuthentication>),
     NetworkPolicy(Arc<NetworkPolicy>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
@@ -238,6 +242,7 @@ impl Object {
             Self::EndpointSlice(_) => "EndpointSlice",
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Self::RequestAuthentication(_) => "RequestAuthentication",
+            Self::PeerAuthentication(_) => "PeerAuthentication",
             Self::NetworkPolicy(_) => "NetworkPolicy",
             Self::HttpRoute(_) => "HTTPRoute",
             Self::GrpcRoute(_) => "GRPCRoute",
@@ -256,6 +261,7 @@ impl Object {
             Self::EndpointSlice(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::RequestAuthentication(o) => &o.metadata,
+            Self::PeerAuthentication(o) => &o.metadata,
             Self::NetworkPolicy(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
             Self::GrpcRoute(o) => &o.metadata,
@@ -457,6 +463,12 @@ fn parse_object(
             "trellis.dev/v1alpha1",
             namespaced
         ),
+        "PeerAuthentication" => typed!(
+            PeerAuthentication,
+            PeerAuthentication,
+            "trellis.dev/v1alpha1",
+            namespaced
+        ),
         "HTTPRoute" => typed!(
             HttpRoute,
             HttpRoute,
@@ -655,6 +667,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         Object::RequestAuthentication(policy) => {
             crate::policy::authn::validate(&policy.spec)?;
+        }
+        Object::PeerAuthentication(policy) => {
+            crate::policy::peer_auth::validate(&policy.spec)?;
         }
         Object::NetworkPolicy(policy) => {
             crate::policy::network::NetworkPolicy::from_object(policy)?;

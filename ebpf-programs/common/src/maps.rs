@@ -6,7 +6,7 @@ use core::mem::{offset_of, size_of};
 /// never misreads a map pinned by an incompatible version: it is kept in
 /// [`MAP_LAYOUT`], and an agent that finds another one there (or none)
 /// makes its maps anew.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// One `u32`: the [`LAYOUT_VERSION`] of the maps pinned beside it.
 pub const MAP_LAYOUT: &str = "layout";
@@ -554,9 +554,32 @@ pub struct PodIface {
     pub ip4: [u8; 4],
     /// The pod's IPv6 address, all zero when it has none.
     pub ip6: [u8; 16],
+    /// Ports whose mTLS mode is the other one than
+    /// [`endpoint_flags::STRICT`] says (PeerAuthentication
+    /// `portLevelMtls`); 0 is an unused slot.
+    pub mtls_ports: [u16; MTLS_PORTS],
 }
 
+/// How many ports of a pod may have their own mTLS mode.
+pub const MTLS_PORTS: usize = 8;
+
 impl PodIface {
+    /// Whether a new connection to `port` must come through the mesh: the
+    /// pod's mode, turned over on the ports listed.
+    #[inline(always)]
+    pub fn strict_on(&self, port: u16) -> bool {
+        let mut strict = self.flags & endpoint_flags::STRICT != 0;
+        let mut i = 0;
+        while i < MTLS_PORTS {
+            if port != 0 && self.mtls_ports[i] == port {
+                strict = !strict;
+                break;
+            }
+            i += 1;
+        }
+        strict
+    }
+
     /// The pod's own address of a family (IPv4 mapped); `None` when it has
     /// none of that family.
     #[inline(always)]
@@ -977,7 +1000,8 @@ const _: () = {
     assert!(offset_of!(SockState, mode) == 56);
     assert!(size_of::<ServiceInfo>() == 8);
     assert!(size_of::<IpInfo>() == 12);
-    assert!(size_of::<PodIface>() == 32);
+    assert!(size_of::<PodIface>() == 48);
+    assert!(offset_of!(PodIface, mtls_ports) == 32);
     assert!(size_of::<PolicyKey>() == 16);
     assert!(offset_of!(PolicyKey, endpoint_id) * 8 + 32 == PolicyKey::PREFIX_ENDPOINT as usize);
     assert!(offset_of!(PolicyKey, identity) * 8 + 32 == PolicyKey::PREFIX_IDENTITY as usize);

@@ -176,8 +176,11 @@ fn try_pod_to(ctx: &TcContext) -> Result<i32, i64> {
     if mark & AGENT_MARK != 0 {
         ctx.set_mark(mark & !AGENT_MARK);
     }
-    const STRICT_POD: u32 = endpoint_flags::MESHED | endpoint_flags::STRICT;
-    if flow.is_syn() && pod.flags & STRICT_POD == STRICT_POD && !local {
+    if flow.is_syn()
+        && pod.flags & endpoint_flags::MESHED != 0
+        && pod.strict_on(flow.dport)
+        && !local
+    {
         let mut info = info(hook::TC_EGRESS, direction::INGRESS, &pod, &flow);
         info.src_identity = policy::peer(flow.saddr).identity;
         info.dst_identity = pod.identity;
