@@ -1178,7 +1178,7 @@ fn addresses_hosts_and_connection_attributes() {
             .expect("server"),
     ];
     let web = "{selector: {matchLabels: {app: web}}";
-    let _cluster = mesh::Cluster::start(
+    let cluster = mesh::Cluster::start(
         lab.name(),
         &[&a, &b],
         &[
@@ -1188,6 +1188,12 @@ fn addresses_hosts_and_connection_attributes() {
             mesh::pod(&remote, "shop", &[], &[], ""),
             mesh::pod(&local, "shop", &[], &[], ""),
             mesh::pod(&stranger, "shop", &[], &[], ""),
+            // Logs what it matches, decides nothing.
+            mesh::authorization_policy(
+                "shop",
+                "audit-me",
+                &format!("{web}, action: AUDIT, rules: [{{to: [{{operation: {{paths: ['/audited*']}}}}]}}]}}"),
+            ),
             mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
             mesh::service("shop", "web", WEB_VIP, 80, "8080", &[("app", "web")]),
             mesh::traffic_policy(
@@ -1279,4 +1285,26 @@ fn addresses_hosts_and_connection_attributes() {
     let (status, _, _) = exchange(&stranger, &format!("{pod_url}/"), &[]);
     assert_eq!(status, "000", "b3, pod IP");
     assert_eq!(echo(&stranger), "DENIED", "b3, not HTTP");
+
+    // AUDIT: the request it matches is logged with the decision, and
+    // served.
+    let (status, _, _) = exchange(&remote, &format!("{pod_url}/audited/1"), &[]);
+    assert_eq!(status, "200", "an audited request is served");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = cluster.agents[1].log_text();
+        if log.lines().any(|l| {
+            l.contains("audit")
+                && l.contains("shop/audit-me")
+                && l.contains("/audited/1")
+                && l.contains("allowed")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -95,6 +95,10 @@ pub enum Action {
     /// authorization service of the mesh configuration) when a rule matches;
     /// its answer decides, before DENY and ALLOW policies are applied.
     Custom,
+    /// A matching rule marks the connection or request for audit: one
+    /// line at log target `audit`, whatever the other policies decide. It
+    /// allows and denies nothing.
+    Audit,
 }
 
 /// The extension provider a CUSTOM policy asks.
@@ -281,7 +285,7 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
         (Action::Custom, Some(p)) if p.name.is_empty() => {
             return Err(("spec.provider.name".into(), "empty".into()));
         }
-        (Action::Allow | Action::Deny, Some(_)) => {
+        (Action::Allow | Action::Deny | Action::Audit, Some(_)) => {
             return Err((
                 "spec.provider".into(),
                 "only a CUSTOM policy names a provider".into(),
@@ -1155,7 +1159,7 @@ pub fn authorize(
     };
     let policies = snapshot.policies_in(&workload.namespace);
     let check = Check::new(source, destination, Layer::Connection);
-    match (
+    let verdict = match (
         decide(policies, workload, &check),
         custom_asks(policies, workload, &check),
     ) {
@@ -1167,7 +1171,52 @@ pub fn authorize(
             Verdict::Inspect
         }
         (verdict, Custom::Nothing) => verdict,
+    };
+    // An AUDIT rule that may match a request: read the connection as
+    // HTTP, so that each request it matches is audited.
+    match (audit(policies, workload, &check, &verdict), verdict) {
+        (Match::Unknown, Verdict::Allow) => Verdict::Inspect,
+        (_, verdict) => verdict,
     }
+}
+
+/// Logs the connection or request `check` at target `audit` for each AUDIT
+/// policy applying to `destination` that matches it, with what the other
+/// policies decided; `Unknown` when one may match a request yet to come.
+fn audit(
+    policies: &[Policy],
+    destination: &Workload,
+    check: &Check<'_>,
+    verdict: &Verdict,
+) -> Match {
+    let mut pending = Match::No;
+    for p in policies
+        .iter()
+        .filter(|p| p.action == Action::Audit && p.applies_to(destination))
+    {
+        // A connection that is not HTTP is audited on its L4 part (as a
+        // DENY rule matches it).
+        let matched = match (p.matches(check), check.layer) {
+            (Match::Unknown, Layer::Opaque) => Match::Yes,
+            (m, _) => m,
+        };
+        match matched {
+            Match::Yes => {
+                let decision = match verdict {
+                    Verdict::Allow => "allowed",
+                    Verdict::Deny { .. } => "denied",
+                    Verdict::Inspect => "read as HTTP",
+                };
+                let (method, path) = check.request().map_or(("", ""), |r| (r.method, r.path));
+                tracing::info!(target: "audit", policy = %p.id(), src = %check.principal,
+                    src_ip = %check.source_ip, dst = %check.destination, method, path,
+                    decision, "audit");
+            }
+            Match::Unknown => pending = Match::Unknown,
+            Match::No => {}
+        }
+    }
+    pending
 }
 
 /// Admits a connection from `source` to the local pod at `destination`
@@ -1185,7 +1234,9 @@ pub fn admit_opaque(
     };
     let policies = snapshot.policies_in(&workload.namespace);
     let check = Check::new(source, destination, Layer::Opaque);
-    if let Verdict::Deny { policy, reason } = decide(policies, workload, &check) {
+    let verdict = decide(policies, workload, &check);
+    audit(policies, workload, &check, &verdict);
+    if let Verdict::Deny { policy, reason } = verdict {
         return Err(Refusal::Denied { policy, reason });
     }
     match custom_asks(policies, workload, &check) {
@@ -1327,7 +1378,9 @@ fn check_request<B>(
         Custom::Ask(asks) => asks,
         _ => Vec::new(),
     };
-    match decide(policies, workload, &check) {
+    let verdict = decide(policies, workload, &check);
+    audit(policies, workload, &check, &verdict);
+    match verdict {
         Verdict::Allow => {}
         Verdict::Deny { policy, reason } => return Err(Refusal::Denied { policy, reason }),
         // A request leaves nothing undecided.
@@ -1467,11 +1520,52 @@ mod tests {
             ("action: CUSTOM\nrules: [{}]", "spec.provider"),
             ("action: CUSTOM\nprovider: {name: ''}", "spec.provider.name"),
             ("action: DENY\nprovider: {name: ext}", "spec.provider"),
+            ("action: AUDIT\nprovider: {name: ext}", "spec.provider"),
             ("provider: {name: ext}", "spec.provider"),
         ] {
             assert_eq!(validate(&spec(yaml)).expect_err(yaml).0, field, "{yaml}");
         }
         assert!(validate(&spec("action: CUSTOM\nprovider: {name: ext}")).is_ok());
+    }
+
+    #[test]
+    fn audit_policies_decide_nothing_and_wait_for_the_requests_they_may_match() {
+        let paths = policy(
+            "shop",
+            "action: AUDIT\nrules: [{to: [{operation: {paths: [/admin*]}}]}]",
+        );
+        let port = policy(
+            "shop",
+            "action: AUDIT\nrules: [{to: [{operation: {ports: ['80']}}]}]",
+        );
+        let ps = [paths, port];
+        let source = Identity::new("cluster.local", "shop", "client");
+        for layer in [Layer::Connection, Layer::Opaque] {
+            assert_eq!(
+                evaluate(&ps, caller(&source), &web(), at(80), layer),
+                Verdict::Allow
+            );
+        }
+        let audit_of = |ps: &[Policy], layer| {
+            let check = Check::new(caller(&source), at(80), layer);
+            audit(ps, &web(), &check, &Verdict::Allow)
+        };
+        // Before a request, one may match: read the connection as HTTP.
+        assert_eq!(audit_of(&ps, Layer::Connection), Match::Unknown);
+        // The L4 one matched (and logged) at once; on traffic that is not
+        // HTTP both did.
+        assert_eq!(audit_of(&ps[1..], Layer::Connection), Match::No);
+        assert_eq!(audit_of(&ps, Layer::Opaque), Match::No);
+        let map = http::HeaderMap::new();
+        let request = Request {
+            method: "GET",
+            host: None,
+            path: "/admin/x",
+            headers: &map,
+            grpc: false,
+            auth: None,
+        };
+        assert_eq!(audit_of(&ps, Layer::Request(request)), Match::No);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Authorization checked against the words of Istio's `AuthorizationPolicy`
 //! reference, on generated policies. [`decide`] reads the test's own model
 //! of the policies (none of [`super`]'s code): a policy applies to the
-//! workloads of its namespace its selector matches; a request is denied
+//! workloads of its namespace its selector matches (an AUDIT one decides
+//! nothing); a request is denied
 //! when a DENY rule matches it, else allowed when no ALLOW policy applies
 //! or one of their rules matches; a rule matches when one of its sources,
 //! one of its operations and all of its conditions do (a missing list is
@@ -138,6 +139,8 @@ struct Pol {
     name: String,
     selector: Option<Vec<(&'static str, &'static str)>>,
     deny: bool,
+    /// AUDIT: decides nothing.
+    audit: bool,
     rules: Vec<Rule>,
     /// An empty rule list written out (`rules: []`) rather than left out:
     /// both must mean the same.
@@ -408,7 +411,10 @@ impl Pol {
 }
 
 fn decide(policies: &[Pol], call: Call<'_>, workload: &Workload, seen: Seen<'_>) -> Decision {
-    let applying: Vec<&Pol> = policies.iter().filter(|p| p.applies_to(workload)).collect();
+    let applying: Vec<&Pol> = policies
+        .iter()
+        .filter(|p| !p.audit && p.applies_to(workload))
+        .collect();
     let matched = |p: &Pol| p.rules.iter().any(|r| r.matches(call, seen, p.deny));
     let denied: Vec<String> = applying
         .iter()
@@ -656,6 +662,7 @@ fn policy(rng: &mut Rng, n: usize) -> Pol {
             labels
         }),
         deny: rng.chance(40),
+        audit: rng.chance(8),
         // Some policies have no rules: ALLOW allows nothing, DENY denies
         // nothing.
         rules: if rng.chance(8) {
@@ -799,7 +806,9 @@ fn spec_json(p: &Pol) -> Value {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
         spec.insert("selector".into(), json!({"matchLabels": labels}));
     }
-    if p.deny {
+    if p.audit {
+        spec.insert("action".into(), json!("AUDIT"));
+    } else if p.deny {
         spec.insert("action".into(), json!("DENY"));
     }
     if !rules.is_empty() || p.write_empty_rules {
