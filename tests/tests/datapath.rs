@@ -317,6 +317,7 @@ fn btf_of_the_object_matches_the_shared_types() {
             ("flags", offset_of!(PodIface, flags)),
             ("ip4", offset_of!(PodIface, ip4)),
             ("ip6", offset_of!(PodIface, ip6)),
+            ("mtls_ports", offset_of!(PodIface, mtls_ports)),
         ],
     );
     check(
