@@ -154,8 +154,8 @@ fn broken_authorization_policies() -> Vec<(&'static str, Value, bool)> {
         .clone();
     vec![
         (
-            "action is ALLOW, DENY or CUSTOM",
-            with(l4.clone(), "spec.action", json!("AUDIT")),
+            "action is ALLOW, DENY, CUSTOM or AUDIT",
+            with(l4.clone(), "spec.action", json!("LOG")),
             true,
         ),
         (

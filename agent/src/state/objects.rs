@@ -840,9 +840,9 @@ mod tests {
                 "unknown field `pathz`",
             ),
             (
-                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: AUDIT}",
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: LOG}",
                 "spec.action",
-                "unknown variant `AUDIT`",
+                "unknown variant `LOG`",
             ),
             (
                 "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [{operation: {ports: ['0']}}]}]}",
