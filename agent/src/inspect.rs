@@ -223,6 +223,30 @@ pub fn render_certs(doc: &Value) -> String {
     out
 }
 
+/// A policy's `matchLabels` as `k=v,k=v`, or the whole namespace.
+fn selector_text(selector: &Value) -> String {
+    match selector.as_object() {
+        Some(labels) => labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", s(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+        None => "(whole namespace)".into(),
+    }
+}
+
+/// Ports and their mTLS modes as `9090 PERMISSIVE, ...`; `None` for none.
+fn port_modes(ports: &Value) -> Option<String> {
+    let ports = ports.as_object().filter(|p| !p.is_empty())?;
+    Some(
+        ports
+            .iter()
+            .map(|(port, mode)| format!("{port} {}", s(mode)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
 /// `trellis policy` as text.
 pub fn render_policies(doc: &Value) -> String {
     let mut out = String::new();
@@ -233,14 +257,7 @@ pub fn render_policies(doc: &Value) -> String {
         "POLICY", "ACTION", "RULES", "SELECTOR"
     );
     for p in doc["authorization"].as_array().into_iter().flatten() {
-        let selector = match p["selector"].as_object() {
-            Some(labels) => labels
-                .iter()
-                .map(|(k, v)| format!("{k}={}", s(v)))
-                .collect::<Vec<_>>()
-                .join(","),
-            None => "(whole namespace)".into(),
-        };
+        let selector = selector_text(&p["selector"]);
         let selects: Vec<String> = p["selects"]
             .as_array()
             .into_iter()
@@ -275,25 +292,8 @@ pub fn render_policies(doc: &Value) -> String {
             "POLICY", "MODE", "SELECTOR"
         );
         for p in peer {
-            let selector = match p["selector"].as_object() {
-                Some(labels) => labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", s(v)))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                None => "(whole namespace)".into(),
-            };
-            let ports = p["ports"]
-                .as_object()
-                .map(|ports| {
-                    ports
-                        .iter()
-                        .map(|(port, mode)| format!("{port} {}", s(mode)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "-".into());
+            let selector = selector_text(&p["selector"]);
+            let ports = port_modes(&p["ports"]).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 out,
                 "  {:<36} {:<11} {:<28} {ports}",
@@ -614,11 +614,11 @@ pub fn render_workloads(doc: &Value) -> String {
         "  {:<28} {:<30} {:<7} {:<11} {:<6} {:>4} {:>8} {:>20} {:<16}",
         "WORKLOAD", "IPS", "MESHED", "MTLS", "READY", "ID", "IDENTITY", "NETNS COOKIE", "INTERFACE"
     );
-    let mut port_modes = Vec::new();
+    let mut own_modes = Vec::new();
     for e in doc["endpoints"].as_array().into_iter().flatten() {
-        if let Some(ports) = e["mtls_ports"].as_object().filter(|p| !p.is_empty()) {
-            let ports: Vec<String> = ports.iter().map(|(p, m)| format!("{p} {}", s(m))).collect();
-            port_modes.push(format!("{}: {}", s(&e["workload"]), ports.join(", ")));
+        let ports = port_modes(&e["mtls_ports"]);
+        if let Some(ports) = &ports {
+            own_modes.push(format!("{}: {ports}", s(&e["workload"])));
         }
         let _ = writeln!(
             out,
@@ -629,11 +629,7 @@ pub fn render_workloads(doc: &Value) -> String {
             format!(
                 "{}{}{}",
                 s(&e["mtls"]),
-                if e["mtls_ports"].as_object().is_some_and(|p| !p.is_empty()) {
-                    "+"
-                } else {
-                    ""
-                },
+                if ports.is_some() { "+" } else { "" },
                 if e["tc_hooked"] == true { "" } else { "*" }
             ),
             s(&e["ready"]),
@@ -647,11 +643,11 @@ pub fn render_workloads(doc: &Value) -> String {
         out,
         "  (* no TC programs on its interface: STRICT not enforced there)"
     );
-    if !port_modes.is_empty() {
+    if !own_modes.is_empty() {
         let _ = writeln!(
             out,
             "  (+ ports with their own mode) {}",
-            port_modes.join("; ")
+            own_modes.join("; ")
         );
     }
     out.push('\n');

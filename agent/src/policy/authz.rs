@@ -11,7 +11,7 @@
 //! the peer certificate's (HBONE) or the local client pod's, never a header.
 //!
 //! L7 conditions are decided per request by the destination's agent. When a
-//! connection's verdict hangs on them, [`evaluate`] says
+//! connection's verdict hangs on them, [`authorize`] says
 //! [`Verdict::Inspect`]: the agent reads the connection as HTTP and asks
 //! again for each request. A connection that turns out not to be HTTP is
 //! judged on what can be known of it: in an ALLOW rule, an operation or a
@@ -266,11 +266,15 @@ pub enum PortValue {
 impl PortValue {
     fn port(&self) -> Option<u16> {
         match self {
-            Self::Number(n) => u16::try_from(*n).ok(),
-            Self::Text(s) => s.parse().ok(),
+            Self::Number(n) => u16::try_from(*n).ok().filter(|p| *p != 0),
+            Self::Text(s) => port_number(s),
         }
-        .filter(|p| *p != 0)
     }
+}
+
+/// A port written as text (`"8080"`), 1-65535.
+pub(super) fn port_number(text: &str) -> Option<u16> {
+    text.parse::<u16>().ok().filter(|p| *p != 0)
 }
 
 /// Checks what the schema cannot say: a field path and a reason.
@@ -388,13 +392,8 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> 
             for (name, list) in [("values", &cond.values), ("notValues", &cond.not_values)] {
                 for (i, value) in list.iter().enumerate() {
                     match attribute {
-                        Attribute::SourceIp | Attribute::RemoteIp | Attribute::DestinationIp => {
-                            ip_block(value).map(drop)
-                        }
-                        Attribute::DestinationPort => value
-                            .parse::<u16>()
-                            .ok()
-                            .filter(|p| *p != 0)
+                        _ if attribute.is_address() => ip_block(value).map(drop),
+                        Attribute::DestinationPort => port_number(value)
                             .map(drop)
                             .ok_or_else(|| format!("{value:?} is not a port (1-65535)")),
                         _ => check_pattern(value),
@@ -456,6 +455,11 @@ impl Attribute {
             .strip_suffix(']')?;
         let path: Vec<String> = path.split("][").map(String::from).collect();
         (!path.iter().any(|p| p.is_empty() || p.contains(['[', ']']))).then_some(Self::Claim(path))
+    }
+
+    /// Whether its values are addresses and CIDRs.
+    fn is_address(&self) -> bool {
+        matches!(self, Self::SourceIp | Self::RemoteIp | Self::DestinationIp)
     }
 
     /// The address an IP attribute reads.
@@ -528,19 +532,12 @@ fn ip_block(text: &str) -> Result<super::network::Cidr, String> {
     let addr: std::net::IpAddr = text
         .parse()
         .map_err(|_| format!("{text:?} is not an address or a CIDR"))?;
-    let addr = addr.to_canonical();
-    Ok(super::network::Cidr {
-        addr,
-        len: if addr.is_ipv4() { 32 } else { 128 },
-    })
+    Ok(super::network::Cidr::host(addr.to_canonical()))
 }
 
 /// Whether `addr` lies in one of `blocks`.
 fn in_blocks(blocks: &[super::network::Cidr], addr: std::net::IpAddr) -> bool {
-    let one = super::network::Cidr {
-        addr,
-        len: if addr.is_ipv4() { 32 } else { 128 },
-    };
+    let one = super::network::Cidr::host(addr);
     blocks.iter().any(|b| b.contains(&one))
 }
 
@@ -690,13 +687,12 @@ impl Policy {
                         .iter()
                         .filter_map(|c| {
                             let attribute = Attribute::parse(&c.key)?;
-                            let blocks = |list: &[String]| match attribute {
-                                Attribute::SourceIp
-                                | Attribute::RemoteIp
-                                | Attribute::DestinationIp => {
+                            let blocks = |list: &[String]| {
+                                if attribute.is_address() {
                                     list.iter().filter_map(|b| ip_block(b).ok()).collect()
+                                } else {
+                                    Vec::new()
                                 }
-                                _ => Vec::new(),
                             };
                             Some(CompiledCondition {
                                 key: c.key.clone(),
@@ -1034,8 +1030,10 @@ pub enum Verdict {
 }
 
 /// Decides one connection or request from `source` to `destination` (at
-/// `to`) against all policies.
-pub fn evaluate(
+/// `to`) against all policies: [`decide`] for the tests, which make no
+/// [`Check`] of their own.
+#[cfg(test)]
+fn evaluate(
     policies: &[Policy],
     source: Caller<'_>,
     destination: &Workload,
@@ -1045,7 +1043,7 @@ pub fn evaluate(
     decide(policies, destination, &Check::new(source, to, layer))
 }
 
-/// [`evaluate`] for a check made.
+/// Decides one connection or request against all policies.
 fn decide(policies: &[Policy], destination: &Workload, check: &Check<'_>) -> Verdict {
     let opaque = matches!(check.layer, Layer::Opaque);
     let applying = || policies.iter().filter(|p| p.applies_to(destination));
@@ -1106,8 +1104,10 @@ pub enum Custom {
 }
 
 /// The providers that CUSTOM policies send a connection or request to:
-/// `(policy, provider)` for each provider, the first policy naming it.
-pub fn custom(
+/// `(policy, provider)` for each provider, the first policy naming it:
+/// [`custom_asks`] for the tests.
+#[cfg(test)]
+fn custom(
     policies: &[Policy],
     source: Caller<'_>,
     destination: &Workload,
@@ -1117,7 +1117,8 @@ pub fn custom(
     custom_asks(policies, destination, &Check::new(source, to, layer))
 }
 
-/// [`custom`] for a check made.
+/// What the CUSTOM policies applying to `destination` ask of `check`:
+/// `(policy, provider)` for each provider, the first policy naming it.
 fn custom_asks(policies: &[Policy], destination: &Workload, check: &Check<'_>) -> Custom {
     let mut asks: Vec<(String, String)> = Vec::new();
     for p in policies

@@ -106,6 +106,14 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The block of one address (`/32`, `/128`).
+    pub fn host(addr: IpAddr) -> Self {
+        Self {
+            addr,
+            len: if addr.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
     /// The prefix in the maps' 16-byte form (IPv4 mapped, +96 bits).
     pub fn map_prefix(&self) -> (u32, [u8; 16]) {
         match self.addr {

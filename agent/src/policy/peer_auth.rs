@@ -17,7 +17,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::authz::{Selector, selects};
+use super::authz::{Selector, port_number, selects};
 use crate::state::{Workload, model::MtlsMode};
 
 /// The mTLS mode of the pods it selects, and of their ports.
@@ -118,10 +118,6 @@ pub fn validate(spec: &PeerAuthenticationSpec) -> Result<(), (String, String)> {
     Ok(())
 }
 
-fn port_number(text: &str) -> Option<u16> {
-    text.parse::<u16>().ok().filter(|p| *p != 0)
-}
-
 /// A policy ready to apply, as the state snapshot holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PeerAuth {
@@ -154,10 +150,6 @@ impl PeerAuth {
                 .collect(),
             created: object.metadata.creation_timestamp.as_ref().map(|t| t.0),
         }
-    }
-
-    pub fn id(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
     }
 
     /// Older first, then by name: the order in which policies of one level
