@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 use trellis_agent::metrics::istio::{
     IstioMetrics, Peer, Reporter, Request, RequestLabels, ServiceName, TcpLabels, Traffic,
 };
+use trellis_agent::policy::telemetry::MetricSet;
 
 const WORKLOADS: usize = 1_000;
 const SERIES: usize = 10_000;
@@ -55,8 +56,8 @@ fn busy_node() -> (Registry, usize) {
             traffic: traffic(i, "tcp"),
             flags: "-",
         };
-        metrics.tcp_opened(&labels);
-        metrics.tcp_closed(&labels, 1_000, 20_000);
+        metrics.tcp_opened(&labels, MetricSet::default());
+        metrics.tcp_closed(&labels, (1_000, 20_000), MetricSet::default());
     }
     let count = |registry: &Registry| {
         let mut text = String::new();
@@ -78,6 +79,7 @@ fn busy_node() -> (Registry, usize) {
                 request_bytes: 100,
                 response_bytes: 2_000,
                 messages: None,
+                off: MetricSet::default(),
             });
             i += 1;
         }
@@ -125,6 +127,7 @@ fn record(c: &mut Criterion) {
             request_bytes: 100,
             response_bytes: 1_100,
             messages: None,
+            off: MetricSet::default(),
         });
     }
     let labels = RequestLabels {
@@ -148,6 +151,7 @@ fn record(c: &mut Criterion) {
                 request_bytes: 100,
                 response_bytes: 1_100,
                 messages: None,
+                off: MetricSet::default(),
             }))
         });
     });

@@ -1,7 +1,8 @@
 //! Access logs: one structured line per request (L7) or connection (L4),
 //! through tracing at target `access` (so `--log-format json` makes them
 //! JSON, and `--log-level` can silence them: `info,access=off`), with a
-//! sampled share (`--access-log-sample`, 0 turns them off).
+//! sampled share (`--access-log-sample`, 0 turns them off). A workload's
+//! Telemetry may turn its lines off, or keep those its [`filter`] admits.
 
 use std::{
     net::SocketAddr,
@@ -10,6 +11,8 @@ use std::{
 };
 
 use crate::metrics::istio::Traffic;
+
+pub mod filter;
 
 /// The share of requests and connections logged, in parts per million.
 static SAMPLE_PPM: AtomicU32 = AtomicU32::new(1_000_000);
@@ -32,6 +35,7 @@ pub fn sampled() -> bool {
 }
 
 /// One line's fields beyond the traffic's labels.
+#[derive(Clone)]
 pub struct Entry<'a> {
     pub traffic: &'a Traffic,
     pub start: SystemTime,

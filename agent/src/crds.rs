@@ -13,6 +13,7 @@ use kube::CustomResourceExt as _;
 use crate::{
     policy::{
         authn::RequestAuthentication, authz::AuthorizationPolicy, peer_auth::PeerAuthentication,
+        telemetry::Telemetry,
     },
     resilience::TrafficPolicy,
 };
@@ -26,6 +27,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         AuthorizationPolicy::crd(),
         RequestAuthentication::crd(),
         PeerAuthentication::crd(),
+        Telemetry::crd(),
         TrafficPolicy::crd(),
     ]
 }

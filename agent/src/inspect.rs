@@ -303,6 +303,28 @@ pub fn render_policies(doc: &Value) -> String {
             );
         }
     }
+    if let Some(telemetry) = doc["telemetry"].as_array().filter(|a| !a.is_empty()) {
+        let _ = writeln!(out, "\nTELEMETRY (per workload: trellis workloads)");
+        let _ = writeln!(out, "  {:<36} {:<28} PARTS", "POLICY", "SELECTOR");
+        for t in telemetry {
+            let parts: Vec<&str> = [
+                ("tracing", "tracing"),
+                ("logging", "accessLogging"),
+                ("metrics", "metrics"),
+            ]
+            .into_iter()
+            .filter(|(key, _)| t[*key].as_array().is_some_and(|a| !a.is_empty()))
+            .map(|(_, name)| name)
+            .collect();
+            let _ = writeln!(
+                out,
+                "  {:<36} {:<28} {}",
+                format!("{}/{}", s(&t["namespace"]), s(&t["name"])),
+                selector_text(&t["selector"]),
+                parts.join(",")
+            );
+        }
+    }
     if let Some(authentication) = doc["authentication"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(out, "\nREQUEST AUTHENTICATION (JWT)");
         let _ = writeln!(
@@ -605,6 +627,43 @@ pub fn render_topology(doc: &Value) -> String {
     out
 }
 
+/// One side's reporting, in a few words.
+fn reporting_text(r: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(ppm) = r["sampling_ppm"].as_u64() {
+        parts.push(format!("sampling {}%", ppm as f64 / 10_000.0));
+    }
+    if r["report_spans"] == false {
+        parts.push("spans not reported".into());
+    }
+    let tags: Vec<&str> = r["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t[0].as_str())
+        .collect();
+    if !tags.is_empty() {
+        parts.push(format!("span tags {}", tags.join(",")));
+    }
+    if r["access_log"] == false {
+        parts.push("no access log".into());
+    }
+    let off: Vec<&str> = r["metrics_off"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !off.is_empty() {
+        parts.push(format!("metrics off {}", off.join(",")));
+    }
+    if parts.is_empty() {
+        "as the flags say".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// `trellis workloads` as text.
 pub fn render_workloads(doc: &Value) -> String {
     let mut out = String::new();
@@ -649,6 +708,26 @@ pub fn render_workloads(doc: &Value) -> String {
             "  (+ ports with their own mode) {}",
             own_modes.join("; ")
         );
+    }
+    let reports: Vec<(&Value, &Value)> = doc["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| !e["telemetry"].is_null())
+        .map(|e| (&e["workload"], &e["telemetry"]))
+        .collect();
+    if !reports.is_empty() {
+        let _ = writeln!(out, "\nTELEMETRY (what differs from the flags)");
+        for (workload, t) in reports {
+            for side in ["client", "server"] {
+                let _ = writeln!(
+                    out,
+                    "  {:<28} {side:<6} {}",
+                    s(workload),
+                    reporting_text(&t[side])
+                );
+            }
+        }
     }
     out.push('\n');
     out.push_str(&render_services(doc));

@@ -11,7 +11,8 @@
 //! key sets inline or fetched ([`jwks`]); [`providers`]: the external
 //! authorization services `CUSTOM` policies ask, from the mesh config;
 //! [`peer_auth`]: `PeerAuthentication`, each pod's mTLS mode (STRICT or
-//! PERMISSIVE, per port too).
+//! PERMISSIVE, per port too); [`telemetry`]: `Telemetry`, what is traced,
+//! logged and counted of each workload.
 
 pub mod authn;
 pub mod authz;
@@ -24,4 +25,5 @@ pub mod peer_auth;
 pub mod providers;
 #[cfg(test)]
 mod reference;
+pub mod telemetry;
 pub mod verdict;

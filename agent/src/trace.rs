@@ -24,7 +24,10 @@ use http::{HeaderMap, Method, Version};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::metrics::istio::{Peer, Traffic};
+use crate::{
+    metrics::istio::{Peer, Traffic},
+    policy::telemetry::Reporting,
+};
 use context::{SpanId, TraceId};
 
 /// Finished spans waiting for export at most; more are dropped.
@@ -97,6 +100,8 @@ pub struct Finished {
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
     pub attributes: Vec<(&'static str, Value)>,
+    /// A Telemetry's custom tags: more attributes, named by the user.
+    pub tags: Vec<(String, String)>,
     /// Set when the span failed: its status message.
     pub error: Option<String>,
     pub resource: Arc<Resource>,
@@ -109,6 +114,9 @@ pub struct TraceStats {
     pub spans: AtomicU64,
     /// Requests passed on without a span (not sampled).
     pub unsampled: AtomicU64,
+    /// Sampled requests passed on without a span: their workload's
+    /// Telemetry says `disableSpanReporting`.
+    pub unreported: AtomicU64,
     pub exported: AtomicU64,
     pub batches: AtomicU64,
     /// Spans dropped because the export queue was full.
@@ -151,13 +159,25 @@ impl Tracer {
     }
 
     /// Joins the request's trace (or starts one) and rewrites its headers
-    /// with the new span as parent; `None` when not sampled.
-    pub fn begin(&self, headers: &mut HeaderMap, kind: Kind) -> Option<ActiveSpan> {
+    /// with the new span as parent; `None` when not sampled, or when the
+    /// workload's Telemetry has its spans not reported (the decision is
+    /// passed on all the same). A new trace is sampled with the
+    /// Telemetry's share when it sets one, else the tracer's own.
+    pub fn begin(
+        &self,
+        headers: &mut HeaderMap,
+        kind: Kind,
+        reporting: &Reporting,
+    ) -> Option<ActiveSpan> {
         let incoming = context::extract(headers);
         let sampled = incoming
             .as_ref()
             .and_then(|c| c.sampled)
-            .unwrap_or_else(|| crate::resilience::balance::chance(self.sampling_ppm));
+            .unwrap_or_else(|| {
+                crate::resilience::balance::chance(
+                    reporting.sampling_ppm.unwrap_or(self.sampling_ppm),
+                )
+            });
         let trace_id = incoming
             .as_ref()
             .map_or_else(random_id::<16>, |c| c.trace_id);
@@ -165,6 +185,10 @@ impl Tracer {
         context::inject(headers, incoming.as_ref(), &trace_id, &span_id, sampled);
         if !sampled {
             self.stats.unsampled.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if !reporting.report_spans {
+            self.stats.unreported.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         self.stats.spans.fetch_add(1, Ordering::Relaxed);
@@ -216,6 +240,8 @@ pub struct RequestSpan {
     port: u16,
     /// The caller's address.
     peer: SocketAddr,
+    /// A Telemetry's custom tags, with their values.
+    tags: Vec<(String, String)>,
 }
 
 /// How a request ended, for its span.
@@ -231,16 +257,15 @@ pub struct Ending<'a> {
 }
 
 impl RequestSpan {
-    /// Begins the span of `req` (rewriting its trace headers); `None` when
-    /// not sampled.
+    /// Begins the span of `req` (rewriting its trace headers) as the
+    /// workload's Telemetry says; `None` when not sampled, or not reported.
     pub fn begin<B>(
         tracer: &Arc<Tracer>,
         req: &mut http::Request<B>,
-        kind: Kind,
-        port: u16,
-        peer: SocketAddr,
+        (kind, port, peer): (Kind, u16, SocketAddr),
+        reporting: &Reporting,
     ) -> Option<Self> {
-        let span = tracer.begin(req.headers_mut(), kind)?;
+        let span = tracer.begin(req.headers_mut(), kind, reporting)?;
         let host = req
             .uri()
             .authority()
@@ -260,6 +285,7 @@ impl RequestSpan {
             version: req.version(),
             port,
             peer,
+            tags: reporting.tag_values(req.headers()),
         })
     }
 
@@ -353,6 +379,7 @@ impl RequestSpan {
             start_unix_nanos: nanos(self.span.start),
             end_unix_nanos: nanos(end),
             attributes,
+            tags: self.tags,
             error,
             resource: Arc::new(Resource::of(us, &tracer.node)),
         });
@@ -393,7 +420,7 @@ mod tests {
                 .unwrap(),
         );
         let span = never
-            .begin(&mut h, Kind::Client)
+            .begin(&mut h, Kind::Client, &Reporting::default())
             .expect("sampled by the caller");
         assert_eq!(span.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
@@ -414,7 +441,11 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert!(always.begin(&mut h, Kind::Client).is_none());
+        assert!(
+            always
+                .begin(&mut h, Kind::Client, &Reporting::default())
+                .is_none()
+        );
         assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
         assert_eq!(always.stats.unsampled.load(Ordering::Relaxed), 1);
     }
@@ -423,17 +454,51 @@ mod tests {
     fn a_new_trace_passes_its_decision_on() {
         let (never, _rx) = tracer(0.0);
         let mut h = HeaderMap::new();
-        assert!(never.begin(&mut h, Kind::Client).is_none());
+        assert!(
+            never
+                .begin(&mut h, Kind::Client, &Reporting::default())
+                .is_none()
+        );
         let sent = context::extract(&h).expect("a context is passed on");
         assert_eq!(sent.sampled, Some(false));
 
         let (always, _rx) = tracer(1.0);
         let mut h = HeaderMap::new();
-        let span = always.begin(&mut h, Kind::Client).expect("sampled");
+        let span = always
+            .begin(&mut h, Kind::Client, &Reporting::default())
+            .expect("sampled");
         let sent = context::extract(&h).unwrap();
         assert_eq!(context::hex(&sent.trace_id), span.trace_id());
         assert_eq!(sent.parent, Some(span.span_id));
         assert_eq!(span.parent, None);
+    }
+
+    #[test]
+    fn a_telemetrys_share_and_span_reporting_apply() {
+        let (never, _rx) = tracer(0.0);
+        let all = Reporting {
+            sampling_ppm: Some(1_000_000),
+            ..Reporting::default()
+        };
+        let mut h = HeaderMap::new();
+        assert!(never.begin(&mut h, Kind::Server, &all).is_some(), "100%");
+        let (always, _rx) = tracer(1.0);
+        let none = Reporting {
+            sampling_ppm: Some(0),
+            ..Reporting::default()
+        };
+        let mut h = HeaderMap::new();
+        assert!(always.begin(&mut h, Kind::Server, &none).is_none(), "0%");
+        // Not reported: no span, but the sampled decision goes on.
+        let quiet = Reporting {
+            report_spans: false,
+            ..Reporting::default()
+        };
+        let mut h = HeaderMap::new();
+        assert!(always.begin(&mut h, Kind::Server, &quiet).is_none());
+        assert_eq!(context::extract(&h).unwrap().sampled, Some(true));
+        assert_eq!(always.stats.unreported.load(Ordering::Relaxed), 1);
+        assert_eq!(always.stats.spans.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -449,6 +514,7 @@ mod tests {
             start_unix_nanos: 0,
             end_unix_nanos: 0,
             attributes: Vec::new(),
+            tags: Vec::new(),
             error: None,
             resource: Arc::new(Resource::new(Vec::new())),
         };

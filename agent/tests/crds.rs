@@ -79,6 +79,7 @@ fn the_examples_pass_the_schemas_and_the_agent() {
         ("authorizationpolicy.yaml", "AuthorizationPolicy"),
         ("requestauthentication.yaml", "RequestAuthentication"),
         ("peerauthentication.yaml", "PeerAuthentication"),
+        ("telemetry.yaml", "Telemetry"),
         ("trafficpolicy.yaml", "TrafficPolicy"),
     ] {
         let objects = examples(file);
@@ -604,6 +605,95 @@ fn each_peer_authentication_rule_refuses_its_breach() {
             (
                 "selectors are label maps",
                 with(web, "spec.selector.matchLabels", json!(["app"])),
+                true,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn each_telemetry_rule_refuses_its_breach() {
+    let base = examples("telemetry.yaml");
+    let (mesh, shop) = (base[0].clone(), base[1].clone());
+    check_broken(
+        "Telemetry",
+        vec![
+            (
+                "a sampling percentage is at most 100",
+                with(
+                    mesh.clone(),
+                    "spec.tracing.0.randomSamplingPercentage",
+                    json!(150),
+                ),
+                true,
+            ),
+            (
+                "a sampling percentage is at least 0",
+                with(
+                    mesh.clone(),
+                    "spec.tracing.0.randomSamplingPercentage",
+                    json!(-1),
+                ),
+                true,
+            ),
+            (
+                "a custom tag has exactly one source",
+                with(
+                    mesh.clone(),
+                    "spec.tracing.0.customTags.cluster.header",
+                    json!({"name": "x-cluster"}),
+                ),
+                true,
+            ),
+            (
+                "a custom tag has a source",
+                with(mesh.clone(), "spec.tracing.0.customTags.cluster", json!({})),
+                true,
+            ),
+            (
+                "a provider has a name",
+                with(mesh.clone(), "spec.tracing.0.providers.0.name", json!("")),
+                true,
+            ),
+            (
+                "a mode is one of CLIENT, SERVER, CLIENT_AND_SERVER",
+                with(
+                    shop.clone(),
+                    "spec.accessLogging.0.match.mode",
+                    json!("BOTH"),
+                ),
+                true,
+            ),
+            (
+                "a metric is one of Istio's",
+                with(
+                    shop.clone(),
+                    "spec.metrics.0.overrides.0.match.metric",
+                    json!("REQUEST_BYTES"),
+                ),
+                true,
+            ),
+            (
+                "no unknown fields (tagOverrides is not taken)",
+                with(
+                    shop.clone(),
+                    "spec.metrics.0.overrides.0.tagOverrides",
+                    json!({"request_protocol": {"operation": "REMOVE"}}),
+                ),
+                true,
+            ),
+            (
+                "a filter has an expression",
+                with(
+                    shop,
+                    "spec.accessLogging.0.filter",
+                    json!({"expression": ""}),
+                ),
+                true,
+            ),
+            (
+                "selectors are label maps",
+                with(mesh, "spec.selector.matchLabels", json!(["app"])),
                 true,
             ),
         ],

@@ -155,6 +155,14 @@ pub fn peer_authentication(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
+/// `trellis.dev/v1alpha1` Telemetry with `spec` (flow-style YAML).
+pub fn telemetry(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+    )
+}
+
 pub fn docs(docs: &[String]) -> String {
     docs.join("---\n")
 }

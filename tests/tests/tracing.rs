@@ -347,3 +347,341 @@ fn spans_from_both_agents_share_the_callers_trace() {
     };
     assert_eq!(failed, 3.0, "spans that could not be sent are counted");
 }
+
+/// What `f` returns once it has something; fails after ten seconds.
+fn settled<T>(f: impl Fn() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(done) = f() {
+            return done;
+        }
+        assert!(Instant::now() < deadline, "not settled in 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The access log lines of `agent` (JSON logs).
+fn access_lines(agent: &trellis_tests::Agent) -> Vec<Value> {
+    agent
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "access")
+        .collect()
+}
+
+/// Istio's Telemetry API, by mesh, namespace and workload: the mesh samples
+/// every new trace and tags spans; the namespace turns off the server's
+/// request count and the client's connection-opened count; the client
+/// workload's access log is off. Then a live change: the client's spans
+/// are not reported (its context still passed on) and its log is back.
+#[test]
+fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
+    const WEB_TCP: &str = "10.96.0.91";
+    let mut lab = Lab::new("telemetry").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let _server = server
+        .serve(py::TRACE_ECHO, &["8080"], 8080)
+        .expect("server");
+    let _collector = a
+        .exec()
+        .python(
+            py::OTLP_COLLECTOR,
+            &[&GRPC_PORT.to_string(), &HTTP_PORT.to_string()],
+        )
+        .expect("collector");
+    a.exec()
+        .wait_port("127.0.0.1", HTTP_PORT, Duration::from_secs(20))
+        .expect("collector up");
+    a.exec()
+        .wait_port("127.0.0.1", GRPC_PORT, Duration::from_secs(20))
+        .expect("collector up");
+
+    let client_policy = |spec: &str| mesh::telemetry("shop", "client", spec);
+    let mut docs = vec![
+        mesh::node(&a),
+        mesh::node(&b),
+        mesh::namespace("shop", true),
+        mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+        mesh::pod(&server, "shop", &[("app", "web")], &[], ""),
+        mesh::service("shop", "web", WEB, 80, "8080", &[("app", "web")]),
+        mesh::service_with_protocol(
+            "shop",
+            "web-tcp",
+            WEB_TCP,
+            80,
+            "8080",
+            "tcp",
+            &[("app", "web")],
+        ),
+        mesh::telemetry(
+            "trellis-system",
+            "mesh-default",
+            "{tracing: [{randomSamplingPercentage: 100, customTags: {team: {literal: {value: payments}}, \
+             user: {header: {name: x-user, defaultValue: anon}}}}]}",
+        ),
+        mesh::telemetry(
+            "shop",
+            "shop",
+            "{metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, disabled: true}, \
+             {match: {metric: TCP_OPENED_CONNECTIONS, mode: CLIENT}, disabled: true}]}]}",
+        ),
+        // The server's side logs failures and /t1 only.
+        mesh::telemetry(
+            "shop",
+            "web",
+            "{selector: {matchLabels: {app: web}}, accessLogging: [{match: {mode: SERVER}, \
+             filter: {expression: \"response.code >= 400 || request.url_path == '/t1'\"}}]}",
+        ),
+        client_policy(
+            "{selector: {matchLabels: {app: client}}, accessLogging: [{disabled: true}]}",
+        ),
+    ];
+    let grpc_endpoint = format!("http://{}:{GRPC_PORT}", a.ip);
+    let cluster = mesh::Cluster::start_with(
+        lab.name(),
+        &[&a, &b],
+        &docs,
+        mesh::Certs::SharedCa,
+        &[
+            "--otlp-endpoint",
+            &grpc_endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--trace-sampling",
+            "0",
+            "--log-format",
+            "json",
+        ],
+    )
+    .expect("mesh");
+    let (agent_a, agent_b) = (&cluster.agents[0], &cluster.agents[1]);
+    let traced = |path: &str, headers: &[&str]| -> Vec<Value> {
+        let (code, seen) = get(&client, &format!("http://{WEB}{path}"), headers);
+        assert_eq!(code, "200", "{}", agent_a.log_text());
+        // The server pod got the trace's context: a new trace, sampled by
+        // the mesh's 100% (the flag says 0).
+        let parent = seen["traceparent"].as_str().expect("traceparent");
+        assert!(parent.ends_with("-01"), "sampled: {parent}");
+        let id = parent.split('-').nth(1).expect("trace id").to_owned();
+        trace(&a, &id, 2)
+    };
+
+    for _ in 0..3 {
+        let spans = traced("/t1", &["x-user: ada"]);
+        assert_eq!(spans.len(), 2, "both agents' spans: {spans:#?}");
+        for span in &spans {
+            assert_eq!(span["attributes"]["team"], "payments", "{span}");
+            assert_eq!(span["attributes"]["user"], "ada", "{span}");
+        }
+    }
+    let spans = traced("/t1", &[]);
+    assert_eq!(kind(&spans, SERVER)["attributes"]["user"], "anon");
+    // Two more the server's filter judges: one it drops, one it keeps.
+    for (path, want) in [("/t3", "200"), ("/fail", "503")] {
+        assert_eq!(get(&client, &format!("http://{WEB}{path}"), &[]).0, want);
+    }
+    // The tunnel's streams count as connections on the server's side (the
+    // HTTP requests' too): the two below are the ones after these.
+    let opened_at_b = || {
+        sum(
+            &scrape(&b),
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("source_workload", "a1")],
+        )
+    };
+    let opened_before = opened_at_b();
+    for _ in 0..2 {
+        let out = client
+            .exec()
+            .output(
+                "curl",
+                &[
+                    "-s",
+                    "-m",
+                    "10",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("http://{WEB_TCP}/tcp"),
+                ],
+                Duration::from_secs(20),
+            )
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    }
+
+    // Metrics: the server side counts no requests but still times them;
+    // the client side counts them. Connections: the client side counts no
+    // openings but counts closings; the server side counts both.
+    let from_a1 = |reporter| [("reporter", reporter), ("source_workload", "a1")];
+    // Recorded as each response and connection ends, which may be just
+    // after the client saw it.
+    let at_b = settled(|| {
+        let at_b = scrape(&b);
+        let opened = sum(
+            &at_b,
+            "istio_tcp_connections_opened_total",
+            &from_a1("destination"),
+        ) - opened_before;
+        let timed = sum(
+            &at_b,
+            "istio_request_duration_milliseconds_count",
+            &from_a1("destination"),
+        );
+        (opened >= 2.0 && timed >= 6.0).then_some(at_b)
+    });
+    assert_eq!(
+        sum(&at_b, "istio_requests_total", &from_a1("destination")),
+        0.0
+    );
+    assert_eq!(
+        sum(
+            &at_b,
+            "istio_request_duration_milliseconds_count",
+            &from_a1("destination")
+        ),
+        6.0
+    );
+    assert_eq!(
+        sum(
+            &at_b,
+            "istio_tcp_connections_opened_total",
+            &from_a1("destination")
+        ) - opened_before,
+        2.0
+    );
+    let at_a = settled(|| {
+        let at_a = scrape(&a);
+        let closed = sum(
+            &at_a,
+            "istio_tcp_connections_closed_total",
+            &from_a1("source"),
+        );
+        let requests = sum(&at_a, "istio_requests_total", &from_a1("source"));
+        (closed >= 2.0 && requests >= 6.0).then_some(at_a)
+    });
+    assert_eq!(sum(&at_a, "istio_requests_total", &from_a1("source")), 6.0);
+    assert_eq!(
+        sum(
+            &at_a,
+            "istio_tcp_connections_closed_total",
+            &from_a1("source")
+        ),
+        2.0
+    );
+    assert_eq!(
+        sum(
+            &at_a,
+            "istio_tcp_connections_opened_total",
+            &from_a1("source")
+        ),
+        0.0
+    );
+    // Access logs: none from the client's agent; the server's filter kept
+    // the failure and /t1, and no connection (a connection has no response
+    // code, and neither side of the `||` decides).
+    let count = |lines: &[Value], path: &str| lines.iter().filter(|l| l["path"] == path).count();
+    let at_b_lines = settled(|| {
+        let lines = access_lines(agent_b);
+        (count(&lines, "/t1") >= 4 && count(&lines, "/fail") >= 1).then_some(lines)
+    });
+    assert_eq!(count(&at_b_lines, "/t1"), 4, "{at_b_lines:#?}");
+    assert_eq!(count(&at_b_lines, "/fail"), 1, "{at_b_lines:#?}");
+    assert_eq!(count(&at_b_lines, "/t3"), 0, "{at_b_lines:#?}");
+    assert!(
+        at_b_lines.iter().all(|l| l["protocol"] != "tcp"),
+        "{at_b_lines:#?}"
+    );
+    assert!(
+        access_lines(agent_a)
+            .iter()
+            .all(|l| l["src_workload"] != "a1"),
+        "{:#?}",
+        access_lines(agent_a)
+    );
+
+    // What the CLI shows of them.
+    let workloads = agent_a.cli_json("workloads").expect("workloads");
+    let a1 = workloads["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["workload"] == "shop/a1")
+        .cloned()
+        .expect("a1");
+    assert_eq!(a1["telemetry"]["client"]["access_log"], false, "{a1:#}");
+    assert_eq!(
+        a1["telemetry"]["client"]["sampling_ppm"], 1_000_000,
+        "{a1:#}"
+    );
+    assert_eq!(
+        a1["telemetry"]["client"]["metrics_off"],
+        serde_json::json!(["TCP_OPENED_CONNECTIONS"]),
+        "{a1:#}"
+    );
+    assert_eq!(
+        a1["telemetry"]["server"]["metrics_off"],
+        serde_json::json!(["REQUEST_COUNT"])
+    );
+    let text = agent_a.cli(&["workloads"]).expect("workloads text");
+    assert!(
+        text.contains("TELEMETRY") && text.contains("no access log"),
+        "{text}"
+    );
+    let text = agent_a.cli(&["policy"]).expect("policy text");
+    assert!(
+        text.contains("TELEMETRY") && text.contains("shop/client"),
+        "{text}"
+    );
+
+    // A live change: the client's spans are not reported, its log is on.
+    let last = docs.len() - 1;
+    docs[last] = client_policy(
+        "{selector: {matchLabels: {app: client}}, tracing: [{match: {mode: CLIENT}, disableSpanReporting: true}]}",
+    );
+    cluster
+        .config()
+        .write("mesh.yaml", &mesh::docs(&docs))
+        .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let w = agent_a.cli_json("workloads").expect("workloads");
+        let reported = w["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["workload"] == "shop/a1")
+            .map(|e| e["telemetry"]["client"]["report_spans"].clone());
+        if reported == Some(Value::Bool(false)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the change: {w:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, seen) = get(&client, &format!("http://{WEB}/t2"), &["x-user: ada"]);
+    assert_eq!(code, "200");
+    let parent = seen["traceparent"].as_str().expect("traceparent");
+    assert!(
+        parent.ends_with("-01"),
+        "still sampled, and said so: {parent}"
+    );
+    let id = parent.split('-').nth(1).expect("trace id");
+    // The server's span comes; wait as long for a client span that must not.
+    let spans = trace(&a, id, 2);
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0]["kind"], SERVER);
+    assert_eq!(
+        sum(&scrape(&a), "trellis_tracing_unreported_total", &[]),
+        1.0
+    );
+    let lines = settled(|| {
+        let lines = access_lines(agent_a);
+        (count(&lines, "/t2") >= 1).then_some(lines)
+    });
+    assert_eq!(count(&lines, "/t2"), 1, "{lines:#?}");
+}

@@ -35,6 +35,7 @@ use crate::{
     identity::manager::CertManager,
     policy::{
         explain::{self, ExplainError},
+        telemetry::{Reporting, Side},
         verdict::Verdicts,
     },
     proxy::outbound::Outbound,
@@ -342,6 +343,8 @@ pub fn policies(state: &AdminState) -> serde_json::Value {
         "authentication": authentication,
         // What each local workload's mode comes out as is in `workloads`.
         "peer_authentication": snapshot.peer_authentications,
+        // Likewise what each local workload reports.
+        "telemetry": snapshot.telemetry.policies,
         "network": network,
     })
 }
@@ -355,6 +358,15 @@ pub fn workloads(state: &AdminState) -> serde_json::Value {
         .iter()
         .map(|e| {
             let w = snapshot.workload(&e.workload);
+            // What its Telemetry policies change, side by side (null when
+            // nothing: everything is reported as the flags say).
+            let telemetry = w.and_then(|w| {
+                let [client, server] =
+                    [Side::Client, Side::Server].map(|side| snapshot.telemetry.reporting(w, side));
+                let default = Reporting::everything();
+                (*client != *default || *server != *default)
+                    .then(|| serde_json::json!({"client": client, "server": server}))
+            });
             serde_json::json!({
                 "workload": e.workload,
                 "ips": w.map(|w| w.ips.clone()).unwrap_or_default(),
@@ -362,6 +374,7 @@ pub fn workloads(state: &AdminState) -> serde_json::Value {
                 "meshed": e.meshed,
                 "mtls": e.mtls,
                 "mtls_ports": e.mtls_ports,
+                "telemetry": telemetry,
                 "tc_hooked": e.tc_hooked,
                 "ready": w.is_some_and(|w| w.ready && !w.terminating),
                 "endpoint_id": e.endpoint_id,

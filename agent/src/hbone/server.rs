@@ -52,6 +52,7 @@ use crate::{
         IstioMetrics,
         istio::{OpenConnection, Peer, Reporter, ServiceName, TcpLabels, Traffic},
     },
+    policy::telemetry::Side,
     policy::{
         authz::{self, Verdict},
         verdict::{Standing, Verdicts},
@@ -535,11 +536,12 @@ impl Inbound {
             }
         };
         debug!(%target, %peer_id, %forwarded, inspect, "stream open");
+        let reporting = snapshot.reporting(target.ip(), Side::Server);
         let record = self
             .metrics
             .clone()
             .zip(labels)
-            .map(|(m, l)| OpenConnection::new(m, l, target));
+            .map(|(m, l)| OpenConnection::new(m, l, target, reporting.clone()));
         let mut tunnel = H2Stream::new(send, request.into_body());
         // L7 rules decide: the stream is read as HTTP, else judged as
         // opaque TCP.
@@ -613,6 +615,7 @@ impl Inbound {
                     ),
                     (client.unwrap_or(remote), target),
                     true,
+                    reporting,
                 );
                 let idle = self.idle_timeout;
                 Box::pin(async move {

@@ -12,7 +12,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{identity::Identity, state::Workload};
+use crate::{
+    identity::Identity,
+    policy::telemetry::{MetricName, MetricSet, Reporting},
+    state::Workload,
+};
 
 /// Who reports: the agent on the client's side or on the server's.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -326,6 +330,8 @@ pub struct Request {
     pub response_bytes: u64,
     /// gRPC messages each way, when counted.
     pub messages: Option<(u64, u64)>,
+    /// The metrics its workload's Telemetry turned off.
+    pub off: MetricSet,
 }
 
 impl IstioMetrics {
@@ -405,34 +411,60 @@ impl IstioMetrics {
             || r.labels.grpc_status.is_some_and(|s| s != 0);
         self.topology
             .request(&r.labels.traffic, error, r.request_bytes + r.response_bytes);
-        self.requests.get_or_create(&r.labels).inc();
-        self.duration
-            .get_or_create(&r.labels)
-            .observe(r.duration_ms);
-        self.request_bytes
-            .get_or_create(&r.labels)
-            .observe(r.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&r.labels)
-            .observe(r.response_bytes as f64);
+        let on = |m| !r.off.has(m);
+        if on(MetricName::RequestCount) {
+            self.requests.get_or_create(&r.labels).inc();
+        }
+        if on(MetricName::RequestDuration) {
+            self.duration
+                .get_or_create(&r.labels)
+                .observe(r.duration_ms);
+        }
+        if on(MetricName::RequestSize) {
+            self.request_bytes
+                .get_or_create(&r.labels)
+                .observe(r.request_bytes as f64);
+        }
+        if on(MetricName::ResponseSize) {
+            self.response_bytes
+                .get_or_create(&r.labels)
+                .observe(r.response_bytes as f64);
+        }
         if let Some((up, down)) = r.messages {
-            self.request_messages.get_or_create(&r.labels).inc_by(up);
-            self.response_messages.get_or_create(&r.labels).inc_by(down);
+            if on(MetricName::GrpcRequestMessages) {
+                self.request_messages.get_or_create(&r.labels).inc_by(up);
+            }
+            if on(MetricName::GrpcResponseMessages) {
+                self.response_messages.get_or_create(&r.labels).inc_by(down);
+            }
         }
     }
 
-    pub fn tcp_opened(&self, labels: &TcpLabels) {
-        self.opened.get_or_create(labels).inc();
+    pub fn tcp_opened(&self, labels: &TcpLabels, off: MetricSet) {
+        if !off.has(MetricName::TcpOpenedConnections) {
+            self.opened.get_or_create(labels).inc();
+        }
     }
 
     /// A connection's end, with its bytes as Istio counts them:
     /// `received` what the client sent, `sent` what the server answered.
-    pub fn tcp_closed(&self, labels: &TcpLabels, from_client: u64, from_server: u64) {
+    pub fn tcp_closed(
+        &self,
+        labels: &TcpLabels,
+        (from_client, from_server): (u64, u64),
+        off: MetricSet,
+    ) {
         self.topology
             .connection(&labels.traffic, from_client + from_server);
-        self.closed.get_or_create(labels).inc();
-        self.received.get_or_create(labels).inc_by(from_client);
-        self.sent.get_or_create(labels).inc_by(from_server);
+        if !off.has(MetricName::TcpClosedConnections) {
+            self.closed.get_or_create(labels).inc();
+        }
+        if !off.has(MetricName::TcpReceivedBytes) {
+            self.received.get_or_create(labels).inc_by(from_client);
+        }
+        if !off.has(MetricName::TcpSentBytes) {
+            self.sent.get_or_create(labels).inc_by(from_server);
+        }
     }
 
     pub fn tcp_failed(&self, labels: &TcpLabels) {
@@ -449,6 +481,8 @@ pub struct OpenConnection {
     /// For its access log line.
     start: (std::time::SystemTime, std::time::Instant),
     upstream: std::net::SocketAddr,
+    /// What the reporting workload's Telemetry has reported.
+    reporting: Arc<Reporting>,
 }
 
 impl OpenConnection {
@@ -456,14 +490,16 @@ impl OpenConnection {
         metrics: Arc<IstioMetrics>,
         labels: TcpLabels,
         upstream: std::net::SocketAddr,
+        reporting: Arc<Reporting>,
     ) -> Self {
-        metrics.tcp_opened(&labels);
+        metrics.tcp_opened(&labels, reporting.metrics_off);
         Self {
             metrics,
             labels,
             bytes: std::sync::Mutex::new((0, 0)),
             start: (std::time::SystemTime::now(), std::time::Instant::now()),
             upstream,
+            reporting,
         }
     }
 
@@ -476,9 +512,10 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         let (up, down) = *self.bytes.lock().unwrap_or_else(|e| e.into_inner());
-        self.metrics.tcp_closed(&self.labels, up, down);
-        if crate::access_log::sampled() {
-            crate::access_log::write(&crate::access_log::Entry {
+        self.metrics
+            .tcp_closed(&self.labels, (up, down), self.reporting.metrics_off);
+        if self.reporting.access_log && crate::access_log::sampled() {
+            let entry = crate::access_log::Entry {
                 traffic: &self.labels.traffic,
                 start: self.start.0,
                 duration: self.start.1.elapsed(),
@@ -491,7 +528,10 @@ impl Drop for OpenConnection {
                 flags: self.labels.flags,
                 trace_id: None,
                 request: None,
-            });
+            };
+            if self.reporting.logs(&entry) {
+                crate::access_log::write(&entry);
+            }
         }
     }
 }

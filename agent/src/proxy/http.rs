@@ -55,6 +55,7 @@ use crate::{
     hbone::client::Pool,
     identity::Identity,
     policy::authz::{self, Refusal},
+    policy::telemetry::Reporting,
     routes::{
         self, RequestView, Rule,
         table::{AuthProtocol, PathRule},
@@ -95,6 +96,8 @@ pub struct Call {
     /// The port's server speaks gRPC-Web itself (`appProtocol: grpc-web`):
     /// such requests are passed through, not made gRPC.
     pub grpc_web_upstream: bool,
+    /// What the client's Telemetry has reported (the client's side).
+    pub reporting: Arc<Reporting>,
 }
 
 /// Requests the agent answered itself, by reason, and forwarded ones.
@@ -372,10 +375,9 @@ impl HttpProxy {
                 let start = telemetry::Start::new(
                     &mut req,
                     this.tracer.as_ref(),
-                    crate::trace::Kind::Client,
-                    call.port,
-                    call.client,
+                    (crate::trace::Kind::Client, call.port, call.client),
                     this.metrics.is_some(),
+                    call.reporting.clone(),
                 );
                 let mut chosen = Chosen {
                     body: start.body.clone(),
@@ -1354,6 +1356,7 @@ impl HttpProxy {
             ipv6: backend.is_ipv6(),
             upstream_h2: false,
             grpc_web_upstream: false,
+            reporting: Reporting::everything(),
         };
         let dst = self.tunnel(&snapshot, &call, backend);
         let (io, _guard) = self
@@ -1556,6 +1559,7 @@ impl HttpProxy {
                 ipv6: target.is_ipv6(),
                 upstream_h2: false,
                 grpc_web_upstream: false,
+                reporting: Reporting::everything(),
             },
             principal: identity.to_string(),
         })

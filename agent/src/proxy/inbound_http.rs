@@ -44,6 +44,7 @@ use crate::{
         istio::{Peer, Reporter, RequestLabels, ServiceName, Traffic},
     },
     policy::authz::{self, Refusal},
+    policy::telemetry::Reporting,
     state::Snapshot,
     trace::{Kind, Tracer},
 };
@@ -129,6 +130,8 @@ pub struct Telemetry {
     /// The pod's address.
     pub target: SocketAddr,
     pub mtls: bool,
+    /// What the pod's Telemetry has reported (the server's side).
+    pub reporting: Arc<Reporting>,
     /// Labels by (Service called, gRPC), made once per connection.
     traffic: Mutex<HashMap<(Option<String>, bool), Traffic>>,
 }
@@ -141,6 +144,7 @@ impl Telemetry {
         (source, destination): (Arc<Peer>, Arc<Peer>),
         (peer, target): (SocketAddr, SocketAddr),
         mtls: bool,
+        reporting: Arc<Reporting>,
     ) -> Option<Self> {
         (tracer.is_some() || metrics.is_some()).then(|| Self {
             tracer,
@@ -151,6 +155,7 @@ impl Telemetry {
             peer,
             target,
             mtls,
+            reporting,
             traffic: Mutex::default(),
         })
     }
@@ -250,10 +255,9 @@ where
             let start = telemetry::Start::new(
                 &mut req,
                 t.tracer.as_ref(),
-                Kind::Server,
-                t.target.port(),
-                t.peer,
+                (Kind::Server, t.target.port(), t.peer),
                 t.metrics.is_some(),
+                t.reporting.clone(),
             );
             let host = crate::access_log::authority(&req);
             let resp = handle(req, judge.as_ref(), upstream, Some(start.body.clone())).await?;

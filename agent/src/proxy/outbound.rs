@@ -47,6 +47,7 @@ use crate::{
     identity::Identity,
     policy::{
         authz::{self, Verdict},
+        telemetry::Side,
         verdict::{Standing, Verdicts},
     },
     state::Snapshot,
@@ -313,17 +314,20 @@ impl Outbound {
         }
     }
 
-    /// Counts a connection opened; it is counted closed, with the bytes
-    /// given, when the record is dropped.
+    /// Counts a connection from `peer` opened; it is counted closed, with
+    /// the bytes given, when the record is dropped.
     fn record_open(
         &self,
         labels: TcpLabels,
+        peer: SocketAddr,
         upstream: SocketAddr,
     ) -> crate::metrics::istio::OpenConnection {
+        let reporting = self.state.borrow().reporting(peer.ip(), Side::Client);
         crate::metrics::istio::OpenConnection::new(
             self.metrics.clone().expect("labels only with metrics"),
             labels,
             upstream,
+            reporting,
         )
     }
 
@@ -393,7 +397,7 @@ impl Outbound {
         let labels = self.tcp_labels(peer, route, true);
         let _ = inbound.set_nodelay(true);
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
-        let record = labels.map(|l| self.record_open(l, route.backend));
+        let record = labels.map(|l| self.record_open(l, peer, route.backend));
         debug!(dst = %route.dst, backend = %route.backend, %src, %dst, "connected through HBONE");
         let standing = self.standing(peer, route.backend, "hbone-outbound", false);
         let resets = resets(&standing, &[inbound.as_fd()]);
@@ -557,6 +561,7 @@ impl Outbound {
             ipv6: dst.is_ipv6(),
             upstream_h2: detect::declares_http2(port.app_protocol.as_deref(), &port.name),
             grpc_web_upstream: detect::declares_grpc_web(port.app_protocol.as_deref()),
+            reporting: snapshot.telemetry.reporting(client, Side::Client),
         };
         Some((
             call,
@@ -918,7 +923,7 @@ impl Outbound {
         let labels = self.tcp_labels(peer, &route, false);
         let _ = upstream.set_nodelay(true);
         let _ = inbound.set_nodelay(true);
-        let record = labels.map(|l| self.record_open(l, route.backend));
+        let record = labels.map(|l| self.record_open(l, peer, route.backend));
         if let Some((source, protocol)) = inspect {
             let served = self
                 .serve_authorized(inbound, upstream, peer, &route, source, protocol)
@@ -1099,7 +1104,7 @@ impl Outbound {
             sent = meta.progress.sent, received = meta.progress.received, "adopted from the predecessor agent");
         let record = self
             .tcp_labels(meta.peer, &route, false)
-            .map(|l| self.record_open(l, route.backend));
+            .map(|l| self.record_open(l, meta.peer, route.backend));
         self.relay_l4(
             inbound,
             upstream,

@@ -25,6 +25,7 @@ use crate::{
         grpc::MessageCounter,
         istio::{self, RequestLabels},
     },
+    policy::telemetry::Reporting,
     trace::{Ending, RequestSpan},
 };
 
@@ -127,6 +128,8 @@ pub struct Start {
     /// Sampled for the access log: when it came, its trace id, its line.
     logged: Option<(SystemTime, Option<String>, crate::access_log::RequestLine)>,
     span: Option<RequestSpan>,
+    /// What the workload's Telemetry has reported.
+    reporting: Arc<Reporting>,
     /// The request body's bytes and messages (it gets wrapped in
     /// [`Counted`]).
     pub body: Arc<BodyCount>,
@@ -134,17 +137,17 @@ pub struct Start {
 
 impl Start {
     /// Starts `req`'s span (rewriting its trace headers) and decides its
-    /// access log line. `port` is the port called, `peer` the caller.
+    /// access log line, as `reporting` (the workload's Telemetry) says.
+    /// `port` is the port called, `peer` the caller.
     pub fn new<B>(
         req: &mut Request<B>,
         tracer: Option<&Arc<crate::trace::Tracer>>,
-        kind: crate::trace::Kind,
-        port: u16,
-        peer: SocketAddr,
+        (kind, port, peer): (crate::trace::Kind, u16, SocketAddr),
         logs: bool,
+        reporting: Arc<Reporting>,
     ) -> Self {
-        let span = tracer.and_then(|t| RequestSpan::begin(t, req, kind, port, peer));
-        let logged = (logs && crate::access_log::sampled()).then(|| {
+        let span = tracer.and_then(|t| RequestSpan::begin(t, req, (kind, port, peer), &reporting));
+        let logged = (logs && reporting.access_log && crate::access_log::sampled()).then(|| {
             (
                 SystemTime::now(),
                 span.as_ref().map_or_else(
@@ -159,6 +162,7 @@ impl Start {
             grpc: crate::policy::authz::is_grpc(req.headers()),
             logged,
             span,
+            reporting,
             body: Arc::default(),
         }
     }
@@ -246,7 +250,7 @@ impl Drop for Recorded {
         let duration = self.start.at.elapsed();
         let request_bytes = self.start.body.bytes.load(Ordering::Relaxed);
         if let Some((at, trace_id, request)) = self.start.logged.take() {
-            crate::access_log::write(&crate::access_log::Entry {
+            let entry = crate::access_log::Entry {
                 traffic: &labels.traffic,
                 start: at,
                 duration,
@@ -259,7 +263,10 @@ impl Drop for Recorded {
                 flags: labels.flags,
                 trace_id: trace_id.as_deref(),
                 request: Some(&request),
-            });
+            };
+            if self.start.reporting.logs(&entry) {
+                crate::access_log::write(&entry);
+            }
         }
         if let Some(span) = self.start.span.take() {
             span.end(&Ending {
@@ -285,6 +292,7 @@ impl Drop for Recorded {
                 duration_ms: duration.as_secs_f64() * 1000.0,
                 request_bytes,
                 response_bytes: self.response_bytes,
+                off: self.start.reporting.metrics_off,
             });
         }
     }

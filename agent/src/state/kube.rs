@@ -137,6 +137,13 @@ const KINDS: &[Kind] = &[
         only: None,
     },
     Kind {
+        kind: "Telemetry",
+        group: "trellis.dev",
+        version: "v1alpha1",
+        plural: "telemetries",
+        only: None,
+    },
+    Kind {
         kind: "TrafficPolicy",
         group: "trellis.dev",
         version: "v1alpha1",

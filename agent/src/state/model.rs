@@ -229,6 +229,9 @@ pub struct Snapshot {
     pub authentications: BTreeMap<String, Vec<Authentication>>,
     /// Peer authentication policies (mTLS modes), every namespace's.
     pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuth>,
+    /// Telemetry policies (what is traced, logged and counted), every
+    /// namespace's, with the mesh's root namespace.
+    pub telemetry: crate::policy::telemetry::Telemetries,
     /// The external authorization services CUSTOM policies name, from the
     /// mesh configuration.
     pub providers: crate::policy::providers::Providers,
@@ -373,6 +376,7 @@ impl Snapshot {
         let mut traffic_policies = Vec::new();
         let mut mesh_configs = Vec::new();
         let mut peer_authentications = Vec::new();
+        let mut telemetry = Vec::new();
         for object in objects {
             *counts.entry(object.kind()).or_insert(0) += 1;
             match object {
@@ -390,6 +394,9 @@ impl Snapshot {
                 Object::AuthorizationPolicy(p) => policies.push(Policy::compile(p)),
                 Object::PeerAuthentication(p) => {
                     peer_authentications.push(crate::policy::peer_auth::PeerAuth::compile(p))
+                }
+                Object::Telemetry(t) => {
+                    telemetry.push(crate::policy::telemetry::TelemetryPolicy::compile(t))
                 }
                 Object::RequestAuthentication(a) => {
                     let a = Authentication::compile(a);
@@ -527,6 +534,7 @@ impl Snapshot {
             network_policies,
             authentications,
             peer_authentications,
+            telemetry: crate::policy::telemetry::Telemetries::new(root_namespace, telemetry),
             providers: mesh_providers(&mesh_configs),
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
@@ -592,6 +600,21 @@ impl Snapshot {
         self.workloads
             .get(*self.index.workload_by_ip.get(&ip)?)
             .map(|w| &**w)
+    }
+
+    /// What the Telemetry policies have reported of `side` of a call by
+    /// the workload at `ip` (everything when it is none of the mesh's).
+    pub fn reporting(
+        &self,
+        ip: IpAddr,
+        side: crate::policy::telemetry::Side,
+    ) -> Arc<crate::policy::telemetry::Reporting> {
+        use crate::policy::telemetry::Reporting;
+        if self.telemetry.policies.is_empty() {
+            return Reporting::everything();
+        }
+        self.workload_by_ip(ip.to_canonical())
+            .map_or_else(Reporting::everything, |w| self.telemetry.reporting(w, side))
     }
 }
 

@@ -16,7 +16,7 @@ use serde::Deserialize as _;
 use crate::{
     policy::{
         authn::RequestAuthentication, authz::AuthorizationPolicy, peer_auth::PeerAuthentication,
-        providers,
+        providers, telemetry::Telemetry,
     },
     resilience::TrafficPolicy,
     routes::{grpc_route::GrpcRoute, http_route::HttpRoute, reference_grant::ReferenceGrant},
@@ -44,6 +44,7 @@ pub enum Object {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     RequestAuthentication(Arc<RequestAuthentication>),
     PeerAuthentication(Arc<PeerAuthentication>),
+    Telemetry(Arc<Telemetry>),
     NetworkPolicy(Arc<NetworkPolicy>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
@@ -243,6 +244,7 @@ impl Object {
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Self::RequestAuthentication(_) => "RequestAuthentication",
             Self::PeerAuthentication(_) => "PeerAuthentication",
+            Self::Telemetry(_) => "Telemetry",
             Self::NetworkPolicy(_) => "NetworkPolicy",
             Self::HttpRoute(_) => "HTTPRoute",
             Self::GrpcRoute(_) => "GRPCRoute",
@@ -262,6 +264,7 @@ impl Object {
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::RequestAuthentication(o) => &o.metadata,
             Self::PeerAuthentication(o) => &o.metadata,
+            Self::Telemetry(o) => &o.metadata,
             Self::NetworkPolicy(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
             Self::GrpcRoute(o) => &o.metadata,
@@ -469,6 +472,7 @@ fn parse_object(
             "trellis.dev/v1alpha1",
             namespaced
         ),
+        "Telemetry" => typed!(Telemetry, Telemetry, "trellis.dev/v1alpha1", namespaced),
         "HTTPRoute" => typed!(
             HttpRoute,
             HttpRoute,
@@ -670,6 +674,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         Object::PeerAuthentication(policy) => {
             crate::policy::peer_auth::validate(&policy.spec)?;
+        }
+        Object::Telemetry(policy) => {
+            crate::policy::telemetry::validate(&policy.spec)?;
         }
         Object::NetworkPolicy(policy) => {
             crate::policy::network::NetworkPolicy::from_object(policy)?;

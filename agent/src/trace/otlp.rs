@@ -300,6 +300,9 @@ fn encode_span(out: &mut Vec<u8>, span: &Finished) {
     for (key, value) in &span.attributes {
         key_value(out, 9, key, value);
     }
+    for (key, value) in &span.tags {
+        key_value(out, 9, key, &Value::Str(value.clone()));
+    }
     // Status: message (2), code (3: 1 ok, 2 error); unset when neither.
     if let Some(error) = &span.error {
         message(out, 15, |s| {
@@ -348,6 +351,7 @@ mod tests {
             start_unix_nanos: 10,
             end_unix_nanos: 20,
             attributes: vec![("http.response.status_code", Value::Int(200))],
+            tags: vec![("team".into(), "payments".into())],
             error: None,
             resource,
         };
@@ -357,6 +361,7 @@ mod tests {
         let text = String::from_utf8_lossy(&out);
         assert_eq!(text.matches("web.default").count(), 1);
         assert_eq!(text.matches("http.response.status_code").count(), 2);
+        assert_eq!(text.matches("payments").count(), 2, "custom tags too");
     }
 
     #[test]
