@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| ensure_request_id(black_box(&mut given)))
     });
     c.bench_function("access_log/request_line", |b| {
-        b.iter(|| RequestLine::of(black_box(&req)))
+        b.iter(|| RequestLine::of(black_box(&req), &[]))
     });
 }
 

@@ -14,7 +14,10 @@ use prometheus_client::registry::Registry;
 use trellis_agent::metrics::istio::{
     IstioMetrics, Peer, Reporter, Request, RequestLabels, ServiceName, TcpLabels, Traffic,
 };
-use trellis_agent::policy::telemetry::MetricSet;
+use trellis_agent::{
+    access_log::{Entry, RequestLine},
+    policy::telemetry::{Reporting, Side, Telemetries, Telemetry, TelemetryPolicy, TelemetrySpec},
+};
 
 const WORKLOADS: usize = 1_000;
 const SERIES: usize = 10_000;
@@ -55,9 +58,11 @@ fn busy_node() -> (Registry, usize) {
         let labels = TcpLabels {
             traffic: traffic(i, "tcp"),
             flags: "-",
+            relabelled: None,
         };
-        metrics.tcp_opened(&labels, MetricSet::default());
-        metrics.tcp_closed(&labels, (1_000, 20_000), MetricSet::default());
+        let everything = Reporting::default();
+        metrics.tcp_opened(&labels, &everything, None);
+        metrics.tcp_closed(&labels, (1_000, 20_000), &everything, None);
     }
     let count = |registry: &Registry| {
         let mut text = String::new();
@@ -68,19 +73,24 @@ fn busy_node() -> (Registry, usize) {
     while count(&registry) < SERIES {
         // 49 series per label set: check every 20.
         for _ in 0..20 {
-            metrics.request(&Request {
-                labels: RequestLabels {
-                    traffic: traffic(i, "http"),
-                    response_code: if i % 5 == 0 { 503 } else { 200 },
-                    grpc_status: None,
-                    flags: "-",
+            let labels = RequestLabels {
+                traffic: traffic(i, "http"),
+                response_code: if i % 5 == 0 { 503 } else { 200 },
+                grpc_status: None,
+                flags: "-",
+                relabelled: None,
+            };
+            metrics.request(
+                &Request {
+                    labels: &labels,
+                    duration_ms: 3.0,
+                    request_bytes: 100,
+                    response_bytes: 2_000,
+                    messages: None,
                 },
-                duration_ms: 3.0,
-                request_bytes: 100,
-                response_bytes: 2_000,
-                messages: None,
-                off: MetricSet::default(),
-            });
+                &Reporting::default(),
+                None,
+            );
             i += 1;
         }
     }
@@ -109,26 +119,31 @@ fn record(c: &mut Criterion) {
     let peers: Vec<Arc<Peer>> = (0..WORKLOADS).map(peer).collect();
     for i in 0..WORKLOADS {
         let dst = &peers[(i + 1) % WORKLOADS];
-        metrics.request(&Request {
-            labels: RequestLabels {
-                traffic: Traffic::new(
-                    Reporter::Source,
-                    peers[i].clone(),
-                    dst.clone(),
-                    Arc::new(ServiceName::of(&format!("{}/svc-{i}", dst.namespace))),
-                    "http",
-                    false,
-                ),
-                response_code: 200,
-                grpc_status: None,
-                flags: "-",
+        let labels = RequestLabels {
+            traffic: Traffic::new(
+                Reporter::Source,
+                peers[i].clone(),
+                dst.clone(),
+                Arc::new(ServiceName::of(&format!("{}/svc-{i}", dst.namespace))),
+                "http",
+                false,
+            ),
+            response_code: 200,
+            grpc_status: None,
+            flags: "-",
+            relabelled: None,
+        };
+        metrics.request(
+            &Request {
+                labels: &labels,
+                duration_ms: 0.2,
+                request_bytes: 100,
+                response_bytes: 1_100,
+                messages: None,
             },
-            duration_ms: 0.2,
-            request_bytes: 100,
-            response_bytes: 1_100,
-            messages: None,
-            off: MetricSet::default(),
-        });
+            &Reporting::default(),
+            None,
+        );
     }
     let labels = RequestLabels {
         traffic: Traffic::new(
@@ -142,20 +157,92 @@ fn record(c: &mut Criterion) {
         response_code: 200,
         grpc_status: None,
         flags: "-",
+        relabelled: None,
     };
+    let everything = Reporting::default();
     c.bench_function("record/one_request_among_1000_pairs", |b| {
         b.iter(|| {
-            metrics.request(black_box(&Request {
-                labels: labels.clone(),
-                duration_ms: 0.2,
-                request_bytes: 100,
-                response_bytes: 1_100,
-                messages: None,
-                off: MetricSet::default(),
-            }))
+            metrics.request(
+                black_box(&Request {
+                    labels: &labels,
+                    duration_ms: 0.2,
+                    request_bytes: 100,
+                    response_bytes: 1_100,
+                    messages: None,
+                }),
+                &everything,
+                None,
+            )
         });
     });
 }
 
-criterion_group!(benches, scrape, record);
+/// The same request when its workload's Telemetry changes the labels of
+/// every metric (one REMOVE, one UPSERT from a header): the label list is
+/// made anew for each request.
+fn record_relabelled(c: &mut Criterion) {
+    let mut registry = Registry::default();
+    let metrics = IstioMetrics::register(&mut registry);
+    let spec: TelemetrySpec = serde_yaml_ng::from_str(
+        "metrics: [{overrides: [{tagOverrides: {source_version: {operation: REMOVE}, \
+         tenant: {value: \"request.headers['x-tenant']\"}}}]}]",
+    )
+    .expect("spec");
+    let mut object = Telemetry::new("tenants", spec);
+    object.metadata.namespace = Some("ns4".into());
+    let reporting = Telemetries::new("trellis-system", vec![TelemetryPolicy::compile(&object)])
+        .reporting_for("ns4", &Default::default(), Side::Server);
+    let peers: Vec<Arc<Peer>> = (0..WORKLOADS).map(peer).collect();
+    let labels = RequestLabels {
+        traffic: Traffic::new(
+            Reporter::Destination,
+            peers[3].clone(),
+            peers[4].clone(),
+            Arc::new(ServiceName::of("ns4/svc-3")),
+            "http",
+            true,
+        ),
+        response_code: 200,
+        grpc_status: None,
+        flags: "-",
+        relabelled: None,
+    };
+    let req = http::Request::builder()
+        .uri("/items")
+        .header("x-tenant", "acme")
+        .body(())
+        .expect("request");
+    let line = RequestLine::of(&req, &reporting.headers);
+    let entry = Entry {
+        traffic: &labels.traffic,
+        start: std::time::SystemTime::now(),
+        duration: std::time::Duration::from_micros(200),
+        upstream: None,
+        route: None,
+        bytes_in: 100,
+        bytes_out: 1_100,
+        response_code: Some(200),
+        grpc_status: None,
+        flags: "-",
+        trace_id: None,
+        request: Some(&line),
+    };
+    c.bench_function("record/one_request_relabelled", |b| {
+        b.iter(|| {
+            metrics.request(
+                black_box(&Request {
+                    labels: &labels,
+                    duration_ms: 0.2,
+                    request_bytes: 100,
+                    response_bytes: 1_100,
+                    messages: None,
+                }),
+                &reporting,
+                Some(&entry),
+            )
+        });
+    });
+}
+
+criterion_group!(benches, scrape, record, record_relabelled);
 criterion_main!(benches);

@@ -2,7 +2,8 @@
 //! through tracing at target `access` (so `--log-format json` makes them
 //! JSON, and `--log-level` can silence them: `info,access=off`), with a
 //! sampled share (`--access-log-sample`, 0 turns them off). A workload's
-//! Telemetry may turn its lines off, or keep those its [`filter`] admits.
+//! Telemetry may turn its lines off, or keep those a filter admits
+//! ([`crate::cel`]).
 
 use std::{
     net::SocketAddr,
@@ -11,8 +12,6 @@ use std::{
 };
 
 use crate::metrics::istio::Traffic;
-
-pub mod filter;
 
 /// The share of requests and connections logged, in parts per million.
 static SAMPLE_PPM: AtomicU32 = AtomicU32::new(1_000_000);
@@ -68,10 +67,13 @@ pub struct RequestLine {
     pub version: http::Version,
     pub user_agent: Option<http::HeaderValue>,
     pub request_id: Option<http::HeaderValue>,
+    /// The headers a Telemetry's expressions read (`request.headers[..]`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl RequestLine {
-    pub fn of<B>(req: &http::Request<B>) -> Self {
+    /// `req`'s, keeping the `wanted` headers too.
+    pub fn of<B>(req: &http::Request<B>, wanted: &[http::HeaderName]) -> Self {
         let header = |name: &str| req.headers().get(name).cloned();
         Self {
             method: req.method().clone(),
@@ -80,6 +82,10 @@ impl RequestLine {
             version: req.version(),
             user_agent: header("user-agent"),
             request_id: header(REQUEST_ID),
+            headers: wanted
+                .iter()
+                .filter_map(|n| Some((n.clone(), req.headers().get(n)?.clone())))
+                .collect(),
         }
     }
 }
@@ -167,7 +173,7 @@ pub fn write(e: &Entry<'_>) {
     );
 }
 
-fn version_name(v: http::Version) -> &'static str {
+pub(crate) fn version_name(v: http::Version) -> &'static str {
     match v {
         http::Version::HTTP_09 => "HTTP/0.9",
         http::Version::HTTP_10 => "HTTP/1.0",

@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod bpf;
+pub mod cel;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

@@ -674,11 +674,20 @@ fn each_telemetry_rule_refuses_its_breach() {
                 true,
             ),
             (
-                "no unknown fields (tagOverrides is not taken)",
+                "a tag operation is UPSERT or REMOVE",
                 with(
                     shop.clone(),
                     "spec.metrics.0.overrides.0.tagOverrides",
-                    json!({"request_protocol": {"operation": "REMOVE"}}),
+                    json!({"request_protocol": {"operation": "DELETE"}}),
+                ),
+                true,
+            ),
+            (
+                "no unknown fields",
+                with(
+                    shop.clone(),
+                    "spec.metrics.0.reportingInterval",
+                    json!("15s"),
                 ),
                 true,
             ),

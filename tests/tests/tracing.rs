@@ -427,7 +427,9 @@ fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
             "shop",
             "shop",
             "{metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, disabled: true}, \
-             {match: {metric: TCP_OPENED_CONNECTIONS, mode: CLIENT}, disabled: true}]}]}",
+             {match: {metric: TCP_OPENED_CONNECTIONS, mode: CLIENT}, disabled: true}, \
+             {match: {metric: REQUEST_DURATION, mode: CLIENT}, tagOverrides: \
+             {user: {value: \"request.headers['x-user']\"}, request_protocol: {operation: REMOVE}}}]}]}",
         ),
         // The server's side logs failures and /t1 only.
         mesh::telemetry(
@@ -566,6 +568,26 @@ fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
         (closed >= 2.0 && requests >= 6.0).then_some(at_a)
     });
     assert_eq!(sum(&at_a, "istio_requests_total", &from_a1("source")), 6.0);
+    // The client side's durations by the caller's x-user header, without
+    // request_protocol; its counts keep Istio's labels.
+    let durations = |user: &str| {
+        let mut want = from_a1("source").to_vec();
+        want.push(("user", user));
+        sum(&at_a, "istio_request_duration_milliseconds_count", &want)
+    };
+    assert_eq!((durations("ada"), durations("unknown")), (3.0, 3.0));
+    for sample in at_a.iter().filter(|s| s[1]["reporter"] == "source") {
+        let user = !sample[1]["user"].is_null();
+        let duration = sample[0]
+            .as_str()
+            .is_some_and(|n| n.starts_with("istio_request_duration"));
+        assert_eq!(user, duration, "{sample}");
+        assert_eq!(
+            sample[1]["request_protocol"].is_null(),
+            duration,
+            "{sample}"
+        );
+    }
     assert_eq!(
         sum(
             &at_a,

@@ -275,6 +275,7 @@ impl Inbound {
                 true,
             ),
             flags: "-",
+            relabelled: None,
         })
     }
 

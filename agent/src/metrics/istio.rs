@@ -4,7 +4,7 @@
 //! paths. Label values follow Istio's documentation; per-IP or per-path
 //! labels never appear, so cardinality is bounded by workloads × services.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
@@ -13,8 +13,9 @@ use prometheus_client::{
 };
 
 use crate::{
+    access_log::Entry,
     identity::Identity,
-    policy::telemetry::{MetricName, MetricSet, Reporting},
+    policy::telemetry::{self, LabelOp, MetricName, Reporting},
     state::Workload,
 };
 
@@ -241,7 +242,7 @@ impl Traffic {
 }
 
 /// A request's labels: the traffic's, and how it ended.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct RequestLabels {
     pub traffic: Traffic,
     pub response_code: u16,
@@ -249,10 +250,80 @@ pub struct RequestLabels {
     pub grpc_status: Option<u8>,
     /// Envoy's response flags (`-` when none).
     pub flags: &'static str,
+    /// The labels instead, as a Telemetry's `tagOverrides` changed them.
+    pub relabelled: Option<Relabelled>,
 }
+
+/// Label pairs written out (Istio's, then changed); a series is the same
+/// as another when these are. Hashed once, when made, as [`Traffic`] is.
+#[derive(Clone, Debug)]
+pub struct Relabelled {
+    pairs: Arc<[(Cow<'static, str>, String)]>,
+    hash: u64,
+}
+
+impl Relabelled {
+    fn new(pairs: Vec<(Cow<'static, str>, String)>) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pairs.hash(&mut h);
+        Self {
+            pairs: pairs.into(),
+            hash: h.finish(),
+        }
+    }
+
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let pairs: Vec<(&str, &str)> = self.pairs.iter().map(|(k, v)| (&**k, v.as_str())).collect();
+        pairs.as_slice().encode(encoder)
+    }
+}
+
+impl std::hash::Hash for Relabelled {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for Relabelled {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.pairs == other.pairs
+    }
+}
+
+impl RequestLabels {
+    fn key(&self) -> Result<(&Traffic, u16, Option<u8>, &'static str), &Relabelled> {
+        self.relabelled.as_ref().map_or(
+            Ok((
+                &self.traffic,
+                self.response_code,
+                self.grpc_status,
+                self.flags,
+            )),
+            Err,
+        )
+    }
+}
+
+impl std::hash::Hash for RequestLabels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for RequestLabels {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for RequestLabels {}
 
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(relabelled) = &self.relabelled {
+            return relabelled.encode(encoder);
+        }
         let code = self.response_code.to_string();
         let grpc = self.grpc_status.map(|s| s.to_string()).unwrap_or_default();
         let mut pairs: Vec<(&str, &str)> = self.traffic.pairs().to_vec();
@@ -266,17 +337,158 @@ impl EncodeLabelSet for RequestLabels {
 }
 
 /// A TCP connection's labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct TcpLabels {
     pub traffic: Traffic,
     pub flags: &'static str,
+    /// The labels instead, as a Telemetry's `tagOverrides` changed them.
+    pub relabelled: Option<Relabelled>,
 }
+
+impl TcpLabels {
+    fn key(&self) -> Result<(&Traffic, &'static str), &Relabelled> {
+        self.relabelled
+            .as_ref()
+            .map_or(Ok((&self.traffic, self.flags)), Err)
+    }
+}
+
+impl std::hash::Hash for TcpLabels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for TcpLabels {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for TcpLabels {}
 
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(relabelled) = &self.relabelled {
+            return relabelled.encode(encoder);
+        }
         let mut pairs: Vec<(&str, &str)> = self.traffic.pairs().to_vec();
         pairs.push(("response_flags", self.flags));
         pairs.as_slice().encode(encoder)
+    }
+}
+
+/// Labels a Telemetry's `tagOverrides` may change.
+trait Relabel: Clone {
+    /// Istio's labels, in order.
+    fn istio_pairs(&self) -> Vec<(&'static str, String)>;
+
+    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self;
+}
+
+/// Istio's labels with `ops` applied: removed ones left out, upserted ones
+/// (new, or replacing Istio's) last with their expression's value.
+fn apply(
+    pairs: Vec<(&'static str, String)>,
+    ops: &telemetry::Relabel,
+    entry: &Entry<'_>,
+) -> Relabelled {
+    let mut out: Vec<(Cow<'static, str>, String)> = pairs
+        .into_iter()
+        .filter(|(name, _)| !ops.contains_key(*name))
+        .map(|(name, value)| (Cow::Borrowed(name), value))
+        .collect();
+    for (name, op) in ops {
+        if let LabelOp::Upsert(x) = op {
+            out.push((Cow::Owned(name.clone()), x.label(entry)));
+        }
+    }
+    Relabelled::new(out)
+}
+
+impl Relabel for RequestLabels {
+    fn istio_pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs: Vec<(&'static str, String)> = self
+            .traffic
+            .pairs()
+            .iter()
+            .map(|(n, v)| (*n, (*v).to_owned()))
+            .collect();
+        pairs.extend([
+            ("response_code", self.response_code.to_string()),
+            (
+                "grpc_response_status",
+                self.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            ),
+            ("response_flags", self.flags.to_owned()),
+        ]);
+        pairs
+    }
+
+    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self {
+        Self {
+            relabelled: Some(apply(self.istio_pairs(), ops, entry)),
+            ..self.clone()
+        }
+    }
+}
+
+impl Relabel for TcpLabels {
+    fn istio_pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs: Vec<(&'static str, String)> = self
+            .traffic
+            .pairs()
+            .iter()
+            .map(|(n, v)| (*n, (*v).to_owned()))
+            .collect();
+        pairs.push(("response_flags", self.flags.to_owned()));
+        pairs
+    }
+
+    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self {
+        Self {
+            relabelled: Some(apply(self.istio_pairs(), ops, entry)),
+            ..self.clone()
+        }
+    }
+}
+
+/// The labels each metric of one request or connection is recorded
+/// under: Istio's, or as its workload's Telemetry changes them (made once
+/// per distinct change, and only when there is one).
+struct Series<'l, L> {
+    istio: &'l L,
+    relabels: &'l telemetry::Relabels,
+    made: Vec<(*const telemetry::Relabel, L)>,
+}
+
+impl<'l, L: Relabel> Series<'l, L> {
+    fn new(
+        istio: &'l L,
+        reporting: &'l Reporting,
+        entry: Option<&Entry<'_>>,
+        metrics: &[MetricName],
+    ) -> Self {
+        let mut made: Vec<(*const telemetry::Relabel, L)> = Vec::new();
+        if let Some(entry) = entry {
+            for ops in metrics.iter().filter_map(|m| reporting.relabels.of(*m)) {
+                if !made.iter().any(|(p, _)| *p == Arc::as_ptr(ops)) {
+                    made.push((Arc::as_ptr(ops), istio.relabelled(ops, entry)));
+                }
+            }
+        }
+        Self {
+            istio,
+            relabels: &reporting.relabels,
+            made,
+        }
+    }
+
+    fn of(&self, metric: MetricName) -> &L {
+        self.relabels
+            .of(metric)
+            .and_then(|ops| self.made.iter().find(|(p, _)| *p == Arc::as_ptr(ops)))
+            .map_or(self.istio, |(_, l)| l)
     }
 }
 
@@ -323,15 +535,13 @@ pub struct IstioMetrics {
 }
 
 /// One finished request, as the proxy saw it.
-pub struct Request {
-    pub labels: RequestLabels,
+pub struct Request<'a> {
+    pub labels: &'a RequestLabels,
     pub duration_ms: f64,
     pub request_bytes: u64,
     pub response_bytes: u64,
     /// gRPC messages each way, when counted.
     pub messages: Option<(u64, u64)>,
-    /// The metrics its workload's Telemetry turned off.
-    pub off: MetricSet,
 }
 
 impl IstioMetrics {
@@ -405,44 +615,60 @@ impl IstioMetrics {
         this
     }
 
-    pub fn request(&self, r: &Request) {
+    /// Records a request as its workload's Telemetry (`reporting`) says;
+    /// `entry` is what label values are computed from, when it changes
+    /// labels.
+    pub fn request(&self, r: &Request<'_>, reporting: &Reporting, entry: Option<&Entry<'_>>) {
+        use MetricName::*;
         let error = r.labels.response_code >= 500
             || r.labels.flags != "-"
             || r.labels.grpc_status.is_some_and(|s| s != 0);
         self.topology
             .request(&r.labels.traffic, error, r.request_bytes + r.response_bytes);
-        let on = |m| !r.off.has(m);
-        if on(MetricName::RequestCount) {
-            self.requests.get_or_create(&r.labels).inc();
-        }
-        if on(MetricName::RequestDuration) {
-            self.duration
-                .get_or_create(&r.labels)
-                .observe(r.duration_ms);
-        }
-        if on(MetricName::RequestSize) {
-            self.request_bytes
-                .get_or_create(&r.labels)
-                .observe(r.request_bytes as f64);
-        }
-        if on(MetricName::ResponseSize) {
-            self.response_bytes
-                .get_or_create(&r.labels)
-                .observe(r.response_bytes as f64);
-        }
-        if let Some((up, down)) = r.messages {
-            if on(MetricName::GrpcRequestMessages) {
-                self.request_messages.get_or_create(&r.labels).inc_by(up);
+        // No allocation per request unless a Telemetry changes labels.
+        const REQUEST: [MetricName; 6] = [
+            RequestCount,
+            RequestDuration,
+            RequestSize,
+            ResponseSize,
+            GrpcRequestMessages,
+            GrpcResponseMessages,
+        ];
+        let series = Series::new(r.labels, reporting, entry, &REQUEST);
+        for metric in REQUEST {
+            if reporting.metrics_off.has(metric) {
+                continue;
             }
-            if on(MetricName::GrpcResponseMessages) {
-                self.response_messages.get_or_create(&r.labels).inc_by(down);
+            let labels = series.of(metric);
+            match (metric, r.messages) {
+                (RequestCount, _) => {
+                    self.requests.get_or_create(labels).inc();
+                }
+                (RequestDuration, _) => self.duration.get_or_create(labels).observe(r.duration_ms),
+                (RequestSize, _) => self
+                    .request_bytes
+                    .get_or_create(labels)
+                    .observe(r.request_bytes as f64),
+                (ResponseSize, _) => self
+                    .response_bytes
+                    .get_or_create(labels)
+                    .observe(r.response_bytes as f64),
+                (GrpcRequestMessages, Some((up, _))) => {
+                    self.request_messages.get_or_create(labels).inc_by(up);
+                }
+                (GrpcResponseMessages, Some((_, down))) => {
+                    self.response_messages.get_or_create(labels).inc_by(down);
+                }
+                _ => {}
             }
         }
     }
 
-    pub fn tcp_opened(&self, labels: &TcpLabels, off: MetricSet) {
-        if !off.has(MetricName::TcpOpenedConnections) {
-            self.opened.get_or_create(labels).inc();
+    pub fn tcp_opened(&self, labels: &TcpLabels, reporting: &Reporting, entry: Option<&Entry<'_>>) {
+        let metric = MetricName::TcpOpenedConnections;
+        if !reporting.metrics_off.has(metric) {
+            let series = Series::new(labels, reporting, entry, &[metric]);
+            self.opened.get_or_create(series.of(metric)).inc();
         }
     }
 
@@ -452,18 +678,27 @@ impl IstioMetrics {
         &self,
         labels: &TcpLabels,
         (from_client, from_server): (u64, u64),
-        off: MetricSet,
+        reporting: &Reporting,
+        entry: Option<&Entry<'_>>,
     ) {
+        use MetricName::*;
         self.topology
             .connection(&labels.traffic, from_client + from_server);
-        if !off.has(MetricName::TcpClosedConnections) {
-            self.closed.get_or_create(labels).inc();
-        }
-        if !off.has(MetricName::TcpReceivedBytes) {
-            self.received.get_or_create(labels).inc_by(from_client);
-        }
-        if !off.has(MetricName::TcpSentBytes) {
-            self.sent.get_or_create(labels).inc_by(from_server);
+        const CLOSED: [MetricName; 3] = [TcpClosedConnections, TcpReceivedBytes, TcpSentBytes];
+        let series = Series::new(labels, reporting, entry, &CLOSED);
+        for metric in CLOSED {
+            if reporting.metrics_off.has(metric) {
+                continue;
+            }
+            let family = match metric {
+                TcpClosedConnections => {
+                    self.closed.get_or_create(series.of(metric)).inc();
+                    continue;
+                }
+                TcpReceivedBytes => (&self.received, from_client),
+                _ => (&self.sent, from_server),
+            };
+            family.0.get_or_create(series.of(metric)).inc_by(family.1);
         }
     }
 
@@ -492,14 +727,36 @@ impl OpenConnection {
         upstream: std::net::SocketAddr,
         reporting: Arc<Reporting>,
     ) -> Self {
-        metrics.tcp_opened(&labels, reporting.metrics_off);
-        Self {
+        let this = Self {
             metrics,
             labels,
             bytes: std::sync::Mutex::new((0, 0)),
             start: (std::time::SystemTime::now(), std::time::Instant::now()),
             upstream,
             reporting,
+        };
+        let entry = this.entry((0, 0));
+        this.metrics
+            .tcp_opened(&this.labels, &this.reporting, Some(&entry));
+        this
+    }
+
+    /// What its access log line and its labels' values read, with the
+    /// bytes so far.
+    fn entry(&self, (up, down): (u64, u64)) -> crate::access_log::Entry<'_> {
+        crate::access_log::Entry {
+            traffic: &self.labels.traffic,
+            start: self.start.0,
+            duration: self.start.1.elapsed(),
+            upstream: Some(self.upstream),
+            route: None,
+            bytes_in: up,
+            bytes_out: down,
+            response_code: None,
+            grpc_status: None,
+            flags: self.labels.flags,
+            trace_id: None,
+            request: None,
         }
     }
 
@@ -511,27 +768,13 @@ impl OpenConnection {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        let (up, down) = *self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = *self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.entry(bytes);
         self.metrics
-            .tcp_closed(&self.labels, (up, down), self.reporting.metrics_off);
-        if self.reporting.access_log && crate::access_log::sampled() {
-            let entry = crate::access_log::Entry {
-                traffic: &self.labels.traffic,
-                start: self.start.0,
-                duration: self.start.1.elapsed(),
-                upstream: Some(self.upstream),
-                route: None,
-                bytes_in: up,
-                bytes_out: down,
-                response_code: None,
-                grpc_status: None,
-                flags: self.labels.flags,
-                trace_id: None,
-                request: None,
-            };
-            if self.reporting.logs(&entry) {
-                crate::access_log::write(&entry);
-            }
+            .tcp_closed(&self.labels, bytes, &self.reporting, Some(&entry));
+        if self.reporting.access_log && crate::access_log::sampled() && self.reporting.logs(&entry)
+        {
+            crate::access_log::write(&entry);
         }
     }
 }
@@ -569,5 +812,122 @@ mod tests {
         assert_eq!(p.canonical_revision, "latest");
         let s = ServiceName::of("shop/web");
         assert_eq!(s.host, "web.shop.svc.cluster.local");
+    }
+
+    /// A Telemetry's tagOverrides: REMOVE merges series that differed only
+    /// there, UPSERT adds a label computed from the request, each metric
+    /// with its own changes; the metrics it turns off are not recorded.
+    #[test]
+    fn telemetry_changes_labels_per_metric() {
+        use crate::policy::telemetry::{Side, Telemetries, TelemetryPolicy, TelemetrySpec};
+        let spec: TelemetrySpec = serde_yaml_ng::from_str(
+            "metrics:\n- overrides:\n  - match: {metric: REQUEST_COUNT}\n    tagOverrides:\n      source_workload: {operation: REMOVE}\n      request_host: {value: request.host}\n      tenant: {value: \"request.headers['x-tenant']\"}\n  - match: {metric: REQUEST_SIZE}\n    disabled: true",
+        )
+        .expect("spec");
+        crate::policy::telemetry::validate(&spec).expect("valid");
+        let policy = TelemetryPolicy::compile(&crate::policy::telemetry::Telemetry {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some("t".into()),
+                ..Default::default()
+            },
+            spec,
+        });
+        let web = crate::testing::workload("shop", "web", "web", &[("app", "web")]);
+        let reporting =
+            Telemetries::new("trellis-system", vec![policy]).reporting(&web, Side::Server);
+        assert_eq!(
+            reporting.headers,
+            [http::HeaderName::from_static("x-tenant")]
+        );
+
+        let mut registry = Registry::default();
+        let metrics = IstioMetrics::register(&mut registry);
+        let destination = Arc::new(Peer::of(&web, "cluster.local"));
+        for (caller, tenant) in [("a", "acme"), ("b", "acme"), ("c", "globex")] {
+            let traffic = Traffic::new(
+                Reporter::Destination,
+                Arc::new(Peer::of(
+                    // One Deployment's pods: only the workload name differs.
+                    &crate::testing::workload("shop", caller, "client", &[("app", "client")]),
+                    "cluster.local",
+                )),
+                destination.clone(),
+                Arc::new(ServiceName::of("shop/web")),
+                "http",
+                true,
+            );
+            let labels = RequestLabels {
+                traffic,
+                response_code: 200,
+                grpc_status: None,
+                flags: "-",
+                relabelled: None,
+            };
+            let req = http::Request::builder()
+                .uri("/x")
+                .header("host", "web.shop")
+                .header("x-tenant", tenant)
+                .body(())
+                .unwrap();
+            let line = crate::access_log::RequestLine::of(&req, &reporting.headers);
+            let entry = Entry {
+                traffic: &labels.traffic,
+                start: std::time::SystemTime::now(),
+                duration: std::time::Duration::from_millis(3),
+                upstream: None,
+                route: None,
+                bytes_in: 0,
+                bytes_out: 0,
+                response_code: Some(200),
+                grpc_status: None,
+                flags: "-",
+                trace_id: None,
+                request: Some(&line),
+            };
+            let r = Request {
+                labels: &labels,
+                duration_ms: 3.0,
+                request_bytes: 0,
+                response_bytes: 0,
+                messages: None,
+            };
+            metrics.request(&r, &reporting, Some(&entry));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        let lines = |name: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .collect()
+        };
+        let counts = lines("istio_requests_total");
+        assert_eq!(counts.len(), 2, "a and b merged: {counts:#?}");
+        for l in &counts {
+            assert!(
+                !l.contains("source_workload=") && l.contains("request_host=\"web.shop\""),
+                "{l}"
+            );
+        }
+        assert!(
+            counts
+                .iter()
+                .any(|l| l.contains("tenant=\"acme\"") && l.ends_with(" 2"))
+        );
+        assert!(
+            counts
+                .iter()
+                .any(|l| l.contains("tenant=\"globex\"") && l.ends_with(" 1"))
+        );
+        // Other metrics keep Istio's labels; the one turned off is absent.
+        let durations = lines("istio_request_duration_milliseconds_count");
+        assert_eq!(durations.len(), 3, "{durations:#?}");
+        assert!(
+            durations
+                .iter()
+                .all(|l| l.contains("source_workload=") && !l.contains("request_host="))
+        );
+        assert!(lines("istio_request_bytes_count").is_empty(), "{text}");
+        assert_eq!(lines("istio_response_bytes_count").len(), 3);
     }
 }

@@ -12,7 +12,8 @@
 //! - `accessLogging`: `disabled` turns a workload's access log lines off (or
 //!   back on);
 //! - `metrics`: `overrides` turn Istio's standard metrics off (or back on),
-//!   one by one or `ALL_METRICS`.
+//!   one by one or `ALL_METRICS`, and change their labels (`tagOverrides`:
+//!   REMOVE one, or UPSERT one with a CEL expression's value).
 //!
 //! Less specific first, each entry that sets a field overrides what came
 //! before: the mesh's, then the namespace's, then the workload's (of two at
@@ -29,8 +30,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::authz::{Selector, selects};
-use crate::{access_log::filter::Filter, state::Workload};
+use super::authz::Selector;
+use crate::{cel::Expression, state::Workload};
 
 /// What the agent reports about the traffic of the pods it selects.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -179,7 +180,7 @@ pub struct AccessLogging {
 }
 
 /// A CEL expression over Envoy's attribute names (the part of CEL that
-/// `crate::access_log::filter` reads).
+/// `crate::cel` reads).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogFilter {
@@ -204,6 +205,30 @@ pub struct MetricsOverride {
     pub match_: Option<MetricSelector>,
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// Label changes, by label name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tag_overrides: BTreeMap<String, TagOverride>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TagOverride {
+    #[serde(default)]
+    pub operation: TagOperation,
+    /// UPSERT: a CEL expression whose value the label takes
+    /// (`request.host`, `request.headers['x-tenant']`, `'literal'`).
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TagOperation {
+    /// Adds the label, or replaces the standard one of that name.
+    #[default]
+    Upsert,
+    /// Leaves the label out (series that differed only there merge).
+    Remove,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -259,8 +284,13 @@ impl MetricName {
     fn set(self) -> MetricSet {
         match self {
             Self::AllMetrics => MetricSet((1 << Self::ONE_BY_ONE.len()) - 1),
-            one => MetricSet(1 << (one as u16 - 1)),
+            one => MetricSet(1 << one.index()),
         }
+    }
+
+    /// Its place in [`Self::ONE_BY_ONE`] (ALL_METRICS: 0, never asked).
+    fn index(self) -> usize {
+        (self as usize).saturating_sub(1)
     }
 }
 
@@ -323,12 +353,42 @@ pub fn validate(spec: &TelemetrySpec) -> Result<(), (String, String)> {
     }
     for (i, a) in spec.access_logging.iter().enumerate() {
         if let Some(f) = &a.filter
-            && let Err(e) = Filter::parse(&f.expression)
+            && let Err(e) = Expression::parse(&f.expression)
         {
             return Err((
                 format!("spec.accessLogging[{i}].filter.expression"),
                 format!("{:?} does not parse {e}", f.expression),
             ));
+        }
+    }
+    for (i, m) in spec.metrics.iter().enumerate() {
+        for (j, o) in m.overrides.iter().enumerate() {
+            for (name, tag) in &o.tag_overrides {
+                let field = format!("spec.metrics[{i}].overrides[{j}].tagOverrides.{name}");
+                let mut chars = name.chars();
+                let label = chars
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !name.starts_with("__");
+                if !label {
+                    return Err((field, format!("{name:?} is not a Prometheus label name")));
+                }
+                match (tag.operation, &tag.value) {
+                    (TagOperation::Upsert, None) => {
+                        return Err((field, "UPSERT needs a value (a CEL expression)".into()));
+                    }
+                    (TagOperation::Upsert, Some(value)) => {
+                        if let Err(e) = Expression::parse(value) {
+                            return Err((
+                                format!("{field}.value"),
+                                format!("{value:?} does not parse {e}"),
+                            ));
+                        }
+                    }
+                    (TagOperation::Remove, _) => {}
+                }
+            }
         }
     }
     let providers = spec
@@ -385,6 +445,58 @@ struct MetricEntry {
     mode: WorkloadMode,
     metrics: MetricSet,
     disabled: Option<bool>,
+    labels: Vec<(String, LabelOp)>,
+}
+
+/// What a tag override does to a label.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum LabelOp {
+    #[serde(rename = "REMOVE")]
+    Remove,
+    #[serde(rename = "UPSERT")]
+    Upsert(Arc<Expression>),
+}
+
+/// How one metric's labels change, by label name.
+pub type Relabel = BTreeMap<String, LabelOp>;
+
+/// Label changes by metric ([`MetricName::ONE_BY_ONE`]'s order); `None`
+/// keeps Istio's labels. Metrics with the same changes share them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Relabels([Option<Arc<Relabel>>; 10]);
+
+impl Relabels {
+    /// `metric`'s label changes.
+    pub fn of(&self, metric: MetricName) -> Option<&Arc<Relabel>> {
+        self.0[metric.index()].as_ref()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    /// Every UPSERT's expression.
+    fn expressions(&self) -> impl Iterator<Item = &Expression> {
+        self.0
+            .iter()
+            .flatten()
+            .flat_map(|ops| ops.values())
+            .filter_map(|op| match op {
+                LabelOp::Upsert(x) => Some(&**x),
+                LabelOp::Remove => None,
+            })
+    }
+}
+
+impl Serialize for Relabels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            MetricName::ONE_BY_ONE
+                .iter()
+                .zip(&self.0)
+                .filter_map(|(m, r)| Some((m, r.as_deref()?))),
+        )
+    }
 }
 
 /// A policy ready to apply, as the state snapshot holds it.
@@ -396,7 +508,7 @@ pub struct TelemetryPolicy {
     tracing: Vec<TraceEntry>,
     /// Access logging by side: `disabled` and the filter of each entry in
     /// order.
-    logging: Vec<(WorkloadMode, bool, Option<Arc<Filter>>)>,
+    logging: Vec<(WorkloadMode, bool, Option<Arc<Expression>>)>,
     metrics: Vec<MetricEntry>,
     #[serde(skip)]
     created: Option<k8s_openapi::jiff::Timestamp>,
@@ -430,7 +542,7 @@ impl TelemetryPolicy {
                 let filter = a
                     .filter
                     .as_ref()
-                    .and_then(|f| Filter::parse(&f.expression).ok());
+                    .and_then(|f| Expression::parse(&f.expression).ok());
                 (
                     mode(a.match_),
                     a.disabled.unwrap_or(false),
@@ -448,6 +560,19 @@ impl TelemetryPolicy {
                     mode: selector.mode,
                     metrics: selector.metric.unwrap_or(MetricName::AllMetrics).set(),
                     disabled: o.disabled,
+                    labels: o
+                        .tag_overrides
+                        .iter()
+                        .filter_map(|(name, tag)| {
+                            let op = match tag.operation {
+                                TagOperation::Remove => LabelOp::Remove,
+                                TagOperation::Upsert => LabelOp::Upsert(Arc::new(
+                                    Expression::parse(tag.value.as_deref()?).ok()?,
+                                )),
+                            };
+                            Some((name.clone(), op))
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -514,6 +639,18 @@ impl TelemetryPolicy {
                 Some(false) => report.metrics_off.0 &= !m.metrics.0,
                 None => {}
             }
+            if m.labels.is_empty() {
+                continue;
+            }
+            for metric in MetricName::ONE_BY_ONE
+                .into_iter()
+                .filter(|x| m.metrics.has(*x))
+            {
+                let ops = Arc::make_mut(report.relabels.0[metric.index()].get_or_insert_default());
+                for (name, op) in &m.labels {
+                    ops.insert(name.clone(), op.clone());
+                }
+            }
         }
     }
 }
@@ -524,7 +661,7 @@ pub struct Reporting {
     /// Access log lines (then `--access-log-sample` picks).
     pub access_log: bool,
     /// Only the lines this admits are written.
-    pub log_filter: Option<Arc<Filter>>,
+    pub log_filter: Option<Arc<Expression>>,
     /// The share of new traces sampled, in parts per million (`None`:
     /// `--trace-sampling`).
     pub sampling_ppm: Option<u32>,
@@ -534,6 +671,11 @@ pub struct Reporting {
     pub tags: Vec<(String, Tag)>,
     /// Standard metrics not recorded.
     pub metrics_off: MetricSet,
+    /// Their label changes.
+    pub relabels: Relabels,
+    /// The request headers the log filter and the label values read.
+    #[serde(skip)]
+    pub headers: Vec<http::HeaderName>,
 }
 
 impl Default for Reporting {
@@ -545,6 +687,8 @@ impl Default for Reporting {
             report_spans: true,
             tags: Vec::new(),
             metrics_off: MetricSet::default(),
+            relabels: Relabels::default(),
+            headers: Vec::new(),
         }
     }
 }
@@ -553,6 +697,33 @@ impl Default for Reporting {
 static EVERYTHING: LazyLock<Arc<Reporting>> = LazyLock::new(Arc::default);
 
 impl Reporting {
+    /// Shares equal label changes between metrics (a request's labels are
+    /// then changed once for all of them) and lists the headers to keep.
+    fn finish(&mut self) {
+        let slots = &mut self.relabels.0;
+        for i in 1..slots.len() {
+            if let Some(same) = slots[..i]
+                .iter()
+                .flatten()
+                .find(|earlier| slots[i].as_ref().is_some_and(|r| r == *earlier))
+                .cloned()
+            {
+                slots[i] = Some(same);
+            }
+        }
+        let mut headers = Vec::new();
+        let reading = self
+            .relabels
+            .expressions()
+            .chain(self.log_filter.as_deref());
+        for h in reading.flat_map(Expression::headers) {
+            if !headers.contains(&h) {
+                headers.push(h);
+            }
+        }
+        self.headers = headers;
+    }
+
     /// Whether a line with `entry` is written (the sampled share aside).
     pub fn logs(&self, entry: &crate::access_log::Entry<'_>) -> bool {
         self.access_log && self.log_filter.as_ref().is_none_or(|f| f.admits(entry))
@@ -599,23 +770,37 @@ impl Telemetries {
 
     /// What to report of `workload`'s `side` of a call.
     pub fn reporting(&self, workload: &Workload, side: Side) -> Arc<Reporting> {
+        self.reporting_for(&workload.namespace, &workload.labels, side)
+    }
+
+    /// [`Self::reporting`] for a pod of `namespace` with `labels`.
+    pub fn reporting_for(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        side: Side,
+    ) -> Arc<Reporting> {
         if self.policies.is_empty() {
             return Reporting::everything();
         }
-        let oldest = |namespace: &str, selected: bool| {
+        let oldest = |at: &str, selected: bool| {
             self.policies
                 .iter()
-                .filter(|p| p.namespace == namespace && p.selector.is_some() == selected)
-                .filter(|p| !selected || selects(&p.namespace, p.selector.as_ref(), workload))
+                .filter(|p| p.namespace == at && p.selector.is_some() == selected)
+                .filter(|p| {
+                    p.selector
+                        .as_ref()
+                        .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                })
                 .min_by(|a, b| a.rank().cmp(&b.rank()))
         };
         let levels = [
             oldest(&self.root, false),
             // The root namespace's own pods take its policies once.
-            (workload.namespace != self.root)
-                .then(|| oldest(&workload.namespace, false))
+            (namespace != self.root)
+                .then(|| oldest(namespace, false))
                 .flatten(),
-            oldest(&workload.namespace, true),
+            oldest(namespace, true),
         ];
         if levels.iter().all(Option::is_none) {
             return Reporting::everything();
@@ -624,6 +809,7 @@ impl Telemetries {
         for policy in levels.into_iter().flatten() {
             policy.apply(side, &mut report);
         }
+        report.finish();
         Arc::new(report)
     }
 }
@@ -808,6 +994,60 @@ mod tests {
     }
 
     #[test]
+    fn tag_overrides_merge_by_label_and_metrics_share_them() {
+        let mesh = compile(
+            "trellis-system",
+            "m",
+            0,
+            "metrics: [{overrides: [{tagOverrides: {request_protocol: {operation: REMOVE}, \
+             tenant: {value: \"request.headers['x-tenant']\"}}}]}]",
+        );
+        let web = compile(
+            "shop",
+            "web",
+            0,
+            "selector: {matchLabels: {app: web}}\nmetrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, \
+             tagOverrides: {tenant: {operation: REMOVE}, route: {value: request.url_path}}}]}]",
+        );
+        let all = Telemetries::new("trellis-system", vec![mesh, web]);
+        let server = all.reporting(&pod("shop", "web"), Side::Server);
+        let count = server.relabels.of(MetricName::RequestCount).expect("count");
+        assert_eq!(
+            count.keys().collect::<Vec<_>>(),
+            ["request_protocol", "route", "tenant"]
+        );
+        assert_eq!(
+            count["tenant"],
+            LabelOp::Remove,
+            "the workload's over the mesh's"
+        );
+        let duration = server
+            .relabels
+            .of(MetricName::RequestDuration)
+            .expect("duration");
+        assert!(matches!(duration["tenant"], LabelOp::Upsert(_)));
+        // The metrics with the mesh's changes alone share one set.
+        let tcp = server
+            .relabels
+            .of(MetricName::TcpOpenedConnections)
+            .expect("tcp");
+        assert!(Arc::ptr_eq(duration, tcp));
+        assert!(!Arc::ptr_eq(duration, count));
+        assert_eq!(server.headers, [http::HeaderName::from_static("x-tenant")]);
+        let client = all.reporting(&pod("shop", "web"), Side::Client);
+        assert!(matches!(
+            client.relabels.of(MetricName::RequestCount).expect("count")["tenant"],
+            LabelOp::Upsert(_)
+        ));
+        let shown = serde_json::to_value(&*server).expect("json");
+        assert_eq!(shown["relabels"]["REQUEST_COUNT"]["tenant"], "REMOVE");
+        assert_eq!(
+            shown["relabels"]["REQUEST_DURATION"]["tenant"]["UPSERT"],
+            "request.headers['x-tenant']"
+        );
+    }
+
+    #[test]
     fn environment_tags_are_read_when_compiled() {
         // PATH is set wherever the tests run; the other is not.
         let p = compile(
@@ -845,6 +1085,26 @@ mod tests {
         let (field, reason) =
             bad("accessLogging: [{}, {filter: {expression: 'response.status >= 400'}}]");
         assert_eq!(field, "spec.accessLogging[1].filter.expression");
+        assert!(reason.contains("unknown attribute"), "{reason}");
+        let (field, reason) =
+            bad("metrics: [{overrides: [{tagOverrides: {request-host: {value: request.host}}}]}]");
+        assert_eq!(
+            field,
+            "spec.metrics[0].overrides[0].tagOverrides.request-host"
+        );
+        assert!(reason.contains("label name"), "{reason}");
+        let (_, reason) =
+            bad("metrics: [{overrides: [{tagOverrides: {__name__: {operation: REMOVE}}}]}]");
+        assert!(reason.contains("label name"), "{reason}");
+        let (field, reason) = bad("metrics: [{}, {overrides: [{}, {tagOverrides: {host: {}}}]}]");
+        assert_eq!(field, "spec.metrics[1].overrides[1].tagOverrides.host");
+        assert!(reason.contains("needs a value"), "{reason}");
+        let (field, reason) =
+            bad("metrics: [{overrides: [{tagOverrides: {host: {value: 'request.hots'}}}]}]");
+        assert_eq!(
+            field,
+            "spec.metrics[0].overrides[0].tagOverrides.host.value"
+        );
         assert!(reason.contains("unknown attribute"), "{reason}");
         let (field, _) = bad("accessLogging: [{providers: [{name: ''}]}]");
         assert_eq!(field, "spec.accessLogging.providers");

@@ -955,6 +955,7 @@ impl HttpProxy {
                 None
             },
             flags,
+            relabelled: None,
         }
     }
 

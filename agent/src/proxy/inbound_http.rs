@@ -191,6 +191,7 @@ impl Telemetry {
             response_code: resp.status().as_u16(),
             grpc_status: grpc.then(|| telemetry::grpc_status(resp.headers()).unwrap_or(0)),
             flags: telemetry::flags_of(resp.headers()),
+            relabelled: None,
         }
     }
 }

@@ -349,6 +349,7 @@ impl Outbound {
                 mtls,
             ),
             flags: "-",
+            relabelled: None,
         })
     }
 

@@ -121,12 +121,22 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
+/// What is kept of a request for its access log line, or for metric labels
+/// a Telemetry computes from it.
+struct Noted {
+    at: SystemTime,
+    trace_id: Option<String>,
+    line: crate::access_log::RequestLine,
+    /// Sampled for the access log (else kept for the labels only).
+    log: bool,
+}
+
 /// The telemetry a request was chosen for, taken when it comes in.
 pub struct Start {
     at: tokio::time::Instant,
     grpc: bool,
-    /// Sampled for the access log: when it came, its trace id, its line.
-    logged: Option<(SystemTime, Option<String>, crate::access_log::RequestLine)>,
+    /// What an access log line or a metric label may read of it.
+    noted: Option<Noted>,
     span: Option<RequestSpan>,
     /// What the workload's Telemetry has reported.
     reporting: Arc<Reporting>,
@@ -147,20 +157,20 @@ impl Start {
         reporting: Arc<Reporting>,
     ) -> Self {
         let span = tracer.and_then(|t| RequestSpan::begin(t, req, (kind, port, peer), &reporting));
-        let logged = (logs && reporting.access_log && crate::access_log::sampled()).then(|| {
-            (
-                SystemTime::now(),
-                span.as_ref().map_or_else(
-                    || crate::access_log::trace_id(req.headers()),
-                    |s| Some(s.trace_id()),
-                ),
-                crate::access_log::RequestLine::of(req),
-            )
+        let log = logs && reporting.access_log && crate::access_log::sampled();
+        let noted = (log || !reporting.relabels.is_empty()).then(|| Noted {
+            at: SystemTime::now(),
+            trace_id: span.as_ref().map_or_else(
+                || crate::access_log::trace_id(req.headers()),
+                |s| Some(s.trace_id()),
+            ),
+            line: crate::access_log::RequestLine::of(req, &reporting.headers),
+            log,
         });
         Self {
             at: tokio::time::Instant::now(),
             grpc: crate::policy::authz::is_grpc(req.headers()),
-            logged,
+            noted,
             span,
             reporting,
             body: Arc::default(),
@@ -249,24 +259,26 @@ impl Drop for Recorded {
         };
         let duration = self.start.at.elapsed();
         let request_bytes = self.start.body.bytes.load(Ordering::Relaxed);
-        if let Some((at, trace_id, request)) = self.start.logged.take() {
-            let entry = crate::access_log::Entry {
-                traffic: &labels.traffic,
-                start: at,
-                duration,
-                upstream: self.upstream,
-                route: self.route.as_deref(),
-                bytes_in: request_bytes,
-                bytes_out: self.response_bytes,
-                response_code: Some(labels.response_code),
-                grpc_status: labels.grpc_status,
-                flags: labels.flags,
-                trace_id: trace_id.as_deref(),
-                request: Some(&request),
-            };
-            if self.start.reporting.logs(&entry) {
-                crate::access_log::write(&entry);
-            }
+        let noted = self.start.noted.take();
+        let entry = noted.as_ref().map(|n| crate::access_log::Entry {
+            traffic: &labels.traffic,
+            start: n.at,
+            duration,
+            upstream: self.upstream,
+            route: self.route.as_deref(),
+            bytes_in: request_bytes,
+            bytes_out: self.response_bytes,
+            response_code: Some(labels.response_code),
+            grpc_status: labels.grpc_status,
+            flags: labels.flags,
+            trace_id: n.trace_id.as_deref(),
+            request: Some(&n.line),
+        });
+        if let Some(entry) = &entry
+            && noted.as_ref().is_some_and(|n| n.log)
+            && self.start.reporting.logs(entry)
+        {
+            crate::access_log::write(entry);
         }
         if let Some(span) = self.start.span.take() {
             span.end(&Ending {
@@ -281,19 +293,22 @@ impl Drop for Recorded {
             });
         }
         if let Some(metrics) = &self.metrics {
-            metrics.request(&istio::Request {
-                messages: self.response_messages.as_ref().map(|received| {
-                    (
-                        self.start.body.messages.load(Ordering::Relaxed),
-                        received.messages,
-                    )
-                }),
-                labels,
-                duration_ms: duration.as_secs_f64() * 1000.0,
-                request_bytes,
-                response_bytes: self.response_bytes,
-                off: self.start.reporting.metrics_off,
-            });
+            metrics.request(
+                &istio::Request {
+                    messages: self.response_messages.as_ref().map(|received| {
+                        (
+                            self.start.body.messages.load(Ordering::Relaxed),
+                            received.messages,
+                        )
+                    }),
+                    labels: &labels,
+                    duration_ms: duration.as_secs_f64() * 1000.0,
+                    request_bytes,
+                    response_bytes: self.response_bytes,
+                },
+                &self.start.reporting,
+                entry.as_ref(),
+            );
         }
     }
 }

@@ -1,40 +1,42 @@
-//! Access log filters: the part of CEL that Istio's Telemetry
-//! `accessLogging.filter.expression` examples use, over Envoy's attribute
-//! names (`response.code >= 400`, `connection.mtls &&
-//! request.url_path.startsWith('/api')`, `request.duration >
-//! duration('500ms')`). Parsed once, when the policy is read (an unknown
-//! attribute or a syntax error rejects the policy, naming the place);
-//! evaluated as a line is about to be written. An attribute the line does
-//! not have (a connection has no `response.code`) is an error, as in CEL:
-//! `||` and `&&` absorb it when the other side decides, and a filter that
-//! ends in an error writes no line (as Envoy's).
+//! The part of CEL that Istio's Telemetry examples use, over Envoy's
+//! attribute names: access log filters (`response.code >= 400`,
+//! `connection.mtls && request.url_path.startsWith('/api')`,
+//! `request.duration > duration('500ms')`) and the values of metric labels
+//! (`request.host`, `request.headers['x-tenant']`,
+//! `string(destination.port)`). Parsed once, when the policy is read (an
+//! unknown attribute or a syntax error rejects the policy, naming the
+//! place); evaluated over what a request or connection left behind (an
+//! access log [`Entry`]). An attribute it does not have (a connection has
+//! no `response.code`) is an error, as in CEL: `||` and `&&` absorb it when
+//! the other side decides; a filter that ends in an error admits nothing
+//! (as Envoy's), a label value that does reads `unknown`.
 
 use std::{fmt, time::Duration};
 
-use super::Entry;
+use crate::access_log::Entry;
 
-/// A parsed filter, with its source text (what is shown and compared).
+/// A parsed expression, with its source text (what is shown and compared).
 #[derive(Clone)]
-pub struct Filter {
+pub struct Expression {
     text: String,
     expr: Expr,
 }
 
-impl fmt::Debug for Filter {
+impl fmt::Debug for Expression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
 }
 
-impl PartialEq for Filter {
+impl PartialEq for Expression {
     fn eq(&self, other: &Self) -> bool {
         self.text == other.text
     }
 }
 
-impl Eq for Filter {}
+impl Eq for Expression {}
 
-impl serde::Serialize for Filter {
+impl serde::Serialize for Expression {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.text)
     }
@@ -48,9 +50,12 @@ pub struct ParseError {
     pub reason: String,
 }
 
-/// The attributes a filter may name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The attributes an expression may name.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Attribute {
+    /// `request.headers['name']`
+    Header(http::HeaderName),
+    DestinationPort,
     ResponseCode,
     GrpcStatus,
     ResponseSize,
@@ -89,6 +94,7 @@ const ATTRIBUTES: &[(&str, Attribute)] = &[
     ("request.duration", Attribute::Duration),
     ("connection.mtls", Attribute::Mtls),
     ("upstream.address", Attribute::Upstream),
+    ("destination.port", Attribute::DestinationPort),
     ("source.principal", Attribute::SourcePrincipal),
     ("source.workload", Attribute::SourceWorkload),
     ("source.namespace", Attribute::SourceNamespace),
@@ -132,12 +138,14 @@ enum Expr {
     Or(Box<Expr>, Box<Expr>),
     Compare(Op, Box<Expr>, Box<Expr>),
     Call(Method, Box<Expr>, Box<Expr>),
+    /// `string(x)`
+    String(Box<Expr>),
 }
 
 /// No value: a missing attribute or a type mismatch.
 struct NoValue;
 
-impl Filter {
+impl Expression {
     pub fn parse(text: &str) -> Result<Self, ParseError> {
         let mut p = Parser {
             tokens: tokenize(text)?,
@@ -157,13 +165,53 @@ impl Filter {
         })
     }
 
-    /// Whether `entry` is logged.
+    /// Whether it is true of `entry` (a filter: whether the line is
+    /// written).
     pub fn admits(&self, entry: &Entry<'_>) -> bool {
         matches!(eval(&self.expr, entry), Ok(Value::Bool(true)))
     }
+
+    /// Its value for `entry` as a label value (`unknown` on an error).
+    pub fn label(&self, entry: &Entry<'_>) -> String {
+        eval(&self.expr, entry).map_or_else(|NoValue| "unknown".to_owned(), |v| v.text())
+    }
+
+    /// The request headers it reads, which a request's [`Entry`] must keep.
+    pub fn headers(&self) -> Vec<http::HeaderName> {
+        fn walk(e: &Expr, out: &mut Vec<http::HeaderName>) {
+            match e {
+                Expr::Attribute(Attribute::Header(h)) => {
+                    if !out.contains(h) {
+                        out.push(h.clone());
+                    }
+                }
+                Expr::Literal(_) | Expr::Attribute(_) => {}
+                Expr::Not(x) | Expr::String(x) => walk(x, out),
+                Expr::And(l, r) | Expr::Or(l, r) | Expr::Compare(_, l, r) | Expr::Call(_, l, r) => {
+                    walk(l, out);
+                    walk(r, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.expr, &mut out);
+        out
+    }
 }
 
-fn attribute(a: Attribute, e: &Entry<'_>) -> Result<Value, NoValue> {
+impl Value {
+    /// As CEL's `string()` writes it.
+    fn text(self) -> String {
+        match self {
+            Self::Int(i) => i.to_string(),
+            Self::Str(s) => s,
+            Self::Bool(b) => b.to_string(),
+            Self::Duration(d) => format!("{}s", d.as_secs_f64()),
+        }
+    }
+}
+
+fn attribute(a: &Attribute, e: &Entry<'_>) -> Result<Value, NoValue> {
     let request = e.request.ok_or(NoValue);
     let text = |v: Option<&http::HeaderValue>| {
         v.and_then(|v| v.to_str().ok())
@@ -172,6 +220,14 @@ fn attribute(a: Attribute, e: &Entry<'_>) -> Result<Value, NoValue> {
     };
     let t = e.traffic;
     Ok(match a {
+        Attribute::Header(name) => text(
+            request?
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v),
+        )?,
+        Attribute::DestinationPort => Value::Int(e.upstream.ok_or(NoValue)?.port().into()),
         Attribute::ResponseCode => Value::Int(e.response_code.ok_or(NoValue)?.into()),
         Attribute::GrpcStatus => Value::Int(e.grpc_status.ok_or(NoValue)?.into()),
         Attribute::ResponseSize => Value::Int(e.bytes_out as i64),
@@ -188,7 +244,9 @@ fn attribute(a: Attribute, e: &Entry<'_>) -> Result<Value, NoValue> {
             Value::Str(request?.path.as_ref().map_or("/", |p| p.path()).to_owned())
         }
         Attribute::Host => text(request?.authority.as_ref())?,
-        Attribute::Protocol => Value::Str(super::version_name(request?.version).to_owned()),
+        Attribute::Protocol => {
+            Value::Str(crate::access_log::version_name(request?.version).to_owned())
+        }
         Attribute::UserAgent => text(request?.user_agent.as_ref())?,
         Attribute::RequestId => text(request?.request_id.as_ref())?,
         Attribute::Duration => Value::Duration(e.duration),
@@ -211,7 +269,8 @@ fn eval(expr: &Expr, e: &Entry<'_>) -> Result<Value, NoValue> {
     };
     Ok(match expr {
         Expr::Literal(v) => v.clone(),
-        Expr::Attribute(a) => attribute(*a, e)?,
+        Expr::Attribute(a) => attribute(a, e)?,
+        Expr::String(x) => Value::Str(eval(x, e)?.text()),
         Expr::Not(x) => Value::Bool(!boolean(x)?),
         // CEL's commutative logic: a decided side wins over an error.
         Expr::And(l, r) => match (boolean(l), boolean(r)) {
@@ -272,8 +331,8 @@ impl fmt::Display for Token {
 }
 
 fn tokenize(text: &str) -> Result<Vec<(usize, Token)>, ParseError> {
-    const PUNCT: [&str; 14] = [
-        "&&", "||", "==", "!=", "<=", ">=", "<", ">", "!", "(", ")", ".", ",", "-",
+    const PUNCT: [&str; 16] = [
+        "&&", "||", "==", "!=", "<=", ">=", "<", ">", "!", "(", ")", "[", "]", ".", ",", "-",
     ];
     let bytes = text.as_bytes();
     let mut out = Vec::new();
@@ -415,6 +474,12 @@ impl Parser {
             Token::Int(n) => Ok(Expr::Literal(Value::Int(n))),
             Token::Str(s) => self.methods(Expr::Literal(Value::Str(s))),
             Token::Ident(word) => match word.as_str() {
+                "string" => {
+                    self.expect("(")?;
+                    let inner = self.or()?;
+                    self.expect(")")?;
+                    self.methods(Expr::String(Box::new(inner)))
+                }
                 "true" => Ok(Expr::Literal(Value::Bool(true))),
                 "false" => Ok(Expr::Literal(Value::Bool(false))),
                 "duration" => {
@@ -448,6 +513,9 @@ impl Parser {
                             _ => return self.error("expected a name after '.'"),
                         }
                     }
+                    if path == "request.headers" {
+                        return self.header(start);
+                    }
                     let Some((_, a)) = ATTRIBUTES.iter().find(|(name, _)| *name == path) else {
                         return Err(ParseError {
                             at: start,
@@ -461,7 +529,7 @@ impl Parser {
                             ),
                         });
                     };
-                    self.methods(Expr::Attribute(*a))
+                    self.methods(Expr::Attribute(a.clone()))
                 }
             },
             other => Err(ParseError {
@@ -469,6 +537,28 @@ impl Parser {
                 reason: format!("unexpected {other}"),
             }),
         }
+    }
+
+    /// `['name']` after `request.headers`.
+    fn header(&mut self, start: usize) -> Result<Expr, ParseError> {
+        if !self.eat("[") {
+            return Err(ParseError {
+                at: start,
+                reason: "request.headers is read one header at a time: request.headers['name']"
+                    .into(),
+            });
+        }
+        let at = self.here();
+        let Some(Token::Str(name)) = self.peek().cloned() else {
+            return self.error("expected a header name in quotes");
+        };
+        self.at += 1;
+        self.expect("]")?;
+        let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| ParseError {
+            at,
+            reason: format!("{name:?} is not a header name"),
+        })?;
+        self.methods(Expr::Attribute(Attribute::Header(name)))
     }
 
     /// `.startsWith(x)`, `.endsWith(x)`, `.contains(x)` after a value.
@@ -567,9 +657,10 @@ mod tests {
             .uri(path)
             .header("host", "web.shop:8080")
             .header("user-agent", "curl/8")
+            .header("x-tenant", "acme")
             .body(())
             .unwrap();
-        RequestLine::of(&req)
+        RequestLine::of(&req, &[http::HeaderName::from_static("x-tenant")])
     }
 
     #[test]
@@ -616,9 +707,19 @@ mod tests {
             ("response.code == 'x'", [false, false, false]),
             ("true || response.code == 'x'", [true, true, true]),
             ("response.code != -1", [true, true, false]),
+            ("request.headers['x-tenant'] == 'acme'", [true, true, false]),
+            (
+                "request.headers[\"x-other\"] == 'acme'",
+                [false, false, false],
+            ),
+            (
+                "string(response.code).startsWith('5')",
+                [false, true, false],
+            ),
+            ("destination.port == 8080", [true, true, true]),
         ];
         for (text, want) in cases {
-            let f = Filter::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let f = Expression::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             let got = [ok.clone(), failed.clone(), connection.clone()].map(|e| f.admits(&e));
             assert_eq!(got, *want, "{text}");
         }
@@ -639,11 +740,41 @@ mod tests {
             ("request.path == 'open", 16, "closing quote"),
             ("response.code == 200 200", 21, "unexpected 200"),
             ("response.code # 1", 14, "unexpected '#'"),
+            ("request.headers == 'x'", 0, "one header at a time"),
+            ("request.headers['a b']", 16, "not a header name"),
+            ("string(response.code", 20, "expected \")\""),
         ] {
-            let e = Filter::parse(text).expect_err(text);
+            let e = Expression::parse(text).expect_err(text);
             assert_eq!(e.at, at, "{text}: {e}");
             assert!(e.reason.contains(says), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn values_for_labels() {
+        let t = traffic(true);
+        let get = line("GET", "/api/v1/items?page=2");
+        let ok = entry(&t, Some(&get), Some(200), 20);
+        let connection = entry(&t, None, None, 5);
+        for (text, want) in [
+            ("request.host", ["web.shop:8080", "unknown"]),
+            ("request.headers['x-tenant']", ["acme", "unknown"]),
+            ("string(destination.port)", ["8080", "8080"]),
+            ("response.code", ["200", "unknown"]),
+            ("connection.mtls", ["true", "true"]),
+            ("'fixed'", ["fixed", "fixed"]),
+        ] {
+            let x = Expression::parse(text).expect(text);
+            assert_eq!([x.label(&ok), x.label(&connection)], want, "{text}");
+        }
+        let x = Expression::parse(
+            "request.headers['x-a'] == 'b' || request.headers['X-B'] == request.headers['x-a']",
+        )
+        .unwrap();
+        assert_eq!(
+            x.headers(),
+            ["x-a", "x-b"].map(http::HeaderName::from_static)
+        );
     }
 
     #[test]
