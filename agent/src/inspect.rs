@@ -647,6 +647,8 @@ fn reporting_text(r: &Value) -> String {
     }
     if r["access_log"] == false {
         parts.push("no access log".into());
+    } else if let Some(filter) = r["log_filter"].as_str() {
+        parts.push(format!("access log if {filter}"));
     }
     let off: Vec<&str> = r["metrics_off"]
         .as_array()
@@ -656,6 +658,10 @@ fn reporting_text(r: &Value) -> String {
         .collect();
     if !off.is_empty() {
         parts.push(format!("metrics off {}", off.join(",")));
+    }
+    if let Some(relabels) = r["relabels"].as_object().filter(|m| !m.is_empty()) {
+        let metrics: Vec<&str> = relabels.keys().map(String::as_str).collect();
+        parts.push(format!("labels changed on {}", metrics.join(",")));
     }
     if parts.is_empty() {
         "as the flags say".into()

@@ -652,7 +652,9 @@ fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
     );
     let text = agent_a.cli(&["workloads"]).expect("workloads text");
     assert!(
-        text.contains("TELEMETRY") && text.contains("no access log"),
+        text.contains("TELEMETRY")
+            && text.contains("no access log")
+            && text.contains("labels changed on REQUEST_DURATION"),
         "{text}"
     );
     let text = agent_a.cli(&["policy"]).expect("policy text");
