@@ -145,12 +145,25 @@ enum Expr {
 /// No value: a missing attribute or a type mismatch.
 struct NoValue;
 
+/// The longest expression taken, in bytes, and how deep parentheses and
+/// calls may nest: parsing and evaluating recurse, and an object from the
+/// API must not be able to overflow the agent's stack.
+pub const MAX_LEN: usize = 1024;
+const MAX_DEPTH: usize = 32;
+
 impl Expression {
     pub fn parse(text: &str) -> Result<Self, ParseError> {
+        if text.len() > MAX_LEN {
+            return Err(ParseError {
+                at: MAX_LEN,
+                reason: format!("longer than {MAX_LEN} bytes"),
+            });
+        }
         let mut p = Parser {
             tokens: tokenize(text)?,
             at: 0,
             len: text.len(),
+            depth: 0,
         };
         let expr = p.or()?;
         if let Some((at, t)) = p.tokens.get(p.at) {
@@ -383,6 +396,8 @@ struct Parser {
     at: usize,
     /// The text's length, where "the end" is.
     len: usize,
+    /// Sub-expressions open (parentheses, calls' arguments).
+    depth: usize,
 }
 
 impl Parser {
@@ -418,6 +433,16 @@ impl Parser {
     }
 
     fn or(&mut self) -> Result<Expr, ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return self.error(format!("nested deeper than {MAX_DEPTH}"));
+        }
+        let parsed = self.or_chain();
+        self.depth -= 1;
+        parsed
+    }
+
+    fn or_chain(&mut self) -> Result<Expr, ParseError> {
         let mut left = self.and()?;
         while self.eat("||") {
             left = Expr::Or(Box::new(left), Box::new(self.and()?));
@@ -426,18 +451,15 @@ impl Parser {
     }
 
     fn and(&mut self) -> Result<Expr, ParseError> {
-        let mut left = self.unary()?;
+        let mut left = self.relation()?;
         while self.eat("&&") {
-            left = Expr::And(Box::new(left), Box::new(self.unary()?));
+            left = Expr::And(Box::new(left), Box::new(self.relation()?));
         }
         Ok(left)
     }
 
-    fn unary(&mut self) -> Result<Expr, ParseError> {
-        if self.eat("!") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
-        }
-        let left = self.primary()?;
+    fn relation(&mut self) -> Result<Expr, ParseError> {
+        let left = self.unary()?;
         let op = match self.peek() {
             Some(Token::Punct("==")) => Op::Eq,
             Some(Token::Punct("!=")) => Op::Ne,
@@ -448,8 +470,22 @@ impl Parser {
             _ => return Ok(left),
         };
         self.at += 1;
-        let right = self.primary()?;
+        let right = self.unary()?;
         Ok(Expr::Compare(op, Box::new(left), Box::new(right)))
+    }
+
+    /// `!` binds tighter than a comparison, as in CEL (`!a == b` is
+    /// `(!a) == b`); read in a loop, so a run of them cannot recurse.
+    fn unary(&mut self) -> Result<Expr, ParseError> {
+        let mut nots = 0;
+        while self.eat("!") {
+            nots += 1;
+        }
+        let mut x = self.primary()?;
+        for _ in 0..nots {
+            x = Expr::Not(Box::new(x));
+        }
+        Ok(x)
     }
 
     fn primary(&mut self) -> Result<Expr, ParseError> {
@@ -708,6 +744,12 @@ mod tests {
             ("true || response.code == 'x'", [true, true, true]),
             ("response.code != -1", [true, true, false]),
             ("request.headers['x-tenant'] == 'acme'", [true, true, false]),
+            // `!` before `==`: a number negated is an error, not a test.
+            ("!response.code == 503", [false, false, false]),
+            (
+                "!!connection.mtls && !(response.code == 503)",
+                [true, false, false],
+            ),
             (
                 "request.headers[\"x-other\"] == 'acme'",
                 [false, false, false],
@@ -747,6 +789,87 @@ mod tests {
             let e = Expression::parse(text).expect_err(text);
             assert_eq!(e.at, at, "{text}: {e}");
             assert!(e.reason.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn nothing_from_the_api_overflows_or_panics() {
+        let deep = format!("{}true{}", "(".repeat(40), ")".repeat(40));
+        let e = Expression::parse(&deep).expect_err("too deep");
+        assert!(e.reason.contains("nested deeper"), "{e}");
+        let ok = format!("{}true{}", "(".repeat(20), ")".repeat(20));
+        assert!(Expression::parse(&ok).is_ok());
+        let long = "connection.mtls || ".repeat(60) + "true";
+        assert!(
+            Expression::parse(&long)
+                .expect_err("long")
+                .reason
+                .contains("longer")
+        );
+        // A long run of `!` and of `||` stays within the limits.
+        let t = traffic(true);
+        let connection = entry(&t, None, None, 1);
+        for (n, want) in [(1000, true), (1001, false)] {
+            let nots = format!("{}true", "!".repeat(n));
+            assert_eq!(
+                Expression::parse(&nots).expect("nots").admits(&connection),
+                want
+            );
+        }
+        // Random texts from the grammar's pieces: each parses or is
+        // refused, and what parses evaluates, never panicking.
+        const PIECES: &[&str] = &[
+            "response.code",
+            "request.headers['x-tenant']",
+            "request.path",
+            "string(",
+            "duration('1s')",
+            "'é'",
+            "\"",
+            "'",
+            "(",
+            ")",
+            "[",
+            "]",
+            "!",
+            "-",
+            "&&",
+            "||",
+            "==",
+            "<",
+            ">=",
+            "1",
+            "99999999999999999999",
+            ".startsWith(",
+            ".contains(",
+            ",",
+            "true",
+            "x",
+            "é",
+            " ",
+            "request.",
+            "headers",
+            "#",
+        ];
+        let t = traffic(false);
+        let get = line("GET", "/a");
+        let entries = [
+            entry(&t, Some(&get), Some(200), 1),
+            entry(&t, None, None, 1),
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) + 1 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                text.push_str(PIECES[(seed >> 33) as usize % PIECES.len()]);
+            }
+            if let Ok(x) = Expression::parse(&text) {
+                for e in &entries {
+                    let _ = (x.admits(e), x.label(e), x.headers());
+                }
+            }
         }
     }
 

@@ -184,7 +184,7 @@ pub struct AccessLogging {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogFilter {
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 1024))]
     pub expression: String,
 }
 
@@ -218,6 +218,7 @@ pub struct TagOverride {
     /// UPSERT: a CEL expression whose value the label takes
     /// (`request.host`, `request.headers['x-tenant']`, `'literal'`).
     #[serde(default)]
+    #[schemars(length(max = 1024))]
     pub value: Option<String>,
 }
 
