@@ -25,5 +25,6 @@ pub mod peer_auth;
 pub mod providers;
 #[cfg(test)]
 mod reference;
+pub mod scope;
 pub mod telemetry;
 pub mod verdict;

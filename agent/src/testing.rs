@@ -97,3 +97,16 @@ pub fn workload(
         label_set: 0,
     }
 }
+
+/// An object's metadata: `namespace/name`, made `age` seconds before a
+/// fixed instant (the older of two policies at one level wins).
+pub fn meta(namespace: &str, name: &str, age: i64) -> kube::api::ObjectMeta {
+    kube::api::ObjectMeta {
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 - age).expect("a time"),
+        )),
+        ..kube::api::ObjectMeta::default()
+    }
+}

@@ -211,6 +211,14 @@ impl Traffic {
         }
     }
 
+    /// [`Self::pairs`] with their values owned.
+    fn owned_pairs(&self) -> Vec<(&'static str, String)> {
+        self.pairs()
+            .iter()
+            .map(|(n, v)| (*n, (*v).to_owned()))
+            .collect()
+    }
+
     fn pairs(&self) -> [(&'static str, &str); 20] {
         let (s, d, svc) = (&self.source, &self.destination, &self.service);
         [
@@ -305,19 +313,27 @@ impl RequestLabels {
     }
 }
 
-impl std::hash::Hash for RequestLabels {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
-    }
+/// A label set is the same series as another when their keys are equal:
+/// Istio's labels, or the changed ones when a Telemetry changed them.
+macro_rules! same_series_by_key {
+    ($($labels:ty),*) => {$(
+        impl std::hash::Hash for $labels {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.key().hash(state);
+            }
+        }
+
+        impl PartialEq for $labels {
+            fn eq(&self, other: &Self) -> bool {
+                self.key() == other.key()
+            }
+        }
+
+        impl Eq for $labels {}
+    )*};
 }
 
-impl PartialEq for RequestLabels {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for RequestLabels {}
+same_series_by_key!(RequestLabels, TcpLabels);
 
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
@@ -353,20 +369,6 @@ impl TcpLabels {
     }
 }
 
-impl std::hash::Hash for TcpLabels {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
-    }
-}
-
-impl PartialEq for TcpLabels {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for TcpLabels {}
-
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         if let Some(relabelled) = &self.relabelled {
@@ -383,7 +385,14 @@ trait Relabel: Clone {
     /// Istio's labels, in order.
     fn istio_pairs(&self) -> Vec<(&'static str, String)>;
 
-    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self;
+    fn set_relabelled(&mut self, to: Relabelled);
+
+    /// These labels with `ops` applied, values read from `entry`.
+    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self {
+        let mut out = self.clone();
+        out.set_relabelled(apply(self.istio_pairs(), ops, entry));
+        out
+    }
 }
 
 /// Istio's labels with `ops` applied: removed ones left out, upserted ones
@@ -408,12 +417,7 @@ fn apply(
 
 impl Relabel for RequestLabels {
     fn istio_pairs(&self) -> Vec<(&'static str, String)> {
-        let mut pairs: Vec<(&'static str, String)> = self
-            .traffic
-            .pairs()
-            .iter()
-            .map(|(n, v)| (*n, (*v).to_owned()))
-            .collect();
+        let mut pairs = self.traffic.owned_pairs();
         pairs.extend([
             ("response_code", self.response_code.to_string()),
             (
@@ -425,31 +429,20 @@ impl Relabel for RequestLabels {
         pairs
     }
 
-    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self {
-        Self {
-            relabelled: Some(apply(self.istio_pairs(), ops, entry)),
-            ..self.clone()
-        }
+    fn set_relabelled(&mut self, to: Relabelled) {
+        self.relabelled = Some(to);
     }
 }
 
 impl Relabel for TcpLabels {
     fn istio_pairs(&self) -> Vec<(&'static str, String)> {
-        let mut pairs: Vec<(&'static str, String)> = self
-            .traffic
-            .pairs()
-            .iter()
-            .map(|(n, v)| (*n, (*v).to_owned()))
-            .collect();
+        let mut pairs = self.traffic.owned_pairs();
         pairs.push(("response_flags", self.flags.to_owned()));
         pairs
     }
 
-    fn relabelled(&self, ops: &telemetry::Relabel, entry: &Entry<'_>) -> Self {
-        Self {
-            relabelled: Some(apply(self.istio_pairs(), ops, entry)),
-            ..self.clone()
-        }
+    fn set_relabelled(&mut self, to: Relabelled) {
+        self.relabelled = Some(to);
     }
 }
 
@@ -471,7 +464,8 @@ impl<'l, L: Relabel> Series<'l, L> {
     ) -> Self {
         let mut made: Vec<(*const telemetry::Relabel, L)> = Vec::new();
         if let Some(entry) = entry {
-            for ops in metrics.iter().filter_map(|m| reporting.relabels.of(*m)) {
+            let on = metrics.iter().filter(|m| !reporting.metrics_off.has(**m));
+            for ops in on.filter_map(|m| reporting.relabels.of(*m)) {
                 if !made.iter().any(|(p, _)| *p == Arc::as_ptr(ops)) {
                     made.push((Arc::as_ptr(ops), istio.relabelled(ops, entry)));
                 }
@@ -690,15 +684,12 @@ impl IstioMetrics {
             if reporting.metrics_off.has(metric) {
                 continue;
             }
-            let family = match metric {
-                TcpClosedConnections => {
-                    self.closed.get_or_create(series.of(metric)).inc();
-                    continue;
-                }
-                TcpReceivedBytes => (&self.received, from_client),
-                _ => (&self.sent, from_server),
+            let labels = series.of(metric);
+            match metric {
+                TcpClosedConnections => self.closed.get_or_create(labels).inc(),
+                TcpReceivedBytes => self.received.get_or_create(labels).inc_by(from_client),
+                _ => self.sent.get_or_create(labels).inc_by(from_server),
             };
-            family.0.get_or_create(series.of(metric)).inc_by(family.1);
         }
     }
 
@@ -735,9 +726,10 @@ impl OpenConnection {
             upstream,
             reporting,
         };
-        let entry = this.entry((0, 0));
+        // Label values are read from an entry only when labels change.
+        let entry = (!this.reporting.relabels.is_empty()).then(|| this.entry((0, 0)));
         this.metrics
-            .tcp_opened(&this.labels, &this.reporting, Some(&entry));
+            .tcp_opened(&this.labels, &this.reporting, entry.as_ref());
         this
     }
 

@@ -735,11 +735,15 @@ pub fn selects(
     workload: &Workload,
 ) -> bool {
     namespace == workload.namespace
-        && selector.is_none_or(|labels| {
-            labels
-                .iter()
-                .all(|(k, v)| workload.labels.get(k) == Some(v))
-        })
+        && selector.is_none_or(|selector| selector_matches(selector, &workload.labels))
+}
+
+/// Whether a pod with `labels` has every label of `selector`.
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// Whether a rule matches; `Unknown` while its L7 conditions wait for a

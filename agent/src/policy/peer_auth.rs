@@ -17,7 +17,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::authz::{Selector, port_number, selects};
+use super::{
+    authz::{Selector, port_number},
+    scope::{Scoped, oldest},
+};
 use crate::state::{Workload, model::MtlsMode};
 
 /// The mTLS mode of the pods it selects, and of their ports.
@@ -151,12 +154,19 @@ impl PeerAuth {
             created: object.metadata.creation_timestamp.as_ref().map(|t| t.0),
         }
     }
+}
 
-    /// Older first, then by name: the order in which policies of one level
-    /// win.
-    fn rank(&self) -> (Option<k8s_openapi::jiff::Timestamp>, &str) {
-        // A policy without a time (the config folder) ranks by name alone.
-        (self.created, &self.name)
+impl Scoped for PeerAuth {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn selector(&self) -> Option<&BTreeMap<String, String>> {
+        self.selector.as_ref()
+    }
+
+    fn created(&self) -> Option<k8s_openapi::jiff::Timestamp> {
+        self.created
     }
 }
 
@@ -179,25 +189,11 @@ impl Applicable {
     /// The modes the policies give `workload` (`mode: None` when none sets
     /// one, and the labels decide).
     pub fn modes(&self, workload: &Workload) -> Modes {
-        fn oldest<'p>(
-            list: &'p [PeerAuth],
-            selected: bool,
-            workload: &Workload,
-        ) -> Option<&'p PeerAuth> {
-            list.iter()
-                .filter(|p| p.selector.is_some() == selected)
-                .filter(|p| !selected || selects(&p.namespace, p.selector.as_ref(), workload))
-                .min_by(|a, b| a.rank().cmp(&b.rank()))
-        }
-        let own = oldest(&self.namespace, true, workload);
-        let mode = [
-            own,
-            oldest(&self.namespace, false, workload),
-            oldest(&self.mesh, false, workload),
-        ]
-        .into_iter()
-        .flatten()
-        .find_map(|p| p.mode.set());
+        let own = oldest(&self.namespace, Some(&workload.labels));
+        let mode = [own, oldest(&self.namespace, None), oldest(&self.mesh, None)]
+            .into_iter()
+            .flatten()
+            .find_map(|p| p.mode.set());
         let ports = own
             .into_iter()
             .flat_map(|p| &p.ports)
@@ -215,14 +211,7 @@ mod tests {
         let spec: PeerAuthenticationSpec = serde_yaml_ng::from_str(yaml).expect(yaml);
         validate(&spec).expect("valid");
         PeerAuth::compile(&PeerAuthentication {
-            metadata: kube::api::ObjectMeta {
-                namespace: Some(namespace.into()),
-                name: Some(name.into()),
-                creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 - age).unwrap(),
-                )),
-                ..kube::api::ObjectMeta::default()
-            },
+            metadata: crate::testing::meta(namespace, name, age),
             spec,
         })
     }

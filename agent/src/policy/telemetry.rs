@@ -30,7 +30,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::authz::Selector;
+use super::{
+    authz::Selector,
+    scope::{Scoped, oldest},
+};
 use crate::{cel::Expression, state::Workload};
 
 /// What the agent reports about the traffic of the pods it selects.
@@ -606,12 +609,6 @@ impl TelemetryPolicy {
         })
     }
 
-    /// Older first, then by name: the order in which policies of one level
-    /// win.
-    fn rank(&self) -> (Option<k8s_openapi::jiff::Timestamp>, &str) {
-        (self.created, &self.name)
-    }
-
     /// Applies the entries about `side` over `report`.
     fn apply(&self, side: Side, report: &mut Reporting) {
         for t in self.tracing.iter().filter(|t| t.mode.covers(side)) {
@@ -653,6 +650,20 @@ impl TelemetryPolicy {
                 }
             }
         }
+    }
+}
+
+impl Scoped for TelemetryPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn selector(&self) -> Option<&BTreeMap<String, String>> {
+        self.selector.as_ref()
+    }
+
+    fn created(&self) -> Option<k8s_openapi::jiff::Timestamp> {
+        self.created
     }
 }
 
@@ -784,24 +795,15 @@ impl Telemetries {
         if self.policies.is_empty() {
             return Reporting::everything();
         }
-        let oldest = |at: &str, selected: bool| {
-            self.policies
-                .iter()
-                .filter(|p| p.namespace == at && p.selector.is_some() == selected)
-                .filter(|p| {
-                    p.selector
-                        .as_ref()
-                        .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
-                })
-                .min_by(|a, b| a.rank().cmp(&b.rank()))
-        };
+        let oldest =
+            |at: &str, labels| oldest(self.policies.iter().filter(|p| p.namespace == at), labels);
         let levels = [
-            oldest(&self.root, false),
+            oldest(&self.root, None),
             // The root namespace's own pods take its policies once.
             (namespace != self.root)
-                .then(|| oldest(namespace, false))
+                .then(|| oldest(namespace, None))
                 .flatten(),
-            oldest(namespace, true),
+            oldest(namespace, Some(labels)),
         ];
         if levels.iter().all(Option::is_none) {
             return Reporting::everything();
@@ -823,14 +825,7 @@ mod tests {
         let spec: TelemetrySpec = serde_yaml_ng::from_str(yaml).expect(yaml);
         validate(&spec).expect("valid");
         TelemetryPolicy::compile(&Telemetry {
-            metadata: kube::api::ObjectMeta {
-                namespace: Some(namespace.into()),
-                name: Some(name.into()),
-                creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 - age).unwrap(),
-                )),
-                ..kube::api::ObjectMeta::default()
-            },
+            metadata: crate::testing::meta(namespace, name, age),
             spec,
         })
     }
