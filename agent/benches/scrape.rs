@@ -119,20 +119,8 @@ fn record(c: &mut Criterion) {
     let peers: Vec<Arc<Peer>> = (0..WORKLOADS).map(peer).collect();
     for i in 0..WORKLOADS {
         let dst = &peers[(i + 1) % WORKLOADS];
-        let labels = RequestLabels {
-            traffic: Traffic::new(
-                Reporter::Source,
-                peers[i].clone(),
-                dst.clone(),
-                Arc::new(ServiceName::of(&format!("{}/svc-{i}", dst.namespace))),
-                "http",
-                false,
-            ),
-            response_code: 200,
-            grpc_status: None,
-            flags: "-",
-            relabelled: None,
-        };
+        let service = format!("{}/svc-{i}", dst.namespace);
+        let labels = request_labels((&peers[i], dst), &service, Reporter::Source, false);
         metrics.request(
             &Request {
                 labels: &labels,
@@ -145,33 +133,59 @@ fn record(c: &mut Criterion) {
             None,
         );
     }
-    let labels = RequestLabels {
+    let labels = request_labels((&peers[3], &peers[4]), "ns4/svc-3", Reporter::Source, false);
+    time_request(
+        c,
+        "record/one_request_among_1000_pairs",
+        &metrics,
+        &labels,
+        (&Reporting::default(), None),
+    );
+}
+
+/// A 200 answer's labels for a request from `src` to `dst` calling `service`.
+fn request_labels(
+    (src, dst): (&Arc<Peer>, &Arc<Peer>),
+    service: &str,
+    reporter: Reporter,
+    mtls: bool,
+) -> RequestLabels {
+    RequestLabels {
         traffic: Traffic::new(
-            Reporter::Source,
-            peers[3].clone(),
-            peers[4].clone(),
-            Arc::new(ServiceName::of("ns4/svc-3")),
+            reporter,
+            src.clone(),
+            dst.clone(),
+            Arc::new(ServiceName::of(service)),
             "http",
-            false,
+            mtls,
         ),
         response_code: 200,
         grpc_status: None,
         flags: "-",
         relabelled: None,
-    };
-    let everything = Reporting::default();
-    c.bench_function("record/one_request_among_1000_pairs", |b| {
+    }
+}
+
+/// Times recording one request with `labels`, as `reporting` says.
+fn time_request(
+    c: &mut Criterion,
+    name: &str,
+    metrics: &IstioMetrics,
+    labels: &RequestLabels,
+    (reporting, entry): (&Reporting, Option<&Entry<'_>>),
+) {
+    c.bench_function(name, |b| {
         b.iter(|| {
             metrics.request(
                 black_box(&Request {
-                    labels: &labels,
+                    labels,
                     duration_ms: 0.2,
                     request_bytes: 100,
                     response_bytes: 1_100,
                     messages: None,
                 }),
-                &everything,
-                None,
+                reporting,
+                entry,
             )
         });
     });
@@ -193,20 +207,12 @@ fn record_relabelled(c: &mut Criterion) {
     let reporting = Telemetries::new("trellis-system", vec![TelemetryPolicy::compile(&object)])
         .reporting_for("ns4", &Default::default(), Side::Server);
     let peers: Vec<Arc<Peer>> = (0..WORKLOADS).map(peer).collect();
-    let labels = RequestLabels {
-        traffic: Traffic::new(
-            Reporter::Destination,
-            peers[3].clone(),
-            peers[4].clone(),
-            Arc::new(ServiceName::of("ns4/svc-3")),
-            "http",
-            true,
-        ),
-        response_code: 200,
-        grpc_status: None,
-        flags: "-",
-        relabelled: None,
-    };
+    let labels = request_labels(
+        (&peers[3], &peers[4]),
+        "ns4/svc-3",
+        Reporter::Destination,
+        true,
+    );
     let req = http::Request::builder()
         .uri("/items")
         .header("x-tenant", "acme")
@@ -227,21 +233,13 @@ fn record_relabelled(c: &mut Criterion) {
         trace_id: None,
         request: Some(&line),
     };
-    c.bench_function("record/one_request_relabelled", |b| {
-        b.iter(|| {
-            metrics.request(
-                black_box(&Request {
-                    labels: &labels,
-                    duration_ms: 0.2,
-                    request_bytes: 100,
-                    response_bytes: 1_100,
-                    messages: None,
-                }),
-                &reporting,
-                Some(&entry),
-            )
-        });
-    });
+    time_request(
+        c,
+        "record/one_request_relabelled",
+        &metrics,
+        &labels,
+        (&reporting, Some(&entry)),
+    );
 }
 
 criterion_group!(benches, scrape, record, record_relabelled);

@@ -17,6 +17,7 @@ pub mod counters;
 pub mod lab;
 pub mod mesh;
 pub mod process;
+pub mod prometheus;
 pub mod py;
 pub mod sys;
 

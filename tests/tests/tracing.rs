@@ -11,7 +11,11 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trellis_tests::{Lab, Node, Pod, mesh, py};
+use trellis_tests::{
+    ChildGuard, Lab, Node, Pod, mesh,
+    prometheus::{scrape, sum, until},
+    py,
+};
 
 const WEB: &str = "10.96.0.90";
 const GRPC_PORT: u16 = 4317;
@@ -73,25 +77,30 @@ fn kind(spans: &[Value], kind: i64) -> &Value {
         .unwrap_or_else(|| panic!("no span of kind {kind} in {spans:#?}"))
 }
 
-/// Every sample of `node`'s agent, parsed as OpenMetrics.
-fn scrape(node: &Node) -> Vec<Value> {
-    let out = node
+/// Two nodes: a client pod a1 on node a, the trace-echo server b1 on node
+/// b (port 8080), and the test collector on node a, both its ports up.
+fn two_nodes_and_a_collector(name: &str) -> (Lab, Node, Node, Pod, Pod, [ChildGuard; 2]) {
+    let mut lab = Lab::new(name).expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let server = lab.add_pod(&b, "b1").expect("pod");
+    let serving = server
+        .serve(py::TRACE_ECHO, &["8080"], 8080)
+        .expect("server");
+    let collector = a
         .exec()
-        .python_output(
-            py::SCRAPE,
-            &[&format!("http://{}:15020/metrics", node.ip)],
-            Duration::from_secs(30),
+        .python(
+            py::OTLP_COLLECTOR,
+            &[&GRPC_PORT.to_string(), &HTTP_PORT.to_string()],
         )
-        .expect("scrape");
-    serde_json::from_str(out.trim()).expect("samples")
-}
-
-fn sum(samples: &[Value], name: &str, want: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s[0] == name && want.iter().all(|(k, v)| s[1][*k] == *v))
-        .map(|s| s[2].as_f64().unwrap_or(0.0))
-        .sum()
+        .expect("collector");
+    for port in [HTTP_PORT, GRPC_PORT] {
+        a.exec()
+            .wait_port("127.0.0.1", port, Duration::from_secs(20))
+            .expect("collector up");
+    }
+    (lab, a, b, client, server, [serving, collector])
 }
 
 const SERVER: i64 = 2;
@@ -99,27 +108,7 @@ const CLIENT: i64 = 3;
 
 #[test]
 fn spans_from_both_agents_share_the_callers_trace() {
-    let mut lab = Lab::new("tracing").expect("lab");
-    let a = lab.add_node("a").expect("node");
-    let b = lab.add_node("b").expect("node");
-    let client = lab.add_pod(&a, "a1").expect("pod");
-    let server = lab.add_pod(&b, "b1").expect("pod");
-    let _server = server
-        .serve(py::TRACE_ECHO, &["8080"], 8080)
-        .expect("server");
-    let _collector = a
-        .exec()
-        .python(
-            py::OTLP_COLLECTOR,
-            &[&GRPC_PORT.to_string(), &HTTP_PORT.to_string()],
-        )
-        .expect("collector");
-    a.exec()
-        .wait_port("127.0.0.1", HTTP_PORT, Duration::from_secs(20))
-        .expect("collector up");
-    a.exec()
-        .wait_port("127.0.0.1", GRPC_PORT, Duration::from_secs(20))
-        .expect("collector up");
+    let (lab, a, b, client, server, _running) = two_nodes_and_a_collector("tracing");
 
     let grpc_endpoint = format!("http://{}:{GRPC_PORT}", a.ip);
     let mut cluster = mesh::Cluster::start_with(
@@ -378,27 +367,7 @@ fn access_lines(agent: &trellis_tests::Agent) -> Vec<Value> {
 #[test]
 fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
     const WEB_TCP: &str = "10.96.0.91";
-    let mut lab = Lab::new("telemetry").expect("lab");
-    let a = lab.add_node("a").expect("node");
-    let b = lab.add_node("b").expect("node");
-    let client = lab.add_pod(&a, "a1").expect("pod");
-    let server = lab.add_pod(&b, "b1").expect("pod");
-    let _server = server
-        .serve(py::TRACE_ECHO, &["8080"], 8080)
-        .expect("server");
-    let _collector = a
-        .exec()
-        .python(
-            py::OTLP_COLLECTOR,
-            &[&GRPC_PORT.to_string(), &HTTP_PORT.to_string()],
-        )
-        .expect("collector");
-    a.exec()
-        .wait_port("127.0.0.1", HTTP_PORT, Duration::from_secs(20))
-        .expect("collector up");
-    a.exec()
-        .wait_port("127.0.0.1", GRPC_PORT, Duration::from_secs(20))
-        .expect("collector up");
+    let (lab, a, b, client, server, _running) = two_nodes_and_a_collector("telemetry");
 
     let client_policy = |spec: &str| mesh::telemetry("shop", "client", spec);
     let mut docs = vec![
@@ -497,24 +466,7 @@ fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
     };
     let opened_before = opened_at_b();
     for _ in 0..2 {
-        let out = client
-            .exec()
-            .output(
-                "curl",
-                &[
-                    "-s",
-                    "-m",
-                    "10",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    &format!("http://{WEB_TCP}/tcp"),
-                ],
-                Duration::from_secs(20),
-            )
-            .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+        assert_eq!(get(&client, &format!("http://{WEB_TCP}/tcp"), &[]).0, "200");
     }
 
     // Metrics: the server side counts no requests but still times them;
@@ -523,19 +475,18 @@ fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
     let from_a1 = |reporter| [("reporter", reporter), ("source_workload", "a1")];
     // Recorded as each response and connection ends, which may be just
     // after the client saw it.
-    let at_b = settled(|| {
-        let at_b = scrape(&b);
+    let at_b = until(&b, |at_b| {
         let opened = sum(
-            &at_b,
+            at_b,
             "istio_tcp_connections_opened_total",
             &from_a1("destination"),
         ) - opened_before;
         let timed = sum(
-            &at_b,
+            at_b,
             "istio_request_duration_milliseconds_count",
             &from_a1("destination"),
         );
-        (opened >= 2.0 && timed >= 6.0).then_some(at_b)
+        opened >= 2.0 && timed >= 6.0
     });
     assert_eq!(
         sum(&at_b, "istio_requests_total", &from_a1("destination")),
@@ -557,15 +508,14 @@ fn telemetry_policies_choose_what_is_traced_logged_and_counted() {
         ) - opened_before,
         2.0
     );
-    let at_a = settled(|| {
-        let at_a = scrape(&a);
+    let at_a = until(&a, |at_a| {
         let closed = sum(
-            &at_a,
+            at_a,
             "istio_tcp_connections_closed_total",
             &from_a1("source"),
         );
-        let requests = sum(&at_a, "istio_requests_total", &from_a1("source"));
-        (closed >= 2.0 && requests >= 6.0).then_some(at_a)
+        let requests = sum(at_a, "istio_requests_total", &from_a1("source"));
+        closed >= 2.0 && requests >= 6.0
     });
     assert_eq!(sum(&at_a, "istio_requests_total", &from_a1("source")), 6.0);
     // The client side's durations by the caller's x-user header, without
