@@ -108,6 +108,16 @@ pub fn test(unit_only: bool, args: &[String]) -> anyhow::Result<()> {
         tests.args(["--features", "trellis-tests/privileged"]);
         "unit and privileged end-to-end tests"
     };
+    // The agent the build step made, with these features: the tests' own
+    // `cargo build --package trellis-agent` resolves features differently
+    // and would build the agent and its dependencies a second time.
+    tests.env(
+        "TRELLIS_BIN",
+        workspace_root()
+            .join("target")
+            .join("debug")
+            .join("trellis"),
+    );
     step(name, tests.arg("--").args(args))
 }
 
