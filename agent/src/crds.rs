@@ -16,6 +16,7 @@ use crate::{
         telemetry::Telemetry,
     },
     resilience::TrafficPolicy,
+    state::service_entry::ServiceEntry,
 };
 
 /// Where the chart keeps them, from the repository root.
@@ -28,6 +29,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         RequestAuthentication::crd(),
         PeerAuthentication::crd(),
         Telemetry::crd(),
+        ServiceEntry::crd(),
         TrafficPolicy::crd(),
     ]
 }

@@ -740,8 +740,8 @@ pub fn render_workloads(doc: &Value) -> String {
     out
 }
 
-/// `trellis services` as text: each Service, its VIPs, and per port its
-/// backends with their state.
+/// `trellis services` as text: each Service (or ServiceEntry, with its
+/// hosts), its VIPs, and per port its backends with their state.
 pub fn render_services(doc: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "SERVICES");
@@ -753,6 +753,14 @@ pub fn render_services(doc: &Value) -> String {
             s(&svc["name"]),
             s(&svc["vips"])
         );
+        if let Some(entry) = svc["entry"].as_object() {
+            let _ = writeln!(
+                out,
+                "    ServiceEntry {} {}",
+                s(&entry["location"]),
+                s(&entry["hosts"])
+            );
+        }
         for (port, backends) in svc["backends"].as_object().into_iter().flatten() {
             for b in backends.as_array().into_iter().flatten() {
                 let state = match (b["ready"].as_bool(), b["terminating"].as_bool()) {

@@ -10,6 +10,7 @@ mod mutated;
 pub mod objects;
 pub mod pace;
 pub mod retire;
+pub mod service_entry;
 pub mod synthetic;
 
 pub use self::model::{Backend, NodeInfo, ServiceView, Snapshot, Workload};

@@ -80,6 +80,7 @@ fn the_examples_pass_the_schemas_and_the_agent() {
         ("requestauthentication.yaml", "RequestAuthentication"),
         ("peerauthentication.yaml", "PeerAuthentication"),
         ("telemetry.yaml", "Telemetry"),
+        ("serviceentry.yaml", "ServiceEntry"),
         ("trafficpolicy.yaml", "TrafficPolicy"),
     ] {
         let objects = examples(file);
@@ -707,6 +708,97 @@ fn each_telemetry_rule_refuses_its_breach() {
             ),
         ],
     );
+}
+
+#[test]
+fn each_service_entry_rule_refuses_its_breach() {
+    let base = examples("serviceentry.yaml");
+    let (api, ledger) = (base[0].clone(), base[2].clone());
+    check_broken(
+        "ServiceEntry",
+        vec![
+            (
+                "an entry has a host",
+                with(api.clone(), "spec.hosts", json!([])),
+                true,
+            ),
+            (
+                "an entry has a port",
+                with(api.clone(), "spec.ports", json!([])),
+                true,
+            ),
+            (
+                "a port is at most 65535",
+                with(api.clone(), "spec.ports.0.number", json!(70000)),
+                true,
+            ),
+            (
+                "a target port is at least 1",
+                with(api.clone(), "spec.ports.0.targetPort", json!(0)),
+                true,
+            ),
+            (
+                "a protocol is one Istio names",
+                with(api.clone(), "spec.ports.0.protocol", json!("QUIC")),
+                true,
+            ),
+            (
+                "a port has a name",
+                without(api.clone(), "spec.ports.0.name"),
+                true,
+            ),
+            (
+                "location is MESH_EXTERNAL or MESH_INTERNAL",
+                with(api.clone(), "spec.location", json!("OUTSIDE")),
+                true,
+            ),
+            (
+                "resolution is one of Istio's",
+                with(api.clone(), "spec.resolution", json!("ROUND_ROBIN")),
+                true,
+            ),
+            (
+                "an entry has addresses",
+                with(api.clone(), "spec.addresses", json!([])),
+                true,
+            ),
+            (
+                "no unknown fields",
+                with(api, "spec.exportTo", json!(["."])),
+                true,
+            ),
+            (
+                "a selector has labels",
+                with(ledger, "spec.workloadSelector.labels", json!({})),
+                true,
+            ),
+        ],
+    );
+}
+
+/// The ServiceEntry CRD's CEL rules refuse what the agent refuses, with
+/// the agent's own words.
+#[test]
+fn the_service_entry_cel_rules_say_what_the_agent_says() {
+    let rules = schema("ServiceEntry")["x-kubernetes-validations"]
+        .as_array()
+        .cloned()
+        .expect("CEL rules");
+    let ledger = examples("serviceentry.yaml")[2].clone();
+    let breaches = [
+        with(
+            ledger.clone(),
+            "spec.endpoints",
+            json!([{"address": "10.20.0.1"}]),
+        ),
+        with(ledger, "spec.resolution", json!("DNS")),
+    ];
+    assert_eq!(rules.len(), breaches.len(), "{rules:?}");
+    for (rule, breach) in rules.iter().zip(breaches) {
+        let message = rule["message"].as_str().expect("a message");
+        let error = agent_verdict(&breach).expect_err(message);
+        assert!(error.contains(message), "{message}: {error}");
+    }
 }
 
 /// The PeerAuthentication CRD's CEL rules refuse what the agent refuses,

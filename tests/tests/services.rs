@@ -3,10 +3,21 @@
 //! endpoints and refuses them where there is none, `Cluster` spreads them;
 //! `trafficDistribution: PreferSameNode` prefers the node's endpoints and
 //! falls back to the others.
+//!
+//! ServiceEntry: a service outside the mesh (pods of a namespace the mesh
+//! leaves alone, standing in for hosts outside the cluster) is reached at
+//! the address its entry gives it, balanced over its endpoints, and
+//! reported under its host name; an entry that selects meshed pods reaches
+//! them over HBONE; an entry the agent cannot serve is refused naming its
+//! file, field and reason while the others keep serving.
 
 use std::{collections::BTreeMap, time::Duration};
 
-use trellis_tests::{Lab, Pod, mesh, py};
+use trellis_tests::{
+    Lab, Pod, mesh,
+    prometheus::{sum, until},
+    py,
+};
 
 /// The name that answered each of `calls` calls from `client` to `url`
 /// (empty for a call that failed), counted.
@@ -402,5 +413,210 @@ fn refused_connections_try_another_endpoint() {
     assert!(
         remote["inbound"]["upstream_failed"].as_u64() >= Some(1),
         "{remote:#}"
+    );
+}
+
+/// Documentation addresses: nothing in the lab routes them, so a call
+/// reaches an endpoint only if the agent captured it.
+const PAYMENTS_VIP: &str = "192.0.2.10";
+const LEDGER_VIP: &str = "192.0.2.20";
+const BROKEN_VIP: &str = "192.0.2.30";
+
+fn entry(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\n\
+         metadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+    )
+}
+
+/// The first line a TCP server at `host:port` sends `client`, or the error.
+fn first_line(client: &Pod, host: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=5)\n\
+         print(s.makefile().readline().strip())\n"
+    );
+    client
+        .exec()
+        .python_output(&script, &[], Duration::from_secs(15))
+        .unwrap_or_else(|e| format!("failed: {e}"))
+}
+
+#[test]
+fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_names() {
+    let mut lab = Lab::new("svc_entry").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let b = lab.add_node("b").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let ext1 = lab.add_pod(&b, "b1").expect("pod");
+    let ext2 = lab.add_pod(&b, "b2").expect("pod");
+    let ledger = lab.add_pod(&b, "b3").expect("pod");
+    // Two endpoints on different ports: one through the entry's
+    // targetPort, one through its own port for the entry's port name.
+    let _servers = [
+        ext1.serve(py::NAME_SERVER, &["ext-1", "8080"], 8080)
+            .expect("server"),
+        ext2.serve(py::NAME_SERVER, &["ext-2", "9090"], 9090)
+            .expect("server"),
+        ledger
+            .serve(py::WHOAMI_SERVER, &["5432"], 5432)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a, &b],
+        &[
+            mesh::node(&a),
+            mesh::node(&b),
+            mesh::namespace("shop", true),
+            mesh::namespace("outside", false),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&ext1, "outside", &[("app", "ext")], &[], ""),
+            mesh::pod(&ext2, "outside", &[("app", "ext")], &[], ""),
+            mesh::pod(&ledger, "shop", &[("app", "ledger")], &[], ""),
+            entry(
+                "payments",
+                &format!(
+                    "{{hosts: [api.payments.example], addresses: [{PAYMENTS_VIP}], \
+                     ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}], \
+                     location: MESH_EXTERNAL, resolution: STATIC, \
+                     endpoints: [{{address: {}}}, {{address: {}, ports: {{http: 9090}}}}]}}",
+                    ext1.ip, ext2.ip
+                ),
+            ),
+            entry(
+                "ledger",
+                &format!(
+                    "{{hosts: [ledger.internal], addresses: [{LEDGER_VIP}], \
+                     ports: [{{number: 5432, name: tcp-pg, protocol: TCP}}], \
+                     location: MESH_INTERNAL, resolution: STATIC, \
+                     workloadSelector: {{labels: {{app: ledger}}}}}}"
+                ),
+            ),
+        ],
+    )
+    .expect("agents");
+    let [agent_a, agent_b] = &cluster.agents[..] else {
+        unreachable!("two agents")
+    };
+    let logs = || {
+        format!(
+            "--- a\n{}\n--- b\n{}",
+            agent_a.log_text(),
+            agent_b.log_text()
+        )
+    };
+
+    // Outside the mesh: both endpoints answer at the entry's address.
+    let seen = answers(&client, &format!("http://{PAYMENTS_VIP}/"), 8);
+    assert_eq!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ext-1", "ext-2"],
+        "{seen:?}\n{}",
+        logs()
+    );
+    assert_eq!(seen.values().sum::<usize>(), 8, "{seen:?}");
+
+    // Reported under the entry's host, in its namespace, by the caller's
+    // agent (nothing stands on the other side to report).
+    let payments = [
+        ("reporter", "source"),
+        ("destination_service", "api.payments.example"),
+        ("destination_service_name", "api.payments.example"),
+        ("destination_service_namespace", "shop"),
+        ("source_workload", "a1"),
+    ];
+    let samples = until(&a, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &payments) >= 8.0
+    });
+    assert_eq!(
+        sum(&samples, "istio_tcp_connections_opened_total", &payments),
+        8.0,
+        "{samples:?}"
+    );
+
+    // Inside the mesh: the selected pod on b, over HBONE (it sees the
+    // client pod's own address, as b's agent delivers it).
+    let tunnelled = |agent: &trellis_tests::Agent| {
+        agent.cli_json("status").expect("status")["outbound"]["tunnelled"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = tunnelled(agent_a);
+    for _ in 0..3 {
+        assert_eq!(
+            first_line(&client, LEDGER_VIP, 5432),
+            client.ip.to_string(),
+            "{}",
+            logs()
+        );
+    }
+    assert_eq!(tunnelled(agent_a) - before, 3);
+    let ledger_labels = [
+        ("reporter", "source"),
+        ("destination_service", "ledger.internal"),
+        ("destination_workload", "b3"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let samples = until(&a, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &ledger_labels) >= 3.0
+    });
+    assert_eq!(
+        sum(
+            &samples,
+            "istio_tcp_connections_opened_total",
+            &ledger_labels
+        ),
+        3.0,
+        "{samples:?}"
+    );
+
+    // What the agent holds, as an operator sees it.
+    let text = agent_a.cli(&["services"]).expect("services");
+    assert!(
+        text.contains("shop/payments")
+            && text.contains("ServiceEntry MESH_EXTERNAL")
+            && text.contains("api.payments.example")
+            && text.contains(&format!("{}:9090", ext2.ip)),
+        "{text}"
+    );
+
+    // An entry the agent cannot serve (its endpoints by DNS name) is
+    // refused with its file, field and reason; nothing else changes, and
+    // its address is not captured.
+    cluster
+        .config()
+        .write(
+            "broken.yaml",
+            &entry(
+                "by-dns",
+                &format!(
+                    "{{hosts: [api.example.org], addresses: [{BROKEN_VIP}], \
+                     ports: [{{number: 80, name: http}}], resolution: DNS, \
+                     endpoints: [{{address: api.example.org}}]}}"
+                ),
+            ),
+        )
+        .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent_a.log_text().contains("broken.yaml") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = agent_a.log_text();
+    assert!(
+        log.contains("broken.yaml")
+            && log.contains("spec.resolution")
+            && log.contains("only STATIC resolution is supported"),
+        "{log}"
+    );
+    let still = answers(&client, &format!("http://{PAYMENTS_VIP}/"), 2);
+    assert!(
+        still.keys().all(|k| k == "ext-1" || k == "ext-2"),
+        "{still:?}"
+    );
+    let refused = answers(&client, &format!("http://{BROKEN_VIP}/"), 1);
+    assert_eq!(
+        refused,
+        BTreeMap::from([(String::new(), 1)]),
+        "the refused entry's address is not served"
     );
 }

@@ -16,7 +16,7 @@ use crate::{
     access_log::Entry,
     identity::Identity,
     policy::telemetry::{self, LabelOp, MetricName, Reporting},
-    state::Workload,
+    state::{ServiceView, Snapshot, Workload},
 };
 
 /// Who reports: the agent on the client's side or on the server's.
@@ -127,6 +127,30 @@ impl ServiceName {
             },
             None => Self::unknown(),
         }
+    }
+
+    /// A service of the snapshot, as Istio names it: a Service by its
+    /// cluster DNS name, a `ServiceEntry` by its first host (name and host
+    /// alike).
+    pub fn of_view(svc: &ServiceView) -> Self {
+        let host = svc.host();
+        Self {
+            name: if svc.entry.is_some() {
+                host.clone()
+            } else {
+                svc.name.clone()
+            },
+            host,
+            namespace: svc.namespace.clone(),
+        }
+    }
+
+    /// The service `namespace/name` of `snapshot` ([`Self::of`] when it has
+    /// none of that name).
+    pub fn in_snapshot(snapshot: &Snapshot, id: &str) -> Self {
+        snapshot
+            .service(id)
+            .map_or_else(|| Self::of(id), Self::of_view)
     }
 
     pub fn unknown() -> Self {

@@ -936,7 +936,7 @@ impl HttpProxy {
                         Reporter::Source,
                         peer_of(call.client.ip()),
                         backend.map_or_else(|| Arc::new(Peer::unknown()), peer_of),
-                        Arc::new(ServiceName::of(service)),
+                        Arc::new(ServiceName::in_snapshot(&snapshot, service)),
                         if grpc { "grpc" } else { "http" },
                         mtls,
                     );

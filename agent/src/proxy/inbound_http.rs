@@ -162,10 +162,8 @@ impl Telemetry {
 
     /// The Istio labels of a request to `host` answered with `resp`.
     fn labels(&self, host: Option<&str>, grpc: bool, resp: &Response<Body>) -> RequestLabels {
-        let service = host.and_then(|h| {
-            let snapshot = self.state.borrow().clone();
-            service_of(&snapshot, h, &self.destination.namespace)
-        });
+        let snapshot = self.state.borrow().clone();
+        let service = host.and_then(|h| service_of(&snapshot, h, &self.destination.namespace));
         let traffic = self
             .traffic
             .lock()
@@ -176,11 +174,9 @@ impl Telemetry {
                     Reporter::Destination,
                     self.source.clone(),
                     self.destination.clone(),
-                    Arc::new(
-                        service
-                            .as_deref()
-                            .map_or_else(ServiceName::unknown, ServiceName::of),
-                    ),
+                    Arc::new(service.as_deref().map_or_else(ServiceName::unknown, |id| {
+                        ServiceName::in_snapshot(&snapshot, id)
+                    })),
                     if *grpc { "grpc" } else { "http" },
                     self.mtls,
                 )
@@ -196,9 +192,10 @@ impl Telemetry {
     }
 }
 
-/// The Service (`namespace/name`) a request's `Host` names: a Service's
-/// DNS name (`name`, `name.ns`, `name.ns.svc[.cluster.local]`, a bare name
-/// meaning the pod's namespace) or its cluster IP.
+/// The service (`namespace/name`) a request's `Host` names: a
+/// `ServiceEntry`'s host, a Service's DNS name (`name`, `name.ns`,
+/// `name.ns.svc[.cluster.local]`, a bare name meaning the pod's namespace)
+/// or its cluster IP.
 fn service_of(snapshot: &Snapshot, host: &str, namespace: &str) -> Option<String> {
     let (name, port) = match host.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, p.parse::<u16>().ok()),
@@ -208,6 +205,9 @@ fn service_of(snapshot: &Snapshot, host: &str, namespace: &str) -> Option<String
     if let Ok(ip) = name.parse::<IpAddr>() {
         let (service, _) = snapshot.service_for(SocketAddr::new(ip, port.unwrap_or(80)))?;
         return Some(service.id());
+    }
+    if let Some(entry) = snapshot.entry_for_host(name) {
+        return Some(entry.id());
     }
     let mut labels = name.split('.');
     let service = labels.next()?;

@@ -338,7 +338,7 @@ impl Outbound {
         let peer_of = |ip: IpAddr| Peer::at(&snapshot, ip, &self.trust_domain);
         let service = snapshot
             .service_for(route.dst)
-            .map_or_else(ServiceName::unknown, |(svc, _)| ServiceName::of(&svc.id()));
+            .map_or_else(ServiceName::unknown, |(svc, _)| ServiceName::of_view(svc));
         Some(TcpLabels {
             traffic: Traffic::new(
                 Reporter::Source,

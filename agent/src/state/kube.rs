@@ -144,6 +144,13 @@ const KINDS: &[Kind] = &[
         only: None,
     },
     Kind {
+        kind: "ServiceEntry",
+        group: "trellis.dev",
+        version: "v1alpha1",
+        plural: "serviceentries",
+        only: None,
+    },
+    Kind {
         kind: "TrafficPolicy",
         group: "trellis.dev",
         version: "v1alpha1",

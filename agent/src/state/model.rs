@@ -3,7 +3,7 @@
 //! ready backends.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -32,6 +32,7 @@ use crate::{
 use super::{
     memo::{self, Memo, NamespaceMesh, Pass},
     objects::{MESH_LABEL, MTLS_LABEL, NamedPort, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr},
+    service_entry::{Location, ServiceEntry},
 };
 
 /// Node label naming its zone.
@@ -173,6 +174,17 @@ pub struct ServiceView {
     /// after its last call.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
     pub client_ip_affinity: Option<Duration>,
+    /// What a `ServiceEntry` adds; `None` for a Service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryView>,
+}
+
+/// A `ServiceEntry`'s own part of its view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntryView {
+    /// Its host names; the first names it in metrics and traces.
+    pub hosts: Vec<String>,
+    pub location: Location,
 }
 
 /// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -188,6 +200,15 @@ fn seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S:
 impl ServiceView {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The name its calls are reported under: a Service's cluster DNS
+    /// name, a `ServiceEntry`'s first host.
+    pub fn host(&self) -> String {
+        match &self.entry {
+            Some(entry) => entry.hosts.first().cloned().unwrap_or_default(),
+            None => format!("{}.{}.svc.cluster.local", self.name, self.namespace),
+        }
     }
 
     /// The usable backends of a port for a VIP of one family (a VIP's
@@ -262,6 +283,8 @@ struct Index {
     service_by_id: HashMap<String, usize>,
     /// (VIP, port) to (Service, its port).
     service_by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+    /// A `ServiceEntry`'s hosts to it.
+    entry_by_host: HashMap<String, usize>,
     /// A namespace's authorization policies: a range of them.
     policies_by_namespace: HashMap<String, std::ops::Range<usize>>,
 }
@@ -291,6 +314,9 @@ impl Index {
     fn add_services(&mut self, services: &[Arc<ServiceView>]) {
         for (i, s) in services.iter().enumerate() {
             self.service_by_id.entry(s.id()).or_insert(i);
+            for host in s.entry.iter().flat_map(|e| &e.hosts) {
+                self.entry_by_host.entry(host.clone()).or_insert(i);
+            }
             for vip in &s.vips {
                 for (p, port) in s.ports.iter().enumerate() {
                     self.service_by_vip
@@ -377,6 +403,7 @@ impl Snapshot {
         let mut mesh_configs = Vec::new();
         let mut peer_authentications = Vec::new();
         let mut telemetry = Vec::new();
+        let mut entries = Vec::new();
         for object in objects {
             *counts.entry(object.kind()).or_insert(0) += 1;
             match object {
@@ -386,6 +413,7 @@ impl Snapshot {
                 }
                 Object::Pod(p) => pods.push(p),
                 Object::Service(s) => services.push(s),
+                Object::ServiceEntry(e) => entries.push(e.as_ref()),
                 Object::HttpRoute(r) => http_routes.push(r.as_ref()),
                 Object::GrpcRoute(r) => grpc_routes.push(r.as_ref()),
                 Object::ReferenceGrant(g) => grants.push(g.as_ref()),
@@ -515,7 +543,32 @@ impl Snapshot {
             })
             .collect();
         pass.finish();
+        // Routes and traffic policies name Services only.
         let routes = RouteTable::build(&http_routes, &grpc_routes, &grants, &services);
+        // Entries after the Services. The data path finds a service by
+        // `namespace/name`, so an entry with a Service's name would get
+        // that Service's routes, policies and, on the L7 path, its
+        // backends: it is left out, and said so on each rebuild.
+        let taken: HashSet<(&str, &str)> = services
+            .iter()
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
+            .collect();
+        let entries: Vec<ServiceView> = entries
+            .iter()
+            .map(|e| entry_view(e, &here, &pods))
+            .filter(|e| {
+                let free = !taken.contains(&(e.namespace.as_str(), e.name.as_str()));
+                if !free {
+                    tracing::warn!(
+                        entry = %e.id(),
+                        "ServiceEntry left out: a Service of its namespace has its name"
+                    );
+                }
+                free
+            })
+            .collect();
+        let mut services = services;
+        services.extend(entries.into_iter().map(Arc::new));
         let traffic = traffic_table(&mut traffic_policies);
         let namespace_labels = namespaces
             .iter()
@@ -564,6 +617,13 @@ impl Snapshot {
     pub fn service(&self, id: &str) -> Option<&ServiceView> {
         self.services
             .get(*self.index.service_by_id.get(id)?)
+            .map(|s| &**s)
+    }
+
+    /// The `ServiceEntry` that lists `host`.
+    pub fn entry_for_host(&self, host: &str) -> Option<&ServiceView> {
+        self.services
+            .get(*self.index.entry_by_host.get(host)?)
             .map(|s| &**s)
     }
 
@@ -880,6 +940,79 @@ fn service_view(
                 .and_then(|t| u64::try_from(t).ok())
                 .map_or(DEFAULT_AFFINITY, Duration::from_secs)
         }),
+        entry: None,
+    }
+}
+
+/// A `ServiceEntry` (validated when parsed) as a service: its addresses
+/// are its VIPs; its backends the endpoints it lists or the pods of its
+/// namespace it selects, all ready (an entry says nothing of readiness;
+/// a refused connection still tries another), none preferred.
+fn entry_view(entry: &ServiceEntry, here: &Here<'_>, pods: &Pods<'_>) -> ServiceView {
+    let namespace = entry.metadata.namespace.clone().unwrap_or_default();
+    let spec = &entry.spec;
+    let mut backends = BTreeMap::new();
+    let mut ports = Vec::new();
+    for p in &spec.ports {
+        let port = ServicePort {
+            name: p.name.clone(),
+            port: u16::try_from(p.number).unwrap_or_default(),
+            protocol: "TCP".into(),
+            app_protocol: p.app_protocol(),
+            target: Some(IntOrString::Int(p.target().into())),
+        };
+        let list = match &spec.workload_selector {
+            Some(selector) => {
+                let everywhere = Locality {
+                    here,
+                    only_node: false,
+                    prefer: Prefer::Any,
+                    hints: None,
+                };
+                selector_backends(
+                    &port,
+                    Some(&selector.labels),
+                    false,
+                    pods.in_namespace(&namespace),
+                    &everywhere,
+                )
+            }
+            None => spec
+                .endpoints
+                .iter()
+                .filter_map(|e| {
+                    let ip: IpAddr = e.address.parse().ok()?;
+                    Some(Backend {
+                        addr: SocketAddr::new(ip, e.port_for(p)),
+                        workload: pods.at(ip).map(Workload::id),
+                        ready: true,
+                        terminating: false,
+                        serving: true,
+                        close: false,
+                    })
+                })
+                .collect(),
+        };
+        backends.insert(port.port, list);
+        ports.push(port);
+    }
+    ServiceView {
+        name: entry.metadata.name.clone().unwrap_or_default(),
+        namespace,
+        vips: spec
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        ports,
+        backends,
+        client_ip_affinity: None,
+        entry: Some(EntryView {
+            hosts: spec.hosts.clone(),
+            location: spec.location,
+        }),
     }
 }
 
@@ -1103,6 +1236,66 @@ mod tests {
             .iter()
             .find(|s| s.kind == kind && s.name == name)
             .unwrap_or_else(|| panic!("{kind} {name}: {:?}", snap.routes.status))
+    }
+
+    #[test]
+    fn service_entries_are_services_named_by_their_hosts() {
+        let snap = snapshot(
+            "apiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {name: payments, namespace: shop}\n\
+             spec: {hosts: [api.payments.example, pay.example], addresses: [192.0.2.10, 192.0.2.10], resolution: STATIC, \
+             ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}, {number: 443, name: tls, protocol: TLS}], \
+             endpoints: [{address: 198.51.100.1}, {address: 10.1.2.11, ports: {http: 9090}}]}\n\
+             ---\napiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {name: pods, namespace: shop}\n\
+             spec: {hosts: [web.internal], addresses: [10.96.50.1], location: MESH_INTERNAL, resolution: STATIC, \
+             ports: [{number: 80, name: http}], workloadSelector: {labels: {app: web, version: v2}}}\n\
+             ---\napiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {name: web, namespace: shop}\n\
+             spec: {hosts: [web.example], addresses: [192.0.2.20], resolution: STATIC, \
+             ports: [{number: 80, name: http}], endpoints: [{address: 198.51.100.9}]}\n",
+        );
+        let (svc, port) = snap
+            .service_for("192.0.2.10:80".parse().expect("addr"))
+            .expect("the entry's address is a VIP");
+        assert_eq!(svc.id(), "shop/payments");
+        assert_eq!(svc.vips, ["192.0.2.10".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(port.app_protocol.as_deref(), Some("http"));
+        assert_eq!(svc.host(), "api.payments.example");
+        assert_eq!(
+            addrs(&svc.backends[&80]),
+            ["198.51.100.1:8080", "10.1.2.11:9090"]
+        );
+        assert_eq!(
+            addrs(&svc.backends[&443]),
+            ["198.51.100.1:443", "10.1.2.11:443"]
+        );
+        // An endpoint that is a meshed pod is known as that pod.
+        assert_eq!(
+            svc.backends[&80][1].workload.as_deref(),
+            Some("shop/api-b1")
+        );
+        assert_eq!(svc.backends[&80][0].workload, None);
+        assert_eq!(
+            snap.entry_for_host("pay.example").map(ServiceView::id),
+            Some("shop/payments".into())
+        );
+        // A selector chooses pods of the entry's namespace, on any node.
+        let pods = snap.service("shop/pods").expect("pods entry");
+        assert_eq!(addrs(&pods.backends[&80]), ["10.1.1.13:80"]);
+        assert_eq!(
+            pods.entry.as_ref().map(|e| e.location),
+            Some(Location::MeshInternal)
+        );
+        // A Service keeps its name: the entry of that name is left out.
+        assert_eq!(snap.service("shop/web").expect("web").entry, None);
+        assert!(
+            snap.service_for("192.0.2.20:80".parse().expect("addr"))
+                .is_none()
+        );
+        assert!(snap.entry_for_host("web.example").is_none());
+        // A Service is named by its cluster DNS name.
+        assert_eq!(
+            snap.service("shop/api").expect("api").host(),
+            "api.shop.svc.cluster.local"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
+use super::service_entry::ServiceEntry;
 use crate::{
     policy::{
         authn::RequestAuthentication, authz::AuthorizationPolicy, peer_auth::PeerAuthentication,
@@ -40,6 +41,7 @@ pub enum Object {
     Namespace(Arc<Namespace>),
     Pod(Arc<SlimPod>),
     Service(Arc<Service>),
+    ServiceEntry(Arc<ServiceEntry>),
     EndpointSlice(Arc<EndpointSlice>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     RequestAuthentication(Arc<RequestAuthentication>),
@@ -240,6 +242,7 @@ impl Object {
             Self::Namespace(_) => "Namespace",
             Self::Pod(_) => "Pod",
             Self::Service(_) => "Service",
+            Self::ServiceEntry(_) => "ServiceEntry",
             Self::EndpointSlice(_) => "EndpointSlice",
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Self::RequestAuthentication(_) => "RequestAuthentication",
@@ -260,6 +263,7 @@ impl Object {
             Self::Namespace(o) => &o.metadata,
             Self::Pod(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
+            Self::ServiceEntry(o) => &o.metadata,
             Self::EndpointSlice(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::RequestAuthentication(o) => &o.metadata,
@@ -442,6 +446,12 @@ fn parse_object(
             }
         }
         "Service" => typed!(Service, Service, "v1", namespaced),
+        "ServiceEntry" => typed!(
+            ServiceEntry,
+            ServiceEntry,
+            "trellis.dev/v1alpha1",
+            namespaced
+        ),
         "EndpointSlice" => typed!(
             EndpointSlice,
             EndpointSlice,
@@ -678,6 +688,7 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         Object::Telemetry(policy) => {
             crate::policy::telemetry::validate(&policy.spec)?;
         }
+        Object::ServiceEntry(entry) => super::service_entry::validate(&entry.spec)?,
         Object::NetworkPolicy(policy) => {
             crate::policy::network::NetworkPolicy::from_object(policy)?;
         }
