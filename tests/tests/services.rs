@@ -7,9 +7,10 @@
 //! ServiceEntry: a service outside the mesh (pods of a namespace the mesh
 //! leaves alone, standing in for hosts outside the cluster) is reached at
 //! the address its entry gives it, balanced over its endpoints, and
-//! reported under its host name; an entry that selects meshed pods reaches
-//! them over HBONE; an entry the agent cannot serve is refused naming its
-//! file, field and reason while the others keep serving.
+//! reported under its host name; routes and traffic policies attach to
+//! entries; an entry that selects meshed pods reaches them over HBONE; an
+//! entry the agent cannot serve is refused naming its file, field and
+//! reason while the others keep serving.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -421,6 +422,7 @@ fn refused_connections_try_another_endpoint() {
 const PAYMENTS_VIP: &str = "192.0.2.10";
 const LEDGER_VIP: &str = "192.0.2.20";
 const BROKEN_VIP: &str = "192.0.2.30";
+const PAYMENTS_2_VIP: &str = "192.0.2.11";
 
 fn entry(name: &str, spec: &str) -> String {
     format!(
@@ -568,6 +570,78 @@ fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_
         ),
         3.0,
         "{samples:?}"
+    );
+
+    // Routes and traffic policies attach to entries as to Services, by
+    // Istio's group too: a path goes to a second entry (ext-2 alone) on
+    // the L7 path, reported under that entry's host...
+    let payments_2 = entry(
+        "payments-2",
+        &format!(
+            "{{hosts: [v2.payments.example], addresses: [{PAYMENTS_2_VIP}], \
+             ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: STATIC, \
+             endpoints: [{{address: {}, ports: {{http: 9090}}}}]}}",
+            ext2.ip
+        ),
+    );
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: payments, namespace: shop}\n\
+         spec: {parentRefs: [{group: networking.istio.io, kind: ServiceEntry, name: payments, port: 80}], \
+         rules: [{matches: [{path: {type: PathPrefix, value: /v2}}], \
+         backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: payments-2, port: 80}]}, \
+         {backendRefs: [{group: trellis.dev, kind: ServiceEntry, name: payments, port: 80}]}]}\n";
+    cluster
+        .config()
+        .write("routes.yaml", &mesh::docs(&[payments_2, route.to_owned()]))
+        .expect("write");
+    let v2 = format!("http://{PAYMENTS_VIP}/v2/charge");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while answers(&client, &v2, 4) != BTreeMap::from([("ext-2".to_owned(), 4)])
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        answers(&client, &v2, 6),
+        BTreeMap::from([("ext-2".to_owned(), 6)]),
+        "{}",
+        logs()
+    );
+    let v2_labels = [
+        ("reporter", "source"),
+        ("destination_service", "v2.payments.example"),
+        ("response_code", "200"),
+    ];
+    let samples = until(&a, |s| sum(s, "istio_requests_total", &v2_labels) >= 6.0);
+    assert!(
+        sum(&samples, "istio_requests_total", &v2_labels) >= 6.0,
+        "{samples:?}"
+    );
+    // ... and a TrafficPolicy on that entry applies to what the route
+    // sends it (here, a fault that answers every request).
+    let policy = "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\n\
+         metadata: {name: payments-2, namespace: shop}\n\
+         spec: {targetRefs: [{group: trellis.dev, kind: ServiceEntry, name: payments-2}], \
+         fault: {abort: {httpStatus: 503, percent: 100}}}\n";
+    cluster
+        .config()
+        .write("policy.yaml", policy)
+        .expect("write");
+    let status = || {
+        client
+            .exec()
+            .curl(&["-m", "3", "-o", "/dev/null", "-w", "%{http_code}", &v2])
+            .expect("curl runs")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status() != "503" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status(), "503", "{}", logs());
+    let root = answers(&client, &format!("http://{PAYMENTS_VIP}/"), 4);
+    assert!(
+        root.keys().all(|k| k == "ext-1" || k == "ext-2"),
+        "the route's other rule, without the policy: {root:?}"
     );
 
     // What the agent holds, as an operator sees it.

@@ -11,7 +11,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{crds::schema::DURATION, routes::http_route::parse_duration};
+use crate::{
+    crds::schema::DURATION,
+    routes::http_route::{ENTRY_GROUPS, parse_duration},
+};
 
 /// How node agents send HTTP and gRPC requests to a Service (whether a
 /// client called it or a route picked it): load balancing, retries with a
@@ -75,11 +78,12 @@ pub struct TrafficPolicySpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
-    /// `""` (core, for a Service) or `gateway.networking.k8s.io`.
+    /// `""` (core, for a Service), `gateway.networking.k8s.io` (routes),
+    /// or `trellis.dev` or `networking.istio.io` (a ServiceEntry).
     #[serde(default)]
-    #[schemars(extend("enum" = ["", "gateway.networking.k8s.io"]))]
+    #[schemars(extend("enum" = ["", "gateway.networking.k8s.io", "trellis.dev", "networking.istio.io"]))]
     pub group: Option<String>,
-    #[schemars(extend("enum" = ["Service", "HTTPRoute", "GRPCRoute"]))]
+    #[schemars(extend("enum" = ["Service", "ServiceEntry", "HTTPRoute", "GRPCRoute"]))]
     pub kind: String,
     #[schemars(length(min = 1))]
     pub name: String,
@@ -528,14 +532,15 @@ impl Resilience {
         }
         for (i, t) in spec.target_refs.iter().enumerate() {
             let group = t.group.as_deref().unwrap_or("");
-            let service = t.kind == "Service" && group.is_empty();
+            let service = (t.kind == "Service" && group.is_empty())
+                || (t.kind == "ServiceEntry" && ENTRY_GROUPS.contains(&group));
             let route = matches!(t.kind.as_str(), "HTTPRoute" | "GRPCRoute")
                 && group == "gateway.networking.k8s.io";
             if !service && !route {
                 return Err((
                     format!("spec.targetRefs[{i}]"),
                     format!(
-                        "{group}/{}: targets are Services (group \"\") and HTTPRoutes or GRPCRoutes (group gateway.networking.k8s.io)",
+                        "{group}/{}: targets are Services (group \"\"), ServiceEntries (group trellis.dev or networking.istio.io) and HTTPRoutes or GRPCRoutes (group gateway.networking.k8s.io)",
                         t.kind
                     ),
                 ));

@@ -47,10 +47,41 @@ pub struct ParentRef {
 }
 
 impl ParentRef {
-    /// A Service parent (GAMMA): group `""` or `core`, kind `Service`.
-    pub fn is_service(&self) -> bool {
-        matches!(self.group.as_deref(), Some("" | "core"))
-            && self.kind.as_deref() == Some("Service")
+    /// The mesh service it names: a Service (GAMMA: group `""` or `core`,
+    /// kind `Service`) or a ServiceEntry; `None` for a Gateway.
+    pub fn service_kind(&self) -> Option<ServiceKind> {
+        match (self.group.as_deref(), self.kind.as_deref()) {
+            (Some("" | "core"), Some("Service")) => Some(ServiceKind::Service),
+            (Some(group), Some("ServiceEntry")) if ENTRY_GROUPS.contains(&group) => {
+                Some(ServiceKind::Entry)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The groups a reference to a ServiceEntry may name: Trellis's own, or
+/// Istio's, so routes written for Istio attach as they are.
+pub const ENTRY_GROUPS: &[&str] = &["trellis.dev", "networking.istio.io"];
+
+/// Which of the mesh's services a reference names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    Service,
+    Entry,
+}
+
+impl BackendRef {
+    /// The mesh service it names (a Service when kind and group are
+    /// left out); `None` for a kind this agent cannot send to.
+    pub fn service_kind(&self) -> Option<ServiceKind> {
+        match (self.group.as_deref(), self.kind.as_deref()) {
+            (None | Some("" | "core"), None | Some("Service")) => Some(ServiceKind::Service),
+            (Some(group), Some("ServiceEntry")) if ENTRY_GROUPS.contains(&group) => {
+                Some(ServiceKind::Entry)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -760,10 +791,10 @@ pub fn validate_backends(at: &str, backends: &[BackendRef]) -> Result<(), (Strin
         if b.weight.is_some_and(|w| w > MAX_WEIGHT) {
             return Err((format!("{at}.weight"), format!("at most {MAX_WEIGHT}")));
         }
-        if b.kind.as_deref().is_none_or(|k| k == "Service") && b.port.is_none() {
+        if b.service_kind().is_some() && b.port.is_none() {
             return Err((
                 format!("{at}.port"),
-                "required for a Service backend".into(),
+                "required for a Service or ServiceEntry backend".into(),
             ));
         }
         validate_filters(&at, &b.filters)?;

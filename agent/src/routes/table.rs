@@ -22,7 +22,7 @@ use super::{
     http_route::{
         BackendRef, HeaderModifier, HttpRoute, HttpRouteFilter, HttpRouteRetry, ParentRef,
         PathMatchKind, PathModifier, PathModifierKind, SUPPORTED_BACKEND_FILTERS,
-        SUPPORTED_FILTERS, Timeouts, ValueMatchKind, parse_duration,
+        SUPPORTED_FILTERS, ServiceKind, Timeouts, ValueMatchKind, parse_duration,
     },
     reference_grant::{self, ReferenceGrant},
     session::{Session, SessionPersistence},
@@ -628,7 +628,12 @@ impl RouteTable {
         let id = format!("{namespace}/{name}");
         let created = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let mut conditions = Vec::new();
-        let find = |ns: &str, name: &str| services.get(&(ns, name)).copied();
+        let find = |ns: &str, name: &str, kind: ServiceKind| {
+            services
+                .get(&(ns, name))
+                .copied()
+                .filter(|s| s.entry.is_some() == (kind == ServiceKind::Entry))
+        };
 
         // Features this agent does not honour yet: the route is not
         // accepted rather than half applied.
@@ -682,17 +687,21 @@ impl RouteTable {
         let mut resolve = |b: &BackendRef| -> Option<(String, u16)> {
             let ns = b.namespace.clone().unwrap_or_else(|| namespace.clone());
             let port = b.port.unwrap_or_default();
-            if b.kind.as_deref().is_some_and(|k| k != "Service")
-                || b.group
-                    .as_deref()
-                    .is_some_and(|g| !g.is_empty() && g != "core")
-            {
-                unresolved.push(format!("{}: only Service backends", b.name));
-            } else if ns != namespace
-                && !reference_grant::permits(grants, route.kind, &namespace, &ns, &b.name)
+            let Some(kind) = b.service_kind() else {
+                unresolved.push(format!(
+                    "{}: only Service and ServiceEntry backends",
+                    b.name
+                ));
+                return None;
+            };
+            if ns != namespace
+                && (kind != ServiceKind::Service
+                    || !reference_grant::permits(grants, route.kind, &namespace, &ns, &b.name))
             {
                 unresolved.push(format!("{ns}/{}: RefNotPermitted", b.name));
-            } else if !find(&ns, &b.name).is_some_and(|s| s.ports.iter().any(|p| p.port == port)) {
+            } else if !find(&ns, &b.name, kind)
+                .is_some_and(|s| s.ports.iter().any(|p| p.port == port))
+            {
                 unresolved.push(format!("{ns}/{}:{port}: BackendNotFound", b.name));
             } else {
                 return Some((format!("{ns}/{}", b.name), port));
@@ -828,14 +837,14 @@ impl RouteTable {
         let mut attached = 0;
         let mut missing = Vec::new();
         for parent in route.parent_refs {
-            if !parent.is_service() {
+            let Some(kind) = parent.service_kind() else {
                 continue; // a Gateway parent: not the mesh's business
-            }
+            };
             let ns = parent
                 .namespace
                 .clone()
                 .unwrap_or_else(|| namespace.clone());
-            let Some(service) = find(&ns, &parent.name) else {
+            let Some(service) = find(&ns, &parent.name, kind) else {
                 missing.push(format!("{ns}/{}", parent.name));
                 continue;
             };

@@ -332,7 +332,8 @@ impl Index {
 /// Service: the older one applies (then the first by name), as the Gateway
 /// API settles policy conflicts.
 ///
-/// Keys: `namespace/name` for a Service, `Kind:namespace/name` for a route.
+/// Keys: `namespace/name` for a Service or ServiceEntry, `Kind:namespace/name`
+/// for a route.
 fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resilience>> {
     policies.sort_by_key(|p| {
         (
@@ -359,7 +360,8 @@ fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resili
 
 /// The key of a `TrafficPolicy` target in [`Snapshot::traffic`].
 pub fn traffic_key(kind: &str, id: &str) -> String {
-    if kind == "Service" {
+    // One `namespace/name` is one service's, Service or entry (see `build_for`).
+    if kind == "Service" || kind == "ServiceEntry" {
         id.to_owned()
     } else {
         format!("{kind}:{id}")
@@ -543,12 +545,12 @@ impl Snapshot {
             })
             .collect();
         pass.finish();
-        // Routes and traffic policies name Services only.
-        let routes = RouteTable::build(&http_routes, &grpc_routes, &grants, &services);
         // Entries after the Services. The data path finds a service by
         // `namespace/name`, so an entry with a Service's name would get
         // that Service's routes, policies and, on the L7 path, its
-        // backends: it is left out, and said so on each rebuild.
+        // backends: it is left out, and said so on each rebuild. So a
+        // `namespace/name` is one service's, and routes and traffic
+        // policies attach to entries by it as to Services.
         let taken: HashSet<(&str, &str)> = services
             .iter()
             .map(|s| (s.namespace.as_str(), s.name.as_str()))
@@ -569,6 +571,7 @@ impl Snapshot {
             .collect();
         let mut services = services;
         services.extend(entries.into_iter().map(Arc::new));
+        let routes = RouteTable::build(&http_routes, &grpc_routes, &grants, &services);
         let traffic = traffic_table(&mut traffic_policies);
         let namespace_labels = namespaces
             .iter()
@@ -1296,6 +1299,45 @@ mod tests {
             snap.service("shop/api").expect("api").host(),
             "api.shop.svc.cluster.local"
         );
+    }
+
+    #[test]
+    fn routes_and_traffic_policies_attach_to_service_entries() {
+        let entry = |name: &str, vip: &str, ip: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{hosts: [{name}.example], addresses: [{vip}], resolution: STATIC, \
+                 ports: [{{number: 80, name: http, protocol: HTTP}}], endpoints: [{{address: {ip}}}]}}\n---\n"
+            )
+        };
+        let snap = snapshot(&format!(
+            "{}{}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: pay, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: payments, port: 80}}], rules: [\
+             {{matches: [{{path: {{type: PathPrefix, value: /v2}}}}], backendRefs: [{{group: trellis.dev, kind: ServiceEntry, name: payments-v2, port: 80}}]}}, \
+             {{backendRefs: [{{group: trellis.dev, kind: ServiceEntry, name: payments, port: 80}}, {{name: payments, port: 80}}]}}]}}\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: wrong-kind, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{backendRefs: [{{name: web, port: 80}}]}}]}}\n\
+             ---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: t, namespace: shop}}\n\
+             spec: {{targetRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: payments}}], retry: {{attempts: 2}}}}\n",
+            entry("payments", "192.0.2.10", "198.51.100.1"),
+            entry("payments-v2", "192.0.2.11", "198.51.100.2"),
+        ));
+        let entries = route_entries(&snap, "shop/payments");
+        let backends = |i: usize| -> Vec<String> {
+            entries[i]
+                .rule
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}", b.service, b.port))
+                .collect()
+        };
+        assert_eq!(backends(0), ["shop/payments-v2:80"]);
+        // A Service reference does not name an entry of that name.
+        assert_eq!(backends(1), ["shop/payments:80"]);
+        assert!(entries[1].rule.unresolved_weight > 0);
+        let wrong = route_status(&snap, "HTTPRoute", "wrong-kind");
+        assert!(!wrong.healthy(), "{wrong:?}");
+        assert!(snap.traffic.contains_key("shop/payments"));
     }
 
     #[test]
