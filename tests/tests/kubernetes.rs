@@ -2,7 +2,8 @@
 //! --kubeconfig`), against the stand-in API server of
 //! `agent/tests/fixtures/fake_apiserver.py` (no real kube-apiserver can be
 //! installed here) running in the node's namespace: the objects it serves
-//! end in the kernel maps (a pod calls a Service and reaches its backend),
+//! end in the kernel maps (a pod calls a Service, or a ServiceEntry's
+//! address, and reaches its backend),
 //! an outage leaves the data path serving while metrics and readiness say
 //! the state is stale, and a Service added during the outage works once the
 //! API is back.
@@ -95,6 +96,19 @@ fn state_from_the_api_server_reaches_the_maps_and_survives_an_outage() {
         &mesh::service("shop", "web", "10.96.0.50", 80, "8080", &[("app", "web")]),
     );
 
+    // A service outside the cluster, known by its ServiceEntry alone.
+    apply(
+        &a,
+        "serviceentries",
+        &format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\n\
+             metadata: {{name: partner, namespace: shop}}\n\
+             spec: {{hosts: [partner.example], addresses: [192.0.2.60], resolution: STATIC, \
+             ports: [{{number: 80, name: http, targetPort: 8080}}], endpoints: [{{address: {}}}]}}\n",
+            server.ip
+        ),
+    );
+
     let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", lab.name()));
     std::fs::write(
         &kubeconfig,
@@ -119,6 +133,7 @@ fn state_from_the_api_server_reaches_the_maps_and_survives_an_outage() {
         .wait_ready(Duration::from_secs(30))
         .expect("ready from the API's objects");
     assert_eq!(call(&client, "http://10.96.0.50/"), "web");
+    assert_eq!(call(&client, "http://192.0.2.60/"), "web");
     assert_eq!(metric(&a, "trellis_state_stale_seconds"), 0.0);
 
     // The API server goes away: traffic keeps flowing, the state is stale.
