@@ -25,7 +25,10 @@ use crate::{
     },
     config::Acceleration,
     netns,
-    policy::compiler::{self, Compiled, Endpoints, Identities},
+    policy::{
+        compiler::{self, Compiled, Endpoints, Identities},
+        providers::OutboundMode,
+    },
     state::{Snapshot, model::MtlsMode},
 };
 
@@ -168,6 +171,9 @@ impl Syncer {
         if !report.capture.is_empty() {
             config.capture_port = CAPTURE_PORT;
             config.flags = self.flags;
+        }
+        if snap.outbound_traffic_policy == OutboundMode::RegistryOnly {
+            config.flags |= config_flags::REGISTRY_ONLY;
         }
         let current = self.tables.config()?;
         config.policy_revision = current.policy_revision;

@@ -10,7 +10,10 @@
 //! reported under its host name; routes and traffic policies attach to
 //! entries; an entry that selects meshed pods reaches them over HBONE; an
 //! entry the agent cannot serve is refused naming its file, field and
-//! reason while the others keep serving.
+//! reason while the others keep serving. With the mesh configuration's
+//! `outboundTrafficPolicy: REGISTRY_ONLY`, a meshed pod reaches only what
+//! the cluster knows: the kernel refuses a connect to anything else, and a
+//! ServiceEntry admits it.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -693,4 +696,126 @@ fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_
         BTreeMap::from([(String::new(), 1)]),
         "the refused entry's address is not served"
     );
+}
+
+/// The mesh configuration with Istio's outbound traffic policy `mode`.
+fn outbound_policy(mode: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-mesh, namespace: trellis-system}}\n\
+         data:\n  mesh: |\n    outboundTrafficPolicy: {{mode: {mode}}}\n"
+    )
+}
+
+#[test]
+fn registry_only_refuses_what_the_cluster_does_not_know_until_an_entry_names_it() {
+    let mut lab = Lab::new("svc_registry").expect("lab");
+    let a = lab.add_node("a").expect("node");
+    let client = lab.add_pod(&a, "a1").expect("pod");
+    let known = lab.add_pod(&a, "a2").expect("pod");
+    // A host the cluster's objects never mention (outside the cluster).
+    let stranger = lab.add_pod(&a, "a3").expect("pod");
+    let _servers = [
+        known
+            .serve(py::NAME_SERVER, &["known", "8080"], 8080)
+            .expect("server"),
+        stranger
+            .serve(py::NAME_SERVER, &["stranger", "8080"], 8080)
+            .expect("server"),
+        client
+            .serve(py::NAME_SERVER, &["self", "9000"], 9000)
+            .expect("server"),
+    ];
+    let cluster = mesh::Cluster::start(
+        lab.name(),
+        &[&a],
+        &[
+            mesh::node(&a),
+            mesh::namespace("shop", true),
+            mesh::namespace("outside", false),
+            mesh::pod(&client, "shop", &[("app", "client")], &[], ""),
+            mesh::pod(&known, "outside", &[("app", "known")], &[], ""),
+        ],
+    )
+    .expect("agents");
+    let agent = &cluster.agents[0];
+    let call = |url: &str| answers(&client, url, 1);
+    let one = |name: &str| BTreeMap::from([(name.to_owned(), 1)]);
+    let refused = one("");
+    let stranger_url = format!("http://{}:8080/", stranger.ip);
+    let known_url = format!("http://{}:8080/", known.ip);
+
+    // ALLOW_ANY (no configuration): anywhere.
+    assert_eq!(call(&stranger_url), one("stranger"));
+
+    let set_mode = |mode: &str| {
+        cluster
+            .config()
+            .write("mesh-config.yaml", &outbound_policy(mode))
+            .expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while agent.cli_json("status").expect("status")["outbound_traffic_policy"] != mode {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode} applied: {}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    set_mode("REGISTRY_ONLY");
+    let counted = || {
+        trellis_tests::counters::events(
+            &trellis_agent::bpf::maps::counters(&a.bpffs).expect("counters"),
+            "connect4",
+            "deny",
+            "not-in-registry",
+        )
+    };
+    let before = counted();
+    assert_eq!(call(&stranger_url), refused, "{}", agent.log_text());
+    assert!(counted() > before, "the kernel counted the refusal");
+    let flows = agent.flows_since(0).expect("flows");
+    assert!(
+        flows.iter().any(|f| {
+            let f = f.to_string();
+            f.contains("not-in-registry") && f.contains(&stranger.ip.to_string())
+        }),
+        "a flow event says why: {flows:?}"
+    );
+    // What the cluster knows (a pod, meshed or not) and the pod's own
+    // loopback still answer.
+    assert_eq!(call(&known_url), one("known"));
+    assert_eq!(call("http://127.0.0.1:9000/"), one("self"));
+
+    // A ServiceEntry names the stranger: reached at the entry's address
+    // (the agent, not the pod, connects to it), still not at its own.
+    cluster
+        .config()
+        .write(
+            "entry.yaml",
+            &entry(
+                "stranger",
+                &format!(
+                    "{{hosts: [stranger.example], addresses: [192.0.2.40], resolution: STATIC, \
+                     ports: [{{number: 80, name: http, targetPort: 8080}}], \
+                     endpoints: [{{address: {}}}]}}",
+                    stranger.ip
+                ),
+            ),
+        )
+        .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call("http://192.0.2.40/") != one("stranger") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the entry admits the stranger: {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(call(&stranger_url), refused);
+
+    // Back to ALLOW_ANY: anywhere again.
+    set_mode("ALLOW_ANY");
+    assert_eq!(call(&stranger_url), one("stranger"));
 }

@@ -247,6 +247,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "workloads": snapshot.workloads.len(),
         "local_endpoints": report.endpoints.len(),
         "services": snapshot.services.len(),
+        "outbound_traffic_policy": snapshot.outbound_traffic_policy,
         "kernel": { "services": report.services, "ipcache": report.ipcache },
         "policy": {
             "entries": report.policy_entries,

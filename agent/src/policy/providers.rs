@@ -27,6 +27,29 @@ pub const CONFIG_KEY: &str = "mesh";
 pub struct MeshConfig {
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Where meshed pods may connect, as Istio's mesh configuration says.
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: OutboundMode,
+}
+
+/// Istio's `outboundTrafficPolicy.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    /// Meshed pods may connect anywhere.
+    #[default]
+    AllowAny,
+    /// A meshed pod's TCP connect succeeds only to what the cluster knows:
+    /// a Service's or ServiceEntry's address, a pod's, a node's (the
+    /// kernel refuses the others with EPERM at connect time).
+    RegistryOnly,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -120,10 +143,13 @@ pub type Providers = BTreeMap<String, Arc<ExternalAuth>>;
 /// The providers of the configuration's YAML; an error names the field
 /// (under `data.mesh`) and says why.
 pub fn parse(yaml: &str) -> Result<Providers, (String, String)> {
-    let config: MeshConfig = serde_path_to_error::deserialize(
-        serde_yaml_ng::Deserializer::from_str(yaml),
-    )
-    .map_err(|e| {
+    compile(&parse_config(yaml)?)
+}
+
+/// The configuration's YAML, read; an error names the field (under
+/// `data.mesh`) and says why.
+pub fn parse_config(yaml: &str) -> Result<MeshConfig, (String, String)> {
+    serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(yaml)).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
             format!("data.{CONFIG_KEY}")
@@ -131,11 +157,11 @@ pub fn parse(yaml: &str) -> Result<Providers, (String, String)> {
             format!("data.{CONFIG_KEY}.{path}")
         };
         (field, e.inner().to_string())
-    })?;
-    compile(&config)
+    })
 }
 
-fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
+/// The providers of a configuration read by [`parse_config`].
+pub fn compile(config: &MeshConfig) -> Result<Providers, (String, String)> {
     let mut providers = Providers::new();
     for (i, p) in config.extension_providers.iter().enumerate() {
         let field = |name: &str| format!("data.{CONFIG_KEY}.extensionProviders[{i}].{name}");
@@ -335,6 +361,23 @@ fn lower(names: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_outbound_traffic_policy_is_read_as_istio_writes_it() {
+        let mode = |yaml: &str| parse_config(yaml).map(|c| c.outbound_traffic_policy.mode);
+        assert_eq!(mode(""), Ok(OutboundMode::AllowAny));
+        assert_eq!(
+            mode("outboundTrafficPolicy: {mode: REGISTRY_ONLY}"),
+            Ok(OutboundMode::RegistryOnly)
+        );
+        assert_eq!(
+            mode("outboundTrafficPolicy: {mode: ALLOW_ANY}"),
+            Ok(OutboundMode::AllowAny)
+        );
+        let (field, reason) = mode("outboundTrafficPolicy: {mode: DENY_ALL}").expect_err("refused");
+        assert_eq!(field, "data.mesh.outboundTrafficPolicy.mode");
+        assert!(reason.contains("REGISTRY_ONLY"), "{reason}");
+    }
 
     #[test]
     fn providers_are_read_as_istio_writes_them() {

@@ -256,6 +256,8 @@ pub struct Snapshot {
     /// The external authorization services CUSTOM policies name, from the
     /// mesh configuration.
     pub providers: crate::policy::providers::Providers,
+    /// Where meshed pods may connect, from the mesh configuration.
+    pub outbound_traffic_policy: crate::policy::providers::OutboundMode,
     /// Namespace labels, by name (for namespace selectors).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Every node of the cluster, this one included.
@@ -578,6 +580,7 @@ impl Snapshot {
             .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
             .collect();
         index.add_services(&services);
+        let mesh = mesh_config(&mesh_configs);
         // Each connection is judged by its destination's namespace's
         // policies only (stable: each namespace's keep their order).
         policies.sort_by(|a, b| a.namespace.cmp(&b.namespace));
@@ -591,7 +594,8 @@ impl Snapshot {
             authentications,
             peer_authentications,
             telemetry: crate::policy::telemetry::Telemetries::new(root_namespace, telemetry),
-            providers: mesh_providers(&mesh_configs),
+            providers: crate::policy::providers::compile(&mesh).unwrap_or_default(),
+            outbound_traffic_policy: mesh.outbound_traffic_policy.mode,
             namespaces: namespace_labels,
             nodes: nodes.iter().map(|n| node_info(n)).collect(),
             routes,
@@ -685,13 +689,15 @@ impl Snapshot {
 /// agent's own namespace only; a config folder with the ConfigMap in more
 /// than one namespace has the first namespace's serve. Validated when
 /// parsed, so no error is left here.
-fn mesh_providers(
+/// The mesh configuration (validated when parsed; of two, the one of the
+/// first namespace by name), once per build.
+fn mesh_config(
     configs: &[&k8s_openapi::api::core::v1::ConfigMap],
-) -> crate::policy::providers::Providers {
+) -> crate::policy::providers::MeshConfig {
     configs
         .iter()
         .min_by(|a, b| a.metadata.namespace.cmp(&b.metadata.namespace))
-        .and_then(|c| crate::policy::providers::parse(super::objects::mesh_yaml(c)).ok())
+        .and_then(|c| crate::policy::providers::parse_config(super::objects::mesh_yaml(c)).ok())
         .unwrap_or_default()
 }
 

@@ -186,6 +186,10 @@ pub mod reason {
     /// [`super::SK_MSG_BACKLOG_MAX`]; they take TCP, whose windows hold the
     /// sender back.
     pub const BACKLOGGED: u32 = 27;
+    /// The mesh allows calls to known destinations only
+    /// ([`super::config_flags::REGISTRY_ONLY`]) and this one is none: not a
+    /// Service or ServiceEntry address, nor a pod's or node's.
+    pub const NOT_IN_REGISTRY: u32 = 28;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -216,6 +220,7 @@ pub mod reason {
             SELF => "self",
             FLOW_EVENT_LOST => "flow-event-lost",
             BACKLOGGED => "backlogged",
+            NOT_IN_REGISTRY => "not-in-registry",
             _ => "unknown",
         }
     }
@@ -348,6 +353,23 @@ impl IpPort {
     pub const fn is_v4_mapped(&self) -> bool {
         is_v4_mapped(&self.addr)
     }
+
+    /// A loopback address: `127.0.0.0/8` (mapped) or `::1`.
+    #[inline(always)]
+    pub const fn is_loopback(&self) -> bool {
+        let a = &self.addr;
+        if self.is_v4_mapped() {
+            return a[12] == 127;
+        }
+        let mut i = 0;
+        while i < 15 {
+            if a[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        a[15] == 1
+    }
 }
 
 /// Whether a 16-byte map address is IPv4-mapped (`::ffff:a.b.c.d`).
@@ -405,6 +427,10 @@ pub mod config_flags {
     /// The agent splices opaque same-node connections in the kernel
     /// (informational: the agent decides per connection).
     pub const SPLICE: u32 = 1 << 2;
+    /// Istio's `outboundTrafficPolicy: REGISTRY_ONLY`: a meshed pod's TCP
+    /// connect to an address the cluster does not know (no Service or
+    /// ServiceEntry address, no pod's or node's) fails with EPERM.
+    pub const REGISTRY_ONLY: u32 = 1 << 3;
 }
 
 /// Value of [`MAP_CONFIG`].
@@ -1039,4 +1065,29 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_127_slash_8_and_colon_colon_1() {
+        let v6 = |last: u8| {
+            let mut a = [0; 16];
+            a[15] = last;
+            IpPort {
+                addr: a,
+                port: 80,
+                _pad: 0,
+            }
+        };
+        assert!(IpPort::v4([127, 0, 0, 1], 80).is_loopback());
+        assert!(IpPort::v4([127, 9, 8, 7], 80).is_loopback());
+        assert!(!IpPort::v4([10, 0, 0, 1], 80).is_loopback());
+        assert!(!IpPort::v4([0, 0, 0, 1], 80).is_loopback());
+        assert!(v6(1).is_loopback());
+        assert!(!v6(2).is_loopback());
+        assert!(!v6(0).is_loopback());
+    }
 }

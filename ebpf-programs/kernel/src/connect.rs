@@ -8,8 +8,9 @@
 //! UDP datagram. Then capture: a TCP
 //! connect from a meshed pod to a mesh destination (a service VIP:port, or a
 //! meshed pod's address) is rewritten to the agent's capture address, and the
-//! original destination saved by socket cookie; everything else goes on
-//! untouched. connect6 handles IPv4-mapped destinations (`::ffff:a.b.c.d`)
+//! original destination saved by socket cookie; with `REGISTRY_ONLY`, one to
+//! an address the cluster does not know fails with EPERM; everything else
+//! goes on untouched. connect6 handles IPv4-mapped destinations (`::ffff:a.b.c.d`)
 //! like connect4 does, since maps hold IPv4 in that form. getpeername then
 //! shows the application the address it asked for.
 
@@ -30,7 +31,7 @@ use crate::{
     conntrack,
     counters::count,
     maps::{CONFIG, ENDPOINTS, IPCACHE, ORIG_BY_COOKIE, POD_IFACES, SERVICES},
-    policy::{self, FlowInfo, Peer},
+    policy::{self, Decision, FlowInfo, Peer},
 };
 
 /// Return code that lets the syscall go on.
@@ -193,16 +194,35 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     let endpoint_id = endpoint.endpoint_id;
 
-    let mesh_pod = service_id == 0
-        && IPCACHE
-            .get(&Key::new(128, dst.addr))
-            .is_some_and(|info| info.flags & ip_flags::MESHED != 0);
-    if service_id == 0 && !mesh_pod {
-        return decide::<V6>(verdict::PASS, reason::NOT_MESH_DESTINATION, endpoint_id);
+    let config = CONFIG.get(0).copied();
+    if service_id == 0 {
+        let known = IPCACHE.get(&Key::new(128, dst.addr)).copied();
+        if !known.is_some_and(|info| info.flags & ip_flags::MESHED != 0) {
+            // A pod's, a node's: identities below the CIDR ones. Policy
+            // CIDRs in the ipcache name no destination of the cluster.
+            let in_cluster = known.is_some_and(|info| info.identity < identity::CIDR_BASE);
+            let registry_only = config.is_some_and(|c| c.flags & config_flags::REGISTRY_ONLY != 0);
+            if registry_only && !in_cluster && !dst.is_loopback() {
+                let info = FlowInfo {
+                    hook,
+                    direction: direction::EGRESS,
+                    endpoint_id,
+                    saddr: [0; 16],
+                    daddr: dst.addr,
+                    sport: 0,
+                    dport: dst.port,
+                    protocol: IPPROTO_TCP as u8,
+                    src_identity: endpoint.identity,
+                    dst_identity: identity::WORLD,
+                };
+                policy::record(&info, &Decision::deny(reason::NOT_IN_REGISTRY), 0);
+                return Err(REFUSE);
+            }
+            return decide::<V6>(verdict::PASS, reason::NOT_MESH_DESTINATION, endpoint_id);
+        }
     }
 
-    let capture = CONFIG
-        .get(0)
+    let capture = config
         .filter(|cfg| cfg.flags & config_flags::CAPTURE != 0)
         .and_then(|cfg| cfg.capture_for(&dst));
     let Some(capture) = capture else {
