@@ -146,21 +146,33 @@ fn egress_allowed(
         dst.port,
     );
     if always_record || !decision.allowed {
-        let info = FlowInfo {
-            hook,
-            direction: direction::EGRESS,
-            endpoint_id: endpoint.endpoint_id,
-            saddr: [0; 16],
-            daddr: dst.addr,
-            sport: 0,
-            dport: dst.port,
-            protocol: protocol as u8,
-            src_identity: endpoint.identity,
-            dst_identity: peer.identity,
-        };
+        let info = egress_flow(hook, endpoint, dst, protocol, peer.identity);
         policy::record(&info, &decision, 0);
     }
     decision.allowed
+}
+
+/// The flow event of `endpoint`'s connect or datagram to `dst`.
+#[inline(always)]
+fn egress_flow(
+    hook: u32,
+    endpoint: &EndpointInfo,
+    dst: &IpPort,
+    protocol: u32,
+    dst_identity: u32,
+) -> FlowInfo {
+    FlowInfo {
+        hook,
+        direction: direction::EGRESS,
+        endpoint_id: endpoint.endpoint_id,
+        saddr: [0; 16],
+        daddr: dst.addr,
+        sport: 0,
+        dport: dst.port,
+        protocol: protocol as u8,
+        src_identity: endpoint.identity,
+        dst_identity,
+    }
 }
 
 #[inline(always)]
@@ -203,18 +215,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
             let in_cluster = known.is_some_and(|info| info.identity < identity::CIDR_BASE);
             let registry_only = config.is_some_and(|c| c.flags & config_flags::REGISTRY_ONLY != 0);
             if registry_only && !in_cluster && !dst.is_loopback() {
-                let info = FlowInfo {
-                    hook,
-                    direction: direction::EGRESS,
-                    endpoint_id,
-                    saddr: [0; 16],
-                    daddr: dst.addr,
-                    sport: 0,
-                    dport: dst.port,
-                    protocol: IPPROTO_TCP as u8,
-                    src_identity: endpoint.identity,
-                    dst_identity: identity::WORLD,
-                };
+                let info = egress_flow(hook, &endpoint, &dst, IPPROTO_TCP, identity::WORLD);
                 policy::record(&info, &Decision::deny(reason::NOT_IN_REGISTRY), 0);
                 return Err(REFUSE);
             }
