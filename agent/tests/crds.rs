@@ -791,7 +791,8 @@ fn the_service_entry_cel_rules_say_what_the_agent_says() {
             "spec.endpoints",
             json!([{"address": "10.20.0.1"}]),
         ),
-        with(ledger, "spec.resolution", json!("DNS")),
+        with(ledger.clone(), "spec.resolution", json!("DNS")),
+        with(ledger, "spec.resolution", json!("NONE")),
     ];
     assert_eq!(rules.len(), breaches.len(), "{rules:?}");
     for (rule, breach) in rules.iter().zip(breaches) {

@@ -682,7 +682,7 @@ fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_
     assert!(
         log.contains("broken.yaml")
             && log.contains("spec.resolution")
-            && log.contains("only STATIC resolution is supported"),
+            && log.contains("resolution is STATIC or NONE"),
         "{log}"
     );
     let still = answers(&client, &format!("http://{PAYMENTS_VIP}/"), 2);
@@ -814,6 +814,31 @@ fn registry_only_refuses_what_the_cluster_does_not_know_until_an_entry_names_it(
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(call(&stranger_url), refused);
+    // One with `resolution: NONE` for the stranger's own address admits
+    // calls to it as dialled.
+    cluster
+        .config()
+        .write(
+            "direct.yaml",
+            &entry(
+                "stranger-direct",
+                &format!(
+                    "{{hosts: [direct.stranger.example], addresses: [{}], \
+                     ports: [{{number: 8080, name: http}}], resolution: NONE}}",
+                    stranger.ip
+                ),
+            ),
+        )
+        .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&stranger_url) != one("stranger") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the NONE entry admits the stranger's address: {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Back to ALLOW_ANY: anywhere again.
     set_mode("ALLOW_ANY");

@@ -88,8 +88,9 @@ pub struct Call {
     /// The Service called (`namespace/name`) and its port.
     pub service: String,
     pub port: u16,
-    /// Whether the VIP called is IPv6: backends are of its family.
-    pub ipv6: bool,
+    /// The address called: backends are of its family, and a pass-through
+    /// ServiceEntry's call goes to it.
+    pub dialled: std::net::IpAddr,
     /// The port declares HTTP/2 (`detect::declares_http2`): requests go
     /// upstream as HTTP/2 whatever the client speaks.
     pub upstream_h2: bool,
@@ -626,7 +627,7 @@ impl HttpProxy {
 
         let view = snapshot.service(&service);
         let candidates = view
-            .map(|svc| svc.ready_backends(port, call.ipv6))
+            .map(|svc| svc.backends_for(port, call.dialled))
             .unwrap_or_default();
         // `sessionAffinity: ClientIP` of the Service the rule sends to.
         let affinity = view.and_then(|s| s.client_ip_affinity);
@@ -1038,7 +1039,7 @@ impl HttpProxy {
         let svc = self.service_state(snapshot, service);
         let candidates = snapshot
             .service(service)
-            .map(|s| s.ready_backends(port, call.ipv6))
+            .map(|s| s.backends_for(port, call.dialled))
             .unwrap_or_default();
         let candidates = self.egress_allowed(snapshot, call, candidates);
         let Some((backend, _)) = svc.pick(&candidates, &[], None, None) else {
@@ -1354,7 +1355,7 @@ impl HttpProxy {
             client_identity: identity,
             service: String::new(),
             port: 0,
-            ipv6: backend.is_ipv6(),
+            dialled: backend.ip(),
             upstream_h2: false,
             grpc_web_upstream: false,
             reporting: Reporting::everything(),
@@ -1557,7 +1558,7 @@ impl HttpProxy {
                 client_identity: Some(identity.clone()),
                 service: String::new(),
                 port: 0,
-                ipv6: target.is_ipv6(),
+                dialled: target.ip(),
                 upstream_h2: false,
                 grpc_web_upstream: false,
                 reporting: Reporting::everything(),

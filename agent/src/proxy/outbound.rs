@@ -559,7 +559,7 @@ impl Outbound {
                 .then(|| Identity::of(client, &self.trust_domain)),
             service: svc.id(),
             port: port.port,
-            ipv6: dst.is_ipv6(),
+            dialled: dst.ip(),
             upstream_h2: detect::declares_http2(port.app_protocol.as_deref(), &port.name),
             grpc_web_upstream: detect::declares_grpc_web(port.app_protocol.as_deref()),
             reporting: snapshot.telemetry.reporting(client, Side::Client),
@@ -639,7 +639,7 @@ impl Outbound {
         let (svc, port) = snapshot
             .service_for(dst)
             .ok_or_else(|| no_backend(dst.to_string()))?;
-        let mut usable = svc.ready_backends(port.port, dst.is_ipv6());
+        let mut usable = svc.backends_for(port.port, dst.ip());
         usable.retain(|b| !avoid.contains(b));
         if usable.is_empty() {
             return Err(no_backend(svc.id()));

@@ -32,7 +32,7 @@ use crate::{
 use super::{
     memo::{self, Memo, NamespaceMesh, Pass},
     objects::{MESH_LABEL, MTLS_LABEL, NamedPort, Object, SERVICE_NAME_LABEL, SlimPod, parse_cidr},
-    service_entry::{Location, ServiceEntry},
+    service_entry::{Location, Resolution, ServiceEntry},
 };
 
 /// Node label naming its zone.
@@ -185,6 +185,9 @@ pub struct EntryView {
     /// Its host names; the first names it in metrics and traces.
     pub hosts: Vec<String>,
     pub location: Location,
+    /// `resolution: NONE`: a call goes to the address it dialled (its
+    /// backends are the entry's addresses).
+    pub passthrough: bool,
 }
 
 /// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -209,6 +212,24 @@ impl ServiceView {
             Some(entry) => entry.hosts.first().cloned().unwrap_or_default(),
             None => format!("{}.{}.svc.cluster.local", self.name, self.namespace),
         }
+    }
+
+    /// The backends of `port` for a call to `dialled`: the address itself
+    /// for a pass-through entry's call to one of its addresses, else
+    /// [`Self::ready_backends`] of its family.
+    pub fn backends_for(&self, port: u16, dialled: IpAddr) -> Vec<SocketAddr> {
+        let dialled = dialled.to_canonical();
+        if self.entry.as_ref().is_some_and(|e| e.passthrough) && self.vips.contains(&dialled) {
+            return self
+                .backends
+                .get(&port)
+                .into_iter()
+                .flatten()
+                .filter(|b| b.addr.ip() == dialled)
+                .map(|b| b.addr)
+                .collect();
+        }
+        self.ready_backends(port, dialled.is_ipv6())
     }
 
     /// The usable backends of a port for a VIP of one family (a VIP's
@@ -971,6 +992,23 @@ fn entry_view(entry: &ServiceEntry, here: &Here<'_>, pods: &Pods<'_>) -> Service
             target: Some(IntOrString::Int(p.target().into())),
         };
         let list = match &spec.workload_selector {
+            // Pass-through: the addresses themselves, each call to the one
+            // it dialled (`ServiceView::backends_for`).
+            None if spec.resolution == Resolution::None => spec
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|ip| Backend {
+                    addr: SocketAddr::new(ip, p.target()),
+                    workload: pods.at(ip).map(Workload::id),
+                    ready: true,
+                    terminating: false,
+                    serving: true,
+                    close: false,
+                })
+                .collect(),
             Some(selector) => {
                 let everywhere = Locality {
                     here,
@@ -1021,6 +1059,7 @@ fn entry_view(entry: &ServiceEntry, here: &Here<'_>, pods: &Pods<'_>) -> Service
         entry: Some(EntryView {
             hosts: spec.hosts.clone(),
             location: spec.location,
+            passthrough: spec.resolution == Resolution::None,
         }),
     }
 }
@@ -1257,6 +1296,9 @@ mod tests {
              ---\napiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {name: pods, namespace: shop}\n\
              spec: {hosts: [web.internal], addresses: [10.96.50.1], location: MESH_INTERNAL, resolution: STATIC, \
              ports: [{number: 80, name: http}], workloadSelector: {labels: {app: web, version: v2}}}\n\
+             ---\napiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {name: direct, namespace: shop}\n\
+             spec: {hosts: [direct.example], addresses: [192.0.2.30, 192.0.2.31], \
+             ports: [{number: 443, name: tls, protocol: TLS}]}\n\
              ---\napiVersion: trellis.dev/v1alpha1\nkind: ServiceEntry\nmetadata: {name: web, namespace: shop}\n\
              spec: {hosts: [web.example], addresses: [192.0.2.20], resolution: STATIC, \
              ports: [{number: 80, name: http}], endpoints: [{address: 198.51.100.9}]}\n",
@@ -1292,6 +1334,22 @@ mod tests {
         assert_eq!(
             pods.entry.as_ref().map(|e| e.location),
             Some(Location::MeshInternal)
+        );
+        // Pass-through (NONE): each call to the address it dialled.
+        let direct = snap.service("shop/direct").expect("direct");
+        for dialled in ["192.0.2.30", "192.0.2.31"] {
+            let ip: IpAddr = dialled.parse().expect("ip");
+            assert_eq!(
+                direct.backends_for(443, ip),
+                [SocketAddr::new(ip, 443)],
+                "{dialled}"
+            );
+        }
+        // A STATIC entry's calls are balanced over its endpoints.
+        assert_eq!(
+            svc.backends_for(80, "192.0.2.10".parse().expect("ip"))
+                .len(),
+            2
         );
         // A Service keeps its name: the entry of that name is left out.
         assert_eq!(snap.service("shop/web").expect("web").entry, None);

@@ -9,8 +9,9 @@
 //! no DNS proxy to allocate addresses or learn which host a pod looked up,
 //! so an entry lists the `addresses` its callers dial (exact addresses, not
 //! ranges), and its `resolution` is `STATIC` (endpoints by address, or a
-//! `workloadSelector` choosing pods); `NONE` and `DNS` are refused with a
-//! reason rather than half done.
+//! `workloadSelector` choosing pods) or `NONE` (each call goes to the
+//! address it dialled); `DNS` is refused with a reason rather than half
+//! done.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -42,7 +43,11 @@ use serde::{Deserialize, Serialize};
         "!has(self.spec.workloadSelector) || !has(self.spec.endpoints) || size(self.spec.endpoints) == 0"
     )
     .message("endpoints or a workloadSelector, not both"),
-    validation = Rule::new("self.spec.resolution == 'STATIC'").message(ONLY_STATIC)
+    validation = Rule::new("self.spec.resolution in ['STATIC', 'NONE']").message(NO_DNS),
+    validation = Rule::new(
+        "self.spec.resolution != 'NONE' || ((!has(self.spec.endpoints) || size(self.spec.endpoints) == 0) && !has(self.spec.workloadSelector))"
+    )
+    .message(NONE_ALONE)
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntrySpec {
@@ -107,7 +112,7 @@ pub enum Location {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Resolution {
-    /// Istio's default: to the address dialled. Refused (see the module).
+    /// Istio's default: each call goes to the address it dialled.
     #[default]
     None,
     /// To the endpoints listed, or the pods selected.
@@ -142,7 +147,10 @@ pub struct WorkloadSelector {
 type Invalid = (String, String);
 
 /// Why an entry's `resolution` is refused, in the CRD and the agent alike.
-const ONLY_STATIC: &str = "only STATIC resolution is supported";
+const NO_DNS: &str = "resolution is STATIC or NONE";
+/// Why a `NONE` entry with endpoints is refused.
+const NONE_ALONE: &str =
+    "NONE sends each call to the address dialled: no endpoints or workloadSelector";
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
     (field.into(), reason.into())
@@ -237,16 +245,21 @@ pub fn validate(spec: &ServiceEntrySpec) -> Result<(), Invalid> {
     match spec.resolution {
         Resolution::Static => {}
         Resolution::None => {
-            return Err(invalid(
-                "spec.resolution",
-                format!("{ONLY_STATIC}: NONE (to the address dialled) is not; list the endpoints"),
-            ));
+            if !spec.endpoints.is_empty() || spec.workload_selector.is_some() {
+                let field = if spec.endpoints.is_empty() {
+                    "spec.workloadSelector"
+                } else {
+                    "spec.endpoints"
+                };
+                return Err(invalid(field, NONE_ALONE));
+            }
+            return Ok(());
         }
         Resolution::Dns | Resolution::DnsRoundRobin => {
             return Err(invalid(
                 "spec.resolution",
                 format!(
-                    "{ONLY_STATIC}: the agent resolves no host names (DNS); list endpoint addresses"
+                    "{NO_DNS}: the agent resolves no host names (DNS); list endpoint addresses"
                 ),
             ));
         }
@@ -339,6 +352,12 @@ mod tests {
              location: MESH_INTERNAL\nresolution: STATIC\nworkloadSelector: {labels: {app: pg}}\n",
         );
         assert_eq!(validate(&selected), Ok(()));
+        let dialled = spec(
+            "hosts: [partner.example]\naddresses: [192.0.2.7, 192.0.2.8]\n\
+             ports: [{number: 443, name: tls, protocol: TLS}]\n",
+        );
+        assert_eq!(dialled.resolution, Resolution::None);
+        assert_eq!(validate(&dialled), Ok(()));
     }
 
     #[test]
@@ -391,7 +410,8 @@ mod tests {
                 "spec.ports[1].number",
             ),
             ("resolution: STATIC", "resolution: DNS", "spec.resolution"),
-            ("resolution: STATIC\n", "\n", "spec.resolution"),
+            ("resolution: STATIC\n", "\n", "spec.endpoints"),
+            ("resolution: STATIC", "resolution: NONE", "spec.endpoints"),
             (
                 "address: 198.51.100.1",
                 "address: api.example.com",
