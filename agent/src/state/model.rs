@@ -357,7 +357,13 @@ impl Index {
 ///
 /// Keys: `namespace/name` for a Service or ServiceEntry, `Kind:namespace/name`
 /// for a route.
-fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resilience>> {
+///
+/// `entries` are the ids of the ServiceEntries: a target of kind Service
+/// does not name one, nor does one of kind ServiceEntry name a Service.
+fn traffic_table(
+    policies: &mut [&TrafficPolicy],
+    entries: &HashSet<String>,
+) -> BTreeMap<String, Arc<Resilience>> {
     policies.sort_by_key(|p| {
         (
             p.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -374,8 +380,16 @@ fn traffic_table(policies: &mut [&TrafficPolicy]) -> BTreeMap<String, Arc<Resili
         compiled.policy = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
         let compiled = Arc::new(compiled);
         for t in &p.spec.target_refs {
-            out.entry(traffic_key(&t.kind, &format!("{ns}/{}", t.name)))
-                .or_insert_with(|| compiled.clone());
+            let id = format!("{ns}/{}", t.name);
+            let wrong_kind = match t.kind.as_str() {
+                "Service" => entries.contains(&id),
+                "ServiceEntry" => !entries.contains(&id),
+                _ => false,
+            };
+            if !wrong_kind {
+                out.entry(traffic_key(&t.kind, &id))
+                    .or_insert_with(|| compiled.clone());
+            }
         }
     }
     out
@@ -595,7 +609,12 @@ impl Snapshot {
         let mut services = services;
         services.extend(entries.into_iter().map(Arc::new));
         let routes = RouteTable::build(&http_routes, &grpc_routes, &grants, &services);
-        let traffic = traffic_table(&mut traffic_policies);
+        let entry_ids = services
+            .iter()
+            .filter(|s| s.entry.is_some())
+            .map(|s| s.id())
+            .collect();
+        let traffic = traffic_table(&mut traffic_policies, &entry_ids);
         let namespace_labels = namespaces
             .iter()
             .map(|(name, n)| (name.clone(), n.metadata.labels.clone().unwrap_or_default()))
@@ -1382,7 +1401,9 @@ mod tests {
              ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: wrong-kind, namespace: shop}}\n\
              spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{backendRefs: [{{name: web, port: 80}}]}}]}}\n\
              ---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: t, namespace: shop}}\n\
-             spec: {{targetRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: payments}}], retry: {{attempts: 2}}}}\n",
+             spec: {{targetRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: payments}}], retry: {{attempts: 2}}}}\n\
+             ---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: wrong-kinds, namespace: shop}}\n\
+             spec: {{targetRefs: [{{kind: Service, name: payments-v2}}, {{group: trellis.dev, kind: ServiceEntry, name: web}}], retry: {{attempts: 1}}}}\n",
             entry("payments", "192.0.2.10", "198.51.100.1"),
             entry("payments-v2", "192.0.2.11", "198.51.100.2"),
         ));
@@ -1402,6 +1423,9 @@ mod tests {
         let wrong = route_status(&snap, "HTTPRoute", "wrong-kind");
         assert!(!wrong.healthy(), "{wrong:?}");
         assert!(snap.traffic.contains_key("shop/payments"));
+        // A target names a service of its own kind only.
+        assert!(!snap.traffic.contains_key("shop/payments-v2"));
+        assert!(!snap.traffic.contains_key("shop/web"));
     }
 
     #[test]
