@@ -18,7 +18,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use trellis_tests::{
-    Lab, Pod, mesh,
+    Lab, Pod, eventually, mesh,
     prometheus::{sum, until},
     py,
 };
@@ -426,6 +426,8 @@ const PAYMENTS_VIP: &str = "192.0.2.10";
 const LEDGER_VIP: &str = "192.0.2.20";
 const BROKEN_VIP: &str = "192.0.2.30";
 const PAYMENTS_2_VIP: &str = "192.0.2.11";
+/// How long a change of the config folder may take to apply.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn entry(name: &str, spec: &str) -> String {
     format!(
@@ -598,12 +600,9 @@ fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_
         .write("routes.yaml", &mesh::docs(&[payments_2, route.to_owned()]))
         .expect("write");
     let v2 = format!("http://{PAYMENTS_VIP}/v2/charge");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while answers(&client, &v2, 4) != BTreeMap::from([("ext-2".to_owned(), 4)])
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually("the route sends /v2 to the second entry", WAIT, || {
+        answers(&client, &v2, 4) == BTreeMap::from([("ext-2".to_owned(), 4)])
+    });
     assert_eq!(
         answers(&client, &v2, 6),
         BTreeMap::from([("ext-2".to_owned(), 6)]),
@@ -636,10 +635,9 @@ fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_
             .curl(&["-m", "3", "-o", "/dev/null", "-w", "%{http_code}", &v2])
             .expect("curl runs")
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while status() != "503" && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually("the TrafficPolicy's fault on the entry", WAIT, || {
+        status() == "503"
+    });
     assert_eq!(status(), "503", "{}", logs());
     let root = answers(&client, &format!("http://{PAYMENTS_VIP}/"), 4);
     assert!(
@@ -674,10 +672,9 @@ fn service_entries_reach_endpoints_outside_and_inside_the_mesh_under_their_host_
             ),
         )
         .expect("write");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !agent_a.log_text().contains("broken.yaml") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually("the broken entry reported", WAIT, || {
+        agent_a.log_text().contains("broken.yaml")
+    });
     let log = agent_a.log_text();
     assert!(
         log.contains("broken.yaml")
@@ -752,15 +749,9 @@ fn registry_only_refuses_what_the_cluster_does_not_know_until_an_entry_names_it(
             .config()
             .write("mesh-config.yaml", &outbound_policy(mode))
             .expect("write");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while agent.cli_json("status").expect("status")["outbound_traffic_policy"] != mode {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{mode} applied: {}",
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually(&format!("{mode} applied"), WAIT, || {
+            agent.cli_json("status").expect("status")["outbound_traffic_policy"] == mode
+        });
     };
     set_mode("REGISTRY_ONLY");
     let counted = || {
@@ -804,15 +795,9 @@ fn registry_only_refuses_what_the_cluster_does_not_know_until_an_entry_names_it(
             ),
         )
         .expect("write");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while call("http://192.0.2.40/") != one("stranger") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the entry admits the stranger: {}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually("the entry admits the stranger", WAIT, || {
+        call("http://192.0.2.40/") == one("stranger")
+    });
     assert_eq!(call(&stranger_url), refused);
     // One with `resolution: NONE` for the stranger's own address admits
     // calls to it as dialled.
@@ -830,15 +815,9 @@ fn registry_only_refuses_what_the_cluster_does_not_know_until_an_entry_names_it(
             ),
         )
         .expect("write");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while call(&stranger_url) != one("stranger") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the NONE entry admits the stranger's address: {}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually("the NONE entry admits the stranger's address", WAIT, || {
+        call(&stranger_url) == one("stranger")
+    });
 
     // Back to ALLOW_ANY: anywhere again.
     set_mode("ALLOW_ANY");

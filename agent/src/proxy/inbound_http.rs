@@ -162,8 +162,10 @@ impl Telemetry {
 
     /// The Istio labels of a request to `host` answered with `resp`.
     fn labels(&self, host: Option<&str>, grpc: bool, resp: &Response<Body>) -> RequestLabels {
-        let snapshot = self.state.borrow().clone();
-        let service = host.and_then(|h| service_of(&snapshot, h, &self.destination.namespace));
+        let service = host.and_then(|h| {
+            let snapshot = self.state.borrow().clone();
+            service_of(&snapshot, h, &self.destination.namespace)
+        });
         let traffic = self
             .traffic
             .lock()
@@ -174,8 +176,9 @@ impl Telemetry {
                     Reporter::Destination,
                     self.source.clone(),
                     self.destination.clone(),
+                    // Named once per service and protocol: a cache miss.
                     Arc::new(service.as_deref().map_or_else(ServiceName::unknown, |id| {
-                        ServiceName::in_snapshot(&snapshot, id)
+                        ServiceName::in_snapshot(&self.state.borrow(), id)
                     })),
                     if *grpc { "grpc" } else { "http" },
                     self.mtls,

@@ -1000,6 +1000,15 @@ fn service_view(
 fn entry_view(entry: &ServiceEntry, here: &Here<'_>, pods: &Pods<'_>) -> ServiceView {
     let namespace = entry.metadata.namespace.clone().unwrap_or_default();
     let spec = &entry.spec;
+    // An address the entry lists: known as the pod it is, if it is one.
+    let listed = |addr: SocketAddr| Backend {
+        addr,
+        workload: pods.at(addr.ip()).map(Workload::id),
+        ready: true,
+        terminating: false,
+        serving: true,
+        close: false,
+    };
     let mut backends = BTreeMap::new();
     let mut ports = Vec::new();
     for p in &spec.ports {
@@ -1019,14 +1028,7 @@ fn entry_view(entry: &ServiceEntry, here: &Here<'_>, pods: &Pods<'_>) -> Service
                 .filter_map(|a| a.parse::<IpAddr>().ok())
                 .collect::<BTreeSet<_>>()
                 .into_iter()
-                .map(|ip| Backend {
-                    addr: SocketAddr::new(ip, p.target()),
-                    workload: pods.at(ip).map(Workload::id),
-                    ready: true,
-                    terminating: false,
-                    serving: true,
-                    close: false,
-                })
+                .map(|ip| listed(SocketAddr::new(ip, p.target())))
                 .collect(),
             Some(selector) => {
                 let everywhere = Locality {
@@ -1048,14 +1050,7 @@ fn entry_view(entry: &ServiceEntry, here: &Here<'_>, pods: &Pods<'_>) -> Service
                 .iter()
                 .filter_map(|e| {
                     let ip: IpAddr = e.address.parse().ok()?;
-                    Some(Backend {
-                        addr: SocketAddr::new(ip, e.port_for(p)),
-                        workload: pods.at(ip).map(Workload::id),
-                        ready: true,
-                        terminating: false,
-                        serving: true,
-                        close: false,
-                    })
+                    Some(listed(SocketAddr::new(ip, e.port_for(p))))
                 })
                 .collect(),
         };
